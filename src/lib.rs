@@ -1,0 +1,20 @@
+//! tulu: a native inference engine for Llama-3.1-architecture language models.
+//!
+//! The forward pass ([`model`]) is written once against the [`backend::Backend`] trait; the CPU
+//! backend runs on candle-core. [`Engine`] is the library's entry point and the only API the
+//! `tulu` command line uses.
+
+pub mod backend;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod hub;
+pub mod model;
+pub mod rope;
+pub mod runtime;
+pub mod synth;
+pub mod tokenizer;
+pub mod weights;
+
+pub use error::{Error, Result};
+pub use tokenizer::ChatMessage;
