@@ -1,1 +1,167 @@
-//! (in progress)
+//! The seam between the one forward pass ([`crate::model`]) and the devices it runs on.
+//!
+//! A backend owns its tensors, weights and KV cache; the model only calls the operations below,
+//! each of which a CUDA backend implements as one (possibly fused) kernel launch. Activations
+//! are 2-D: one row per token of the step, sequences concatenated.
+
+pub mod cpu;
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::{Error, Result};
+use crate::runtime::batch::Batch;
+use crate::weights::TensorRef;
+
+/// Where a model runs, as the user names it: `auto`, `cpu`, `cuda` or `cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Device {
+    /// The first CUDA GPU when one is usable, else the CPU.
+    #[default]
+    Auto,
+    /// The CPU backend.
+    Cpu,
+    /// CUDA device N.
+    Cuda(usize),
+}
+
+impl FromStr for Device {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || Error::Device { device: s.to_owned(), message: "expected auto, cpu, cuda or cuda:N".into() };
+        match s {
+            "auto" => Ok(Device::Auto),
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => match s.strip_prefix("cuda:") {
+                Some(n) => n.parse().map(Device::Cuda).map_err(|_| bad()),
+                None => Err(bad()),
+            },
+        }
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Auto => write!(f, "auto"),
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// Head geometry the attention operations need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnDims {
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (divides `heads`).
+    pub kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+}
+
+impl AttnDims {
+    /// Width of all query heads together.
+    pub fn q_dim(&self) -> usize {
+        self.heads * self.head_dim
+    }
+    /// Width of all key (or value) heads together.
+    pub fn kv_dim(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+}
+
+/// Shape of a paged KV cache: `num_blocks` blocks of `block_size` token slots per layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvCacheSpec {
+    /// Decoder layers.
+    pub layers: usize,
+    /// Blocks in the pool.
+    pub num_blocks: usize,
+    /// Token slots per block.
+    pub block_size: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+}
+
+/// The operations of the Llama forward pass, implemented once per device.
+pub trait Backend: Send + Sync + 'static {
+    /// Activations: `rows × cols`, one row per token.
+    type Tensor: Send + Sync;
+    /// A weight matrix or vector resident on the device.
+    type Weight: Send + Sync;
+    /// The paged KV cache of all layers.
+    type KvCache: Send + Sync;
+
+    /// A short description of the device, for logs.
+    fn describe(&self) -> String;
+
+    /// Uploads one weight made of `parts` concatenated along rows (each part 2-D with the same
+    /// number of columns, or all 1-D). Fusing q/k/v and gate/up is this concatenation.
+    fn load_weight(&self, parts: &[TensorRef<'_>]) -> Result<Self::Weight>;
+
+    /// Uploads a host f32 matrix (RoPE tables).
+    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Weight>;
+
+    /// Allocates the KV cache.
+    fn new_kv_cache(&self, spec: &KvCacheSpec) -> Result<Self::KvCache>;
+
+    /// Rows `ids` of the embedding table.
+    fn embed(&self, table: &Self::Weight, ids: &[u32]) -> Result<Self::Tensor>;
+
+    /// `rms_norm(x) * weight`, accumulated in f32.
+    fn rms_norm(&self, x: &Self::Tensor, weight: &Self::Weight, eps: f32) -> Result<Self::Tensor>;
+
+    /// `x += residual`, then returns `rms_norm(x) * weight` (fused on GPUs).
+    fn add_rms_norm(
+        &self,
+        x: &mut Self::Tensor,
+        residual: &Self::Tensor,
+        weight: &Self::Weight,
+        eps: f32,
+    ) -> Result<Self::Tensor>;
+
+    /// `x · wᵀ` for `w` stored as `out_features × in_features`, as HF stores linear weights.
+    fn matmul(&self, x: &Self::Tensor, w: &Self::Weight) -> Result<Self::Tensor>;
+
+    /// Applies RoPE (tables `cos`, `sin`) to the q and k parts of a fused `qkv` activation at
+    /// each token's position, writes k and v into `layer`'s cache slots, and returns the rotated q.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_write_kv(
+        &self,
+        qkv: &Self::Tensor,
+        cos: &Self::Weight,
+        sin: &Self::Weight,
+        layer: usize,
+        cache: &mut Self::KvCache,
+        batch: &Batch,
+        dims: AttnDims,
+    ) -> Result<Self::Tensor>;
+
+    /// Causal attention of each token's query over its sequence's cached keys and values
+    /// (positions `0..=position`), read through the block tables.
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        layer: usize,
+        cache: &Self::KvCache,
+        batch: &Batch,
+        dims: AttnDims,
+    ) -> Result<Self::Tensor>;
+
+    /// `silu(gate) * up` for a fused `[gate | up]` activation.
+    fn silu_mul(&self, gate_up: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// `x += y`.
+    fn add(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
+
+    /// The given rows of `x`, in order.
+    fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
+
+    /// Copies `x` to the host, row-major.
+    fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
+}

@@ -1,2 +1,277 @@
-//! Hugging Face safetensors checkpoints: index, memory maps and validation (in progress).
+//! Hugging Face safetensors checkpoints: the shard index, memory maps and validation.
+//!
+//! Every file is memory-mapped and its header validated by the `safetensors` crate when the
+//! checkpoint is opened (header length, JSON, contiguous in-bounds offsets, sizes matching
+//! shapes), so a truncated or corrupt file fails at open, naming the file. Tensors are then
+//! fetched by name with their expected shape; dtype, presence and shape are checked before any
+//! byte is read. Backends convert from the mapped bytes themselves, so nothing is copied twice.
+
 pub mod gguf;
+pub mod gguf_tokenizer;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use safetensors::{Dtype as StDtype, SafeTensorError, SafeTensors};
+
+use crate::error::{Error, Result};
+
+/// The storage dtypes tulu reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DType {
+    /// IEEE single precision.
+    F32,
+    /// IEEE half precision.
+    F16,
+    /// bfloat16.
+    BF16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    /// The name safetensors and `torch_dtype` use.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+        }
+    }
+}
+
+/// One tensor's place in a mapped file.
+#[derive(Debug, Clone)]
+struct Entry {
+    file: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+    /// Absolute byte range in the mapped file.
+    bytes: Range<usize>,
+}
+
+/// A memory-mapped, validated safetensors checkpoint (one file or an index of shards).
+pub struct WeightStore {
+    files: Vec<(PathBuf, Arc<Mmap>)>,
+    entries: HashMap<String, Entry>,
+}
+
+/// A validated view of one tensor's bytes in the mapped file.
+#[derive(Debug, Clone, Copy)]
+pub struct TensorRef<'a> {
+    /// The tensor's name in the checkpoint.
+    pub name: &'a str,
+    /// The file holding it.
+    pub file: &'a Path,
+    /// Storage dtype.
+    pub dtype: DType,
+    /// Shape as stored (row-major).
+    pub shape: &'a [usize],
+    /// Raw little-endian bytes.
+    pub bytes: &'a [u8],
+}
+
+impl WeightStore {
+    /// Opens the checkpoint in `dir`: `model.safetensors.index.json` and its shards, or
+    /// `model.safetensors`, or else every `*.safetensors` file in the directory.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index = dir.join("model.safetensors.index.json");
+        let paths = if index.exists() {
+            shard_paths(dir, &index)?
+        } else if dir.join("model.safetensors").exists() {
+            vec![dir.join("model.safetensors")]
+        } else {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map_err(|e| Error::io(dir, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                .collect();
+            found.sort();
+            if found.is_empty() {
+                return Err(Error::weights(dir, None, "no model.safetensors, model.safetensors.index.json or *.safetensors file"));
+            }
+            found
+        };
+        let mut store = WeightStore { files: Vec::new(), entries: HashMap::new() };
+        for path in paths {
+            store.add_file(&path)?;
+        }
+        Ok(store)
+    }
+
+    fn add_file(&mut self, path: &Path) -> Result<()> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the map is read-only and tulu never writes to checkpoint files; a file
+        // changed on disk underneath a running engine is outside what any loader can defend.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let (header_len, metadata) =
+            SafeTensors::read_metadata(&mmap).map_err(|e| Error::weights(path, None, describe(&e, mmap.len())))?;
+        let data_start = 8 + header_len;
+        let file_idx = self.files.len();
+        for (name, info) in metadata.tensors() {
+            let dtype = match info.dtype {
+                StDtype::F32 => DType::F32,
+                StDtype::F16 => DType::F16,
+                StDtype::BF16 => DType::BF16,
+                other => {
+                    return Err(Error::weights(
+                        path,
+                        Some(&name),
+                        format!("dtype {other:?} is not supported (F32, F16 or BF16)"),
+                    ))
+                }
+            };
+            let (s, e) = info.data_offsets;
+            let entry = Entry { file: file_idx, dtype, shape: info.shape.clone(), bytes: data_start + s..data_start + e };
+            if self.entries.insert(name.clone(), entry).is_some() {
+                return Err(Error::weights(path, Some(&name), "appears in more than one shard"));
+            }
+        }
+        self.files.push((path.to_path_buf(), Arc::new(mmap)));
+        Ok(())
+    }
+
+    /// Whether the checkpoint holds `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    /// The tensor `name`, checked to have exactly `shape`.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<TensorRef<'_>> {
+        let t = self.get_any(name)?;
+        if t.shape != shape {
+            return Err(Error::weights(
+                t.file,
+                Some(name),
+                format!("has shape {:?}, expected {shape:?}", t.shape),
+            ));
+        }
+        Ok(t)
+    }
+
+    /// The tensor `name` with whatever shape it has.
+    pub fn get_any(&self, name: &str) -> Result<TensorRef<'_>> {
+        let (key, entry) = self.entries.get_key_value(name).ok_or_else(|| {
+            let file = self.files.first().map(|f| f.0.clone()).unwrap_or_default();
+            Error::weights(file, Some(name), "missing from the checkpoint")
+        })?;
+        let (path, mmap) = &self.files[entry.file];
+        Ok(TensorRef { name: key, file: path, dtype: entry.dtype, shape: &entry.shape, bytes: &mmap[entry.bytes.clone()] })
+    }
+
+    /// Every tensor name, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.entries.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// Total stored bytes and element counts per dtype.
+    pub fn bytes_by_dtype(&self) -> BTreeMap<DType, (u64, u64)> {
+        let mut out = BTreeMap::new();
+        for e in self.entries.values() {
+            let slot = out.entry(e.dtype).or_insert((0u64, 0u64));
+            slot.0 += e.bytes.len() as u64;
+            slot.1 += e.shape.iter().product::<usize>() as u64;
+        }
+        out
+    }
+
+    /// The dtype most of the checkpoint's bytes are stored in.
+    pub fn main_dtype(&self) -> DType {
+        self.bytes_by_dtype().into_iter().max_by_key(|(_, (b, _))| *b).map(|(d, _)| d).unwrap_or(DType::F32)
+    }
+}
+
+impl TensorRef<'_> {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Whether the tensor has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends elements `[range]` (flat, row-major), converted to f32, to `out`.
+    pub fn extend_f32(&self, range: Range<usize>, out: &mut Vec<f32>) {
+        let size = self.dtype.size();
+        let bytes = &self.bytes[range.start * size..range.end * size];
+        match self.dtype {
+            DType::F32 => out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+            DType::F16 => out.extend(bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())),
+            DType::BF16 => out.extend(bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())),
+        }
+    }
+}
+
+/// Turns the safetensors crate's terse errors into sentences a user can act on.
+fn describe(e: &SafeTensorError, file_len: usize) -> String {
+    match e {
+        SafeTensorError::HeaderTooSmall => format!("not a safetensors file: only {file_len} bytes"),
+        SafeTensorError::HeaderTooLarge | SafeTensorError::InvalidHeaderLength => {
+            format!("not a safetensors file: its header length runs past the end of the file ({file_len} bytes)")
+        }
+        SafeTensorError::InvalidHeader(_) => "safetensors header is not UTF-8".into(),
+        SafeTensorError::InvalidHeaderDeserialization(e) => format!("safetensors header is not valid: {e}"),
+        SafeTensorError::MetadataIncompleteBuffer => {
+            format!("file size {file_len} does not match its header: truncated, or trailing bytes")
+        }
+        SafeTensorError::InvalidOffset(name) => {
+            format!("tensor `{name}` has data offsets that overlap, leave gaps or run past the data")
+        }
+        SafeTensorError::TensorInvalidInfo => "a tensor's byte range does not match its shape and dtype".into(),
+        other => format!("invalid safetensors file: {other}"),
+    }
+}
+
+/// The shard files named by an index, each checked to stay inside the model directory.
+fn shard_paths(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::weights(index, None, format!("not valid JSON: {e}")))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::weights(index, None, "missing the `weight_map` object"))?;
+    let mut files: Vec<String> = Vec::new();
+    for (tensor, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| Error::weights(index, Some(tensor), "weight_map entry is not a file name"))?;
+        let rel = Path::new(file);
+        if !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+            return Err(Error::weights(
+                index,
+                Some(tensor),
+                format!("shard `{file}` leaves the model directory; refusing to read it"),
+            ));
+        }
+        if !files.iter().any(|f| f == file) {
+            files.push(file.to_owned());
+        }
+    }
+    files.sort();
+    files
+        .into_iter()
+        .map(|f| {
+            let p = dir.join(&f);
+            if p.is_file() {
+                Ok(p)
+            } else {
+                Err(Error::weights(index, None, format!("names shard `{f}`, which does not exist in {}", dir.display())))
+            }
+        })
+        .collect()
+}

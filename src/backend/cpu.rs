@@ -1,0 +1,346 @@
+//! The CPU backend: candle-core tensors for weights and large GEMMs, plain Rust (rayon) for
+//! the small memory-bound operations where candle's per-op allocation would dominate.
+//!
+//! Everything computes in f32 whatever the stored dtype: weights are converted once at load.
+//! Decode-sized matmuls (a few rows) use a row-parallel GEMV that reads each weight row once
+//! for all tokens, which is what bounds batch-1 decode on a CPU: memory bandwidth.
+
+use candle_core::{Device as CDevice, Storage, Tensor};
+use rayon::prelude::*;
+
+use super::{AttnDims, Backend, KvCacheSpec};
+use crate::error::{Error, Result};
+use crate::runtime::batch::Batch;
+use crate::weights::TensorRef;
+
+/// Activations on the CPU: `rows × cols` f32, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CpuTensor {
+    /// Row-major values.
+    pub data: Vec<f32>,
+    /// One row per token.
+    pub rows: usize,
+    /// Features per row.
+    pub cols: usize,
+}
+
+impl CpuTensor {
+    /// A tensor from row-major data.
+    pub fn new(data: Vec<f32>, rows: usize, cols: usize) -> Result<Self> {
+        if data.len() != rows * cols {
+            return Err(Error::Backend(format!("{} values cannot form {rows}×{cols}", data.len())));
+        }
+        Ok(CpuTensor { data, rows, cols })
+    }
+
+    fn row(&self, r: usize) -> &[f32] {
+        &self.data[r * self.cols..(r + 1) * self.cols]
+    }
+}
+
+/// A weight held as a contiguous f32 candle tensor (`rows × cols`; vectors have one row).
+pub struct CpuWeight {
+    tensor: Tensor,
+    rows: usize,
+    cols: usize,
+}
+
+impl CpuWeight {
+    fn from_vec(data: Vec<f32>, rows: usize, cols: usize) -> Result<Self> {
+        Ok(CpuWeight { tensor: Tensor::from_vec(data, (rows, cols), &CDevice::Cpu)?, rows, cols })
+    }
+
+    /// Runs `f` on the weight's values without copying them.
+    fn with_slice<R>(&self, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+        let (storage, layout) = self.tensor.storage_and_layout();
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| Error::Backend("CPU weight is not contiguous".into()))?;
+        match &*storage {
+            Storage::Cpu(cpu) => Ok(f(&cpu.as_slice::<f32>()?[start..end])),
+            _ => Err(Error::Backend("CPU weight is not in host memory".into())),
+        }
+    }
+}
+
+/// The paged KV cache: per layer, K and V of `num_blocks · block_size` slots of `kv_dim` values.
+pub struct CpuKvCache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    kv_dim: usize,
+}
+
+/// The CPU backend.
+#[derive(Debug, Clone, Default)]
+pub struct CpuBackend;
+
+/// Matmuls with at most this many rows use the GEMV path.
+const GEMV_MAX_ROWS: usize = 8;
+
+impl CpuBackend {
+    /// The CPU backend, using rayon's global pool.
+    pub fn new() -> Self {
+        CpuBackend
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent accumulators let the compiler keep two SIMD registers busy.
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s = acc.iter().sum::<f32>();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let scale = 1.0 / (ms + eps).sqrt();
+    for ((o, v), g) in out.iter_mut().zip(x).zip(w) {
+        *o = v * scale * g;
+    }
+}
+
+impl Backend for CpuBackend {
+    type Tensor = CpuTensor;
+    type Weight = CpuWeight;
+    type KvCache = CpuKvCache;
+
+    fn describe(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn load_weight(&self, parts: &[TensorRef<'_>]) -> Result<CpuWeight> {
+        let first = parts.first().ok_or_else(|| Error::Backend("a weight needs at least one part".into()))?;
+        let cols = match first.shape {
+            [_, c] => *c,
+            [n] => *n,
+            _ => return Err(Error::weights(first.file, Some(first.name), format!("expected 1 or 2 dimensions, found {:?}", first.shape))),
+        };
+        let rows_of = |t: &TensorRef| if t.shape.len() == 2 { t.shape[0] } else { 1 };
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let mut data = Vec::with_capacity(total);
+        let mut rows = 0;
+        for p in parts {
+            if p.shape.last() != Some(&cols) || p.shape.len() != first.shape.len() {
+                return Err(Error::weights(p.file, Some(p.name), format!("cannot be fused with `{}`: shapes {:?} and {:?}", first.name, p.shape, first.shape)));
+            }
+            p.extend_f32(0..p.len(), &mut data);
+            rows += rows_of(p);
+        }
+        CpuWeight::from_vec(data, rows, cols)
+    }
+
+    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<CpuWeight> {
+        CpuWeight::from_vec(data.to_vec(), rows, cols)
+    }
+
+    fn new_kv_cache(&self, spec: &KvCacheSpec) -> Result<CpuKvCache> {
+        let kv_dim = spec.kv_heads * spec.head_dim;
+        let len = spec.num_blocks * spec.block_size * kv_dim;
+        Ok(CpuKvCache { k: vec![vec![0.0; len]; spec.layers], v: vec![vec![0.0; len]; spec.layers], kv_dim })
+    }
+
+    fn embed(&self, table: &CpuWeight, ids: &[u32]) -> Result<CpuTensor> {
+        let cols = table.cols;
+        let data = table.with_slice(|t| {
+            let mut out = Vec::with_capacity(ids.len() * cols);
+            for &id in ids {
+                let id = id as usize;
+                if id >= table.rows {
+                    return Err(Error::request("prompt", format!("token id {id} is outside the embedding's {} rows", table.rows)));
+                }
+                out.extend_from_slice(&t[id * cols..(id + 1) * cols]);
+            }
+            Ok(out)
+        })??;
+        CpuTensor::new(data, ids.len(), cols)
+    }
+
+    fn rms_norm(&self, x: &CpuTensor, weight: &CpuWeight, eps: f32) -> Result<CpuTensor> {
+        let mut out = vec![0.0; x.data.len()];
+        weight.with_slice(|w| {
+            out.par_chunks_mut(x.cols).zip(x.data.par_chunks(x.cols)).for_each(|(o, r)| rms_norm_row(r, w, eps, o))
+        })?;
+        CpuTensor::new(out, x.rows, x.cols)
+    }
+
+    fn add_rms_norm(&self, x: &mut CpuTensor, residual: &CpuTensor, weight: &CpuWeight, eps: f32) -> Result<CpuTensor> {
+        self.add(x, residual)?;
+        self.rms_norm(x, weight, eps)
+    }
+
+    fn matmul(&self, x: &CpuTensor, w: &CpuWeight) -> Result<CpuTensor> {
+        if x.cols != w.cols {
+            return Err(Error::Backend(format!("matmul: activation has {} columns, weight {}×{}", x.cols, w.rows, w.cols)));
+        }
+        if x.rows <= GEMV_MAX_ROWS {
+            return gemv(x, w);
+        }
+        let xt = Tensor::from_slice(&x.data, (x.rows, x.cols), &CDevice::Cpu)?;
+        let y = xt.matmul(&w.tensor.t()?)?;
+        CpuTensor::new(y.flatten_all()?.to_vec1::<f32>()?, x.rows, w.rows)
+    }
+
+    fn rope_write_kv(
+        &self,
+        qkv: &CpuTensor,
+        cos: &CpuWeight,
+        sin: &CpuWeight,
+        layer: usize,
+        cache: &mut CpuKvCache,
+        batch: &Batch,
+        dims: AttnDims,
+    ) -> Result<CpuTensor> {
+        let (q_dim, kv_dim, hd) = (dims.q_dim(), dims.kv_dim(), dims.head_dim);
+        if qkv.cols != q_dim + 2 * kv_dim || qkv.rows != batch.num_tokens() {
+            return Err(Error::Backend(format!("rope: qkv is {}×{}, expected {}×{}", qkv.rows, qkv.cols, batch.num_tokens(), q_dim + 2 * kv_dim)));
+        }
+        let half = hd / 2;
+        let mut q = Vec::with_capacity(qkv.rows * q_dim);
+        cos.with_slice(|cos| {
+            sin.with_slice(|sin| {
+                let (kc, vc) = (&mut cache.k[layer], &mut cache.v[layer]);
+                for r in 0..qkv.rows {
+                    let pos = batch.positions[r] as usize;
+                    let (c, s) = (&cos[pos * half..(pos + 1) * half], &sin[pos * half..(pos + 1) * half]);
+                    let row = qkv.row(r);
+                    let start = q.len();
+                    q.extend_from_slice(&row[..q_dim]);
+                    for head in q[start..].chunks_exact_mut(hd) {
+                        rotate_half(head, c, s);
+                    }
+                    let slot = batch.slots[r] as usize * cache.kv_dim;
+                    let k = &mut kc[slot..slot + kv_dim];
+                    k.copy_from_slice(&row[q_dim..q_dim + kv_dim]);
+                    for head in k.chunks_exact_mut(hd) {
+                        rotate_half(head, c, s);
+                    }
+                    vc[slot..slot + kv_dim].copy_from_slice(&row[q_dim + kv_dim..]);
+                }
+            })
+        })??;
+        CpuTensor::new(q, qkv.rows, q_dim)
+    }
+
+    fn attention(&self, q: &CpuTensor, layer: usize, cache: &CpuKvCache, batch: &Batch, dims: AttnDims) -> Result<CpuTensor> {
+        let (hd, kv_dim) = (dims.head_dim, dims.kv_dim());
+        let group = dims.heads / dims.kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let (kc, vc) = (&cache.k[layer], &cache.v[layer]);
+        // The sequence each row belongs to.
+        let mut row_seq = vec![0usize; q.rows];
+        for (i, s) in batch.seqs.iter().enumerate() {
+            row_seq[s.rows.clone()].iter_mut().for_each(|x| *x = i);
+        }
+        let mut out = vec![0.0f32; q.rows * dims.q_dim()];
+        out.par_chunks_mut(hd).enumerate().for_each(|(i, o)| {
+            let (r, h) = (i / dims.heads, i % dims.heads);
+            let seq = &batch.seqs[row_seq[r]];
+            let pos = batch.positions[r] as usize;
+            let qh = &q.data[r * dims.q_dim() + h * hd..][..hd];
+            let koff = (h / group) * hd;
+            let mut scores: Vec<f32> = (0..=pos)
+                .map(|p| {
+                    let slot = batch.slot(seq, p) * kv_dim + koff;
+                    dot(qh, &kc[slot..slot + hd]) * scale
+                })
+                .collect();
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            for (p, &w) in scores.iter().enumerate() {
+                let slot = batch.slot(seq, p) * kv_dim + koff;
+                for (acc, v) in o.iter_mut().zip(&vc[slot..slot + hd]) {
+                    *acc += w * v;
+                }
+            }
+            o.iter_mut().for_each(|x| *x /= sum);
+        });
+        CpuTensor::new(out, q.rows, dims.q_dim())
+    }
+
+    fn silu_mul(&self, gate_up: &CpuTensor) -> Result<CpuTensor> {
+        let inter = gate_up.cols / 2;
+        let mut out = vec![0.0; gate_up.rows * inter];
+        out.par_chunks_mut(inter).zip(gate_up.data.par_chunks(gate_up.cols)).for_each(|(o, r)| {
+            let (g, u) = r.split_at(inter);
+            for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
+                *o = g / (1.0 + (-g).exp()) * u;
+            }
+        });
+        CpuTensor::new(out, gate_up.rows, inter)
+    }
+
+    fn add(&self, x: &mut CpuTensor, y: &CpuTensor) -> Result<()> {
+        if x.data.len() != y.data.len() {
+            return Err(Error::Backend("add: shapes differ".into()));
+        }
+        x.data.iter_mut().zip(&y.data).for_each(|(a, b)| *a += b);
+        Ok(())
+    }
+
+    fn gather_rows(&self, x: &CpuTensor, rows: &[usize]) -> Result<CpuTensor> {
+        let mut data = Vec::with_capacity(rows.len() * x.cols);
+        for &r in rows {
+            if r >= x.rows {
+                return Err(Error::Backend(format!("gather_rows: row {r} of {}", x.rows)));
+            }
+            data.extend_from_slice(x.row(r));
+        }
+        CpuTensor::new(data, rows.len(), x.cols)
+    }
+
+    fn to_host(&self, x: &CpuTensor) -> Result<Vec<f32>> {
+        Ok(x.data.clone())
+    }
+}
+
+/// Rotate-half RoPE on one head: pairs `(x[i], x[i + d/2])` turn by angle `i`.
+fn rotate_half(head: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = head.len() / 2;
+    let (a, b) = head.split_at_mut(half);
+    for i in 0..half {
+        let (x1, x2) = (a[i], b[i]);
+        a[i] = x1 * cos[i] - x2 * sin[i];
+        b[i] = x2 * cos[i] + x1 * sin[i];
+    }
+}
+
+/// `x · wᵀ` for a few rows of `x`: output rows are split across threads and each weight row is
+/// read once for every token, so the pass streams the weights at memory bandwidth.
+fn gemv(x: &CpuTensor, w: &CpuWeight) -> Result<CpuTensor> {
+    let (n, m, k) = (x.rows, w.rows, w.cols);
+    let mut out_t = vec![0.0f32; m * n];
+    w.with_slice(|wd| {
+        out_t.par_chunks_mut(n * 16).enumerate().for_each(|(c, chunk)| {
+            for (j, o) in chunk.chunks_mut(n).enumerate() {
+                let wrow = &wd[(c * 16 + j) * k..][..k];
+                for (t, o) in o.iter_mut().enumerate() {
+                    *o = dot(&x.data[t * k..(t + 1) * k], wrow);
+                }
+            }
+        })
+    })?;
+    if n == 1 {
+        return CpuTensor::new(out_t, 1, m);
+    }
+    let mut out = vec![0.0f32; n * m];
+    for o in 0..m {
+        for t in 0..n {
+            out[t * m + o] = out_t[o * n + t];
+        }
+    }
+    CpuTensor::new(out, n, m)
+}
