@@ -17,5 +17,8 @@ pub mod synth;
 pub mod tokenizer;
 pub mod weights;
 
+pub use backend::Device;
+pub use engine::{Engine, EngineOptions, Event, FinishReason, GenerateRequest, Generation, Prompt, Summary};
 pub use error::{Error, Result};
+pub use runtime::sampler::SamplingParams;
 pub use tokenizer::ChatMessage;
