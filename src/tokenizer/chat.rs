@@ -413,6 +413,19 @@ mod tests {
     }
 
     #[test]
+    fn strftime_now_formats_like_python_and_rejects_bad_formats() {
+        let year = render_str("{{ strftime_now('%Y') }}").unwrap_or_default();
+        assert!(
+            year.len() == 4 && year.bytes().all(|b| b.is_ascii_digit()),
+            "{year:?}"
+        );
+        assert!(matches!(
+            render_str("{{ strftime_now('%Q') }}"),
+            Err(Error::ChatTemplate { .. })
+        ));
+    }
+
+    #[test]
     fn template_source_picks_default_from_a_list() {
         let field = serde_json::json!([{"name": "tool_use", "template": "t"}, {"name": "default", "template": "d"}]);
         assert_eq!(template_source(&field), Ok(Some("d".to_owned())));
