@@ -220,7 +220,8 @@ fn from_cache(env: &HubEnv, repo: &Repo) -> std::result::Result<PathBuf, String>
             .join(repo.folder_name())
             .join("refs")
             .join(revision);
-        let commit = std::fs::read_to_string(&ref_file).map_err(|_| format!("refs/{revision}"))?;
+        let commit = std::fs::read_to_string(&ref_file)
+            .map_err(|_| format!("every file (no snapshot for revision `{revision}`)"))?;
         snapshots.join(commit.trim())
     };
     let missing = missing_files(&snapshot);
