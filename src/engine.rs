@@ -85,6 +85,8 @@ pub struct GenerateRequest {
     pub max_tokens: Option<usize>,
     /// Strings that end the generation; they are not part of the output.
     pub stop: Vec<String>,
+    /// Keep generating past EOS tokens (benchmarks).
+    pub ignore_eos: bool,
 }
 
 impl GenerateRequest {
@@ -99,7 +101,7 @@ impl GenerateRequest {
     }
 
     fn new(prompt: Prompt) -> Self {
-        GenerateRequest { prompt, sampling: None, max_tokens: None, stop: Vec::new() }
+        GenerateRequest { prompt, sampling: None, max_tokens: None, stop: Vec::new(), ignore_eos: false }
     }
 
     /// Sets the sampling parameters.
@@ -112,6 +114,11 @@ impl GenerateRequest {
     pub fn max_tokens(mut self, n: usize) -> Self {
         self.max_tokens = Some(n);
         self
+    }
+
+    /// A prompt of token ids as they are.
+    pub fn tokens(ids: Vec<u32>) -> Self {
+        Self::new(Prompt::Tokens(ids))
     }
 
     /// Adds a stop string.
@@ -359,6 +366,7 @@ impl Engine {
             sampler: Sampler::new(sampling, self.tokenizer.vocab_size()),
             decoder: Some(self.tokenizer.stream_decoder()),
             stop: request.stop,
+            ignore_eos: request.ignore_eos,
             prompt_len: prompt.len(),
             tokens: prompt,
             generated: Vec::new(),
@@ -392,6 +400,7 @@ pub struct Generation<'a> {
     sampler: Sampler,
     decoder: Option<StreamDecoder<'a>>,
     stop: Vec<String>,
+    ignore_eos: bool,
     prompt_len: usize,
     /// Prompt and generated tokens.
     tokens: Vec<u32>,
@@ -436,7 +445,7 @@ impl Generation<'_> {
             let token = self.step()?;
             self.generated.push(token);
             self.tokens.push(token);
-            if self.engine.eos.contains(&token) {
+            if !self.ignore_eos && self.engine.eos.contains(&token) {
                 self.finish(FinishReason::Stop)?;
                 break;
             }

@@ -1,1 +1,156 @@
-fn main(){}
+//! The `tulu` command line. It uses only the library's public API.
+
+mod cli;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// tulu: run Llama-3.1-architecture models.
+#[derive(Parser)]
+#[command(name = "tulu", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where and how to load a model: shared by every command that runs one.
+#[derive(clap::Args, Clone)]
+pub struct ModelArgs {
+    /// A local model directory or a Hugging Face repo id (owner/name).
+    #[arg(long, short)]
+    pub model: String,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Longest context (prompt + output) in tokens; default: the model's, capped at 8192.
+    #[arg(long)]
+    pub max_context: Option<usize>,
+}
+
+/// Sampling flags: any one given overrides the model's generation_config defaults.
+#[derive(clap::Args, Clone, Default)]
+pub struct SamplingArgs {
+    /// Maximum tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Keep the k likeliest tokens (0: all).
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Nucleus sampling threshold in (0, 1].
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Drop tokens less likely than min_p × the likeliest.
+    #[arg(long)]
+    pub min_p: Option<f32>,
+    /// Penalise tokens already present (1: off).
+    #[arg(long)]
+    pub repetition_penalty: Option<f32>,
+    /// Seed for reproducible sampling.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop when the output contains this string (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt; the text goes to stdout, timings to stderr.
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The prompt.
+        #[arg(long, short, conflicts_with = "prompt_file", required_unless_present = "prompt_file")]
+        prompt: Option<String>,
+        /// Read the prompt from a file.
+        #[arg(long)]
+        prompt_file: Option<PathBuf>,
+        /// Apply the model's chat template (the prompt is one user message).
+        #[arg(long)]
+        chat: bool,
+        /// A system message (with --chat).
+        #[arg(long, requires = "chat")]
+        system: Option<String>,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
+    /// An interactive multi-turn chat on stdin/stdout.
+    Chat {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// A system message.
+        #[arg(long)]
+        system: Option<String>,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
+    /// Architecture summary, parameter count and bytes by dtype.
+    Inspect {
+        /// A local model directory or a Hugging Face repo id.
+        #[arg(long, short)]
+        model: String,
+    },
+    /// Convert a GGUF file (llama architecture) into a Hugging Face safetensors directory.
+    Convert {
+        /// The GGUF file.
+        #[arg(long)]
+        gguf: PathBuf,
+        /// The directory to create.
+        #[arg(long)]
+        out: PathBuf,
+        /// f32 (lossless for dequantized weights), bf16 or f16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
+    /// Write a random-weight checkpoint of a Llama-3.1 shape (for tests and benchmarks).
+    Synth {
+        /// tiny, llama-3.1-8b, llama-3.1-70b or llama-3.1-405b.
+        #[arg(long)]
+        preset: String,
+        /// The directory to create.
+        #[arg(long)]
+        out: PathBuf,
+        /// Override the number of layers.
+        #[arg(long)]
+        layers: Option<usize>,
+        /// f32, bf16 or f16 (default: the preset's).
+        #[arg(long)]
+        dtype: Option<String>,
+        /// Seed of the random weights.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Use this tokenizer.json instead of a small built-in one.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+    },
+    /// Measure prefill and decode speed, with candle-transformers' llama as the peer.
+    Bench(cli::bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate { model, prompt, prompt_file, chat, system, sampling } => {
+            cli::generate::generate(&model, prompt, prompt_file, chat, system, &sampling)
+        }
+        Command::Chat { model, system, sampling } => cli::generate::chat(&model, system, &sampling),
+        Command::Inspect { model } => cli::inspect::inspect(&model),
+        Command::Convert { gguf, out, dtype } => cli::convert::convert(&gguf, &out, &dtype),
+        Command::Synth { preset, out, layers, dtype, seed, tokenizer } => {
+            cli::convert::synth(&preset, &out, layers, dtype.as_deref(), seed, tokenizer)
+        }
+        Command::Bench(args) => cli::bench::bench(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! `tulu generate` and `tulu chat`.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+use tulu::{ChatMessage, Engine, Error, Event, GenerateRequest, Prompt, Result, SamplingParams, Summary};
+
+use crate::{ModelArgs, SamplingArgs};
+
+/// The request's sampling: `None` (model defaults) unless a sampling flag was given.
+fn sampling(engine: &Engine, args: &SamplingArgs) -> Option<SamplingParams> {
+    let any = args.temperature.is_some()
+        || args.top_k.is_some()
+        || args.top_p.is_some()
+        || args.min_p.is_some()
+        || args.repetition_penalty.is_some()
+        || args.seed.is_some();
+    any.then(|| {
+        let d = engine.default_sampling();
+        SamplingParams {
+            temperature: args.temperature.unwrap_or(d.temperature),
+            top_k: args.top_k.unwrap_or(d.top_k),
+            top_p: args.top_p.unwrap_or(d.top_p),
+            min_p: args.min_p.unwrap_or(d.min_p),
+            repetition_penalty: args.repetition_penalty.unwrap_or(d.repetition_penalty),
+            seed: args.seed,
+        }
+    })
+}
+
+fn request(engine: &Engine, prompt: Prompt, args: &SamplingArgs) -> GenerateRequest {
+    GenerateRequest {
+        prompt,
+        sampling: sampling(engine, args),
+        max_tokens: Some(args.max_tokens),
+        stop: args.stop.clone(),
+        ignore_eos: false,
+    }
+}
+
+/// Streams a generation's text to stdout; returns the text and the summary.
+fn stream(engine: &Engine, req: GenerateRequest) -> Result<(String, Summary)> {
+    let mut out = std::io::stdout().lock();
+    let mut text = String::new();
+    for event in engine.generate(req)? {
+        match event? {
+            Event::Text(t) => {
+                text.push_str(&t);
+                // A closed stdout (e.g. `| head`) ends the output quietly.
+                if out.write_all(t.as_bytes()).and_then(|_| out.flush()).is_err() {
+                    break;
+                }
+            }
+            Event::Done(summary) => return Ok((text, summary)),
+        }
+    }
+    Err(Error::Backend("generation ended without a summary".into()))
+}
+
+fn report(s: &Summary) {
+    eprintln!(
+        "\nprompt tokens: {}, prefill: {:.1} tok/s, generated tokens: {}, decode: {:.1} tok/s, finish: {}",
+        s.prompt_tokens,
+        s.prefill_tok_per_sec(),
+        s.tokens.len(),
+        s.decode_tok_per_sec(),
+        s.finish_reason.as_str()
+    );
+}
+
+/// `tulu generate`.
+pub fn generate(
+    model: &ModelArgs,
+    prompt: Option<String>,
+    prompt_file: Option<PathBuf>,
+    chat: bool,
+    system: Option<String>,
+    args: &SamplingArgs,
+) -> Result<()> {
+    let text = match (prompt, prompt_file) {
+        (Some(p), _) => p,
+        (None, Some(path)) => {
+            let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+            String::from_utf8(bytes).map_err(|e| {
+                Error::request("prompt-file", format!("{} is not UTF-8 (byte {})", path.display(), e.utf8_error().valid_up_to()))
+            })?
+        }
+        (None, None) => return Err(Error::request("prompt", "give --prompt or --prompt-file")),
+    };
+    if text.is_empty() {
+        return Err(Error::request("prompt", "is empty"));
+    }
+    let engine = Engine::load(crate::cli::engine_options(model)?)?;
+    let prompt = if chat {
+        let mut messages = Vec::new();
+        if let Some(s) = system {
+            messages.push(ChatMessage { role: "system".into(), content: s });
+        }
+        messages.push(ChatMessage { role: "user".into(), content: text });
+        Prompt::Chat(messages)
+    } else {
+        Prompt::Text(text)
+    };
+    let (_, summary) = stream(&engine, request(&engine, prompt, args))?;
+    report(&summary);
+    Ok(())
+}
+
+/// `tulu chat`: one user turn per line; `/exit` or end of input quits, `/reset` forgets.
+pub fn chat(model: &ModelArgs, system: Option<String>, args: &SamplingArgs) -> Result<()> {
+    let engine = Engine::load(crate::cli::engine_options(model)?)?;
+    let mut history: Vec<ChatMessage> = Vec::new();
+    let start = |h: &mut Vec<ChatMessage>| {
+        h.clear();
+        if let Some(s) = &system {
+            h.push(ChatMessage { role: "system".into(), content: s.clone() });
+        }
+    };
+    start(&mut history);
+    eprintln!("tulu chat on {} — /exit quits, /reset starts over", engine.device());
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        eprint!("> ");
+        let Some(line) = lines.next() else { break };
+        let line = line.map_err(|e| Error::io("<stdin>", e))?;
+        match line.trim() {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                start(&mut history);
+                continue;
+            }
+            _ => {}
+        }
+        history.push(ChatMessage { role: "user".into(), content: line });
+        match stream(&engine, request(&engine, Prompt::Chat(history.clone()), args)) {
+            Ok((text, summary)) => {
+                history.push(ChatMessage { role: "assistant".into(), content: text });
+                report(&summary);
+            }
+            Err(e) => {
+                // A failed turn (e.g. the context is full) is reported and forgotten.
+                history.pop();
+                eprintln!("\nerror: {e}");
+            }
+        }
+    }
+    Ok(())
+}
