@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use candle_core::quantized::gguf_file;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, D};
 use candle_transformers::models::llama;
 use tokenizers::Tokenizer;
 use tulu::config::{GenerationConfig, ModelConfig};
@@ -166,29 +166,55 @@ fn unpermute_inverts_llama_cpp_permutation() {
     assert!(permuted.chunks(cols).all(|r| r[1] == r[0] + 1));
 }
 
-#[test]
-fn converted_model_predicts_paris() {
-    // candle-transformers' Llama uses HF's rotate-half RoPE: only correctly un-permuted q/k
-    // weights give a model that knows the capital of France.
-    let dir = converted();
+fn load_candle_llama(dir: &Path) -> (llama::Llama, llama::Config) {
     let cfg: llama::LlamaConfig =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).expect("config")).expect("config parses");
     let cfg = cfg.into_config(false);
-    let device = Device::Cpu;
     // SAFETY: the file was just written by this test and is not modified while mapped.
     let vb = unsafe {
-        candle_nn::VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &device)
+        candle_nn::VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &Device::Cpu)
     }
     .expect("weights load");
-    let model = llama::Llama::load(vb, &cfg).expect("model builds");
+    (llama::Llama::load(vb, &cfg).expect("model builds"), cfg)
+}
+
+#[test]
+fn converted_model_predicts_paris() {
+    let (model, cfg) = load_candle_llama(converted());
     let tok = tokenizer();
     let prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nThe capital of France is";
     let ids = encode(&tok, prompt);
-    let mut cache = llama::Cache::new(false, DType::F32, &cfg, &device).expect("cache");
-    let input = Tensor::new(ids.as_slice(), &device).and_then(|t| t.unsqueeze(0)).expect("input");
+    let mut cache = llama::Cache::new(false, DType::F32, &cfg, &Device::Cpu).expect("cache");
+    let input = Tensor::new(ids.as_slice(), &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("input");
     let logits = model.forward(&input, 0, &mut cache).expect("forward");
     let next = logits.squeeze(0).and_then(|l| l.argmax(0)).and_then(|a| a.to_scalar::<u32>()).expect("argmax");
     assert_eq!(tok.id_to_token(next).as_deref(), Some("ĠParis"));
+}
+
+#[test]
+fn converted_model_follows_ordered_sequences() {
+    // candle-transformers' Llama applies HF's rotate-half RoPE. q/k left in llama.cpp's
+    // interleaved order still match content (the permutation cancels in q·k) but scramble
+    // positions: on this text such a model gets ~41% of next tokens right and ~3.4 nats of
+    // loss, the correctly converted one ~86% and ~0.7.
+    let (model, cfg) = load_candle_llama(converted());
+    let tok = tokenizer();
+    let text = "Count: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16. The alphabet: a b c d e f g h i j \
+                k l m n o p q r s t u v w x y z. Monday, Tuesday, Wednesday, Thursday, Friday, Saturday, Sunday.";
+    let ids = encode(&tok, text);
+    let mut cache = llama::Cache::new(true, DType::F32, &cfg, &Device::Cpu).expect("cache");
+    let (mut correct, mut nll) = (0usize, 0f32);
+    for (pos, pair) in ids.windows(2).enumerate() {
+        let input = Tensor::new(&pair[..1], &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("input");
+        let logits = model.forward(&input, pos, &mut cache).and_then(|l| l.squeeze(0)).expect("forward");
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1).and_then(|l| l.to_vec1::<f32>()).expect("log_softmax");
+        let best = logp.iter().enumerate().fold(0, |b, (i, &x)| if x > logp[b] { i } else { b });
+        correct += usize::from(best == pair[1] as usize);
+        nll -= logp[pair[1] as usize];
+    }
+    let n = ids.len() - 1;
+    let (accuracy, loss) = (correct as f32 / n as f32, nll / n as f32);
+    assert!(accuracy > 0.7 && loss < 1.5, "accuracy {accuracy}, loss {loss} nats/token over {n} tokens");
 }
 
 #[test]
