@@ -22,6 +22,8 @@ struct FakeRepo {
     files: BTreeMap<String, Vec<u8>>,
     /// Files are served only to requests carrying `Authorization: Bearer <token>`.
     gated_token: Option<&'static str>,
+    /// Safetensors files are redirected to `/cdn/<etag>`, as the hub does for LFS files.
+    lfs: bool,
 }
 
 /// A request the server saw.
@@ -109,12 +111,20 @@ fn serve(stream: TcpStream, repos: &[FakeRepo], seen: &Mutex<Vec<Seen>>) -> std:
         authorization: authorization.clone(),
     });
     let range = headers.get("range").cloned();
-    let response = route(&path, range.as_deref(), authorization.as_deref(), repos);
+    let host = headers.get("host").cloned().unwrap_or_default();
+    let response = route(
+        &path,
+        &host,
+        range.as_deref(),
+        authorization.as_deref(),
+        repos,
+    );
     let mut out = stream;
     let (status, extra_headers, body) = response;
     let reason = match status {
         200 => "OK",
         206 => "Partial Content",
+        302 => "Found",
         401 => "Unauthorized",
         403 => "Forbidden",
         _ => "Not Found",
@@ -148,10 +158,19 @@ fn hub_error(status: u16, code: &str, message: &str) -> Response {
 
 fn route(
     path: &str,
+    host: &str,
     range: Option<&str>,
     authorization: Option<&str>,
     repos: &[FakeRepo],
 ) -> Response {
+    // The content store that large (LFS) files redirect to, like the hub's CDN.
+    if let Some(tag) = path.strip_prefix("/cdn/") {
+        let mut all = repos.iter().flat_map(|r| r.files.values());
+        return match all.find(|b| etag(b) == tag) {
+            Some(bytes) => ranged(bytes, range, Vec::new()),
+            None => hub_error(404, "EntryNotFound", "no such blob"),
+        };
+    }
     if let Some(rest) = path.strip_prefix("/api/models/") {
         let Some((id, rev)) = rest.split_once("/revision/") else {
             return hub_error(404, "EntryNotFound", "bad listing path");
@@ -194,27 +213,35 @@ fn route(
     let Some(bytes) = repo.files.get(file) else {
         return hub_error(404, "EntryNotFound", "Entry not found");
     };
-    let headers = |extra: Option<String>| {
-        let mut h = vec![
+    let tag = etag(bytes);
+    if repo.lfs && file.ends_with(".safetensors") {
+        // The hub answers LFS files with a redirect carrying the blob's hash as x-linked-etag.
+        let headers = vec![
             ("x-repo-commit", repo.sha.clone()),
-            ("etag", format!("\"{}\"", etag(bytes))),
+            ("x-linked-etag", format!("\"{tag}\"")),
+            ("etag", "\"redirect-etag\"".to_owned()),
+            ("Location", format!("http://{host}/cdn/{tag}")),
         ];
-        h.extend(extra.map(|r| ("Content-Range", r)));
-        h
-    };
+        return (302, headers, Vec::new());
+    }
+    let headers = vec![
+        ("x-repo-commit", repo.sha.clone()),
+        ("etag", format!("\"{tag}\"")),
+    ];
+    ranged(bytes, range, headers)
+}
+
+/// `bytes`, or the part a `Range: bytes=a-[b]` header asks for.
+fn ranged(bytes: &[u8], range: Option<&str>, mut headers: Vec<(&'static str, String)>) -> Response {
     let size = bytes.len();
     let Some(spec) = range.and_then(|r| r.strip_prefix("bytes=")) else {
-        return (200, headers(None), bytes.clone());
+        return (200, headers, bytes.to_vec());
     };
     let (start, end) = spec.split_once('-').unwrap_or((spec, ""));
     let start: usize = start.parse().unwrap_or(0);
     let end: usize = end.parse().map_or(size - 1, |e: usize| e.min(size - 1));
-    let content_range = format!("bytes {start}-{end}/{size}");
-    (
-        206,
-        headers(Some(content_range)),
-        bytes[start..=end].to_vec(),
-    )
+    headers.push(("Content-Range", format!("bytes {start}-{end}/{size}")));
+    (206, headers, bytes[start..=end].to_vec())
 }
 
 /// A content hash standing in for the hub's sha256 etag (FNV-1a is enough to tell files apart).
@@ -234,6 +261,7 @@ fn repo(id: &'static str, sha_digit: char, files: &[(&str, &[u8])]) -> FakeRepo 
             .map(|(n, b)| (n.to_string(), b.to_vec()))
             .collect(),
         gated_token: None,
+        lfs: false,
     }
 }
 
@@ -314,6 +342,8 @@ fn resolve_model_against_a_fake_hub() {
         ],
     );
     gated.gated_token = Some("s3cret");
+    let mut sharded = sharded;
+    sharded.lfs = true;
     let hub = FakeHub::start(vec![single.clone(), sharded.clone(), gated.clone()]);
     let endpoint = hub.endpoint();
     let home = tempfile::tempdir().expect("tempdir");
@@ -394,14 +424,19 @@ fn resolve_model_against_a_fake_hub() {
     let err = err_text(resolve_model("tiny/llama@v9", &quiet()));
     assert!(err.contains("revision `v9` not found"), "{err}");
 
-    // Sharded: the index and both shards.
+    // Sharded, with the shards behind LFS-style redirects: the index and both shards.
     let dir = resolve_model("tiny/sharded", &quiet()).expect("sharded");
     assert_files(&dir, &sharded);
-    let fetched = resolves(&hub.take())
+    let seen = hub.take();
+    let fetched = resolves(&seen)
         .iter()
         .filter(|p| p.contains("-of-00002"))
         .count();
     assert!(fetched >= 2, "shards fetched: {fetched}");
+    assert!(
+        seen.iter().filter(|s| s.path.starts_with("/cdn/")).count() >= 2,
+        "{seen:?}"
+    );
 
     // Gated: without a token the error says what to do; with HF_TOKEN the token is sent.
     let err = err_text(resolve_model("meta/gated", &quiet()));
