@@ -1,6 +1,94 @@
-//! `tulu bench` (in progress).
-/// Bench flags.
+//! `tulu bench`: prefill and decode speed on a model directory, with candle-transformers'
+//! llama timed on the same weights in the same run as the ratio's denominator.
+
+use std::path::PathBuf;
+
+use serde_json::json;
+use tulu::peer::PeerLlama;
+use tulu::{Device, Engine, EngineOptions, Event, GenerateRequest, Result, SamplingParams, Summary};
+
+/// `tulu bench` flags.
 #[derive(clap::Args)]
-pub struct BenchArgs {}
+pub struct BenchArgs {
+    /// The model directory (e.g. converted SmolLM2).
+    #[arg(long, short)]
+    pub model: PathBuf,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Prompt lengths to measure (comma-separated).
+    #[arg(long, default_value = "128", value_delimiter = ',')]
+    pub prompt_len: Vec<usize>,
+    /// Tokens generated per case.
+    #[arg(long, default_value_t = 64)]
+    pub gen_len: usize,
+    /// Repetitions; the best run is reported.
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    /// Skip the candle-transformers peer.
+    #[arg(long)]
+    pub no_peer: bool,
+}
+
+fn tulu_once(engine: &Engine, prompt: &[u32], gen_len: usize) -> Result<Summary> {
+    let mut req = GenerateRequest::tokens(prompt.to_vec()).sampling(SamplingParams::greedy()).max_tokens(gen_len);
+    req.ignore_eos = true;
+    for ev in engine.generate(req)? {
+        if let Event::Done(s) = ev? {
+            return Ok(s);
+        }
+    }
+    Err(tulu::Error::Backend("generation ended without a summary".into()))
+}
+
 /// `tulu bench`.
-pub fn bench(_a: &BenchArgs) -> tulu::Result<()> { Err(tulu::Error::Backend("not yet".into())) }
+pub fn bench(args: &BenchArgs) -> Result<()> {
+    let device: Device = args.device.parse()?;
+    let model = args.model.to_string_lossy().into_owned();
+    let engine = Engine::load(EngineOptions::new(model).device(device))?;
+    let mut peer = if args.no_peer { None } else { Some(PeerLlama::load(&args.model)?) };
+    let vocab = engine.tokenizer().vocab_size() as u32;
+    for &plen in &args.prompt_len {
+        // A deterministic prompt of ordinary tokens (ids well inside the tokenizer).
+        let prompt: Vec<u32> = (0..plen as u32).map(|i| 100 + (i * 7919) % (vocab - 200)).collect();
+        let (mut best_prefill, mut best_decode) = (0f64, 0f64);
+        for _ in 0..args.repeat.max(1) {
+            let s = tulu_once(&engine, &prompt, args.gen_len)?;
+            best_prefill = best_prefill.max(s.prefill_tok_per_sec());
+            best_decode = best_decode.max(s.decode_tok_per_sec());
+        }
+        let (mut peer_prefill, mut peer_decode) = (f64::NAN, f64::NAN);
+        if let Some(peer) = peer.as_mut() {
+            for _ in 0..args.repeat.max(1) {
+                let (p, d) = peer.time_generate(&prompt, args.gen_len)?;
+                let (pp, dd) = (plen as f64 / p, (args.gen_len.saturating_sub(1)) as f64 / d);
+                peer_prefill = if peer_prefill.is_nan() { pp } else { peer_prefill.max(pp) };
+                peer_decode = if peer_decode.is_nan() { dd } else { peer_decode.max(dd) };
+            }
+        }
+        let line = json!({
+            "case": "generate",
+            "device": engine.device(),
+            "model": args.model,
+            "prompt_len": plen,
+            "gen_len": args.gen_len,
+            "prefill_tok_s": round(best_prefill),
+            "decode_tok_s": round(best_decode),
+            "peer": "candle-transformers llama",
+            "peer_prefill_tok_s": round(peer_prefill),
+            "peer_decode_tok_s": round(peer_decode),
+            "prefill_ratio": round(best_prefill / peer_prefill),
+            "decode_ratio": round(best_decode / peer_decode),
+        });
+        println!("{line}");
+    }
+    Ok(())
+}
+
+fn round(x: f64) -> serde_json::Value {
+    if x.is_finite() {
+        json!((x * 100.0).round() / 100.0)
+    } else {
+        serde_json::Value::Null
+    }
+}

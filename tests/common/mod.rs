@@ -1,0 +1,76 @@
+//! Models shared by the integration tests: converted SmolLM2 and synthetic checkpoints, each
+//! built once into cargo's per-target temp dir and reused.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use tulu::config::ModelConfig;
+use tulu::synth::{synth_checkpoint, SynthOptions};
+use tulu::weights::gguf::{convert_gguf, ConvertOptions, OutDType};
+
+static BUILD: Mutex<()> = Mutex::new(());
+
+fn cache_dir() -> PathBuf {
+    std::env::var_os("TULU_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tulu"))
+}
+
+/// The SmolLM2 GGUF fetched by `scripts/fetch-smollm2`.
+pub fn smollm2_gguf() -> PathBuf {
+    let p = std::env::var_os("TULU_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    assert!(p.exists(), "{} is missing: run scripts/fetch-smollm2 (scripts/test does)", p.display());
+    p
+}
+
+/// The real Llama 3 tokenizer fetched by `scripts/fetch-llama3-tokenizer`.
+pub fn llama3_tokenizer() -> PathBuf {
+    let p = std::env::var_os("TULU_LLAMA3_TOKENIZER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("llama3-tokenizer/tokenizer.json"));
+    assert!(p.exists(), "{} is missing: run scripts/fetch-llama3-tokenizer (scripts/test does)", p.display());
+    p
+}
+
+fn build_once(name: &str, build: impl FnOnce(&Path)) -> PathBuf {
+    let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    // Writers are atomic (temp dir + rename), so an existing directory is complete.
+    if !dir.exists() {
+        build(&dir);
+    }
+    dir
+}
+
+/// SmolLM2-135M-Instruct converted to f32 safetensors.
+pub fn smollm2_dir() -> PathBuf {
+    build_once("smollm2-f32", |dir| {
+        convert_gguf(&smollm2_gguf(), dir, &ConvertOptions { dtype: OutDType::F32, progress: false })
+            .expect("convert SmolLM2")
+    })
+}
+
+/// A synthetic checkpoint of `cfg` in `dtype`, named `name`.
+pub fn synth_dir(name: &str, cfg: &ModelConfig, dtype: OutDType, tokenizer: Option<PathBuf>) -> PathBuf {
+    build_once(name, |dir| {
+        let mut cfg = cfg.clone();
+        cfg.torch_dtype = Some(dtype.torch_name().into());
+        let opts = SynthOptions { dtype, seed: 7, tokenizer, ..SynthOptions::default() };
+        synth_checkpoint(&cfg, dir, &opts).expect("synthesise checkpoint")
+    })
+}
+
+/// The tiny preset (GQA 8:2, llama3 rope scaling, padded vocab) in f32.
+pub fn tiny_dir() -> PathBuf {
+    synth_dir("tiny-f32", &ModelConfig::preset("tiny").expect("preset"), OutDType::F32, None)
+}
+
+/// Largest relative error between two logit rows, relative to the reference's largest magnitude.
+pub fn rel_err(ours: &[f32], reference: &[f32]) -> f32 {
+    assert_eq!(ours.len(), reference.len(), "logit rows differ in length");
+    let scale = reference.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+    ours.iter().zip(reference).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale
+}

@@ -1,0 +1,157 @@
+//! The forward pass and generation loop against themselves in ways that must agree: a batch
+//! equals its sequences alone, incremental decode equals full recompute, seeds reproduce, and
+//! SmolLM2 knows the capital of France.
+
+mod common;
+
+use tulu::backend::cpu::CpuBackend;
+use tulu::backend::Backend;
+use tulu::config::ModelConfig;
+use tulu::model::Llama;
+use tulu::runtime::batch::Batch;
+use tulu::runtime::blocks::BlockPool;
+use tulu::weights::WeightStore;
+use tulu::{ChatMessage, Engine, EngineOptions, Event, FinishReason, GenerateRequest, SamplingParams, Summary};
+
+const BS: usize = 16;
+
+struct Fixture {
+    backend: CpuBackend,
+    model: Llama<CpuBackend>,
+    pool: BlockPool,
+    cache: <CpuBackend as Backend>::KvCache,
+}
+
+fn fixture(dir: &std::path::Path) -> Fixture {
+    let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let store = WeightStore::open(dir).unwrap();
+    let backend = CpuBackend::new();
+    let model = Llama::load(&backend, &cfg, &store, 256, |_| {}).unwrap();
+    let cache = backend.new_kv_cache(&model.kv_cache_spec(64, BS)).unwrap();
+    Fixture { backend, model, pool: BlockPool::new(64, BS), cache }
+}
+
+impl Fixture {
+    /// Logits of the last token of each (tokens, cached, table) sequence, in one step.
+    fn step(&mut self, seqs: &mut [(Vec<u32>, usize, Vec<u32>)]) -> Vec<Vec<f32>> {
+        let mut batch = Batch::new(BS);
+        for (tokens, cached, table) in seqs.iter_mut() {
+            self.pool.grow(table, *cached + tokens.len()).unwrap();
+            batch.push(tokens, *cached, table).unwrap();
+        }
+        let logits = self.model.forward(&self.backend, &batch, &mut self.cache, &batch.last_rows()).unwrap();
+        let v = self.model.config().vocab_size;
+        logits.chunks(v).map(<[f32]>::to_vec).collect()
+    }
+
+    fn alone(&mut self, tokens: &[u32]) -> Vec<f32> {
+        let mut seq = [(tokens.to_vec(), 0, Vec::new())];
+        let out = self.step(&mut seq).remove(0);
+        self.pool.release(&mut seq[0].2);
+        out
+    }
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    // Lengths that cross block boundaries (16) differently.
+    vec![(0..5).map(|i| 3 + i * 7).collect(), (0..23).map(|i| 11 + i * 5 % 200).collect(), (0..40).map(|i| 100 + i % 90).collect()]
+}
+
+#[test]
+fn batch_of_three_equals_each_alone() {
+    for dir in [common::tiny_dir(), common::smollm2_dir()] {
+        let mut f = fixture(&dir);
+        let alone: Vec<Vec<f32>> = prompts().iter().map(|p| f.alone(p)).collect();
+        let mut seqs: Vec<_> = prompts().into_iter().map(|p| (p, 0, Vec::new())).collect();
+        let batched = f.step(&mut seqs);
+        for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
+            let e = common::rel_err(b, a);
+            assert!(e < 1e-5, "{}: sequence {i} batched vs alone: rel err {e}", dir.display());
+        }
+        // A mixed step: one sequence decodes a token while another prefills.
+        let mut seqs2 = vec![(vec![7u32], seqs[0].0.len(), std::mem::take(&mut seqs[0].2)), (prompts()[1].clone(), 0, Vec::new())];
+        let mixed = f.step(&mut seqs2);
+        let mut extended = prompts()[0].clone();
+        extended.push(7);
+        let e = common::rel_err(&mixed[0], &f.alone(&extended));
+        assert!(e < 1e-5, "decode row in a mixed step: rel err {e}");
+        let e = common::rel_err(&mixed[1], &alone[1]);
+        assert!(e < 1e-5, "prefill row in a mixed step: rel err {e}");
+    }
+}
+
+#[test]
+fn incremental_decode_equals_full_recompute() {
+    let mut f = fixture(&common::tiny_dir());
+    let tokens: Vec<u32> = (0..37).map(|i| (i * 13 + 5) % 250).collect();
+    let mut seq = [(tokens[..10].to_vec(), 0, Vec::new())];
+    f.step(&mut seq);
+    for n in 10..tokens.len() {
+        seq[0].1 = n;
+        seq[0].0 = vec![tokens[n]];
+        let inc = f.step(&mut seq).remove(0);
+        let full = f.alone(&tokens[..=n]);
+        let e = common::rel_err(&inc, &full);
+        assert!(e < 1e-5, "position {n}: incremental vs recompute rel err {e}");
+    }
+}
+
+fn run(engine: &Engine, req: GenerateRequest) -> (String, Summary) {
+    let mut text = String::new();
+    for ev in engine.generate(req).unwrap() {
+        match ev.unwrap() {
+            Event::Text(t) => text.push_str(&t),
+            Event::Done(s) => return (text, s),
+        }
+    }
+    panic!("no summary");
+}
+
+#[test]
+fn smollm2_knows_the_capital_of_france() {
+    let engine = Engine::load(EngineOptions::new(common::smollm2_dir().to_string_lossy())).unwrap();
+    let msg = ChatMessage { role: "user".into(), content: "What is the capital of France?".into() };
+    let (text, s) = run(&engine, GenerateRequest::chat(vec![msg]).max_tokens(32));
+    assert!(text.contains("Paris"), "answer: {text:?}");
+    assert_eq!(s.finish_reason, FinishReason::Stop, "a short answer ends at <|im_end|>");
+    assert_eq!(s.tokens.last(), Some(&2));
+}
+
+#[test]
+fn seeded_sampling_reproduces_and_seeds_differ() {
+    let engine = Engine::load(EngineOptions::new(common::smollm2_dir().to_string_lossy())).unwrap();
+    let req = |seed| {
+        let p = SamplingParams { temperature: 1.0, top_p: 0.95, seed: Some(seed), ..Default::default() };
+        GenerateRequest::text("Once upon a time").sampling(p).max_tokens(24)
+    };
+    let (a, sa) = run(&engine, req(1));
+    let (b, sb) = run(&engine, req(1));
+    assert_eq!(sa.tokens, sb.tokens);
+    assert_eq!(a, b);
+    let (_, sc) = run(&engine, req(2));
+    assert_ne!(sa.tokens, sc.tokens);
+}
+
+#[test]
+fn context_limit_and_max_tokens_finish_with_length() {
+    let dir = common::tiny_dir();
+    let engine = Engine::load(EngineOptions::new(dir.to_string_lossy()).max_context(20)).unwrap();
+    let mut req = GenerateRequest::tokens((1..13).collect());
+    req.ignore_eos = true;
+    let (_, s) = run(&engine, req.clone());
+    assert_eq!(s.finish_reason, FinishReason::Length);
+    assert_eq!(s.prompt_tokens + s.tokens.len(), 20, "generation fills the context exactly");
+    let (_, s) = run(&engine, req.max_tokens(3));
+    assert_eq!((s.finish_reason, s.tokens.len()), (FinishReason::Length, 3));
+}
+
+#[test]
+fn stop_strings_end_the_text_before_them() {
+    let engine = Engine::load(EngineOptions::new(common::smollm2_dir().to_string_lossy())).unwrap();
+    let msg = ChatMessage { role: "user".into(), content: "What is the capital of France?".into() };
+    let (full, _) = run(&engine, GenerateRequest::chat(vec![msg.clone()]).max_tokens(32));
+    let cut = full.find("Paris").expect("the answer names Paris");
+    let (text, s) = run(&engine, GenerateRequest::chat(vec![msg]).max_tokens(32).stop("Paris"));
+    assert_eq!(text, full[..cut]);
+    assert_eq!(s.finish_reason, FinishReason::Stop);
+}
