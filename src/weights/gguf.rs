@@ -3,86 +3,24 @@
 //! tokenizer files rebuilt from the GGUF metadata), so the rest of tulu only ever loads HF
 //! checkpoints.
 //!
-//! Also home to the checkpoint-writing pieces [`crate::synth`] shares: [`OutDType`], the
-//! staging directory that is renamed into place only when complete, and lazily produced
-//! safetensors tensors (each tensor's bytes exist only while it is being written).
+//! The output directory is written the way [`crate::synth`] writes synthetic checkpoints
+//! (staged beside `out`, renamed into place when complete, one tensor in memory at a time).
 
-use std::borrow::Cow;
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value as GgufValue};
 use candle_core::Device;
-use indicatif::{ProgressBar, ProgressStyle};
-use safetensors::{Dtype, View};
 use serde_json::json;
 
 use crate::config::{Llama3RopeScaling, ModelConfig};
 use crate::error::{Error, Result};
+use crate::synth::{write_json, write_safetensors, LazyTensor, StagedDir, WriteState};
 use crate::weights::gguf_tokenizer::{self, BpeSpec, PreTokenizerKind, SpecialIds};
 
-/// The dtype a converted or synthetic checkpoint is written in.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum OutDType {
-    /// 32-bit float: exact for dequantized GGUF weights.
-    #[default]
-    F32,
-    /// bfloat16, the dtype Llama 3.1 checkpoints ship in.
-    Bf16,
-    /// IEEE half precision.
-    F16,
-}
-
-impl OutDType {
-    /// The name `config.json`'s `torch_dtype` uses.
-    pub fn torch_name(self) -> &'static str {
-        match self {
-            Self::F32 => "float32",
-            Self::Bf16 => "bfloat16",
-            Self::F16 => "float16",
-        }
-    }
-
-    /// Bytes per element.
-    pub fn size(self) -> usize {
-        match self {
-            Self::F32 => 4,
-            Self::Bf16 | Self::F16 => 2,
-        }
-    }
-
-    /// The safetensors dtype tag.
-    pub fn safetensors(self) -> Dtype {
-        match self {
-            Self::F32 => Dtype::F32,
-            Self::Bf16 => Dtype::BF16,
-            Self::F16 => Dtype::F16,
-        }
-    }
-
-    /// Parses `f32`/`float32`, `bf16`/`bfloat16` or `f16`/`float16` (for command-line flags).
-    pub fn parse(name: &str) -> Result<Self> {
-        match name {
-            "f32" | "float32" => Ok(Self::F32),
-            "bf16" | "bfloat16" => Ok(Self::Bf16),
-            "f16" | "float16" => Ok(Self::F16),
-            other => Err(Error::request("dtype", format!("unknown dtype `{other}` (f32, bf16 or f16)"))),
-        }
-    }
-
-    /// `values` as little-endian bytes of this dtype (rounding to nearest for 16-bit types).
-    pub fn encode(self, values: &[f32]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(values.len() * self.size());
-        match self {
-            Self::F32 => values.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            Self::Bf16 => values.iter().for_each(|&x| out.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes())),
-            Self::F16 => values.iter().for_each(|&x| out.extend_from_slice(&half::f16::from_f32(x).to_le_bytes())),
-        }
-        out
-    }
-}
+/// The dtype of converted weights (shared with synthetic checkpoints).
+pub use crate::synth::OutDType;
 
 /// Options for [`convert_gguf`].
 #[derive(Debug, Clone, Default)]
@@ -97,14 +35,23 @@ pub struct ConvertOptions {
 /// (`model.safetensors`, `config.json`, `generation_config.json`, `tokenizer.json`,
 /// `tokenizer_config.json`). `out` must not exist or be empty; on error nothing is left there.
 pub fn convert_gguf(gguf: &Path, out: &Path, opts: &ConvertOptions) -> Result<()> {
-    let gerr = |message: String| Error::Gguf { file: gguf.to_path_buf(), message };
+    let gerr = |message: String| Error::Gguf {
+        file: gguf.to_path_buf(),
+        message,
+    };
     let mut file = File::open(gguf).map_err(|e| Error::io(gguf, e))?;
-    let content = Content::read(&mut file).map_err(|e| gerr(format!("not a readable GGUF file: {e}")))?;
-    let meta = Meta { file: gguf, content: &content };
+    let content =
+        Content::read(&mut file).map_err(|e| gerr(format!("not a readable GGUF file: {e}")))?;
+    let meta = Meta {
+        file: gguf,
+        content: &content,
+    };
 
     let arch = meta.string("general.architecture")?;
     if arch != "llama" {
-        return Err(gerr(format!("`general.architecture` is `{arch}`; only `llama` models can be converted")));
+        return Err(gerr(format!(
+            "`general.architecture` is `{arch}`; only `llama` models can be converted"
+        )));
     }
     let file_size = file.metadata().map_err(|e| Error::io(gguf, e))?.len();
     let (mut cfg, tok) = read_model(&meta)?;
@@ -120,7 +67,10 @@ pub fn convert_gguf(gguf: &Path, out: &Path, opts: &ConvertOptions) -> Result<()
         .iter()
         .map(|t| {
             let produce = move || read_tensor(&meta, reader, t, opts.dtype);
-            (t.hf_name.clone(), LazyTensor::new(opts.dtype, t.shape.clone(), Box::new(produce), &state))
+            (
+                t.hf_name.clone(),
+                LazyTensor::new(opts.dtype, t.shape.clone(), Box::new(produce), &state),
+            )
         })
         .collect();
     write_safetensors(&dir.join("model.safetensors"), tensors, &state)?;
@@ -133,7 +83,9 @@ pub fn convert_gguf(gguf: &Path, out: &Path, opts: &ConvertOptions) -> Result<()
     }
     write_json(&dir.join("generation_config.json"), &generation)?;
     let tok_path = dir.join("tokenizer.json");
-    tok.tokenizer.save(&tok_path, false).map_err(|e| gerr(format!("cannot write {}: {e}", tok_path.display())))?;
+    tok.tokenizer
+        .save(&tok_path, false)
+        .map_err(|e| gerr(format!("cannot write {}: {e}", tok_path.display())))?;
     let tok_cfg = gguf_tokenizer::tokenizer_config_json(
         &tok.tokenizer,
         &tok.ids,
@@ -149,13 +101,17 @@ pub fn convert_gguf(gguf: &Path, out: &Path, opts: &ConvertOptions) -> Result<()
 /// `[head_dim / 2, 2]`, interleaving the two rotate-half halves.
 pub fn permute_qk<T: Copy>(w: &[T], rows: usize, cols: usize, n_head: usize) -> Vec<T> {
     // torch: w.reshape(n_head, 2, half, cols).swapaxes(1, 2).reshape(rows, cols)
-    reorder_rows(w, rows, cols, n_head, |head, i, j, half| (head * 2 * half + i * 2 + j, head * 2 * half + j * half + i))
+    reorder_rows(w, rows, cols, n_head, |head, i, j, half| {
+        (head * 2 * half + i * 2 + j, head * 2 * half + j * half + i)
+    })
 }
 
 /// The inverse of [`permute_qk`]: brings a GGUF q or k matrix (`[rows, cols]`, row-major,
 /// `n_head` heads of `rows / n_head` rows) back to the rotate-half layout of HF checkpoints.
 pub fn unpermute_qk<T: Copy>(w: &[T], rows: usize, cols: usize, n_head: usize) -> Vec<T> {
-    reorder_rows(w, rows, cols, n_head, |head, i, j, half| (head * 2 * half + j * half + i, head * 2 * half + i * 2 + j))
+    reorder_rows(w, rows, cols, n_head, |head, i, j, half| {
+        (head * 2 * half + j * half + i, head * 2 * half + i * 2 + j)
+    })
 }
 
 /// Copies row `src` of `w` to row `dst` for every `(dst, src) = pair(head, i, j, half)`, where
@@ -168,7 +124,7 @@ fn reorder_rows<T: Copy>(
     pair: impl Fn(usize, usize, usize, usize) -> (usize, usize),
 ) -> Vec<T> {
     debug_assert_eq!(w.len(), rows * cols);
-    debug_assert!(n_head > 0 && rows % (2 * n_head) == 0);
+    debug_assert!(n_head > 0 && rows.is_multiple_of(2 * n_head));
     let half = rows / n_head / 2;
     let mut out = w.to_vec();
     for head in 0..n_head {
@@ -191,7 +147,10 @@ struct Meta<'a> {
 
 impl<'a> Meta<'a> {
     fn err(&self, key: &str, message: impl std::fmt::Display) -> Error {
-        Error::Gguf { file: self.file.to_path_buf(), message: format!("`{key}`: {message}") }
+        Error::Gguf {
+            file: self.file.to_path_buf(),
+            message: format!("`{key}`: {message}"),
+        }
     }
 
     fn get(&self, key: &str) -> Option<&'a GgufValue> {
@@ -210,7 +169,9 @@ impl<'a> Meta<'a> {
             GgufValue::I16(x) => *x as i64,
             GgufValue::U32(x) => *x as i64,
             GgufValue::I32(x) => *x as i64,
-            GgufValue::U64(x) => i64::try_from(*x).map_err(|_| self.err(key, "integer too large"))?,
+            GgufValue::U64(x) => {
+                i64::try_from(*x).map_err(|_| self.err(key, "integer too large"))?
+            }
             GgufValue::I64(x) => *x,
             other => return Err(self.err(key, format!("expected an integer, found {other:?}"))),
         })
@@ -221,7 +182,11 @@ impl<'a> Meta<'a> {
             None => Ok(None),
             Some(v) => {
                 let n = self.int_of(key, v)?;
-                usize::try_from(n).ok().filter(|&n| n > 0).map(Some).ok_or_else(|| self.err(key, format!("must be positive, found {n}")))
+                usize::try_from(n)
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .map(Some)
+                    .ok_or_else(|| self.err(key, format!("must be positive, found {n}")))
             }
         }
     }
@@ -235,7 +200,9 @@ impl<'a> Meta<'a> {
             None => Ok(None),
             Some(v) => {
                 let n = self.int_of(key, v)?;
-                u32::try_from(n).map(Some).map_err(|_| self.err(key, format!("not a token id: {n}")))
+                u32::try_from(n)
+                    .map(Some)
+                    .map_err(|_| self.err(key, format!("not a token id: {n}")))
             }
         }
     }
@@ -288,8 +255,15 @@ impl<'a> Meta<'a> {
     fn ints_opt(&self, key: &str) -> Result<Option<Vec<i64>>> {
         match self.get(key) {
             None => Ok(None),
-            Some(GgufValue::Array(items)) => items.iter().map(|v| self.int_of(key, v)).collect::<Result<_>>().map(Some),
-            Some(other) => Err(self.err(key, format!("expected an array of integers, found {other:?}"))),
+            Some(GgufValue::Array(items)) => items
+                .iter()
+                .map(|v| self.int_of(key, v))
+                .collect::<Result<_>>()
+                .map(Some),
+            Some(other) => Err(self.err(
+                key,
+                format!("expected an array of integers, found {other:?}"),
+            )),
         }
     }
 }
@@ -307,26 +281,45 @@ struct GgufTokenizer {
 fn read_model(meta: &Meta) -> Result<(ModelConfig, GgufTokenizer)> {
     let hidden_size = meta.usize("llama.embedding_length")?;
     let heads = meta.usize("llama.attention.head_count")?;
-    let kv_heads = meta.usize_opt("llama.attention.head_count_kv")?.unwrap_or(heads);
+    let kv_heads = meta
+        .usize_opt("llama.attention.head_count_kv")?
+        .unwrap_or(heads);
     if heads % kv_heads != 0 {
-        return Err(meta.err("llama.attention.head_count_kv", format!("{kv_heads} does not divide {heads} heads")));
+        return Err(meta.err(
+            "llama.attention.head_count_kv",
+            format!("{kv_heads} does not divide {heads} heads"),
+        ));
     }
     let head_dim = match meta.usize_opt("llama.attention.key_length")? {
         Some(d) => d,
         None if hidden_size % heads == 0 => hidden_size / heads,
-        None => return Err(meta.err("llama.attention.head_count", format!("{heads} does not divide {hidden_size}"))),
+        None => {
+            return Err(meta.err(
+                "llama.attention.head_count",
+                format!("{heads} does not divide {hidden_size}"),
+            ))
+        }
     };
     if head_dim % 2 != 0 {
-        return Err(meta.err("llama.attention.key_length", format!("RoPE needs an even head dimension, found {head_dim}")));
+        return Err(meta.err(
+            "llama.attention.key_length",
+            format!("RoPE needs an even head dimension, found {head_dim}"),
+        ));
     }
     if let Some(rope_dim) = meta.usize_opt("llama.rope.dimension_count")? {
         if rope_dim != head_dim {
-            return Err(meta.err("llama.rope.dimension_count", format!("partial RoPE ({rope_dim} of {head_dim}) is not supported")));
+            return Err(meta.err(
+                "llama.rope.dimension_count",
+                format!("partial RoPE ({rope_dim} of {head_dim}) is not supported"),
+            ));
         }
     }
     if let Some(kind) = meta.string_opt("llama.rope.scaling.type")? {
         if kind != "none" {
-            return Err(meta.err("llama.rope.scaling.type", format!("`{kind}` RoPE scaling is not supported")));
+            return Err(meta.err(
+                "llama.rope.scaling.type",
+                format!("`{kind}` RoPE scaling is not supported"),
+            ));
         }
     }
     let rope_theta = meta.f64_opt("llama.rope.freq_base")?.unwrap_or(10_000.0);
@@ -357,18 +350,26 @@ fn read_model(meta: &Meta) -> Result<(ModelConfig, GgufTokenizer)> {
 fn read_tokenizer(meta: &Meta) -> Result<GgufTokenizer> {
     let model = meta.string("tokenizer.ggml.model")?;
     if model != "gpt2" {
-        return Err(meta.err("tokenizer.ggml.model", format!("`{model}` tokenizers are not supported (byte-level BPE `gpt2` only)")));
+        return Err(meta.err(
+            "tokenizer.ggml.model",
+            format!("`{model}` tokenizers are not supported (byte-level BPE `gpt2` only)"),
+        ));
     }
     let pre_name = meta.string_opt("tokenizer.ggml.pre")?.unwrap_or("default");
     let pre = PreTokenizerKind::from_gguf_name(pre_name).ok_or_else(|| {
-        meta.err("tokenizer.ggml.pre", format!("pre-tokenizer `{pre_name}` is not supported (smollm, gpt2, default)"))
+        meta.err(
+            "tokenizer.ggml.pre",
+            format!("pre-tokenizer `{pre_name}` is not supported (smollm, gpt2, default)"),
+        )
     })?;
     let tokens = meta.strings("tokenizer.ggml.tokens")?;
     let merges = meta.strings("tokenizer.ggml.merges")?;
     let token_types = meta.ints_opt("tokenizer.ggml.token_type")?;
     let in_vocab = |key: &str| -> Result<Option<u32>> {
         match meta.u32_opt(key)? {
-            Some(id) if id as usize >= tokens.len() => Err(meta.err(key, format!("id {id} is past the {} tokens", tokens.len()))),
+            Some(id) if id as usize >= tokens.len() => {
+                Err(meta.err(key, format!("id {id} is past the {} tokens", tokens.len())))
+            }
             id => Ok(id),
         }
     };
@@ -377,7 +378,9 @@ fn read_tokenizer(meta: &Meta) -> Result<GgufTokenizer> {
         eos: in_vocab("tokenizer.ggml.eos_token_id")?,
         pad: in_vocab("tokenizer.ggml.padding_token_id")?,
         unk: in_vocab("tokenizer.ggml.unknown_token_id")?,
-        add_bos: meta.bool_opt("tokenizer.ggml.add_bos_token")?.unwrap_or(false),
+        add_bos: meta
+            .bool_opt("tokenizer.ggml.add_bos_token")?
+            .unwrap_or(false),
     };
     let spec = BpeSpec {
         tokens: &tokens,
@@ -386,27 +389,45 @@ fn read_tokenizer(meta: &Meta) -> Result<GgufTokenizer> {
         pre,
         add_bos: if ids.add_bos { ids.bos } else { None },
     };
-    let tokenizer = gguf_tokenizer::build_bpe_tokenizer(&spec).map_err(|m| meta.err("tokenizer.ggml.tokens", m))?;
+    let tokenizer = gguf_tokenizer::build_bpe_tokenizer(&spec)
+        .map_err(|m| meta.err("tokenizer.ggml.tokens", m))?;
     // Chat models end a turn with their own marker while `<|endoftext|>` still ends documents:
     // both must stop generation.
     let mut stop_ids: Vec<u32> = ids.eos.into_iter().collect();
-    for name in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>"] {
+    for name in [
+        "<|im_end|>",
+        "<|endoftext|>",
+        "<|eot_id|>",
+        "<|end_of_text|>",
+    ] {
         if let Some(id) = tokenizer.token_to_id(name) {
             if !stop_ids.contains(&id) {
                 stop_ids.push(id);
             }
         }
     }
-    let chat_template = meta.string_opt("tokenizer.chat_template")?.map(str::to_owned);
-    Ok(GgufTokenizer { tokenizer, ids, stop_ids, chat_template })
+    let chat_template = meta
+        .string_opt("tokenizer.chat_template")?
+        .map(str::to_owned);
+    Ok(GgufTokenizer {
+        tokenizer,
+        ids,
+        stop_ids,
+        chat_template,
+    })
 }
 
 /// Recovers Llama 3 RoPE scaling from llama.cpp's precomputed `rope_freqs.weight` factors by
 /// checking them against the standard Llama 3.x parameters (only `factor` varies among them).
 fn read_rope_freqs(meta: &Meta, head_dim: usize, theta: f64) -> Result<Option<Llama3RopeScaling>> {
     const NAME: &str = "rope_freqs.weight";
-    let Some(info) = meta.content.tensor_infos.get(NAME) else { return Ok(None) };
-    let terr = |m: String| Error::Gguf { file: meta.file.to_path_buf(), message: format!("tensor `{NAME}`: {m}") };
+    let Some(info) = meta.content.tensor_infos.get(NAME) else {
+        return Ok(None);
+    };
+    let terr = |m: String| Error::Gguf {
+        file: meta.file.to_path_buf(),
+        message: format!("tensor `{NAME}`: {m}"),
+    };
     let mut f = File::open(meta.file).map_err(|e| Error::io(meta.file, e))?;
     let factors = info
         .read(&mut f, meta.content.tensor_data_offset, &Device::Cpu)
@@ -415,7 +436,10 @@ fn read_rope_freqs(meta: &Meta, head_dim: usize, theta: f64) -> Result<Option<Ll
         .and_then(|t| t.to_vec1::<f32>())
         .map_err(|e| terr(e.to_string()))?;
     if factors.len() != head_dim / 2 {
-        return Err(terr(format!("{} factors for head dimension {head_dim}", factors.len())));
+        return Err(terr(format!(
+            "{} factors for head dimension {head_dim}",
+            factors.len()
+        )));
     }
     let factor = factors.iter().fold(1f32, |m, &x| m.max(x)) as f64;
     let scaling = Llama3RopeScaling {
@@ -428,7 +452,9 @@ fn read_rope_freqs(meta: &Meta, head_dim: usize, theta: f64) -> Result<Option<Ll
         let freq = 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64);
         let want = llama3_factor(&scaling, freq);
         if (got as f64 - want).abs() > 1e-3 * want {
-            return Err(terr(format!("factor #{i} is {got}, not the Llama 3 scaling's {want}: unsupported RoPE scaling")));
+            return Err(terr(format!(
+                "factor #{i} is {got}, not the Llama 3 scaling's {want}: unsupported RoPE scaling"
+            )));
         }
     }
     Ok(Some(scaling))
@@ -464,45 +490,115 @@ fn plan_tensors(meta: &Meta, cfg: &ModelConfig, file_size: u64) -> Result<Vec<Pl
     let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
     let mut plan = Vec::new();
     let mut add = |gguf: String, hf: String, shape: Vec<usize>, heads: Option<usize>| {
-        plan.push(PlannedTensor { gguf_name: gguf, hf_name: hf, shape, unpermute_heads: heads })
+        plan.push(PlannedTensor {
+            gguf_name: gguf,
+            hf_name: hf,
+            shape,
+            unpermute_heads: heads,
+        })
     };
-    add("token_embd.weight".into(), "model.embed_tokens.weight".into(), vec![v, h], None);
+    add(
+        "token_embd.weight".into(),
+        "model.embed_tokens.weight".into(),
+        vec![v, h],
+        None,
+    );
     for l in 0..cfg.num_hidden_layers {
         let (b, m) = (format!("blk.{l}"), format!("model.layers.{l}"));
         let attn = [
-            ("attn_q", "q_proj", vec![cfg.q_dim(), h], Some(cfg.num_attention_heads)),
-            ("attn_k", "k_proj", vec![cfg.kv_dim(), h], Some(cfg.num_key_value_heads)),
+            (
+                "attn_q",
+                "q_proj",
+                vec![cfg.q_dim(), h],
+                Some(cfg.num_attention_heads),
+            ),
+            (
+                "attn_k",
+                "k_proj",
+                vec![cfg.kv_dim(), h],
+                Some(cfg.num_key_value_heads),
+            ),
             ("attn_v", "v_proj", vec![cfg.kv_dim(), h], None),
             ("attn_output", "o_proj", vec![h, cfg.q_dim()], None),
         ];
         for (g, hf, shape, heads) in attn {
-            add(format!("{b}.{g}.weight"), format!("{m}.self_attn.{hf}.weight"), shape, heads);
+            add(
+                format!("{b}.{g}.weight"),
+                format!("{m}.self_attn.{hf}.weight"),
+                shape,
+                heads,
+            );
         }
-        for (g, hf, shape) in [("ffn_gate", "gate_proj", vec![i, h]), ("ffn_up", "up_proj", vec![i, h]), ("ffn_down", "down_proj", vec![h, i])] {
-            add(format!("{b}.{g}.weight"), format!("{m}.mlp.{hf}.weight"), shape, None);
+        for (g, hf, shape) in [
+            ("ffn_gate", "gate_proj", vec![i, h]),
+            ("ffn_up", "up_proj", vec![i, h]),
+            ("ffn_down", "down_proj", vec![h, i]),
+        ] {
+            add(
+                format!("{b}.{g}.weight"),
+                format!("{m}.mlp.{hf}.weight"),
+                shape,
+                None,
+            );
         }
-        add(format!("{b}.attn_norm.weight"), format!("{m}.input_layernorm.weight"), vec![h], None);
-        add(format!("{b}.ffn_norm.weight"), format!("{m}.post_attention_layernorm.weight"), vec![h], None);
+        add(
+            format!("{b}.attn_norm.weight"),
+            format!("{m}.input_layernorm.weight"),
+            vec![h],
+            None,
+        );
+        add(
+            format!("{b}.ffn_norm.weight"),
+            format!("{m}.post_attention_layernorm.weight"),
+            vec![h],
+            None,
+        );
     }
-    add("output_norm.weight".into(), "model.norm.weight".into(), vec![h], None);
+    add(
+        "output_norm.weight".into(),
+        "model.norm.weight".into(),
+        vec![h],
+        None,
+    );
     if !cfg.tie_word_embeddings {
-        add("output.weight".into(), "lm_head.weight".into(), vec![v, h], None);
+        add(
+            "output.weight".into(),
+            "lm_head.weight".into(),
+            vec![v, h],
+            None,
+        );
     }
     for t in &plan {
         let info = tensor_info(meta, &t.gguf_name)?;
-        let terr = |m: String| Error::Gguf { file: meta.file.to_path_buf(), message: format!("tensor `{}`: {m}", t.gguf_name) };
+        let terr = |m: String| Error::Gguf {
+            file: meta.file.to_path_buf(),
+            message: format!("tensor `{}`: {m}", t.gguf_name),
+        };
         if info.shape.dims() != t.shape.as_slice() {
-            return Err(terr(format!("shape {:?}, expected {:?} from the metadata", info.shape.dims(), t.shape)));
+            return Err(terr(format!(
+                "shape {:?}, expected {:?} from the metadata",
+                info.shape.dims(),
+                t.shape
+            )));
         }
         let elems = info.shape.elem_count();
         let block = info.ggml_dtype.block_size();
         if elems % block != 0 {
-            return Err(terr(format!("{elems} elements do not fill {:?} blocks of {block}", info.ggml_dtype)));
+            return Err(terr(format!(
+                "{elems} elements do not fill {:?} blocks of {block}",
+                info.ggml_dtype
+            )));
         }
         let bytes = (elems / block * info.ggml_dtype.type_size()) as u64;
-        let end = meta.content.tensor_data_offset.saturating_add(info.offset).saturating_add(bytes);
+        let end = meta
+            .content
+            .tensor_data_offset
+            .saturating_add(info.offset)
+            .saturating_add(bytes);
         if end > file_size {
-            return Err(terr(format!("data ends at byte {end} but the file has {file_size} bytes (truncated?)")));
+            return Err(terr(format!(
+                "data ends at byte {end} but the file has {file_size} bytes (truncated?)"
+            )));
         }
     }
     Ok(plan)
@@ -512,15 +608,30 @@ fn tensor_info<'a>(meta: &Meta<'a>, name: &str) -> Result<&'a TensorInfo> {
     meta.content
         .tensor_infos
         .get(name)
-        .ok_or_else(|| Error::Gguf { file: meta.file.to_path_buf(), message: format!("tensor `{name}` is missing") })
+        .ok_or_else(|| Error::Gguf {
+            file: meta.file.to_path_buf(),
+            message: format!("tensor `{name}` is missing"),
+        })
 }
 
 /// Dequantizes one tensor, undoes the q/k permutation and encodes it in `dtype`.
-fn read_tensor(meta: &Meta, reader: &RefCell<File>, t: &PlannedTensor, dtype: OutDType) -> Result<Vec<u8>> {
+fn read_tensor(
+    meta: &Meta,
+    reader: &RefCell<File>,
+    t: &PlannedTensor,
+    dtype: OutDType,
+) -> Result<Vec<u8>> {
     let info = tensor_info(meta, &t.gguf_name)?;
-    let terr = |m: String| Error::Gguf { file: meta.file.to_path_buf(), message: format!("tensor `{}`: {m}", t.gguf_name) };
+    let terr = |m: String| Error::Gguf {
+        file: meta.file.to_path_buf(),
+        message: format!("tensor `{}`: {m}", t.gguf_name),
+    };
     let values = info
-        .read(&mut *reader.borrow_mut(), meta.content.tensor_data_offset, &Device::Cpu)
+        .read(
+            &mut *reader.borrow_mut(),
+            meta.content.tensor_data_offset,
+            &Device::Cpu,
+        )
         .and_then(|q| q.dequantize(&Device::Cpu))
         .and_then(|t| t.flatten_all())
         .and_then(|t| t.to_vec1::<f32>())
@@ -530,168 +641,4 @@ fn read_tensor(meta: &Meta, reader: &RefCell<File>, t: &PlannedTensor, dtype: Ou
         _ => values,
     };
     Ok(dtype.encode(&values))
-}
-
-/// A directory being written beside its final path; it is renamed into place by
-/// [`StagedDir::commit`] and removed (with any parents it created) if dropped before that.
-pub(crate) struct StagedDir {
-    temp: Option<tempfile::TempDir>,
-    out: PathBuf,
-    created_parent: Option<PathBuf>,
-}
-
-impl StagedDir {
-    /// Refuses an `out` that exists and is not an empty directory, then creates the staging
-    /// directory in `out`'s parent (same filesystem, so the final rename is atomic).
-    pub(crate) fn new(out: &Path) -> Result<Self> {
-        if out.exists() {
-            let mut entries = std::fs::read_dir(out).map_err(|e| Error::io(out, e))?;
-            if entries.next().is_some() {
-                return Err(Error::io(
-                    out,
-                    std::io::Error::new(std::io::ErrorKind::AlreadyExists, "output directory exists and is not empty"),
-                ));
-            }
-        }
-        let parent = match out.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        // Remember the topmost ancestor we create so a failure removes it again.
-        let mut created_parent = None;
-        let mut probe = parent.as_path();
-        while !probe.as_os_str().is_empty() && !probe.exists() {
-            created_parent = Some(probe.to_path_buf());
-            probe = probe.parent().unwrap_or(Path::new(""));
-        }
-        std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-        let temp = tempfile::Builder::new().prefix(".tulu-staging-").tempdir_in(&parent).map_err(|e| Error::io(&parent, e))?;
-        Ok(Self { temp: Some(temp), out: out.to_path_buf(), created_parent })
-    }
-
-    /// Where to write the files.
-    pub(crate) fn path(&self) -> &Path {
-        self.temp.as_ref().map(|t| t.path()).unwrap_or(&self.out)
-    }
-
-    /// Moves the finished directory to its final path.
-    pub(crate) fn commit(mut self) -> Result<()> {
-        let Some(temp) = self.temp.take() else { return Ok(()) };
-        let staged = temp.keep();
-        // rename(2) replaces an empty directory; an existing empty `out` is allowed.
-        if let Err(e) = std::fs::rename(&staged, &self.out) {
-            let _ = std::fs::remove_dir_all(&staged);
-            self.temp = None;
-            return Err(Error::io(&self.out, e));
-        }
-        self.created_parent = None;
-        Ok(())
-    }
-}
-
-impl Drop for StagedDir {
-    fn drop(&mut self) {
-        drop(self.temp.take());
-        if let Some(p) = self.created_parent.take() {
-            let _ = std::fs::remove_dir_all(p);
-        }
-    }
-}
-
-/// Shared state of one safetensors write: the first error a lazy tensor hit (a `View` cannot
-/// return one) and the progress bar.
-pub(crate) struct WriteState {
-    error: RefCell<Option<Error>>,
-    bar: ProgressBar,
-}
-
-impl WriteState {
-    /// A state whose bar counts `total` tensors, hidden unless `progress`.
-    pub(crate) fn new(total: u64, progress: bool, what: &str) -> Self {
-        let bar = if progress { ProgressBar::new(total) } else { ProgressBar::hidden() };
-        if let Ok(style) = ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} tensors [{elapsed_precise}]") {
-            bar.set_style(style);
-        }
-        bar.set_message(what.to_owned());
-        Self { error: RefCell::new(None), bar }
-    }
-
-    /// Clears the progress bar.
-    pub(crate) fn finish(&self) {
-        self.bar.finish_and_clear();
-    }
-}
-
-/// Produces one tensor's bytes when asked for them.
-pub(crate) type Producer<'a> = Box<dyn Fn() -> Result<Vec<u8>> + 'a>;
-
-/// A safetensors tensor whose bytes are produced only when the writer reaches it, so a
-/// checkpoint is never held whole in memory.
-pub(crate) struct LazyTensor<'a> {
-    dtype: OutDType,
-    shape: Vec<usize>,
-    produce: Producer<'a>,
-    state: &'a WriteState,
-}
-
-impl<'a> LazyTensor<'a> {
-    /// A tensor of `shape` in `dtype` whose bytes `produce` makes.
-    pub(crate) fn new(dtype: OutDType, shape: Vec<usize>, produce: Producer<'a>, state: &'a WriteState) -> Self {
-        Self { dtype, shape, produce, state }
-    }
-
-    /// Size in bytes.
-    pub(crate) fn byte_len(&self) -> usize {
-        self.shape.iter().product::<usize>() * self.dtype.size()
-    }
-}
-
-impl View for LazyTensor<'_> {
-    fn dtype(&self) -> Dtype {
-        self.dtype.safetensors()
-    }
-
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-
-    fn data(&self) -> Cow<'_, [u8]> {
-        let len = self.byte_len();
-        // After a failure the file is discarded anyway; zeros keep the writer's offsets right.
-        if self.state.error.borrow().is_none() {
-            match (self.produce)() {
-                Ok(bytes) if bytes.len() == len => {
-                    self.state.bar.inc(1);
-                    return Cow::Owned(bytes);
-                }
-                Ok(bytes) => {
-                    *self.state.error.borrow_mut() =
-                        Some(Error::Backend(format!("produced {} bytes for a {len}-byte tensor", bytes.len())))
-                }
-                Err(e) => *self.state.error.borrow_mut() = Some(e),
-            }
-        }
-        Cow::Owned(vec![0; len])
-    }
-
-    fn data_len(&self) -> usize {
-        self.byte_len()
-    }
-}
-
-/// Writes `tensors` to `path` (with HF's `format: pt` metadata), one tensor in memory at a time.
-pub(crate) fn write_safetensors(path: &Path, tensors: Vec<(String, LazyTensor)>, state: &WriteState) -> Result<()> {
-    let metadata = HashMap::from([("format".to_owned(), "pt".to_owned())]);
-    safetensors::serialize_to_file(tensors, Some(metadata), path)
-        .map_err(|e| Error::weights(path, None, format!("cannot write: {e}")))?;
-    match state.error.borrow_mut().take() {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
-}
-
-/// Writes pretty-printed JSON.
-pub(crate) fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Backend(format!("JSON: {e}")))?;
-    std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
 }
