@@ -137,9 +137,14 @@ impl<B: Backend> Llama<B> {
 
 /// A config that promises more layers than the checkpoint holds is caught here, naming the field.
 fn check_layer_count(cfg: &ModelConfig, store: &WeightStore) -> Result<()> {
-    let present = (0..)
-        .take_while(|l| store.contains(&format!("model.layers.{l}.input_layernorm.weight")))
-        .count();
+    // A layer counts as present when any of its tensors is; a missing single tensor is then
+    // reported by name when it is fetched.
+    let present = store
+        .names()
+        .iter()
+        .filter_map(|n| n.strip_prefix("model.layers.")?.split('.').next()?.parse::<usize>().ok())
+        .max()
+        .map_or(0, |l| l + 1);
     if present < cfg.num_hidden_layers {
         return Err(Error::Config {
             file: "config.json".into(),

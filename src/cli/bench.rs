@@ -60,8 +60,10 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         let (mut peer_prefill, mut peer_decode) = (f64::NAN, f64::NAN);
         if let Some(peer) = peer.as_mut() {
             for _ in 0..args.repeat.max(1) {
-                let (p, d) = peer.time_generate(&prompt, args.gen_len)?;
-                let (pp, dd) = (plen as f64 / p, (args.gen_len.saturating_sub(1)) as f64 / d);
+                // Both sides: one prefill, then gen_len - 1 single-token steps.
+                let steps = args.gen_len.saturating_sub(1).max(1);
+                let (p, d) = peer.time_generate(&prompt, steps)?;
+                let (pp, dd) = (plen as f64 / p, steps as f64 / d);
                 peer_prefill = if peer_prefill.is_nan() { pp } else { peer_prefill.max(pp) };
                 peer_decode = if peer_decode.is_nan() { dd } else { peer_decode.max(dd) };
             }
