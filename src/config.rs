@@ -140,7 +140,9 @@ impl<'a> Fields<'a> {
     fn bool_opt(&self, field: &str) -> Result<Option<bool>> {
         match self.get(field) {
             None => Ok(None),
-            Some(v) => v.as_bool().map(Some).ok_or_else(|| self.err(field, format!("expected true or false, found {v}"))),
+            Some(v) => {
+                v.as_bool().map(Some).ok_or_else(|| self.err(field, format!("expected true or false, found {v}")))
+            }
         }
     }
 
@@ -203,17 +205,18 @@ impl ModelConfig {
                 format!("{num_key_value_heads} does not divide num_attention_heads = {num_attention_heads}"),
             ));
         }
-        let head_dim = match f.usize_opt("head_dim")? {
-            Some(0) => return Err(f.err("head_dim", "must be at least 1")),
-            Some(d) => d,
-            None if hidden_size % num_attention_heads != 0 => {
-                return Err(f.err(
+        let head_dim =
+            match f.usize_opt("head_dim")? {
+                Some(0) => return Err(f.err("head_dim", "must be at least 1")),
+                Some(d) => d,
+                None if hidden_size % num_attention_heads != 0 => return Err(f.err(
                     "num_attention_heads",
-                    format!("{num_attention_heads} does not divide hidden_size = {hidden_size} (and no head_dim is given)"),
-                ))
-            }
-            None => hidden_size / num_attention_heads,
-        };
+                    format!(
+                        "{num_attention_heads} does not divide hidden_size = {hidden_size} (and no head_dim is given)"
+                    ),
+                )),
+                None => hidden_size / num_attention_heads,
+            };
         if head_dim % 2 != 0 {
             return Err(f.err("head_dim", format!("RoPE needs an even head dimension, found {head_dim}")));
         }
@@ -368,16 +371,11 @@ fn check_architecture(f: &Fields) -> Result<()> {
         Some(v) => return Err(f.err("architectures", format!("expected a list of names, found {v}"))),
     };
     if !archs.is_empty() && !archs.iter().any(|a| a == "LlamaForCausalLM") {
-        return Err(f.err(
-            "architectures",
-            format!("{archs:?} is not supported: tulu runs LlamaForCausalLM models"),
-        ));
+        return Err(f.err("architectures", format!("{archs:?} is not supported: tulu runs LlamaForCausalLM models")));
     }
     match f.str_opt("model_type")? {
         Some("llama") => {}
-        Some(other) => {
-            return Err(f.err("model_type", format!("`{other}` is not supported: tulu runs `llama` models")))
-        }
+        Some(other) => return Err(f.err("model_type", format!("`{other}` is not supported: tulu runs `llama` models"))),
         None if archs.is_empty() => {
             return Err(f.err("architectures", "missing (neither `architectures` nor `model_type` is given)"))
         }
@@ -407,9 +405,7 @@ fn parse_rope_scaling(f: &Fields) -> Result<Option<Llama3RopeScaling>> {
     match kind {
         Some("llama3") => {}
         Some("default") => return Ok(None),
-        Some(other) => {
-            return Err(s.err("rope_type", format!("`{other}` is not supported (llama3 or none)")))
-        }
+        Some(other) => return Err(s.err("rope_type", format!("`{other}` is not supported (llama3 or none)"))),
         None => return Err(s.err("rope_type", "missing")),
     }
     let scaling = Llama3RopeScaling {

@@ -337,12 +337,19 @@ impl Engine {
             return Err(Error::request("prompt", "tokenizes to no tokens"));
         }
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
-            return Err(Error::request("prompt", format!("token id {bad} is outside the vocabulary of {}", self.config.vocab_size)));
+            return Err(Error::request(
+                "prompt",
+                format!("token id {bad} is outside the vocabulary of {}", self.config.vocab_size),
+            ));
         }
         if ids.len() >= self.context_len {
             return Err(Error::request(
                 "prompt",
-                format!("has {} tokens; the context holds {} (prompt + at least one new token)", ids.len(), self.context_len),
+                format!(
+                    "has {} tokens; the context holds {} (prompt + at least one new token)",
+                    ids.len(),
+                    self.context_len
+                ),
             ));
         }
         Ok(ids)

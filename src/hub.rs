@@ -85,10 +85,7 @@ fn classify(spec: &str) -> Result<Spec> {
         return Ok(Spec::Local(path));
     }
     if path.exists() {
-        return Err(hub_error(
-            spec,
-            "is a file; --model takes a model directory or a hub repo id",
-        ));
+        return Err(hub_error(spec, "is a file; --model takes a model directory or a hub repo id"));
     }
     let (id, revision) = match spec.split_once('@') {
         Some((id, rev)) => (id, Some(rev)),
@@ -96,16 +93,12 @@ fn classify(spec: &str) -> Result<Spec> {
     };
     let looks_like_path = spec.starts_with(['.', '/', '~']) || id.matches('/').count() > 1;
     if looks_like_path {
-        return Err(hub_error(
-            spec,
-            format!("no such model directory: {}", path.display()),
-        ));
+        return Err(hub_error(spec, format!("no such model directory: {}", path.display())));
     }
     let valid_part = |s: &str| {
         !s.is_empty()
             && !s.starts_with(['.', '-'])
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     };
     if !id.split('/').all(valid_part) {
         return Err(hub_error(
@@ -115,10 +108,7 @@ fn classify(spec: &str) -> Result<Spec> {
     }
     match revision {
         Some("") => Err(hub_error(spec, "empty revision after `@`")),
-        rev => Ok(Spec::Repo {
-            id: id.to_owned(),
-            revision: rev.unwrap_or("main").to_owned(),
-        }),
+        rev => Ok(Spec::Repo { id: id.to_owned(), revision: rev.unwrap_or("main").to_owned() }),
     }
 }
 
@@ -126,18 +116,13 @@ fn classify(spec: &str) -> Result<Spec> {
 fn expand_tilde(path: &str) -> PathBuf {
     match (path.strip_prefix("~/"), std::env::var_os("HOME")) {
         (Some(rest), Some(home)) => PathBuf::from(home).join(rest),
-        _ if path == "~" => std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| path.into()),
+        _ if path == "~" => std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| path.into()),
         _ => PathBuf::from(path),
     }
 }
 
 fn hub_error(repo: &str, message: impl Into<String>) -> Error {
-    Error::Hub {
-        repo: repo.to_owned(),
-        message: message.into(),
-    }
+    Error::Hub { repo: repo.to_owned(), message: message.into() }
 }
 
 /// The hub settings the environment gives, read the way huggingface_hub (Python) reads them;
@@ -161,43 +146,24 @@ impl HubEnv {
             Some(home) => Some(expand_tilde(&home)),
             None => var("XDG_CACHE_HOME")
                 .map(|x| PathBuf::from(x).join("huggingface"))
-                .or_else(|| {
-                    var("HOME").map(|h| PathBuf::from(h).join(".cache").join("huggingface"))
-                }),
+                .or_else(|| var("HOME").map(|h| PathBuf::from(h).join(".cache").join("huggingface"))),
         };
         let cache_dir = match (var("HF_HUB_CACHE"), &hf_home) {
             (Some(cache), _) => expand_tilde(&cache),
             (None, Some(home)) => home.join("hub"),
             (None, None) => {
-                return Err(hub_error(
-                    repo,
-                    "no hub cache directory: set HF_HOME (or HOME)",
-                ));
+                return Err(hub_error(repo, "no hub cache directory: set HF_HOME (or HOME)"));
             }
         };
         // hf-hub only reads the token file; HF_TOKEN is what CI and containers set.
-        let token = var("HF_TOKEN")
-            .or_else(|| var("HUGGING_FACE_HUB_TOKEN"))
-            .or_else(|| {
-                let file = hf_home.as_ref()?.join("token");
-                std::fs::read_to_string(file)
-                    .ok()
-                    .map(|t| t.trim().to_owned())
-                    .filter(|t| !t.is_empty())
-            });
-        let endpoint = var("HF_ENDPOINT").unwrap_or_else(|| DEFAULT_ENDPOINT.to_owned());
-        let offline = var("HF_HUB_OFFLINE").is_some_and(|v| {
-            matches!(
-                v.trim().to_ascii_lowercase().as_str(),
-                "1" | "true" | "yes" | "on"
-            )
+        let token = var("HF_TOKEN").or_else(|| var("HUGGING_FACE_HUB_TOKEN")).or_else(|| {
+            let file = hf_home.as_ref()?.join("token");
+            std::fs::read_to_string(file).ok().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty())
         });
-        Ok(HubEnv {
-            cache_dir,
-            endpoint: endpoint.trim_end_matches('/').to_owned(),
-            token,
-            offline,
-        })
+        let endpoint = var("HF_ENDPOINT").unwrap_or_else(|| DEFAULT_ENDPOINT.to_owned());
+        let offline = var("HF_HUB_OFFLINE")
+            .is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"));
+        Ok(HubEnv { cache_dir, endpoint: endpoint.trim_end_matches('/').to_owned(), token, offline })
     }
 
     /// `snapshots/` of `repo` in the cache.
@@ -215,11 +181,7 @@ fn from_cache(env: &HubEnv, repo: &Repo) -> std::result::Result<PathBuf, String>
     let snapshot = if is_commit && snapshots.join(revision).is_dir() {
         snapshots.join(revision)
     } else {
-        let ref_file = env
-            .cache_dir
-            .join(repo.folder_name())
-            .join("refs")
-            .join(revision);
+        let ref_file = env.cache_dir.join(repo.folder_name()).join("refs").join(revision);
         let commit = std::fs::read_to_string(&ref_file)
             .map_err(|_| format!("every file (no snapshot for revision `{revision}`)"))?;
         snapshots.join(commit.trim())
@@ -234,11 +196,8 @@ fn from_cache(env: &HubEnv, repo: &Repo) -> std::result::Result<PathBuf, String>
 
 /// The files `dir` still needs to be a loadable model directory (empty when complete).
 fn missing_files(dir: &Path) -> Vec<String> {
-    let mut missing: Vec<String> = REQUIRED_FILES
-        .iter()
-        .filter(|f| !dir.join(f).is_file())
-        .map(|f| f.to_string())
-        .collect();
+    let mut missing: Vec<String> =
+        REQUIRED_FILES.iter().filter(|f| !dir.join(f).is_file()).map(|f| f.to_string()).collect();
     if dir.join(INDEX_FILE).is_file() {
         match shard_names(&dir.join(INDEX_FILE), "") {
             Ok(shards) => missing.extend(shards.into_iter().filter(|s| !dir.join(s).is_file())),
@@ -254,26 +213,22 @@ fn missing_files(dir: &Path) -> Vec<String> {
 /// snapshot directory (a hostile index must not write outside the cache).
 fn shard_names(index: &Path, repo: &str) -> Result<BTreeSet<String>> {
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-    let json: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::weights(index, None, format!("not JSON: {e}")))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::weights(index, None, format!("not JSON: {e}")))?;
     let map = json
         .get("weight_map")
         .and_then(|m| m.as_object())
         .ok_or_else(|| Error::weights(index, None, "no `weight_map` object"))?;
     let mut shards = BTreeSet::new();
     for (tensor, file) in map {
-        let file = file.as_str().ok_or_else(|| {
-            Error::weights(index, Some(tensor), "shard file name is not a string")
-        })?;
+        let file =
+            file.as_str().ok_or_else(|| Error::weights(index, Some(tensor), "shard file name is not a string"))?;
         let safe = !file.is_empty()
             && !file.starts_with('/')
             && !file.contains('\\')
             && file.split('/').all(|part| !part.is_empty() && part != "..");
         if !safe {
-            return Err(hub_error(
-                repo,
-                format!("{INDEX_FILE} names an unsafe shard path `{file}`"),
-            ));
+            return Err(hub_error(repo, format!("{INDEX_FILE} names an unsafe shard path `{file}`")));
         }
         shards.insert(file.to_owned());
     }
@@ -298,15 +253,9 @@ fn download(env: &HubEnv, repo: &Repo, opts: &HubOptions) -> Result<PathBuf> {
         Ok(info) => info,
         // Like huggingface_hub: an unreachable hub is no reason to refuse a complete cached copy.
         Err(e @ InfoError::Unreachable(_)) => {
-            return from_cache(env, repo)
-                .map_err(|_| e.into_error(env, repo))
-                .inspect(|dir| {
-                    tracing::warn!(
-                        "{}: hub unreachable, using the cached {}",
-                        env.endpoint,
-                        dir.display()
-                    )
-                });
+            return from_cache(env, repo).map_err(|_| e.into_error(env, repo)).inspect(|dir| {
+                tracing::warn!("{}: hub unreachable, using the cached {}", env.endpoint, dir.display())
+            });
         }
         Err(e) => return Err(e.into_error(env, repo)),
     };
@@ -321,10 +270,7 @@ fn download(env: &HubEnv, repo: &Repo, opts: &HubOptions) -> Result<PathBuf> {
 
     for file in REQUIRED_FILES {
         if !siblings.contains(file) {
-            return Err(hub_error(
-                &id,
-                format!("the repo has no {file}; tulu needs it"),
-            ));
+            return Err(hub_error(&id, format!("the repo has no {file}; tulu needs it")));
         }
         fetch(file)?;
     }
@@ -335,10 +281,7 @@ fn download(env: &HubEnv, repo: &Repo, opts: &HubOptions) -> Result<PathBuf> {
         fetch(INDEX_FILE)?;
         for shard in shard_names(&snapshot.join(INDEX_FILE), &id)? {
             if !siblings.contains(shard.as_str()) {
-                return Err(hub_error(
-                    &id,
-                    format!("{INDEX_FILE} names `{shard}`, which the repo lacks"),
-                ));
+                return Err(hub_error(&id, format!("{INDEX_FILE} names `{shard}`, which the repo lacks")));
             }
             fetch(&shard)?;
         }
@@ -353,36 +296,24 @@ fn download(env: &HubEnv, repo: &Repo, opts: &HubOptions) -> Result<PathBuf> {
             .collect();
         return Err(hub_error(
             &id,
-            format!(
-                "the repo has neither {SINGLE_FILE} nor {INDEX_FILE} (weight files: {others:?})"
-            ),
+            format!("the repo has neither {SINGLE_FILE} nor {INDEX_FILE} (weight files: {others:?})"),
         ));
     }
 
     // hf-hub wrote refs/<commit>; offline runs look up the revision the user named.
     let cache_repo = Cache::new(env.cache_dir.clone()).repo(repo.clone());
-    cache_repo
-        .create_ref(&info.sha)
-        .map_err(|e| Error::io(env.cache_dir.join(repo.folder_name()), e))?;
+    cache_repo.create_ref(&info.sha).map_err(|e| Error::io(env.cache_dir.join(repo.folder_name()), e))?;
     Ok(snapshot)
 }
 
 /// `repo`'s id, for error messages.
 fn repo_id(repo: &Repo) -> String {
     // Repo exposes no id getter; folder_name is `models--owner--name`.
-    repo.folder_name()
-        .trim_start_matches("models--")
-        .replacen("--", "/", 1)
+    repo.folder_name().trim_start_matches("models--").replacen("--", "/", 1)
 }
 
 /// Downloads `file` into `snapshot` unless it is already there.
-fn fetch_file(
-    api_repo: &ApiRepo,
-    env: &HubEnv,
-    repo: &Repo,
-    snapshot: &Path,
-    file: &str,
-) -> Result<()> {
+fn fetch_file(api_repo: &ApiRepo, env: &HubEnv, repo: &Repo, snapshot: &Path, file: &str) -> Result<()> {
     let pointer = snapshot.join(file);
     if pointer.is_file() {
         return Ok(());
@@ -392,9 +323,7 @@ fn fetch_file(
         std::fs::remove_file(&pointer).map_err(|e| Error::io(&pointer, e))?;
     }
     tracing::info!("downloading {file} from {}", api_repo.url(file));
-    let path = api_repo
-        .download(file)
-        .map_err(|e| download_error(e, env, repo, file))?;
+    let path = api_repo.download(file).map_err(|e| download_error(e, env, repo, file))?;
     if path != pointer {
         return Err(hub_error(
             &repo_id(repo),
@@ -411,11 +340,7 @@ fn fetch_file(
 /// Why the repo listing could not be had.
 enum InfoError {
     /// The hub answered with an HTTP error status.
-    Status {
-        code: u16,
-        error_code: Option<String>,
-        message: Option<String>,
-    },
+    Status { code: u16, error_code: Option<String>, message: Option<String> },
     /// The hub could not be reached (DNS, refused connection, TLS, timeout).
     Unreachable(String),
     /// The hub answered 200 with something that is not a repo listing.
@@ -425,9 +350,7 @@ enum InfoError {
 fn fetch_info(api_repo: &ApiRepo) -> std::result::Result<RepoInfo, InfoError> {
     // info_request rather than info(): info() folds the status and its headers into a string.
     match api_repo.info_request().call() {
-        Ok(response) => response
-            .into_json::<RepoInfo>()
-            .map_err(|e| InfoError::BadListing(e.to_string())),
+        Ok(response) => response.into_json::<RepoInfo>().map_err(|e| InfoError::BadListing(e.to_string())),
         Err(err) => {
             let cause = err.to_string();
             match err.into_response() {
@@ -446,24 +369,12 @@ impl InfoError {
     fn into_error(self, env: &HubEnv, repo: &Repo) -> Error {
         let id = repo_id(repo);
         let message = match self {
-            InfoError::Status {
-                code,
-                error_code,
-                message,
-            } => status_message(
-                env,
-                repo,
-                code,
-                error_code.as_deref(),
-                message.as_deref(),
-                None,
-            ),
+            InfoError::Status { code, error_code, message } => {
+                status_message(env, repo, code, error_code.as_deref(), message.as_deref(), None)
+            }
             InfoError::Unreachable(cause) => format!("cannot reach {}: {cause}", env.endpoint),
             InfoError::BadListing(cause) => {
-                format!(
-                    "{} answered with no usable repo listing ({cause}); is HF_ENDPOINT a hub?",
-                    env.endpoint
-                )
+                format!("{} answered with no usable repo listing ({cause}); is HF_ENDPOINT a hub?", env.endpoint)
             }
         };
         hub_error(&id, message)
@@ -486,9 +397,7 @@ fn status_message(
     } else {
         "set HF_TOKEN to a token with access"
     };
-    let detail = server_message
-        .map(|m| format!(" (hub says: {m})"))
-        .unwrap_or_default();
+    let detail = server_message.map(|m| format!(" (hub says: {m})")).unwrap_or_default();
     match (code, error_code) {
         (_, Some("RevisionNotFound")) => {
             format!("{what}revision `{}` not found on {endpoint}{detail}", repo.revision())
@@ -521,20 +430,13 @@ fn download_error(err: ApiError, env: &HubEnv, repo: &Repo, file: &str) -> Error
                 None => format!("{file}: cannot reach {}: {cause}", env.endpoint),
             }
         }
-        ApiError::MissingHeader(header) | ApiError::InvalidHeader(header) => format!(
-            "{file}: {} sent no valid `{header}` header; is HF_ENDPOINT a Hugging Face hub?",
-            env.endpoint
-        ),
-        ApiError::LockAcquisition(lock) => {
-            format!(
-                "{file}: another process is downloading it (lock {})",
-                lock.display()
-            )
+        ApiError::MissingHeader(header) | ApiError::InvalidHeader(header) => {
+            format!("{file}: {} sent no valid `{header}` header; is HF_ENDPOINT a Hugging Face hub?", env.endpoint)
         }
-        other => format!(
-            "{file}: download into {} failed: {other}",
-            env.cache_dir.display()
-        ),
+        ApiError::LockAcquisition(lock) => {
+            format!("{file}: another process is downloading it (lock {})", lock.display())
+        }
+        other => format!("{file}: download into {} failed: {other}", env.cache_dir.display()),
     };
     hub_error(&id, message)
 }
@@ -545,36 +447,15 @@ mod tests {
 
     #[test]
     fn classify_specs() {
-        let repo = |id: &str, rev: &str| Spec::Repo {
-            id: id.into(),
-            revision: rev.into(),
-        };
-        assert_eq!(
-            classify("allenai/Llama-3.1-Tulu-3-8B").ok(),
-            Some(repo("allenai/Llama-3.1-Tulu-3-8B", "main"))
-        );
+        let repo = |id: &str, rev: &str| Spec::Repo { id: id.into(), revision: rev.into() };
+        assert_eq!(classify("allenai/Llama-3.1-Tulu-3-8B").ok(), Some(repo("allenai/Llama-3.1-Tulu-3-8B", "main")));
         assert_eq!(classify("gpt2").ok(), Some(repo("gpt2", "main")));
-        assert_eq!(
-            classify("a/b@refs/pr/1").ok(),
-            Some(repo("a/b", "refs/pr/1"))
-        );
-        for bad in [
-            "./nope",
-            "/nope/nope",
-            "a/b/c",
-            "~/nope-tulu-test",
-            "a b/c",
-            "a/b@",
-        ] {
-            let err = classify(bad)
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default();
+        assert_eq!(classify("a/b@refs/pr/1").ok(), Some(repo("a/b", "refs/pr/1")));
+        for bad in ["./nope", "/nope/nope", "a/b/c", "~/nope-tulu-test", "a b/c", "a/b@"] {
+            let err = classify(bad).err().map(|e| e.to_string()).unwrap_or_default();
             assert!(err.contains(bad), "{bad}: {err}");
         }
-        assert!(classify("./nope")
-            .err()
-            .is_some_and(|e| e.to_string().contains("no such model directory")));
+        assert!(classify("./nope").err().is_some_and(|e| e.to_string().contains("no such model directory")));
         assert_eq!(classify(".").ok(), Some(Spec::Local(".".into())));
     }
 
@@ -583,14 +464,9 @@ mod tests {
         let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
         let index = dir.path().join(INDEX_FILE);
         let write = |text: &str| std::fs::write(&index, text).map_err(|e| Error::io(&index, e));
-        write(
-            r#"{"weight_map": {"a": "s-1.safetensors", "b": "s-2.safetensors", "c": "s-1.safetensors"}}"#,
-        )?;
+        write(r#"{"weight_map": {"a": "s-1.safetensors", "b": "s-2.safetensors", "c": "s-1.safetensors"}}"#)?;
         let shards = shard_names(&index, "r")?;
-        assert_eq!(
-            shards.into_iter().collect::<Vec<_>>(),
-            ["s-1.safetensors", "s-2.safetensors"]
-        );
+        assert_eq!(shards.into_iter().collect::<Vec<_>>(), ["s-1.safetensors", "s-2.safetensors"]);
         write(r#"{"weight_map": {"a": "../../etc/passwd"}}"#)?;
         assert!(shard_names(&index, "r").is_err());
         write(r#"{"weight_map": {"a": "/abs"}}"#)?;

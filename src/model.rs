@@ -59,7 +59,11 @@ impl<B: Backend> Llama<B> {
             let mlp = |n: &str, shape: &[usize]| w(&format!("{p}.mlp.{n}.weight"), shape);
             layers.push(Layer {
                 input_norm: backend.load_weight(&[w(&format!("{p}.input_layernorm.weight"), &[h])?])?,
-                qkv: backend.load_weight(&[attn("q_proj", &[q, h])?, attn("k_proj", &[kv, h])?, attn("v_proj", &[kv, h])?])?,
+                qkv: backend.load_weight(&[
+                    attn("q_proj", &[q, h])?,
+                    attn("k_proj", &[kv, h])?,
+                    attn("v_proj", &[kv, h])?,
+                ])?,
                 o_proj: backend.load_weight(&[attn("o_proj", &[h, q])?])?,
                 post_norm: backend.load_weight(&[w(&format!("{p}.post_attention_layernorm.weight"), &[h])?])?,
                 gate_up: backend.load_weight(&[mlp("gate_proj", &[i, h])?, mlp("up_proj", &[i, h])?])?,
@@ -75,7 +79,11 @@ impl<B: Backend> Llama<B> {
         let rope = RopeTable::new(cfg, max_positions);
         Ok(Llama {
             cfg: cfg.clone(),
-            dims: AttnDims { heads: cfg.num_attention_heads, kv_heads: cfg.num_key_value_heads, head_dim: cfg.head_dim },
+            dims: AttnDims {
+                heads: cfg.num_attention_heads,
+                kv_heads: cfg.num_key_value_heads,
+                head_dim: cfg.head_dim,
+            },
             embed: backend.load_weight(&[w("model.embed_tokens.weight", &[cfg.vocab_size, h])?])?,
             layers,
             norm: backend.load_weight(&[w("model.norm.weight", &[h])?])?,
@@ -112,7 +120,10 @@ impl<B: Backend> Llama<B> {
     pub fn forward(&self, backend: &B, batch: &Batch, cache: &mut B::KvCache, rows: &[usize]) -> Result<Vec<f32>> {
         if let Some(&p) = batch.positions.iter().max() {
             if p as usize >= self.max_positions {
-                return Err(Error::request("prompt", format!("position {p} is past the context length {}", self.max_positions)));
+                return Err(Error::request(
+                    "prompt",
+                    format!("position {p} is past the context length {}", self.max_positions),
+                ));
             }
         }
         let eps = self.cfg.rms_norm_eps as f32;

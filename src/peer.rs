@@ -43,17 +43,9 @@ impl PeerLlama {
         check_tensors(&tensors, &config, dir)?;
         let device = Device::Cpu;
         let vb = VarBuilder::from_backend(Box::new(tensors), DType::F32, device.clone());
-        let model = Llama::load(vb, &config)
-            .map_err(|e| Error::weights(dir, None, format!("peer load: {e}")))?;
-        let blank_cache =
-            Cache::new(true, DType::F32, &config, &device).map_err(|e| backend(dir, e))?;
-        Ok(PeerLlama {
-            model,
-            config,
-            blank_cache,
-            device,
-            dir: dir.to_path_buf(),
-        })
+        let model = Llama::load(vb, &config).map_err(|e| Error::weights(dir, None, format!("peer load: {e}")))?;
+        let blank_cache = Cache::new(true, DType::F32, &config, &device).map_err(|e| backend(dir, e))?;
+        Ok(PeerLlama { model, config, blank_cache, device, dir: dir.to_path_buf() })
     }
 
     /// The vocabulary size (rows of every logits vector).
@@ -74,9 +66,7 @@ impl PeerLlama {
     pub fn logits_per_position(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
         self.check_tokens(tokens, 0)?;
         let mut cache = self.blank_cache.clone();
-        (0..tokens.len())
-            .map(|i| self.forward(&tokens[i..=i], i, &mut cache))
-            .collect()
+        (0..tokens.len()).map(|i| self.forward(&tokens[i..=i], i, &mut cache)).collect()
     }
 
     /// Greedy continuation of `n` tokens (prefill then one token at a time, argmax over the first
@@ -122,10 +112,7 @@ impl PeerLlama {
     fn forward(&self, tokens: &[u32], pos: usize, cache: &mut Cache) -> Result<Vec<f32>> {
         let mut run = || -> candle_core::Result<Vec<f32>> {
             let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
-            self.model
-                .forward(&input, pos, cache)?
-                .squeeze(0)?
-                .to_vec1::<f32>()
+            self.model.forward(&input, pos, cache)?.squeeze(0)?.to_vec1::<f32>()
         };
         run().map_err(|e| backend(&self.dir, e))
     }
@@ -134,26 +121,17 @@ impl PeerLlama {
     /// embedding table, and sequences (prompt plus `extra` fed tokens) past the rope tables.
     fn check_tokens(&self, tokens: &[u32], extra: usize) -> Result<()> {
         if tokens.is_empty() {
-            return Err(Error::request(
-                "tokens",
-                "empty: the peer needs at least one token",
-            ));
+            return Err(Error::request("tokens", "empty: the peer needs at least one token"));
         }
         let vocab = self.config.vocab_size;
         if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(Error::request(
-                "tokens",
-                format!("token id {bad} is not below vocab_size {vocab}"),
-            ));
+            return Err(Error::request("tokens", format!("token id {bad} is not below vocab_size {vocab}")));
         }
         let max = self.config.max_position_embeddings;
         if tokens.len() + extra > max {
             return Err(Error::request(
                 "tokens",
-                format!(
-                    "{} positions exceed max_position_embeddings {max}",
-                    tokens.len() + extra
-                ),
+                format!("{} positions exceed max_position_embeddings {max}", tokens.len() + extra),
             ));
         }
         Ok(())
@@ -179,13 +157,10 @@ fn argmax(logits: &[f32]) -> u32 {
 /// would accept but compute differently from Hugging Face.
 fn read_config(file: &Path) -> Result<Config> {
     let text = std::fs::read_to_string(file).map_err(|e| Error::io(file, e))?;
-    let mut json: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::config(file, "(file)", format!("not JSON: {e}")))?;
+    let mut json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::config(file, "(file)", format!("not JSON: {e}")))?;
     let int = |field: &str| json.get(field).and_then(|v| v.as_u64()).map(|v| v as usize);
-    let (hidden, heads) = (
-        int("hidden_size").unwrap_or(0),
-        int("num_attention_heads").unwrap_or(0),
-    );
+    let (hidden, heads) = (int("hidden_size").unwrap_or(0), int("num_attention_heads").unwrap_or(0));
     let kv_heads = int("num_key_value_heads").unwrap_or(heads);
     if heads == 0 || hidden % heads != 0 || kv_heads == 0 || heads % kv_heads != 0 {
         return Err(Error::config(
@@ -204,10 +179,7 @@ fn read_config(file: &Path) -> Result<Config> {
     }
     if let Some(scaling) = json.get_mut("rope_scaling").and_then(|s| s.as_object_mut()) {
         // Older configs name the kind `type`; the peer's serde type requires `rope_type`.
-        let kind = scaling
-            .get("rope_type")
-            .or_else(|| scaling.get("type"))
-            .and_then(|t| t.as_str());
+        let kind = scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(|t| t.as_str());
         match kind {
             Some(kind @ ("llama3" | "default")) => {
                 let kind = serde_json::Value::from(kind);
@@ -237,26 +209,20 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     if !index.is_file() {
         let single = dir.join("model.safetensors");
         if !single.is_file() {
-            return Err(Error::weights(
-                single,
-                None,
-                "not found (nor model.safetensors.index.json)",
-            ));
+            return Err(Error::weights(single, None, "not found (nor model.safetensors.index.json)"));
         }
         return Ok(vec![single]);
     }
     let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-    let json: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::weights(&index, None, format!("not JSON: {e}")))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::weights(&index, None, format!("not JSON: {e}")))?;
     let map = json
         .get("weight_map")
         .and_then(|m| m.as_object())
         .ok_or_else(|| Error::weights(&index, None, "no `weight_map` object"))?;
     let mut names = std::collections::BTreeSet::new();
     for (tensor, file) in map {
-        let file = file
-            .as_str()
-            .ok_or_else(|| Error::weights(&index, Some(tensor), "shard name is not a string"))?;
+        let file = file.as_str().ok_or_else(|| Error::weights(&index, Some(tensor), "shard name is not a string"))?;
         names.insert(file);
     }
     Ok(names.into_iter().map(|n| dir.join(n)).collect())
@@ -266,14 +232,9 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 fn check_tensors(tensors: &MmapedSafetensors, cfg: &Config, dir: &Path) -> Result<()> {
     let (hidden, inter, vocab) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
     let head_dim = hidden / cfg.num_attention_heads;
-    let (q, kv) = (
-        head_dim * cfg.num_attention_heads,
-        head_dim * cfg.num_key_value_heads,
-    );
-    let mut expected: Vec<(String, Vec<usize>)> = vec![
-        ("model.embed_tokens.weight".into(), vec![vocab, hidden]),
-        ("model.norm.weight".into(), vec![hidden]),
-    ];
+    let (q, kv) = (head_dim * cfg.num_attention_heads, head_dim * cfg.num_key_value_heads);
+    let mut expected: Vec<(String, Vec<usize>)> =
+        vec![("model.embed_tokens.weight".into(), vec![vocab, hidden]), ("model.norm.weight".into(), vec![hidden])];
     if !cfg.tie_word_embeddings {
         expected.push(("lm_head.weight".into(), vec![vocab, hidden]));
     }
@@ -292,16 +253,10 @@ fn check_tensors(tensors: &MmapedSafetensors, cfg: &Config, dir: &Path) -> Resul
         ]);
     }
     for (name, shape) in expected {
-        let view = tensors
-            .get(&name)
-            .map_err(|_| Error::weights(dir, Some(&name), "missing"))?;
+        let view = tensors.get(&name).map_err(|_| Error::weights(dir, Some(&name), "missing"))?;
         if view.shape() != shape.as_slice() {
             let got = view.shape();
-            return Err(Error::weights(
-                dir,
-                Some(&name),
-                format!("shape {got:?}, expected {shape:?}"),
-            ));
+            return Err(Error::weights(dir, Some(&name), format!("shape {got:?}, expected {shape:?}")));
         }
     }
     Ok(())
@@ -317,9 +272,7 @@ mod tests {
         let n = shape.iter().product();
         let data: Vec<f32> = (0..n)
             .map(|_| {
-                *seed = seed
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
+                *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 let u = (*seed >> 40) as f32 / (1u64 << 24) as f32; // uniform in [0, 1)
                 mean + (u - 0.5) * scale * 3.46 // uniform has std 1/√12
             })
@@ -339,94 +292,42 @@ mod tests {
             "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
         });
-        std::fs::write(dir.join("config.json"), config.to_string())
-            .unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap_or_else(|e| panic!("{e}"));
         let mut seed = 7u64;
         let mut shards = [HashMap::new(), HashMap::new()];
         let mut weight_map = serde_json::Map::new();
         let mut put = |name: String, t: Tensor, shard: usize| {
             if drop_tensor != Some(name.as_str()) {
-                weight_map.insert(
-                    name.clone(),
-                    format!("model-0000{}-of-00002.safetensors", shard + 1).into(),
-                );
+                weight_map.insert(name.clone(), format!("model-0000{}-of-00002.safetensors", shard + 1).into());
                 shards[shard].insert(name, t);
             }
         };
-        put(
-            "model.embed_tokens.weight".into(),
-            random(&[vocab, hidden], 0.0, 1.0, &mut seed),
-            0,
-        );
-        put(
-            "model.norm.weight".into(),
-            random(&[hidden], 1.0, 0.1, &mut seed),
-            1,
-        );
+        put("model.embed_tokens.weight".into(), random(&[vocab, hidden], 0.0, 1.0, &mut seed), 0);
+        put("model.norm.weight".into(), random(&[hidden], 1.0, 0.1, &mut seed), 1);
         for i in 0..layers {
             let p = format!("model.layers.{i}");
-            let lin =
-                |o: usize, n: usize, s: &mut u64| random(&[o, n], 0.0, 1.0 / (n as f32).sqrt(), s);
-            put(
-                format!("{p}.self_attn.q_proj.weight"),
-                lin(64, hidden, &mut seed),
-                i,
-            );
-            put(
-                format!("{p}.self_attn.k_proj.weight"),
-                lin(16, hidden, &mut seed),
-                i,
-            );
-            put(
-                format!("{p}.self_attn.v_proj.weight"),
-                lin(16, hidden, &mut seed),
-                i,
-            );
-            put(
-                format!("{p}.self_attn.o_proj.weight"),
-                lin(hidden, 64, &mut seed),
-                i,
-            );
-            put(
-                format!("{p}.mlp.gate_proj.weight"),
-                lin(inter, hidden, &mut seed),
-                i,
-            );
-            put(
-                format!("{p}.mlp.up_proj.weight"),
-                lin(inter, hidden, &mut seed),
-                i,
-            );
-            put(
-                format!("{p}.mlp.down_proj.weight"),
-                lin(hidden, inter, &mut seed),
-                i,
-            );
-            put(
-                format!("{p}.input_layernorm.weight"),
-                random(&[hidden], 1.0, 0.1, &mut seed),
-                i,
-            );
-            put(
-                format!("{p}.post_attention_layernorm.weight"),
-                random(&[hidden], 1.0, 0.1, &mut seed),
-                i,
-            );
+            let lin = |o: usize, n: usize, s: &mut u64| random(&[o, n], 0.0, 1.0 / (n as f32).sqrt(), s);
+            put(format!("{p}.self_attn.q_proj.weight"), lin(64, hidden, &mut seed), i);
+            put(format!("{p}.self_attn.k_proj.weight"), lin(16, hidden, &mut seed), i);
+            put(format!("{p}.self_attn.v_proj.weight"), lin(16, hidden, &mut seed), i);
+            put(format!("{p}.self_attn.o_proj.weight"), lin(hidden, 64, &mut seed), i);
+            put(format!("{p}.mlp.gate_proj.weight"), lin(inter, hidden, &mut seed), i);
+            put(format!("{p}.mlp.up_proj.weight"), lin(inter, hidden, &mut seed), i);
+            put(format!("{p}.mlp.down_proj.weight"), lin(hidden, inter, &mut seed), i);
+            put(format!("{p}.input_layernorm.weight"), random(&[hidden], 1.0, 0.1, &mut seed), i);
+            put(format!("{p}.post_attention_layernorm.weight"), random(&[hidden], 1.0, 0.1, &mut seed), i);
         }
         for (k, shard) in shards.iter().enumerate() {
             let file = dir.join(format!("model-0000{}-of-00002.safetensors", k + 1));
             candle_core::safetensors::save(shard, file).unwrap_or_else(|e| panic!("{e}"));
         }
         let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
-        std::fs::write(dir.join("model.safetensors.index.json"), index.to_string())
-            .unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap_or_else(|e| panic!("{e}"));
     }
 
     fn max_rel_err(a: &[f32], b: &[f32]) -> f32 {
         let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-        a.iter()
-            .zip(b)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs() / scale))
+        a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs() / scale))
     }
 
     #[test]
@@ -454,15 +355,9 @@ mod tests {
         let (prefill, decode) = peer.time_generate(&tokens, 3)?;
         assert!(prefill > 0.0 && decode > 0.0);
 
-        assert!(matches!(
-            peer.last_logits(&[300]),
-            Err(Error::Request { .. })
-        ));
+        assert!(matches!(peer.last_logits(&[300]), Err(Error::Request { .. })));
         assert!(matches!(peer.last_logits(&[]), Err(Error::Request { .. })));
-        assert!(matches!(
-            peer.greedy(&tokens, 250, 300),
-            Err(Error::Request { .. })
-        ));
+        assert!(matches!(peer.greedy(&tokens, 250, 300), Err(Error::Request { .. })));
         Ok(())
     }
 
@@ -471,9 +366,7 @@ mod tests {
         let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
         write_tiny(dir.path(), Some("model.layers.1.mlp.up_proj.weight"));
         match PeerLlama::load(dir.path()) {
-            Err(Error::Weights {
-                tensor: Some(t), ..
-            }) => assert_eq!(t, "model.layers.1.mlp.up_proj.weight"),
+            Err(Error::Weights { tensor: Some(t), .. }) => assert_eq!(t, "model.layers.1.mlp.up_proj.weight"),
             Err(e) => panic!("wrong error: {e}"),
             Ok(_) => panic!("loaded without a tensor"),
         }

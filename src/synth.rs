@@ -92,22 +92,15 @@ pub fn synth_checkpoint(cfg: &ModelConfig, out: &Path, opts: &SynthOptions) -> R
             .map(|&s| {
                 let spec = &specs[s];
                 weight_map.insert(spec.name.clone(), name.clone());
-                let produce =
-                    move || -> Result<Vec<u8>> { Ok(generate(spec, opts.seed, opts.dtype)) };
-                (
-                    spec.name.clone(),
-                    LazyTensor::new(opts.dtype, spec.shape.clone(), Box::new(produce), &state),
-                )
+                let produce = move || -> Result<Vec<u8>> { Ok(generate(spec, opts.seed, opts.dtype)) };
+                (spec.name.clone(), LazyTensor::new(opts.dtype, spec.shape.clone(), Box::new(produce), &state))
             })
             .collect();
         write_safetensors(&dir.join(&name), tensors, &state)?;
     }
     state.finish();
     if shards.len() > 1 {
-        let total: u64 = specs
-            .iter()
-            .map(|s| s.numel() * opts.dtype.size() as u64)
-            .sum();
+        let total: u64 = specs.iter().map(|s| s.numel() * opts.dtype.size() as u64).sum();
         let index = json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
         write_json(&dir.join("model.safetensors.index.json"), &index)?;
     }
@@ -117,11 +110,7 @@ pub fn synth_checkpoint(cfg: &ModelConfig, out: &Path, opts: &SynthOptions) -> R
     write_json(&dir.join("config.json"), &written.to_json())?;
     let mut stop_ids = cfg.eos_token_ids.clone();
     for name in CHAT_TOKENS[1..].iter() {
-        if let Some(id) = tok
-            .tokenizer
-            .token_to_id(name)
-            .filter(|id| !stop_ids.contains(id))
-        {
+        if let Some(id) = tok.tokenizer.token_to_id(name).filter(|id| !stop_ids.contains(id)) {
             stop_ids.push(id);
         }
     }
@@ -134,27 +123,15 @@ pub fn synth_checkpoint(cfg: &ModelConfig, out: &Path, opts: &SynthOptions) -> R
     let tok_path = dir.join("tokenizer.json");
     match &opts.tokenizer {
         // Copied byte for byte: a re-serialized tokenizer could differ in ways that matter.
-        Some(src) => std::fs::copy(src, &tok_path)
-            .map(drop)
-            .map_err(|e| Error::io(src, e))?,
+        Some(src) => std::fs::copy(src, &tok_path).map(drop).map_err(|e| Error::io(src, e))?,
         None => tok
             .tokenizer
             .save(&tok_path, false)
-            .map_err(|e| Error::Tokenizer {
-                file: tok_path.clone(),
-                message: format!("cannot write: {e}"),
-            })?,
+            .map_err(|e| Error::Tokenizer { file: tok_path.clone(), message: format!("cannot write: {e}") })?,
     }
-    let template = opts
-        .chat_template
-        .as_deref()
-        .unwrap_or(DEFAULT_CHAT_TEMPLATE);
-    let tok_cfg = gguf_tokenizer::tokenizer_config_json(
-        &tok.tokenizer,
-        &tok.ids,
-        Some(template),
-        cfg.max_position_embeddings,
-    );
+    let template = opts.chat_template.as_deref().unwrap_or(DEFAULT_CHAT_TEMPLATE);
+    let tok_cfg =
+        gguf_tokenizer::tokenizer_config_json(&tok.tokenizer, &tok.ids, Some(template), cfg.max_position_embeddings);
     write_json(&dir.join("tokenizer_config.json"), &tok_cfg)?;
     staged.commit()
 }
@@ -190,36 +167,16 @@ fn tensor_specs(cfg: &ModelConfig) -> Vec<TensorSpec> {
         shape: vec![rows, cols],
         init: Init::Normal(1.0 / (cols as f32).sqrt()),
     };
-    let norm = |name: String| TensorSpec {
-        name,
-        shape: vec![h],
-        init: Init::NormGain,
-    };
+    let norm = |name: String| TensorSpec { name, shape: vec![h], init: Init::NormGain };
     // Embedding rows at 1/√h keep tied logits O(1); untied ones are renormalized anyway.
     let mut specs = vec![linear("model.embed_tokens.weight".into(), v, h)];
     for l in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{l}");
         specs.push(norm(format!("{p}.input_layernorm.weight")));
-        specs.push(linear(
-            format!("{p}.self_attn.q_proj.weight"),
-            cfg.q_dim(),
-            h,
-        ));
-        specs.push(linear(
-            format!("{p}.self_attn.k_proj.weight"),
-            cfg.kv_dim(),
-            h,
-        ));
-        specs.push(linear(
-            format!("{p}.self_attn.v_proj.weight"),
-            cfg.kv_dim(),
-            h,
-        ));
-        specs.push(linear(
-            format!("{p}.self_attn.o_proj.weight"),
-            h,
-            cfg.q_dim(),
-        ));
+        specs.push(linear(format!("{p}.self_attn.q_proj.weight"), cfg.q_dim(), h));
+        specs.push(linear(format!("{p}.self_attn.k_proj.weight"), cfg.kv_dim(), h));
+        specs.push(linear(format!("{p}.self_attn.v_proj.weight"), cfg.kv_dim(), h));
+        specs.push(linear(format!("{p}.self_attn.o_proj.weight"), h, cfg.q_dim()));
         specs.push(norm(format!("{p}.post_attention_layernorm.weight")));
         specs.push(linear(format!("{p}.mlp.gate_proj.weight"), i, h));
         specs.push(linear(format!("{p}.mlp.up_proj.weight"), i, h));
@@ -260,34 +217,29 @@ fn generate(spec: &TensorSpec, seed: u64, dtype: OutDType) -> Vec<u8> {
     let size = dtype.size();
     let tensor_seed = seed ^ fnv1a(&spec.name);
     let mut bytes = vec![0u8; numel * size];
-    bytes
-        .par_chunks_mut(CHUNK * size)
-        .enumerate()
-        .for_each(|(c, out)| {
-            let mut rng = SplitMix64(tensor_seed ^ (c as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
-            let mut values = Vec::with_capacity(out.len() / size + 1);
-            while values.len() < out.len() / size {
-                let (a, b) = rng.normal_pair();
-                values.push(a);
-                values.push(b);
-            }
-            values.truncate(out.len() / size);
-            for x in values.iter_mut() {
-                *x = match spec.init {
-                    Init::Normal(std) => *x * std,
-                    Init::NormGain => 1.0 + 0.02 * *x,
-                };
-            }
-            out.copy_from_slice(&dtype.encode(&values));
-        });
+    bytes.par_chunks_mut(CHUNK * size).enumerate().for_each(|(c, out)| {
+        let mut rng = SplitMix64(tensor_seed ^ (c as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
+        let mut values = Vec::with_capacity(out.len() / size + 1);
+        while values.len() < out.len() / size {
+            let (a, b) = rng.normal_pair();
+            values.push(a);
+            values.push(b);
+        }
+        values.truncate(out.len() / size);
+        for x in values.iter_mut() {
+            *x = match spec.init {
+                Init::Normal(std) => *x * std,
+                Init::NormGain => 1.0 + 0.02 * *x,
+            };
+        }
+        out.copy_from_slice(&dtype.encode(&values));
+    });
     bytes
 }
 
 /// FNV-1a, to give each tensor its own stream from one seed.
 fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
-    })
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 /// SplitMix64: tiny, fast, and fixed forever (unlike `rand`'s `StdRng`), so checkpoints made
@@ -324,23 +276,13 @@ struct SynthTokenizer {
 
 /// Loads the `tokenizer.json` to copy and checks that it fits the embedding rows.
 fn file_tokenizer(cfg: &ModelConfig, path: &Path) -> Result<SynthTokenizer> {
-    let terr = |message: String| Error::Tokenizer {
-        file: path.to_path_buf(),
-        message,
-    };
+    let terr = |message: String| Error::Tokenizer { file: path.to_path_buf(), message };
     let tokenizer = Tokenizer::from_file(path).map_err(|e| terr(format!("cannot load: {e}")))?;
     let size = tokenizer.get_vocab_size(true);
     if size > cfg.vocab_size {
-        return Err(terr(format!(
-            "has {size} tokens, more than vocab_size = {}",
-            cfg.vocab_size
-        )));
+        return Err(terr(format!("has {size} tokens, more than vocab_size = {}", cfg.vocab_size)));
     }
-    let ids = SpecialIds {
-        bos: cfg.bos_token_id,
-        eos: cfg.eos_token_ids.first().copied(),
-        ..SpecialIds::default()
-    };
+    let ids = SpecialIds { bos: cfg.bos_token_id, eos: cfg.eos_token_ids.first().copied(), ..SpecialIds::default() };
     Ok(SynthTokenizer { tokenizer, ids })
 }
 
@@ -410,17 +352,9 @@ fn builtin_tokenizer(cfg: &ModelConfig) -> Result<SynthTokenizer> {
         pre: PreTokenizerKind::Gpt2,
         add_bos: cfg.bos_token_id,
     };
-    let tokenizer = gguf_tokenizer::build_bpe_tokenizer(&spec).map_err(|m| Error::Tokenizer {
-        file: PathBuf::from("<built-in synthetic tokenizer>"),
-        message: m,
-    })?;
-    let ids = SpecialIds {
-        bos: cfg.bos_token_id,
-        eos: eos_first,
-        pad: None,
-        unk: None,
-        add_bos: false,
-    };
+    let tokenizer = gguf_tokenizer::build_bpe_tokenizer(&spec)
+        .map_err(|m| Error::Tokenizer { file: PathBuf::from("<built-in synthetic tokenizer>"), message: m })?;
+    let ids = SpecialIds { bos: cfg.bos_token_id, eos: eos_first, pad: None, unk: None, add_bos: false };
     Ok(SynthTokenizer { tokenizer, ids })
 }
 
@@ -471,10 +405,7 @@ impl OutDType {
             "f32" | "float32" => Ok(Self::F32),
             "bf16" | "bfloat16" => Ok(Self::Bf16),
             "f16" | "float16" => Ok(Self::F16),
-            other => Err(Error::request(
-                "dtype",
-                format!("unknown dtype `{other}` (f32, bf16 or f16)"),
-            )),
+            other => Err(Error::request("dtype", format!("unknown dtype `{other}` (f32, bf16 or f16)"))),
         }
     }
 
@@ -482,15 +413,9 @@ impl OutDType {
     pub fn encode(self, values: &[f32]) -> Vec<u8> {
         let mut out = Vec::with_capacity(values.len() * self.size());
         match self {
-            Self::F32 => values
-                .iter()
-                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            Self::Bf16 => values
-                .iter()
-                .for_each(|&x| out.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes())),
-            Self::F16 => values
-                .iter()
-                .for_each(|&x| out.extend_from_slice(&half::f16::from_f32(x).to_le_bytes())),
+            Self::F32 => values.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Self::Bf16 => values.iter().for_each(|&x| out.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes())),
+            Self::F16 => values.iter().for_each(|&x| out.extend_from_slice(&half::f16::from_f32(x).to_le_bytes())),
         }
         out
     }
@@ -513,10 +438,7 @@ impl StagedDir {
             if entries.next().is_some() {
                 return Err(Error::io(
                     out,
-                    std::io::Error::new(
-                        std::io::ErrorKind::AlreadyExists,
-                        "output directory exists and is not empty",
-                    ),
+                    std::io::Error::new(std::io::ErrorKind::AlreadyExists, "output directory exists and is not empty"),
                 ));
             }
         }
@@ -532,15 +454,9 @@ impl StagedDir {
             probe = probe.parent().unwrap_or(Path::new(""));
         }
         std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-        let temp = tempfile::Builder::new()
-            .prefix(".tulu-staging-")
-            .tempdir_in(&parent)
-            .map_err(|e| Error::io(&parent, e))?;
-        Ok(Self {
-            temp: Some(temp),
-            out: out.to_path_buf(),
-            created_parent,
-        })
+        let temp =
+            tempfile::Builder::new().prefix(".tulu-staging-").tempdir_in(&parent).map_err(|e| Error::io(&parent, e))?;
+        Ok(Self { temp: Some(temp), out: out.to_path_buf(), created_parent })
     }
 
     /// Where to write the files.
@@ -584,21 +500,12 @@ pub(crate) struct WriteState {
 impl WriteState {
     /// A state whose bar counts `total` tensors, hidden unless `progress`.
     pub(crate) fn new(total: u64, progress: bool, what: &str) -> Self {
-        let bar = if progress {
-            ProgressBar::new(total)
-        } else {
-            ProgressBar::hidden()
-        };
-        if let Ok(style) =
-            ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} tensors [{elapsed_precise}]")
-        {
+        let bar = if progress { ProgressBar::new(total) } else { ProgressBar::hidden() };
+        if let Ok(style) = ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} tensors [{elapsed_precise}]") {
             bar.set_style(style);
         }
         bar.set_message(what.to_owned());
-        Self {
-            error: RefCell::new(None),
-            bar,
-        }
+        Self { error: RefCell::new(None), bar }
     }
 
     /// Clears the progress bar.
@@ -621,18 +528,8 @@ pub(crate) struct LazyTensor<'a> {
 
 impl<'a> LazyTensor<'a> {
     /// A tensor of `shape` in `dtype` whose bytes `produce` makes.
-    pub(crate) fn new(
-        dtype: OutDType,
-        shape: Vec<usize>,
-        produce: Producer<'a>,
-        state: &'a WriteState,
-    ) -> Self {
-        Self {
-            dtype,
-            shape,
-            produce,
-            state,
-        }
+    pub(crate) fn new(dtype: OutDType, shape: Vec<usize>, produce: Producer<'a>, state: &'a WriteState) -> Self {
+        Self { dtype, shape, produce, state }
     }
 
     /// Size in bytes.
@@ -660,10 +557,8 @@ impl View for LazyTensor<'_> {
                     return Cow::Owned(bytes);
                 }
                 Ok(bytes) => {
-                    *self.state.error.borrow_mut() = Some(Error::Backend(format!(
-                        "produced {} bytes for a {len}-byte tensor",
-                        bytes.len()
-                    )))
+                    *self.state.error.borrow_mut() =
+                        Some(Error::Backend(format!("produced {} bytes for a {len}-byte tensor", bytes.len())))
                 }
                 Err(e) => *self.state.error.borrow_mut() = Some(e),
             }
@@ -677,11 +572,7 @@ impl View for LazyTensor<'_> {
 }
 
 /// Writes `tensors` to `path` (with HF's `format: pt` metadata), one tensor in memory at a time.
-pub(crate) fn write_safetensors(
-    path: &Path,
-    tensors: Vec<(String, LazyTensor)>,
-    state: &WriteState,
-) -> Result<()> {
+pub(crate) fn write_safetensors(path: &Path, tensors: Vec<(String, LazyTensor)>, state: &WriteState) -> Result<()> {
     let metadata = HashMap::from([("format".to_owned(), "pt".to_owned())]);
     safetensors::serialize_to_file(tensors, Some(metadata), path)
         .map_err(|e| Error::weights(path, None, format!("cannot write: {e}")))?;
@@ -693,7 +584,6 @@ pub(crate) fn write_safetensors(
 
 /// Writes pretty-printed JSON.
 pub(crate) fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
-    let text =
-        serde_json::to_string_pretty(value).map_err(|e| Error::Backend(format!("JSON: {e}")))?;
+    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Backend(format!("JSON: {e}")))?;
     std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
 }

@@ -31,9 +31,7 @@ fn llama3_tokenizer_json() -> PathBuf {
         None => {
             let cache = std::env::var_os("TULU_CACHE")
                 .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tulu")
-                });
+                .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tulu"));
             cache.join("llama3-tokenizer/tokenizer.json")
         }
     };
@@ -50,16 +48,12 @@ fn llama3_tokenizer_json() -> PathBuf {
 fn model_dir(tokenizer_json: &Path, config: serde_json::Value) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");
     std::fs::copy(tokenizer_json, dir.path().join("tokenizer.json")).expect("copy tokenizer.json");
-    std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string())
-        .expect("write tokenizer_config.json");
+    std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).expect("write tokenizer_config.json");
     dir
 }
 
 fn msg(role: &str, content: &str) -> ChatMessage {
-    ChatMessage {
-        role: role.into(),
-        content: content.into(),
-    }
+    ChatMessage { role: role.into(), content: content.into() }
 }
 
 /// Tülu 3's tokenizer: Llama 3.1's plus `<pad>` at 128256, declared as Tülu 3's
@@ -139,45 +133,26 @@ fn tulu3_multi_turn_renders_and_encodes() {
     // `<|system|>` etc. are plain text to Llama 3 ("<", "|", "system", "|", ">\n"); only
     // `<|end_of_text|>` is a special token.
     let expected_ids: Vec<u32> = vec![
-        27, 91, 9125, 91, 397, 2675, 527, 350, 2448, 10036, 11, 264, 11190, 18328, 627, 27, 91,
-        882, 91, 397, 3923, 374, 220, 17, 10, 17, 5380, 27, 91, 78191, 91, 397, 17, 10, 17, 284,
-        220, 19, 13, 128001, 198, 27, 91, 882, 91, 397, 3112, 220, 18, 10, 18, 5380, 27, 91, 78191,
-        91, 397,
+        27, 91, 9125, 91, 397, 2675, 527, 350, 2448, 10036, 11, 264, 11190, 18328, 627, 27, 91, 882, 91, 397, 3923,
+        374, 220, 17, 10, 17, 5380, 27, 91, 78191, 91, 397, 17, 10, 17, 284, 220, 19, 13, 128001, 198, 27, 91, 882, 91,
+        397, 3112, 220, 18, 10, 18, 5380, 27, 91, 78191, 91, 397,
     ];
-    assert_eq!(
-        tok.encode_chat(&messages, true).expect("encode"),
-        expected_ids
-    );
+    assert_eq!(tok.encode_chat(&messages, true).expect("encode"), expected_ids);
 
     // Without the generation prompt the final user turn just ends.
     let rendered = tok.render_chat(&messages[..2], false).expect("render");
-    assert_eq!(
-        rendered,
-        "<|system|>\nYou are Tülu, a helpful assistant.\n<|user|>\nWhat is 2+2?\n"
-    );
+    assert_eq!(rendered, "<|system|>\nYou are Tülu, a helpful assistant.\n<|user|>\nWhat is 2+2?\n");
 }
 
 #[test]
 fn llama3_plain_prompt_gets_bos_from_the_post_processor() {
     let (_dir, tok) = tulu3_tokenizer();
-    assert_eq!(
-        tok.encode_prompt("Hello").expect("encode"),
-        vec![128000, 9906]
-    );
+    assert_eq!(tok.encode_prompt("Hello").expect("encode"), vec![128000, 9906]);
     assert_eq!(tok.encode_raw("Hello").expect("encode"), vec![9906]);
     // Special-token text maps to the special id even with no special tokens added.
-    assert_eq!(
-        tok.encode_raw("<|eot_id|>Hello").expect("encode"),
-        vec![128009, 9906]
-    );
-    assert_eq!(
-        tok.decode(&[128000, 9906, 128001], true).expect("decode"),
-        "Hello"
-    );
-    assert_eq!(
-        tok.decode(&[128000, 9906, 128001], false).expect("decode"),
-        "<|begin_of_text|>Hello<|end_of_text|>"
-    );
+    assert_eq!(tok.encode_raw("<|eot_id|>Hello").expect("encode"), vec![128009, 9906]);
+    assert_eq!(tok.decode(&[128000, 9906, 128001], true).expect("decode"), "Hello");
+    assert_eq!(tok.decode(&[128000, 9906, 128001], false).expect("decode"), "<|begin_of_text|>Hello<|end_of_text|>");
 }
 
 #[test]
@@ -185,10 +160,7 @@ fn llama31_template_writes_exactly_one_bos() {
     let (_dir, tok) = llama31_tokenizer();
     assert_eq!(tok.vocab_size(), 128256);
     assert_eq!(tok.eos_token_ids(), vec![128009]);
-    let messages = [
-        msg("system", "You are a helpful assistant."),
-        msg("user", "Hi!"),
-    ];
+    let messages = [msg("system", "You are a helpful assistant."), msg("user", "Hi!")];
     // date_string is undefined, so the template's own default "26 Jul 2024" applies.
     let expected = "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n\
                     Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n\
@@ -198,9 +170,9 @@ fn llama31_template_writes_exactly_one_bos() {
     assert_eq!(tok.render_chat(&messages, true).expect("render"), expected);
     let ids = tok.encode_chat(&messages, true).expect("encode");
     let expected_ids: Vec<u32> = vec![
-        128000, 128006, 9125, 128007, 271, 38766, 1303, 33025, 2696, 25, 6790, 220, 2366, 18, 198,
-        15724, 2696, 25, 220, 1627, 10263, 220, 2366, 19, 271, 2675, 527, 264, 11190, 18328, 13,
-        128009, 128006, 882, 128007, 271, 13347, 0, 128009, 128006, 78191, 128007, 271,
+        128000, 128006, 9125, 128007, 271, 38766, 1303, 33025, 2696, 25, 6790, 220, 2366, 18, 198, 15724, 2696, 25,
+        220, 1627, 10263, 220, 2366, 19, 271, 2675, 527, 264, 11190, 18328, 13, 128009, 128006, 882, 128007, 271,
+        13347, 0, 128009, 128006, 78191, 128007, 271,
     ];
     assert_eq!(ids, expected_ids);
     assert_eq!(ids.iter().filter(|&&id| id == 128000).count(), 1);
@@ -214,11 +186,7 @@ fn llama31_template_without_system_message() {
     let expected = "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n\
                     Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|>\
                     <|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>";
-    assert_eq!(
-        tok.render_chat(&[msg("user", "  Hi!\n")], false)
-            .expect("render"),
-        expected
-    );
+    assert_eq!(tok.render_chat(&[msg("user", "  Hi!\n")], false).expect("render"), expected);
 }
 
 #[test]
@@ -229,25 +197,15 @@ fn smollm2_chatml_adds_the_default_system_prompt() {
 
     let expected = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by \
                     Hugging Face<|im_end|>\n<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n";
-    assert_eq!(
-        tok.render_chat(&[msg("user", "Hello")], true)
-            .expect("render"),
-        expected
-    );
+    assert_eq!(tok.render_chat(&[msg("user", "Hello")], true).expect("render"), expected);
 
-    let messages = [
-        msg("system", "Be brief."),
-        msg("user", "Hello"),
-        msg("assistant", "Hi."),
-    ];
+    let messages = [msg("system", "Be brief."), msg("user", "Hello"), msg("assistant", "Hi.")];
     let expected = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello<|im_end|>\n\
                     <|im_start|>assistant\nHi.<|im_end|>\n";
     assert_eq!(tok.render_chat(&messages, false).expect("render"), expected);
 
     // Byte b is id 3 + b; the ChatML markers are the special ids 1 and 2.
-    let ids = tok
-        .encode_chat(&[msg("user", "Hi")], false)
-        .expect("encode");
+    let ids = tok.encode_chat(&[msg("user", "Hi")], false).expect("encode");
     let mut expected_ids = vec![1];
     expected_ids.extend(
         "system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -259,10 +217,7 @@ fn smollm2_chatml_adds_the_default_system_prompt() {
     expected_ids.extend([2, 3 + u32::from(b'\n')]);
     assert_eq!(ids, expected_ids);
     // SmolLM2 adds no BOS to a plain prompt.
-    assert_eq!(
-        tok.encode_prompt("Hi").expect("encode"),
-        vec![3 + 72, 3 + 105]
-    );
+    assert_eq!(tok.encode_prompt("Hi").expect("encode"), vec![3 + 72, 3 + 105]);
 }
 
 #[test]
@@ -278,21 +233,11 @@ fn chat_template_list_and_jinja_file_forms() {
     });
     let dir = model_dir(&tokenizer_json, config);
     let tok = Tokenizer::from_dir(dir.path()).expect("load");
-    assert_eq!(
-        tok.render_chat(&[msg("user", "x")], false).expect("render"),
-        "x<|im_end|>"
-    );
+    assert_eq!(tok.render_chat(&[msg("user", "x")], false).expect("render"), "x<|im_end|>");
     // A chat_template.jinja beside the config overrides it, as in transformers.
-    std::fs::write(
-        dir.path().join("chat_template.jinja"),
-        "J:{{ messages | length }}\n",
-    )
-    .expect("write");
+    std::fs::write(dir.path().join("chat_template.jinja"), "J:{{ messages | length }}\n").expect("write");
     let tok = Tokenizer::from_dir(dir.path()).expect("load");
-    assert_eq!(
-        tok.render_chat(&[msg("user", "x")], false).expect("render"),
-        "J:1"
-    );
+    assert_eq!(tok.render_chat(&[msg("user", "x")], false).expect("render"), "J:1");
 }
 
 #[test]
@@ -305,10 +250,7 @@ fn no_chat_template_is_a_clear_error() {
         }
         other => panic!("expected a chat template error, got {other:?}"),
     }
-    let dir = model_dir(
-        &fixture("bytes_tokenizer.json"),
-        serde_json::json!({"eos_token": "<|im_end|>"}),
-    );
+    let dir = model_dir(&fixture("bytes_tokenizer.json"), serde_json::json!({"eos_token": "<|im_end|>"}));
     let tok = Tokenizer::from_dir(dir.path()).expect("load");
     assert!(!tok.has_chat_template());
     match tok.encode_chat(&[msg("user", "x")], true) {
@@ -326,21 +268,14 @@ fn raise_exception_surfaces_its_message() {
     match template.render(&[msg("assistant", "x")], false, &SpecialTokens::default()) {
         Err(Error::ChatTemplate { message }) => {
             assert!(
-                message.contains(
-                    "Conversation roles must alternate user/assistant/user/assistant/..."
-                ),
+                message.contains("Conversation roles must alternate user/assistant/user/assistant/..."),
                 "{message}"
             );
             assert!(message.contains("line 2"), "{message}");
         }
         other => panic!("expected a chat template error, got {other:?}"),
     }
-    assert_eq!(
-        template
-            .render(&[msg("user", "x")], false, &SpecialTokens::default())
-            .expect("render"),
-        "ok"
-    );
+    assert_eq!(template.render(&[msg("user", "x")], false, &SpecialTokens::default()).expect("render"), "ok");
 }
 
 #[test]
@@ -351,10 +286,7 @@ fn unparsable_template_names_the_line() {
         other => panic!("expected a chat template error, got {other:?}"),
     }
     // Through a tokenizer: the load succeeds (plain prompts still work), chat fails.
-    let dir = model_dir(
-        &fixture("bytes_tokenizer.json"),
-        serde_json::json!({"chat_template": source}),
-    );
+    let dir = model_dir(&fixture("bytes_tokenizer.json"), serde_json::json!({"chat_template": source}));
     let tok = Tokenizer::from_dir(dir.path()).expect("load");
     assert!(tok.has_chat_template());
     assert!(tok.encode_prompt("x").is_ok());
@@ -391,11 +323,8 @@ fn missing_or_corrupt_files_name_the_file() {
         other => panic!("expected a tokenizer error, got {other:?}"),
     }
     // An added token whose id disagrees with tokenizer.json would shift every prompt.
-    std::fs::write(
-        &config,
-        r#"{"added_tokens_decoder": {"7": {"content": "<|im_end|>", "special": true}}}"#,
-    )
-    .expect("write");
+    std::fs::write(&config, r#"{"added_tokens_decoder": {"7": {"content": "<|im_end|>", "special": true}}}"#)
+        .expect("write");
     match Tokenizer::from_files(&fixture("bytes_tokenizer.json"), Some(&config)) {
         Err(Error::Tokenizer { file, message }) => {
             assert_eq!(file, config);
@@ -408,10 +337,7 @@ fn missing_or_corrupt_files_name_the_file() {
 /// Pushes `ids` one by one; returns the pieces (push results, then finish).
 fn stream(tok: &Tokenizer, ids: &[u32]) -> Vec<String> {
     let mut decoder = tok.stream_decoder();
-    let mut pieces: Vec<String> = ids
-        .iter()
-        .filter_map(|&id| decoder.push(id).expect("push"))
-        .collect();
+    let mut pieces: Vec<String> = ids.iter().filter_map(|&id| decoder.push(id).expect("push")).collect();
     pieces.push(decoder.finish().expect("finish"));
     pieces
 }
@@ -425,10 +351,7 @@ fn streaming_never_breaks_a_character() {
     assert!(ids.windows(3).any(|w| w == [9468, 239, 235]), "{ids:?}");
     let pieces = stream(&tok, &ids);
     for piece in &pieces {
-        assert!(
-            !piece.contains('\u{FFFD}'),
-            "replacement char in piece {piece:?} of {pieces:?}"
-        );
+        assert!(!piece.contains('\u{FFFD}'), "replacement char in piece {piece:?} of {pieces:?}");
     }
     assert_eq!(pieces.concat(), text);
     assert_eq!(pieces.concat(), tok.decode(&ids, true).expect("decode"));
@@ -451,9 +374,7 @@ fn streaming_pseudo_random_text_matches_full_decode() {
     for _ in 0..20 {
         let text: String = (0..60)
             .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 alphabet[(state >> 33) as usize % alphabet.len()]
             })
             .collect();
@@ -467,10 +388,7 @@ fn streaming_pseudo_random_text_matches_full_decode() {
     // full decode shows them.
     let ids = vec![9906, 9468]; // "Hello", then a lone f0 9f
     let mut decoder = tok.stream_decoder();
-    assert_eq!(
-        decoder.push(ids[0]).expect("push").as_deref(),
-        Some("Hello")
-    );
+    assert_eq!(decoder.push(ids[0]).expect("push").as_deref(), Some("Hello"));
     assert_eq!(decoder.push(ids[1]).expect("push"), None);
     let full = tok.decode(&ids, true).expect("decode");
     assert_eq!(format!("Hello{}", decoder.finish().expect("finish")), full);

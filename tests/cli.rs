@@ -52,11 +52,8 @@ fn edit_weights(dir: &Path, f: impl FnOnce(&mut HashMap<String, (Dtype, Vec<usiz
     let path = dir.join("model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut map: HashMap<String, (Dtype, Vec<usize>, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| (n, (t.dtype(), t.shape().to_vec(), t.data().to_vec())))
-        .collect();
+    let mut map: HashMap<String, (Dtype, Vec<usize>, Vec<u8>)> =
+        st.tensors().into_iter().map(|(n, t)| (n, (t.dtype(), t.shape().to_vec(), t.data().to_vec()))).collect();
     f(&mut map);
     let views: Vec<(String, TensorView)> =
         map.iter().map(|(n, (d, s, b))| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
@@ -79,23 +76,142 @@ const NORM: &str = "model.layers.1.input_layernorm.weight";
 fn bad_model_directories_are_clear_errors() {
     type Breaker = Box<dyn Fn(&Path)>;
     let cases: Vec<(&str, Breaker, Vec<&str>)> = vec![
-        ("missing config field", Box::new(|d| edit_json(&d.join("config.json"), |c| { c.remove("hidden_size"); })), vec!["config.json", "hidden_size", "missing"]),
-        ("mistyped config field", Box::new(|d| edit_json(&d.join("config.json"), |c| { c.insert("num_attention_heads".into(), "eight".into()); })), vec!["num_attention_heads"]),
-        ("heads not dividing", Box::new(|d| edit_json(&d.join("config.json"), |c| { c.insert("num_key_value_heads".into(), 3.into()); })), vec!["num_key_value_heads"]),
-        ("other architecture", Box::new(|d| edit_json(&d.join("config.json"), |c| { c.insert("architectures".into(), serde_json::json!(["MistralForCausalLM"])); })), vec!["architectures", "MistralForCausalLM"]),
-        ("more layers than weights", Box::new(|d| edit_json(&d.join("config.json"), |c| { c.insert("num_hidden_layers".into(), 5.into()); })), vec!["num_hidden_layers", "only 2 layers"]),
-        ("vocab rows fewer than tokenizer ids", Box::new(|d| edit_json(&d.join("config.json"), |c| { c.insert("vocab_size".into(), 100.into()); })), vec!["vocab_size"]),
-        ("bad rope scaling", Box::new(|d| edit_json(&d.join("config.json"), |c| { c["rope_scaling"]["rope_type"] = "yarn".into(); })), vec!["rope_scaling.rope_type", "yarn"]),
-        ("missing tensor", Box::new(|d| edit_weights(d, |m| { m.remove(NORM); })), vec![NORM, "missing"]),
-        ("wrong shape", Box::new(|d| edit_weights(d, |m| { let t = m.get_mut(NORM).unwrap(); t.1 = vec![32]; t.2.truncate(128); })), vec![NORM, "shape [32]"]),
-        ("wrong dtype", Box::new(|d| edit_weights(d, |m| { m.get_mut(NORM).unwrap().0 = Dtype::I32; })), vec![NORM, "I32"]),
-        ("truncated safetensors", Box::new(|d| { let p = d.join("model.safetensors"); let b = std::fs::read(&p).unwrap(); std::fs::write(&p, &b[..b.len() - 100]).unwrap(); }), vec!["model.safetensors", "truncated"]),
-        ("header length past end of file", Box::new(|d| { let p = d.join("model.safetensors"); let mut b = std::fs::read(&p).unwrap(); b[..8].copy_from_slice(&(1u64 << 40).to_le_bytes()); std::fs::write(&p, &b).unwrap(); }), vec!["model.safetensors", "header length"]),
-        ("overlapping offsets", Box::new(|d| overlap_offsets(&d.join("model.safetensors"))), vec!["model.safetensors", "offsets"]),
-        ("index naming a missing shard", Box::new(|d| write_index(d, "model-00002-of-00002.safetensors")), vec!["model.safetensors.index.json", "model-00002-of-00002.safetensors"]),
-        ("shard path leaving the directory", Box::new(|d| write_index(d, "../outside.safetensors")), vec!["model.safetensors.index.json", "leaves the model directory"]),
-        ("tokenizer missing", Box::new(|d| std::fs::remove_file(d.join("tokenizer.json")).unwrap()), vec!["tokenizer.json"]),
-        ("tokenizer corrupt", Box::new(|d| std::fs::write(d.join("tokenizer.json"), "{\"model\": 3").unwrap()), vec!["tokenizer.json"]),
+        (
+            "missing config field",
+            Box::new(|d| {
+                edit_json(&d.join("config.json"), |c| {
+                    c.remove("hidden_size");
+                })
+            }),
+            vec!["config.json", "hidden_size", "missing"],
+        ),
+        (
+            "mistyped config field",
+            Box::new(|d| {
+                edit_json(&d.join("config.json"), |c| {
+                    c.insert("num_attention_heads".into(), "eight".into());
+                })
+            }),
+            vec!["num_attention_heads"],
+        ),
+        (
+            "heads not dividing",
+            Box::new(|d| {
+                edit_json(&d.join("config.json"), |c| {
+                    c.insert("num_key_value_heads".into(), 3.into());
+                })
+            }),
+            vec!["num_key_value_heads"],
+        ),
+        (
+            "other architecture",
+            Box::new(|d| {
+                edit_json(&d.join("config.json"), |c| {
+                    c.insert("architectures".into(), serde_json::json!(["MistralForCausalLM"]));
+                })
+            }),
+            vec!["architectures", "MistralForCausalLM"],
+        ),
+        (
+            "more layers than weights",
+            Box::new(|d| {
+                edit_json(&d.join("config.json"), |c| {
+                    c.insert("num_hidden_layers".into(), 5.into());
+                })
+            }),
+            vec!["num_hidden_layers", "only 2 layers"],
+        ),
+        (
+            "vocab rows fewer than tokenizer ids",
+            Box::new(|d| {
+                edit_json(&d.join("config.json"), |c| {
+                    c.insert("vocab_size".into(), 100.into());
+                })
+            }),
+            vec!["vocab_size"],
+        ),
+        (
+            "bad rope scaling",
+            Box::new(|d| {
+                edit_json(&d.join("config.json"), |c| {
+                    c["rope_scaling"]["rope_type"] = "yarn".into();
+                })
+            }),
+            vec!["rope_scaling.rope_type", "yarn"],
+        ),
+        (
+            "missing tensor",
+            Box::new(|d| {
+                edit_weights(d, |m| {
+                    m.remove(NORM);
+                })
+            }),
+            vec![NORM, "missing"],
+        ),
+        (
+            "wrong shape",
+            Box::new(|d| {
+                edit_weights(d, |m| {
+                    let t = m.get_mut(NORM).unwrap();
+                    t.1 = vec![32];
+                    t.2.truncate(128);
+                })
+            }),
+            vec![NORM, "shape [32]"],
+        ),
+        (
+            "wrong dtype",
+            Box::new(|d| {
+                edit_weights(d, |m| {
+                    m.get_mut(NORM).unwrap().0 = Dtype::I32;
+                })
+            }),
+            vec![NORM, "I32"],
+        ),
+        (
+            "truncated safetensors",
+            Box::new(|d| {
+                let p = d.join("model.safetensors");
+                let b = std::fs::read(&p).unwrap();
+                std::fs::write(&p, &b[..b.len() - 100]).unwrap();
+            }),
+            vec!["model.safetensors", "truncated"],
+        ),
+        (
+            "header length past end of file",
+            Box::new(|d| {
+                let p = d.join("model.safetensors");
+                let mut b = std::fs::read(&p).unwrap();
+                b[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+                std::fs::write(&p, &b).unwrap();
+            }),
+            vec!["model.safetensors", "header length"],
+        ),
+        (
+            "overlapping offsets",
+            Box::new(|d| overlap_offsets(&d.join("model.safetensors"))),
+            vec!["model.safetensors", "offsets"],
+        ),
+        (
+            "index naming a missing shard",
+            Box::new(|d| write_index(d, "model-00002-of-00002.safetensors")),
+            vec!["model.safetensors.index.json", "model-00002-of-00002.safetensors"],
+        ),
+        (
+            "shard path leaving the directory",
+            Box::new(|d| write_index(d, "../outside.safetensors")),
+            vec!["model.safetensors.index.json", "leaves the model directory"],
+        ),
+        (
+            "tokenizer missing",
+            Box::new(|d| std::fs::remove_file(d.join("tokenizer.json")).unwrap()),
+            vec!["tokenizer.json"],
+        ),
+        (
+            "tokenizer corrupt",
+            Box::new(|d| std::fs::write(d.join("tokenizer.json"), "{\"model\": 3").unwrap()),
+            vec!["tokenizer.json"],
+        ),
         ("config not JSON", Box::new(|d| std::fs::write(d.join("config.json"), "{").unwrap()), vec!["config.json"]),
     ];
     for (case, brk, needles) in cases {
@@ -191,7 +307,16 @@ fn bad_chat_template_and_unknown_hub_id_are_clear_errors() {
 fn generate_writes_exactly_the_text_to_stdout() {
     let dir: PathBuf = common::smollm2_dir();
     let d = dir.to_string_lossy();
-    let out = tulu(&["generate", "--model", &d, "--chat", "--prompt", "What is the capital of France?", "--max-tokens", "24"]);
+    let out = tulu(&[
+        "generate",
+        "--model",
+        &d,
+        "--chat",
+        "--prompt",
+        "What is the capital of France?",
+        "--max-tokens",
+        "24",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let engine = tulu::Engine::load(tulu::EngineOptions::new(d.as_ref())).unwrap();
     let msg = tulu::ChatMessage { role: "user".into(), content: "What is the capital of France?".into() };

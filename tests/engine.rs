@@ -54,7 +54,11 @@ impl Fixture {
 
 fn prompts() -> Vec<Vec<u32>> {
     // Lengths that cross block boundaries (16) differently.
-    vec![(0..5).map(|i| 3 + i * 7).collect(), (0..23).map(|i| 11 + i * 5 % 200).collect(), (0..40).map(|i| 100 + i % 90).collect()]
+    vec![
+        (0..5).map(|i| 3 + i * 7).collect(),
+        (0..23).map(|i| 11 + i * 5 % 200).collect(),
+        (0..40).map(|i| 100 + i % 90).collect(),
+    ]
 }
 
 #[test]
@@ -69,7 +73,8 @@ fn batch_of_three_equals_each_alone() {
             assert!(e < 1e-5, "{}: sequence {i} batched vs alone: rel err {e}", dir.display());
         }
         // A mixed step: one sequence decodes a token while another prefills.
-        let mut seqs2 = vec![(vec![7u32], seqs[0].0.len(), std::mem::take(&mut seqs[0].2)), (prompts()[1].clone(), 0, Vec::new())];
+        let mut seqs2 =
+            vec![(vec![7u32], seqs[0].0.len(), std::mem::take(&mut seqs[0].2)), (prompts()[1].clone(), 0, Vec::new())];
         let mixed = f.step(&mut seqs2);
         let mut extended = prompts()[0].clone();
         extended.push(7);

@@ -59,12 +59,7 @@ impl FakeHub {
                 }
             }
         });
-        FakeHub {
-            addr,
-            seen,
-            stop,
-            thread: Some(thread),
-        }
+        FakeHub { addr, seen, stop, thread: Some(thread) }
     }
 
     fn endpoint(&self) -> String {
@@ -106,19 +101,10 @@ fn serve(stream: TcpStream, repos: &[FakeRepo], seen: &Mutex<Vec<Seen>>) -> std:
     let target = request_line.split_whitespace().nth(1).unwrap_or("/");
     let path = target.split('?').next().unwrap_or(target).to_owned();
     let authorization = headers.get("authorization").cloned();
-    seen.lock().expect("seen lock").push(Seen {
-        path: path.clone(),
-        authorization: authorization.clone(),
-    });
+    seen.lock().expect("seen lock").push(Seen { path: path.clone(), authorization: authorization.clone() });
     let range = headers.get("range").cloned();
     let host = headers.get("host").cloned().unwrap_or_default();
-    let response = route(
-        &path,
-        &host,
-        range.as_deref(),
-        authorization.as_deref(),
-        repos,
-    );
+    let response = route(&path, &host, range.as_deref(), authorization.as_deref(), repos);
     let mut out = stream;
     let (status, extra_headers, body) = response;
     let reason = match status {
@@ -129,10 +115,7 @@ fn serve(stream: TcpStream, repos: &[FakeRepo], seen: &Mutex<Vec<Seen>>) -> std:
         403 => "Forbidden",
         _ => "Not Found",
     };
-    let mut head = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Length: {}\r\nConnection: close\r\n",
-        body.len()
-    );
+    let mut head = format!("HTTP/1.1 {status} {reason}\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
     for (name, value) in extra_headers {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
@@ -146,23 +129,10 @@ type Response = (u16, Vec<(&'static str, String)>, Vec<u8>);
 
 fn hub_error(status: u16, code: &str, message: &str) -> Response {
     let body = format!(r#"{{"error":"{message}"}}"#).into_bytes();
-    (
-        status,
-        vec![
-            ("x-error-code", code.to_owned()),
-            ("x-error-message", message.to_owned()),
-        ],
-        body,
-    )
+    (status, vec![("x-error-code", code.to_owned()), ("x-error-message", message.to_owned())], body)
 }
 
-fn route(
-    path: &str,
-    host: &str,
-    range: Option<&str>,
-    authorization: Option<&str>,
-    repos: &[FakeRepo],
-) -> Response {
+fn route(path: &str, host: &str, range: Option<&str>, authorization: Option<&str>, repos: &[FakeRepo]) -> Response {
     // The content store that large (LFS) files redirect to, like the hub's CDN.
     if let Some(tag) = path.strip_prefix("/cdn/") {
         let mut all = repos.iter().flat_map(|r| r.files.values());
@@ -181,17 +151,9 @@ fn route(
         if rev != "main" && rev != repo.sha {
             return hub_error(404, "RevisionNotFound", "Invalid rev id");
         }
-        let siblings: Vec<_> = repo
-            .files
-            .keys()
-            .map(|f| serde_json::json!({ "rfilename": f }))
-            .collect();
+        let siblings: Vec<_> = repo.files.keys().map(|f| serde_json::json!({ "rfilename": f })).collect();
         let body = serde_json::json!({ "id": repo.id, "sha": repo.sha, "siblings": siblings });
-        return (
-            200,
-            vec![("Content-Type", "application/json".to_owned())],
-            body.to_string().into_bytes(),
-        );
+        return (200, vec![("Content-Type", "application/json".to_owned())], body.to_string().into_bytes());
     }
     let Some((id, rev_file)) = path.trim_start_matches('/').split_once("/resolve/") else {
         return hub_error(404, "EntryNotFound", "unknown path");
@@ -224,10 +186,7 @@ fn route(
         ];
         return (302, headers, Vec::new());
     }
-    let headers = vec![
-        ("x-repo-commit", repo.sha.clone()),
-        ("etag", format!("\"{tag}\"")),
-    ];
+    let headers = vec![("x-repo-commit", repo.sha.clone()), ("etag", format!("\"{tag}\""))];
     ranged(bytes, range, headers)
 }
 
@@ -246,9 +205,7 @@ fn ranged(bytes: &[u8], range: Option<&str>, mut headers: Vec<(&'static str, Str
 
 /// A content hash standing in for the hub's sha256 etag (FNV-1a is enough to tell files apart).
 fn etag(bytes: &[u8]) -> String {
-    let hash = bytes.iter().fold(0xcbf29ce484222325u64, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x100000001b3)
-    });
+    let hash = bytes.iter().fold(0xcbf29ce484222325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100000001b3));
     format!("{hash:016x}{:08x}", bytes.len())
 }
 
@@ -256,10 +213,7 @@ fn repo(id: &'static str, sha_digit: char, files: &[(&str, &[u8])]) -> FakeRepo 
     FakeRepo {
         id,
         sha: std::iter::repeat_n(sha_digit, 40).collect(),
-        files: files
-            .iter()
-            .map(|(n, b)| (n.to_string(), b.to_vec()))
-            .collect(),
+        files: files.iter().map(|(n, b)| (n.to_string(), b.to_vec())).collect(),
         gated_token: None,
         lfs: false,
     }
@@ -297,10 +251,7 @@ fn assert_files(dir: &Path, repo: &FakeRepo) {
 }
 
 fn resolves(seen: &[Seen]) -> Vec<&str> {
-    seen.iter()
-        .filter(|s| s.path.contains("/resolve/"))
-        .map(|s| s.path.as_str())
-        .collect()
+    seen.iter().filter(|s| s.path.contains("/resolve/")).map(|s| s.path.as_str()).collect()
 }
 
 #[test]
@@ -332,15 +283,8 @@ fn resolve_model_against_a_fake_hub() {
             ("model-00002-of-00002.safetensors", b"shard two, longer"),
         ],
     );
-    let mut gated = repo(
-        "meta/gated",
-        'c',
-        &[
-            ("config.json", b"{}"),
-            ("tokenizer.json", b"{}"),
-            ("model.safetensors", b"w"),
-        ],
-    );
+    let mut gated =
+        repo("meta/gated", 'c', &[("config.json", b"{}"), ("tokenizer.json", b"{}"), ("model.safetensors", b"w")]);
     gated.gated_token = Some("s3cret");
     let mut sharded = sharded;
     sharded.lfs = true;
@@ -351,10 +295,7 @@ fn resolve_model_against_a_fake_hub() {
     // Download: every needed file lands in the snapshot with its bytes; README.md is skipped.
     set_env(home.path(), &endpoint, false);
     let dir = resolve_model("tiny/llama", &quiet()).expect("download");
-    let expected = home
-        .path()
-        .join("hub/models--tiny--llama/snapshots")
-        .join(&single.sha);
+    let expected = home.path().join("hub/models--tiny--llama/snapshots").join(&single.sha);
     assert_eq!(dir, expected.canonicalize().expect("snapshot exists"));
     let mut wanted = single.clone();
     wanted.files.remove("README.md");
@@ -363,19 +304,11 @@ fn resolve_model_against_a_fake_hub() {
     let seen = hub.take();
     assert_eq!(seen[0].path, "/api/models/tiny/llama/revision/main");
     for file in wanted.files.keys() {
-        assert!(
-            resolves(&seen)
-                .iter()
-                .any(|p| p.ends_with(&format!("/{file}"))),
-            "{file} not fetched: {seen:?}"
-        );
+        assert!(resolves(&seen).iter().any(|p| p.ends_with(&format!("/{file}"))), "{file} not fetched: {seen:?}");
     }
 
     // Cache hit: only the listing is asked for, no file content.
-    assert_eq!(
-        resolve_model("tiny/llama", &quiet()).expect("cache hit"),
-        dir
-    );
+    assert_eq!(resolve_model("tiny/llama", &quiet()).expect("cache hit"), dir);
     let seen = hub.take();
     assert!(resolves(&seen).is_empty(), "{seen:?}");
     assert_eq!(seen.len(), 1);
@@ -383,44 +316,26 @@ fn resolve_model_against_a_fake_hub() {
     // Offline with the cache: no request at all, by branch and by commit.
     set_env(home.path(), &endpoint, true);
     assert_eq!(resolve_model("tiny/llama", &quiet()).expect("offline"), dir);
-    assert_eq!(
-        resolve_model(&format!("tiny/llama@{}", single.sha), &quiet()).expect("offline by sha"),
-        dir
-    );
+    assert_eq!(resolve_model(&format!("tiny/llama@{}", single.sha), &quiet()).expect("offline by sha"), dir);
     std::env::set_var("HF_HUB_OFFLINE", "true");
-    assert_eq!(
-        resolve_model("tiny/llama", &quiet()).expect("offline=true"),
-        dir
-    );
+    assert_eq!(resolve_model("tiny/llama", &quiet()).expect("offline=true"), dir);
     // Offline without the cache: a clear error, still no request.
     let err = err_text(resolve_model("tiny/sharded", &quiet()));
-    assert!(
-        err.contains("HF_HUB_OFFLINE") && err.contains("tiny/sharded"),
-        "{err}"
-    );
+    assert!(err.contains("HF_HUB_OFFLINE") && err.contains("tiny/sharded"), "{err}");
     assert!(hub.take().is_empty());
 
     // Unreachable hub: a complete cache still serves; an uncached repo names the endpoint.
-    let closed = TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr");
+    let closed = TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
     let dead = format!("http://{closed}");
     set_env(home.path(), &dead, false);
-    assert_eq!(
-        resolve_model("tiny/llama", &quiet()).expect("fallback to cache"),
-        dir
-    );
+    assert_eq!(resolve_model("tiny/llama", &quiet()).expect("fallback to cache"), dir);
     let err = err_text(resolve_model("tiny/sharded", &quiet()));
     assert!(err.contains("cannot reach") && err.contains(&dead), "{err}");
 
     // Unknown repo and unknown revision: named, with the endpoint.
     set_env(home.path(), &format!("{endpoint}/"), false);
     let err = err_text(resolve_model("nobody/nothing", &quiet()));
-    assert!(
-        err.contains("nobody/nothing") && err.contains(&format!("not found on {endpoint}")),
-        "{err}"
-    );
+    assert!(err.contains("nobody/nothing") && err.contains(&format!("not found on {endpoint}")), "{err}");
     let err = err_text(resolve_model("tiny/llama@v9", &quiet()));
     assert!(err.contains("revision `v9` not found"), "{err}");
 
@@ -428,15 +343,9 @@ fn resolve_model_against_a_fake_hub() {
     let dir = resolve_model("tiny/sharded", &quiet()).expect("sharded");
     assert_files(&dir, &sharded);
     let seen = hub.take();
-    let fetched = resolves(&seen)
-        .iter()
-        .filter(|p| p.contains("-of-00002"))
-        .count();
+    let fetched = resolves(&seen).iter().filter(|p| p.contains("-of-00002")).count();
     assert!(fetched >= 2, "shards fetched: {fetched}");
-    assert!(
-        seen.iter().filter(|s| s.path.starts_with("/cdn/")).count() >= 2,
-        "{seen:?}"
-    );
+    assert!(seen.iter().filter(|s| s.path.starts_with("/cdn/")).count() >= 2, "{seen:?}");
 
     // Gated: without a token the error says what to do; with HF_TOKEN the token is sent.
     let err = err_text(resolve_model("meta/gated", &quiet()));
@@ -445,10 +354,7 @@ fn resolve_model_against_a_fake_hub() {
     std::env::set_var("HF_TOKEN", "s3cret");
     let dir = resolve_model("meta/gated", &quiet()).expect("gated with token");
     assert_files(&dir, &gated);
-    assert!(hub
-        .take()
-        .iter()
-        .all(|s| s.authorization.as_deref() == Some("Bearer s3cret")));
+    assert!(hub.take().iter().all(|s| s.authorization.as_deref() == Some("Bearer s3cret")));
 
     // Progress bars with no terminal attached: must simply work, into a fresh cache.
     let fresh = tempfile::tempdir().expect("tempdir");

@@ -53,9 +53,8 @@ impl CpuWeight {
     /// Runs `f` on the weight's values without copying them.
     fn with_slice<R>(&self, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
         let (storage, layout) = self.tensor.storage_and_layout();
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| Error::Backend("CPU weight is not contiguous".into()))?;
+        let (start, end) =
+            layout.contiguous_offsets().ok_or_else(|| Error::Backend("CPU weight is not contiguous".into()))?;
         match &*storage {
             Storage::Cpu(cpu) => Ok(f(&cpu.as_slice::<f32>()?[start..end])),
             _ => Err(Error::Backend("CPU weight is not in host memory".into())),
@@ -123,7 +122,13 @@ impl Backend for CpuBackend {
         let cols = match first.shape {
             [_, c] => *c,
             [n] => *n,
-            _ => return Err(Error::weights(first.file, Some(first.name), format!("expected 1 or 2 dimensions, found {:?}", first.shape))),
+            _ => {
+                return Err(Error::weights(
+                    first.file,
+                    Some(first.name),
+                    format!("expected 1 or 2 dimensions, found {:?}", first.shape),
+                ))
+            }
         };
         let rows_of = |t: &TensorRef| if t.shape.len() == 2 { t.shape[0] } else { 1 };
         let total: usize = parts.iter().map(|p| p.len()).sum();
@@ -131,7 +136,11 @@ impl Backend for CpuBackend {
         let mut rows = 0;
         for p in parts {
             if p.shape.last() != Some(&cols) || p.shape.len() != first.shape.len() {
-                return Err(Error::weights(p.file, Some(p.name), format!("cannot be fused with `{}`: shapes {:?} and {:?}", first.name, p.shape, first.shape)));
+                return Err(Error::weights(
+                    p.file,
+                    Some(p.name),
+                    format!("cannot be fused with `{}`: shapes {:?} and {:?}", first.name, p.shape, first.shape),
+                ));
             }
             p.extend_f32(0..p.len(), &mut data);
             rows += rows_of(p);
@@ -156,7 +165,10 @@ impl Backend for CpuBackend {
             for &id in ids {
                 let id = id as usize;
                 if id >= table.rows {
-                    return Err(Error::request("prompt", format!("token id {id} is outside the embedding's {} rows", table.rows)));
+                    return Err(Error::request(
+                        "prompt",
+                        format!("token id {id} is outside the embedding's {} rows", table.rows),
+                    ));
                 }
                 out.extend_from_slice(&t[id * cols..(id + 1) * cols]);
             }
@@ -180,7 +192,10 @@ impl Backend for CpuBackend {
 
     fn matmul(&self, x: &CpuTensor, w: &CpuWeight) -> Result<CpuTensor> {
         if x.cols != w.cols {
-            return Err(Error::Backend(format!("matmul: activation has {} columns, weight {}×{}", x.cols, w.rows, w.cols)));
+            return Err(Error::Backend(format!(
+                "matmul: activation has {} columns, weight {}×{}",
+                x.cols, w.rows, w.cols
+            )));
         }
         if x.rows <= GEMV_MAX_ROWS {
             return gemv(x, w);
@@ -202,7 +217,13 @@ impl Backend for CpuBackend {
     ) -> Result<CpuTensor> {
         let (q_dim, kv_dim, hd) = (dims.q_dim(), dims.kv_dim(), dims.head_dim);
         if qkv.cols != q_dim + 2 * kv_dim || qkv.rows != batch.num_tokens() {
-            return Err(Error::Backend(format!("rope: qkv is {}×{}, expected {}×{}", qkv.rows, qkv.cols, batch.num_tokens(), q_dim + 2 * kv_dim)));
+            return Err(Error::Backend(format!(
+                "rope: qkv is {}×{}, expected {}×{}",
+                qkv.rows,
+                qkv.cols,
+                batch.num_tokens(),
+                q_dim + 2 * kv_dim
+            )));
         }
         let half = hd / 2;
         let mut q = Vec::with_capacity(qkv.rows * q_dim);
@@ -231,7 +252,14 @@ impl Backend for CpuBackend {
         CpuTensor::new(q, qkv.rows, q_dim)
     }
 
-    fn attention(&self, q: &CpuTensor, layer: usize, cache: &CpuKvCache, batch: &Batch, dims: AttnDims) -> Result<CpuTensor> {
+    fn attention(
+        &self,
+        q: &CpuTensor,
+        layer: usize,
+        cache: &CpuKvCache,
+        batch: &Batch,
+        dims: AttnDims,
+    ) -> Result<CpuTensor> {
         let (hd, kv_dim) = (dims.head_dim, dims.kv_dim());
         let group = dims.heads / dims.kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();

@@ -82,7 +82,10 @@ pub fn generate(
         (None, Some(path)) => {
             let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
             String::from_utf8(bytes).map_err(|e| {
-                Error::request("prompt-file", format!("{} is not UTF-8 (byte {})", path.display(), e.utf8_error().valid_up_to()))
+                Error::request(
+                    "prompt-file",
+                    format!("{} is not UTF-8 (byte {})", path.display(), e.utf8_error().valid_up_to()),
+                )
             })?
         }
         (None, None) => return Err(Error::request("prompt", "give --prompt or --prompt-file")),

@@ -15,7 +15,10 @@ pub fn inspect(model: &str) -> Result<()> {
     let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
     println!("model: {}", dir.display());
     println!("architecture: LlamaForCausalLM");
-    println!("  hidden size {}, intermediate {}, layers {}", cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers);
+    println!(
+        "  hidden size {}, intermediate {}, layers {}",
+        cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    );
     println!(
         "  heads {} (kv {}, head dim {}), vocab rows {}, tied embeddings {}",
         cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size, cfg.tie_word_embeddings

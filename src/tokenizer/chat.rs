@@ -58,8 +58,7 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
-        env.add_template_owned(TEMPLATE_NAME, source.into())
-            .map_err(template_error)?;
+        env.add_template_owned(TEMPLATE_NAME, source.into()).map_err(template_error)?;
         Ok(ChatTemplate { env })
     }
 
@@ -71,10 +70,7 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         special: &SpecialTokens,
     ) -> Result<String> {
-        let template = self
-            .env
-            .get_template(TEMPLATE_NAME)
-            .map_err(template_error)?;
+        let template = self.env.get_template(TEMPLATE_NAME).map_err(template_error)?;
         let mut ctx: Vec<(&str, Value)> = vec![
             ("messages", Value::from_serialize(messages)),
             ("add_generation_prompt", Value::from(add_generation_prompt)),
@@ -112,21 +108,13 @@ pub fn template_source(field: &serde_json::Value) -> std::result::Result<Option<
                 match (name, template) {
                     (Some("default"), Some(t)) => return Ok(Some(t.to_owned())),
                     (Some(n), Some(_)) => names.push(n.to_owned()),
-                    _ => {
-                        return Err(
-                            "`chat_template` list entries need `name` and `template` strings"
-                                .into(),
-                        )
-                    }
+                    _ => return Err("`chat_template` list entries need `name` and `template` strings".into()),
                 }
             }
             if names.is_empty() {
                 Ok(None)
             } else {
-                Err(format!(
-                    "`chat_template` has no `default` entry (it has: {})",
-                    names.join(", ")
-                ))
+                Err(format!("`chat_template` has no `default` entry (it has: {})", names.join(", ")))
             }
         }
         _ => Err("`chat_template` must be a string or a list of {name, template}".into()),
@@ -160,10 +148,7 @@ fn strftime_now(format: String) -> std::result::Result<String, minijinja::Error>
     let mut out = String::new();
     // chrono reports an unknown specifier as a fmt error instead of panicking, if written so.
     write!(out, "{}", chrono::Local::now().format(&format)).map_err(|_| {
-        minijinja::Error::new(
-            ErrorKind::InvalidOperation,
-            format!("strftime_now: bad format {format:?}"),
-        )
+        minijinja::Error::new(ErrorKind::InvalidOperation, format!("strftime_now: bad format {format:?}"))
     })?;
     Ok(out)
 }
@@ -194,12 +179,7 @@ fn tojson(value: &Value, kwargs: Kwargs) -> std::result::Result<String, minijinj
     // Python's defaults: compact lines get ", ", indented ones "," (the newline separates).
     let (item_sep, key_sep) = match separators.as_deref() {
         Some([item, key]) => (item.clone(), key.clone()),
-        Some(_) => {
-            return Err(minijinja::Error::new(
-                ErrorKind::InvalidOperation,
-                "tojson: separators must be a pair",
-            ))
-        }
+        Some(_) => return Err(minijinja::Error::new(ErrorKind::InvalidOperation, "tojson: separators must be a pair")),
         None if indent.is_some() => (",".to_owned(), ": ".to_owned()),
         None => (", ".to_owned(), ": ".to_owned()),
     };
@@ -225,12 +205,7 @@ struct JsonDumper {
 }
 
 impl JsonDumper {
-    fn dump(
-        &self,
-        value: &Value,
-        depth: usize,
-        out: &mut String,
-    ) -> std::result::Result<(), minijinja::Error> {
+    fn dump(&self, value: &Value, depth: usize, out: &mut String) -> std::result::Result<(), minijinja::Error> {
         match value.kind() {
             ValueKind::Undefined | ValueKind::None => out.push_str("null"),
             ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
@@ -341,11 +316,7 @@ fn python_float_repr(f: f64) -> String {
         return "NaN".into();
     }
     if f.is_infinite() {
-        return if f > 0.0 {
-            "Infinity".into()
-        } else {
-            "-Infinity".into()
-        };
+        return if f > 0.0 { "Infinity".into() } else { "-Infinity".into() };
     }
     // Python switches to exponent notation outside [1e-4, 1e16); Rust's shortest round-trip
     // digits are the same as Python's, only the exponent is spelled differently.
@@ -374,17 +345,10 @@ mod tests {
     fn tojson_matches_python_json_dumps() {
         // Expected strings are what Python's json.dumps(..., ensure_ascii=False) prints.
         let got = render_str(r#"{{ {"a": 1, "b": [1.5, true, none], "c": "<é\n>"} | tojson }}"#);
-        assert_eq!(
-            got.ok().as_deref(),
-            Some(r#"{"a": 1, "b": [1.5, true, null], "c": "<é\n>"}"#)
-        );
+        assert_eq!(got.ok().as_deref(), Some(r#"{"a": 1, "b": [1.5, true, null], "c": "<é\n>"}"#));
         let got = render_str(r#"{{ {"a": [1, {}], "b": []} | tojson(indent=2) }}"#);
-        assert_eq!(
-            got.ok().as_deref(),
-            Some("{\n  \"a\": [\n    1,\n    {}\n  ],\n  \"b\": []\n}")
-        );
-        let got =
-            render_str(r#"{{ {"b": 1, "a": "é"} | tojson(sort_keys=true, ensure_ascii=true) }}"#);
+        assert_eq!(got.ok().as_deref(), Some("{\n  \"a\": [\n    1,\n    {}\n  ],\n  \"b\": []\n}"));
+        let got = render_str(r#"{{ {"b": 1, "a": "é"} | tojson(sort_keys=true, ensure_ascii=true) }}"#);
         assert_eq!(got.ok().as_deref(), Some(r#"{"a": "\u00e9", "b": 1}"#));
     }
 
@@ -402,27 +366,25 @@ mod tests {
         // trim_blocks drops the newline after a block tag, lstrip_blocks the indent before it.
         let got = render_str("{% if true %}\n    {% if true %}\nx\n  {% endif %}\n{% endif %}\n");
         assert_eq!(got.ok().as_deref(), Some("x\n"));
-        let got = render_str("{{ '  a b '.strip() }}|{% if 'abc'.startswith('ab') %}y{% endif %}|{{ 'a,b'.split(',') | length }}");
+        let got = render_str(
+            "{{ '  a b '.strip() }}|{% if 'abc'.startswith('ab') %}y{% endif %}|{{ 'a,b'.split(',') | length }}",
+        );
         assert_eq!(got.ok().as_deref(), Some("a b|y|2"));
     }
 
     #[test]
     fn undefined_names_are_lenient_like_jinja2() {
-        let got = render_str("[{{ nothing }}]{% if not date_string is defined %}{% set date_string = 'd' %}{% endif %}{{ date_string }}");
+        let got = render_str(
+            "[{{ nothing }}]{% if not date_string is defined %}{% set date_string = 'd' %}{% endif %}{{ date_string }}",
+        );
         assert_eq!(got.ok().as_deref(), Some("[]d"));
     }
 
     #[test]
     fn strftime_now_formats_like_python_and_rejects_bad_formats() {
         let year = render_str("{{ strftime_now('%Y') }}").unwrap_or_default();
-        assert!(
-            year.len() == 4 && year.bytes().all(|b| b.is_ascii_digit()),
-            "{year:?}"
-        );
-        assert!(matches!(
-            render_str("{{ strftime_now('%Q') }}"),
-            Err(Error::ChatTemplate { .. })
-        ));
+        assert!(year.len() == 4 && year.bytes().all(|b| b.is_ascii_digit()), "{year:?}");
+        assert!(matches!(render_str("{{ strftime_now('%Q') }}"), Err(Error::ChatTemplate { .. })));
     }
 
     #[test]

@@ -67,69 +67,45 @@ impl Tokenizer {
         )
     }
 
-    fn load(
-        tokenizer_json: &Path,
-        tokenizer_config: Option<&Path>,
-        template_file: Option<&Path>,
-    ) -> Result<Self> {
-        let tok_err = |file: &Path, message: String| Error::Tokenizer {
-            file: file.to_path_buf(),
-            message,
-        };
-        let bytes = std::fs::read(tokenizer_json)
-            .map_err(|e| tok_err(tokenizer_json, format!("cannot read: {e}")))?;
+    fn load(tokenizer_json: &Path, tokenizer_config: Option<&Path>, template_file: Option<&Path>) -> Result<Self> {
+        let tok_err = |file: &Path, message: String| Error::Tokenizer { file: file.to_path_buf(), message };
+        let bytes = std::fs::read(tokenizer_json).map_err(|e| tok_err(tokenizer_json, format!("cannot read: {e}")))?;
         let mut inner = tokenizers::Tokenizer::from_bytes(&bytes)
             .map_err(|e| tok_err(tokenizer_json, format!("not a valid tokenizer.json: {e}")))?;
         // Some tokenizer.json files carry training-time truncation/padding; transformers ignores
         // them unless asked, and a silently truncated prompt would be a wrong prompt.
-        inner
-            .with_truncation(None)
-            .map_err(|e| tok_err(tokenizer_json, format!("cannot disable truncation: {e}")))?;
+        inner.with_truncation(None).map_err(|e| tok_err(tokenizer_json, format!("cannot disable truncation: {e}")))?;
         inner.with_padding(None);
 
         let mut special = SpecialTokens::default();
         let mut chat = ChatState::Missing("the model has no tokenizer_config.json".into());
         if let Some(config_path) = tokenizer_config {
-            let text = std::fs::read_to_string(config_path)
-                .map_err(|e| tok_err(config_path, format!("cannot read: {e}")))?;
-            let config: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| tok_err(config_path, format!("not valid JSON: {e}")))?;
+            let text =
+                std::fs::read_to_string(config_path).map_err(|e| tok_err(config_path, format!("cannot read: {e}")))?;
+            let config: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| tok_err(config_path, format!("not valid JSON: {e}")))?;
             if !config.is_object() {
                 return Err(tok_err(config_path, "expected a JSON object".into()));
             }
             add_config_tokens(&mut inner, &config).map_err(|m| tok_err(config_path, m))?;
             special = SpecialTokens {
-                bos_token: token_string(&config, "bos_token")
-                    .map_err(|m| tok_err(config_path, m))?,
-                eos_token: token_string(&config, "eos_token")
-                    .map_err(|m| tok_err(config_path, m))?,
-                unk_token: token_string(&config, "unk_token")
-                    .map_err(|m| tok_err(config_path, m))?,
-                pad_token: token_string(&config, "pad_token")
-                    .map_err(|m| tok_err(config_path, m))?,
+                bos_token: token_string(&config, "bos_token").map_err(|m| tok_err(config_path, m))?,
+                eos_token: token_string(&config, "eos_token").map_err(|m| tok_err(config_path, m))?,
+                unk_token: token_string(&config, "unk_token").map_err(|m| tok_err(config_path, m))?,
+                pad_token: token_string(&config, "pad_token").map_err(|m| tok_err(config_path, m))?,
             };
             // transformers adds named special tokens the vocabulary lacks.
-            for token in [
-                &special.bos_token,
-                &special.eos_token,
-                &special.unk_token,
-                &special.pad_token,
-            ]
-            .into_iter()
-            .flatten()
+            for token in
+                [&special.bos_token, &special.eos_token, &special.unk_token, &special.pad_token].into_iter().flatten()
             {
                 if inner.token_to_id(token).is_none() {
                     inner.add_special_tokens(&[tokenizers::AddedToken::from(token.clone(), true)]);
                 }
             }
-            let field = config
-                .get("chat_template")
-                .unwrap_or(&serde_json::Value::Null);
+            let field = config.get("chat_template").unwrap_or(&serde_json::Value::Null);
             chat = match chat::template_source(field) {
                 Ok(Some(source)) => compile(source),
-                Ok(None) => {
-                    ChatState::Missing(format!("{} has no chat_template", config_path.display()))
-                }
+                Ok(None) => ChatState::Missing(format!("{} has no chat_template", config_path.display())),
                 Err(message) => ChatState::Invalid(format!("{}: {message}", config_path.display())),
             };
         }
@@ -140,18 +116,8 @@ impl Tokenizer {
             };
         }
 
-        let vocab_size = inner
-            .get_vocab(true)
-            .values()
-            .max()
-            .map_or(0, |&max| max as usize + 1);
-        Ok(Tokenizer {
-            inner,
-            file: tokenizer_json.to_path_buf(),
-            vocab_size,
-            special,
-            chat,
-        })
+        let vocab_size = inner.get_vocab(true).values().max().map_or(0, |&max| max as usize + 1);
+        Ok(Tokenizer { inner, file: tokenizer_json.to_path_buf(), vocab_size, special, chat })
     }
 
     /// Number of token ids the tokenizer can produce (max id + 1, added tokens included).
@@ -173,10 +139,8 @@ impl Tokenizer {
     }
 
     fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let encoding = self
-            .inner
-            .encode_fast(text, add_special_tokens)
-            .map_err(|e| self.error(format!("encode: {e}")))?;
+        let encoding =
+            self.inner.encode_fast(text, add_special_tokens).map_err(|e| self.error(format!("encode: {e}")))?;
         Ok(encoding.get_ids().to_vec())
     }
 
@@ -187,41 +151,24 @@ impl Tokenizer {
     }
 
     /// Render like HF apply_chat_template(messages, tokenize=False, add_generation_prompt).
-    pub fn render_chat(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<String> {
+    pub fn render_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         match &self.chat {
-            ChatState::Ready(template) => {
-                template.render(messages, add_generation_prompt, &self.special)
-            }
+            ChatState::Ready(template) => template.render(messages, add_generation_prompt, &self.special),
             ChatState::Missing(why) => Err(Error::ChatTemplate {
                 message: format!("{why}; this model takes plain prompts, not chat messages"),
             }),
-            ChatState::Invalid(message) => Err(Error::ChatTemplate {
-                message: message.clone(),
-            }),
+            ChatState::Invalid(message) => Err(Error::ChatTemplate { message: message.clone() }),
         }
     }
 
     /// Render then encode with no special tokens added (HF apply_chat_template tokenize=True).
-    pub fn encode_chat(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<Vec<u32>> {
+    pub fn encode_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<Vec<u32>> {
         self.encode_raw(&self.render_chat(messages, add_generation_prompt)?)
     }
 
     /// Ids of tokenizer_config's eos_token (if it names a token), for the EOS set.
     pub fn eos_token_ids(&self) -> Vec<u32> {
-        self.special
-            .eos_token
-            .as_deref()
-            .and_then(|t| self.token_to_id(t))
-            .into_iter()
-            .collect()
+        self.special.eos_token.as_deref().and_then(|t| self.token_to_id(t)).into_iter().collect()
     }
 
     /// The id of `token` (a vocabulary entry or added token, in its raw form), if it has one.
@@ -231,9 +178,7 @@ impl Tokenizer {
 
     /// Decodes `ids` to text, leaving special tokens out if asked.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special_tokens)
-            .map_err(|e| self.error(format!("decode: {e}")))
+        self.inner.decode(ids, skip_special_tokens).map_err(|e| self.error(format!("decode: {e}")))
     }
 
     /// A streaming detokenizer whose pieces concatenate to `decode(all ids, true)`.
@@ -247,10 +192,7 @@ impl Tokenizer {
     }
 
     fn error(&self, message: String) -> Error {
-        Error::Tokenizer {
-            file: self.file.clone(),
-            message,
-        }
+        Error::Tokenizer { file: self.file.clone(), message }
     }
 }
 
@@ -264,34 +206,22 @@ fn compile(source: String) -> ChatState {
 
 /// A special token named in tokenizer_config.json: a plain string, an AddedToken object
 /// `{"content": ...}`, or null.
-fn token_string(
-    config: &serde_json::Value,
-    key: &str,
-) -> std::result::Result<Option<String>, String> {
+fn token_string(config: &serde_json::Value, key: &str) -> std::result::Result<Option<String>, String> {
     match config.get(key) {
         None | Some(serde_json::Value::Null) => Ok(None),
         Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
-        Some(obj @ serde_json::Value::Object(_)) => {
-            match obj.get("content").and_then(|c| c.as_str()) {
-                Some(s) => Ok(Some(s.to_owned())),
-                None => Err(format!(
-                    "field `{key}`: an AddedToken object needs a string `content`"
-                )),
-            }
-        }
-        Some(_) => Err(format!(
-            "field `{key}`: expected a string or {{\"content\": ...}}"
-        )),
+        Some(obj @ serde_json::Value::Object(_)) => match obj.get("content").and_then(|c| c.as_str()) {
+            Some(s) => Ok(Some(s.to_owned())),
+            None => Err(format!("field `{key}`: an AddedToken object needs a string `content`")),
+        },
+        Some(_) => Err(format!("field `{key}`: expected a string or {{\"content\": ...}}")),
     }
 }
 
 /// Adds `added_tokens_decoder` entries that tokenizer.json lacks, as transformers does at load
 /// (Tülu 3's `<pad>` at 128256 lives only there in some exports). The ids must come out as the
 /// config says: a token the model was trained with at another id would corrupt every prompt.
-fn add_config_tokens(
-    inner: &mut tokenizers::Tokenizer,
-    config: &serde_json::Value,
-) -> std::result::Result<(), String> {
+fn add_config_tokens(inner: &mut tokenizers::Tokenizer, config: &serde_json::Value) -> std::result::Result<(), String> {
     let Some(decoder) = config.get("added_tokens_decoder") else {
         return Ok(());
     };
@@ -302,13 +232,8 @@ fn add_config_tokens(
     for (id, token) in decoder {
         let field = |m: &str| format!("field `added_tokens_decoder.{id}`: {m}");
         let id: u32 = id.parse().map_err(|_| field("the key is not a token id"))?;
-        let content = token
-            .get("content")
-            .and_then(|c| c.as_str())
-            .ok_or_else(|| field("needs a string `content`"))?;
-        let flag = |name: &str, default: bool| {
-            token.get(name).and_then(|v| v.as_bool()).unwrap_or(default)
-        };
+        let content = token.get("content").and_then(|c| c.as_str()).ok_or_else(|| field("needs a string `content`"))?;
+        let flag = |name: &str, default: bool| token.get(name).and_then(|v| v.as_bool()).unwrap_or(default);
         let special = flag("special", false);
         let added = tokenizers::AddedToken::from(content, special)
             .single_word(flag("single_word", false))

@@ -27,12 +27,7 @@ pub struct StreamDecoder<'a> {
 
 impl<'a> StreamDecoder<'a> {
     pub(super) fn new(tokenizer: &'a Tokenizer) -> Self {
-        StreamDecoder {
-            tokenizer,
-            window: Vec::new(),
-            read: 0,
-            prefix_text: String::new(),
-        }
+        StreamDecoder { tokenizer, window: Vec::new(), read: 0, prefix_text: String::new() }
     }
 
     /// Adds one token; returns the text it completes, or `None` while a character is still

@@ -35,23 +35,14 @@ pub struct ConvertOptions {
 /// (`model.safetensors`, `config.json`, `generation_config.json`, `tokenizer.json`,
 /// `tokenizer_config.json`). `out` must not exist or be empty; on error nothing is left there.
 pub fn convert_gguf(gguf: &Path, out: &Path, opts: &ConvertOptions) -> Result<()> {
-    let gerr = |message: String| Error::Gguf {
-        file: gguf.to_path_buf(),
-        message,
-    };
+    let gerr = |message: String| Error::Gguf { file: gguf.to_path_buf(), message };
     let mut file = File::open(gguf).map_err(|e| Error::io(gguf, e))?;
-    let content =
-        Content::read(&mut file).map_err(|e| gerr(format!("not a readable GGUF file: {e}")))?;
-    let meta = Meta {
-        file: gguf,
-        content: &content,
-    };
+    let content = Content::read(&mut file).map_err(|e| gerr(format!("not a readable GGUF file: {e}")))?;
+    let meta = Meta { file: gguf, content: &content };
 
     let arch = meta.string("general.architecture")?;
     if arch != "llama" {
-        return Err(gerr(format!(
-            "`general.architecture` is `{arch}`; only `llama` models can be converted"
-        )));
+        return Err(gerr(format!("`general.architecture` is `{arch}`; only `llama` models can be converted")));
     }
     let file_size = file.metadata().map_err(|e| Error::io(gguf, e))?.len();
     let (mut cfg, tok) = read_model(&meta)?;
@@ -67,10 +58,7 @@ pub fn convert_gguf(gguf: &Path, out: &Path, opts: &ConvertOptions) -> Result<()
         .iter()
         .map(|t| {
             let produce = move || read_tensor(&meta, reader, t, opts.dtype);
-            (
-                t.hf_name.clone(),
-                LazyTensor::new(opts.dtype, t.shape.clone(), Box::new(produce), &state),
-            )
+            (t.hf_name.clone(), LazyTensor::new(opts.dtype, t.shape.clone(), Box::new(produce), &state))
         })
         .collect();
     write_safetensors(&dir.join("model.safetensors"), tensors, &state)?;
@@ -83,9 +71,7 @@ pub fn convert_gguf(gguf: &Path, out: &Path, opts: &ConvertOptions) -> Result<()
     }
     write_json(&dir.join("generation_config.json"), &generation)?;
     let tok_path = dir.join("tokenizer.json");
-    tok.tokenizer
-        .save(&tok_path, false)
-        .map_err(|e| gerr(format!("cannot write {}: {e}", tok_path.display())))?;
+    tok.tokenizer.save(&tok_path, false).map_err(|e| gerr(format!("cannot write {}: {e}", tok_path.display())))?;
     let tok_cfg = gguf_tokenizer::tokenizer_config_json(
         &tok.tokenizer,
         &tok.ids,
@@ -147,10 +133,7 @@ struct Meta<'a> {
 
 impl<'a> Meta<'a> {
     fn err(&self, key: &str, message: impl std::fmt::Display) -> Error {
-        Error::Gguf {
-            file: self.file.to_path_buf(),
-            message: format!("`{key}`: {message}"),
-        }
+        Error::Gguf { file: self.file.to_path_buf(), message: format!("`{key}`: {message}") }
     }
 
     fn get(&self, key: &str) -> Option<&'a GgufValue> {
@@ -169,9 +152,7 @@ impl<'a> Meta<'a> {
             GgufValue::I16(x) => *x as i64,
             GgufValue::U32(x) => *x as i64,
             GgufValue::I32(x) => *x as i64,
-            GgufValue::U64(x) => {
-                i64::try_from(*x).map_err(|_| self.err(key, "integer too large"))?
-            }
+            GgufValue::U64(x) => i64::try_from(*x).map_err(|_| self.err(key, "integer too large"))?,
             GgufValue::I64(x) => *x,
             other => return Err(self.err(key, format!("expected an integer, found {other:?}"))),
         })
@@ -200,9 +181,7 @@ impl<'a> Meta<'a> {
             None => Ok(None),
             Some(v) => {
                 let n = self.int_of(key, v)?;
-                u32::try_from(n)
-                    .map(Some)
-                    .map_err(|_| self.err(key, format!("not a token id: {n}")))
+                u32::try_from(n).map(Some).map_err(|_| self.err(key, format!("not a token id: {n}")))
             }
         }
     }
@@ -255,15 +234,8 @@ impl<'a> Meta<'a> {
     fn ints_opt(&self, key: &str) -> Result<Option<Vec<i64>>> {
         match self.get(key) {
             None => Ok(None),
-            Some(GgufValue::Array(items)) => items
-                .iter()
-                .map(|v| self.int_of(key, v))
-                .collect::<Result<_>>()
-                .map(Some),
-            Some(other) => Err(self.err(
-                key,
-                format!("expected an array of integers, found {other:?}"),
-            )),
+            Some(GgufValue::Array(items)) => items.iter().map(|v| self.int_of(key, v)).collect::<Result<_>>().map(Some),
+            Some(other) => Err(self.err(key, format!("expected an array of integers, found {other:?}"))),
         }
     }
 }
@@ -281,30 +253,19 @@ struct GgufTokenizer {
 fn read_model(meta: &Meta) -> Result<(ModelConfig, GgufTokenizer)> {
     let hidden_size = meta.usize("llama.embedding_length")?;
     let heads = meta.usize("llama.attention.head_count")?;
-    let kv_heads = meta
-        .usize_opt("llama.attention.head_count_kv")?
-        .unwrap_or(heads);
+    let kv_heads = meta.usize_opt("llama.attention.head_count_kv")?.unwrap_or(heads);
     if heads % kv_heads != 0 {
-        return Err(meta.err(
-            "llama.attention.head_count_kv",
-            format!("{kv_heads} does not divide {heads} heads"),
-        ));
+        return Err(meta.err("llama.attention.head_count_kv", format!("{kv_heads} does not divide {heads} heads")));
     }
     let head_dim = match meta.usize_opt("llama.attention.key_length")? {
         Some(d) => d,
         None if hidden_size % heads == 0 => hidden_size / heads,
-        None => {
-            return Err(meta.err(
-                "llama.attention.head_count",
-                format!("{heads} does not divide {hidden_size}"),
-            ))
-        }
+        None => return Err(meta.err("llama.attention.head_count", format!("{heads} does not divide {hidden_size}"))),
     };
     if head_dim % 2 != 0 {
-        return Err(meta.err(
-            "llama.attention.key_length",
-            format!("RoPE needs an even head dimension, found {head_dim}"),
-        ));
+        return Err(
+            meta.err("llama.attention.key_length", format!("RoPE needs an even head dimension, found {head_dim}"))
+        );
     }
     if let Some(rope_dim) = meta.usize_opt("llama.rope.dimension_count")? {
         if rope_dim != head_dim {
@@ -316,10 +277,7 @@ fn read_model(meta: &Meta) -> Result<(ModelConfig, GgufTokenizer)> {
     }
     if let Some(kind) = meta.string_opt("llama.rope.scaling.type")? {
         if kind != "none" {
-            return Err(meta.err(
-                "llama.rope.scaling.type",
-                format!("`{kind}` RoPE scaling is not supported"),
-            ));
+            return Err(meta.err("llama.rope.scaling.type", format!("`{kind}` RoPE scaling is not supported")));
         }
     }
     let rope_theta = meta.f64_opt("llama.rope.freq_base")?.unwrap_or(10_000.0);
@@ -357,10 +315,7 @@ fn read_tokenizer(meta: &Meta) -> Result<GgufTokenizer> {
     }
     let pre_name = meta.string_opt("tokenizer.ggml.pre")?.unwrap_or("default");
     let pre = PreTokenizerKind::from_gguf_name(pre_name).ok_or_else(|| {
-        meta.err(
-            "tokenizer.ggml.pre",
-            format!("pre-tokenizer `{pre_name}` is not supported (smollm, gpt2, default)"),
-        )
+        meta.err("tokenizer.ggml.pre", format!("pre-tokenizer `{pre_name}` is not supported (smollm, gpt2, default)"))
     })?;
     let tokens = meta.strings("tokenizer.ggml.tokens")?;
     let merges = meta.strings("tokenizer.ggml.merges")?;
@@ -378,9 +333,7 @@ fn read_tokenizer(meta: &Meta) -> Result<GgufTokenizer> {
         eos: in_vocab("tokenizer.ggml.eos_token_id")?,
         pad: in_vocab("tokenizer.ggml.padding_token_id")?,
         unk: in_vocab("tokenizer.ggml.unknown_token_id")?,
-        add_bos: meta
-            .bool_opt("tokenizer.ggml.add_bos_token")?
-            .unwrap_or(false),
+        add_bos: meta.bool_opt("tokenizer.ggml.add_bos_token")?.unwrap_or(false),
     };
     let spec = BpeSpec {
         tokens: &tokens,
@@ -389,32 +342,19 @@ fn read_tokenizer(meta: &Meta) -> Result<GgufTokenizer> {
         pre,
         add_bos: if ids.add_bos { ids.bos } else { None },
     };
-    let tokenizer = gguf_tokenizer::build_bpe_tokenizer(&spec)
-        .map_err(|m| meta.err("tokenizer.ggml.tokens", m))?;
+    let tokenizer = gguf_tokenizer::build_bpe_tokenizer(&spec).map_err(|m| meta.err("tokenizer.ggml.tokens", m))?;
     // Chat models end a turn with their own marker while `<|endoftext|>` still ends documents:
     // both must stop generation.
     let mut stop_ids: Vec<u32> = ids.eos.into_iter().collect();
-    for name in [
-        "<|im_end|>",
-        "<|endoftext|>",
-        "<|eot_id|>",
-        "<|end_of_text|>",
-    ] {
+    for name in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>"] {
         if let Some(id) = tokenizer.token_to_id(name) {
             if !stop_ids.contains(&id) {
                 stop_ids.push(id);
             }
         }
     }
-    let chat_template = meta
-        .string_opt("tokenizer.chat_template")?
-        .map(str::to_owned);
-    Ok(GgufTokenizer {
-        tokenizer,
-        ids,
-        stop_ids,
-        chat_template,
-    })
+    let chat_template = meta.string_opt("tokenizer.chat_template")?.map(str::to_owned);
+    Ok(GgufTokenizer { tokenizer, ids, stop_ids, chat_template })
 }
 
 /// Recovers Llama 3 RoPE scaling from llama.cpp's precomputed `rope_freqs.weight` factors by
@@ -424,10 +364,7 @@ fn read_rope_freqs(meta: &Meta, head_dim: usize, theta: f64) -> Result<Option<Ll
     let Some(info) = meta.content.tensor_infos.get(NAME) else {
         return Ok(None);
     };
-    let terr = |m: String| Error::Gguf {
-        file: meta.file.to_path_buf(),
-        message: format!("tensor `{NAME}`: {m}"),
-    };
+    let terr = |m: String| Error::Gguf { file: meta.file.to_path_buf(), message: format!("tensor `{NAME}`: {m}") };
     let mut f = File::open(meta.file).map_err(|e| Error::io(meta.file, e))?;
     let factors = info
         .read(&mut f, meta.content.tensor_data_offset, &Device::Cpu)
@@ -436,10 +373,7 @@ fn read_rope_freqs(meta: &Meta, head_dim: usize, theta: f64) -> Result<Option<Ll
         .and_then(|t| t.to_vec1::<f32>())
         .map_err(|e| terr(e.to_string()))?;
     if factors.len() != head_dim / 2 {
-        return Err(terr(format!(
-            "{} factors for head dimension {head_dim}",
-            factors.len()
-        )));
+        return Err(terr(format!("{} factors for head dimension {head_dim}", factors.len())));
     }
     let factor = factors.iter().fold(1f32, |m, &x| m.max(x)) as f64;
     let scaling = Llama3RopeScaling {
@@ -490,83 +424,33 @@ fn plan_tensors(meta: &Meta, cfg: &ModelConfig, file_size: u64) -> Result<Vec<Pl
     let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
     let mut plan = Vec::new();
     let mut add = |gguf: String, hf: String, shape: Vec<usize>, heads: Option<usize>| {
-        plan.push(PlannedTensor {
-            gguf_name: gguf,
-            hf_name: hf,
-            shape,
-            unpermute_heads: heads,
-        })
+        plan.push(PlannedTensor { gguf_name: gguf, hf_name: hf, shape, unpermute_heads: heads })
     };
-    add(
-        "token_embd.weight".into(),
-        "model.embed_tokens.weight".into(),
-        vec![v, h],
-        None,
-    );
+    add("token_embd.weight".into(), "model.embed_tokens.weight".into(), vec![v, h], None);
     for l in 0..cfg.num_hidden_layers {
         let (b, m) = (format!("blk.{l}"), format!("model.layers.{l}"));
         let attn = [
-            (
-                "attn_q",
-                "q_proj",
-                vec![cfg.q_dim(), h],
-                Some(cfg.num_attention_heads),
-            ),
-            (
-                "attn_k",
-                "k_proj",
-                vec![cfg.kv_dim(), h],
-                Some(cfg.num_key_value_heads),
-            ),
+            ("attn_q", "q_proj", vec![cfg.q_dim(), h], Some(cfg.num_attention_heads)),
+            ("attn_k", "k_proj", vec![cfg.kv_dim(), h], Some(cfg.num_key_value_heads)),
             ("attn_v", "v_proj", vec![cfg.kv_dim(), h], None),
             ("attn_output", "o_proj", vec![h, cfg.q_dim()], None),
         ];
         for (g, hf, shape, heads) in attn {
-            add(
-                format!("{b}.{g}.weight"),
-                format!("{m}.self_attn.{hf}.weight"),
-                shape,
-                heads,
-            );
+            add(format!("{b}.{g}.weight"), format!("{m}.self_attn.{hf}.weight"), shape, heads);
         }
         for (g, hf, shape) in [
             ("ffn_gate", "gate_proj", vec![i, h]),
             ("ffn_up", "up_proj", vec![i, h]),
             ("ffn_down", "down_proj", vec![h, i]),
         ] {
-            add(
-                format!("{b}.{g}.weight"),
-                format!("{m}.mlp.{hf}.weight"),
-                shape,
-                None,
-            );
+            add(format!("{b}.{g}.weight"), format!("{m}.mlp.{hf}.weight"), shape, None);
         }
-        add(
-            format!("{b}.attn_norm.weight"),
-            format!("{m}.input_layernorm.weight"),
-            vec![h],
-            None,
-        );
-        add(
-            format!("{b}.ffn_norm.weight"),
-            format!("{m}.post_attention_layernorm.weight"),
-            vec![h],
-            None,
-        );
+        add(format!("{b}.attn_norm.weight"), format!("{m}.input_layernorm.weight"), vec![h], None);
+        add(format!("{b}.ffn_norm.weight"), format!("{m}.post_attention_layernorm.weight"), vec![h], None);
     }
-    add(
-        "output_norm.weight".into(),
-        "model.norm.weight".into(),
-        vec![h],
-        None,
-    );
+    add("output_norm.weight".into(), "model.norm.weight".into(), vec![h], None);
     if !cfg.tie_word_embeddings {
-        add(
-            "output.weight".into(),
-            "lm_head.weight".into(),
-            vec![v, h],
-            None,
-        );
+        add("output.weight".into(), "lm_head.weight".into(), vec![v, h], None);
     }
     for t in &plan {
         let info = tensor_info(meta, &t.gguf_name)?;
@@ -575,30 +459,17 @@ fn plan_tensors(meta: &Meta, cfg: &ModelConfig, file_size: u64) -> Result<Vec<Pl
             message: format!("tensor `{}`: {m}", t.gguf_name),
         };
         if info.shape.dims() != t.shape.as_slice() {
-            return Err(terr(format!(
-                "shape {:?}, expected {:?} from the metadata",
-                info.shape.dims(),
-                t.shape
-            )));
+            return Err(terr(format!("shape {:?}, expected {:?} from the metadata", info.shape.dims(), t.shape)));
         }
         let elems = info.shape.elem_count();
         let block = info.ggml_dtype.block_size();
         if elems % block != 0 {
-            return Err(terr(format!(
-                "{elems} elements do not fill {:?} blocks of {block}",
-                info.ggml_dtype
-            )));
+            return Err(terr(format!("{elems} elements do not fill {:?} blocks of {block}", info.ggml_dtype)));
         }
         let bytes = (elems / block * info.ggml_dtype.type_size()) as u64;
-        let end = meta
-            .content
-            .tensor_data_offset
-            .saturating_add(info.offset)
-            .saturating_add(bytes);
+        let end = meta.content.tensor_data_offset.saturating_add(info.offset).saturating_add(bytes);
         if end > file_size {
-            return Err(terr(format!(
-                "data ends at byte {end} but the file has {file_size} bytes (truncated?)"
-            )));
+            return Err(terr(format!("data ends at byte {end} but the file has {file_size} bytes (truncated?)")));
         }
     }
     Ok(plan)
@@ -608,30 +479,16 @@ fn tensor_info<'a>(meta: &Meta<'a>, name: &str) -> Result<&'a TensorInfo> {
     meta.content
         .tensor_infos
         .get(name)
-        .ok_or_else(|| Error::Gguf {
-            file: meta.file.to_path_buf(),
-            message: format!("tensor `{name}` is missing"),
-        })
+        .ok_or_else(|| Error::Gguf { file: meta.file.to_path_buf(), message: format!("tensor `{name}` is missing") })
 }
 
 /// Dequantizes one tensor, undoes the q/k permutation and encodes it in `dtype`.
-fn read_tensor(
-    meta: &Meta,
-    reader: &RefCell<File>,
-    t: &PlannedTensor,
-    dtype: OutDType,
-) -> Result<Vec<u8>> {
+fn read_tensor(meta: &Meta, reader: &RefCell<File>, t: &PlannedTensor, dtype: OutDType) -> Result<Vec<u8>> {
     let info = tensor_info(meta, &t.gguf_name)?;
-    let terr = |m: String| Error::Gguf {
-        file: meta.file.to_path_buf(),
-        message: format!("tensor `{}`: {m}", t.gguf_name),
-    };
+    let terr =
+        |m: String| Error::Gguf { file: meta.file.to_path_buf(), message: format!("tensor `{}`: {m}", t.gguf_name) };
     let values = info
-        .read(
-            &mut *reader.borrow_mut(),
-            meta.content.tensor_data_offset,
-            &Device::Cpu,
-        )
+        .read(&mut *reader.borrow_mut(), meta.content.tensor_data_offset, &Device::Cpu)
         .and_then(|q| q.dequantize(&Device::Cpu))
         .and_then(|t| t.flatten_all())
         .and_then(|t| t.to_vec1::<f32>())

@@ -65,9 +65,7 @@ pub struct BpeSpec<'a> {
 
 /// The 256 printable characters GPT-2's byte-level BPE uses for the bytes 0..=255.
 pub fn byte_to_char() -> [char; 256] {
-    let printable = |b: u32| {
-        (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b)
-    };
+    let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
     let mut out = ['\0'; 256];
     let mut next_unprintable = 256u32;
     for (b, slot) in out.iter_mut().enumerate() {
@@ -89,27 +87,17 @@ pub fn build_bpe_tokenizer(spec: &BpeSpec) -> Result<Tokenizer, String> {
     let mut vocab: Vocab = Vocab::with_capacity(spec.tokens.len());
     for (id, token) in spec.tokens.iter().enumerate() {
         if let Some(prev) = vocab.insert(token.clone(), id as u32) {
-            return Err(format!(
-                "token {token:?} appears twice (ids {prev} and {id})"
-            ));
+            return Err(format!("token {token:?} appears twice (ids {prev} and {id})"));
         }
     }
     let mut merges = Vec::with_capacity(spec.merges.len());
     for (i, merge) in spec.merges.iter().enumerate() {
         // Split at the first space after the first character, as llama.cpp does, so a merge
         // whose left part is itself a space-like token still parses.
-        let split = merge
-            .char_indices()
-            .skip(1)
-            .find(|&(_, c)| c == ' ')
-            .map(|(at, _)| at);
+        let split = merge.char_indices().skip(1).find(|&(_, c)| c == ' ').map(|(at, _)| at);
         match split {
             Some(at) => merges.push((merge[..at].to_owned(), merge[at + 1..].to_owned())),
-            None => {
-                return Err(format!(
-                    "merge #{i} {merge:?} is not two tokens separated by a space"
-                ))
-            }
+            None => return Err(format!("merge #{i} {merge:?} is not two tokens separated by a space")),
         }
     }
     let bpe = BPE::builder()
@@ -125,10 +113,8 @@ pub fn build_bpe_tokenizer(spec: &BpeSpec) -> Result<Tokenizer, String> {
             tokenizer.with_post_processor(Some(ByteLevel::default().trim_offsets(false)));
         }
         Some(bos) => {
-            let bos_token = spec
-                .tokens
-                .get(bos as usize)
-                .ok_or_else(|| format!("BOS id {bos} is past the vocabulary"))?;
+            let bos_token =
+                spec.tokens.get(bos as usize).ok_or_else(|| format!("BOS id {bos} is past the vocabulary"))?;
             let template = TemplateProcessing::builder()
                 .try_single(format!("{bos_token} $A"))
                 .and_then(|b| b.try_pair(format!("{bos_token} $A {bos_token} $B:1")))
@@ -145,11 +131,7 @@ pub fn build_bpe_tokenizer(spec: &BpeSpec) -> Result<Tokenizer, String> {
     let mut added = Vec::new();
     if let Some(types) = spec.token_types {
         if types.len() != spec.tokens.len() {
-            return Err(format!(
-                "{} token types for {} tokens",
-                types.len(),
-                spec.tokens.len()
-            ));
+            return Err(format!("{} token types for {} tokens", types.len(), spec.tokens.len()));
         }
         for (token, &kind) in spec.tokens.iter().zip(types) {
             match kind {
@@ -173,14 +155,9 @@ pub fn tokenizer_config_json(
     chat_template: Option<&str>,
     model_max_length: usize,
 ) -> Value {
-    let name = |id: Option<u32>| {
-        id.and_then(|id| tokenizer.id_to_token(id))
-            .map(Value::String)
-            .unwrap_or(Value::Null)
-    };
+    let name = |id: Option<u32>| id.and_then(|id| tokenizer.id_to_token(id)).map(Value::String).unwrap_or(Value::Null);
     // BTreeMap by id so the file is stable from run to run (the decoder is a hash map).
-    let decoder: BTreeMap<u32, AddedToken> =
-        tokenizer.get_added_tokens_decoder().into_iter().collect();
+    let decoder: BTreeMap<u32, AddedToken> = tokenizer.get_added_tokens_decoder().into_iter().collect();
     let mut added = Map::new();
     for (id, t) in decoder {
         added.insert(
@@ -231,16 +208,15 @@ pub struct SpecialIds {
 /// Common English words whose merges make the built-in synthetic tokenizer produce multi-byte
 /// tokens, so tests see realistic token counts rather than one token per byte.
 const SYNTH_WORDS: &[&str] = &[
-    " the", " a", " of", " and", " to", " in", " is", " it", " that", " for", " you", " was",
-    " on", " are", " with", " as", " be", " this", " have", " not", " at", " by", " from", " or",
-    " one", " had", " but", " what", " all", " were", " we", " when", " your", " can", " said",
-    " there", " use", " an", " each", " which", " she", " do", " how", " their", " if", " will",
-    " up", " other", " about", " out", " many", " then", " them", " these", " so", " some", " her",
-    " would", " make", " like", " him", " into", " time", " has", " look", " two", " more",
-    " write", " go", " see", " number", " no", " way", " could", " people", " my", " than",
-    " first", " water", " been", " call", " who", " its", " now", " find", " long", " down",
-    " day", " did", " get", " come", " made", " may", " part", " hello", " world", " capital",
-    " France", " Paris", "The", "What", "Hello", "ing", "ed", "er", "es", "ly", "\n\n", "  ",
+    " the", " a", " of", " and", " to", " in", " is", " it", " that", " for", " you", " was", " on", " are", " with",
+    " as", " be", " this", " have", " not", " at", " by", " from", " or", " one", " had", " but", " what", " all",
+    " were", " we", " when", " your", " can", " said", " there", " use", " an", " each", " which", " she", " do",
+    " how", " their", " if", " will", " up", " other", " about", " out", " many", " then", " them", " these", " so",
+    " some", " her", " would", " make", " like", " him", " into", " time", " has", " look", " two", " more", " write",
+    " go", " see", " number", " no", " way", " could", " people", " my", " than", " first", " water", " been", " call",
+    " who", " its", " now", " find", " long", " down", " day", " did", " get", " come", " made", " may", " part",
+    " hello", " world", " capital", " France", " Paris", "The", "What", "Hello", "ing", "ed", "er", "es", "ly", "\n\n",
+    "  ",
 ];
 
 /// The token strings and merges of the built-in synthetic tokenizer's ordinary vocabulary:
@@ -253,10 +229,7 @@ pub fn synth_bpe_vocab(budget: usize) -> (Vec<String>, Vec<String>) {
     let mut known: HashMap<String, ()> = tokens.iter().map(|t| (t.clone(), ())).collect();
     let mut merges = Vec::new();
     'words: for word in SYNTH_WORDS {
-        let mapped: Vec<String> = word
-            .bytes()
-            .map(|b| chars[b as usize].to_string())
-            .collect();
+        let mapped: Vec<String> = word.bytes().map(|b| chars[b as usize].to_string()).collect();
         let mut left = mapped[0].clone();
         for right in &mapped[1..] {
             let joined = format!("{left}{right}");

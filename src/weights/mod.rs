@@ -98,7 +98,11 @@ impl WeightStore {
                 .collect();
             found.sort();
             if found.is_empty() {
-                return Err(Error::weights(dir, None, "no model.safetensors, model.safetensors.index.json or *.safetensors file"));
+                return Err(Error::weights(
+                    dir,
+                    None,
+                    "no model.safetensors, model.safetensors.index.json or *.safetensors file",
+                ));
             }
             found
         };
@@ -132,7 +136,8 @@ impl WeightStore {
                 }
             };
             let (s, e) = info.data_offsets;
-            let entry = Entry { file: file_idx, dtype, shape: info.shape.clone(), bytes: data_start + s..data_start + e };
+            let entry =
+                Entry { file: file_idx, dtype, shape: info.shape.clone(), bytes: data_start + s..data_start + e };
             if self.entries.insert(name.clone(), entry).is_some() {
                 return Err(Error::weights(path, Some(&name), "appears in more than one shard"));
             }
@@ -150,11 +155,7 @@ impl WeightStore {
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<TensorRef<'_>> {
         let t = self.get_any(name)?;
         if t.shape != shape {
-            return Err(Error::weights(
-                t.file,
-                Some(name),
-                format!("has shape {:?}, expected {shape:?}", t.shape),
-            ));
+            return Err(Error::weights(t.file, Some(name), format!("has shape {:?}, expected {shape:?}", t.shape)));
         }
         Ok(t)
     }
@@ -166,7 +167,13 @@ impl WeightStore {
             Error::weights(file, Some(name), "missing from the checkpoint")
         })?;
         let (path, mmap) = &self.files[entry.file];
-        Ok(TensorRef { name: key, file: path, dtype: entry.dtype, shape: &entry.shape, bytes: &mmap[entry.bytes.clone()] })
+        Ok(TensorRef {
+            name: key,
+            file: path,
+            dtype: entry.dtype,
+            shape: &entry.shape,
+            bytes: &mmap[entry.bytes.clone()],
+        })
     }
 
     /// Every tensor name, sorted.
@@ -247,9 +254,8 @@ fn shard_paths(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
         .ok_or_else(|| Error::weights(index, None, "missing the `weight_map` object"))?;
     let mut files: Vec<String> = Vec::new();
     for (tensor, file) in map {
-        let file = file
-            .as_str()
-            .ok_or_else(|| Error::weights(index, Some(tensor), "weight_map entry is not a file name"))?;
+        let file =
+            file.as_str().ok_or_else(|| Error::weights(index, Some(tensor), "weight_map entry is not a file name"))?;
         let rel = Path::new(file);
         if !rel.components().all(|c| matches!(c, Component::Normal(_))) {
             return Err(Error::weights(
@@ -270,7 +276,11 @@ fn shard_paths(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
             if p.is_file() {
                 Ok(p)
             } else {
-                Err(Error::weights(index, None, format!("names shard `{f}`, which does not exist in {}", dir.display())))
+                Err(Error::weights(
+                    index,
+                    None,
+                    format!("names shard `{f}`, which does not exist in {}", dir.display()),
+                ))
             }
         })
         .collect()
