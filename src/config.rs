@@ -205,18 +205,19 @@ impl ModelConfig {
                 format!("{num_key_value_heads} does not divide num_attention_heads = {num_attention_heads}"),
             ));
         }
-        let head_dim =
-            match f.usize_opt("head_dim")? {
-                Some(0) => return Err(f.err("head_dim", "must be at least 1")),
-                Some(d) => d,
-                None if hidden_size % num_attention_heads != 0 => return Err(f.err(
+        let head_dim = match f.usize_opt("head_dim")? {
+            Some(0) => return Err(f.err("head_dim", "must be at least 1")),
+            Some(d) => d,
+            None if hidden_size % num_attention_heads != 0 => {
+                return Err(f.err(
                     "num_attention_heads",
                     format!(
                         "{num_attention_heads} does not divide hidden_size = {hidden_size} (and no head_dim is given)"
                     ),
-                )),
-                None => hidden_size / num_attention_heads,
-            };
+                ))
+            }
+            None => hidden_size / num_attention_heads,
+        };
         if head_dim % 2 != 0 {
             return Err(f.err("head_dim", format!("RoPE needs an even head dimension, found {head_dim}")));
         }

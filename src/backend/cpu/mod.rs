@@ -1,13 +1,17 @@
-//! The CPU backend: candle-core tensors for weights and large GEMMs, plain Rust (rayon) for
-//! the small memory-bound operations where candle's per-op allocation would dominate.
+//! The CPU backend: weights live in candle-core tensors; the operations are plain Rust over
+//! their f32 slices (rayon where it pays), so that no step allocates per op more than its
+//! outputs and every row's result is independent of the batch it is in.
 //!
 //! Everything computes in f32 whatever the stored dtype: weights are converted once at load.
-//! Decode-sized matmuls (a few rows) use a row-parallel GEMV that reads each weight row once
-//! for all tokens, which is what bounds batch-1 decode on a CPU: memory bandwidth.
+//! Matmuls ([`matmul`]) split work by weight rows, so decode streams each weight once at memory
+//! bandwidth — what bounds batch-1 decode on a CPU.
 
 use candle_core::{Device as CDevice, Storage, Tensor};
 use rayon::prelude::*;
 
+mod matmul;
+
+use self::matmul::dot;
 use super::{AttnDims, Backend, KvCacheSpec};
 use crate::error::{Error, Result};
 use crate::runtime::batch::Batch;
@@ -73,31 +77,11 @@ pub struct CpuKvCache {
 #[derive(Debug, Clone, Default)]
 pub struct CpuBackend;
 
-/// Matmuls with at most this many rows use the GEMV path.
-const GEMV_MAX_ROWS: usize = 8;
-
 impl CpuBackend {
     /// The CPU backend, using rayon's global pool.
     pub fn new() -> Self {
         CpuBackend
     }
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent accumulators let the compiler keep two SIMD registers busy.
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut s = acc.iter().sum::<f32>();
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
 }
 
 fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -197,12 +181,8 @@ impl Backend for CpuBackend {
                 x.cols, w.rows, w.cols
             )));
         }
-        if x.rows <= GEMV_MAX_ROWS {
-            return gemv(x, w);
-        }
-        let xt = Tensor::from_slice(&x.data, (x.rows, x.cols), &CDevice::Cpu)?;
-        let y = xt.matmul(&w.tensor.t()?)?;
-        CpuTensor::new(y.flatten_all()?.to_vec1::<f32>()?, x.rows, w.rows)
+        let y = w.with_slice(|wd| matmul::matmul(&x.data, x.rows, wd, w.rows, w.cols))?;
+        CpuTensor::new(y, x.rows, w.rows)
     }
 
     fn rope_write_kv(
@@ -344,31 +324,4 @@ fn rotate_half(head: &mut [f32], cos: &[f32], sin: &[f32]) {
         a[i] = x1 * cos[i] - x2 * sin[i];
         b[i] = x2 * cos[i] + x1 * sin[i];
     }
-}
-
-/// `x · wᵀ` for a few rows of `x`: output rows are split across threads and each weight row is
-/// read once for every token, so the pass streams the weights at memory bandwidth.
-fn gemv(x: &CpuTensor, w: &CpuWeight) -> Result<CpuTensor> {
-    let (n, m, k) = (x.rows, w.rows, w.cols);
-    let mut out_t = vec![0.0f32; m * n];
-    w.with_slice(|wd| {
-        out_t.par_chunks_mut(n * 16).enumerate().for_each(|(c, chunk)| {
-            for (j, o) in chunk.chunks_mut(n).enumerate() {
-                let wrow = &wd[(c * 16 + j) * k..][..k];
-                for (t, o) in o.iter_mut().enumerate() {
-                    *o = dot(&x.data[t * k..(t + 1) * k], wrow);
-                }
-            }
-        })
-    })?;
-    if n == 1 {
-        return CpuTensor::new(out_t, 1, m);
-    }
-    let mut out = vec![0.0f32; n * m];
-    for o in 0..m {
-        for t in 0..n {
-            out[t * m + o] = out_t[o * n + t];
-        }
-    }
-    CpuTensor::new(out, n, m)
 }
