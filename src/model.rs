@@ -13,7 +13,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::rope::RopeTable;
 use crate::runtime::batch::Batch;
-use crate::weights::WeightStore;
+use crate::weights::{TensorRef, WeightStore};
 
 struct Layer<B: Backend> {
     input_norm: B::Weight,
@@ -51,7 +51,7 @@ impl<B: Backend> Llama<B> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let (q, kv) = (cfg.q_dim(), cfg.kv_dim());
         check_layer_count(cfg, store)?;
-        let w = |name: &str, shape: &[usize]| store.get(name, shape);
+        let w = |name: &str, shape: &[usize]| store.get(name, shape).map(TensorRef::full);
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");

@@ -11,7 +11,7 @@ use std::str::FromStr;
 
 use crate::error::{Error, Result};
 use crate::runtime::batch::Batch;
-use crate::weights::TensorRef;
+use crate::weights::TensorSlice;
 
 /// Where a model runs, as the user names it: `auto`, `cpu`, `cuda` or `cuda:N`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -100,9 +100,10 @@ pub trait Backend: Send + Sync + 'static {
     /// A short description of the device, for logs.
     fn describe(&self) -> String;
 
-    /// Uploads one weight made of `parts` concatenated along rows (each part 2-D with the same
-    /// number of columns, or all 1-D). Fusing q/k/v and gate/up is this concatenation.
-    fn load_weight(&self, parts: &[TensorRef<'_>]) -> Result<Self::Weight>;
+    /// Uploads one weight made of `parts` concatenated along rows (all with the same number of
+    /// columns; a 1-D tensor is one row). Fusing q/k/v and gate/up is this concatenation, and a
+    /// tensor-parallel rank passes only its slices.
+    fn load_weight(&self, parts: &[TensorSlice<'_>]) -> Result<Self::Weight>;
 
     /// Uploads a host f32 matrix (RoPE tables).
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Weight>;

@@ -200,6 +200,61 @@ impl WeightStore {
     }
 }
 
+/// A rectangular part of a tensor (1-D tensors are one row), optionally followed by zero rows:
+/// what one rank of a tensor-parallel model loads, or the whole tensor.
+#[derive(Debug, Clone)]
+pub struct TensorSlice<'a> {
+    /// The tensor sliced.
+    pub tensor: TensorRef<'a>,
+    /// Rows taken.
+    pub rows: Range<usize>,
+    /// Columns taken.
+    pub cols: Range<usize>,
+    /// Zero rows appended (a vocab shard padded to the common shard size).
+    pub pad_rows: usize,
+}
+
+impl<'a> TensorSlice<'a> {
+    /// Rows (padding included) and columns of the slice.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.rows.len() + self.pad_rows, self.cols.len())
+    }
+
+    /// The slice's stored bytes, one row at a time (padding rows excluded).
+    pub fn row_bytes(&self) -> impl Iterator<Item = &'a [u8]> + '_ {
+        let size = self.tensor.dtype.size();
+        let width = self.tensor.shape.get(1).copied().unwrap_or(self.tensor.shape[0]);
+        let bytes = self.tensor.bytes;
+        self.rows.clone().map(move |r| &bytes[(r * width + self.cols.start) * size..(r * width + self.cols.end) * size])
+    }
+
+    /// Appends the slice, converted to f32 and padded, to `out`.
+    pub fn extend_f32(&self, out: &mut Vec<f32>) {
+        let width = self.tensor.shape.get(1).copied().unwrap_or(self.tensor.shape[0]);
+        for r in self.rows.clone() {
+            self.tensor.extend_f32(r * width + self.cols.start..r * width + self.cols.end, out);
+        }
+        out.resize(out.len() + self.pad_rows * self.cols.len(), 0.0);
+    }
+}
+
+impl<'a> TensorRef<'a> {
+    /// The whole tensor as a slice.
+    pub fn full(self) -> TensorSlice<'a> {
+        let (rows, cols) = match self.shape {
+            [r, c] => (*r, *c),
+            [n] => (1, *n),
+            _ => (1, self.len()),
+        };
+        TensorSlice { tensor: self, rows: 0..rows, cols: 0..cols, pad_rows: 0 }
+    }
+
+    /// Rows `rows` and columns `cols` of a 2-D tensor (or columns of a 1-D one, with rows `0..1`).
+    pub fn slice(self, rows: Range<usize>, cols: Range<usize>) -> TensorSlice<'a> {
+        TensorSlice { tensor: self, rows, cols, pad_rows: 0 }
+    }
+}
+
 impl TensorRef<'_> {
     /// Number of elements.
     pub fn len(&self) -> usize {

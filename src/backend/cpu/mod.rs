@@ -15,7 +15,7 @@ use self::matmul::dot;
 use super::{AttnDims, Backend, KvCacheSpec};
 use crate::error::{Error, Result};
 use crate::runtime::batch::Batch;
-use crate::weights::TensorRef;
+use crate::weights::TensorSlice;
 
 /// Activations on the CPU: `rows × cols` f32, row-major.
 #[derive(Debug, Clone, PartialEq)]
@@ -101,33 +101,22 @@ impl Backend for CpuBackend {
         format!("cpu ({} threads)", rayon::current_num_threads())
     }
 
-    fn load_weight(&self, parts: &[TensorRef<'_>]) -> Result<CpuWeight> {
+    fn load_weight(&self, parts: &[TensorSlice<'_>]) -> Result<CpuWeight> {
         let first = parts.first().ok_or_else(|| Error::Backend("a weight needs at least one part".into()))?;
-        let cols = match first.shape {
-            [_, c] => *c,
-            [n] => *n,
-            _ => {
-                return Err(Error::weights(
-                    first.file,
-                    Some(first.name),
-                    format!("expected 1 or 2 dimensions, found {:?}", first.shape),
-                ))
-            }
-        };
-        let rows_of = |t: &TensorRef| if t.shape.len() == 2 { t.shape[0] } else { 1 };
-        let total: usize = parts.iter().map(|p| p.len()).sum();
-        let mut data = Vec::with_capacity(total);
+        let cols = first.shape().1;
+        let mut data = Vec::with_capacity(parts.iter().map(|p| p.shape().0 * p.shape().1).sum());
         let mut rows = 0;
         for p in parts {
-            if p.shape.last() != Some(&cols) || p.shape.len() != first.shape.len() {
+            if p.shape().1 != cols {
+                let t = &p.tensor;
                 return Err(Error::weights(
-                    p.file,
-                    Some(p.name),
-                    format!("cannot be fused with `{}`: shapes {:?} and {:?}", first.name, p.shape, first.shape),
+                    t.file,
+                    Some(t.name),
+                    format!("cannot be fused with `{}`: {} columns, not {cols}", first.tensor.name, p.shape().1),
                 ));
             }
-            p.extend_f32(0..p.len(), &mut data);
-            rows += rows_of(p);
+            p.extend_f32(&mut data);
+            rows += p.shape().0;
         }
         CpuWeight::from_vec(data, rows, cols)
     }
