@@ -82,6 +82,12 @@ pub enum Error {
         /// Why it cannot be used.
         message: String,
     },
+    /// The engine cannot take the request now (its queue is full or it is shutting down).
+    #[error("busy: {message}")]
+    Busy {
+        /// Why.
+        message: String,
+    },
     /// A backend operation failed (a bug or an exhausted resource, not bad input).
     #[error("backend: {0}")]
     Backend(String),

@@ -18,7 +18,9 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use backend::Device;
-pub use engine::{Engine, EngineOptions, Event, FinishReason, GenerateRequest, Generation, Prompt, Summary};
+pub use engine::{
+    Engine, EngineOptions, Event, FinishReason, GenerateRequest, Generation, Metrics, Prompt, Summary, TokenLogprob,
+};
 pub use error::{Error, Result};
 pub use runtime::sampler::SamplingParams;
 pub use tokenizer::ChatMessage;

@@ -325,7 +325,7 @@ fn generate_writes_exactly_the_text_to_stdout() {
         .unwrap()
         .filter_map(|e| match e.unwrap() {
             tulu::Event::Text(t) => Some(t),
-            tulu::Event::Done(_) => None,
+            _ => None,
         })
         .collect();
     assert_eq!(String::from_utf8(out.stdout).unwrap(), expected);

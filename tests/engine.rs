@@ -9,7 +9,7 @@ use tulu::backend::Backend;
 use tulu::config::ModelConfig;
 use tulu::model::Llama;
 use tulu::runtime::batch::Batch;
-use tulu::runtime::blocks::BlockPool;
+use tulu::runtime::block_manager::BlockManager;
 use tulu::weights::WeightStore;
 use tulu::{ChatMessage, Engine, EngineOptions, Event, FinishReason, GenerateRequest, SamplingParams, Summary};
 
@@ -18,7 +18,7 @@ const BS: usize = 16;
 struct Fixture {
     backend: CpuBackend,
     model: Llama<CpuBackend>,
-    pool: BlockPool,
+    pool: BlockManager,
     cache: <CpuBackend as Backend>::KvCache,
 }
 
@@ -28,7 +28,7 @@ fn fixture(dir: &std::path::Path) -> Fixture {
     let backend = CpuBackend::new();
     let model = Llama::load(&backend, &cfg, &store, 256, |_| {}).unwrap();
     let cache = backend.new_kv_cache(&model.kv_cache_spec(64, BS)).unwrap();
-    Fixture { backend, model, pool: BlockPool::new(64, BS), cache }
+    Fixture { backend, model, pool: BlockManager::new(64, BS, false), cache }
 }
 
 impl Fixture {
@@ -110,6 +110,7 @@ fn run(engine: &Engine, req: GenerateRequest) -> (String, Summary) {
         match ev.unwrap() {
             Event::Text(t) => text.push_str(&t),
             Event::Done(s) => return (text, s),
+            Event::Logprobs(_) => {}
         }
     }
     panic!("no summary");

@@ -13,7 +13,7 @@ use tulu::config::ModelConfig;
 use tulu::model::Llama;
 use tulu::peer::PeerLlama;
 use tulu::runtime::batch::Batch;
-use tulu::runtime::blocks::BlockPool;
+use tulu::runtime::block_manager::BlockManager;
 use tulu::tokenizer::Tokenizer;
 use tulu::weights::gguf::OutDType;
 use tulu::weights::WeightStore;
@@ -25,7 +25,7 @@ fn tulu_logits_per_position(dir: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
     let store = WeightStore::open(dir).unwrap();
     let backend = CpuBackend::new();
     let model = Llama::load(&backend, &cfg, &store, 512, |_| {}).unwrap();
-    let mut pool = BlockPool::new(64, 16);
+    let mut pool = BlockManager::new(64, 16, false);
     let mut cache = backend.new_kv_cache(&model.kv_cache_spec(64, 16)).unwrap();
     let mut table = Vec::new();
     pool.grow(&mut table, tokens.len()).unwrap();
@@ -56,7 +56,7 @@ fn compare_greedy(dir: &Path, prompt: &[u32], n: usize) {
         .unwrap()
         .find_map(|ev| match ev.unwrap() {
             Event::Done(s) => Some(s.tokens),
-            Event::Text(_) => None,
+            _ => None,
         })
         .unwrap();
     let rows = engine.tokenizer().vocab_size();

@@ -5,6 +5,8 @@
 //! are 2-D: one row per token of the step, sequences concatenated.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 use std::fmt;
 use std::str::FromStr;

@@ -35,6 +35,7 @@ fn request(engine: &Engine, prompt: Prompt, args: &SamplingArgs) -> GenerateRequ
         max_tokens: Some(args.max_tokens),
         stop: args.stop.clone(),
         ignore_eos: false,
+        logprobs: None,
     }
 }
 
@@ -52,6 +53,7 @@ fn stream(engine: &Engine, req: GenerateRequest) -> Result<(String, Summary)> {
                 }
             }
             Event::Done(summary) => return Ok((text, summary)),
+            Event::Logprobs(_) => {}
         }
     }
     Err(Error::Backend("generation ended without a summary".into()))

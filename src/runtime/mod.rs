@@ -1,5 +1,7 @@
-//! What runs between forward passes: the per-step batch, KV block allocation and sampling.
+//! What runs between forward passes: the per-step batch, the KV block pool with prefix
+//! caching, the continuous-batching scheduler and sampling. No device code.
 
 pub mod batch;
-pub mod blocks;
+pub mod block_manager;
 pub mod sampler;
+pub mod scheduler;

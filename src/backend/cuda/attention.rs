@@ -1,0 +1,252 @@
+//! Paged causal attention: launchers of `kernels/attention.cu` (decode, prefill, combine).
+//!
+//! The host cuts the step into work items — tiles of up to `rows_per_tile` consecutive rows of
+//! one sequence — and the keys into splits; a kernel block takes one (work item, kv head,
+//! split). A step in which every sequence feeds one token (decode) uses the 128-thread decode
+//! kernel with one row per tile; any other step the 256-thread prefill kernel with tiles of
+//! rows. Splits are added when the tiles alone would leave SMs idle (decode, long contexts),
+//! and then `attention_combine_bf16` merges them.
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::{grid, int, CudaBackend, CudaKvCache, CudaResultExt, CudaTensor, DeviceBatch};
+use crate::backend::AttnDims;
+use crate::error::{Error, Result};
+
+/// Accumulators per thread in the kernel (`ACC` in attention.cu).
+const ACC: usize = 16;
+/// Dynamic shared memory a block may use without opting in to more.
+const SMEM_LIMIT: usize = 48 * 1024;
+/// Most splits of the keys: bounds the partial-result buffer and the combine's work.
+const MAX_SPLITS: usize = 64;
+
+/// A step's work items on the device: `[row_start, n_rows, table_offset, kmax]` each.
+pub(crate) struct Work {
+    items: CudaSlice<u32>,
+    count: usize,
+    /// Largest `kmax`: the longest key range of any tile.
+    max_keys: usize,
+}
+
+/// How one attention call is launched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Plan {
+    decode: bool,
+    threads: usize,
+    rows_per_tile: usize,
+    /// Query vectors per block: rows_per_tile × heads per kv head.
+    nq_max: usize,
+    /// Keys per tile.
+    tk: usize,
+}
+
+fn align16(x: usize) -> usize {
+    x.div_ceil(16) * 16
+}
+
+/// Bytes of the kernel's dynamic shared memory; mirrors the layout comment in attention.cu.
+fn smem_bytes(nq: usize, hd: usize, tk: usize) -> usize {
+    align16(4 * nq * hd)
+        + align16(2 * tk * (hd + 2))
+        + align16(2 * tk * hd)
+        + align16(4 * nq * tk)
+        + 3 * align16(4 * nq)
+        + 4 * nq
+}
+
+fn not_implemented(what: String) -> Error {
+    Error::Backend(format!("attention: {what} not implemented yet"))
+}
+
+fn plan(decode_step: bool, dims: AttnDims) -> Result<Plan> {
+    let (hd, group) = (dims.head_dim, dims.heads / dims.kv_heads);
+    if hd == 0 || !hd.is_multiple_of(8) {
+        return Err(not_implemented(format!("head_dim {hd} (a multiple of 8 is needed for 16-byte loads) is")));
+    }
+    let (decode, threads, rows_per_tile) = if decode_step && group * hd <= 128 * ACC {
+        (true, 128, 1)
+    } else {
+        // As many rows as fit the accumulators, at most 64 query vectors (the score tile).
+        let nq = (64usize).min(256 * ACC / hd);
+        (false, 256, (nq / group).max(1))
+    };
+    let nq_max = rows_per_tile * group;
+    if nq_max * hd > threads * ACC {
+        return Err(not_implemented(format!("{group} query heads per kv head at head_dim {hd} is")));
+    }
+    let mut tk = 64;
+    while smem_bytes(nq_max, hd, tk) > SMEM_LIMIT {
+        if tk == 8 {
+            return Err(not_implemented(format!(
+                "head_dim {hd} with {group} query heads per kv head (shared memory) is"
+            )));
+        }
+        tk /= 2;
+    }
+    Ok(Plan { decode, threads, rows_per_tile, nq_max, tk })
+}
+
+impl CudaBackend {
+    /// The index in `batch.work` of the step's work items for tiles of `rows_per_tile` rows,
+    /// built once per batch.
+    fn work(&self, batch: &mut DeviceBatch, rows_per_tile: usize) -> Result<usize> {
+        if let Some(i) = batch.work.iter().position(|(r, _)| *r == rows_per_tile) {
+            return Ok(i);
+        }
+        let mut items = Vec::new();
+        let mut max_keys = 0;
+        for (s, seq) in batch.host.seqs.iter().enumerate() {
+            let mut start = seq.rows.start;
+            while start < seq.rows.end {
+                let end = (start + rows_per_tile).min(seq.rows.end);
+                let kmax = batch.host.positions[start..end].iter().max().map_or(0, |&p| p as usize + 1);
+                max_keys = max_keys.max(kmax);
+                items.extend([start as u32, (end - start) as u32, batch.table_offsets[s], kmax as u32]);
+                start = end;
+            }
+        }
+        let work = Work { count: items.len() / 4, items: self.upload_u32(&items)?, max_keys };
+        batch.work.push((rows_per_tile, work));
+        Ok(batch.work.len() - 1)
+    }
+
+    /// The caller has checked that the batch fits the cache (`check_batch_fits`).
+    pub(crate) fn attention_impl(
+        &self,
+        q: &CudaTensor,
+        layer: usize,
+        cache: &CudaKvCache,
+        batch: &mut DeviceBatch,
+        dims: AttnDims,
+    ) -> Result<CudaTensor> {
+        let rows = batch.host.num_tokens();
+        if q.rows != rows || q.cols != dims.q_dim() {
+            return Err(Error::Backend(format!(
+                "attention: q is {}×{}, expected {rows}×{}",
+                q.rows,
+                q.cols,
+                dims.q_dim()
+            )));
+        }
+        let mut out = self.alloc_tensor(rows, dims.q_dim())?;
+        if rows == 0 {
+            return Ok(out);
+        }
+        let decode_step = batch.host.seqs.iter().all(|s| s.rows.len() == 1);
+        let plan = plan(decode_step, dims)?;
+        let block_size = batch.host.block_size;
+        let (sm_count, kv_heads) = (self.sm_count, dims.kv_heads);
+        let index = self.work(batch, plan.rows_per_tile)?;
+        let batch = &*batch;
+        let work = &batch.work[index].1;
+
+        // Split the keys only when the tiles leave SMs idle (two blocks per SM wanted), and
+        // never below two key tiles per split.
+        let blocks = work.count * kv_heads;
+        let wanted = if blocks >= 2 * sm_count { 1 } else { (2 * sm_count).div_ceil(blocks) };
+        let most = work.max_keys.div_ceil(2 * plan.tk).clamp(1, MAX_SPLITS);
+        let splits = wanted.clamp(1, most);
+        let split_len = work.max_keys.div_ceil(splits).div_ceil(plan.tk) * plan.tk;
+        let splits = work.max_keys.div_ceil(split_len);
+
+        let (o_part, ml_part) = if splits > 1 {
+            let n = rows * dims.heads * splits;
+            // SAFETY: every (row, head, split) entry is written by the attention kernel before
+            // the combine kernel reads it.
+            unsafe {
+                (
+                    self.stream.alloc::<f32>(n * dims.head_dim).cuda("allocating attention partials")?,
+                    self.stream.alloc::<f32>(2 * n).cuda("allocating attention partials")?,
+                )
+            }
+        } else {
+            // Unused by the kernel with one split; one element each, as CUDA refuses empty allocations.
+            (self.placeholder()?, self.placeholder()?)
+        };
+
+        let cfg = LaunchConfig {
+            grid_dim: (grid(work.count, "attention tiles")?, grid(kv_heads, "kv heads")?, grid(splits, "splits")?),
+            block_dim: (plan.threads as u32, 1, 1),
+            shared_mem_bytes: smem_bytes(plan.nq_max, dims.head_dim, plan.tk) as u32,
+        };
+        let scale_log2 = ((dims.head_dim as f64).sqrt().recip() * std::f64::consts::LOG2_E) as f32;
+        let args = [
+            int(dims.heads, "heads")?,
+            int(kv_heads, "kv_heads")?,
+            int(dims.head_dim, "head_dim")?,
+            int(block_size, "block_size")?,
+            int(plan.nq_max, "nq_max")?,
+            int(plan.tk, "tk")?,
+            int(split_len, "split_len")?,
+        ];
+        let kernel = if plan.decode { &self.kernels.attention_decode } else { &self.kernels.attention_prefill };
+        let mut launch = self.stream.launch_builder(kernel);
+        launch
+            .arg(&q.data)
+            .arg(&cache.k[layer])
+            .arg(&cache.v[layer])
+            .arg(&batch.positions)
+            .arg(&batch.block_tables)
+            .arg(&work.items)
+            .arg(&mut out.data)
+            .arg(&o_part)
+            .arg(&ml_part);
+        for a in &args {
+            launch.arg(a);
+        }
+        launch.arg(&scale_log2);
+        // SAFETY: argument types and order match attention_tile's; the plan keeps the
+        // accumulators and shared memory within the kernel's limits, and check_batch_fits keeps
+        // every block id and slot inside the cache.
+        unsafe { launch.launch(cfg) }.cuda("launching the attention kernel")?;
+
+        if splits > 1 {
+            let cfg = LaunchConfig {
+                grid_dim: (grid(rows * dims.heads, "rows × heads")?, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (hd, n_splits) = (int(dims.head_dim, "head_dim")?, int(splits, "splits")?);
+            let mut launch = self.stream.launch_builder(&self.kernels.attention_combine);
+            launch.arg(&o_part).arg(&ml_part).arg(&mut out.data).arg(&hd).arg(&n_splits);
+            // SAFETY: argument types and order match attention_combine_bf16; the partials hold
+            // rows × heads × splits entries.
+            unsafe { launch.launch(cfg) }.cuda("launching attention_combine_bf16")?;
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dims(heads: usize, kv_heads: usize, head_dim: usize) -> AttnDims {
+        AttnDims { heads, kv_heads, head_dim }
+    }
+
+    #[test]
+    fn plans_fit_the_kernel_limits() {
+        for &(heads, kv, hd) in
+            &[(8, 2, 8), (9, 3, 64), (32, 8, 128), (64, 8, 128), (128, 8, 128), (32, 32, 128), (8, 1, 256)]
+        {
+            for decode in [true, false] {
+                let p = plan(decode, dims(heads, kv, hd)).unwrap();
+                assert!(p.nq_max * hd <= p.threads * ACC, "{p:?}");
+                assert!(smem_bytes(p.nq_max, hd, p.tk) <= SMEM_LIMIT, "{p:?}");
+                assert!(p.tk >= 8 && p.rows_per_tile >= 1);
+            }
+        }
+        // Llama-3.1-8B decode: the decode kernel, one row, all 4 query heads of a kv head.
+        let p = plan(true, dims(32, 8, 128)).unwrap();
+        assert_eq!((p.decode, p.rows_per_tile, p.nq_max, p.tk), (true, 1, 4, 64));
+    }
+
+    #[test]
+    fn unsupported_shapes_say_not_implemented() {
+        let e = plan(true, dims(8, 8, 12)).unwrap_err().to_string();
+        assert!(e.contains("not implemented yet"), "{e}");
+        let e = plan(true, dims(64, 1, 128)).unwrap_err().to_string();
+        assert!(e.contains("not implemented yet"), "{e}");
+    }
+}

@@ -1,0 +1,64 @@
+//! `x · wᵀ` through cuBLASLt in bf16 with f32 accumulation.
+//!
+//! Layouts. tulu holds both operands row-major: `x` is M×K (tokens × in), `w` is N×K
+//! (out × in, as HF stores linear weights), and `y = x·wᵀ` is M×N. cuBLAS is column-major, and a
+//! row-major R×C matrix is, byte for byte, the column-major C×R matrix — its transpose. So we ask
+//! cuBLAS for `yᵀ = w · xᵀ` (N×M, column-major), which is `y` row-major:
+//! - A = `w`'s memory seen column-major is wᵀ (K×N, ld = K); we need w (N×K) = op(A), so
+//!   transa = T, m = N, k = K, lda = K;
+//! - B = `x`'s memory seen column-major is xᵀ (K×M, ld = K), which is what we need: transb = N,
+//!   n = M, ldb = K;
+//! - C = yᵀ (N×M, column-major, ldc = N) is `y` (M×N, row-major).
+//!
+//! This "TN" form is also the one cuBLASLt has the most kernels for.
+//!
+//! Not implemented yet (issue 4, item 5): the per-shape choice between cuBLASLt and our own
+//! split-K GEMV for decode, and caching the matmul descriptors/heuristic per shape (cudarc's
+//! safe wrapper builds them on every call, a few µs each).
+
+use cudarc::cublaslt::{Matmul, MatmulConfig};
+
+use super::{CudaBackend, CudaResultExt, CudaTensor, CudaWeight};
+use crate::error::{Error, Result};
+
+impl CudaBackend {
+    pub(crate) fn matmul_impl(&self, x: &CudaTensor, w: &CudaWeight) -> Result<CudaTensor> {
+        if x.cols != w.cols {
+            return Err(Error::Backend(format!(
+                "matmul: activation has {} columns, weight {}×{}",
+                x.cols, w.rows, w.cols
+            )));
+        }
+        let wd = w.bf16("matmul")?;
+        let (m, n, k) = (x.rows, w.rows, w.cols);
+        let mut y = self.alloc_tensor(m, n)?;
+        if m == 0 || n == 0 {
+            return Ok(y);
+        }
+        if k == 0 {
+            return Err(Error::Backend("matmul: zero inner dimension".into()));
+        }
+        let cfg = MatmulConfig {
+            transa: true,
+            transb: false,
+            transc: false,
+            m: n as u64,
+            n: m as u64,
+            k: k as u64,
+            alpha: 1.0,
+            lda: k as i64,
+            ldb: k as i64,
+            beta: 0.0,
+            ldc: n as i64,
+            stride_a: None,
+            stride_b: None,
+            stride_c: None,
+            stride_bias: None,
+            batch_size: None,
+        };
+        // SAFETY: w holds N×K, x M×K and y M×N elements, matching the layouts described above.
+        unsafe { self.blas.matmul(cfg, wd, &x.data, &mut y.data, None, None) }
+            .cuda(&format!("cuBLASLt bf16 GEMM {m}×{k} · ({n}×{k})ᵀ"))?;
+        Ok(y)
+    }
+}

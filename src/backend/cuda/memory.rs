@@ -1,0 +1,280 @@
+//! Device memory: activations, weights and the paged KV cache, and the streaming of weights
+//! from the memory-mapped checkpoint into the device.
+//!
+//! Weights are streamed row by row from `TensorSlice::row_bytes()` through two pinned staging
+//! buffers (one is filled on the host while the other's copy is in flight), converted to bf16 on
+//! the way when the checkpoint is f32 or f16; no weight is ever held whole in host memory.
+
+use cudarc::driver::{CudaEvent, CudaSlice, DevicePtrMut, PinnedHostSlice};
+use half::bf16;
+
+use super::{CudaBackend, CudaResultExt};
+use crate::error::{Error, Result};
+use crate::weights::{DType, TensorSlice};
+
+/// Activations on the device: `rows × cols` bf16, row-major, contiguous.
+pub struct CudaTensor {
+    pub(crate) data: CudaSlice<bf16>,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+}
+
+impl CudaTensor {
+    /// One row per token.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    /// Features per row.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+}
+
+/// A weight's device storage: bf16 for checkpoint tensors, f32 for host tables (RoPE).
+pub(crate) enum WeightData {
+    Bf16(CudaSlice<bf16>),
+    F32(CudaSlice<f32>),
+}
+
+/// A weight matrix or vector resident on the device (`rows × cols`; vectors have one row).
+pub struct CudaWeight {
+    pub(crate) data: WeightData,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+}
+
+impl CudaWeight {
+    /// Rows (output features of a linear weight).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    /// Columns (input features of a linear weight).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The bf16 storage, or an error naming `op` when this is an f32 table.
+    pub(crate) fn bf16(&self, op: &str) -> Result<&CudaSlice<bf16>> {
+        match &self.data {
+            WeightData::Bf16(d) => Ok(d),
+            WeightData::F32(_) => Err(Error::Backend(format!("{op}: expected a bf16 weight, got an f32 table"))),
+        }
+    }
+
+    /// The f32 storage, or an error naming `op` when this is a bf16 weight.
+    pub(crate) fn f32(&self, op: &str) -> Result<&CudaSlice<f32>> {
+        match &self.data {
+            WeightData::F32(d) => Ok(d),
+            WeightData::Bf16(_) => Err(Error::Backend(format!("{op}: expected an f32 table, got a bf16 weight"))),
+        }
+    }
+}
+
+/// The paged KV cache: per layer, K and V of `num_blocks · block_size` slots of `kv_dim` bf16.
+pub struct CudaKvCache {
+    pub(crate) k: Vec<CudaSlice<bf16>>,
+    pub(crate) v: Vec<CudaSlice<bf16>>,
+    pub(crate) num_blocks: usize,
+    pub(crate) block_size: usize,
+    pub(crate) kv_heads: usize,
+    pub(crate) head_dim: usize,
+}
+
+impl CudaKvCache {
+    /// Token slots per layer.
+    pub fn slots(&self) -> usize {
+        self.num_blocks * self.block_size
+    }
+}
+
+/// Elements per pinned staging buffer (8 MiB of bf16): large enough for full-speed copies,
+/// small enough that two of them are nothing next to a model.
+pub(crate) const STAGING_ELEMS: usize = 4 << 20;
+
+/// The two pinned buffers weights are staged through, with the event marking the end of each
+/// one's last copy (cudarc's own tracking is off, see `CudaBackend::new`).
+pub(crate) struct Staging {
+    bufs: [PinnedHostSlice<bf16>; 2],
+    done: [CudaEvent; 2],
+}
+
+impl CudaBackend {
+    /// `n` bf16 on the device: NaN-filled when poisoning is on (tests: any element a kernel
+    /// forgets to write shows), uninitialised otherwise (every kernel writes its whole output).
+    pub(crate) fn alloc_bf16(&self, n: usize) -> Result<CudaSlice<bf16>> {
+        // CUDA refuses empty allocations: an empty tensor holds one unused element.
+        // SAFETY: the memory is either filled below or fully written by the kernel it is for.
+        let mut buf = unsafe { self.stream.alloc::<bf16>(n.max(1)) }.cuda("allocating device memory")?;
+        if self.poison.load(std::sync::atomic::Ordering::Relaxed) {
+            let (ptr, _record) = buf.device_ptr_mut(&self.stream);
+            // 0xFFFF is a bf16 NaN.
+            // SAFETY: `ptr` addresses `n` bf16 = 2n bytes owned by `buf`, on `self.stream`.
+            unsafe { cudarc::driver::result::memset_d8_async(ptr, 0xFF, 2 * n.max(1), self.stream.cu_stream()) }
+                .cuda("poisoning device memory")?;
+        }
+        Ok(buf)
+    }
+
+    /// A tensor of `rows × cols` from `alloc_bf16`.
+    pub(crate) fn alloc_tensor(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
+        Ok(CudaTensor { data: self.alloc_bf16(rows * cols)?, rows, cols })
+    }
+
+    /// Copies a small host array (indices, metadata) to the device; an empty one becomes a
+    /// single zero, as CUDA refuses empty allocations.
+    pub(crate) fn upload_u32(&self, data: &[u32]) -> Result<CudaSlice<u32>> {
+        let data = if data.is_empty() { &[0][..] } else { data };
+        self.stream.clone_htod(data).cuda("copying metadata to the device")
+    }
+
+    /// A one-element f32 buffer for kernel arguments a launch does not use.
+    pub(crate) fn placeholder(&self) -> Result<CudaSlice<f32>> {
+        self.stream.alloc_zeros::<f32>(1).cuda("allocating a placeholder")
+    }
+
+    /// The staging buffers, allocated on first use.
+    fn new_staging(&self) -> Result<Staging> {
+        // Plain (not write-combined) pinned memory: the tail of a weight is read back on the host.
+        // SAFETY: the buffers are written before any copy reads them.
+        let alloc = || unsafe { self.ctx.alloc_pinned_with_flags::<bf16>(STAGING_ELEMS, 0) };
+        let bufs =
+            [alloc().cuda("allocating pinned staging memory")?, alloc().cuda("allocating pinned staging memory")?];
+        let event = || self.ctx.new_event(None).cuda("creating an event");
+        Ok(Staging { bufs, done: [event()?, event()?] })
+    }
+
+    /// Streams `parts` (concatenated along rows, each followed by its zero padding rows) into
+    /// one new bf16 device matrix.
+    pub(crate) fn load_weight_impl(&self, parts: &[TensorSlice<'_>]) -> Result<CudaWeight> {
+        let first = parts.first().ok_or_else(|| Error::Backend("a weight needs at least one part".into()))?;
+        let cols = first.shape().1;
+        for p in parts {
+            if p.shape().1 != cols {
+                let t = &p.tensor;
+                return Err(Error::weights(
+                    t.file,
+                    Some(t.name),
+                    format!("cannot be fused with `{}`: {} columns, not {cols}", first.tensor.name, p.shape().1),
+                ));
+            }
+        }
+        let rows: usize = parts.iter().map(|p| p.shape().0).sum();
+        let mut dst = self.alloc_bf16(rows * cols)?;
+        let mut guard = self.staging.lock().map_err(|_| Error::Backend("staging buffers poisoned".into()))?;
+        if guard.is_none() {
+            *guard = Some(self.new_staging()?);
+        }
+        let staging = guard.as_mut().ok_or_else(|| Error::Backend("staging buffers missing".into()))?;
+        let mut stager = Stager { backend: self, staging, dst: &mut dst, cur: 0, fill: 0, offset: 0 };
+        for p in parts {
+            for row in p.row_bytes() {
+                stager.push(row, p.tensor.dtype)?;
+            }
+            stager.push_zeros(p.pad_rows * cols)?;
+        }
+        stager.finish()?;
+        Ok(CudaWeight { data: WeightData::Bf16(dst), rows, cols })
+    }
+}
+
+/// Fills the staging buffers in turn and copies each full one to `dst` at `offset`.
+struct Stager<'a> {
+    backend: &'a CudaBackend,
+    staging: &'a mut Staging,
+    dst: &'a mut CudaSlice<bf16>,
+    /// The buffer being filled.
+    cur: usize,
+    /// Elements already in it.
+    fill: usize,
+    /// Where in `dst` its first element goes.
+    offset: usize,
+}
+
+impl Stager<'_> {
+    /// The current buffer, once its previous copy has finished reading it.
+    fn buffer(&mut self) -> Result<&mut [bf16]> {
+        self.staging.done[self.cur].synchronize().cuda("waiting for a weight copy")?;
+        self.staging.bufs[self.cur].as_mut_slice().cuda("mapping pinned staging memory")
+    }
+
+    /// Appends one row of stored little-endian values, converted to bf16.
+    fn push(&mut self, mut bytes: &[u8], dtype: DType) -> Result<()> {
+        let size = dtype.size();
+        while !bytes.is_empty() {
+            let fill = self.fill;
+            let buf = self.buffer()?;
+            let n = (bytes.len() / size).min(STAGING_ELEMS - fill);
+            let (now, rest) = bytes.split_at(n * size);
+            let out = &mut buf[fill..fill + n];
+            match dtype {
+                DType::BF16 => {
+                    for (o, c) in out.iter_mut().zip(now.chunks_exact(2)) {
+                        *o = bf16::from_le_bytes([c[0], c[1]]);
+                    }
+                }
+                DType::F16 => {
+                    for (o, c) in out.iter_mut().zip(now.chunks_exact(2)) {
+                        *o = bf16::from_f32(half::f16::from_le_bytes([c[0], c[1]]).to_f32());
+                    }
+                }
+                DType::F32 => {
+                    for (o, c) in out.iter_mut().zip(now.chunks_exact(4)) {
+                        *o = bf16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+                    }
+                }
+            }
+            self.fill += n;
+            bytes = rest;
+            if self.fill == STAGING_ELEMS {
+                self.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends `n` zeros (padding rows).
+    fn push_zeros(&mut self, mut n: usize) -> Result<()> {
+        while n > 0 {
+            let fill = self.fill;
+            let k = n.min(STAGING_ELEMS - fill);
+            self.buffer()?[fill..fill + k].fill(bf16::ZERO);
+            self.fill += k;
+            n -= k;
+            if self.fill == STAGING_ELEMS {
+                self.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the copy of the full current buffer and switches to the other one.
+    fn flush(&mut self) -> Result<()> {
+        let stream = &self.backend.stream;
+        let mut view = self.dst.slice_mut(self.offset..self.offset + STAGING_ELEMS);
+        stream.memcpy_htod(&self.staging.bufs[self.cur], &mut view).cuda("copying a weight to the device")?;
+        self.staging.done[self.cur].record(stream).cuda("recording a weight copy")?;
+        self.offset += STAGING_ELEMS;
+        self.fill = 0;
+        self.cur ^= 1;
+        Ok(())
+    }
+
+    /// Copies the partly filled last buffer and waits for every copy of this weight.
+    fn finish(mut self) -> Result<()> {
+        if self.fill > 0 {
+            // A pinned buffer copies whole; the tail goes through pageable memory instead.
+            let fill = self.fill;
+            let tail = self.buffer()?[..fill].to_vec();
+            let mut view = self.dst.slice_mut(self.offset..self.offset + fill);
+            self.backend.stream.memcpy_htod(&tail, &mut view).cuda("copying a weight to the device")?;
+        }
+        if self.offset + self.fill != self.dst.len() {
+            return Err(Error::Backend(format!(
+                "weight upload wrote {} of {} elements",
+                self.offset + self.fill,
+                self.dst.len()
+            )));
+        }
+        self.backend.stream.synchronize().cuda("finishing a weight upload")
+    }
+}

@@ -1,0 +1,420 @@
+//! The CUDA backend: cudarc (libcuda, cuBLASLt loaded at run time), tulu's kernels from
+//! `kernels/*.cu` (compiled by build.rs, embedded), cuBLASLt for GEMMs.
+//!
+//! Storage is bf16 everywhere (activations, weights, KV cache) and arithmetic f32; the CPU
+//! backend, f32 throughout, is the reference `tests/gpu.rs` compares every op with. Each op's
+//! launcher sits next to its shape checks in the file named after its kernel file:
+//! `rmsnorm.rs` ↔ `kernels/rmsnorm.cu`, and so on; `gemm.rs` wraps cuBLASLt.
+//!
+//! Everything runs on one stream, in order, so cudarc's per-buffer event tracking (meant for
+//! several streams) is turned off; host reads go through synchronous copies.
+//!
+//! Not implemented yet (issue 4): CUDA graphs, a preallocated activation workspace (outputs are
+//! allocated per op from the stream-ordered pool), custom GEMVs for decode, GPU sampling beyond
+//! argmax, and NCCL tensor parallelism.
+
+mod attention;
+mod elementwise;
+mod embedding;
+mod gemm;
+mod memory;
+mod module;
+mod rmsnorm;
+mod rope;
+mod sampling;
+
+use std::fmt::Display;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublaslt::CudaBlasLT;
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+
+pub use self::memory::{CudaKvCache, CudaTensor, CudaWeight};
+use self::memory::{Staging, WeightData};
+use self::module::Kernels;
+use super::{AttnDims, Backend, KvCacheSpec};
+use crate::error::{Error, Result};
+use crate::runtime::batch::Batch;
+use crate::weights::TensorSlice;
+
+/// Whether a CUDA device can be used: `Ok` when libcuda loads and at least one device exists,
+/// else why not, in a sentence for the user.
+pub fn cuda_available() -> std::result::Result<(), String> {
+    // cudarc panics on the first driver call when libcuda is missing: look for it first.
+    // SAFETY: only tries to dlopen the library's candidate names.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err("the NVIDIA driver library (libcuda.so) was not found: no NVIDIA driver on this machine".into());
+    }
+    match CudaContext::device_count() {
+        Ok(0) => Err("the NVIDIA driver reports no CUDA device".into()),
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!("the NVIDIA driver failed to initialise: {e}")),
+    }
+}
+
+/// Converts cudarc's errors into tulu's, naming what was being done.
+pub(crate) trait CudaResultExt<T> {
+    /// `Error::Backend("{what}: {error}")` on failure.
+    fn cuda(self, what: &str) -> Result<T>;
+}
+
+impl<T, E: Display> CudaResultExt<T> for std::result::Result<T, E> {
+    fn cuda(self, what: &str) -> Result<T> {
+        self.map_err(|e| Error::Backend(format!("{what}: {e}")))
+    }
+}
+
+/// `x` as a kernel's `int` argument, or an error naming `what` when it does not fit.
+pub(crate) fn int(x: usize, what: &str) -> Result<i32> {
+    i32::try_from(x).map_err(|_| Error::Backend(format!("{what} = {x} does not fit a kernel's 32-bit index")))
+}
+
+/// `x` as a grid dimension (at most 2^31 - 1 blocks in x, 65535 in y and z).
+pub(crate) fn grid(x: usize, what: &str) -> Result<u32> {
+    u32::try_from(x)
+        .ok()
+        .filter(|&g| g > 0 && g < (1 << 31))
+        .ok_or_else(|| Error::Backend(format!("{what} = {x} is not a valid grid size")))
+}
+
+/// A step's metadata on the device, uploaded once and reused by every layer's ops.
+pub(crate) struct DeviceBatch {
+    /// The batch it was made from: the next call with an equal batch reuses it.
+    host: Batch,
+    /// Per row.
+    positions: CudaSlice<u32>,
+    /// Per row.
+    slots: CudaSlice<u32>,
+    /// Every sequence's block table, concatenated.
+    block_tables: CudaSlice<u32>,
+    /// Where each sequence's table starts in `block_tables`.
+    table_offsets: Vec<u32>,
+    /// Largest block id of any table (checked against the cache it is used with).
+    max_block: u32,
+    /// Largest slot (likewise).
+    max_slot: u32,
+    /// Attention work items per rows-per-tile, built on first use (see attention.rs).
+    work: Vec<(usize, attention::Work)>,
+}
+
+/// The CUDA backend on one device.
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlasLT,
+    kernels: Kernels,
+    /// Streaming multiprocessors, for sizing grids.
+    sm_count: usize,
+    name: String,
+    /// Fill every new output with NaN before its kernel runs (tests).
+    poison: AtomicBool,
+    staging: Mutex<Option<Staging>>,
+    batch: Mutex<Option<DeviceBatch>>,
+}
+
+impl CudaBackend {
+    /// Opens CUDA device `ordinal` and loads the kernels; fails with a clear reason on a
+    /// machine without the driver, the device, cuBLASLt, or with kernels that do not load.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let dev = |message: String| Error::Device { device: format!("cuda:{ordinal}"), message };
+        cuda_available().map_err(dev)?;
+        let count = CudaContext::device_count().map_err(|e| dev(e.to_string()))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(dev(format!("there are only {count} CUDA devices (cuda:0 to cuda:{})", count - 1)));
+        }
+        // SAFETY: only tries to dlopen the library's candidate names.
+        if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
+            return Err(dev("cuBLASLt (libcublasLt.so) was not found; install the CUDA 13 runtime libraries".into()));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| dev(format!("creating a context: {e}")))?;
+        // SAFETY: called before any buffer exists; one stream orders all our work (module docs).
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(|e| dev(format!("creating a stream: {e}")))?;
+        let blas = CudaBlasLT::new(stream.clone()).map_err(|e| dev(format!("creating a cuBLASLt handle: {e}")))?;
+        let kernels = Kernels::load(&ctx)?;
+        let sm_count = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| dev(e.to_string()))?
+            .max(1) as usize;
+        let (major, minor) = ctx.compute_capability().map_err(|e| dev(e.to_string()))?;
+        let name =
+            format!("cuda:{ordinal} ({}, sm_{major}{minor})", ctx.name().unwrap_or_else(|_| "unknown GPU".into()));
+        Ok(CudaBackend {
+            ctx,
+            stream,
+            blas,
+            kernels,
+            sm_count,
+            name,
+            poison: AtomicBool::new(false),
+            staging: Mutex::new(None),
+            batch: Mutex::new(None),
+        })
+    }
+
+    /// Fills every output (and the KV cache) with NaN before the kernel that writes it, so that
+    /// an element a kernel forgets shows up in tests. Off by default.
+    pub fn poison_outputs(&self, on: bool) {
+        self.poison.store(on, Ordering::Relaxed);
+    }
+
+    /// Waits until all queued work has finished (timing, tests).
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().cuda("synchronizing the stream")
+    }
+
+    /// Copies a host matrix to a device tensor (rounded to bf16).
+    pub fn tensor_from_host(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
+        if data.len() != rows * cols {
+            return Err(Error::Backend(format!("{} values cannot form {rows}×{cols}", data.len())));
+        }
+        self.bind()?;
+        let mut t = self.alloc_tensor(rows, cols)?;
+        if !data.is_empty() {
+            let host: Vec<half::bf16> = data.iter().map(|&x| half::bf16::from_f32(x)).collect();
+            self.stream.memcpy_htod(&host, &mut t.data).cuda("copying a tensor to the device")?;
+        }
+        Ok(t)
+    }
+
+    /// Makes this backend's context current on the calling thread (the engine may call from
+    /// any worker thread).
+    fn bind(&self) -> Result<()> {
+        self.ctx.bind_to_thread().cuda("binding the CUDA context")
+    }
+
+    /// Runs `f` with `batch`'s metadata on the device, uploading it only when the batch differs
+    /// from the previous call's (every layer of a step passes the same batch).
+    fn with_batch<R>(&self, batch: &Batch, f: impl FnOnce(&mut DeviceBatch) -> Result<R>) -> Result<R> {
+        let mut guard = self.batch.lock().map_err(|_| Error::Backend("batch metadata lock poisoned".into()))?;
+        if guard.as_ref().is_none_or(|d| d.host != *batch) {
+            *guard = None;
+            *guard = Some(self.upload_batch(batch)?);
+        }
+        let device = guard.as_mut().ok_or_else(|| Error::Backend("batch metadata missing".into()))?;
+        f(device)
+    }
+
+    fn upload_batch(&self, batch: &Batch) -> Result<DeviceBatch> {
+        let n = batch.num_tokens();
+        if batch.positions.len() != n || batch.slots.len() != n {
+            return Err(Error::Backend(format!(
+                "batch: {n} tokens but {} positions and {} slots",
+                batch.positions.len(),
+                batch.slots.len()
+            )));
+        }
+        let mut expect = 0;
+        for s in &batch.seqs {
+            if s.rows.start != expect || s.rows.end <= s.rows.start {
+                return Err(Error::Backend("batch: sequences' rows must be consecutive and non-empty".into()));
+            }
+            expect = s.rows.end;
+            let last = batch.positions[s.rows.end - 1] as usize;
+            if s.block_table.len() * batch.block_size <= last {
+                return Err(Error::Backend(format!(
+                    "batch: a block table of {} blocks cannot hold position {last}",
+                    s.block_table.len()
+                )));
+            }
+        }
+        if expect != n {
+            return Err(Error::Backend(format!("batch: sequences cover {expect} of {n} rows")));
+        }
+        let mut tables = Vec::new();
+        let mut table_offsets = Vec::with_capacity(batch.seqs.len());
+        for s in &batch.seqs {
+            table_offsets.push(tables.len() as u32);
+            tables.extend_from_slice(&s.block_table);
+        }
+        Ok(DeviceBatch {
+            host: batch.clone(),
+            positions: self.upload_u32(&batch.positions)?,
+            slots: self.upload_u32(&batch.slots)?,
+            block_tables: self.upload_u32(&tables)?,
+            table_offsets,
+            max_block: tables.iter().copied().max().unwrap_or(0),
+            max_slot: batch.slots.iter().copied().max().unwrap_or(0),
+            work: Vec::new(),
+        })
+    }
+}
+
+/// Checks that `batch` fits `cache` (block size, block ids, slots) before a kernel uses them.
+fn check_batch_fits(batch: &DeviceBatch, cache: &CudaKvCache, dims: AttnDims, layer: usize, op: &str) -> Result<()> {
+    if batch.host.block_size != cache.block_size {
+        return Err(Error::Backend(format!(
+            "{op}: batch uses {}-token blocks, the cache {}",
+            batch.host.block_size, cache.block_size
+        )));
+    }
+    if batch.max_block as usize >= cache.num_blocks || batch.max_slot as usize >= cache.slots() {
+        return Err(Error::Backend(format!(
+            "{op}: block {} / slot {} outside the cache's {} blocks",
+            batch.max_block, batch.max_slot, cache.num_blocks
+        )));
+    }
+    if dims.kv_heads != cache.kv_heads || dims.head_dim != cache.head_dim {
+        return Err(Error::Backend(format!(
+            "{op}: dims {}×{} do not match the cache's {}×{}",
+            dims.kv_heads, dims.head_dim, cache.kv_heads, cache.head_dim
+        )));
+    }
+    if layer >= cache.k.len() {
+        return Err(Error::Backend(format!("{op}: layer {layer} of a {}-layer cache", cache.k.len())));
+    }
+    if dims.kv_heads == 0 || !dims.heads.is_multiple_of(dims.kv_heads) {
+        return Err(Error::Backend(format!(
+            "{op}: {} heads do not divide into {} kv heads",
+            dims.heads, dims.kv_heads
+        )));
+    }
+    Ok(())
+}
+
+impl Backend for CudaBackend {
+    type Tensor = CudaTensor;
+    type Weight = CudaWeight;
+    type KvCache = CudaKvCache;
+
+    fn describe(&self) -> String {
+        let overridden = self.kernels.overridden();
+        if overridden.is_empty() {
+            self.name.clone()
+        } else {
+            format!("{} [TULU_KERNELS: {}]", self.name, overridden.join(", "))
+        }
+    }
+
+    fn load_weight(&self, parts: &[TensorSlice<'_>]) -> Result<CudaWeight> {
+        self.bind()?;
+        self.load_weight_impl(parts)
+    }
+
+    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaWeight> {
+        if data.len() != rows * cols || data.is_empty() {
+            return Err(Error::Backend(format!("upload: {} values cannot form {rows}×{cols}", data.len())));
+        }
+        self.bind()?;
+        let d = self.stream.clone_htod(data).cuda("copying a table to the device")?;
+        Ok(CudaWeight { data: WeightData::F32(d), rows, cols })
+    }
+
+    fn new_kv_cache(&self, spec: &KvCacheSpec) -> Result<CudaKvCache> {
+        self.bind()?;
+        let len = spec.num_blocks * spec.block_size * spec.kv_heads * spec.head_dim;
+        if len == 0 {
+            return Err(Error::Backend(format!("new_kv_cache: empty cache {spec:?}")));
+        }
+        if spec.num_blocks * spec.block_size > u32::MAX as usize {
+            return Err(Error::Backend("new_kv_cache: more slots than u32 slot ids address".into()));
+        }
+        let mut k = Vec::with_capacity(spec.layers);
+        let mut v = Vec::with_capacity(spec.layers);
+        for _ in 0..spec.layers {
+            // Poisoned in tests (attention must never read a slot nobody wrote), zeroed otherwise.
+            let alloc = || -> Result<CudaSlice<half::bf16>> {
+                if self.poison.load(Ordering::Relaxed) {
+                    self.alloc_bf16(len)
+                } else {
+                    self.stream.alloc_zeros(len).cuda("allocating the KV cache")
+                }
+            };
+            k.push(alloc()?);
+            v.push(alloc()?);
+        }
+        Ok(CudaKvCache {
+            k,
+            v,
+            num_blocks: spec.num_blocks,
+            block_size: spec.block_size,
+            kv_heads: spec.kv_heads,
+            head_dim: spec.head_dim,
+        })
+    }
+
+    fn embed(&self, table: &CudaWeight, ids: &[u32]) -> Result<CudaTensor> {
+        self.bind()?;
+        self.embed_impl(table, ids)
+    }
+
+    fn rms_norm(&self, x: &CudaTensor, weight: &CudaWeight, eps: f32) -> Result<CudaTensor> {
+        self.bind()?;
+        self.rms_norm_impl(x, weight, eps)
+    }
+
+    fn add_rms_norm(
+        &self,
+        x: &mut CudaTensor,
+        residual: &CudaTensor,
+        weight: &CudaWeight,
+        eps: f32,
+    ) -> Result<CudaTensor> {
+        self.bind()?;
+        self.add_rms_norm_impl(x, residual, weight, eps)
+    }
+
+    fn matmul(&self, x: &CudaTensor, w: &CudaWeight) -> Result<CudaTensor> {
+        self.bind()?;
+        self.matmul_impl(x, w)
+    }
+
+    fn rope_write_kv(
+        &self,
+        qkv: &CudaTensor,
+        cos: &CudaWeight,
+        sin: &CudaWeight,
+        layer: usize,
+        cache: &mut CudaKvCache,
+        batch: &Batch,
+        dims: AttnDims,
+    ) -> Result<CudaTensor> {
+        self.bind()?;
+        self.with_batch(batch, |b| {
+            check_batch_fits(b, cache, dims, layer, "rope_write_kv")?;
+            self.rope_write_kv_impl(qkv, cos, sin, layer, cache, b, dims)
+        })
+    }
+
+    fn attention(
+        &self,
+        q: &CudaTensor,
+        layer: usize,
+        cache: &CudaKvCache,
+        batch: &Batch,
+        dims: AttnDims,
+    ) -> Result<CudaTensor> {
+        self.bind()?;
+        self.with_batch(batch, |b| {
+            check_batch_fits(b, cache, dims, layer, "attention")?;
+            self.attention_impl(q, layer, cache, b, dims)
+        })
+    }
+
+    fn silu_mul(&self, gate_up: &CudaTensor) -> Result<CudaTensor> {
+        self.bind()?;
+        self.silu_mul_impl(gate_up)
+    }
+
+    fn add(&self, x: &mut CudaTensor, y: &CudaTensor) -> Result<()> {
+        self.bind()?;
+        self.add_impl(x, y)
+    }
+
+    fn gather_rows(&self, x: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {
+        self.bind()?;
+        self.gather_rows_impl(x, rows)
+    }
+
+    fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>> {
+        self.bind()?;
+        let n = x.rows * x.cols;
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let host = self.stream.clone_dtoh(&x.data.slice(0..n)).cuda("copying a tensor to the host")?;
+        self.synchronize()?;
+        Ok(host.into_iter().map(half::bf16::to_f32).collect())
+    }
+}

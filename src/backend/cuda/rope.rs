@@ -1,0 +1,75 @@
+//! RoPE fused with the KV cache write: launcher of `kernels/rope.cu`.
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::{grid, int, CudaBackend, CudaKvCache, CudaResultExt, CudaTensor, CudaWeight, DeviceBatch};
+use crate::backend::AttnDims;
+use crate::error::{Error, Result};
+
+const THREADS: u32 = 128;
+
+impl CudaBackend {
+    /// The caller has checked that the batch fits the cache (`check_batch_fits`).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn rope_write_kv_impl(
+        &self,
+        qkv: &CudaTensor,
+        cos: &CudaWeight,
+        sin: &CudaWeight,
+        layer: usize,
+        cache: &mut CudaKvCache,
+        batch: &DeviceBatch,
+        dims: AttnDims,
+    ) -> Result<CudaTensor> {
+        let (q_dim, kv_dim, hd) = (dims.q_dim(), dims.kv_dim(), dims.head_dim);
+        let rows = batch.host.num_tokens();
+        if qkv.cols != q_dim + 2 * kv_dim || qkv.rows != rows {
+            return Err(Error::Backend(format!(
+                "rope: qkv is {}×{}, expected {rows}×{}",
+                qkv.rows,
+                qkv.cols,
+                q_dim + 2 * kv_dim
+            )));
+        }
+        if !hd.is_multiple_of(2) || cos.cols != hd / 2 || sin.cols != hd / 2 || cos.rows != sin.rows {
+            return Err(Error::Backend(format!(
+                "rope: tables are {}×{} and {}×{}, expected [positions × {}]",
+                cos.rows,
+                cos.cols,
+                sin.rows,
+                sin.cols,
+                hd / 2
+            )));
+        }
+        if let Some(&p) = batch.host.positions.iter().max() {
+            if p as usize >= cos.rows {
+                return Err(Error::Backend(format!("rope: position {p} past the tables' {} positions", cos.rows)));
+            }
+        }
+        let (cos, sin) = (cos.f32("rope")?, sin.f32("rope")?);
+        let mut q = self.alloc_tensor(rows, q_dim)?;
+        if rows == 0 {
+            return Ok(q);
+        }
+        let cfg =
+            LaunchConfig { grid_dim: (grid(rows, "tokens")?, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let (heads, kv_heads, hd) = (int(dims.heads, "heads")?, int(dims.kv_heads, "kv_heads")?, int(hd, "head_dim")?);
+        let mut launch = self.stream.launch_builder(&self.kernels.rope_write_kv);
+        launch
+            .arg(&qkv.data)
+            .arg(cos)
+            .arg(sin)
+            .arg(&batch.positions)
+            .arg(&batch.slots)
+            .arg(&mut q.data)
+            .arg(&mut cache.k[layer])
+            .arg(&mut cache.v[layer])
+            .arg(&heads)
+            .arg(&kv_heads)
+            .arg(&hd);
+        // SAFETY: argument types and order match rope_write_kv_bf16; positions are below the
+        // tables' rows and slots inside the cache (checked above and by check_batch_fits).
+        unsafe { launch.launch(cfg) }.cuda("launching rope_write_kv_bf16")?;
+        Ok(q)
+    }
+}

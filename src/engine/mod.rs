@@ -1,0 +1,426 @@
+//! `tulu::Engine`: a loaded model behind a continuous-batching step loop.
+//!
+//! [`Engine::load`] validates and loads a model onto a backend, then starts one worker thread,
+//! the only owner of device state (the model runner and its KV cache). Requests from any number
+//! of threads or tasks are queued to it; each step it schedules (admit, chunk, preempt), runs
+//! one batched forward pass and post-processes (sample, detokenize, stop), sending every
+//! request its [`Event`]s. Dropping a [`Generation`] aborts its request at the next step.
+
+pub mod metrics;
+mod request;
+mod worker;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc as tmpsc;
+
+pub use self::metrics::{Histogram, Metrics};
+pub use self::request::{Event, FinishReason, GenerateRequest, Prompt, Summary, TokenLogprob};
+use self::worker::{Command, Runner, Submission, Worker};
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{Backend, Device};
+use crate::config::{GenerationConfig, ModelConfig};
+use crate::error::{Error, Result};
+use crate::hub::{resolve_model, HubOptions};
+use crate::model::Llama;
+use crate::runtime::block_manager::BlockManager;
+use crate::runtime::sampler::SamplingParams;
+use crate::runtime::scheduler::{Scheduler, SchedulerConfig};
+use crate::tokenizer::Tokenizer;
+use crate::weights::WeightStore;
+
+/// How to load and serve a model.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// A local model directory or a Hugging Face repo id (`owner/name`).
+    pub model: String,
+    /// Where to run it.
+    pub device: Device,
+    /// Longest context (prompt + output) to support; default: the model's, capped at 8192.
+    /// Lowered, with a warning, to what the KV cache can hold.
+    pub max_context: Option<usize>,
+    /// Show progress bars while downloading and loading.
+    pub progress: bool,
+    /// Most sequences in one step.
+    pub max_num_seqs: usize,
+    /// Most tokens (prompt chunks plus decodes) in one step.
+    pub max_num_batched_tokens: usize,
+    /// Bytes of KV cache on the CPU backend; default: enough for 4 full contexts.
+    pub kv_cache_memory: Option<u64>,
+    /// Token slots per KV block.
+    pub block_size: usize,
+    /// Share full KV blocks between requests with the same prefix.
+    pub prefix_caching: bool,
+    /// Requests allowed to wait for admission before new ones are refused (`Error::Busy`).
+    pub max_waiting: Option<usize>,
+}
+
+impl EngineOptions {
+    /// Options for `model` with defaults: `--device auto`, no progress bars.
+    pub fn new(model: impl Into<String>) -> Self {
+        EngineOptions {
+            model: model.into(),
+            device: Device::Auto,
+            max_context: None,
+            progress: false,
+            max_num_seqs: 64,
+            max_num_batched_tokens: 2048,
+            kv_cache_memory: None,
+            block_size: 16,
+            prefix_caching: true,
+            max_waiting: None,
+        }
+    }
+
+    /// Sets the device.
+    pub fn device(mut self, device: Device) -> Self {
+        self.device = device;
+        self
+    }
+
+    /// Sets the longest supported context.
+    pub fn max_context(mut self, tokens: usize) -> Self {
+        self.max_context = Some(tokens);
+        self
+    }
+
+    /// Turns progress bars on or off.
+    pub fn progress(mut self, on: bool) -> Self {
+        self.progress = on;
+        self
+    }
+}
+
+/// What the worker and the request side both read.
+struct Shared {
+    config: ModelConfig,
+    generation_config: GenerationConfig,
+    tokenizer: Arc<Tokenizer>,
+    eos: HashSet<u32>,
+    context_len: usize,
+    device: String,
+    metrics: Mutex<Metrics>,
+    /// Submitted and not yet admitted by the worker.
+    queued: AtomicUsize,
+    max_waiting: Option<usize>,
+    accepting: AtomicBool,
+    failed: Mutex<Option<String>>,
+}
+
+/// A loaded model ready to generate, for many concurrent requests.
+pub struct Engine {
+    dir: PathBuf,
+    shared: Arc<Shared>,
+    commands: Mutex<mpsc::Sender<Command>>,
+    next_id: AtomicU64,
+    worker: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Engine {
+    /// Resolves, validates and loads the model named by `opts`, and starts its step loop.
+    ///
+    /// ```no_run
+    /// use tulu::{Engine, EngineOptions, Event, GenerateRequest};
+    /// let engine = Engine::load(EngineOptions::new("models/smollm2"))?;
+    /// for event in engine.generate(GenerateRequest::text("The capital of France is").max_tokens(8))? {
+    ///     match event? {
+    ///         Event::Text(t) => print!("{t}"),
+    ///         Event::Done(s) => eprintln!("\n{} tokens, {:?}", s.tokens.len(), s.finish_reason),
+    ///         _ => {}
+    ///     }
+    /// }
+    /// # Ok::<(), tulu::Error>(())
+    /// ```
+    pub fn load(opts: EngineOptions) -> Result<Self> {
+        let dir = resolve_model(&opts.model, &HubOptions { progress: opts.progress })?;
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let generation_config = GenerationConfig::from_file(&dir.join("generation_config.json"))?;
+        let tokenizer = Tokenizer::from_dir(&dir)?;
+        if tokenizer.vocab_size() > config.vocab_size {
+            return Err(Error::config(
+                dir.join("config.json"),
+                "vocab_size",
+                format!("is {}, fewer rows than the tokenizer's {} ids", config.vocab_size, tokenizer.vocab_size()),
+            ));
+        }
+        for (name, v) in [("max_num_seqs", opts.max_num_seqs), ("max_num_batched_tokens", opts.max_num_batched_tokens)]
+        {
+            if v == 0 {
+                return Err(Error::request(name, "must be at least 1"));
+            }
+        }
+        if opts.block_size == 0 {
+            return Err(Error::request("block_size", "must be at least 1"));
+        }
+        let mut eos: HashSet<u32> = config.eos_token_ids.iter().copied().collect();
+        eos.extend(&generation_config.eos_token_ids);
+        eos.extend(tokenizer.eos_token_ids());
+        let wanted_context = match opts.max_context {
+            Some(0) => return Err(Error::request("max_context", "must be at least 1")),
+            Some(n) => n.min(config.max_position_embeddings),
+            None => config.max_position_embeddings.min(8192),
+        };
+        // The KV pool: f32 on the CPU backend.
+        let per_token = config.kv_bytes_per_token(4);
+        let kv_bytes = opts.kv_cache_memory.unwrap_or(4 * wanted_context as u64 * per_token);
+        let num_blocks = (kv_bytes / (per_token * opts.block_size as u64)) as usize;
+        let context_len = wanted_context.min(num_blocks * opts.block_size);
+        if context_len == 0 {
+            return Err(Error::request(
+                "kv_cache_memory",
+                format!(
+                    "{kv_bytes} bytes do not hold one block of {} tokens ({per_token} bytes each)",
+                    opts.block_size
+                ),
+            ));
+        }
+        if context_len < wanted_context {
+            tracing::warn!(wanted_context, context_len, "the KV cache cannot hold the configured context; lowered");
+            eprintln!("warning: context lowered from {wanted_context} to {context_len} tokens to fit the KV cache");
+        }
+        let store = WeightStore::open(&dir)?;
+        let (runner, device): (Box<dyn Runner>, String) = match opts.device {
+            Device::Cpu | Device::Auto => {
+                let backend = CpuBackend::new();
+                let bar = load_bar(opts.progress, config.num_hidden_layers);
+                let model = Llama::load(&backend, &config, &store, context_len, |l| bar.set_position(l as u64))?;
+                bar.finish_and_clear();
+                let cache = backend.new_kv_cache(&model.kv_cache_spec(num_blocks, opts.block_size))?;
+                let device = backend.describe();
+                (Box::new(worker::DeviceRunner { backend, model, cache }), device)
+            }
+            Device::Cuda(_) => {
+                return Err(Error::Device {
+                    device: opts.device.to_string(),
+                    message: "this build of tulu has no CUDA support (build with --features cuda)".into(),
+                })
+            }
+        };
+        let shared = Arc::new(Shared {
+            config,
+            generation_config,
+            tokenizer: Arc::new(tokenizer),
+            eos,
+            context_len,
+            device,
+            metrics: Mutex::new(Metrics { kv_blocks_total: num_blocks, ..Metrics::default() }),
+            queued: AtomicUsize::new(0),
+            max_waiting: opts.max_waiting,
+            accepting: AtomicBool::new(true),
+            failed: Mutex::new(None),
+        });
+        let scheduler = Scheduler::new(
+            SchedulerConfig { max_num_seqs: opts.max_num_seqs, max_num_batched_tokens: opts.max_num_batched_tokens },
+            BlockManager::new(num_blocks, opts.block_size, opts.prefix_caching),
+        );
+        let (tx, rx) = mpsc::channel();
+        let worker_shared = shared.clone();
+        let handle = std::thread::Builder::new()
+            .name("tulu-engine".into())
+            .spawn(move || Worker::new(worker_shared.clone(), runner, scheduler).run(rx, &worker_shared))
+            .map_err(|e| Error::Backend(format!("cannot start the engine thread: {e}")))?;
+        Ok(Engine {
+            dir,
+            shared,
+            commands: Mutex::new(tx),
+            next_id: AtomicU64::new(1),
+            worker: Mutex::new(Some(handle)),
+        })
+    }
+
+    /// The model directory the engine loaded.
+    pub fn model_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The model's architecture.
+    pub fn config(&self) -> &ModelConfig {
+        &self.shared.config
+    }
+
+    /// The model's tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.shared.tokenizer
+    }
+
+    /// Longest prompt + output the engine supports.
+    pub fn context_len(&self) -> usize {
+        self.shared.context_len
+    }
+
+    /// The device the model runs on, for logs.
+    pub fn device(&self) -> &str {
+        &self.shared.device
+    }
+
+    /// Every token id that ends a generation.
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self.shared.eos.iter().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// A snapshot of the engine's counters and latency histograms.
+    pub fn metrics(&self) -> Metrics {
+        self.shared.metrics.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// `None` while the engine works; the reason once it has failed.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.failed.lock().ok().and_then(|f| f.clone())
+    }
+
+    /// The sampling parameters a request without its own gets.
+    pub fn default_sampling(&self) -> SamplingParams {
+        let g = &self.shared.generation_config;
+        let mut p = SamplingParams::default();
+        if g.do_sample == Some(true) {
+            p.temperature = g.temperature.unwrap_or(1.0);
+            p.top_p = g.top_p.unwrap_or(1.0);
+            p.top_k = g.top_k.unwrap_or(0);
+        }
+        p.repetition_penalty = g.repetition_penalty.unwrap_or(1.0);
+        p
+    }
+
+    /// The token ids a request's prompt becomes, checked against the vocabulary and context.
+    pub fn prompt_tokens(&self, prompt: &Prompt) -> Result<Vec<u32>> {
+        let tok = &self.shared.tokenizer;
+        let ids = match prompt {
+            Prompt::Text(t) if t.is_empty() => return Err(Error::request("prompt", "is empty")),
+            Prompt::Text(t) => tok.encode_prompt(t)?,
+            Prompt::Chat(m) if m.is_empty() => return Err(Error::request("messages", "is empty")),
+            Prompt::Chat(m) => tok.encode_chat(m, true)?,
+            Prompt::Tokens(ids) => ids.clone(),
+        };
+        if ids.is_empty() {
+            return Err(Error::request("prompt", "tokenizes to no tokens"));
+        }
+        let vocab = self.shared.config.vocab_size;
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::request("prompt", format!("token id {bad} is outside the vocabulary of {vocab}")));
+        }
+        let ctx = self.shared.context_len;
+        if ids.len() >= ctx {
+            return Err(Error::request(
+                "prompt",
+                format!("has {} tokens; the context holds {ctx} (prompt + at least one new token)", ids.len()),
+            ));
+        }
+        Ok(ids)
+    }
+
+    /// Queues a request; the returned stream yields its events as the step loop produces them.
+    pub fn generate(&self, request: GenerateRequest) -> Result<Generation> {
+        if let Some(why) = self.failure() {
+            return Err(Error::Backend(format!("the engine has failed: {why}")));
+        }
+        if !self.shared.accepting.load(Ordering::SeqCst) {
+            return Err(Error::Busy { message: "the engine is shutting down".into() });
+        }
+        let sampling = request.sampling.clone().unwrap_or_else(|| self.default_sampling());
+        sampling.validate()?;
+        if request.max_tokens == Some(0) {
+            return Err(Error::request("max_tokens", "must be at least 1"));
+        }
+        if request.stop.iter().any(String::is_empty) {
+            return Err(Error::request("stop", "stop strings must not be empty"));
+        }
+        let prompt = self.prompt_tokens(&request.prompt)?;
+        if let Some(max) = self.shared.max_waiting {
+            if self.shared.queued.load(Ordering::SeqCst) >= max {
+                return Err(Error::Busy { message: format!("{max} requests are already waiting") });
+            }
+        }
+        let budget = self.shared.context_len - prompt.len();
+        let (tx, rx) = tmpsc::unbounded_channel();
+        let submission = Submission {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            prompt,
+            sampling,
+            max_tokens: request.max_tokens.map_or(budget, |m| m.min(budget)),
+            stop: request.stop,
+            ignore_eos: request.ignore_eos,
+            logprobs: request.logprobs,
+            events: tx,
+            submitted: Instant::now(),
+        };
+        self.shared.queued.fetch_add(1, Ordering::SeqCst);
+        let sent = self.commands.lock().map_err(|_| poisoned())?.send(Command::Submit(Box::new(submission)));
+        if sent.is_err() {
+            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(Error::Backend("the engine has stopped".into()));
+        }
+        Ok(Generation { events: rx, done: false })
+    }
+
+    /// Stops accepting requests, lets running ones finish for up to `timeout`, aborts the
+    /// rest (they end with an error), and stops the step loop.
+    pub fn shutdown(&self, timeout: Duration) {
+        self.shared.accepting.store(false, Ordering::SeqCst);
+        if let Ok(tx) = self.commands.lock() {
+            let _ = tx.send(Command::Shutdown { deadline: Instant::now() + timeout });
+        }
+        if let Some(handle) = self.worker.lock().ok().and_then(|mut w| w.take()) {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shutdown(Duration::ZERO);
+    }
+}
+
+fn poisoned() -> Error {
+    Error::Backend("the engine failed in another thread".into())
+}
+
+fn load_bar(show: bool, layers: usize) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(layers as u64);
+    if let Ok(style) = indicatif::ProgressStyle::with_template("loading {bar:30} {pos}/{len} layers {elapsed}") {
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// A request's stream of [`Event`]s, ending with [`Event::Done`] (or an error). Iterate it
+/// from synchronous code, or `.next_event().await` it from async code; dropping it aborts.
+pub struct Generation {
+    events: tmpsc::UnboundedReceiver<Result<Event>>,
+    done: bool,
+}
+
+impl Generation {
+    /// The next event, awaited (for async callers such as the HTTP server).
+    pub async fn next_event(&mut self) -> Option<Result<Event>> {
+        if self.done {
+            return None;
+        }
+        let ev = self.events.recv().await;
+        self.done = !matches!(ev, Some(Ok(Event::Text(_) | Event::Logprobs(_))));
+        ev
+    }
+}
+
+impl Iterator for Generation {
+    type Item = Result<Event>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let ev = self.events.blocking_recv();
+        self.done = !matches!(ev, Some(Ok(Event::Text(_) | Event::Logprobs(_))));
+        ev
+    }
+}

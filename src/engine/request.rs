@@ -1,0 +1,154 @@
+//! What a request asks for and what it gets back.
+
+use crate::runtime::sampler::SamplingParams;
+use crate::tokenizer::ChatMessage;
+
+/// What to generate from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    /// Plain text, tokenized as `tokenizer(text)` does.
+    Text(String),
+    /// A conversation rendered with the model's chat template, ending in an assistant turn.
+    Chat(Vec<ChatMessage>),
+    /// Token ids as they are.
+    Tokens(Vec<u32>),
+}
+
+/// One generation request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateRequest {
+    /// The prompt.
+    pub prompt: Prompt,
+    /// Sampling; `None` uses the model's `generation_config.json` defaults (greedy if none).
+    pub sampling: Option<SamplingParams>,
+    /// Cap on generated tokens; `None`: until EOS or the end of the context.
+    pub max_tokens: Option<usize>,
+    /// Strings that end the generation; they are not part of the output.
+    pub stop: Vec<String>,
+    /// Keep generating past EOS tokens (benchmarks).
+    pub ignore_eos: bool,
+    /// Report each generated token's log-probability and this many alternatives (0: just the
+    /// token's own); `None`: no log-probabilities.
+    pub logprobs: Option<usize>,
+}
+
+impl GenerateRequest {
+    /// A plain-text prompt.
+    pub fn text(prompt: impl Into<String>) -> Self {
+        Self::new(Prompt::Text(prompt.into()))
+    }
+
+    /// A chat prompt.
+    pub fn chat(messages: Vec<ChatMessage>) -> Self {
+        Self::new(Prompt::Chat(messages))
+    }
+
+    /// A prompt of token ids as they are.
+    pub fn tokens(ids: Vec<u32>) -> Self {
+        Self::new(Prompt::Tokens(ids))
+    }
+
+    fn new(prompt: Prompt) -> Self {
+        GenerateRequest {
+            prompt,
+            sampling: None,
+            max_tokens: None,
+            stop: Vec::new(),
+            ignore_eos: false,
+            logprobs: None,
+        }
+    }
+
+    /// Sets the sampling parameters.
+    pub fn sampling(mut self, params: SamplingParams) -> Self {
+        self.sampling = Some(params);
+        self
+    }
+
+    /// Sets the cap on generated tokens.
+    pub fn max_tokens(mut self, n: usize) -> Self {
+        self.max_tokens = Some(n);
+        self
+    }
+
+    /// Adds a stop string.
+    pub fn stop(mut self, s: impl Into<String>) -> Self {
+        self.stop.push(s.into());
+        self
+    }
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An EOS token or a stop string.
+    Stop,
+    /// `max_tokens` or the end of the context.
+    Length,
+}
+
+impl FinishReason {
+    /// The OpenAI name: `stop` or `length`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// What a finished generation reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    /// Tokens in the prompt.
+    pub prompt_tokens: usize,
+    /// Prompt tokens whose KV came from the prefix cache.
+    pub cached_prompt_tokens: usize,
+    /// Generated token ids (an ending EOS included).
+    pub tokens: Vec<u32>,
+    /// Seconds from the request's first scheduled step to its first token.
+    pub prefill_secs: f64,
+    /// Seconds from the first token to the last.
+    pub decode_secs: f64,
+    /// Seconds from submission to the first token (queueing included).
+    pub time_to_first_token: f64,
+    /// Why it ended.
+    pub finish_reason: FinishReason,
+}
+
+impl Summary {
+    /// Prompt tokens per second of prefill.
+    pub fn prefill_tok_per_sec(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prefill_secs.max(1e-9)
+    }
+
+    /// Generated tokens per second after the first.
+    pub fn decode_tok_per_sec(&self) -> f64 {
+        self.tokens.len().saturating_sub(1) as f64 / self.decode_secs.max(1e-9)
+    }
+}
+
+/// A generated token's log-probability under the model, with the likeliest alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// The token id.
+    pub token: u32,
+    /// Its text (special tokens included as written).
+    pub text: String,
+    /// Its natural-log probability.
+    pub logprob: f32,
+    /// The likeliest tokens at this step: (id, text, logprob), most likely first.
+    pub top: Vec<(u32, String, f32)>,
+}
+
+/// One item of a generation's stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Newly generated text (never splits a UTF-8 character).
+    Text(String),
+    /// Log-probabilities of tokens generated since the last such event (only when requested);
+    /// sent before the text those tokens complete.
+    Logprobs(Vec<TokenLogprob>),
+    /// The end: always the last item.
+    Done(Summary),
+}

@@ -1,0 +1,362 @@
+//! The step loop: schedule → run → postprocess, on the one thread that owns device state.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::Instant;
+
+use tokio::sync::mpsc as tmpsc;
+
+use super::request::{Event, FinishReason, Summary, TokenLogprob};
+use super::Shared;
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::model::Llama;
+use crate::runtime::batch::Batch;
+use crate::runtime::sampler::{Sampler, SamplingParams};
+use crate::runtime::scheduler::{Scheduler, SeqId};
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+
+/// The device-side half of the engine: a backend, the model on it and its KV cache.
+pub(super) trait Runner: Send {
+    fn forward(&mut self, batch: &Batch, rows: &[usize]) -> Result<Vec<f32>>;
+}
+
+pub(super) struct DeviceRunner<B: Backend> {
+    pub backend: B,
+    pub model: Llama<B>,
+    pub cache: B::KvCache,
+}
+
+impl<B: Backend> Runner for DeviceRunner<B> {
+    fn forward(&mut self, batch: &Batch, rows: &[usize]) -> Result<Vec<f32>> {
+        self.model.forward(&self.backend, batch, &mut self.cache, rows)
+    }
+}
+
+/// A validated request on its way to the worker.
+pub(super) struct Submission {
+    pub id: SeqId,
+    pub prompt: Vec<u32>,
+    pub sampling: SamplingParams,
+    pub max_tokens: usize,
+    pub stop: Vec<String>,
+    pub ignore_eos: bool,
+    pub logprobs: Option<usize>,
+    pub events: tmpsc::UnboundedSender<Result<Event>>,
+    pub submitted: Instant,
+}
+
+pub(super) enum Command {
+    Submit(Box<Submission>),
+    Shutdown { deadline: Instant },
+}
+
+/// Output state of one request: sampler, detokenizer, stop strings, timings.
+struct Active<'t> {
+    sub: Submission,
+    sampler: Sampler,
+    decoder: Option<StreamDecoder<'t>>,
+    generated: Vec<u32>,
+    pending_logprobs: Vec<TokenLogprob>,
+    /// All text decoded so far, and how much of it has been sent.
+    text: String,
+    sent: usize,
+    admitted: Option<Instant>,
+    first_token: Option<Instant>,
+    last_token: Option<Instant>,
+    cached_prompt_tokens: usize,
+    finished: Option<FinishReason>,
+}
+
+pub(super) struct Worker {
+    shared: Arc<Shared>,
+    runner: Box<dyn Runner>,
+    scheduler: Scheduler,
+}
+
+impl Worker {
+    pub fn new(shared: Arc<Shared>, runner: Box<dyn Runner>, scheduler: Scheduler) -> Self {
+        Worker { shared, runner, scheduler }
+    }
+
+    /// Runs until shut down (or until every `Engine` handle is gone).
+    pub fn run(mut self, commands: mpsc::Receiver<Command>, shared: &Shared) {
+        let tokenizer: &Tokenizer = &shared.tokenizer;
+        let mut active: HashMap<SeqId, Active> = HashMap::new();
+        let mut deadline: Option<Instant> = None;
+        loop {
+            // Intake: block while idle, otherwise take whatever has arrived.
+            let mut incoming = Vec::new();
+            if self.scheduler.is_idle() {
+                if deadline.is_some() {
+                    return;
+                }
+                match commands.recv() {
+                    Ok(c) => incoming.push(c),
+                    Err(_) => return,
+                }
+            }
+            incoming.extend(commands.try_iter());
+            for c in incoming {
+                match c {
+                    Command::Submit(sub) => self.admit(*sub, tokenizer, &mut active),
+                    Command::Shutdown { deadline: d } => deadline = Some(d),
+                }
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                for (id, a) in active.drain() {
+                    let _ =
+                        a.sub.events.send(Err(Error::Busy { message: "aborted: the engine is shutting down".into() }));
+                    self.scheduler.remove(id);
+                    shared.queued.fetch_sub(usize::from(a.admitted.is_none()), Ordering::SeqCst);
+                }
+                return;
+            }
+            // Aborts: a dropped stream ends its request.
+            let gone: Vec<SeqId> = active.iter().filter(|(_, a)| a.sub.events.is_closed()).map(|(&id, _)| id).collect();
+            for id in gone {
+                self.retire(id, &mut active);
+            }
+            if self.scheduler.is_idle() {
+                continue;
+            }
+            if let Err(e) = self.step(&mut active) {
+                self.fail(e, &mut active);
+            }
+            self.publish_gauges();
+        }
+    }
+
+    fn admit<'t>(&mut self, sub: Submission, tokenizer: &'t Tokenizer, active: &mut HashMap<SeqId, Active<'t>>) {
+        let sampler = Sampler::new(sub.sampling.clone(), tokenizer.vocab_size());
+        self.scheduler.add(sub.id, sub.prompt.clone());
+        active.insert(
+            sub.id,
+            Active {
+                sub,
+                sampler,
+                decoder: Some(tokenizer.stream_decoder()),
+                generated: Vec::new(),
+                pending_logprobs: Vec::new(),
+                text: String::new(),
+                sent: 0,
+                admitted: None,
+                first_token: None,
+                last_token: None,
+                cached_prompt_tokens: 0,
+                finished: None,
+            },
+        );
+    }
+
+    /// One step: schedule, run the batch, sample for every sequence whose tokens are all computed.
+    fn step(&mut self, active: &mut HashMap<SeqId, Active>) -> Result<()> {
+        let plan = self.scheduler.schedule()?;
+        if !plan.preempted.is_empty() {
+            if let Ok(mut m) = self.shared.metrics.lock() {
+                m.preemptions += plan.preempted.len() as u64;
+            }
+        }
+        if plan.entries.is_empty() {
+            return Ok(());
+        }
+        let now = Instant::now();
+        for &(id, _) in &plan.entries {
+            if let Some(a) = active.get_mut(&id) {
+                if a.admitted.is_none() {
+                    a.admitted = Some(now);
+                    self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+                    let seq = self.scheduler.get(id);
+                    a.cached_prompt_tokens = seq.map_or(0, |s| s.computed);
+                }
+            }
+        }
+        let batch = self.scheduler.batch(&plan)?;
+        // Rows to sample: the last row of each sequence this step completes.
+        let rows: Vec<usize> = plan
+            .entries
+            .iter()
+            .zip(&batch.seqs)
+            .filter(|((id, n), _)| self.scheduler.get(*id).is_some_and(|s| s.computed + n == s.tokens.len()))
+            .map(|(_, s)| s.rows.end - 1)
+            .collect();
+        let logits = self.runner.forward(&batch, &rows)?;
+        let ready = self.scheduler.complete(&plan);
+        let vocab = self.shared.config.vocab_size;
+        for (id, row) in ready.into_iter().zip(logits.chunks(vocab)) {
+            let Some(a) = active.get_mut(&id) else { continue };
+            let history = self.scheduler.get(id).map(|s| s.tokens.as_slice()).unwrap_or_default();
+            let token = a.sampler.sample(row, history);
+            if let Some(n) = a.sub.logprobs {
+                a.pending_logprobs.push(logprob(&self.shared.tokenizer, row, token, n));
+            }
+            self.scheduler.push_token(id, token);
+            let finished = a.accept(token, &self.shared)?;
+            a.flush();
+            if finished {
+                self.retire(id, active);
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends a request: its summary (if it finished) was sent; frees its blocks.
+    fn retire(&mut self, id: SeqId, active: &mut HashMap<SeqId, Active>) {
+        self.scheduler.remove(id);
+        if let Some(a) = active.remove(&id) {
+            if a.admitted.is_none() {
+                self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+            }
+            if let Ok(mut m) = self.shared.metrics.lock() {
+                m.requests_finished += 1;
+                m.prompt_tokens += a.sub.prompt.len() as u64;
+            }
+        }
+    }
+
+    /// A failed step fails every request: the device state can no longer be trusted.
+    fn fail(&mut self, e: Error, active: &mut HashMap<SeqId, Active>) {
+        let message = e.to_string();
+        tracing::error!(%message, "engine step failed");
+        if let Ok(mut f) = self.shared.failed.lock() {
+            *f = Some(message.clone());
+        }
+        let ids: Vec<SeqId> = active.keys().copied().collect();
+        for id in ids {
+            if let Some(a) = active.get(&id) {
+                let _ = a.sub.events.send(Err(Error::Backend(message.clone())));
+            }
+            self.retire(id, active);
+        }
+    }
+
+    fn publish_gauges(&self) {
+        if let Ok(mut m) = self.shared.metrics.lock() {
+            let blocks = self.scheduler.blocks();
+            m.running = self.scheduler.num_running();
+            m.waiting = self.scheduler.num_waiting();
+            m.kv_blocks_used = blocks.num_blocks() - blocks.free_blocks();
+            (m.prefix_queried_tokens, m.prefix_hit_tokens) = blocks.prefix_stats();
+        }
+    }
+}
+
+/// The token's log-probability and the `n` likeliest alternatives, over the tokenizer's rows.
+fn logprob(tokenizer: &Tokenizer, logits: &[f32], token: u32, n: usize) -> TokenLogprob {
+    let rows = &logits[..tokenizer.vocab_size().min(logits.len())];
+    let max = rows.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + rows.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
+    let text = |id: u32| tokenizer.decode(&[id], false).unwrap_or_default();
+    let mut order: Vec<u32> = (0..rows.len() as u32).collect();
+    let n = n.min(order.len());
+    if n > 0 {
+        order.select_nth_unstable_by(n - 1, |&a, &b| rows[b as usize].total_cmp(&rows[a as usize]));
+        order.truncate(n);
+        order.sort_by(|&a, &b| rows[b as usize].total_cmp(&rows[a as usize]));
+    } else {
+        order.clear();
+    }
+    TokenLogprob {
+        token,
+        text: text(token),
+        logprob: logits[token as usize] - lse,
+        top: order.into_iter().map(|id| (id, text(id), rows[id as usize] - lse)).collect(),
+    }
+}
+
+impl Active<'_> {
+    /// Takes a sampled token: EOS, detokenization, stop strings, limits. Returns whether the
+    /// request has finished (its summary then sent).
+    fn accept(&mut self, token: u32, shared: &Shared) -> Result<bool> {
+        let now = Instant::now();
+        if let Ok(mut m) = shared.metrics.lock() {
+            m.generated_tokens += 1;
+            match self.last_token {
+                None => m.time_to_first_token.observe((now - self.sub.submitted).as_secs_f64()),
+                Some(t) => m.inter_token_latency.observe((now - t).as_secs_f64()),
+            }
+        }
+        self.first_token.get_or_insert(now);
+        self.last_token = Some(now);
+        self.generated.push(token);
+        if !self.sub.ignore_eos && shared.eos.contains(&token) {
+            self.finish(FinishReason::Stop)?;
+        } else {
+            if let Some(piece) = self.decoder.as_mut().map(|d| d.push(token)).transpose()?.flatten() {
+                self.text.push_str(&piece);
+            }
+            if !self.check_stop_strings() && self.generated.len() >= self.sub.max_tokens {
+                self.finish(FinishReason::Length)?;
+            }
+        }
+        Ok(self.finished.is_some())
+    }
+
+    fn finish(&mut self, reason: FinishReason) -> Result<()> {
+        if let Some(d) = self.decoder.take() {
+            self.text.push_str(&d.finish()?);
+        }
+        // The flushed tail may complete a stop string, which then decides the reason.
+        if !self.check_stop_strings() {
+            self.finished = Some(reason);
+        }
+        Ok(())
+    }
+
+    /// Ends the generation at the first stop string; returns whether one was found.
+    fn check_stop_strings(&mut self) -> bool {
+        let longest = self.sub.stop.iter().map(String::len).max().unwrap_or(0);
+        let mut from = self.sent.saturating_sub(longest);
+        while !self.text.is_char_boundary(from) {
+            from -= 1;
+        }
+        let hit = self.sub.stop.iter().filter_map(|s| self.text[from..].find(s.as_str()).map(|i| from + i)).min();
+        if let Some(at) = hit {
+            self.text.truncate(at);
+            self.finished = Some(FinishReason::Stop);
+            self.decoder = None;
+            return true;
+        }
+        false
+    }
+
+    /// Sends what can be sent: all text once finished, else all but a tail that could still
+    /// grow into a stop string; then the summary when finished.
+    fn flush(&mut self) {
+        let mut end = self.text.len();
+        if self.finished.is_none() {
+            for s in &self.sub.stop {
+                let held = (1..s.len()).rev().find(|&k| s.is_char_boundary(k) && self.text.ends_with(&s[..k]));
+                end = end.min(self.text.len() - held.unwrap_or(0));
+            }
+        }
+        while !self.text.is_char_boundary(end) {
+            end -= 1;
+        }
+        if !self.pending_logprobs.is_empty() && (end > self.sent || self.finished.is_some()) {
+            let _ = self.sub.events.send(Ok(Event::Logprobs(std::mem::take(&mut self.pending_logprobs))));
+        }
+        if end > self.sent {
+            let _ = self.sub.events.send(Ok(Event::Text(self.text[self.sent..end].to_owned())));
+            self.sent = end;
+        }
+        if let Some(reason) = self.finished {
+            let (admitted, first, last) = (
+                self.admitted.unwrap_or(self.sub.submitted),
+                self.first_token.unwrap_or(self.sub.submitted),
+                self.last_token.unwrap_or(self.sub.submitted),
+            );
+            let summary = Summary {
+                prompt_tokens: self.sub.prompt.len(),
+                cached_prompt_tokens: self.cached_prompt_tokens,
+                tokens: std::mem::take(&mut self.generated),
+                prefill_secs: (first - admitted).as_secs_f64(),
+                decode_secs: (last - first).as_secs_f64(),
+                time_to_first_token: (first - self.sub.submitted).as_secs_f64(),
+                finish_reason: reason,
+            };
+            let _ = self.sub.events.send(Ok(Event::Done(summary)));
+        }
+    }
+}
