@@ -418,3 +418,22 @@ impl Backend for CudaBackend {
         Ok(host.into_iter().map(half::bf16::to_f32).collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On a machine without the driver (CI), asking for CUDA must fail with a reason, never panic.
+    #[test]
+    fn without_a_driver_cuda_fails_cleanly() {
+        // SAFETY: only tries to dlopen the library's candidate names.
+        if unsafe { cudarc::driver::sys::is_culib_present() } {
+            return; // a machine with a driver: tests/gpu.rs covers it
+        }
+        let why = cuda_available().expect_err("no libcuda, yet CUDA is available");
+        assert!(why.contains("libcuda"), "{why}");
+        let e = CudaBackend::new(0).err().expect("CudaBackend::new without a driver must fail");
+        assert!(matches!(e, Error::Device { .. }), "{e}");
+        assert!(e.to_string().contains("cuda:0"), "{e}");
+    }
+}

@@ -1,0 +1,42 @@
+// RoPE (rotate-half, HF layout) on q and k of a fused qkv activation, fused with the write of
+// k and v into the paged KV cache.
+//
+// Contract (checked by src/backend/cuda/rope.rs before launch):
+//   rope_write_kv_bf16(qkv[rows, (heads + 2*kv_heads) * hd], cos[max_pos, hd/2] f32,
+//                      sin[max_pos, hd/2] f32, positions[rows] u32, slots[rows] u32)
+//       -> q_out[rows, heads*hd], k_cache[slot, kv_heads*hd], v_cache[slot, kv_heads*hd]
+//   For each row r at position p = positions[r] and each head, pairs (x[i], x[i + hd/2]) turn by
+//   the angle of frequency i: (x1*cos - x2*sin, x2*cos + x1*sin), with cos/sin = tables[p][i]
+//   (precomputed on the host with the llama3 frequency scaling, kept f32 so that large positions
+//   keep their precision). Rotated q goes to q_out; rotated k and unrotated v go to cache slot
+//   slots[r]. One block per row; the host guarantees p < max_pos, slots in range and distinct.
+//   bf16 in, f32 arithmetic, one rounding per output.
+// Versions: 1 (this) — scalar accesses; a row is a few KiB, so this is launch-bound.
+#include "common.cuh"
+
+extern "C" __global__ void rope_write_kv_bf16(const bf16* __restrict__ qkv, const float* __restrict__ cos_t,
+                                              const float* __restrict__ sin_t, const unsigned* __restrict__ positions,
+                                              const unsigned* __restrict__ slots, bf16* __restrict__ q_out,
+                                              bf16* __restrict__ k_cache, bf16* __restrict__ v_cache, int heads,
+                                              int kv_heads, int hd) {
+    const int r = blockIdx.x;
+    const int half = hd / 2, q_dim = heads * hd, kv_dim = kv_heads * hd;
+    const bf16* row = qkv + (size_t)r * (q_dim + 2 * kv_dim);
+    const size_t pos = positions[r], slot = slots[r];
+    const float* c = cos_t + pos * half;
+    const float* s = sin_t + pos * half;
+    bf16* k_dst = k_cache + slot * kv_dim;
+    bf16* v_dst = v_cache + slot * kv_dim;
+    // q heads then k heads: both live at `head * hd` of the row, q's output is q_out, k's the cache.
+    for (int idx = threadIdx.x; idx < (heads + kv_heads) * half; idx += blockDim.x) {
+        const int head = idx / half, i = idx - head * half;
+        const bf16* src = row + head * hd;
+        const float x1 = bf2f(src[i]), x2 = bf2f(src[i + half]);
+        const float ci = c[i], si = s[i];
+        bf16* dst = head < heads ? q_out + (size_t)r * q_dim + head * hd : k_dst + (head - heads) * hd;
+        dst[i] = f2bf(x1 * ci - x2 * si);
+        dst[i + half] = f2bf(x2 * ci + x1 * si);
+    }
+    const bf16* v_src = row + q_dim + kv_dim;
+    for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) v_dst[i] = v_src[i];
+}

@@ -1,0 +1,358 @@
+//! The CUDA backend against the CPU backend (the f32 reference), op by op and on a whole model.
+//!
+//! Every test needs a CUDA GPU and is ignored elsewhere; on the GPU machine:
+//! `.gpu/run tests` (built by ../shared/gpu/pack), or
+//! `cargo test --features cuda --test gpu -- --include-ignored --test-threads=1`.
+//!
+//! Like llama.cpp's test-backend-ops: each op runs on tables of shapes (odd sizes, GQA ratios
+//! 1/4/8, sequence lengths on both sides of the kernels' tile sizes), on fresh random inputs
+//! (the seed is printed; `TULU_TEST_SEED` replays one), with every CUDA output and the KV cache
+//! poisoned with NaN before the kernel runs, so an element a kernel forgets fails the test.
+//! Inputs are rounded to bf16 first, so both backends start from the same values; tolerances
+//! are relative to the reference's largest magnitude: 1e-2 per op (bf16 storage), 2e-2 on logits.
+#![cfg(feature = "cuda")]
+
+use std::path::Path;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tulu::backend::cpu::CpuBackend;
+use tulu::backend::cuda::{cuda_available, CudaBackend};
+use tulu::backend::{AttnDims, Backend, KvCacheSpec};
+use tulu::config::ModelConfig;
+use tulu::model::Llama;
+use tulu::runtime::batch::Batch;
+use tulu::synth::{synth_checkpoint, SynthOptions};
+use tulu::weights::{DType, TensorRef, WeightStore};
+
+const OP_TOL: f32 = 1e-2;
+const LOGITS_TOL: f32 = 2e-2;
+
+fn gpu() -> CudaBackend {
+    if let Err(why) = cuda_available() {
+        panic!("these tests need a CUDA GPU: {why}");
+    }
+    let b = CudaBackend::new(0).expect("opening cuda:0");
+    b.poison_outputs(true);
+    eprintln!("device: {}", b.describe());
+    b
+}
+
+/// A fresh seed per run, printed so that a failure can be replayed with TULU_TEST_SEED.
+fn rng(test: &str) -> StdRng {
+    let seed = std::env::var("TULU_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random::<u64>);
+    eprintln!("{test}: TULU_TEST_SEED={seed}");
+    StdRng::seed_from_u64(seed)
+}
+
+/// `n` values uniform in ±`scale`, rounded to bf16 so that both backends see the same inputs.
+fn random(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| half::bf16::from_f32(rng.random_range(-scale..scale)).to_f32()).collect()
+}
+
+/// Largest |ours - reference| over the reference's largest magnitude; NaN anywhere fails.
+fn assert_close(what: &str, ours: &[f32], reference: &[f32], tol: f32) {
+    assert_eq!(ours.len(), reference.len(), "{what}: lengths differ");
+    if let Some(i) = ours.iter().position(|x| !x.is_finite()) {
+        panic!("{what}: element {i} is {} (unwritten or overflowed; reference {})", ours[i], reference[i]);
+    }
+    let scale = reference.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+    let (i, err) = ours
+        .iter()
+        .zip(reference)
+        .map(|(a, b)| (a - b).abs())
+        .enumerate()
+        .fold((0, 0f32), |best, (i, e)| if e > best.1 { (i, e) } else { best });
+    let rel = err / scale;
+    assert!(rel <= tol, "{what}: rel err {rel:.2e} > {tol:.0e} at element {i}: {} vs {}", ours[i], reference[i]);
+}
+
+/// A weight holding `data` (f32 bytes, as a checkpoint tensor would), loaded by `b`.
+fn weight<B: Backend>(b: &B, data: &[f32], shape: &[usize]) -> B::Weight {
+    let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let t = TensorRef { name: "test", file: Path::new("test.safetensors"), dtype: DType::F32, shape, bytes: &bytes };
+    b.load_weight(&[t.full()]).expect("load_weight")
+}
+
+/// An activation holding `data`, made the way the model makes one: an embedding lookup.
+fn tensor<B: Backend>(b: &B, data: &[f32], rows: usize, cols: usize) -> B::Tensor {
+    let table = weight(b, data, &[rows, cols]);
+    let ids: Vec<u32> = (0..rows as u32).collect();
+    b.embed(&table, &ids).expect("embed")
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn rms_norm_and_add_rms_norm_match_cpu() {
+    let (cpu, gpu) = (CpuBackend::new(), gpu());
+    let mut rng = rng("rms_norm");
+    // Widths: 16-byte path (multiples of 8), scalar path (others), one row and many.
+    for &(rows, cols) in &[(1, 64), (3, 4096), (5, 100), (2, 8), (17, 257), (64, 2048), (1, 16384)] {
+        let what = format!("rms_norm {rows}×{cols}");
+        let (x, r) = (random(&mut rng, rows * cols, 2.0), random(&mut rng, rows * cols, 2.0));
+        let w = random(&mut rng, cols, 1.5);
+        let (cw, gw) = (weight(&cpu, &w, &[cols]), weight(&gpu, &w, &[cols]));
+        let (cx, gx) = (tensor(&cpu, &x, rows, cols), tensor(&gpu, &x, rows, cols));
+        let c = cpu.to_host(&cpu.rms_norm(&cx, &cw, 1e-5).unwrap()).unwrap();
+        let g = gpu.to_host(&gpu.rms_norm(&gx, &gw, 1e-5).unwrap()).unwrap();
+        assert_close(&what, &g, &c, OP_TOL);
+
+        let (mut cx, mut gx) = (cx, gx);
+        let (cr, gr) = (tensor(&cpu, &r, rows, cols), tensor(&gpu, &r, rows, cols));
+        let c = cpu.to_host(&cpu.add_rms_norm(&mut cx, &cr, &cw, 1e-5).unwrap()).unwrap();
+        let g = gpu.to_host(&gpu.add_rms_norm(&mut gx, &gr, &gw, 1e-5).unwrap()).unwrap();
+        assert_close(&format!("add_{what} (normed)"), &g, &c, OP_TOL);
+        assert_close(
+            &format!("add_{what} (x + residual)"),
+            &gpu.to_host(&gx).unwrap(),
+            &cpu.to_host(&cx).unwrap(),
+            OP_TOL,
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn matmul_matches_cpu() {
+    let (cpu, gpu) = (CpuBackend::new(), gpu());
+    let mut rng = rng("matmul");
+    // (tokens, in, out): decode and prefill rows, Llama-like and odd shapes.
+    for &(m, k, n) in
+        &[(1, 64, 64), (1, 4096, 6144), (7, 512, 300), (33, 1000, 257), (128, 256, 512), (5, 99, 37), (2, 64, 160)]
+    {
+        let x = random(&mut rng, m * k, 1.0);
+        let w = random(&mut rng, n * k, (1.0 / k as f32).sqrt() * 1.7);
+        let c = cpu.to_host(&cpu.matmul(&tensor(&cpu, &x, m, k), &weight(&cpu, &w, &[n, k])).unwrap()).unwrap();
+        let g = gpu.to_host(&gpu.matmul(&tensor(&gpu, &x, m, k), &weight(&gpu, &w, &[n, k])).unwrap()).unwrap();
+        assert_close(&format!("matmul {m}×{k} · ({n}×{k})ᵀ"), &g, &c, OP_TOL);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn elementwise_embedding_and_gather_match_cpu() {
+    let (cpu, gpu) = (CpuBackend::new(), gpu());
+    let mut rng = rng("elementwise");
+    for &(rows, inter) in &[(3, 160), (1, 14336), (9, 37), (64, 512)] {
+        let gu = random(&mut rng, rows * 2 * inter, 4.0);
+        let c = cpu.to_host(&cpu.silu_mul(&tensor(&cpu, &gu, rows, 2 * inter)).unwrap()).unwrap();
+        let g = gpu.to_host(&gpu.silu_mul(&tensor(&gpu, &gu, rows, 2 * inter)).unwrap()).unwrap();
+        assert_close(&format!("silu_mul {rows}×{inter}"), &g, &c, OP_TOL);
+    }
+    for &(rows, cols) in &[(4, 100), (1, 4096), (13, 7)] {
+        let (x, y) = (random(&mut rng, rows * cols, 3.0), random(&mut rng, rows * cols, 3.0));
+        let (mut cx, mut gx) = (tensor(&cpu, &x, rows, cols), tensor(&gpu, &x, rows, cols));
+        cpu.add(&mut cx, &tensor(&cpu, &y, rows, cols)).unwrap();
+        gpu.add(&mut gx, &tensor(&gpu, &y, rows, cols)).unwrap();
+        assert_close(&format!("add {rows}×{cols}"), &gpu.to_host(&gx).unwrap(), &cpu.to_host(&cx).unwrap(), OP_TOL);
+
+        let pick = [rows - 1, 0, rows / 2, rows - 1];
+        let c = cpu.to_host(&cpu.gather_rows(&cx, &pick).unwrap()).unwrap();
+        let g = gpu.to_host(&gpu.gather_rows(&gx, &pick).unwrap()).unwrap();
+        assert_close(&format!("gather_rows {rows}×{cols}"), &g, &c, OP_TOL);
+        assert!(gpu.gather_rows(&gx, &[rows]).is_err(), "gather_rows past the end must fail");
+    }
+    for &(vocab, cols) in &[(300, 64), (1000, 4096), (17, 24)] {
+        let table = random(&mut rng, vocab * cols, 1.0);
+        let ids: Vec<u32> = (0..11).map(|_| rng.random_range(0..vocab as u32)).chain([0, vocab as u32 - 1]).collect();
+        let c = cpu.to_host(&cpu.embed(&weight(&cpu, &table, &[vocab, cols]), &ids).unwrap()).unwrap();
+        let gt = weight(&gpu, &table, &[vocab, cols]);
+        let g = gpu.to_host(&gpu.embed(&gt, &ids).unwrap()).unwrap();
+        assert_close(&format!("embed {vocab}×{cols}"), &g, &c, OP_TOL);
+        let e = gpu.embed(&gt, &[vocab as u32]).err().expect("an id past the vocab must fail");
+        assert!(matches!(e, tulu::Error::Request { .. }), "{e}");
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn argmax_matches_host_argmax() {
+    let gpu = gpu();
+    let mut rng = rng("argmax");
+    for &(rows, cols, sample) in &[(1, 128_264, 128_257), (3, 1000, 990), (5, 300, 300), (2, 33, 1)] {
+        let mut logits = random(&mut rng, rows * cols, 8.0);
+        // Row 0: the largest value sits in the padding and must be ignored; row 1 has a tie.
+        logits[cols - 1] = 100.0;
+        if rows > 1 && sample > 3 {
+            logits[cols + 1] = 50.0;
+            logits[cols + 3] = 50.0;
+        }
+        let t = gpu.tensor_from_host(&logits, rows, cols).unwrap();
+        let ids = gpu.argmax(&t, sample).unwrap();
+        let host = gpu.to_host(&t).unwrap();
+        for (r, &id) in ids.iter().enumerate() {
+            let row = &host[r * cols..r * cols + sample];
+            let want = tulu::runtime::sampler::argmax(row);
+            assert_eq!(id, want, "argmax row {r} of {rows}×{cols} (sample {sample})");
+        }
+    }
+}
+
+/// One attention configuration: head geometry, cache paging and the steps to run.
+struct AttnCase {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    block_size: usize,
+    /// Steps; each lists, per sequence, how many new tokens it feeds (0: not in this step).
+    steps: Vec<Vec<usize>>,
+}
+
+/// Runs `case` on both backends through rope_write_kv and attention (on layer 1 of a 2-layer
+/// cache, with shuffled block tables) and compares q and the attention output at every step.
+fn run_attention_case(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut StdRng, case: &AttnCase) {
+    let dims = AttnDims { heads: case.heads, kv_heads: case.kv_heads, head_dim: case.head_dim };
+    let seqs = case.steps[0].len();
+    let totals: Vec<usize> = (0..seqs).map(|s| case.steps.iter().map(|st| st[s]).sum()).collect();
+    let max_pos = totals.iter().copied().max().unwrap_or(1).max(1);
+    let blocks_per_seq: Vec<usize> = totals.iter().map(|t| t.div_ceil(case.block_size)).collect();
+    let num_blocks: usize = blocks_per_seq.iter().sum::<usize>() + 3;
+    // Shuffled physical blocks, so that logical neighbours are never physical neighbours.
+    let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+    for i in (1..ids.len()).rev() {
+        ids.swap(i, rng.random_range(0..=i));
+    }
+    let mut tables = Vec::new();
+    let mut next = 0;
+    for &n in &blocks_per_seq {
+        tables.push(ids[next..next + n].to_vec());
+        next += n;
+    }
+    // RoPE tables of plain frequencies: the kernel only reads them.
+    let half = case.head_dim / 2;
+    let (mut cos, mut sin) = (Vec::new(), Vec::new());
+    for p in 0..max_pos {
+        for i in 0..half {
+            let a = p as f32 * 10_000f32.powf(-(2.0 * i as f32) / case.head_dim as f32);
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    let (ccos, csin) = (cpu.upload(&cos, max_pos, half).unwrap(), cpu.upload(&sin, max_pos, half).unwrap());
+    let (gcos, gsin) = (gpu.upload(&cos, max_pos, half).unwrap(), gpu.upload(&sin, max_pos, half).unwrap());
+    let spec = KvCacheSpec {
+        layers: 2,
+        num_blocks,
+        block_size: case.block_size,
+        kv_heads: case.kv_heads,
+        head_dim: case.head_dim,
+    };
+    let (mut ccache, mut gcache) = (cpu.new_kv_cache(&spec).unwrap(), gpu.new_kv_cache(&spec).unwrap());
+    let width = dims.q_dim() + 2 * dims.kv_dim();
+    let mut cached = vec![0usize; seqs];
+    for (k, step) in case.steps.iter().enumerate() {
+        let mut batch = Batch::new(case.block_size);
+        for (s, &n) in step.iter().enumerate() {
+            if n > 0 {
+                let tokens = vec![0u32; n];
+                batch.push(&tokens, cached[s], &tables[s]).unwrap();
+                cached[s] += n;
+            }
+        }
+        let rows = batch.num_tokens();
+        let what = format!(
+            "heads {}/{} hd {} block {} step {k} {:?}",
+            case.heads, case.kv_heads, case.head_dim, case.block_size, step
+        );
+        let qkv = random(rng, rows * width, 2.0);
+        let (cq, gq) = (tensor(cpu, &qkv, rows, width), tensor(gpu, &qkv, rows, width));
+        let cq = cpu.rope_write_kv(&cq, &ccos, &csin, 1, &mut ccache, &batch, dims).unwrap();
+        let gq = gpu.rope_write_kv(&gq, &gcos, &gsin, 1, &mut gcache, &batch, dims).unwrap();
+        assert_close(&format!("rope q: {what}"), &gpu.to_host(&gq).unwrap(), &cpu.to_host(&cq).unwrap(), OP_TOL);
+        let c = cpu.to_host(&cpu.attention(&cq, 1, &ccache, &batch, dims).unwrap()).unwrap();
+        let g = gpu.to_host(&gpu.attention(&gq, 1, &gcache, &batch, dims).unwrap()).unwrap();
+        assert_close(&format!("attention: {what}"), &g, &c, OP_TOL);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn rope_write_kv_and_attention_match_cpu() {
+    let (cpu, gpu) = (CpuBackend::new(), gpu());
+    let mut rng = rng("attention");
+    // Prompt lengths around the key tiles (16/32/64) and the prefill row tiles.
+    let prompts = [1, 7, 31, 32, 33, 63, 64, 65, 129, 300];
+    let mut cases = Vec::new();
+    for &(heads, kv_heads) in &[(8, 8), (16, 4), (32, 4)] {
+        for &head_dim in &[64, 128] {
+            // Prefill of several sequences of different lengths, then three decode steps, then
+            // a chunked prefill (cached prefix + new tokens) beside a decode.
+            let mut steps = vec![prompts.to_vec()];
+            steps.extend((0..3).map(|_| vec![1; prompts.len()]));
+            steps.push(prompts.iter().enumerate().map(|(i, _)| if i % 2 == 0 { 17 } else { 1 }).collect());
+            cases.push(AttnCase { heads, kv_heads, head_dim, block_size: 16, steps });
+            // One long sequence: decode splits the keys across blocks, then the combine runs.
+            let steps = vec![vec![2049], vec![1], vec![1]];
+            cases.push(AttnCase { heads, kv_heads, head_dim, block_size: 32, steps });
+        }
+    }
+    // The tiny model's geometry (head_dim 8, GQA 4) and an odd head count with head_dim 96.
+    cases.push(AttnCase { heads: 8, kv_heads: 2, head_dim: 8, block_size: 16, steps: vec![vec![70, 3], vec![1, 1]] });
+    cases.push(AttnCase {
+        heads: 12,
+        kv_heads: 3,
+        head_dim: 96,
+        block_size: 8,
+        steps: vec![vec![45, 100], vec![1, 1]],
+    });
+    for case in &cases {
+        run_attention_case(&cpu, &gpu, &mut rng, case);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn attention_rejects_a_batch_outside_the_cache() {
+    let gpu = gpu();
+    let dims = AttnDims { heads: 4, kv_heads: 1, head_dim: 64 };
+    let spec = KvCacheSpec { layers: 1, num_blocks: 2, block_size: 16, kv_heads: 1, head_dim: 64 };
+    let mut cache = gpu.new_kv_cache(&spec).unwrap();
+    let mut batch = Batch::new(16);
+    batch.push(&[0; 4], 0, &[5]).unwrap(); // block 5 of a 2-block cache
+    let qkv = gpu.tensor_from_host(&vec![0.0; 4 * 6 * 64], 4, 6 * 64).unwrap();
+    let t = gpu.upload(&vec![0.0; 8 * 32], 8, 32).unwrap();
+    let e = gpu.rope_write_kv(&qkv, &t, &t, 0, &mut cache, &batch, dims).err().expect("must fail");
+    assert!(e.to_string().contains("outside the cache"), "{e}");
+}
+
+/// Logits of `rows` for `steps` (prefill then decode) on one backend.
+fn model_logits<B: Backend>(b: &B, dir: &Path, steps: &[Vec<u32>]) -> Vec<Vec<f32>> {
+    let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let store = WeightStore::open(dir).unwrap();
+    let model = Llama::load(b, &cfg, &store, 256, |_| {}).unwrap();
+    let block_size = 16;
+    let mut cache = b.new_kv_cache(&model.kv_cache_spec(32, block_size)).unwrap();
+    // Blocks in reverse order, to exercise the block table.
+    let table: Vec<u32> = (0..16u32).rev().collect();
+    let mut cached = 0;
+    let mut out = Vec::new();
+    for tokens in steps {
+        let mut batch = Batch::new(block_size);
+        batch.push(tokens, cached, &table).unwrap();
+        cached += tokens.len();
+        let rows: Vec<usize> = (0..tokens.len()).collect();
+        out.push(model.forward(b, &batch, &mut cache, &rows).unwrap());
+    }
+    out
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn whole_model_logits_match_cpu() {
+    let gpu = gpu();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tiny");
+    let cfg = ModelConfig::preset("tiny").unwrap();
+    synth_checkpoint(&cfg, &dir, &SynthOptions::default()).unwrap();
+    // 70 prompt tokens (past the llama3 scaling's original context of 32, across blocks), then
+    // three decode steps.
+    let prompt: Vec<u32> = (0..70).map(|i| (i * 31 + 3) % 250).collect();
+    let steps = vec![prompt, vec![5], vec![77], vec![250]];
+    let c = model_logits(&CpuBackend::new(), &dir, &steps);
+    let g = model_logits(&gpu, &dir, &steps);
+    for (k, (g, c)) in g.iter().zip(&c).enumerate() {
+        for (r, (gr, cr)) in g.chunks(cfg.vocab_size).zip(c.chunks(cfg.vocab_size)).enumerate() {
+            assert_close(&format!("logits step {k} row {r}"), gr, cr, LOGITS_TOL);
+        }
+    }
+}
