@@ -165,7 +165,9 @@ impl CudaBackend {
             *guard = Some(self.new_staging()?);
         }
         let staging = guard.as_mut().ok_or_else(|| Error::Backend("staging buffers missing".into()))?;
-        let mut stager = Stager { backend: self, staging, dst: &mut dst, cur: 0, fill: 0, offset: 0 };
+        staging.done[0].synchronize().cuda("waiting for a weight copy")?;
+        let mut stager =
+            Stager { backend: self, staging, dst: &mut dst, total: rows * cols, cur: 0, fill: 0, offset: 0 };
         for p in parts {
             for row in p.row_bytes() {
                 stager.push(row, p.tensor.dtype)?;
@@ -182,7 +184,9 @@ struct Stager<'a> {
     backend: &'a CudaBackend,
     staging: &'a mut Staging,
     dst: &'a mut CudaSlice<bf16>,
-    /// The buffer being filled.
+    /// Elements the weight has (`dst` may hold one more when the weight is empty).
+    total: usize,
+    /// The buffer being filled; its previous copy has finished (waited for in `flush`).
     cur: usize,
     /// Elements already in it.
     fill: usize,
@@ -191,15 +195,24 @@ struct Stager<'a> {
 }
 
 impl Stager<'_> {
-    /// The current buffer, once its previous copy has finished reading it.
+    /// The buffer being filled.
     fn buffer(&mut self) -> Result<&mut [bf16]> {
-        self.staging.done[self.cur].synchronize().cuda("waiting for a weight copy")?;
         self.staging.bufs[self.cur].as_mut_slice().cuda("mapping pinned staging memory")
+    }
+
+    /// Fails unless `n` more elements fit the weight (a slice whose rows disagree with its
+    /// shape would otherwise write past the buffer).
+    fn room(&self, n: usize) -> Result<()> {
+        if self.offset + self.fill + n > self.total {
+            return Err(Error::Backend(format!("weight upload: more than the {} elements of its shape", self.total)));
+        }
+        Ok(())
     }
 
     /// Appends one row of stored little-endian values, converted to bf16.
     fn push(&mut self, mut bytes: &[u8], dtype: DType) -> Result<()> {
         let size = dtype.size();
+        self.room(bytes.len() / size)?;
         while !bytes.is_empty() {
             let fill = self.fill;
             let buf = self.buffer()?;
@@ -234,6 +247,7 @@ impl Stager<'_> {
 
     /// Appends `n` zeros (padding rows).
     fn push_zeros(&mut self, mut n: usize) -> Result<()> {
+        self.room(n)?;
         while n > 0 {
             let fill = self.fill;
             let k = n.min(STAGING_ELEMS - fill);
@@ -256,7 +270,8 @@ impl Stager<'_> {
         self.offset += STAGING_ELEMS;
         self.fill = 0;
         self.cur ^= 1;
-        Ok(())
+        // The other buffer may still be feeding its previous copy: wait before refilling it.
+        self.staging.done[self.cur].synchronize().cuda("waiting for a weight copy")
     }
 
     /// Copies the partly filled last buffer and waits for every copy of this weight.
@@ -268,11 +283,11 @@ impl Stager<'_> {
             let mut view = self.dst.slice_mut(self.offset..self.offset + fill);
             self.backend.stream.memcpy_htod(&tail, &mut view).cuda("copying a weight to the device")?;
         }
-        if self.offset + self.fill != self.dst.len() {
+        if self.offset + self.fill != self.total {
             return Err(Error::Backend(format!(
                 "weight upload wrote {} of {} elements",
                 self.offset + self.fill,
-                self.dst.len()
+                self.total
             )));
         }
         self.backend.stream.synchronize().cuda("finishing a weight upload")
