@@ -88,6 +88,7 @@ impl Worker {
         loop {
             // Intake: block while idle, otherwise take whatever has arrived.
             let mut incoming = Vec::new();
+            self.publish_gauges();
             if self.scheduler.is_idle() {
                 if deadline.is_some() {
                     return;
@@ -124,7 +125,6 @@ impl Worker {
             if let Err(e) = self.step(&mut active) {
                 self.fail(e, &mut active);
             }
-            self.publish_gauges();
         }
     }
 
