@@ -21,6 +21,8 @@ use tulu::backend::cuda::{cuda_available, CudaBackend};
 use tulu::backend::{AttnDims, Backend, KvCacheSpec};
 use tulu::config::ModelConfig;
 use tulu::model::Llama;
+use tulu::parallel::sharding::Shard;
+use tulu::parallel::SingleRank;
 use tulu::runtime::batch::Batch;
 use tulu::synth::{synth_checkpoint, SynthOptions};
 use tulu::weights::{DType, TensorRef, WeightStore};
@@ -159,8 +161,10 @@ fn elementwise_embedding_and_gather_match_cpu() {
         let gt = weight(&gpu, &table, &[vocab, cols]);
         let g = gpu.to_host(&gpu.embed(&gt, &ids).unwrap()).unwrap();
         assert_close(&format!("embed {vocab}×{cols}"), &g, &c, OP_TOL);
-        let e = gpu.embed(&gt, &[vocab as u32]).err().expect("an id past the vocab must fail");
-        assert!(matches!(e, tulu::Error::Request { .. }), "{e}");
+        // Ids past the table (another vocab-parallel rank's) give zero rows.
+        let g = gpu.to_host(&gpu.embed(&gt, &[vocab as u32, 0, u32::MAX]).unwrap()).unwrap();
+        assert!(g[..cols].iter().chain(&g[2 * cols..]).all(|&x| x == 0.0), "embed {vocab}×{cols}: id past the table");
+        assert_close(&format!("embed {vocab}×{cols} row 0"), &g[cols..2 * cols], &table[..cols], OP_TOL);
     }
 }
 
@@ -319,7 +323,7 @@ fn attention_rejects_a_batch_outside_the_cache() {
 fn model_logits<B: Backend>(b: &B, dir: &Path, steps: &[Vec<u32>]) -> Vec<Vec<f32>> {
     let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
     let store = WeightStore::open(dir).unwrap();
-    let model = Llama::load(b, &cfg, &store, 256, |_| {}).unwrap();
+    let model = Llama::load(b, &cfg, &store, 256, Shard::single(), |_| {}).unwrap();
     let block_size = 16;
     let mut cache = b.new_kv_cache(&model.kv_cache_spec(32, block_size)).unwrap();
     // Blocks in reverse order, to exercise the block table.
@@ -331,7 +335,7 @@ fn model_logits<B: Backend>(b: &B, dir: &Path, steps: &[Vec<u32>]) -> Vec<Vec<f3
         batch.push(tokens, cached, &table).unwrap();
         cached += tokens.len();
         let rows: Vec<usize> = (0..tokens.len()).collect();
-        out.push(model.forward(b, &batch, &mut cache, &rows).unwrap());
+        out.push(model.forward(b, &batch, &mut cache, &rows, &SingleRank).unwrap());
     }
     out
 }
