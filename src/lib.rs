@@ -13,6 +13,7 @@ pub mod model;
 pub mod peer;
 pub mod rope;
 pub mod runtime;
+pub mod server;
 pub mod synth;
 pub mod tokenizer;
 pub mod weights;

@@ -130,6 +130,8 @@ enum Command {
     },
     /// Measure prefill and decode speed, with candle-transformers' llama as the peer.
     Bench(cli::bench::BenchArgs),
+    /// Serve the OpenAI-compatible HTTP API (completions, chat, models, health, metrics).
+    Serve(cli::serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -145,6 +147,7 @@ fn main() -> ExitCode {
             cli::convert::synth(&preset, &out, layers, dtype.as_deref(), seed, tokenizer)
         }
         Command::Bench(args) => cli::bench::bench(&args),
+        Command::Serve(args) => cli::serve::serve(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

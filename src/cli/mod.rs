@@ -4,6 +4,7 @@ pub mod bench;
 pub mod convert;
 pub mod generate;
 pub mod inspect;
+pub mod serve;
 
 use std::io::IsTerminal;
 

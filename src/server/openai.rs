@@ -1,0 +1,543 @@
+//! Parsing and validating `/v1/completions` and `/v1/chat/completions` bodies.
+//!
+//! Bodies are read as `serde_json::Value` and checked field by field, rather than deserialized
+//! into structs, so every malformed field is reported by name (`messages[1].content`,
+//! `temperature`) with what was expected. Limits follow vLLM's: temperature in [0, 2], top_p in
+//! (0, 1], top_k ≥ -1, n ≥ 1, max_tokens ≥ 1. Unknown fields are ignored, as vLLM and OpenAI do,
+//! so clients' extra options do not break requests; known options tulu cannot honour are refused.
+
+use serde_json::{Map, Value};
+
+use super::error::ApiError;
+use crate::runtime::sampler::SamplingParams;
+use crate::tokenizer::ChatMessage;
+
+/// Most choices one request may ask for (`n` × prompts): each is a sequence in the engine.
+pub const MAX_CHOICES: usize = 128;
+/// Most alternatives per token for `logprobs` / `top_logprobs` (vLLM's default cap).
+pub const MAX_LOGPROBS: usize = 20;
+
+/// Which API a request came through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/v1/completions`.
+    Completions,
+    /// `/v1/chat/completions`.
+    Chat,
+}
+
+/// One prompt of a request, before tokenization.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromptInput {
+    /// Completion text.
+    Text(String),
+    /// Completion token ids.
+    Tokens(Vec<u32>),
+    /// A conversation for the chat template.
+    Chat(Vec<ChatMessage>),
+}
+
+/// Sampling options the request set; the rest come from the model's defaults.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SamplingOverrides {
+    /// `temperature`.
+    pub temperature: Option<f32>,
+    /// `top_p`.
+    pub top_p: Option<f32>,
+    /// `top_k`, with -1 and 0 already mapped to 0 (off).
+    pub top_k: Option<usize>,
+    /// `min_p`.
+    pub min_p: Option<f32>,
+    /// `repetition_penalty`.
+    pub repetition_penalty: Option<f32>,
+    /// `seed`.
+    pub seed: Option<u64>,
+}
+
+impl SamplingOverrides {
+    /// The sampling for choice `index`: `None` (model defaults) when nothing was set; with a
+    /// seed, choice i is seeded `seed + i` so that `n` choices differ yet reproduce.
+    pub fn params(&self, defaults: SamplingParams, index: usize) -> Option<SamplingParams> {
+        let any = self.temperature.is_some()
+            || self.top_p.is_some()
+            || self.top_k.is_some()
+            || self.min_p.is_some()
+            || self.repetition_penalty.is_some()
+            || self.seed.is_some();
+        any.then(|| SamplingParams {
+            temperature: self.temperature.unwrap_or(defaults.temperature),
+            top_k: self.top_k.unwrap_or(defaults.top_k),
+            top_p: self.top_p.unwrap_or(defaults.top_p),
+            min_p: self.min_p.unwrap_or(defaults.min_p),
+            repetition_penalty: self.repetition_penalty.unwrap_or(defaults.repetition_penalty),
+            seed: self.seed.map(|s| s.wrapping_add(index as u64)),
+        })
+    }
+}
+
+/// A validated completion or chat request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiRequest {
+    /// Which endpoint.
+    pub endpoint: Endpoint,
+    /// The `model` the client named, if any.
+    pub model: Option<String>,
+    /// The prompts (one for chat; completions may batch several).
+    pub prompts: Vec<PromptInput>,
+    /// Choices per prompt.
+    pub n: usize,
+    /// Stream with server-sent events.
+    pub stream: bool,
+    /// `stream_options.include_usage`.
+    pub include_usage: bool,
+    /// Cap on generated tokens per choice.
+    pub max_tokens: Option<u64>,
+    /// Which parameter set `max_tokens` (for error messages).
+    pub max_tokens_param: &'static str,
+    /// Stop strings.
+    pub stop: Vec<String>,
+    /// Sampling options set by the request.
+    pub sampling: SamplingOverrides,
+    /// Alternatives to report per token; `None`: no log-probabilities.
+    pub logprobs: Option<usize>,
+    /// Completions: prepend the prompt to the output.
+    pub echo: bool,
+    /// Keep generating past EOS (vLLM's extension, for benchmarks).
+    pub ignore_eos: bool,
+}
+
+impl ApiRequest {
+    /// The name of the prompt parameter, for errors about the prompt.
+    pub fn prompt_param(&self) -> &'static str {
+        match self.endpoint {
+            Endpoint::Completions => "prompt",
+            Endpoint::Chat => "messages",
+        }
+    }
+}
+
+/// Parses and validates a request body for `endpoint`.
+pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, ApiError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid("body", format!("the request body is not valid JSON: {e}")))?;
+    let Value::Object(obj) = &value else {
+        return Err(ApiError::invalid("body", format!("the request body must be a JSON object, got {}", kind(&value))));
+    };
+    let f = Fields(obj);
+    let prompts = match endpoint {
+        Endpoint::Completions => completion_prompts(f.require("prompt")?)?,
+        Endpoint::Chat => vec![PromptInput::Chat(messages(f.require("messages")?)?)],
+    };
+    let n = match f.int("n")? {
+        None => 1,
+        Some(n) if n < 1 => return Err(ApiError::param("n", format!("must be at least 1, got {n}"))),
+        Some(n) if n as u64 > MAX_CHOICES as u64 => {
+            return Err(ApiError::param("n", format!("must be at most {MAX_CHOICES}, got {n}")))
+        }
+        Some(n) => n as usize,
+    };
+    if n * prompts.len() > MAX_CHOICES {
+        return Err(ApiError::param(
+            "n",
+            format!(
+                "asks for {} choices ({} prompts × n = {n}); at most {MAX_CHOICES}",
+                n * prompts.len(),
+                prompts.len()
+            ),
+        ));
+    }
+    let stream = f.bool("stream")?.unwrap_or(false);
+    let include_usage = match f.get("stream_options") {
+        None => false,
+        Some(_) if !stream => {
+            return Err(ApiError::param("stream_options", "can only be set when `stream` is true"));
+        }
+        Some(Value::Object(opts)) => {
+            Fields(opts).bool_named("include_usage", "stream_options.include_usage")?.unwrap_or(false)
+        }
+        Some(v) => return Err(ApiError::param("stream_options", format!("must be an object, got {}", kind(v)))),
+    };
+    let (max_tokens_param, max_tokens) = match (endpoint, f.int("max_completion_tokens")?) {
+        (Endpoint::Chat, Some(m)) => ("max_completion_tokens", Some(m)),
+        _ => ("max_tokens", f.int("max_tokens")?),
+    };
+    let max_tokens = match max_tokens {
+        Some(m) if m < 1 => return Err(ApiError::param(max_tokens_param, format!("must be at least 1, got {m}"))),
+        m => m.map(|m| m as u64),
+    };
+    let logprobs = match endpoint {
+        Endpoint::Completions => match f.int("logprobs")? {
+            None => None,
+            Some(k) if !(0..=MAX_LOGPROBS as i64).contains(&k) => {
+                return Err(ApiError::param("logprobs", format!("must be in [0, {MAX_LOGPROBS}], got {k}")))
+            }
+            Some(k) => Some(k as usize),
+        },
+        Endpoint::Chat => {
+            let top = match f.int("top_logprobs")? {
+                Some(k) if !(0..=MAX_LOGPROBS as i64).contains(&k) => {
+                    return Err(ApiError::param("top_logprobs", format!("must be in [0, {MAX_LOGPROBS}], got {k}")))
+                }
+                k => k.map(|k| k as usize),
+            };
+            match (f.bool("logprobs")?.unwrap_or(false), top) {
+                (true, top) => Some(top.unwrap_or(0)),
+                (false, Some(k)) if k > 0 => {
+                    return Err(ApiError::param("top_logprobs", "requires `logprobs` to be true"));
+                }
+                (false, _) => None,
+            }
+        }
+    };
+    let echo = match endpoint {
+        Endpoint::Completions => f.bool("echo")?.unwrap_or(false),
+        Endpoint::Chat => false,
+    };
+    if let Some(s) = f.string("suffix")? {
+        if !s.is_empty() {
+            return Err(ApiError::param("suffix", "is not supported"));
+        }
+    }
+    unsupported(&f)?;
+    Ok(ApiRequest {
+        endpoint,
+        model: f.string("model")?.map(str::to_owned),
+        prompts,
+        n,
+        stream,
+        include_usage,
+        max_tokens,
+        max_tokens_param,
+        stop: stop(f.get("stop"))?,
+        sampling: sampling(&f)?,
+        logprobs,
+        echo,
+        ignore_eos: f.bool("ignore_eos")?.unwrap_or(false),
+    })
+}
+
+fn sampling(f: &Fields) -> Result<SamplingOverrides, ApiError> {
+    let temperature = f.float("temperature")?;
+    if let Some(t) = temperature {
+        if !(0.0..=2.0).contains(&t) {
+            return Err(ApiError::param("temperature", format!("must be in [0, 2], got {t}")));
+        }
+    }
+    let top_p = f.float("top_p")?;
+    if let Some(p) = top_p {
+        if !(p > 0.0 && p <= 1.0) {
+            return Err(ApiError::param("top_p", format!("must be in (0, 1], got {p}")));
+        }
+    }
+    let top_k = match f.int("top_k")? {
+        Some(k) if k < -1 => {
+            return Err(ApiError::param("top_k", format!("must be -1 or 0 (off) or at least 1, got {k}")));
+        }
+        Some(k) => Some(k.max(0) as usize),
+        None => None,
+    };
+    let min_p = f.float("min_p")?;
+    if let Some(p) = min_p {
+        if !(0.0..=1.0).contains(&p) {
+            return Err(ApiError::param("min_p", format!("must be in [0, 1], got {p}")));
+        }
+    }
+    let repetition_penalty = f.float("repetition_penalty")?;
+    if let Some(r) = repetition_penalty {
+        if !(r > 0.0 && r <= 2.0) {
+            return Err(ApiError::param("repetition_penalty", format!("must be in (0, 2], got {r}")));
+        }
+    }
+    for name in ["presence_penalty", "frequency_penalty"] {
+        match f.float(name)? {
+            Some(p) if !(-2.0..=2.0).contains(&p) => {
+                return Err(ApiError::param(name, format!("must be in [-2, 2], got {p}")));
+            }
+            Some(p) if p != 0.0 => return Err(ApiError::param(name, "is not supported (only 0)")),
+            _ => {}
+        }
+    }
+    let seed = match f.get("seed") {
+        None => None,
+        Some(v) => Some(
+            v.as_u64()
+                .or_else(|| v.as_i64().map(|s| s as u64))
+                .ok_or_else(|| ApiError::param("seed", format!("must be an integer, got {}", kind(v))))?,
+        ),
+    };
+    Ok(SamplingOverrides {
+        temperature: temperature.map(|t| t as f32),
+        top_p: top_p.map(|p| p as f32),
+        top_k,
+        min_p: min_p.map(|p| p as f32),
+        repetition_penalty: repetition_penalty.map(|r| r as f32),
+        seed,
+    })
+}
+
+/// Options OpenAI defines that tulu cannot honour: refused rather than silently ignored.
+fn unsupported(f: &Fields) -> Result<(), ApiError> {
+    if let Some(v) = f.get("logit_bias") {
+        match v {
+            Value::Object(m) if m.is_empty() => {}
+            Value::Object(_) => return Err(ApiError::param("logit_bias", "is not supported")),
+            v => return Err(ApiError::param("logit_bias", format!("must be an object, got {}", kind(v)))),
+        }
+    }
+    if let Some(v) = f.get("tools") {
+        match v {
+            Value::Array(a) if a.is_empty() => {}
+            Value::Array(_) => return Err(ApiError::param("tools", "are not supported")),
+            v => return Err(ApiError::param("tools", format!("must be an array, got {}", kind(v)))),
+        }
+    }
+    if let Some(v) = f.get("response_format") {
+        let ty = v.get("type").and_then(Value::as_str);
+        if ty != Some("text") {
+            return Err(ApiError::param("response_format", "only {\"type\": \"text\"} is supported"));
+        }
+    }
+    if let Some(b) = f.int("best_of")? {
+        if b != 1 {
+            return Err(ApiError::param("best_of", "is not supported (only 1)"));
+        }
+    }
+    Ok(())
+}
+
+fn stop(v: Option<&Value>) -> Result<Vec<String>, ApiError> {
+    let one = |v: &Value, param: String| match v {
+        Value::String(s) if s.is_empty() => {
+            Err(ApiError::invalid(param.clone(), format!("`{param}` must not be empty")))
+        }
+        Value::String(s) => Ok(s.clone()),
+        v => Err(ApiError::invalid(param.clone(), format!("`{param}` must be a string, got {}", kind(v)))),
+    };
+    match v {
+        None => Ok(Vec::new()),
+        Some(Value::Array(items)) => items.iter().enumerate().map(|(i, s)| one(s, format!("stop[{i}]"))).collect(),
+        Some(v) => Ok(vec![one(v, "stop".into())?]),
+    }
+}
+
+fn completion_prompts(v: &Value) -> Result<Vec<PromptInput>, ApiError> {
+    let tokens = |items: &[Value], param: &str| -> Result<Vec<u32>, ApiError> {
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                t.as_u64().and_then(|t| u32::try_from(t).ok()).ok_or_else(|| {
+                    ApiError::invalid(param, format!("`{param}[{i}]` must be a token id (an integer ≥ 0), got {t}"))
+                })
+            })
+            .collect()
+    };
+    let prompts = match v {
+        Value::String(s) => vec![PromptInput::Text(s.clone())],
+        Value::Array(items) if items.is_empty() => return Err(ApiError::param("prompt", "must not be empty")),
+        Value::Array(items) => match &items[0] {
+            Value::Number(_) => vec![PromptInput::Tokens(tokens(items, "prompt")?)],
+            _ => items
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let param = format!("prompt[{i}]");
+                    match p {
+                        Value::String(s) => Ok(PromptInput::Text(s.clone())),
+                        Value::Array(ids) => Ok(PromptInput::Tokens(tokens(ids, &param)?)),
+                        v => Err(ApiError::invalid(
+                            param.clone(),
+                            format!("`{param}` must be a string or a list of token ids, got {}", kind(v)),
+                        )),
+                    }
+                })
+                .collect::<Result<_, _>>()?,
+        },
+        v => {
+            return Err(ApiError::param(
+                "prompt",
+                format!("must be a string, a list of strings or a list of token ids, got {}", kind(v)),
+            ))
+        }
+    };
+    for (i, p) in prompts.iter().enumerate() {
+        let empty = match p {
+            PromptInput::Text(s) => s.is_empty(),
+            PromptInput::Tokens(t) => t.is_empty(),
+            PromptInput::Chat(m) => m.is_empty(),
+        };
+        if empty {
+            let param = if prompts.len() == 1 { "prompt".to_owned() } else { format!("prompt[{i}]") };
+            return Err(ApiError::invalid(param.clone(), format!("`{param}` must not be empty")));
+        }
+    }
+    Ok(prompts)
+}
+
+fn messages(v: &Value) -> Result<Vec<ChatMessage>, ApiError> {
+    let Value::Array(items) = v else {
+        return Err(ApiError::param("messages", format!("must be a list of messages, got {}", kind(v))));
+    };
+    if items.is_empty() {
+        return Err(ApiError::param("messages", "must not be empty"));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let at = |field: &str| format!("messages[{i}]{field}");
+            let Value::Object(obj) = m else {
+                return Err(ApiError::invalid(at(""), format!("`{}` must be an object, got {}", at(""), kind(m))));
+            };
+            let role = match obj.get("role") {
+                Some(Value::String(r)) if !r.is_empty() => r.clone(),
+                Some(v) => {
+                    let p = at(".role");
+                    return Err(ApiError::invalid(p.clone(), format!("`{p}` must be a role string, got {}", kind(v))));
+                }
+                None => return Err(ApiError::invalid(at(".role"), format!("`{}` is required", at(".role")))),
+            };
+            let content = match obj.get("content") {
+                None | Some(Value::Null) => String::new(),
+                Some(Value::String(s)) => s.clone(),
+                // Content parts: only text can be given to a text-only model; parts are joined
+                // with newlines, as vLLM does.
+                Some(Value::Array(parts)) => parts
+                    .iter()
+                    .enumerate()
+                    .map(|(j, part)| match (part.get("type").and_then(Value::as_str), part.get("text")) {
+                        (Some("text"), Some(Value::String(t))) => Ok(t.as_str()),
+                        _ => {
+                            let p = at(&format!(".content[{j}]"));
+                            Err(ApiError::invalid(
+                                p.clone(),
+                                format!("`{p}` must be a {{\"type\": \"text\", \"text\": ...}} part"),
+                            ))
+                        }
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+                    .join("\n"),
+                Some(v) => {
+                    let p = at(".content");
+                    return Err(ApiError::invalid(
+                        p.clone(),
+                        format!("`{p}` must be a string or a list of parts, got {}", kind(v)),
+                    ));
+                }
+            };
+            Ok(ChatMessage { role, content })
+        })
+        .collect()
+}
+
+/// A JSON object's fields, read with types checked and `null` treated as absent.
+struct Fields<'a>(&'a Map<String, Value>);
+
+impl Fields<'_> {
+    fn get(&self, name: &str) -> Option<&Value> {
+        self.0.get(name).filter(|v| !v.is_null())
+    }
+
+    fn require(&self, name: &str) -> Result<&Value, ApiError> {
+        self.get(name).ok_or_else(|| ApiError::param(name, "is required"))
+    }
+
+    fn float(&self, name: &str) -> Result<Option<f64>, ApiError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::Number(x)) => x
+                .as_f64()
+                .filter(|x| x.is_finite())
+                .map(Some)
+                .ok_or_else(|| ApiError::param(name, "must be a finite number")),
+            Some(v) => Err(ApiError::param(name, format!("must be a number, got {}", kind(v)))),
+        }
+    }
+
+    fn int(&self, name: &str) -> Result<Option<i64>, ApiError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::Number(x)) if x.is_i64() => Ok(x.as_i64()),
+            // Beyond i64: as good as infinite for every integer option here.
+            Some(Value::Number(x)) if x.is_u64() => Ok(Some(i64::MAX)),
+            Some(v) => Err(ApiError::param(name, format!("must be an integer, got {}", kind(v)))),
+        }
+    }
+
+    fn bool(&self, name: &str) -> Result<Option<bool>, ApiError> {
+        self.bool_named(name, name)
+    }
+
+    fn bool_named(&self, name: &str, param: &str) -> Result<Option<bool>, ApiError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(ApiError::param(param, format!("must be a boolean, got {}", kind(v)))),
+        }
+    }
+
+    fn string(&self, name: &str) -> Result<Option<&str>, ApiError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(v) => Err(ApiError::param(name, format!("must be a string, got {}", kind(v)))),
+        }
+    }
+}
+
+/// A JSON value's type, as error messages name it.
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(n) if n.is_f64() => "a float",
+        Value::Number(_) => "an integer",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(endpoint: Endpoint, body: &str) -> ApiError {
+        match parse(endpoint, body.as_bytes()) {
+            Ok(r) => panic!("{body} parsed: {r:?}"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn names_the_field_at_fault() {
+        let chat = |b: &str| err(Endpoint::Chat, b).param;
+        assert_eq!(chat(r#"{"messages": [{"role": "user", "content": 3}]}"#).as_deref(), Some("messages[0].content"));
+        assert_eq!(
+            chat(r#"{"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}"#).as_deref(),
+            Some("temperature")
+        );
+        assert_eq!(chat(r#"{"messages": [{"content": "hi"}]}"#).as_deref(), Some("messages[0].role"));
+        assert_eq!(
+            chat(r#"{"messages": [{"role":"user","content":"x"}], "top_logprobs": 2}"#).as_deref(),
+            Some("top_logprobs")
+        );
+        let comp = |b: &str| err(Endpoint::Completions, b).param;
+        assert_eq!(comp(r#"{"prompt": [1, -2]}"#).as_deref(), Some("prompt"));
+        assert_eq!(comp(r#"{"prompt": "x", "stop": ["a", 1]}"#).as_deref(), Some("stop[1]"));
+        assert_eq!(comp(r#"{"prompt": "x", "top_k": -2}"#).as_deref(), Some("top_k"));
+        assert_eq!(comp("{").as_deref(), Some("body"));
+    }
+
+    #[test]
+    fn seeds_choices_in_order_and_keeps_defaults_when_unset() {
+        let r = parse(Endpoint::Completions, br#"{"prompt": "x", "seed": 7, "n": 3, "top_k": -1}"#).unwrap();
+        let seeds: Vec<_> = (0..3).map(|i| r.sampling.params(SamplingParams::greedy(), i).unwrap().seed).collect();
+        assert_eq!(seeds, [Some(7), Some(8), Some(9)]);
+        assert_eq!(r.sampling.top_k, Some(0));
+        let r = parse(Endpoint::Completions, br#"{"prompt": ["a", [1, 2]], "stop": "x"}"#).unwrap();
+        assert_eq!(r.prompts, [PromptInput::Text("a".into()), PromptInput::Tokens(vec![1, 2])]);
+        assert_eq!(r.stop, ["x"]);
+        assert_eq!(r.sampling.params(SamplingParams::greedy(), 0), None);
+    }
+}

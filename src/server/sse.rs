@@ -1,0 +1,158 @@
+//! Streamed answers: server-sent events `data: {chunk}\n\n` ending with `data: [DONE]\n\n`,
+//! as OpenAI's clients parse them.
+//!
+//! The response body owns the channel the choices' events arrive on: when a client
+//! disconnects, hyper drops the body, the channel closes, and every choice's forwarder drops its
+//! `Generation`, which aborts the engine request and frees its KV blocks.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+
+use axum::body::{Body, Bytes};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::completions::{ChoiceEvent, Reply};
+use super::error::ApiError;
+use super::openai::Endpoint;
+use crate::engine::{Event, FinishReason, Summary, TokenLogprob};
+
+/// The streaming response for `reply`, fed by `events`.
+pub(super) fn response(reply: Reply, events: mpsc::UnboundedReceiver<ChoiceEvent>) -> Response {
+    let n = reply.choices();
+    let mut stream = ChunkStream {
+        queue: VecDeque::new(),
+        events,
+        pending: vec![Vec::new(); n],
+        offsets: vec![0; n],
+        summaries: vec![None; n],
+        finished: false,
+        reply,
+    };
+    // The first chunks: the assistant role (chat), or the echoed prompt (completions).
+    for i in 0..n {
+        let prompt = &stream.reply.prompts[i / stream.reply.request.n];
+        match stream.reply.request.endpoint {
+            Endpoint::Chat => stream.push_choice(i, json!({"role": "assistant", "content": ""}), None, None),
+            Endpoint::Completions if stream.reply.request.echo => {
+                stream.offsets[i] = prompt.text.chars().count();
+                let text = prompt.text.clone();
+                stream.push_choice(i, json!(text), None, None);
+            }
+            Endpoint::Completions => {}
+        }
+    }
+    let body = futures_util::stream::unfold(stream, |mut s| async move {
+        s.next().await.map(|bytes| (Ok::<Bytes, Infallible>(bytes), s))
+    });
+    ([(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")], Body::from_stream(body))
+        .into_response()
+}
+
+struct ChunkStream {
+    reply: Reply,
+    events: mpsc::UnboundedReceiver<ChoiceEvent>,
+    /// Encoded events not yet sent.
+    queue: VecDeque<Bytes>,
+    /// Log-probabilities waiting for the text they complete, per choice.
+    pending: Vec<Vec<TokenLogprob>>,
+    /// Completions' `text_offset` so far, per choice.
+    offsets: Vec<usize>,
+    summaries: Vec<Option<Summary>>,
+    finished: bool,
+}
+
+impl ChunkStream {
+    /// The next event to send; `None` once `[DONE]` has been sent.
+    async fn next(&mut self) -> Option<Bytes> {
+        loop {
+            if let Some(bytes) = self.queue.pop_front() {
+                return Some(bytes);
+            }
+            if self.finished {
+                return None;
+            }
+            match self.events.recv().await {
+                Some((i, Ok(Event::Text(text)))) => {
+                    let lp = self.take_logprobs(i);
+                    let delta = match self.reply.request.endpoint {
+                        Endpoint::Chat => json!({"content": text}),
+                        Endpoint::Completions => json!(text),
+                    };
+                    self.push_choice(i, delta, lp, None);
+                }
+                Some((i, Ok(Event::Logprobs(l)))) => self.pending[i].extend(l),
+                Some((i, Ok(Event::Done(summary)))) => {
+                    let lp = self.take_logprobs(i);
+                    let delta = match self.reply.request.endpoint {
+                        Endpoint::Chat => json!({}),
+                        Endpoint::Completions => json!(""),
+                    };
+                    self.push_choice(i, delta, lp, Some(summary.finish_reason));
+                    self.summaries[i] = Some(summary);
+                }
+                Some((_, Err(e))) => {
+                    // The headers are sent: the error goes in the stream, and the other
+                    // choices are aborted by closing their channel.
+                    let error = ApiError::from_engine(e, self.reply.state.shutting_down.load(Ordering::SeqCst));
+                    self.events.close();
+                    self.push(&error.body());
+                    self.queue.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+                    self.finished = true;
+                }
+                None => {
+                    if self.reply.request.include_usage {
+                        let usage = self.reply.usage(&self.summaries);
+                        let mut chunk = self.envelope(Vec::new());
+                        chunk["usage"] = usage;
+                        self.push(&chunk);
+                    }
+                    self.queue.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+                    self.finished = true;
+                }
+            }
+        }
+    }
+
+    fn take_logprobs(&mut self, i: usize) -> Option<Value> {
+        self.reply.request.logprobs?;
+        if self.pending[i].is_empty() {
+            return None;
+        }
+        let tokens = std::mem::take(&mut self.pending[i]);
+        Some(self.reply.logprobs(&tokens, &mut self.offsets[i]))
+    }
+
+    /// Queues a chunk for choice `i`: `delta` is the chat delta object or the completion text.
+    fn push_choice(&mut self, i: usize, delta: Value, logprobs: Option<Value>, finish: Option<FinishReason>) {
+        let finish = finish.map(FinishReason::as_str);
+        let choice = match self.reply.request.endpoint {
+            Endpoint::Chat => json!({"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}),
+            Endpoint::Completions => json!({"index": i, "text": delta, "logprobs": logprobs, "finish_reason": finish}),
+        };
+        let chunk = self.envelope(vec![choice]);
+        self.push(&chunk);
+    }
+
+    fn envelope(&self, choices: Vec<Value>) -> Value {
+        let mut chunk = json!({
+            "id": self.reply.id,
+            "object": self.reply.object(true),
+            "created": self.reply.created,
+            "model": self.reply.state.model_name,
+            "choices": choices,
+        });
+        // With include_usage, OpenAI sends `"usage": null` on every chunk but the last.
+        if self.reply.request.include_usage {
+            chunk["usage"] = Value::Null;
+        }
+        chunk
+    }
+
+    fn push(&mut self, value: &Value) {
+        self.queue.push_back(Bytes::from(format!("data: {value}\n\n")));
+    }
+}
