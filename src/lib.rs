@@ -10,6 +10,7 @@ pub mod engine;
 pub mod error;
 pub mod hub;
 pub mod model;
+pub mod parallel;
 pub mod peer;
 pub mod rope;
 pub mod runtime;

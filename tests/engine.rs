@@ -8,6 +8,8 @@ use tulu::backend::cpu::CpuBackend;
 use tulu::backend::Backend;
 use tulu::config::ModelConfig;
 use tulu::model::Llama;
+use tulu::parallel::sharding::Shard;
+use tulu::parallel::SingleRank;
 use tulu::runtime::batch::Batch;
 use tulu::runtime::block_manager::BlockManager;
 use tulu::weights::WeightStore;
@@ -26,7 +28,7 @@ fn fixture(dir: &std::path::Path) -> Fixture {
     let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
     let store = WeightStore::open(dir).unwrap();
     let backend = CpuBackend::new();
-    let model = Llama::load(&backend, &cfg, &store, 256, |_| {}).unwrap();
+    let model = Llama::load(&backend, &cfg, &store, 256, Shard::single(), |_| {}).unwrap();
     let cache = backend.new_kv_cache(&model.kv_cache_spec(64, BS)).unwrap();
     Fixture { backend, model, pool: BlockManager::new(64, BS, false), cache }
 }
@@ -39,7 +41,8 @@ impl Fixture {
             self.pool.grow(table, *cached + tokens.len()).unwrap();
             batch.push(tokens, *cached, table).unwrap();
         }
-        let logits = self.model.forward(&self.backend, &batch, &mut self.cache, &batch.last_rows()).unwrap();
+        let logits =
+            self.model.forward(&self.backend, &batch, &mut self.cache, &batch.last_rows(), &SingleRank).unwrap();
         let v = self.model.config().vocab_size;
         logits.chunks(v).map(<[f32]>::to_vec).collect()
     }

@@ -11,6 +11,8 @@ use tulu::backend::cpu::CpuBackend;
 use tulu::backend::Backend;
 use tulu::config::ModelConfig;
 use tulu::model::Llama;
+use tulu::parallel::sharding::Shard;
+use tulu::parallel::SingleRank;
 use tulu::peer::PeerLlama;
 use tulu::runtime::batch::Batch;
 use tulu::runtime::block_manager::BlockManager;
@@ -24,7 +26,7 @@ fn tulu_logits_per_position(dir: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
     let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
     let store = WeightStore::open(dir).unwrap();
     let backend = CpuBackend::new();
-    let model = Llama::load(&backend, &cfg, &store, 512, |_| {}).unwrap();
+    let model = Llama::load(&backend, &cfg, &store, 512, Shard::single(), |_| {}).unwrap();
     let mut pool = BlockManager::new(64, 16, false);
     let mut cache = backend.new_kv_cache(&model.kv_cache_spec(64, 16)).unwrap();
     let mut table = Vec::new();
@@ -32,7 +34,7 @@ fn tulu_logits_per_position(dir: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
     let mut batch = Batch::new(16);
     batch.push(tokens, 0, &table).unwrap();
     let rows: Vec<usize> = (0..tokens.len()).collect();
-    let logits = model.forward(&backend, &batch, &mut cache, &rows).unwrap();
+    let logits = model.forward(&backend, &batch, &mut cache, &rows, &SingleRank).unwrap();
     logits.chunks(cfg.vocab_size).map(<[f32]>::to_vec).collect()
 }
 

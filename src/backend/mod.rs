@@ -113,7 +113,8 @@ pub trait Backend: Send + Sync + 'static {
     /// Allocates the KV cache.
     fn new_kv_cache(&self, spec: &KvCacheSpec) -> Result<Self::KvCache>;
 
-    /// Rows `ids` of the embedding table.
+    /// Rows `ids` of the embedding table; ids past its rows give zero rows (a vocab-parallel
+    /// rank looks up only the ids in its shard, and the ranks' results are summed).
     fn embed(&self, table: &Self::Weight, ids: &[u32]) -> Result<Self::Tensor>;
 
     /// `rms_norm(x) * weight`, accumulated in f32.

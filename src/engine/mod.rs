@@ -8,6 +8,7 @@
 
 pub mod metrics;
 mod request;
+mod tp;
 mod worker;
 
 use std::collections::HashSet;
@@ -21,6 +22,7 @@ use tokio::sync::mpsc as tmpsc;
 
 pub use self::metrics::{Histogram, Metrics};
 pub use self::request::{Event, FinishReason, GenerateRequest, Prompt, Summary, TokenLogprob};
+use self::tp::{TpPlan, TpRunner};
 use self::worker::{Command, Runner, Submission, Worker};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, Device};
@@ -28,6 +30,7 @@ use crate::config::{GenerationConfig, ModelConfig};
 use crate::error::{Error, Result};
 use crate::hub::{resolve_model, HubOptions};
 use crate::model::Llama;
+use crate::parallel::sharding::Shard;
 use crate::runtime::block_manager::BlockManager;
 use crate::runtime::sampler::SamplingParams;
 use crate::runtime::scheduler::{Scheduler, SchedulerConfig};
@@ -58,6 +61,8 @@ pub struct EngineOptions {
     pub prefix_caching: bool,
     /// Requests allowed to wait for admission before new ones are refused (`Error::Busy`).
     pub max_waiting: Option<usize>,
+    /// Tensor-parallel ranks (in-process threads on the CPU backend).
+    pub tp: usize,
 }
 
 impl EngineOptions {
@@ -74,6 +79,7 @@ impl EngineOptions {
             block_size: 16,
             prefix_caching: true,
             max_waiting: None,
+            tp: 1,
         }
     }
 
@@ -154,6 +160,9 @@ impl Engine {
                 return Err(Error::request(name, "must be at least 1"));
             }
         }
+        if opts.tp == 0 {
+            return Err(Error::request("tp", "must be at least 1"));
+        }
         if opts.block_size == 0 {
             return Err(Error::request("block_size", "must be at least 1"));
         }
@@ -185,10 +194,17 @@ impl Engine {
         }
         let store = WeightStore::open(&dir)?;
         let (runner, device): (Box<dyn Runner>, String) = match opts.device {
+            Device::Cpu | Device::Auto if opts.tp > 1 => {
+                let plan = TpPlan { tp: opts.tp, context_len, num_blocks, block_size: opts.block_size };
+                let runner = TpRunner::start(&config, Arc::new(store), &plan)?;
+                (Box::new(runner), format!("{} × {} ranks", CpuBackend::new().describe(), opts.tp))
+            }
             Device::Cpu | Device::Auto => {
                 let backend = CpuBackend::new();
                 let bar = load_bar(opts.progress, config.num_hidden_layers);
-                let model = Llama::load(&backend, &config, &store, context_len, |l| bar.set_position(l as u64))?;
+                let model = Llama::load(&backend, &config, &store, context_len, Shard::single(), |l| {
+                    bar.set_position(l as u64)
+                })?;
                 bar.finish_and_clear();
                 let cache = backend.new_kv_cache(&model.kv_cache_spec(num_blocks, opts.block_size))?;
                 let device = backend.describe();

@@ -12,6 +12,7 @@ use super::Shared;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::model::Llama;
+use crate::parallel::SingleRank;
 use crate::runtime::batch::Batch;
 use crate::runtime::sampler::{Sampler, SamplingParams};
 use crate::runtime::scheduler::{Scheduler, SeqId};
@@ -30,7 +31,7 @@ pub(super) struct DeviceRunner<B: Backend> {
 
 impl<B: Backend> Runner for DeviceRunner<B> {
     fn forward(&mut self, batch: &Batch, rows: &[usize]) -> Result<Vec<f32>> {
-        self.model.forward(&self.backend, batch, &mut self.cache, rows)
+        self.model.forward(&self.backend, batch, &mut self.cache, rows, &SingleRank)
     }
 }
 

@@ -249,6 +249,18 @@ impl<'a> TensorRef<'a> {
         TensorSlice { tensor: self, rows: 0..rows, cols: 0..cols, pad_rows: 0 }
     }
 
+    /// Rows `rows` of a 2-D tensor, all columns (a column-parallel rank's part).
+    pub fn row_slice(self, rows: Range<usize>) -> TensorSlice<'a> {
+        let cols = self.shape.get(1).copied().unwrap_or(0);
+        self.slice(rows, 0..cols)
+    }
+
+    /// Columns `cols` of a 2-D tensor, all rows (a row-parallel rank's part).
+    pub fn col_slice(self, cols: Range<usize>) -> TensorSlice<'a> {
+        let rows = self.shape.first().copied().unwrap_or(0);
+        self.slice(0..rows, cols)
+    }
+
     /// Rows `rows` and columns `cols` of a 2-D tensor (or columns of a 1-D one, with rows `0..1`).
     pub fn slice(self, rows: Range<usize>, cols: Range<usize>) -> TensorSlice<'a> {
         TensorSlice { tensor: self, rows, cols, pad_rows: 0 }

@@ -137,16 +137,14 @@ impl Backend for CpuBackend {
             let mut out = Vec::with_capacity(ids.len() * cols);
             for &id in ids {
                 let id = id as usize;
-                if id >= table.rows {
-                    return Err(Error::request(
-                        "prompt",
-                        format!("token id {id} is outside the embedding's {} rows", table.rows),
-                    ));
+                if id < table.rows {
+                    out.extend_from_slice(&t[id * cols..(id + 1) * cols]);
+                } else {
+                    out.resize(out.len() + cols, 0.0);
                 }
-                out.extend_from_slice(&t[id * cols..(id + 1) * cols]);
             }
-            Ok(out)
-        })??;
+            out
+        })?;
         CpuTensor::new(data, ids.len(), cols)
     }
 

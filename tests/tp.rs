@@ -1,0 +1,109 @@
+//! Tensor parallelism on the CPU backend: tp = 2, 3, 4 give the logits and greedy tokens of
+//! tp = 1 — including more ranks than KV heads (replicated KV) and a padded vocab that does not
+//! divide by the number of ranks.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use tulu::backend::cpu::CpuBackend;
+use tulu::backend::Backend;
+use tulu::config::ModelConfig;
+use tulu::model::Llama;
+use tulu::parallel::local::LocalGroup;
+use tulu::parallel::sharding::Shard;
+use tulu::runtime::batch::Batch;
+use tulu::weights::gguf::OutDType;
+use tulu::weights::WeightStore;
+use tulu::{Engine, EngineOptions, Event, GenerateRequest, SamplingParams};
+
+/// Logits of every position of `tokens` computed by `tp` in-process ranks (rank 0's copy).
+fn tp_logits(dir: &Path, tp: usize, tokens: &[u32]) -> Vec<f32> {
+    let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let store = WeightStore::open(dir).unwrap();
+    let group = LocalGroup::new(tp, Duration::from_secs(60));
+    let table: Vec<u32> = (0..8).collect();
+    let mut batch = Batch::new(16);
+    batch.push(tokens, 0, &table).unwrap();
+    let rows: Vec<usize> = (0..tokens.len()).collect();
+    let outs: Vec<Vec<f32>> = std::thread::scope(|s| {
+        let handles: Vec<_> = group
+            .communicators()
+            .into_iter()
+            .enumerate()
+            .map(|(rank, comm)| {
+                let (cfg, store, batch, rows) = (&cfg, &store, &batch, &rows);
+                s.spawn(move || {
+                    let backend = CpuBackend::new();
+                    let model = Llama::load(&backend, cfg, store, 128, Shard { rank, world: tp }, |_| {}).unwrap();
+                    let mut cache = backend.new_kv_cache(&model.kv_cache_spec(8, 16)).unwrap();
+                    model.forward(&backend, batch, &mut cache, rows, &comm).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for o in &outs[1..] {
+        assert_eq!(o, &outs[0], "every rank holds the same gathered logits");
+    }
+    outs.into_iter().next().unwrap()
+}
+
+fn greedy(dir: &Path, tp: usize, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut opts = EngineOptions::new(dir.to_string_lossy());
+    opts.tp = tp;
+    let engine = Engine::load(opts).unwrap();
+    let mut req = GenerateRequest::tokens(prompt.to_vec()).sampling(SamplingParams::greedy()).max_tokens(n);
+    req.ignore_eos = true;
+    engine
+        .generate(req)
+        .unwrap()
+        .find_map(|e| match e.unwrap() {
+            Event::Done(s) => Some(s.tokens),
+            _ => None,
+        })
+        .unwrap()
+}
+
+fn check(dir: &Path, tps: &[usize], tokens: &[u32], n: usize) {
+    let vocab = ModelConfig::from_file(&dir.join("config.json")).unwrap().vocab_size;
+    let reference = tp_logits(dir, 1, tokens);
+    let reference_tokens = greedy(dir, 1, tokens, n);
+    for &tp in tps {
+        let logits = tp_logits(dir, tp, tokens);
+        assert_eq!(logits.len(), reference.len(), "tp={tp}: padding columns must be dropped");
+        for (pos, (a, b)) in logits.chunks(vocab).zip(reference.chunks(vocab)).enumerate() {
+            let e = common::rel_err(a, b);
+            assert!(e <= 1e-5, "{}: tp={tp} position {pos}: rel err {e}", dir.display());
+        }
+        assert_eq!(greedy(dir, tp, tokens, n), reference_tokens, "{}: tp={tp} greedy tokens", dir.display());
+    }
+}
+
+#[test]
+fn more_ranks_than_kv_heads_and_a_vocab_that_does_not_divide() {
+    let mut cfg = ModelConfig::preset("tiny").unwrap(); // 8 heads, 2 KV heads
+    cfg.vocab_size = 301; // 2 and 4 ranks: shards of 151 and 76 rows, the last padded
+    let dir = common::synth_dir("tiny-vocab301-f32", &cfg, OutDType::F32, None);
+    let tokens: Vec<u32> = (0..37).map(|i| (i * 17 + 5) % 290).collect();
+    check(&dir, &[2, 4], &tokens, 24);
+}
+
+#[test]
+fn smollm2_at_tp3() {
+    // 9 heads and 3 KV heads: one KV head per rank.
+    let dir = common::smollm2_dir();
+    let tok = tulu::tokenizer::Tokenizer::from_dir(&dir).unwrap();
+    let tokens = tok.encode_prompt("The capital of France is Paris, and the capital of Germany is").unwrap();
+    check(&dir, &[3], &tokens, 16);
+}
+
+#[test]
+fn impossible_tp_is_a_clear_error() {
+    let mut opts = EngineOptions::new(common::tiny_dir().to_string_lossy());
+    opts.tp = 3;
+    let err = Engine::load(opts).err().expect("tp=3 cannot split 8 heads");
+    let text = err.to_string();
+    assert!(text.contains("tp") && text.contains("valid: 1, 2, 4, 8"), "{text}");
+}
