@@ -27,6 +27,9 @@ pub struct ModelArgs {
     /// Longest context (prompt + output) in tokens; default: the model's, capped at 8192.
     #[arg(long)]
     pub max_context: Option<usize>,
+    /// Tensor-parallel ranks (in-process threads on the CPU backend).
+    #[arg(long, default_value_t = 1)]
+    pub tp: usize,
 }
 
 /// Sampling flags: any one given overrides the model's generation_config defaults.

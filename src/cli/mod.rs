@@ -17,5 +17,6 @@ pub fn engine_options(args: &ModelArgs) -> Result<EngineOptions> {
     let device: Device = args.device.parse()?;
     let mut opts = EngineOptions::new(args.model.clone()).device(device).progress(std::io::stderr().is_terminal());
     opts.max_context = args.max_context;
+    opts.tp = args.tp;
     Ok(opts)
 }
