@@ -94,9 +94,11 @@ enum Command {
     },
     /// Architecture summary, parameter count and bytes by dtype.
     Inspect {
-        /// A local model directory or a Hugging Face repo id.
+        /// A local model directory (config.json alone is enough), a config.json file, or a hub repo id.
         #[arg(long, short)]
         model: String,
+        #[command(flatten)]
+        sizing: cli::inspect::SizingArgs,
     },
     /// Convert a GGUF file (llama architecture) into a Hugging Face safetensors directory.
     Convert {
@@ -144,7 +146,7 @@ fn main() -> ExitCode {
             cli::generate::generate(&model, prompt, prompt_file, chat, system, &sampling)
         }
         Command::Chat { model, system, sampling } => cli::generate::chat(&model, system, &sampling),
-        Command::Inspect { model } => cli::inspect::inspect(&model),
+        Command::Inspect { model, sizing } => cli::inspect::inspect(&model, &sizing),
         Command::Convert { gguf, out, dtype } => cli::convert::convert(&gguf, &out, &dtype),
         Command::Synth { preset, out, layers, dtype, seed, tokenizer } => {
             cli::convert::synth(&preset, &out, layers, dtype.as_deref(), seed, tokenizer)

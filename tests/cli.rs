@@ -337,3 +337,29 @@ fn generate_writes_exactly_the_text_to_stdout() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("parameters: 134515008"), "{text}");
 }
+
+#[test]
+fn inspect_sizes_tulu3_405b_from_its_config_alone() {
+    let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tulu3/config-405b.json");
+    let out = tulu(&["inspect", "--model", cfg, "--tp", "16", "--gpu-mem", "80GiB"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for needle in
+        ["parameters: 405853650944", "kv cache per token: 516096 bytes", "kv cache per token per rank: 64512 bytes"]
+    {
+        assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
+    }
+    let out = tulu(&["inspect", "--model", cfg, "--tp", "8", "--gpu-mem", "80GiB"]);
+    expect_failure(&out, "405B at tp 8 on 80 GiB", &["--tp 16"]);
+    let out = tulu(&["inspect", "--model", cfg, "--tp", "3", "--gpu-mem", "80GiB"]);
+    expect_failure(&out, "tp 3", &["tp", "valid: 1, 2, 4, 8"]);
+}
+
+/// A clear error after possibly some stdout (inspect prints the plan before refusing it).
+fn expect_failure(out: &Output, case: &str, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{case}: {stderr}");
+    for n in needles {
+        assert!(stderr.contains(n), "{case}: stderr does not name `{n}`: {stderr}");
+    }
+}

@@ -1,18 +1,45 @@
 //! `tulu inspect`: what a checkpoint is, without loading its weights.
 
+use std::path::{Path, PathBuf};
+
 use tulu::config::ModelConfig;
 use tulu::hub::{resolve_model, HubOptions};
+use tulu::parallel::sizing::{parse_bytes, size_rank, smallest_fitting_tp};
 use tulu::weights::WeightStore;
-use tulu::Result;
+use tulu::{Error, Result};
+
+/// Flags that size a tensor-parallel deployment.
+#[derive(clap::Args, Default)]
+pub struct SizingArgs {
+    /// Tensor-parallel ranks to size for (with --gpu-mem).
+    #[arg(long, default_value_t = 1)]
+    pub tp: usize,
+    /// Memory of one GPU, e.g. 80GiB or 141GB: prints the per-rank plan.
+    #[arg(long)]
+    pub gpu_mem: Option<String>,
+    /// Fraction of GPU memory tulu may use.
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_utilization: f64,
+    /// Context length each sequence needs (default: the model's, capped at 8192).
+    #[arg(long)]
+    pub max_context: Option<u64>,
+}
 
 fn gib(bytes: u64) -> String {
     format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
 }
 
 /// `tulu inspect --model M`.
-pub fn inspect(model: &str) -> Result<()> {
-    let dir = resolve_model(model, &HubOptions { progress: true })?;
-    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+pub fn inspect(model: &str, sizing: &SizingArgs) -> Result<()> {
+    let (dir, config_file): (PathBuf, PathBuf) = if model.ends_with(".json") && Path::new(model).is_file() {
+        let file = PathBuf::from(model);
+        (file.parent().map(Path::to_path_buf).unwrap_or_default(), file)
+    } else {
+        let dir = resolve_model(model, &HubOptions { progress: true })?;
+        let file = dir.join("config.json");
+        (dir, file)
+    };
+    let cfg = ModelConfig::from_file(&config_file)?;
     println!("model: {}", dir.display());
     println!("architecture: LlamaForCausalLM");
     println!(
@@ -27,6 +54,12 @@ pub fn inspect(model: &str) -> Result<()> {
     println!("  rope theta {}, scaling {scaling}, max positions {}", cfg.rope_theta, cfg.max_position_embeddings);
     println!("parameters: {} ({:.2} B)", cfg.parameter_count(), cfg.parameter_count() as f64 / 1e9);
     println!("kv cache per token: {} bytes in bf16", cfg.kv_bytes_per_token(2));
+    if let Some(mem) = &sizing.gpu_mem {
+        plan(&cfg, mem, sizing)?;
+    }
+    if config_file.file_name().is_some_and(|f| f != "config.json") {
+        return Ok(());
+    }
     match WeightStore::open(&dir) {
         Ok(store) => {
             let mut total = 0;
@@ -37,6 +70,35 @@ pub fn inspect(model: &str) -> Result<()> {
             println!("weights total: {}", gib(total));
         }
         Err(e) => println!("weights: not readable ({e})"),
+    }
+    Ok(())
+}
+
+/// Prints the per-rank memory plan, or refuses it with the smallest degree that fits.
+fn plan(cfg: &ModelConfig, mem: &str, a: &SizingArgs) -> Result<()> {
+    let gpu = parse_bytes(mem).ok_or_else(|| Error::request("gpu-mem", format!("`{mem}` is not a size like 80GiB")))?;
+    if !(a.gpu_memory_utilization > 0.0 && a.gpu_memory_utilization <= 1.0) {
+        return Err(Error::request("gpu-memory-utilization", "must be in (0, 1]"));
+    }
+    let context = a.max_context.unwrap_or(8192).min(cfg.max_position_embeddings as u64);
+    let s = size_rank(cfg, a.tp, gpu, a.gpu_memory_utilization, 2, context)?;
+    println!("plan: tp {} on GPUs of {mem} at {:.0}% (bf16 weights and KV)", a.tp, a.gpu_memory_utilization * 100.0);
+    println!("  weights per rank: {} ({} bytes)", gib(s.weight_bytes), s.weight_bytes);
+    println!("  kv cache per token per rank: {} bytes", s.kv_bytes_per_token);
+    println!("  kv budget per rank: {} → {} tokens", gib(s.kv_budget), s.kv_tokens);
+    println!(
+        "  longest context: {} tokens; concurrent sequences of {context} tokens: {}",
+        s.max_context, s.concurrent_sequences
+    );
+    if !s.fits() {
+        let hint = match smallest_fitting_tp(cfg, gpu, a.gpu_memory_utilization, 2, context) {
+            Some(n) => format!("the smallest tensor-parallel degree that fits is --tp {n}"),
+            None => "no tensor-parallel degree up to 64 fits".into(),
+        };
+        return Err(Error::request(
+            "tp",
+            format!("{} does not fit a {context}-token context on {mem} GPUs; {hint}", a.tp),
+        ));
     }
     Ok(())
 }

@@ -2,6 +2,7 @@
 
 pub mod local;
 pub mod sharding;
+pub mod sizing;
 
 use crate::backend::Backend;
 use crate::error::Result;

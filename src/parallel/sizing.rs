@@ -1,0 +1,152 @@
+//! How a model splits over GPUs: per-rank weight bytes, KV bytes per token, and what context
+//! and concurrency the memory left over holds. Pure arithmetic on `config.json`.
+
+use super::sharding::{valid_tp, Shard, ShardPlan};
+use crate::config::ModelConfig;
+use crate::error::Result;
+
+/// Activation workspace reserved per rank (prefill buffers, GEMM workspace, CUDA graphs).
+pub const WORKSPACE_BYTES: u64 = 2 << 30;
+
+/// The memory plan of one rank (the most loaded one) at tensor-parallel degree `tp`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RankSizing {
+    /// Ranks.
+    pub tp: usize,
+    /// Weight bytes on the most loaded rank.
+    pub weight_bytes: u64,
+    /// KV cache bytes per token on each rank.
+    pub kv_bytes_per_token: u64,
+    /// Bytes left for the KV cache after weights and workspace (0 when they do not fit).
+    pub kv_budget: u64,
+    /// Tokens of KV cache that fit.
+    pub kv_tokens: u64,
+    /// Longest single context that fits (capped at the model's maximum).
+    pub max_context: u64,
+    /// Sequences of `context` tokens that fit at once.
+    pub concurrent_sequences: u64,
+}
+
+impl RankSizing {
+    /// Whether one sequence of the asked-for context fits.
+    pub fn fits(&self) -> bool {
+        self.concurrent_sequences >= 1
+    }
+}
+
+/// Parameters per rank at `tp` (the largest rank: vocab shards are padded to equal size).
+pub fn rank_parameters(cfg: &ModelConfig, tp: usize) -> Result<u64> {
+    let p = ShardPlan::new(cfg, Shard { rank: 0, world: tp })?;
+    let h = cfg.hidden_size as u64;
+    let qkv = (p.q_rows.len() + 2 * p.kv_rows.len()) as u64 * h;
+    let o = h * p.q_rows.len() as u64;
+    let mlp = 3 * h * p.mlp_rows.len() as u64;
+    let layer = qkv + o + mlp + 2 * h;
+    let vocab = p.vocab_rows_per_rank as u64 * h;
+    let heads = if cfg.tie_word_embeddings { 1 } else { 2 };
+    Ok(cfg.num_hidden_layers as u64 * layer + heads * vocab + h)
+}
+
+/// Sizes one rank of `cfg` at `tp` on a GPU of `gpu_bytes`, using `utilization` of it, with
+/// weights and KV in `bytes_per_elem` (2 for bf16), for sequences of `context` tokens.
+pub fn size_rank(
+    cfg: &ModelConfig,
+    tp: usize,
+    gpu_bytes: u64,
+    utilization: f64,
+    bytes_per_elem: u64,
+    context: u64,
+) -> Result<RankSizing> {
+    let p = ShardPlan::new(cfg, Shard { rank: 0, world: tp })?;
+    let weight_bytes = rank_parameters(cfg, tp)? * bytes_per_elem;
+    let kv_bytes_per_token = (cfg.num_hidden_layers * p.kv_heads * cfg.head_dim * 2) as u64 * bytes_per_elem;
+    let usable = (gpu_bytes as f64 * utilization) as u64;
+    let kv_budget = usable.saturating_sub(weight_bytes + WORKSPACE_BYTES);
+    let kv_tokens = kv_budget / kv_bytes_per_token;
+    let context = context.min(cfg.max_position_embeddings as u64).max(1);
+    Ok(RankSizing {
+        tp,
+        weight_bytes,
+        kv_bytes_per_token,
+        kv_budget,
+        kv_tokens,
+        max_context: kv_tokens.min(cfg.max_position_embeddings as u64),
+        concurrent_sequences: kv_tokens / context,
+    })
+}
+
+/// The smallest valid tensor-parallel degree (up to 64) at which one `context` fits.
+pub fn smallest_fitting_tp(
+    cfg: &ModelConfig,
+    gpu_bytes: u64,
+    utilization: f64,
+    bytes_per_elem: u64,
+    context: u64,
+) -> Option<usize> {
+    valid_tp(cfg, 64)
+        .into_iter()
+        .find(|&tp| size_rank(cfg, tp, gpu_bytes, utilization, bytes_per_elem, context).is_ok_and(|s| s.fits()))
+}
+
+/// Parses `80GiB`, `141GB`, `512MiB` or a plain byte count.
+pub fn parse_bytes(s: &str) -> Option<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        "kib" | "k" => 1024.0,
+        "mib" | "m" => 1024.0 * 1024.0,
+        "gib" | "g" => 1024.0 * 1024.0 * 1024.0,
+        "tib" | "t" => 1024f64.powi(4),
+        _ => return None,
+    };
+    (n >= 0.0).then(|| (n * mult) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tulu3_405b() -> ModelConfig {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tulu3/config-405b.json");
+        ModelConfig::from_file(std::path::Path::new(path)).unwrap()
+    }
+
+    #[test]
+    fn tulu3_405b_figures_match_hand_arithmetic() {
+        let cfg = tulu3_405b();
+        assert_eq!(cfg.parameter_count(), 405_853_650_944);
+        // 126 layers × 8 KV heads × 128 × (K and V) × 2 bytes.
+        assert_eq!(cfg.kv_bytes_per_token(2), 516_096);
+        // At tp=16 each rank holds one KV head: 126 × 128 × 2 × 2.
+        let s = size_rank(&cfg, 16, 80 << 30, 0.9, 2, 8192).unwrap();
+        assert_eq!(s.kv_bytes_per_token, 64_512);
+        // Per rank: (8 q heads + 1 k + 1 v) × 128 rows of 16384, o: 16384 × 1024, mlp: 3 × 16384 × 3328,
+        // 2 norms, per layer; 2 × 8017 vocab rows; the final norm.
+        let layer = (1024 + 256) * 16384 + 16384 * 1024 + 3 * 16384 * 3328 + 2 * 16384;
+        assert_eq!(rank_parameters(&cfg, 16).unwrap(), 126 * layer + 2 * 8017 * 16384 + 16384);
+        assert!(s.fits());
+    }
+
+    #[test]
+    fn h100s_need_16_ranks_and_h200s_8() {
+        let cfg = tulu3_405b();
+        assert!(!size_rank(&cfg, 8, 80 << 30, 0.9, 2, 8192).unwrap().fits());
+        assert_eq!(smallest_fitting_tp(&cfg, 80 << 30, 0.9, 2, 8192), Some(16));
+        assert_eq!(smallest_fitting_tp(&cfg, parse_bytes("141GB").unwrap(), 0.9, 2, 8192), Some(8));
+    }
+
+    #[test]
+    fn byte_sizes_parse() {
+        assert_eq!(parse_bytes("80GiB"), Some(80 << 30));
+        assert_eq!(parse_bytes("141GB"), Some(141_000_000_000));
+        assert_eq!(parse_bytes("1024"), Some(1024));
+        assert_eq!(parse_bytes("12 parsecs"), None);
+    }
+}
