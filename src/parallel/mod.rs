@@ -1,6 +1,7 @@
 //! Tensor parallelism: the sharding rules and the communicators ranks use to combine results.
 
 pub mod local;
+pub mod rendezvous;
 pub mod sharding;
 pub mod sizing;
 
