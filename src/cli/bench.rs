@@ -28,6 +28,12 @@ pub struct BenchArgs {
     /// Skip the candle-transformers peer.
     #[arg(long)]
     pub no_peer: bool,
+    /// Serving mode (see bench_serve.rs): concurrent requests through continuous batching.
+    #[arg(long)]
+    pub serve: bool,
+    /// With --serve: the numbers of concurrent clients to measure.
+    #[arg(long, default_value = "1,8,32", value_delimiter = ',', requires = "serve")]
+    pub concurrency: Vec<usize>,
 }
 
 fn tulu_once(engine: &Engine, prompt: &[u32], gen_len: usize) -> Result<Summary> {
@@ -43,6 +49,9 @@ fn tulu_once(engine: &Engine, prompt: &[u32], gen_len: usize) -> Result<Summary>
 
 /// `tulu bench`.
 pub fn bench(args: &BenchArgs) -> Result<()> {
+    if args.serve {
+        return super::bench_serve::bench_serve(args);
+    }
     let device: Device = args.device.parse()?;
     let model = args.model.to_string_lossy().into_owned();
     let engine = Engine::load(EngineOptions::new(model).device(device))?;
