@@ -83,6 +83,41 @@ fn tensor<B: Backend>(b: &B, data: &[f32], rows: usize, cols: usize) -> B::Tenso
     b.embed(&table, &ids).expect("embed")
 }
 
+/// `data` stored as `dtype`, little-endian, as a checkpoint holds it.
+fn encode(data: &[f32], dtype: DType) -> Vec<u8> {
+    match dtype {
+        DType::F32 => data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        DType::F16 => data.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
+        DType::BF16 => data.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect(),
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn load_weight_streams_every_dtype_slice_and_padding() {
+    let (cpu, gpu) = (CpuBackend::new(), gpu());
+    let mut rng = rng("load_weight");
+    // More than one 4 Mi-element staging buffer, so copies cross buffers in the middle of a row.
+    let (rows, cols) = (2100, 2101);
+    let data = random(&mut rng, rows * cols, 4.0);
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let bytes = encode(&data, dtype);
+        let t = TensorRef { name: "w", file: Path::new("w.safetensors"), dtype, shape: &[rows, cols], bytes: &bytes };
+        // Two parts fused along rows: a row and column slice followed by zero rows (a padded
+        // vocab shard), then all rows of the same columns (a row-parallel rank's part).
+        let mut first = t.slice(3..1500, 7..2007);
+        first.pad_rows = 5;
+        let parts = [first, t.slice(0..rows, 7..2007)];
+        let (cw, gw) = (cpu.load_weight(&parts).unwrap(), gpu.load_weight(&parts).unwrap());
+        let ids: Vec<u32> = (0..(1497 + 5 + rows) as u32).collect();
+        let c = cpu.to_host(&cpu.embed(&cw, &ids).unwrap()).unwrap();
+        let g = gpu.to_host(&gpu.embed(&gw, &ids).unwrap()).unwrap();
+        assert_close(&format!("load_weight {dtype:?}"), &g, &c, OP_TOL);
+        let mismatched = [t.slice(0..2, 0..10), t.slice(0..2, 0..11)];
+        assert!(gpu.load_weight(&mismatched).is_err(), "parts of different widths must not fuse");
+    }
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn rms_norm_and_add_rms_norm_match_cpu() {

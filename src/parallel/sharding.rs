@@ -53,13 +53,13 @@ fn check(cfg: &ModelConfig, tp: usize) -> Option<String> {
     if tp == 0 {
         return Some("must be at least 1".into());
     }
-    if h % tp != 0 {
+    if !h.is_multiple_of(tp) {
         return Some(format!("{h} attention heads do not divide into {tp} ranks"));
     }
-    if kv % tp != 0 && tp % kv != 0 {
+    if !kv.is_multiple_of(tp) && !tp.is_multiple_of(kv) {
         return Some(format!("{kv} KV heads neither divide into {tp} ranks nor replicate evenly across them"));
     }
-    if cfg.intermediate_size % tp != 0 {
+    if !cfg.intermediate_size.is_multiple_of(tp) {
         return Some(format!("intermediate size {} does not divide into {tp} ranks", cfg.intermediate_size));
     }
     None

@@ -106,7 +106,7 @@ pub fn parse_bytes(s: &str) -> Option<u64> {
         "tib" | "t" => 1024f64.powi(4),
         _ => return None,
     };
-    (n >= 0.0).then(|| (n * mult) as u64)
+    (n >= 0.0).then_some((n * mult) as u64)
 }
 
 #[cfg(test)]
