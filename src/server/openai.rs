@@ -294,7 +294,10 @@ fn unsupported(f: &Fields) -> Result<(), ApiError> {
     if let Some(v) = f.get("response_format") {
         let ty = v.get("type").and_then(Value::as_str);
         if ty != Some("text") {
-            return Err(ApiError::param("response_format", "only {\"type\": \"text\"} is supported"));
+            return Err(ApiError::param(
+                "response_format",
+                "must be {\"type\": \"text\"}: other formats are not supported",
+            ));
         }
     }
     if let Some(b) = f.int("best_of")? {
