@@ -18,6 +18,14 @@ pub fn matmul(x: &[f32], n: usize, w: &[f32], m: usize, k: usize) -> Vec<f32> {
     debug_assert_eq!(x.len(), n * k);
     debug_assert_eq!(w.len(), m * k);
     let mut out = vec![0f32; n * m];
+    if n == 1 {
+        // Decode: each task's tile is a contiguous run of the output row; write it in place.
+        out.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(task, tile)| {
+            let start = task * ROWS_PER_TASK;
+            tile_kernel(x, 1, &w[start * k..(start + tile.len()) * k], tile.len(), k, tile);
+        });
+        return out;
+    }
     let tasks = m.div_ceil(ROWS_PER_TASK);
     // Each task fills an n × rows tile; tiles are scattered into `out` afterwards.
     let tiles: Vec<Vec<f32>> = (0..tasks)
