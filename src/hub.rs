@@ -30,11 +30,13 @@ const OPTIONAL_FILES: [&str; 2] = ["generation_config.json", "tokenizer_config.j
 pub struct HubOptions {
     /// Show a progress bar per file while downloading (hidden anyway when stderr is no terminal).
     pub progress: bool,
+    /// Fetch only `config.json` (sizing a model needs nothing else; 405B's weights are 811 GB).
+    pub config_only: bool,
 }
 
 impl Default for HubOptions {
     fn default() -> Self {
-        HubOptions { progress: true }
+        HubOptions { progress: true, config_only: false }
     }
 }
 
@@ -50,7 +52,7 @@ pub fn resolve_model(spec: &str, opts: &HubOptions) -> Result<PathBuf> {
             let env = HubEnv::from_env(&id)?;
             let repo = Repo::with_revision(id.clone(), RepoType::Model, revision);
             let snapshot = if env.offline {
-                from_cache(&env, &repo).map_err(|missing| {
+                from_cache(&env, &repo, opts.config_only).map_err(|missing| {
                     hub_error(
                         &id,
                         format!(
@@ -174,7 +176,7 @@ impl HubEnv {
 
 /// The cached snapshot of `repo` when every file a model needs is in it; otherwise the names of
 /// the missing files (or of the missing ref), for the error message.
-fn from_cache(env: &HubEnv, repo: &Repo) -> std::result::Result<PathBuf, String> {
+fn from_cache(env: &HubEnv, repo: &Repo, config_only: bool) -> std::result::Result<PathBuf, String> {
     let snapshots = env.snapshots_dir(repo);
     let revision = repo.revision();
     let is_commit = revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit());
@@ -186,7 +188,15 @@ fn from_cache(env: &HubEnv, repo: &Repo) -> std::result::Result<PathBuf, String>
             .map_err(|_| format!("every file (no snapshot for revision `{revision}`)"))?;
         snapshots.join(commit.trim())
     };
-    let missing = missing_files(&snapshot);
+    let missing = if config_only {
+        if snapshot.join("config.json").is_file() {
+            Vec::new()
+        } else {
+            vec!["config.json".to_owned()]
+        }
+    } else {
+        missing_files(&snapshot)
+    };
     if missing.is_empty() {
         Ok(snapshot)
     } else {
@@ -253,7 +263,7 @@ fn download(env: &HubEnv, repo: &Repo, opts: &HubOptions) -> Result<PathBuf> {
         Ok(info) => info,
         // Like huggingface_hub: an unreachable hub is no reason to refuse a complete cached copy.
         Err(e @ InfoError::Unreachable(_)) => {
-            return from_cache(env, repo).map_err(|_| e.into_error(env, repo)).inspect(|dir| {
+            return from_cache(env, repo, opts.config_only).map_err(|_| e.into_error(env, repo)).inspect(|dir| {
                 tracing::warn!("{}: hub unreachable, using the cached {}", env.endpoint, dir.display())
             });
         }
@@ -268,11 +278,19 @@ fn download(env: &HubEnv, repo: &Repo, opts: &HubOptions) -> Result<PathBuf> {
     let siblings: BTreeSet<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
     let fetch = |file: &str| fetch_file(&api_repo, env, repo, &snapshot, file);
 
-    for file in REQUIRED_FILES {
+    let required: &[&str] = if opts.config_only { &["config.json"] } else { &REQUIRED_FILES };
+    for &file in required {
         if !siblings.contains(file) {
             return Err(hub_error(&id, format!("the repo has no {file}; tulu needs it")));
         }
         fetch(file)?;
+    }
+    if opts.config_only {
+        Cache::new(env.cache_dir.clone())
+            .repo(repo.clone())
+            .create_ref(&info.sha)
+            .map_err(|e| Error::io(env.cache_dir.join(repo.folder_name()), e))?;
+        return Ok(snapshot);
     }
     for file in OPTIONAL_FILES.into_iter().filter(|f| siblings.contains(f)) {
         fetch(file)?;

@@ -233,7 +233,7 @@ fn set_env(hf_home: &Path, endpoint: &str, offline: bool) {
 }
 
 fn quiet() -> HubOptions {
-    HubOptions { progress: false }
+    HubOptions { progress: false, config_only: false }
 }
 
 fn err_text(result: tulu::Result<std::path::PathBuf>) -> String {
@@ -338,6 +338,16 @@ fn resolve_model_against_a_fake_hub() {
     assert!(err.contains("nobody/nothing") && err.contains(&format!("not found on {endpoint}")), "{err}");
     let err = err_text(resolve_model("tiny/llama@v9", &quiet()));
     assert!(err.contains("revision `v9` not found"), "{err}");
+
+    // Config only (what `tulu inspect` needs): config.json and nothing else is fetched.
+    hub.take();
+    let config_only = HubOptions { progress: false, config_only: true };
+    let dir = resolve_model("tiny/sharded", &config_only).expect("config only");
+    assert!(dir.join("config.json").is_file());
+    let seen = hub.take();
+    let fetched: Vec<&str> = resolves(&seen).into_iter().map(|p| p.rsplit('/').next().unwrap_or(p)).collect();
+    // (hf-hub asks for a file's metadata, then its bytes: two requests for one file.)
+    assert!(!fetched.is_empty() && fetched.iter().all(|f| *f == "config.json"), "config-only fetched {fetched:?}");
 
     // Sharded, with the shards behind LFS-style redirects: the index and both shards.
     let dir = resolve_model("tiny/sharded", &quiet()).expect("sharded");

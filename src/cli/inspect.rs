@@ -35,7 +35,7 @@ pub fn inspect(model: &str, sizing: &SizingArgs) -> Result<()> {
         let file = PathBuf::from(model);
         (file.parent().map(Path::to_path_buf).unwrap_or_default(), file)
     } else {
-        let dir = resolve_model(model, &HubOptions { progress: true })?;
+        let dir = resolve_model(model, &HubOptions { progress: true, config_only: true })?;
         let file = dir.join("config.json");
         (dir, file)
     };

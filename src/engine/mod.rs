@@ -143,7 +143,7 @@ impl Engine {
     /// # Ok::<(), tulu::Error>(())
     /// ```
     pub fn load(opts: EngineOptions) -> Result<Self> {
-        let dir = resolve_model(&opts.model, &HubOptions { progress: opts.progress })?;
+        let dir = resolve_model(&opts.model, &HubOptions { progress: opts.progress, config_only: false })?;
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let generation_config = GenerationConfig::from_file(&dir.join("generation_config.json"))?;
         let tokenizer = Tokenizer::from_dir(&dir)?;
