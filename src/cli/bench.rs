@@ -54,7 +54,10 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     }
     let device: Device = args.device.parse()?;
     let model = args.model.to_string_lossy().into_owned();
-    let engine = Engine::load(EngineOptions::new(model).device(device))?;
+    let mut opts = EngineOptions::new(model).device(device);
+    // Every repetition must pay for its prompt: no prefix cache hits between them.
+    opts.prefix_caching = false;
+    let engine = Engine::load(opts)?;
     let mut peer = if args.no_peer { None } else { Some(PeerLlama::load(&args.model)?) };
     let vocab = engine.tokenizer().vocab_size() as u32;
     for &plen in &args.prompt_len {
