@@ -61,8 +61,9 @@ fn stream(engine: &Engine, req: GenerateRequest) -> Result<(String, Summary)> {
 
 fn report(s: &Summary) {
     eprintln!(
-        "\nprompt tokens: {}, prefill: {:.1} tok/s, generated tokens: {}, decode: {:.1} tok/s, finish: {}",
+        "\nprompt tokens: {} ({} from the prefix cache), prefill: {:.1} tok/s, generated tokens: {}, decode: {:.1} tok/s, finish: {}",
         s.prompt_tokens,
+        s.cached_prompt_tokens,
         s.prefill_tok_per_sec(),
         s.tokens.len(),
         s.decode_tok_per_sec(),
