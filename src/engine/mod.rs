@@ -193,30 +193,25 @@ impl Engine {
             eprintln!("warning: context lowered from {wanted_context} to {context_len} tokens to fit the KV cache");
         }
         let store = WeightStore::open(&dir)?;
-        let (runner, device): (Box<dyn Runner>, String) = match opts.device {
-            Device::Cpu | Device::Auto if opts.tp > 1 => {
+        let device = resolve_device(opts.device)?;
+        let bar = load_bar(opts.progress, config.num_hidden_layers);
+        let on_layer = |l: usize| bar.set_position(l as u64);
+        let (runner, device): (Box<dyn Runner>, String) = match device {
+            Device::Cuda(ordinal) => cuda_runner(ordinal, &config, &store, context_len, num_blocks, &opts, on_layer)?,
+            _ if opts.tp > 1 => {
                 let plan = TpPlan { tp: opts.tp, context_len, num_blocks, block_size: opts.block_size };
                 let runner = TpRunner::start(&config, Arc::new(store), &plan)?;
                 (Box::new(runner), format!("{} × {} ranks", CpuBackend::new().describe(), opts.tp))
             }
-            Device::Cpu | Device::Auto => {
+            _ => {
                 let backend = CpuBackend::new();
-                let bar = load_bar(opts.progress, config.num_hidden_layers);
-                let model = Llama::load(&backend, &config, &store, context_len, Shard::single(), |l| {
-                    bar.set_position(l as u64)
-                })?;
-                bar.finish_and_clear();
+                let model = Llama::load(&backend, &config, &store, context_len, Shard::single(), on_layer)?;
                 let cache = backend.new_kv_cache(&model.kv_cache_spec(num_blocks, opts.block_size))?;
                 let device = backend.describe();
                 (Box::new(worker::DeviceRunner { backend, model, cache }), device)
             }
-            Device::Cuda(_) => {
-                return Err(Error::Device {
-                    device: opts.device.to_string(),
-                    message: "this build of tulu has no CUDA support (build with --features cuda)".into(),
-                })
-            }
         };
+        bar.finish_and_clear();
         let shared = Arc::new(Shared {
             config,
             generation_config,
@@ -392,6 +387,67 @@ impl Drop for Engine {
     fn drop(&mut self) {
         self.shutdown(Duration::ZERO);
     }
+}
+
+/// `auto` becomes the first CUDA GPU when this build has CUDA and one is usable, else the CPU
+/// (saying why on stderr); an explicit `cuda` that cannot work is an error naming the reason.
+fn resolve_device(device: Device) -> Result<Device> {
+    #[cfg(feature = "cuda")]
+    {
+        use crate::backend::cuda::cuda_available;
+        match (device, cuda_available()) {
+            (Device::Auto, Ok(())) => Ok(Device::Cuda(0)),
+            (Device::Auto, Err(why)) => {
+                eprintln!("tulu: no usable CUDA GPU ({why}); running on the CPU");
+                Ok(Device::Cpu)
+            }
+            (Device::Cuda(_), Err(why)) => Err(Error::Device { device: device.to_string(), message: why }),
+            (d, _) => Ok(d),
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    match device {
+        Device::Cuda(_) => Err(Error::Device {
+            device: device.to_string(),
+            message: "this build of tulu has no CUDA support (build with --features cuda)".into(),
+        }),
+        Device::Auto | Device::Cpu => Ok(Device::Cpu),
+    }
+}
+
+/// The model on CUDA device `ordinal` (one rank; tensor parallelism on GPUs is not written yet).
+#[cfg(feature = "cuda")]
+fn cuda_runner(
+    ordinal: usize,
+    config: &ModelConfig,
+    store: &WeightStore,
+    context_len: usize,
+    num_blocks: usize,
+    opts: &EngineOptions,
+    on_layer: impl FnMut(usize),
+) -> Result<(Box<dyn Runner>, String)> {
+    use crate::backend::cuda::CudaBackend;
+    if opts.tp > 1 {
+        return Err(Error::request("tp", "tensor parallelism on CUDA devices is not implemented yet"));
+    }
+    let backend = CudaBackend::new(ordinal)?;
+    let model = Llama::load(&backend, config, store, context_len, Shard::single(), on_layer)?;
+    let cache = backend.new_kv_cache(&model.kv_cache_spec(num_blocks, opts.block_size))?;
+    let device = backend.describe();
+    Ok((Box::new(worker::DeviceRunner { backend, model, cache }), device))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_runner(
+    ordinal: usize,
+    _: &ModelConfig,
+    _: &WeightStore,
+    _: usize,
+    _: usize,
+    _: &EngineOptions,
+    _: impl FnMut(usize),
+) -> Result<(Box<dyn Runner>, String)> {
+    Err(Error::Device { device: format!("cuda:{ordinal}"), message: "this build of tulu has no CUDA support".into() })
 }
 
 fn poisoned() -> Error {
