@@ -13,6 +13,7 @@ use hf_hub::api::RepoInfo;
 use hf_hub::{Cache, Repo, RepoType};
 
 use crate::error::{Error, Result};
+use crate::weights::index_shard_names;
 
 /// The hub used when `HF_ENDPOINT` is not set.
 const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
@@ -209,7 +210,7 @@ fn missing_files(dir: &Path) -> Vec<String> {
     let mut missing: Vec<String> =
         REQUIRED_FILES.iter().filter(|f| !dir.join(f).is_file()).map(|f| f.to_string()).collect();
     if dir.join(INDEX_FILE).is_file() {
-        match shard_names(&dir.join(INDEX_FILE), "") {
+        match index_shard_names(&dir.join(INDEX_FILE)) {
             Ok(shards) => missing.extend(shards.into_iter().filter(|s| !dir.join(s).is_file())),
             Err(_) => missing.push(INDEX_FILE.to_owned()),
         }
@@ -217,35 +218,6 @@ fn missing_files(dir: &Path) -> Vec<String> {
         missing.push(SINGLE_FILE.to_owned());
     }
     missing
-}
-
-/// The distinct shard files an index's `weight_map` names, refusing names that would escape the
-/// snapshot directory (a hostile index must not write outside the cache).
-fn shard_names(index: &Path, repo: &str) -> Result<BTreeSet<String>> {
-    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::weights(index, None, format!("not JSON: {e}")))?;
-    let map = json
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| Error::weights(index, None, "no `weight_map` object"))?;
-    let mut shards = BTreeSet::new();
-    for (tensor, file) in map {
-        let file =
-            file.as_str().ok_or_else(|| Error::weights(index, Some(tensor), "shard file name is not a string"))?;
-        let safe = !file.is_empty()
-            && !file.starts_with('/')
-            && !file.contains('\\')
-            && file.split('/').all(|part| !part.is_empty() && part != "..");
-        if !safe {
-            return Err(hub_error(repo, format!("{INDEX_FILE} names an unsafe shard path `{file}`")));
-        }
-        shards.insert(file.to_owned());
-    }
-    if shards.is_empty() {
-        return Err(Error::weights(index, None, "`weight_map` is empty"));
-    }
-    Ok(shards)
 }
 
 /// Downloads what `repo` lacks in the cache (one metadata request when nothing is missing) and
@@ -297,7 +269,7 @@ fn download(env: &HubEnv, repo: &Repo, opts: &HubOptions) -> Result<PathBuf> {
     }
     if siblings.contains(INDEX_FILE) {
         fetch(INDEX_FILE)?;
-        for shard in shard_names(&snapshot.join(INDEX_FILE), &id)? {
+        for shard in index_shard_names(&snapshot.join(INDEX_FILE))? {
             if !siblings.contains(shard.as_str()) {
                 return Err(hub_error(&id, format!("{INDEX_FILE} names `{shard}`, which the repo lacks")));
             }
@@ -483,12 +455,12 @@ mod tests {
         let index = dir.path().join(INDEX_FILE);
         let write = |text: &str| std::fs::write(&index, text).map_err(|e| Error::io(&index, e));
         write(r#"{"weight_map": {"a": "s-1.safetensors", "b": "s-2.safetensors", "c": "s-1.safetensors"}}"#)?;
-        let shards = shard_names(&index, "r")?;
-        assert_eq!(shards.into_iter().collect::<Vec<_>>(), ["s-1.safetensors", "s-2.safetensors"]);
+        let shards = index_shard_names(&index)?;
+        assert_eq!(shards, ["s-1.safetensors", "s-2.safetensors"]);
         write(r#"{"weight_map": {"a": "../../etc/passwd"}}"#)?;
-        assert!(shard_names(&index, "r").is_err());
+        assert!(index_shard_names(&index).is_err());
         write(r#"{"weight_map": {"a": "/abs"}}"#)?;
-        assert!(shard_names(&index, "r").is_err());
+        assert!(index_shard_names(&index).is_err());
         Ok(())
     }
 }

@@ -28,21 +28,9 @@ fn requests() -> Vec<GenerateRequest> {
         .collect()
 }
 
-fn run(engine: &Engine, req: GenerateRequest) -> (String, Summary) {
-    let mut text = String::new();
-    for ev in engine.generate(req).unwrap() {
-        match ev.unwrap() {
-            Event::Text(t) => text.push_str(&t),
-            Event::Done(s) => return (text, s),
-            Event::Logprobs(_) => {}
-        }
-    }
-    panic!("no summary");
-}
-
 fn concurrently(engine: &Engine, reqs: &[GenerateRequest]) -> Vec<(String, Summary)> {
     thread::scope(|s| {
-        let handles: Vec<_> = reqs.iter().map(|r| s.spawn(|| run(engine, r.clone()))).collect();
+        let handles: Vec<_> = reqs.iter().map(|r| s.spawn(|| common::run(engine, r.clone()))).collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     })
 }
@@ -64,7 +52,7 @@ fn concurrent_requests_equal_each_alone_with_and_without_preemption() {
     let dir = common::smollm2_dir();
     let reqs = requests();
     let solo = engine(&dir, None, false);
-    let alone: Vec<(String, Summary)> = reqs.iter().map(|r| run(&solo, r.clone())).collect();
+    let alone: Vec<(String, Summary)> = reqs.iter().map(|r| common::run(&solo, r.clone())).collect();
     drop(solo);
 
     let roomy = engine(&dir, None, true);
@@ -94,13 +82,13 @@ fn prefix_cache_serves_the_second_turn_and_changes_nothing() {
     let first = vec![ChatMessage { role: "user".into(), content: "Name three colours of the rainbow.".into() }];
     let on = engine(&dir, None, true);
     let off = engine(&dir, None, false);
-    let (answer, s1) = run(&on, GenerateRequest::chat(first.clone()).max_tokens(24));
+    let (answer, s1) = common::run(&on, GenerateRequest::chat(first.clone()).max_tokens(24));
     assert_eq!(s1.cached_prompt_tokens, 0);
     let mut second = first;
     second.push(ChatMessage { role: "assistant".into(), content: answer });
     second.push(ChatMessage { role: "user".into(), content: "And two more?".into() });
-    let (t_on, s_on) = run(&on, GenerateRequest::chat(second.clone()).max_tokens(16));
-    let (t_off, s_off) = run(&off, GenerateRequest::chat(second).max_tokens(16));
+    let (t_on, s_on) = common::run(&on, GenerateRequest::chat(second.clone()).max_tokens(16));
+    let (t_off, s_off) = common::run(&off, GenerateRequest::chat(second).max_tokens(16));
     assert!(s_on.cached_prompt_tokens >= 16, "the first turn's full blocks are reused: {}", s_on.cached_prompt_tokens);
     assert_eq!(s_off.cached_prompt_tokens, 0);
     assert_eq!((t_on, s_on.tokens), (t_off, s_off.tokens));

@@ -13,7 +13,7 @@ use tulu::parallel::SingleRank;
 use tulu::runtime::batch::Batch;
 use tulu::runtime::block_manager::BlockManager;
 use tulu::weights::WeightStore;
-use tulu::{ChatMessage, Engine, EngineOptions, Event, FinishReason, GenerateRequest, SamplingParams, Summary};
+use tulu::{ChatMessage, Engine, EngineOptions, FinishReason, GenerateRequest, SamplingParams};
 
 const BS: usize = 16;
 
@@ -107,23 +107,11 @@ fn incremental_decode_equals_full_recompute() {
     }
 }
 
-fn run(engine: &Engine, req: GenerateRequest) -> (String, Summary) {
-    let mut text = String::new();
-    for ev in engine.generate(req).unwrap() {
-        match ev.unwrap() {
-            Event::Text(t) => text.push_str(&t),
-            Event::Done(s) => return (text, s),
-            Event::Logprobs(_) => {}
-        }
-    }
-    panic!("no summary");
-}
-
 #[test]
 fn smollm2_knows_the_capital_of_france() {
     let engine = Engine::load(EngineOptions::new(common::smollm2_dir().to_string_lossy())).unwrap();
     let msg = ChatMessage { role: "user".into(), content: "What is the capital of France?".into() };
-    let (text, s) = run(&engine, GenerateRequest::chat(vec![msg]).max_tokens(32));
+    let (text, s) = common::run(&engine, GenerateRequest::chat(vec![msg]).max_tokens(32));
     assert!(text.contains("Paris"), "answer: {text:?}");
     assert_eq!(s.finish_reason, FinishReason::Stop, "a short answer ends at <|im_end|>");
     assert_eq!(s.tokens.last(), Some(&2));
@@ -136,11 +124,11 @@ fn seeded_sampling_reproduces_and_seeds_differ() {
         let p = SamplingParams { temperature: 1.0, top_p: 0.95, seed: Some(seed), ..Default::default() };
         GenerateRequest::text("Once upon a time").sampling(p).max_tokens(24)
     };
-    let (a, sa) = run(&engine, req(1));
-    let (b, sb) = run(&engine, req(1));
+    let (a, sa) = common::run(&engine, req(1));
+    let (b, sb) = common::run(&engine, req(1));
     assert_eq!(sa.tokens, sb.tokens);
     assert_eq!(a, b);
-    let (_, sc) = run(&engine, req(2));
+    let (_, sc) = common::run(&engine, req(2));
     assert_ne!(sa.tokens, sc.tokens);
 }
 
@@ -150,10 +138,10 @@ fn context_limit_and_max_tokens_finish_with_length() {
     let engine = Engine::load(EngineOptions::new(dir.to_string_lossy()).max_context(20)).unwrap();
     let mut req = GenerateRequest::tokens((1..13).collect());
     req.ignore_eos = true;
-    let (_, s) = run(&engine, req.clone());
+    let (_, s) = common::run(&engine, req.clone());
     assert_eq!(s.finish_reason, FinishReason::Length);
     assert_eq!(s.prompt_tokens + s.tokens.len(), 20, "generation fills the context exactly");
-    let (_, s) = run(&engine, req.max_tokens(3));
+    let (_, s) = common::run(&engine, req.max_tokens(3));
     assert_eq!((s.finish_reason, s.tokens.len()), (FinishReason::Length, 3));
 }
 
@@ -161,9 +149,9 @@ fn context_limit_and_max_tokens_finish_with_length() {
 fn stop_strings_end_the_text_before_them() {
     let engine = Engine::load(EngineOptions::new(common::smollm2_dir().to_string_lossy())).unwrap();
     let msg = ChatMessage { role: "user".into(), content: "What is the capital of France?".into() };
-    let (full, _) = run(&engine, GenerateRequest::chat(vec![msg.clone()]).max_tokens(32));
+    let (full, _) = common::run(&engine, GenerateRequest::chat(vec![msg.clone()]).max_tokens(32));
     let cut = full.find("Paris").expect("the answer names Paris");
-    let (text, s) = run(&engine, GenerateRequest::chat(vec![msg]).max_tokens(32).stop("Paris"));
+    let (text, s) = common::run(&engine, GenerateRequest::chat(vec![msg]).max_tokens(32).stop("Paris"));
     assert_eq!(text, full[..cut]);
     assert_eq!(s.finish_reason, FinishReason::Stop);
 }

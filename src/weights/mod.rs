@@ -310,8 +310,10 @@ fn describe(e: &SafeTensorError, file_len: usize) -> String {
     }
 }
 
-/// The shard files named by an index, each checked to stay inside the model directory.
-fn shard_paths(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
+/// The distinct shard files an index's `weight_map` names, sorted, each checked to stay inside
+/// the model directory (a hostile index must not make tulu read, or the hub client write,
+/// outside it).
+pub fn index_shard_names(index: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
     let json: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::weights(index, None, format!("not valid JSON: {e}")))?;
@@ -324,19 +326,28 @@ fn shard_paths(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
         let file =
             file.as_str().ok_or_else(|| Error::weights(index, Some(tensor), "weight_map entry is not a file name"))?;
         let rel = Path::new(file);
-        if !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+        let inside =
+            !file.is_empty() && !file.contains('\\') && rel.components().all(|c| matches!(c, Component::Normal(_)));
+        if !inside {
             return Err(Error::weights(
                 index,
                 Some(tensor),
                 format!("shard `{file}` leaves the model directory; refusing to read it"),
             ));
         }
-        if !files.iter().any(|f| f == file) {
-            files.push(file.to_owned());
-        }
+        files.push(file.to_owned());
     }
     files.sort();
-    files
+    files.dedup();
+    if files.is_empty() {
+        return Err(Error::weights(index, None, "`weight_map` is empty"));
+    }
+    Ok(files)
+}
+
+/// The shard files named by an index, each present in `dir`.
+fn shard_paths(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
+    index_shard_names(index)?
         .into_iter()
         .map(|f| {
             let p = dir.join(&f);

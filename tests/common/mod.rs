@@ -74,3 +74,16 @@ pub fn rel_err(ours: &[f32], reference: &[f32]) -> f32 {
     let scale = reference.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
     ours.iter().zip(reference).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale
 }
+
+/// Runs a request to the end: its text and summary.
+pub fn run(engine: &tulu::Engine, req: tulu::GenerateRequest) -> (String, tulu::Summary) {
+    let mut text = String::new();
+    for ev in engine.generate(req).expect("request accepted") {
+        match ev.expect("generation succeeds") {
+            tulu::Event::Text(t) => text.push_str(&t),
+            tulu::Event::Done(s) => return (text, s),
+            tulu::Event::Logprobs(_) => {}
+        }
+    }
+    panic!("the stream ended without a summary");
+}
