@@ -238,6 +238,24 @@ impl<'a> TensorSlice<'a> {
     }
 }
 
+/// Rows and columns of `parts` concatenated along rows (one fused weight), checking that every
+/// part has the same number of columns.
+pub fn fused_shape(parts: &[TensorSlice<'_>]) -> Result<(usize, usize)> {
+    let first = parts.first().ok_or_else(|| Error::Backend("a weight needs at least one part".into()))?;
+    let cols = first.shape().1;
+    for p in parts {
+        if p.shape().1 != cols {
+            let t = &p.tensor;
+            return Err(Error::weights(
+                t.file,
+                Some(t.name),
+                format!("cannot be fused with `{}`: {} columns, not {cols}", first.tensor.name, p.shape().1),
+            ));
+        }
+    }
+    Ok((parts.iter().map(|p| p.shape().0).sum(), cols))
+}
+
 impl<'a> TensorRef<'a> {
     /// The whole tensor as a slice.
     pub fn full(self) -> TensorSlice<'a> {

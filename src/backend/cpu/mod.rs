@@ -15,7 +15,7 @@ use self::matmul::dot;
 use super::{AttnDims, Backend, KvCacheSpec};
 use crate::error::{Error, Result};
 use crate::runtime::batch::Batch;
-use crate::weights::TensorSlice;
+use crate::weights::{fused_shape, TensorSlice};
 
 /// Activations on the CPU: `rows × cols` f32, row-major.
 #[derive(Debug, Clone, PartialEq)]
@@ -102,21 +102,10 @@ impl Backend for CpuBackend {
     }
 
     fn load_weight(&self, parts: &[TensorSlice<'_>]) -> Result<CpuWeight> {
-        let first = parts.first().ok_or_else(|| Error::Backend("a weight needs at least one part".into()))?;
-        let cols = first.shape().1;
-        let mut data = Vec::with_capacity(parts.iter().map(|p| p.shape().0 * p.shape().1).sum());
-        let mut rows = 0;
+        let (rows, cols) = fused_shape(parts)?;
+        let mut data = Vec::with_capacity(rows * cols);
         for p in parts {
-            if p.shape().1 != cols {
-                let t = &p.tensor;
-                return Err(Error::weights(
-                    t.file,
-                    Some(t.name),
-                    format!("cannot be fused with `{}`: {} columns, not {cols}", first.tensor.name, p.shape().1),
-                ));
-            }
             p.extend_f32(&mut data);
-            rows += p.shape().0;
         }
         CpuWeight::from_vec(data, rows, cols)
     }

@@ -10,7 +10,7 @@ use half::bf16;
 
 use super::{CudaBackend, CudaResultExt};
 use crate::error::{Error, Result};
-use crate::weights::{DType, TensorSlice};
+use crate::weights::{fused_shape, DType, TensorSlice};
 
 /// Activations on the device: `rows × cols` bf16, row-major, contiguous.
 pub struct CudaTensor {
@@ -146,19 +146,7 @@ impl CudaBackend {
     /// Streams `parts` (concatenated along rows, each followed by its zero padding rows) into
     /// one new bf16 device matrix.
     pub(crate) fn load_weight_impl(&self, parts: &[TensorSlice<'_>]) -> Result<CudaWeight> {
-        let first = parts.first().ok_or_else(|| Error::Backend("a weight needs at least one part".into()))?;
-        let cols = first.shape().1;
-        for p in parts {
-            if p.shape().1 != cols {
-                let t = &p.tensor;
-                return Err(Error::weights(
-                    t.file,
-                    Some(t.name),
-                    format!("cannot be fused with `{}`: {} columns, not {cols}", first.tensor.name, p.shape().1),
-                ));
-            }
-        }
-        let rows: usize = parts.iter().map(|p| p.shape().0).sum();
+        let (rows, cols) = fused_shape(parts)?;
         let mut dst = self.alloc_bf16(rows * cols)?;
         let mut guard = self.staging.lock().map_err(|_| Error::Backend("staging buffers poisoned".into()))?;
         if guard.is_none() {
