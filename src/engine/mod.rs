@@ -197,7 +197,7 @@ impl Engine {
         let bar = load_bar(opts.progress, config.num_hidden_layers);
         let on_layer = |l: usize| bar.set_position(l as u64);
         let (runner, device): (Box<dyn Runner>, String) = match device {
-            Device::Cuda(ordinal) => cuda_runner(ordinal, &config, &store, context_len, num_blocks, &opts, on_layer)?,
+            Device::Cuda(ordinal) => cuda_runner(ordinal, &config, store, context_len, num_blocks, &opts, on_layer)?,
             _ if opts.tp > 1 => {
                 let plan = TpPlan { tp: opts.tp, context_len, num_blocks, block_size: opts.block_size };
                 let runner = TpRunner::start(&config, Arc::new(store), &plan)?;
@@ -415,12 +415,12 @@ fn resolve_device(device: Device) -> Result<Device> {
     }
 }
 
-/// The model on CUDA device `ordinal` (one rank; tensor parallelism on GPUs is not written yet).
+/// The model on CUDA device `ordinal`, or `opts.tp` ranks from it (see `TpRunner::start_cuda`).
 #[cfg(feature = "cuda")]
 fn cuda_runner(
     ordinal: usize,
     config: &ModelConfig,
-    store: &WeightStore,
+    store: WeightStore,
     context_len: usize,
     num_blocks: usize,
     opts: &EngineOptions,
@@ -428,10 +428,13 @@ fn cuda_runner(
 ) -> Result<(Box<dyn Runner>, String)> {
     use crate::backend::cuda::CudaBackend;
     if opts.tp > 1 {
-        return Err(Error::request("tp", "tensor parallelism on CUDA devices is not implemented yet"));
+        let plan = TpPlan { tp: opts.tp, context_len, num_blocks, block_size: opts.block_size };
+        let runner = TpRunner::start_cuda(config, Arc::new(store), &plan, ordinal)?;
+        let device = runner.device().to_owned();
+        return Ok((Box::new(runner), device));
     }
     let backend = CudaBackend::new(ordinal)?;
-    let model = Llama::load(&backend, config, store, context_len, Shard::single(), on_layer)?;
+    let model = Llama::load(&backend, config, &store, context_len, Shard::single(), on_layer)?;
     let cache = backend.new_kv_cache(&model.kv_cache_spec(num_blocks, opts.block_size))?;
     let device = backend.describe();
     Ok((Box::new(worker::DeviceRunner { backend, model, cache }), device))
@@ -441,7 +444,7 @@ fn cuda_runner(
 fn cuda_runner(
     ordinal: usize,
     _: &ModelConfig,
-    _: &WeightStore,
+    _: WeightStore,
     _: usize,
     _: usize,
     _: &EngineOptions,

@@ -1,5 +1,10 @@
-//! The tensor-parallel model runner: one thread per rank, each owning its shard of the weights
-//! and KV cache, meeting in the in-process communicator at every all-reduce and gather.
+//! The tensor-parallel model runner: one thread per rank, each owning its backend, its shard of
+//! the weights and its KV cache, meeting in a communicator at every all-reduce and gather.
+//!
+//! CPU ranks meet in the in-process communicator. CUDA ranks (feature `cuda`) each open their
+//! own `CudaBackend` in their thread and meet through NCCL when every rank has a GPU of its own
+//! (feature `nccl`), else through the host-staged in-process communicator, which also lets
+//! several ranks share one GPU (tests on a single-GPU machine).
 
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
@@ -13,10 +18,22 @@ use crate::error::{Error, Result};
 use crate::model::Llama;
 use crate::parallel::local::LocalGroup;
 use crate::parallel::sharding::Shard;
+use crate::parallel::Communicator;
 use crate::runtime::batch::Batch;
 use crate::weights::WeightStore;
 
 type Job = Arc<(Batch, Vec<usize>)>;
+
+/// Opens a rank's backend, inside the rank's own thread (a CUDA backend binds its context to
+/// the thread that uses it).
+type OpenBackend<B> = Box<dyn FnOnce() -> Result<B> + Send>;
+
+/// Makes every rank's pending and future collectives fail, so that peers of a failed rank
+/// return an error instead of waiting for it.
+type Poison = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// How long an in-process collective waits for a missing rank.
+const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(300);
 
 struct Rank {
     jobs: mpsc::Sender<Job>,
@@ -24,10 +41,13 @@ struct Rank {
     thread: Option<JoinHandle<()>>,
 }
 
-/// `tp` CPU ranks in threads of this process.
+/// `tp` ranks in threads of this process.
 pub(super) struct TpRunner {
     ranks: Vec<Rank>,
-    group: Arc<LocalGroup>,
+    poison: Poison,
+    /// Rank 0's backend, for logs.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    device: String,
 }
 
 /// Where each rank's KV cache and RoPE tables come from.
@@ -39,37 +59,119 @@ pub(super) struct TpPlan {
 }
 
 impl TpRunner {
-    /// Loads every rank's shard in parallel (each rank reads only its slices) and starts them.
+    /// `tp` CPU ranks: loads every rank's shard in parallel (each rank reads only its slices)
+    /// and starts them.
     pub fn start(cfg: &ModelConfig, store: Arc<WeightStore>, plan: &TpPlan) -> Result<Self> {
-        let group = LocalGroup::new(plan.tp, Duration::from_secs(300));
+        let group = LocalGroup::new(plan.tp, COLLECTIVE_TIMEOUT);
+        let ranks = group
+            .communicators()
+            .into_iter()
+            .map(|c| (c, Box::new(|| Ok(CpuBackend::new())) as OpenBackend<CpuBackend>))
+            .collect();
+        Self::spawn(cfg, store, plan, ranks, Arc::new(move |why: &str| group.poison(why)))
+    }
+
+    /// `tp` CUDA ranks starting at device `first`: rank `r` on its own GPU `first + r` through
+    /// NCCL when the build has it and there are enough GPUs, else every rank on GPU
+    /// `(first + r) % device_count` through the host-staged in-process communicator (several
+    /// ranks may then share a GPU), with a one-line note on stderr saying why.
+    #[cfg(feature = "cuda")]
+    pub fn start_cuda(cfg: &ModelConfig, store: Arc<WeightStore>, plan: &TpPlan, first: usize) -> Result<Self> {
+        use crate::backend::cuda::CudaBackend;
+        let open = |device: usize| Box::new(move || CudaBackend::new(device)) as OpenBackend<CudaBackend>;
+        let count = cudarc::driver::CudaContext::device_count()
+            .map_err(|e| Error::Device { device: format!("cuda:{first}"), message: e.to_string() })?
+            .max(0) as usize;
+        if count == 0 {
+            return Err(Error::Device { device: format!("cuda:{first}"), message: "no CUDA device".into() });
+        }
+        let own_gpus = first + plan.tp <= count;
+        #[cfg(feature = "nccl")]
+        let why = if own_gpus {
+            let devices: Vec<usize> = (first..first + plan.tp).collect();
+            match crate::parallel::nccl::NcclComm::new_local(&devices) {
+                Ok(comms) => {
+                    let setups = comms.into_iter().zip(devices).map(|(c, d)| (c, open(d))).collect();
+                    // NCCL has no way to release a peer waiting in a collective short of
+                    // aborting the group; a failed rank's error still reaches the engine.
+                    let mut runner = Self::spawn(cfg, store, plan, setups, Arc::new(|_: &str| {}))?;
+                    runner.device = format!("{} × {} ranks on cuda:{first}.. (NCCL)", runner.device, plan.tp);
+                    return Ok(runner);
+                }
+                Err(e) => format!("NCCL is unavailable: {e}"),
+            }
+        } else {
+            format!("{count} CUDA devices from cuda:{first} for {} ranks", plan.tp)
+        };
+        #[cfg(not(feature = "nccl"))]
+        let why = if own_gpus {
+            "this build has no NCCL (build with --features nccl)".to_owned()
+        } else {
+            format!("{count} CUDA devices from cuda:{first} for {} ranks", plan.tp)
+        };
+        eprintln!("tulu: tp {} on CUDA staged through host memory ({why}); slow, meant for tests", plan.tp);
+        let group = LocalGroup::new(plan.tp, COLLECTIVE_TIMEOUT);
+        let setups =
+            group.communicators().into_iter().enumerate().map(|(r, c)| (c, open((first + r) % count))).collect();
+        let mut runner = Self::spawn(cfg, store, plan, setups, Arc::new(move |why: &str| group.poison(why)))?;
+        runner.device = format!("{} × {} ranks (host-staged)", runner.device, plan.tp);
+        Ok(runner)
+    }
+
+    /// Rank 0's backend, as it describes itself.
+    #[cfg(feature = "cuda")]
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
+    /// Starts one thread per `(communicator, backend)` pair, rank `r` taking the `r`-th, and
+    /// waits until every rank has loaded its shard.
+    fn spawn<B: Backend, C: Communicator<B> + 'static>(
+        cfg: &ModelConfig,
+        store: Arc<WeightStore>,
+        plan: &TpPlan,
+        setups: Vec<(C, OpenBackend<B>)>,
+        poison: Poison,
+    ) -> Result<Self> {
         let mut ranks = Vec::with_capacity(plan.tp);
-        for comm in group.communicators() {
+        let (ready_tx, ready_rx) = mpsc::channel::<(usize, Result<String>)>();
+        for (comm, open) in setups {
             let rank = ranks.len();
             let (job_tx, job_rx) = mpsc::channel::<Job>();
             let (res_tx, res_rx) = mpsc::channel();
-            let (cfg, store) = (cfg.clone(), store.clone());
+            let (cfg, store, poison, ready) = (cfg.clone(), store.clone(), poison.clone(), ready_tx.clone());
             let (ctx, blocks, bs, world) = (plan.context_len, plan.num_blocks, plan.block_size, plan.tp);
             let thread = std::thread::Builder::new()
                 .name(format!("tulu-rank-{rank}"))
                 .spawn(move || {
-                    let backend = CpuBackend::new();
+                    let backend = match open() {
+                        Ok(b) => b,
+                        Err(e) => {
+                            let _ = ready.send((rank, Err(e)));
+                            return;
+                        }
+                    };
+                    // Declared after the backend, so dropped before it (an NCCL communicator
+                    // is torn down while its device is still open).
+                    let comm = comm;
                     let loaded = Llama::load(&backend, &cfg, &store, ctx, Shard { rank, world }, |_| {})
                         .and_then(|m| Ok((backend.new_kv_cache(&m.kv_cache_spec(blocks, bs))?, m)));
                     drop(store);
                     let (mut cache, model) = match loaded {
                         Ok(x) => {
-                            let _ = res_tx.send(Ok(Vec::new()));
+                            let _ = ready.send((rank, Ok(backend.describe())));
                             x
                         }
                         Err(e) => {
-                            let _ = res_tx.send(Err(e));
+                            let _ = ready.send((rank, Err(e)));
                             return;
                         }
                     };
+                    drop(ready);
                     for job in job_rx {
                         let out = model.forward(&backend, &job.0, &mut cache, &job.1, &comm);
                         if let Err(e) = &out {
-                            comm.group().poison(&format!("rank {rank}: {e}"));
+                            poison(&format!("rank {rank}: {e}"));
                         }
                         if res_tx.send(out).is_err() {
                             return;
@@ -79,12 +181,23 @@ impl TpRunner {
                 .map_err(|e| Error::Backend(format!("cannot start rank {rank}: {e}")))?;
             ranks.push(Rank { jobs: job_tx, results: res_rx, thread: Some(thread) });
         }
-        let runner = TpRunner { ranks, group };
-        for r in &runner.ranks {
-            match r.results.recv() {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Err(Error::Backend("a rank died while loading".into())),
+        drop(ready_tx);
+        let mut runner = TpRunner { ranks, poison, device: String::new() };
+        // Wait for every rank, then report the lowest rank's failure (ranks fail alike, and the
+        // lowest is the one a user would look at first).
+        let mut loaded: Vec<Option<Result<String>>> = (0..runner.ranks.len()).map(|_| None).collect();
+        for _ in 0..runner.ranks.len() {
+            match ready_rx.recv() {
+                Ok((rank, r)) => loaded[rank] = Some(r),
+                Err(_) => break,
+            }
+        }
+        for (rank, r) in loaded.into_iter().enumerate() {
+            match r {
+                Some(Ok(device)) if rank == 0 => runner.device = device,
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e),
+                None => return Err(Error::Backend(format!("rank {rank} died while loading"))),
             }
         }
         Ok(runner)
@@ -96,7 +209,7 @@ impl Runner for TpRunner {
         let job: Job = Arc::new((batch.clone(), rows.to_vec()));
         for (i, r) in self.ranks.iter().enumerate() {
             if r.jobs.send(job.clone()).is_err() {
-                self.group.poison("a rank has exited");
+                (self.poison)("a rank has exited");
                 return Err(Error::Backend(format!("rank {i} has exited")));
             }
         }

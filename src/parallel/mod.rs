@@ -1,6 +1,10 @@
 //! Tensor parallelism: the sharding rules and the communicators ranks use to combine results.
 
 pub mod local;
+#[cfg(feature = "cuda")]
+pub mod local_cuda;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod rendezvous;
 pub mod sharding;
 pub mod sizing;

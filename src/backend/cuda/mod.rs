@@ -11,7 +11,8 @@
 //!
 //! Not implemented yet (issue 4): CUDA graphs, a preallocated activation workspace (outputs are
 //! allocated per op from the stream-ordered pool), custom GEMVs for decode, GPU sampling beyond
-//! argmax, and NCCL tensor parallelism.
+//! argmax. Tensor parallelism runs one backend per rank thread (src/engine/tp.rs), combined by
+//! NCCL (src/parallel/nccl.rs) or, on one GPU, through the host (src/parallel/local_cuda.rs).
 
 mod attention;
 mod elementwise;
@@ -176,6 +177,12 @@ impl CudaBackend {
             self.stream.memcpy_htod(&host, &mut t.data).cuda("copying a tensor to the device")?;
         }
         Ok(t)
+    }
+
+    /// The stream all of this backend's work is ordered on: collectives (NCCL) must be queued
+    /// on it too, so they run after the op that produced their input and before the next.
+    pub(crate) fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
     }
 
     /// Makes this backend's context current on the calling thread (the engine may call from
