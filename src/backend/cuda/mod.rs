@@ -181,6 +181,7 @@ impl CudaBackend {
 
     /// The stream all of this backend's work is ordered on: collectives (NCCL) must be queued
     /// on it too, so they run after the op that produced their input and before the next.
+    #[cfg_attr(not(feature = "nccl"), allow(dead_code))]
     pub(crate) fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
