@@ -30,6 +30,9 @@ pub struct ModelArgs {
     /// Tensor-parallel ranks (in-process threads on the CPU backend).
     #[arg(long, default_value_t = 1)]
     pub tp: usize,
+    /// Fraction of GPU memory to use (weights, workspace, and the KV cache in what is left).
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_utilization: f64,
 }
 
 /// Sampling flags: any one given overrides the model's generation_config defaults.

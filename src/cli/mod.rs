@@ -19,5 +19,6 @@ pub fn engine_options(args: &ModelArgs) -> Result<EngineOptions> {
     let mut opts = EngineOptions::new(args.model.clone()).device(device).progress(std::io::stderr().is_terminal());
     opts.max_context = args.max_context;
     opts.tp = args.tp;
+    opts.gpu_memory_utilization = args.gpu_memory_utilization;
     Ok(opts)
 }

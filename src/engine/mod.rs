@@ -53,8 +53,11 @@ pub struct EngineOptions {
     pub max_num_seqs: usize,
     /// Most tokens (prompt chunks plus decodes) in one step.
     pub max_num_batched_tokens: usize,
-    /// Bytes of KV cache on the CPU backend; default: enough for 4 full contexts.
+    /// Bytes of KV cache; default on the CPU: enough for 4 full contexts; on a GPU: what
+    /// `gpu_memory_utilization` leaves after the weights and a workspace.
     pub kv_cache_memory: Option<u64>,
+    /// Fraction of GPU memory the engine may use (weights, workspace and KV cache).
+    pub gpu_memory_utilization: f64,
     /// Token slots per KV block.
     pub block_size: usize,
     /// Share full KV blocks between requests with the same prefix.
@@ -76,6 +79,7 @@ impl EngineOptions {
             max_num_seqs: 64,
             max_num_batched_tokens: 2048,
             kv_cache_memory: None,
+            gpu_memory_utilization: 0.9,
             block_size: 16,
             prefix_caching: true,
             max_waiting: None,
@@ -174,44 +178,48 @@ impl Engine {
             Some(n) => n.min(config.max_position_embeddings),
             None => config.max_position_embeddings.min(8192),
         };
-        // The KV pool: f32 on the CPU backend.
-        let per_token = config.kv_bytes_per_token(4);
-        let kv_bytes = opts.kv_cache_memory.unwrap_or(4 * wanted_context as u64 * per_token);
-        let num_blocks = (kv_bytes / (per_token * opts.block_size as u64)) as usize;
+        if !(opts.gpu_memory_utilization > 0.0 && opts.gpu_memory_utilization <= 1.0) {
+            return Err(Error::request("gpu_memory_utilization", "must be in (0, 1]"));
+        }
+        let store = WeightStore::open(&dir)?;
+        let device = resolve_device(opts.device)?;
+        let bar = load_bar(opts.progress, config.num_hidden_layers);
+        let on_layer = |l: usize| bar.set_position(l as u64);
+        // The CPU keeps K/V in f32: its pool is sized before loading.
+        let cpu_blocks = || {
+            let per_block = config.kv_bytes_per_token(4) * opts.block_size as u64;
+            (opts.kv_cache_memory.unwrap_or(4 * wanted_context as u64 * config.kv_bytes_per_token(4)) / per_block)
+                as usize
+        };
+        let (runner, device, num_blocks): (Box<dyn Runner>, String, usize) = match device {
+            Device::Cuda(ordinal) => cuda_runner(ordinal, &config, store, wanted_context, &opts, on_layer)?,
+            _ if opts.tp > 1 => {
+                let num_blocks = cpu_blocks();
+                let plan = TpPlan { tp: opts.tp, context_len: wanted_context, num_blocks, block_size: opts.block_size };
+                let runner = TpRunner::start(&config, Arc::new(store), &plan)?;
+                (Box::new(runner), format!("{} × {} ranks", CpuBackend::new().describe(), opts.tp), num_blocks)
+            }
+            _ => {
+                let num_blocks = cpu_blocks();
+                let backend = CpuBackend::new();
+                let model = Llama::load(&backend, &config, &store, wanted_context, Shard::single(), on_layer)?;
+                let cache = backend.new_kv_cache(&model.kv_cache_spec(num_blocks, opts.block_size))?;
+                let device = backend.describe();
+                (Box::new(worker::DeviceRunner { backend, model, cache }), device, num_blocks)
+            }
+        };
+        bar.finish_and_clear();
         let context_len = wanted_context.min(num_blocks * opts.block_size);
         if context_len == 0 {
             return Err(Error::request(
                 "kv_cache_memory",
-                format!(
-                    "{kv_bytes} bytes do not hold one block of {} tokens ({per_token} bytes each)",
-                    opts.block_size
-                ),
+                format!("the KV cache does not hold one block of {} tokens", opts.block_size),
             ));
         }
         if context_len < wanted_context {
             tracing::warn!(wanted_context, context_len, "the KV cache cannot hold the configured context; lowered");
             eprintln!("warning: context lowered from {wanted_context} to {context_len} tokens to fit the KV cache");
         }
-        let store = WeightStore::open(&dir)?;
-        let device = resolve_device(opts.device)?;
-        let bar = load_bar(opts.progress, config.num_hidden_layers);
-        let on_layer = |l: usize| bar.set_position(l as u64);
-        let (runner, device): (Box<dyn Runner>, String) = match device {
-            Device::Cuda(ordinal) => cuda_runner(ordinal, &config, store, context_len, num_blocks, &opts, on_layer)?,
-            _ if opts.tp > 1 => {
-                let plan = TpPlan { tp: opts.tp, context_len, num_blocks, block_size: opts.block_size };
-                let runner = TpRunner::start(&config, Arc::new(store), &plan)?;
-                (Box::new(runner), format!("{} × {} ranks", CpuBackend::new().describe(), opts.tp))
-            }
-            _ => {
-                let backend = CpuBackend::new();
-                let model = Llama::load(&backend, &config, &store, context_len, Shard::single(), on_layer)?;
-                let cache = backend.new_kv_cache(&model.kv_cache_spec(num_blocks, opts.block_size))?;
-                let device = backend.describe();
-                (Box::new(worker::DeviceRunner { backend, model, cache }), device)
-            }
-        };
-        bar.finish_and_clear();
         let shared = Arc::new(Shared {
             config,
             generation_config,
@@ -415,29 +423,46 @@ fn resolve_device(device: Device) -> Result<Device> {
     }
 }
 
-/// The model on CUDA device `ordinal`, or `opts.tp` ranks from it (see `TpRunner::start_cuda`).
+/// The model on CUDA device `ordinal` (or `tp` ranks from it), with the number of KV blocks
+/// its cache holds: `kv_cache_memory`, else what `gpu_memory_utilization` leaves once the
+/// weights are resident.
 #[cfg(feature = "cuda")]
 fn cuda_runner(
     ordinal: usize,
     config: &ModelConfig,
     store: WeightStore,
-    context_len: usize,
-    num_blocks: usize,
+    max_positions: usize,
     opts: &EngineOptions,
     on_layer: impl FnMut(usize),
-) -> Result<(Box<dyn Runner>, String)> {
+) -> Result<(Box<dyn Runner>, String, usize)> {
     use crate::backend::cuda::CudaBackend;
+    use crate::parallel::sizing::WORKSPACE_BYTES;
+    // bf16 K and V.
+    let per_block = config.kv_bytes_per_token(2) * opts.block_size as u64;
     if opts.tp > 1 {
-        let plan = TpPlan { tp: opts.tp, context_len, num_blocks, block_size: opts.block_size };
+        // Each rank holds 1/tp of the KV heads (or one replicated head): size as one rank would.
+        let bytes = opts.kv_cache_memory.unwrap_or(4 * max_positions as u64 * config.kv_bytes_per_token(2));
+        let num_blocks = (bytes / per_block) as usize;
+        let plan = TpPlan { tp: opts.tp, context_len: max_positions, num_blocks, block_size: opts.block_size };
         let runner = TpRunner::start_cuda(config, Arc::new(store), &plan, ordinal)?;
         let device = runner.device().to_owned();
-        return Ok((Box::new(runner), device));
+        return Ok((Box::new(runner), device, num_blocks));
     }
     let backend = CudaBackend::new(ordinal)?;
-    let model = Llama::load(&backend, config, &store, context_len, Shard::single(), on_layer)?;
+    let model = Llama::load(&backend, config, &store, max_positions, Shard::single(), on_layer)?;
+    drop(store);
+    let bytes = match opts.kv_cache_memory {
+        Some(b) => b,
+        None => {
+            let (free, total) = backend.memory_info()?;
+            let allowed = (total as f64 * opts.gpu_memory_utilization) as u64;
+            allowed.saturating_sub(total - free + WORKSPACE_BYTES)
+        }
+    };
+    let num_blocks = (bytes / per_block) as usize;
     let cache = backend.new_kv_cache(&model.kv_cache_spec(num_blocks, opts.block_size))?;
     let device = backend.describe();
-    Ok((Box::new(worker::DeviceRunner { backend, model, cache }), device))
+    Ok((Box::new(worker::DeviceRunner { backend, model, cache }), device, num_blocks))
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -446,10 +471,9 @@ fn cuda_runner(
     _: &ModelConfig,
     _: WeightStore,
     _: usize,
-    _: usize,
     _: &EngineOptions,
     _: impl FnMut(usize),
-) -> Result<(Box<dyn Runner>, String)> {
+) -> Result<(Box<dyn Runner>, String, usize)> {
     Err(Error::Device { device: format!("cuda:{ordinal}"), message: "this build of tulu has no CUDA support".into() })
 }
 

@@ -160,6 +160,12 @@ impl CudaBackend {
         self.poison.store(on, Ordering::Relaxed);
     }
 
+    /// Free and total device memory in bytes (sizes the KV cache after the weights are loaded).
+    pub fn memory_info(&self) -> Result<(u64, u64)> {
+        let (free, total) = self.ctx.mem_get_info().cuda("querying device memory")?;
+        Ok((free as u64, total as u64))
+    }
+
     /// Waits until all queued work has finished (timing, tests).
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().cuda("synchronizing the stream")
