@@ -220,7 +220,7 @@ const SYNTH_WORDS: &[&str] = &[
 ];
 
 /// The token strings and merges of the built-in synthetic tokenizer's ordinary vocabulary:
-/// the 256 byte tokens, then tokens made by merging [`SYNTH_WORDS`] left to right, at most
+/// the 256 byte tokens, then tokens made by merging `SYNTH_WORDS` left to right, at most
 /// `budget` tokens in all.
 pub fn synth_bpe_vocab(budget: usize) -> (Vec<String>, Vec<String>) {
     let chars = byte_to_char();

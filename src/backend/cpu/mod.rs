@@ -3,7 +3,7 @@
 //! outputs and every row's result is independent of the batch it is in.
 //!
 //! Everything computes in f32 whatever the stored dtype: weights are converted once at load.
-//! Matmuls ([`matmul`]) split work by weight rows, so decode streams each weight once at memory
+//! Matmuls (`matmul.rs`) split work by weight rows, so decode streams each weight once at memory
 //! bandwidth — what bounds batch-1 decode on a CPU.
 
 use candle_core::{Device as CDevice, Storage, Tensor};
