@@ -82,10 +82,17 @@ pub enum Error {
         /// Why it cannot be used.
         message: String,
     },
-    /// The engine cannot take the request now (its queue is full or it is shutting down).
+    /// The engine cannot take the request now: its waiting queue is full (try again later).
     #[error("busy: {message}")]
     Busy {
         /// Why.
+        message: String,
+    },
+    /// The engine is shutting down: it takes no new request, and aborts what is left at its
+    /// deadline.
+    #[error("shutting down: {message}")]
+    ShuttingDown {
+        /// What happened to the request.
         message: String,
     },
     /// A backend operation failed (a bug or an exhausted resource, not bad input).

@@ -340,7 +340,7 @@ impl Engine {
             return Err(Error::Backend(format!("the engine has failed: {why}")));
         }
         if !self.shared.accepting.load(Ordering::SeqCst) {
-            return Err(Error::Busy { message: "the engine is shutting down".into() });
+            return Err(Error::ShuttingDown { message: "no new requests are accepted".into() });
         }
         let sampling = request.sampling.clone().unwrap_or_else(|| self.default_sampling());
         sampling.validate()?;

@@ -108,8 +108,10 @@ impl Worker {
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 for (id, a) in active.drain() {
-                    let _ =
-                        a.sub.events.send(Err(Error::Busy { message: "aborted: the engine is shutting down".into() }));
+                    let _ = a
+                        .sub
+                        .events
+                        .send(Err(Error::ShuttingDown { message: "aborted at the shutdown deadline".into() }));
                     self.scheduler.remove(id);
                     shared.queued.fetch_sub(usize::from(a.admitted.is_none()), Ordering::SeqCst);
                 }

@@ -124,14 +124,15 @@ impl ApiError {
         }
     }
 
-    /// Maps an engine error: request and template errors are the client's (400), `Busy` is
-    /// 429 while serving and 503 once shutting down (the engine's `Busy` does not say which).
+    /// Maps an engine error: request and template errors are the client's (400), `Busy` (a
+    /// full queue) is 429 while serving, and shutting down is 503.
     pub fn from_engine(e: Error, shutting_down: bool) -> Self {
         match e {
             Error::Request { param, message } => Self::invalid(param.clone(), format!("`{param}` {message}")),
             Error::ChatTemplate { message } => {
                 Self::invalid("messages", format!("the chat template failed: {message}"))
             }
+            Error::ShuttingDown { message } => Self::unavailable(message),
             Error::Busy { message } if shutting_down => Self::unavailable(message),
             Error::Busy { message } => Self::busy(message),
             other => Self::internal(other.to_string()),
