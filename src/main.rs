@@ -33,6 +33,22 @@ pub struct ModelArgs {
     /// Fraction of GPU memory to use (weights, workspace, and the KV cache in what is left).
     #[arg(long, default_value_t = 0.9)]
     pub gpu_memory_utilization: f64,
+    /// Processes (one rank each) across machines; WORLD_SIZE/RANK/MASTER_ADDR/MASTER_PORT from a
+    /// launcher take precedence. Rank 0 serves; the others only compute.
+    #[arg(long, default_value_t = 1)]
+    pub nnodes: usize,
+    /// This process's rank among --nnodes.
+    #[arg(long, default_value_t = 0)]
+    pub node_rank: usize,
+    /// Rank 0's address.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub master_addr: String,
+    /// Rank 0's port.
+    #[arg(long, default_value_t = 29500)]
+    pub master_port: u16,
+    /// Seconds a rank waits for its peers (joining and every collective) before failing.
+    #[arg(long, default_value_t = 300.0)]
+    pub dist_timeout: f64,
 }
 
 /// Sampling flags: any one given overrides the model's generation_config defaults.

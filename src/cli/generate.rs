@@ -96,7 +96,11 @@ pub fn generate(
     if text.is_empty() {
         return Err(Error::request("prompt", "is empty"));
     }
-    let engine = Engine::load(crate::cli::engine_options(model)?)?;
+    let opts = crate::cli::engine_options(model)?;
+    if crate::cli::run_if_not_rank0(&opts)? {
+        return Ok(());
+    }
+    let engine = Engine::load(opts)?;
     let prompt = if chat {
         let mut messages = Vec::new();
         if let Some(s) = system {
@@ -114,7 +118,11 @@ pub fn generate(
 
 /// `tulu chat`: one user turn per line; `/exit` or end of input quits, `/reset` forgets.
 pub fn chat(model: &ModelArgs, system: Option<String>, args: &SamplingArgs) -> Result<()> {
-    let engine = Engine::load(crate::cli::engine_options(model)?)?;
+    let opts = crate::cli::engine_options(model)?;
+    if crate::cli::run_if_not_rank0(&opts)? {
+        return Ok(());
+    }
+    let engine = Engine::load(opts)?;
     let mut history: Vec<ChatMessage> = Vec::new();
     let start = |h: &mut Vec<ChatMessage>| {
         h.clear();

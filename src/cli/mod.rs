@@ -9,7 +9,8 @@ pub mod serve;
 
 use std::io::IsTerminal;
 
-use tulu::{Device, EngineOptions, Result};
+use tulu::parallel::rendezvous::WorldSpec;
+use tulu::{Device, EngineOptions, Error, Result};
 
 use crate::ModelArgs;
 
@@ -20,5 +21,30 @@ pub fn engine_options(args: &ModelArgs) -> Result<EngineOptions> {
     opts.max_context = args.max_context;
     opts.tp = args.tp;
     opts.gpu_memory_utilization = args.gpu_memory_utilization;
+    opts.dist_timeout = std::time::Duration::try_from_secs_f64(args.dist_timeout)
+        .map_err(|_| Error::request("dist-timeout", "must be a number of seconds ≥ 0"))?;
+    opts.world = match WorldSpec::from_vars(|k| std::env::var(k).ok())? {
+        Some(spec) => Some(spec),
+        None if args.nnodes > 1 => {
+            Some(WorldSpec::from_nodes(args.nnodes, args.node_rank, 1, 0, &args.master_addr, args.master_port)?)
+        }
+        None => None,
+    };
     Ok(opts)
+}
+
+/// In a multi-process world, a rank other than 0 only computes the steps rank 0 sends: this runs
+/// it to the end and returns `true`; rank 0 (and single-process runs) get `false`.
+pub fn run_if_not_rank0(opts: &EngineOptions) -> Result<bool> {
+    match &opts.world {
+        Some(w) if w.rank != 0 => {
+            eprintln!(
+                "tulu: rank {} of {}: waiting for steps from rank 0 at {}:{}",
+                w.rank, w.world_size, w.master_addr, w.master_port
+            );
+            tulu::engine::run_rank(opts)?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
 }

@@ -59,6 +59,9 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
         return Err(Error::request("api-key", "must not be empty"));
     }
     let mut opts = crate::cli::engine_options(&args.model)?;
+    if crate::cli::run_if_not_rank0(&opts)? {
+        return Ok(());
+    }
     opts.max_num_seqs = args.max_num_seqs;
     opts.max_num_batched_tokens = args.max_num_batched_tokens;
     opts.kv_cache_memory = args.kv_cache_memory;

@@ -7,6 +7,7 @@
 //! request its [`Event`]s. Dropping a [`Generation`] aborts its request at the next step.
 
 pub mod metrics;
+mod multinode;
 mod request;
 mod tp;
 mod worker;
@@ -21,6 +22,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc as tmpsc;
 
 pub use self::metrics::{Histogram, Metrics};
+pub use self::multinode::run_rank;
+use self::multinode::NodeRunner;
 pub use self::request::{Event, FinishReason, GenerateRequest, Prompt, Summary, TokenLogprob};
 use self::tp::{TpPlan, TpRunner};
 use self::worker::{Command, Runner, Submission, Worker};
@@ -30,7 +33,9 @@ use crate::config::{GenerationConfig, ModelConfig};
 use crate::error::{Error, Result};
 use crate::hub::{resolve_model, HubOptions};
 use crate::model::Llama;
+use crate::parallel::rendezvous::WorldSpec;
 use crate::parallel::sharding::Shard;
+use crate::parallel::tcp::Hello;
 use crate::runtime::block_manager::BlockManager;
 use crate::runtime::sampler::SamplingParams;
 use crate::runtime::scheduler::{Scheduler, SchedulerConfig};
@@ -66,6 +71,11 @@ pub struct EngineOptions {
     pub max_waiting: Option<usize>,
     /// Tensor-parallel ranks (in-process threads on the CPU backend).
     pub tp: usize,
+    /// Ranks in separate processes (`WORLD_SIZE`, `RANK`, … or `--nnodes`): this process's place.
+    /// Rank 0 runs the engine; the others run [`run_rank`].
+    pub world: Option<WorldSpec>,
+    /// How long a rank waits for its peers (joining, and every collective) before failing.
+    pub dist_timeout: Duration,
 }
 
 impl EngineOptions {
@@ -84,6 +94,8 @@ impl EngineOptions {
             prefix_caching: true,
             max_waiting: None,
             tp: 1,
+            world: None,
+            dist_timeout: Duration::from_secs(300),
         }
     }
 
@@ -193,6 +205,20 @@ impl Engine {
         };
         let (runner, device, num_blocks): (Box<dyn Runner>, String, usize) = match device {
             Device::Cuda(ordinal) => cuda_runner(ordinal, &config, store, wanted_context, &opts, on_layer)?,
+            _ if opts.world.as_ref().is_some_and(|w| w.world_size > 1) => {
+                let spec = opts.world.as_ref().ok_or_else(|| Error::request("world", "missing"))?;
+                if spec.rank != 0 {
+                    return Err(Error::request("RANK", format!("rank {} runs `run_rank`, not the engine", spec.rank)));
+                }
+                if opts.tp > 1 && opts.tp != spec.world_size {
+                    return Err(Error::request("tp", format!("is {} but WORLD_SIZE is {}", opts.tp, spec.world_size)));
+                }
+                let num_blocks = cpu_blocks();
+                let hello = Hello { num_blocks, block_size: opts.block_size, max_positions: wanted_context };
+                let runner = NodeRunner::start(spec, opts.dist_timeout, &config, &store, hello, on_layer)?;
+                let device = format!("{} × {} processes", CpuBackend::new().describe(), spec.world_size);
+                (Box::new(runner), device, num_blocks)
+            }
             _ if opts.tp > 1 => {
                 let num_blocks = cpu_blocks();
                 let plan = TpPlan { tp: opts.tp, context_len: wanted_context, num_blocks, block_size: opts.block_size };

@@ -8,6 +8,7 @@ pub mod nccl;
 pub mod rendezvous;
 pub mod sharding;
 pub mod sizing;
+pub mod tcp;
 
 use crate::backend::Backend;
 use crate::error::Result;

@@ -5,7 +5,7 @@ use std::ops::Range;
 use crate::error::{Error, Result};
 
 /// One sequence's part of a step.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SeqInput {
     /// This sequence's rows in the step's activations.
     pub rows: Range<usize>,
@@ -16,7 +16,7 @@ pub struct SeqInput {
 }
 
 /// One step of the forward pass: a batch of sequences, each with new tokens at its own positions.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Batch {
     /// Token ids of every new token, sequences concatenated.
     pub token_ids: Vec<u32>,
