@@ -203,9 +203,17 @@ impl Engine {
             (opts.kv_cache_memory.unwrap_or(4 * wanted_context as u64 * config.kv_bytes_per_token(4)) / per_block)
                 as usize
         };
+        let multi_process = opts.world.as_ref().is_some_and(|w| w.world_size > 1);
+        let device = if multi_process && opts.device == Device::Auto { Device::Cpu } else { device };
+        if multi_process && matches!(device, Device::Cuda(_)) {
+            return Err(Error::Device {
+                device: device.to_string(),
+                message: "ranks in separate processes run on the CPU backend only for now (use --device cpu)".into(),
+            });
+        }
         let (runner, device, num_blocks): (Box<dyn Runner>, String, usize) = match device {
             Device::Cuda(ordinal) => cuda_runner(ordinal, &config, store, wanted_context, &opts, on_layer)?,
-            _ if opts.world.as_ref().is_some_and(|w| w.world_size > 1) => {
+            _ if multi_process => {
                 let spec = opts.world.as_ref().ok_or_else(|| Error::request("world", "missing"))?;
                 if spec.rank != 0 {
                     return Err(Error::request("RANK", format!("rank {} runs `run_rank`, not the engine", spec.rank)));
