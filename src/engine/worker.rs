@@ -195,27 +195,32 @@ impl Worker {
                 a.pending_logprobs.push(logprob(&self.shared.tokenizer, row, token, n));
             }
             self.scheduler.push_token(id, token);
-            let finished = a.accept(token, &self.shared)?;
-            a.flush();
-            if finished {
-                self.retire(id, active);
+            if a.accept(token, &self.shared)? {
+                // Free the sequence and publish the gauges before the summary goes out, so that
+                // a client that has its answer sees the engine's state without it.
+                if let Some(mut done) = self.retire(id, active) {
+                    self.publish_gauges();
+                    done.flush();
+                }
+            } else {
+                a.flush();
             }
         }
         Ok(())
     }
 
-    /// Ends a request: its summary (if it finished) was sent; frees its blocks.
-    fn retire(&mut self, id: SeqId, active: &mut HashMap<SeqId, Active>) {
+    /// Ends a request: frees its blocks and counts it; returns its state (to send its summary).
+    fn retire<'t>(&mut self, id: SeqId, active: &mut HashMap<SeqId, Active<'t>>) -> Option<Active<'t>> {
         self.scheduler.remove(id);
-        if let Some(a) = active.remove(&id) {
-            if a.admitted.is_none() {
-                self.shared.queued.fetch_sub(1, Ordering::SeqCst);
-            }
-            if let Ok(mut m) = self.shared.metrics.lock() {
-                m.requests_finished += 1;
-                m.prompt_tokens += a.sub.prompt.len() as u64;
-            }
+        let a = active.remove(&id)?;
+        if a.admitted.is_none() {
+            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
         }
+        if let Ok(mut m) = self.shared.metrics.lock() {
+            m.requests_finished += 1;
+            m.prompt_tokens += a.sub.prompt.len() as u64;
+        }
+        Some(a)
     }
 
     /// A failed step fails every request: the device state can no longer be trusted.
