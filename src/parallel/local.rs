@@ -8,7 +8,7 @@
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use super::Communicator;
+use super::{concat_cols, sum_in_rank_order, Communicator};
 use crate::backend::cpu::{CpuBackend, CpuTensor};
 use crate::error::{Error, Result};
 
@@ -120,15 +120,7 @@ impl Communicator<CpuBackend> for LocalComm {
 
     fn all_reduce_sum(&self, _: &CpuBackend, x: &mut CpuTensor) -> Result<()> {
         let len = x.data.len();
-        let sum = self.exchange(std::mem::take(&mut x.data), |slots| {
-            let mut acc = vec![0f32; len];
-            for slot in slots {
-                for (a, v) in acc.iter_mut().zip(slot) {
-                    *a += v;
-                }
-            }
-            acc
-        })?;
+        let sum = self.exchange(std::mem::take(&mut x.data), |bufs| sum_in_rank_order(bufs, len))?;
         x.data = sum;
         Ok(())
     }
@@ -136,15 +128,7 @@ impl Communicator<CpuBackend> for LocalComm {
     fn all_gather_cols(&self, _: &CpuBackend, x: CpuTensor) -> Result<CpuTensor> {
         let (rows, cols) = (x.rows, x.cols);
         let world = self.group.world;
-        let data = self.exchange(x.data, |slots| {
-            let mut out = Vec::with_capacity(rows * cols * world);
-            for r in 0..rows {
-                for slot in slots {
-                    out.extend_from_slice(&slot[r * cols..(r + 1) * cols]);
-                }
-            }
-            out
-        })?;
+        let data = self.exchange(x.data, |bufs| concat_cols(bufs, rows, cols))?;
         CpuTensor::new(data, rows, cols * world)
     }
 }

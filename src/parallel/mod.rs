@@ -43,3 +43,27 @@ impl<B: Backend> Communicator<B> for SingleRank {
         Ok(x)
     }
 }
+
+/// The sum of every rank's buffer, added in rank order starting from zero: the one order every
+/// host-side communicator uses, so that in-process threads and separate processes produce
+/// bit-identical results.
+pub(crate) fn sum_in_rank_order(bufs: &[Vec<f32>], len: usize) -> Vec<f32> {
+    let mut acc = vec![0f32; len];
+    for buf in bufs {
+        for (a, v) in acc.iter_mut().zip(buf) {
+            *a += v;
+        }
+    }
+    acc
+}
+
+/// Every rank's `rows × cols` buffer concatenated along columns, in rank order.
+pub(crate) fn concat_cols(bufs: &[Vec<f32>], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows * cols * bufs.len());
+    for r in 0..rows {
+        for buf in bufs {
+            out.extend_from_slice(&buf[r * cols..(r + 1) * cols]);
+        }
+    }
+    out
+}

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::rendezvous::WorldSpec;
-use super::Communicator;
+use super::{concat_cols, sum_in_rank_order, Communicator};
 use crate::backend::cpu::{CpuBackend, CpuTensor};
 use crate::error::{Error, Result};
 use crate::runtime::batch::Batch;
@@ -229,30 +229,13 @@ impl Communicator<CpuBackend> for TcpComm {
 
     fn all_reduce_sum(&self, _: &CpuBackend, x: &mut CpuTensor) -> Result<()> {
         let len = x.data.len();
-        x.data = self.exchange(std::mem::take(&mut x.data), |all| {
-            // The same order as the in-process communicator: zero, then rank 0, 1, ….
-            let mut acc = vec![0f32; len];
-            for buf in all {
-                for (a, v) in acc.iter_mut().zip(buf) {
-                    *a += v;
-                }
-            }
-            acc
-        })?;
+        x.data = self.exchange(std::mem::take(&mut x.data), |bufs| sum_in_rank_order(bufs, len))?;
         Ok(())
     }
 
     fn all_gather_cols(&self, _: &CpuBackend, x: CpuTensor) -> Result<CpuTensor> {
         let (rows, cols, world) = (x.rows, x.cols, self.world);
-        let data = self.exchange(x.data, |all| {
-            let mut out = Vec::with_capacity(rows * cols * world);
-            for r in 0..rows {
-                for buf in all {
-                    out.extend_from_slice(&buf[r * cols..(r + 1) * cols]);
-                }
-            }
-            out
-        })?;
+        let data = self.exchange(x.data, |bufs| concat_cols(bufs, rows, cols))?;
         CpuTensor::new(data, rows, cols * world)
     }
 }
