@@ -8,6 +8,8 @@
 //! so a reader can grep a tensor from the safetensors header straight to the code. q/k/v and
 //! gate/up are fused into one matrix each at load time, so each is one GEMM per step.
 
+use std::ops::Range;
+
 use crate::backend::{AttnDims, Backend, KvCacheSpec};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -15,7 +17,8 @@ use crate::parallel::sharding::{Shard, ShardPlan};
 use crate::parallel::Communicator;
 use crate::rope::RopeTable;
 use crate::runtime::batch::Batch;
-use crate::weights::{TensorRef, TensorSlice, WeightStore};
+use crate::weights::random::RandomSlice;
+use crate::weights::{TensorSlice, WeightStore};
 
 struct Layer<B: Backend> {
     input_norm: B::Weight,
@@ -51,56 +54,97 @@ impl<B: Backend> Llama<B> {
         store: &WeightStore,
         max_positions: usize,
         shard: Shard,
+        on_layer: impl FnMut(usize),
+    ) -> Result<Self> {
+        check_layer_count(cfg, store)?;
+        Self::build(backend, cfg, &Source::Checkpoint(store), max_positions, shard, on_layer)
+    }
+
+    /// A model of `cfg`'s shape whose weights are generated on the device from `seed` (see
+    /// [`crate::weights::random`]): benchmarks of 8B to 405B shapes without checkpoint files.
+    /// Rank `r`'s shard holds exactly rank `r`'s slices of the unsharded random model.
+    pub fn random(
+        backend: &B,
+        cfg: &ModelConfig,
+        seed: u64,
+        max_positions: usize,
+        shard: Shard,
+        on_layer: impl FnMut(usize),
+    ) -> Result<Self> {
+        Self::build(backend, cfg, &Source::Random(seed), max_positions, shard, on_layer)
+    }
+
+    fn build(
+        backend: &B,
+        cfg: &ModelConfig,
+        source: &Source<'_>,
+        max_positions: usize,
+        shard: Shard,
         mut on_layer: impl FnMut(usize),
     ) -> Result<Self> {
         let plan = ShardPlan::new(cfg, shard)?;
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let (q, kv) = (cfg.q_dim(), cfg.kv_dim());
-        check_layer_count(cfg, store)?;
-        let get = |name: &str, shape: &[usize]| store.get(name, shape);
-        let vocab = |name: &str| -> Result<TensorSlice<'_>> {
-            let mut s = get(name, &[cfg.vocab_size, h])?.row_slice(plan.vocab_rows.clone());
-            s.pad_rows = plan.vocab_padding();
-            Ok(s)
-        };
+        let weight = |parts: &[Part]| source.weight(backend, parts);
+        let vocab = |name: &str| Part::rows(name, &[cfg.vocab_size, h], plan.vocab_rows.clone(), plan.vocab_padding());
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
-            let p = format!("model.layers.{l}");
-            let attn = |n: &str, shape: &[usize]| get(&format!("{p}.self_attn.{n}.weight"), shape);
-            let mlp = |n: &str, shape: &[usize]| get(&format!("{p}.mlp.{n}.weight"), shape);
-            let norm = |n: &str| get(&format!("{p}.{n}.weight"), &[h]).map(TensorRef::full);
+            let attn = |n: &str| format!("model.layers.{l}.self_attn.{n}.weight");
+            let mlp = |n: &str| format!("model.layers.{l}.mlp.{n}.weight");
+            let norm = |n: &str| Part::full(&format!("model.layers.{l}.{n}.weight"), &[h]);
             layers.push(Layer {
-                input_norm: backend.load_weight(&[norm("input_layernorm")?])?,
-                qkv: backend.load_weight(&[
-                    attn("q_proj", &[q, h])?.row_slice(plan.q_rows.clone()),
-                    attn("k_proj", &[kv, h])?.row_slice(plan.kv_rows.clone()),
-                    attn("v_proj", &[kv, h])?.row_slice(plan.kv_rows.clone()),
+                input_norm: weight(&[norm("input_layernorm")])?,
+                qkv: weight(&[
+                    Part::rows(&attn("q_proj"), &[q, h], plan.q_rows.clone(), 0),
+                    Part::rows(&attn("k_proj"), &[kv, h], plan.kv_rows.clone(), 0),
+                    Part::rows(&attn("v_proj"), &[kv, h], plan.kv_rows.clone(), 0),
                 ])?,
-                o_proj: backend.load_weight(&[attn("o_proj", &[h, q])?.col_slice(plan.q_rows.clone())])?,
-                post_norm: backend.load_weight(&[norm("post_attention_layernorm")?])?,
-                gate_up: backend.load_weight(&[
-                    mlp("gate_proj", &[i, h])?.row_slice(plan.mlp_rows.clone()),
-                    mlp("up_proj", &[i, h])?.row_slice(plan.mlp_rows.clone()),
+                o_proj: weight(&[Part::cols(&attn("o_proj"), &[h, q], plan.q_rows.clone())])?,
+                post_norm: weight(&[norm("post_attention_layernorm")])?,
+                gate_up: weight(&[
+                    Part::rows(&mlp("gate_proj"), &[i, h], plan.mlp_rows.clone(), 0),
+                    Part::rows(&mlp("up_proj"), &[i, h], plan.mlp_rows.clone(), 0),
                 ])?,
-                down: backend.load_weight(&[mlp("down_proj", &[h, i])?.col_slice(plan.mlp_rows.clone())])?,
+                down: weight(&[Part::cols(&mlp("down_proj"), &[h, i], plan.mlp_rows.clone())])?,
             });
             on_layer(l + 1);
         }
-        let lm_head =
-            if cfg.tie_word_embeddings { None } else { Some(backend.load_weight(&[vocab("lm_head.weight")?])?) };
+        let lm_head = if cfg.tie_word_embeddings { None } else { Some(weight(&[vocab("lm_head.weight")])?) };
         let rope = RopeTable::new(cfg, max_positions);
         Ok(Llama {
             cfg: cfg.clone(),
             dims: AttnDims { heads: plan.heads, kv_heads: plan.kv_heads, head_dim: cfg.head_dim },
-            embed: backend.load_weight(&[vocab("model.embed_tokens.weight")?])?,
+            embed: weight(&[vocab("model.embed_tokens.weight")])?,
             layers,
-            norm: backend.load_weight(&[get("model.norm.weight", &[h])?.full()])?,
+            norm: weight(&[Part::full("model.norm.weight", &[h])])?,
             lm_head,
             cos: backend.upload(&rope.cos, max_positions, rope.half)?,
             sin: backend.upload(&rope.sin, max_positions, rope.half)?,
             max_positions,
             plan,
         })
+    }
+
+    /// Weight elements one step reads on this rank: every layer, the final norm and the
+    /// (padded) lm_head shard; of the embedding only the step's rows, which are left out.
+    pub fn weight_elements_per_step(&self) -> u64 {
+        self.cfg.num_hidden_layers as u64 * layer_weight_elements(&self.cfg, &self.plan)
+            + head_weight_elements(&self.cfg, &self.plan)
+    }
+
+    /// KV cache elements one cached token takes on this rank, over all layers (K and V).
+    pub fn kv_elements_per_token(&self) -> u64 {
+        (self.cfg.num_hidden_layers * 2 * self.dims.kv_dim()) as u64
+    }
+
+    /// Floating-point operations of a `tokens`-token prefill on this rank: every layer's GEMMs
+    /// for every token, causal attention (QKᵀ and PV over half the square), and the lm_head
+    /// for the last token only.
+    pub fn prefill_flops(&self, tokens: usize) -> f64 {
+        let (t, layers) = (tokens as f64, self.cfg.num_hidden_layers as f64);
+        let gemm = 2.0 * t * layer_weight_elements(&self.cfg, &self.plan) as f64;
+        let attention = 2.0 * t * t * self.dims.q_dim() as f64;
+        layers * (gemm + attention) + 2.0 * head_weight_elements(&self.cfg, &self.plan) as f64
     }
 
     /// The model's configuration.
@@ -143,6 +187,13 @@ impl<B: Backend> Llama<B> {
                 ));
             }
         }
+        let world = comm.world_size();
+        if world != self.plan.shard.world && world != 1 {
+            return Err(Error::Backend(format!(
+                "a shard of a {}-rank model cannot run in a group of {world}",
+                self.plan.shard.world
+            )));
+        }
         let eps = self.cfg.rms_norm_eps as f32;
         // Vocab-parallel embedding: ids outside this rank's rows give zero rows; the sum over
         // ranks is the full lookup.
@@ -168,12 +219,95 @@ impl<B: Backend> Llama<B> {
         let logits = backend.matmul(&last, self.lm_head.as_ref().unwrap_or(&self.embed))?;
         let logits = comm.all_gather_cols(backend, logits)?;
         let mut host = backend.to_host(&logits)?;
-        // Gathered shards are padded to equal sizes: drop the padding columns.
+        // Gathered shards are padded to equal sizes: drop the padding columns. A shard run alone
+        // (`tulu bench --rank-shard`) keeps its own columns.
         let (padded, vocab) = (self.plan.vocab_rows_per_rank * comm.world_size(), self.cfg.vocab_size);
-        if padded != vocab {
+        if padded > vocab {
             host = host.chunks(padded).flat_map(|r| r[..vocab].iter().copied()).collect();
         }
         Ok(host)
+    }
+}
+
+/// Weight elements of one decoder layer on the rank `plan` describes.
+pub fn layer_weight_elements(cfg: &ModelConfig, plan: &ShardPlan) -> u64 {
+    let h = cfg.hidden_size;
+    let (q, kv, mlp) = (plan.q_rows.len(), plan.kv_rows.len(), plan.mlp_rows.len());
+    (2 * h + (q + 2 * kv) * h + h * q + 3 * mlp * h) as u64
+}
+
+/// Weight elements after the last layer on that rank: the final norm and the padded lm_head shard.
+pub fn head_weight_elements(cfg: &ModelConfig, plan: &ShardPlan) -> u64 {
+    (cfg.hidden_size + plan.vocab_rows_per_rank * cfg.hidden_size) as u64
+}
+
+/// Where a model's weights come from.
+enum Source<'a> {
+    /// A checkpoint: each rank reads its slices from the mapped files.
+    Checkpoint(&'a WeightStore),
+    /// Generated on the device from a seed.
+    Random(u64),
+}
+
+/// One rank's part of one tensor: its checkpoint name and shape, the rows and columns taken
+/// (1-D tensors are one row), and zero rows appended.
+struct Part {
+    name: String,
+    shape: Vec<usize>,
+    rows: Range<usize>,
+    cols: Range<usize>,
+    pad_rows: usize,
+}
+
+impl Part {
+    /// The whole 1-D tensor `name`.
+    fn full(name: &str, shape: &[usize]) -> Self {
+        let n = shape.iter().product();
+        Part { name: name.to_owned(), shape: shape.to_vec(), rows: 0..1, cols: 0..n, pad_rows: 0 }
+    }
+
+    /// Rows `rows` of a 2-D tensor (column-parallel), padded with `pad_rows` zero rows.
+    fn rows(name: &str, shape: &[usize; 2], rows: Range<usize>, pad_rows: usize) -> Self {
+        Part { name: name.to_owned(), shape: shape.to_vec(), rows, cols: 0..shape[1], pad_rows }
+    }
+
+    /// Columns `cols` of a 2-D tensor (row-parallel).
+    fn cols(name: &str, shape: &[usize; 2], cols: Range<usize>) -> Self {
+        Part { name: name.to_owned(), shape: shape.to_vec(), rows: 0..shape[0], cols, pad_rows: 0 }
+    }
+}
+
+impl Source<'_> {
+    /// One weight made of `parts` concatenated along rows, on `backend`.
+    fn weight<B: Backend>(&self, backend: &B, parts: &[Part]) -> Result<B::Weight> {
+        match self {
+            Source::Checkpoint(store) => {
+                let slices = parts
+                    .iter()
+                    .map(|p| {
+                        let mut s = store.get(&p.name, &p.shape)?.slice(p.rows.clone(), p.cols.clone());
+                        s.pad_rows = p.pad_rows;
+                        Ok(s)
+                    })
+                    .collect::<Result<Vec<TensorSlice<'_>>>>()?;
+                let w = backend.load_weight(&slices)?;
+                // On the device now: its pages need not stay resident (WeightStore::release).
+                for p in parts {
+                    store.release(&p.name);
+                }
+                Ok(w)
+            }
+            Source::Random(seed) => {
+                let slices: Vec<RandomSlice> = parts
+                    .iter()
+                    .map(|p| RandomSlice {
+                        pad_rows: p.pad_rows,
+                        ..RandomSlice::for_tensor(*seed, &p.name, &p.shape, p.rows.clone(), p.cols.clone())
+                    })
+                    .collect();
+                backend.random_weight(&slices)
+            }
+        }
     }
 }
 

@@ -363,3 +363,83 @@ fn expect_failure(out: &Output, case: &str, needles: &[&str]) {
         assert!(stderr.contains(n), "{case}: stderr does not name `{n}`: {stderr}");
     }
 }
+
+/// JSON lines of a successful bench run.
+fn bench_lines(args: &[&str]) -> Vec<Value> {
+    let out = tulu(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{args:?}: {stderr}");
+    String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn cases<'a>(lines: &'a [Value], case: &str) -> Vec<&'a Value> {
+    lines.iter().filter(|l| l["case"] == case).collect()
+}
+
+#[test]
+fn bench_random_weights_reports_every_case_against_measured_ceilings() {
+    let lines = bench_lines(&[
+        "bench",
+        "--preset",
+        "tiny",
+        "--random-weights",
+        "--batch",
+        "1,3",
+        "--prompt-len",
+        "5,20",
+        "--gen-len",
+        "4",
+    ]);
+    let ceilings = cases(&lines, "ceilings");
+    assert_eq!(ceilings.len(), 1);
+    assert!(ceilings[0]["read_gb_s"].as_f64().unwrap() > 0.0 && ceilings[0]["gemm_tflops"].as_f64().unwrap() > 0.0);
+    let decode = cases(&lines, "decode");
+    assert_eq!(decode.len(), 4, "two prompt lengths × two batch sizes");
+    for d in decode {
+        for field in ["decode_tok_s", "ms_per_step", "achieved_gb_s", "fraction_of_read_bw", "prefill_tok_s"] {
+            assert!(d[field].as_f64().is_some_and(|x| x > 0.0), "{field} in {d}");
+        }
+        assert!(d["fraction_of_read_bw"].as_f64().unwrap() < 1.5, "{d}");
+    }
+
+    // One rank's shard of a tp 2 model, timed per layer and projected to the full depth.
+    let lines = bench_lines(&[
+        "bench",
+        "--preset",
+        "tiny",
+        "--random-weights",
+        "--tp",
+        "2",
+        "--rank-shard",
+        "--layers",
+        "3",
+        "--gen-len",
+        "3",
+        "--prompt-len",
+        "6",
+    ]);
+    let layer = cases(&lines, "rank_shard_layer");
+    assert_eq!(layer.len(), 1);
+    assert!(layer[0]["floor_ms"].as_f64().is_some() && layer[0]["ratio_to_floor"].as_f64().is_some(), "{}", layer[0]);
+    let projections = cases(&lines, "projection");
+    // tp 2 (measured) and 8 (tiny's 8 heads cannot split 16 ways), three all-reduce assumptions each.
+    assert_eq!(projections.len(), 6, "{projections:?}");
+    assert!(projections.iter().all(|p| p["layers"] == 2 && p["ms_per_token"].as_f64().unwrap() > 0.0));
+}
+
+#[test]
+fn bench_random_weights_flags_are_checked() {
+    expect_error(&tulu(&["bench", "--random-weights"]), "no shape", &["--preset"]);
+    expect_error(&tulu(&["bench", "--preset", "tiny", "--random-weights", "--tp", "2"]), "tp", &["--rank-shard"]);
+    expect_error(
+        &tulu(&["bench", "--preset", "tiny", "--random-weights", "--tp", "2", "--rank-shard", "--layers", "1"]),
+        "layers",
+        &["--layers 2"],
+    );
+    expect_error(
+        &tulu(&["bench", "--preset", "tiny", "--random-weights", "--tp", "3", "--rank-shard"]),
+        "tp 3",
+        &["tp"],
+    );
+    expect_error(&tulu(&["bench", "--preset", "nope", "--random-weights"]), "preset", &["nope"]);
+}

@@ -30,6 +30,7 @@ use tulu::parallel::{Communicator, SingleRank};
 use tulu::runtime::batch::Batch;
 use tulu::synth::{synth_checkpoint, SynthOptions};
 use tulu::weights::gguf::OutDType;
+use tulu::weights::random::RandomSlice;
 use tulu::weights::{DType, TensorRef, WeightStore};
 use tulu::{Device, Engine, EngineOptions, GenerateRequest, SamplingParams};
 
@@ -400,6 +401,47 @@ fn whole_model_logits_match_cpu() {
             assert_close(&format!("logits step {k} row {r}"), gr, cr, LOGITS_TOL);
         }
     }
+}
+
+/// Random weights (`tulu bench --random-weights`) are generated on the GPU with the CPU's exact
+/// values, slices and padding included; the random model's logits then match the CPU's.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn random_weights_match_cpu_bit_for_bit() {
+    let gpu = gpu();
+    let cpu = CpuBackend::new();
+    let name = "model.layers.3.mlp.down_proj.weight";
+    let parts = [
+        RandomSlice::for_tensor(11, name, &[37, 203], 0..37, 5..70),
+        RandomSlice {
+            pad_rows: 3,
+            ..RandomSlice::for_tensor(12, "model.embed_tokens.weight", &[90, 65], 40..90, 0..65)
+        },
+    ];
+    let rows: Vec<u32> = (0..(37 + 50 + 3)).collect();
+    // Embedding every row reads the weight back as an activation (bf16 on both sides).
+    let g = gpu.to_host(&gpu.embed(&gpu.random_weight(&parts).unwrap(), &rows).unwrap()).unwrap();
+    let c = cpu.to_host(&cpu.embed(&cpu.random_weight(&parts).unwrap(), &rows).unwrap()).unwrap();
+    assert_eq!(g, c, "random weights differ between the GPU and the CPU");
+    assert!(g[87 * 65..].iter().all(|&x| x == 0.0), "padding rows must be zero");
+
+    let cfg = ModelConfig::preset("tiny").unwrap();
+    let tokens: Vec<u32> = (0..40).map(|i| (i * 37 + 1) % 300).collect();
+    let g = random_model_logits(&gpu, &cfg, &tokens);
+    let c = random_model_logits(&cpu, &cfg, &tokens);
+    for (r, (gr, cr)) in g.chunks(cfg.vocab_size).zip(c.chunks(cfg.vocab_size)).enumerate() {
+        assert_close(&format!("random model logits row {r}"), gr, cr, LOGITS_TOL);
+    }
+}
+
+/// Logits of every position of `tokens` from the random model of `cfg` on `b`.
+fn random_model_logits<B: Backend>(b: &B, cfg: &ModelConfig, tokens: &[u32]) -> Vec<f32> {
+    let model = Llama::random(b, cfg, 5, 128, Shard::single(), |_| {}).unwrap();
+    let mut cache = b.new_kv_cache(&model.kv_cache_spec(8, 16)).unwrap();
+    let mut batch = Batch::new(16);
+    batch.push(tokens, 0, &(0..8).collect::<Vec<u32>>()).unwrap();
+    let rows: Vec<usize> = (0..tokens.len()).collect();
+    model.forward(b, &batch, &mut cache, &rows, &SingleRank).unwrap()
 }
 
 /// Logits of every position of `tokens` from one CUDA rank per communicator in `comms`, rank

@@ -22,6 +22,11 @@ use tulu::{Engine, EngineOptions, Event, GenerateRequest, SamplingParams};
 fn tp_logits(dir: &Path, tp: usize, tokens: &[u32]) -> Vec<f32> {
     let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
     let store = WeightStore::open(dir).unwrap();
+    ranks_logits(tp, tokens, |backend, shard| Llama::load(backend, &cfg, &store, 128, shard, |_| {}).unwrap())
+}
+
+/// The same for a model `load` builds on each rank.
+fn ranks_logits(tp: usize, tokens: &[u32], load: impl Fn(&CpuBackend, Shard) -> Llama<CpuBackend> + Sync) -> Vec<f32> {
     let group = LocalGroup::new(tp, Duration::from_secs(60));
     let table: Vec<u32> = (0..8).collect();
     let mut batch = Batch::new(16);
@@ -33,10 +38,10 @@ fn tp_logits(dir: &Path, tp: usize, tokens: &[u32]) -> Vec<f32> {
             .into_iter()
             .enumerate()
             .map(|(rank, comm)| {
-                let (cfg, store, batch, rows) = (&cfg, &store, &batch, &rows);
+                let (batch, rows, load) = (&batch, &rows, &load);
                 s.spawn(move || {
                     let backend = CpuBackend::new();
-                    let model = Llama::load(&backend, cfg, store, 128, Shard { rank, world: tp }, |_| {}).unwrap();
+                    let model = load(&backend, Shard { rank, world: tp });
                     let mut cache = backend.new_kv_cache(&model.kv_cache_spec(8, 16)).unwrap();
                     model.forward(&backend, batch, &mut cache, rows, &comm).unwrap()
                 })
@@ -48,6 +53,25 @@ fn tp_logits(dir: &Path, tp: usize, tokens: &[u32]) -> Vec<f32> {
         assert_eq!(o, &outs[0], "every rank holds the same gathered logits");
     }
     outs.into_iter().next().unwrap()
+}
+
+/// Random-weight models (benchmarks) shard like checkpoints: each rank generates exactly its
+/// slices of the unsharded model, so tp 2 and 4 give tp 1's logits.
+#[test]
+fn random_weight_shards_are_slices_of_one_model() {
+    let mut cfg = ModelConfig::preset("tiny").unwrap();
+    cfg.vocab_size = 301; // padded shards at tp 2 and 4
+    let tokens = [5, 77, 300, 12, 9];
+    let logits = |tp| ranks_logits(tp, &tokens, |b, shard| Llama::random(b, &cfg, 7, 128, shard, |_| {}).unwrap());
+    let reference = logits(1);
+    assert_eq!(reference.len(), tokens.len() * 301);
+    assert!(reference.iter().all(|x| x.is_finite()));
+    for tp in [2, 4] {
+        let err = common::rel_err(&logits(tp), &reference);
+        assert!(err <= 1e-5, "tp={tp}: relative error {err}");
+    }
+    let other = ranks_logits(1, &tokens, |b, shard| Llama::random(b, &cfg, 8, 128, shard, |_| {}).unwrap());
+    assert!(common::rel_err(&other, &reference) > 0.1, "another seed is another model");
 }
 
 fn greedy(dir: &Path, tp: usize, prompt: &[u32], n: usize) -> Vec<u32> {

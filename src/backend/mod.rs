@@ -13,6 +13,7 @@ use std::str::FromStr;
 
 use crate::error::{Error, Result};
 use crate::runtime::batch::Batch;
+use crate::weights::random::RandomSlice;
 use crate::weights::TensorSlice;
 
 /// Where a model runs, as the user names it: `auto`, `cpu`, `cuda` or `cuda:N`.
@@ -39,6 +40,34 @@ impl FromStr for Device {
                 Some(n) => n.parse().map(Device::Cuda).map_err(|_| bad()),
                 None => Err(bad()),
             },
+        }
+    }
+}
+
+impl Device {
+    /// `auto` becomes the first CUDA GPU when this build has CUDA and one is usable, else the
+    /// CPU (saying why on stderr); an explicit `cuda` that cannot work is an error naming the
+    /// reason.
+    pub fn resolve(self) -> Result<Device> {
+        #[cfg(feature = "cuda")]
+        {
+            match (self, cuda::cuda_available()) {
+                (Device::Auto, Ok(())) => Ok(Device::Cuda(0)),
+                (Device::Auto, Err(why)) => {
+                    eprintln!("tulu: no usable CUDA GPU ({why}); running on the CPU");
+                    Ok(Device::Cpu)
+                }
+                (Device::Cuda(_), Err(why)) => Err(Error::Device { device: self.to_string(), message: why }),
+                (d, _) => Ok(d),
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
+        match self {
+            Device::Cuda(_) => Err(Error::Device {
+                device: self.to_string(),
+                message: "this build of tulu has no CUDA support (build with --features cuda)".into(),
+            }),
+            Device::Auto | Device::Cpu => Ok(Device::Cpu),
         }
     }
 }
@@ -106,6 +135,18 @@ pub trait Backend: Send + Sync + 'static {
     /// columns; a 1-D tensor is one row). Fusing q/k/v and gate/up is this concatenation, and a
     /// tensor-parallel rank passes only its slices.
     fn load_weight(&self, parts: &[TensorSlice<'_>]) -> Result<Self::Weight>;
+
+    /// Generates one weight of pseudo-random `parts` concatenated along rows, on the device
+    /// (benchmarks of model shapes without files; see [`crate::weights::random`]).
+    fn random_weight(&self, parts: &[RandomSlice]) -> Result<Self::Weight>;
+
+    /// Bytes each stored weight, activation and KV cache element takes (the figure a step's
+    /// memory traffic is counted in).
+    fn element_bytes(&self) -> usize;
+
+    /// Measures the device's memory read bandwidth in bytes per second (the ceiling that
+    /// batch-1 decode is reported against), reading `bytes` bytes several times.
+    fn measure_read_bandwidth(&self, bytes: usize) -> Result<f64>;
 
     /// Uploads a host f32 matrix (RoPE tables).
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Weight>;

@@ -1,7 +1,8 @@
 //! `tulu bench`: prefill and decode speed on a model directory, with candle-transformers'
 //! llama timed on the same weights in the same run as the ratio's denominator.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use serde_json::json;
 use tulu::peer::PeerLlama;
@@ -10,9 +11,35 @@ use tulu::{Device, Engine, EngineOptions, Event, GenerateRequest, Result, Sampli
 /// `tulu bench` flags.
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// The model directory (e.g. converted SmolLM2).
+    /// The model directory (e.g. converted SmolLM2); with --random-weights only its config.json
+    /// is read.
     #[arg(long, short)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
+    /// With --random-weights: a named shape instead of --model (tiny, llama-3.1-8b,
+    /// llama-3.1-70b, llama-3.1-405b).
+    #[arg(long, conflicts_with = "model", requires = "random_weights")]
+    pub preset: Option<String>,
+    /// Time the forward pass of a model whose weights are generated on the device (no files,
+    /// no tokenizer): decode and prefill per --batch and --prompt-len, against the read
+    /// bandwidth and GEMM peak measured in the same run.
+    #[arg(long, conflicts_with = "serve")]
+    pub random_weights: bool,
+    /// With --random-weights: batch sizes (concurrent sequences) to measure.
+    #[arg(long, default_value = "1", value_delimiter = ',', requires = "random_weights")]
+    pub batch: Vec<usize>,
+    /// With --random-weights: use only the first N decoder layers of the shape.
+    #[arg(long, requires = "random_weights")]
+    pub layers: Option<usize>,
+    /// With --random-weights --rank-shard: the tensor-parallel degree whose rank-0 shard is timed.
+    #[arg(long, default_value_t = 1)]
+    pub tp: usize,
+    /// Time one rank's shard of a --tp N model on this device (per-layer time, bandwidth floor,
+    /// and the full model's projected latency at tp 8 and 16).
+    #[arg(long, requires = "random_weights")]
+    pub rank_shard: bool,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -49,16 +76,37 @@ fn tulu_once(engine: &Engine, prompt: &[u32], gen_len: usize) -> Result<Summary>
 
 /// `tulu bench`.
 pub fn bench(args: &BenchArgs) -> Result<()> {
+    if args.random_weights {
+        return super::bench_model::bench_model(args);
+    }
+    if args.tp != 1 {
+        return Err(tulu::Error::request("tp", "bench runs one rank; --tp applies to --random-weights --rank-shard"));
+    }
+    let dir = args.model_dir()?;
     if args.serve {
-        return super::bench_serve::bench_serve(args);
+        return super::bench_serve::bench_serve(args, dir);
     }
     let device: Device = args.device.parse()?;
-    let model = args.model.to_string_lossy().into_owned();
+    let model = dir.to_string_lossy().into_owned();
     let mut opts = EngineOptions::new(model).device(device);
     // Every repetition must pay for its prompt: no prefix cache hits between them.
     opts.prefix_caching = false;
+    let started = Instant::now();
     let engine = Engine::load(opts)?;
-    let mut peer = if args.no_peer { None } else { Some(PeerLlama::load(&args.model)?) };
+    let load_s = started.elapsed().as_secs_f64();
+    let bytes = checkpoint_bytes(dir)?;
+    println!(
+        "{}",
+        json!({
+            "case": "load",
+            "device": engine.device(),
+            "model": dir,
+            "checkpoint_gb": round(bytes as f64 / 1e9),
+            "load_s": round(load_s),
+            "load_gb_s": round(bytes as f64 / 1e9 / load_s),
+        })
+    );
+    let mut peer = if args.no_peer { None } else { Some(PeerLlama::load(dir)?) };
     let vocab = engine.tokenizer().vocab_size() as u32;
     for &plen in &args.prompt_len {
         // A deterministic prompt of ordinary tokens (ids well inside the tokenizer).
@@ -83,7 +131,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         let line = json!({
             "case": "generate",
             "device": engine.device(),
-            "model": args.model,
+            "model": dir,
             "prompt_len": plen,
             "gen_len": args.gen_len,
             "prefill_tok_s": round(best_prefill),
@@ -99,7 +147,27 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn round(x: f64) -> serde_json::Value {
+impl BenchArgs {
+    /// `--model`, which every mode but `--random-weights --preset` needs.
+    pub fn model_dir(&self) -> Result<&Path> {
+        self.model.as_deref().ok_or_else(|| tulu::Error::request("model", "bench needs --model DIR"))
+    }
+}
+
+/// Bytes of the `*.safetensors` files in `dir` (what loading reads).
+fn checkpoint_bytes(dir: &Path) -> Result<u64> {
+    let entries = std::fs::read_dir(dir).map_err(|e| tulu::Error::io(dir, e))?;
+    let mut total = 0;
+    for e in entries.flatten() {
+        if e.path().extension().is_some_and(|x| x == "safetensors") {
+            total += e.metadata().map_err(|err| tulu::Error::io(e.path(), err))?.len();
+        }
+    }
+    Ok(total)
+}
+
+/// A JSON number with two decimals, or null when not finite.
+pub fn round(x: f64) -> serde_json::Value {
     if x.is_finite() {
         json!((x * 100.0).round() / 100.0)
     } else {

@@ -6,13 +6,14 @@
 //! `--gen-len` output tokens. One JSON line per N: output tokens/s, TTFT and inter-token latency
 //! p50/p99 measured at the client, and throughput relative to N = 1 measured in the same run.
 
+use std::path::Path;
 use std::time::Instant;
 
 use serde_json::json;
 use tulu::config::ModelConfig;
 use tulu::{Device, Engine, EngineOptions, Error, Event, GenerateRequest, Result, SamplingParams};
 
-use super::bench::BenchArgs;
+use super::bench::{round, BenchArgs};
 
 /// Requests each client sends, one after another.
 const ROUNDS: usize = 2;
@@ -26,7 +27,7 @@ struct Timing {
 }
 
 /// `tulu bench --serve`.
-pub fn bench_serve(args: &BenchArgs) -> Result<()> {
+pub fn bench_serve(args: &BenchArgs, dir: &Path) -> Result<()> {
     let device: Device = args.device.parse()?;
     let prompt_len = args.prompt_len.first().copied().unwrap_or(128).max(1);
     let gen_len = args.gen_len.max(2);
@@ -35,9 +36,9 @@ pub fn bench_serve(args: &BenchArgs) -> Result<()> {
         return Err(Error::request("concurrency", "must be at least 1"));
     }
     // Size the context and KV pool for the largest N at once: no preemption, no wasted memory.
-    let config = ModelConfig::from_file(&args.model.join("config.json"))?;
+    let config = ModelConfig::from_file(&dir.join("config.json"))?;
     let context = (prompt_len + gen_len).next_multiple_of(16) + 16;
-    let mut opts = EngineOptions::new(args.model.to_string_lossy().into_owned()).device(device).max_context(context);
+    let mut opts = EngineOptions::new(dir.to_string_lossy().into_owned()).device(device).max_context(context);
     opts.max_num_seqs = max_n;
     opts.kv_cache_memory = Some(config.kv_bytes_per_token(4) * (max_n * context) as u64);
     let engine = Engine::load(opts)?;
@@ -77,7 +78,7 @@ pub fn bench_serve(args: &BenchArgs) -> Result<()> {
         let line = json!({
             "case": "serve",
             "device": engine.device(),
-            "model": args.model,
+            "model": dir,
             "concurrency": n,
             "requests": timings.len(),
             "prompt_len": prompt_len,
@@ -145,12 +146,4 @@ fn percentile(xs: &[f64], q: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
     v[rank - 1]
-}
-
-fn round(x: f64) -> serde_json::Value {
-    if x.is_finite() {
-        json!((x * 100.0).round() / 100.0)
-    } else {
-        serde_json::Value::Null
-    }
 }

@@ -1,6 +1,7 @@
 //! The `tulu` subcommands, one module each.
 
 pub mod bench;
+pub mod bench_model;
 pub mod bench_serve;
 pub mod convert;
 pub mod generate;

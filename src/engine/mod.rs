@@ -194,7 +194,7 @@ impl Engine {
             return Err(Error::request("gpu_memory_utilization", "must be in (0, 1]"));
         }
         let store = WeightStore::open(&dir)?;
-        let device = resolve_device(opts.device)?;
+        let device = opts.device.resolve()?;
         let bar = load_bar(opts.progress, config.num_hidden_layers);
         let on_layer = |l: usize| bar.set_position(l as u64);
         // The CPU keeps K/V in f32: its pool is sized before loading.
@@ -428,32 +428,6 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         self.shutdown(Duration::ZERO);
-    }
-}
-
-/// `auto` becomes the first CUDA GPU when this build has CUDA and one is usable, else the CPU
-/// (saying why on stderr); an explicit `cuda` that cannot work is an error naming the reason.
-fn resolve_device(device: Device) -> Result<Device> {
-    #[cfg(feature = "cuda")]
-    {
-        use crate::backend::cuda::cuda_available;
-        match (device, cuda_available()) {
-            (Device::Auto, Ok(())) => Ok(Device::Cuda(0)),
-            (Device::Auto, Err(why)) => {
-                eprintln!("tulu: no usable CUDA GPU ({why}); running on the CPU");
-                Ok(Device::Cpu)
-            }
-            (Device::Cuda(_), Err(why)) => Err(Error::Device { device: device.to_string(), message: why }),
-            (d, _) => Ok(d),
-        }
-    }
-    #[cfg(not(feature = "cuda"))]
-    match device {
-        Device::Cuda(_) => Err(Error::Device {
-            device: device.to_string(),
-            message: "this build of tulu has no CUDA support (build with --features cuda)".into(),
-        }),
-        Device::Auto | Device::Cpu => Ok(Device::Cpu),
     }
 }
 

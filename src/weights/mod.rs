@@ -8,6 +8,7 @@
 
 pub mod gguf;
 pub mod gguf_tokenizer;
+pub mod random;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -174,6 +175,25 @@ impl WeightStore {
             shape: &entry.shape,
             bytes: &mmap[entry.bytes.clone()],
         })
+    }
+
+    /// Drops tensor `name`'s mapped pages from this process's resident memory. They stay in the
+    /// page cache, and a later read faults them back in; the loader calls this after each weight
+    /// is on its device, so that resident memory while loading holds about one tensor of the
+    /// checkpoint whatever its size (a row-parallel slice touches every page of its tensor).
+    pub fn release(&self, name: &str) {
+        #[cfg(unix)]
+        if let Some(e) = self.entries.get(name) {
+            let mmap = &self.files[e.file].1;
+            // SAFETY: the map is a read-only shared file mapping: MADV_DONTNEED only unmaps its
+            // pages from this process, and the next access reads the same bytes from the file.
+            // A failure only means the pages stay resident, so it is ignored.
+            let _ = unsafe {
+                mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, e.bytes.start, e.bytes.len())
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = name;
     }
 
     /// Every tensor name, sorted.

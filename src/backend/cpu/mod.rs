@@ -15,6 +15,7 @@ use self::matmul::dot;
 use super::{AttnDims, Backend, KvCacheSpec};
 use crate::error::{Error, Result};
 use crate::runtime::batch::Batch;
+use crate::weights::random::RandomSlice;
 use crate::weights::{fused_shape, TensorSlice};
 
 /// Activations on the CPU: `rows × cols` f32, row-major.
@@ -108,6 +109,52 @@ impl Backend for CpuBackend {
             p.extend_f32(&mut data);
         }
         CpuWeight::from_vec(data, rows, cols)
+    }
+
+    fn random_weight(&self, parts: &[RandomSlice]) -> Result<CpuWeight> {
+        let cols = parts.first().map_or(0, |p| p.shape().1);
+        if parts.is_empty() || parts.iter().any(|p| p.shape().1 != cols) {
+            return Err(Error::Backend("random_weight: parts must be non-empty and equally wide".into()));
+        }
+        let rows: usize = parts.iter().map(|p| p.shape().0).sum();
+        let mut data = vec![0f32; rows * cols];
+        let mut rest = data.as_mut_slice();
+        for p in parts {
+            let (mine, tail) = rest.split_at_mut(p.shape().0 * cols);
+            // Padding rows stay zero: only the first `rows.len()` rows are generated.
+            mine.par_chunks_mut(cols.max(1)).zip(p.rows.clone().into_par_iter()).for_each(|(out, r)| {
+                for (o, c) in out.iter_mut().zip(p.cols.clone()) {
+                    *o = p.value(r, c);
+                }
+            });
+            rest = tail;
+        }
+        CpuWeight::from_vec(data, rows, cols)
+    }
+
+    fn element_bytes(&self) -> usize {
+        std::mem::size_of::<f32>()
+    }
+
+    fn measure_read_bandwidth(&self, bytes: usize) -> Result<f64> {
+        let words: Vec<u64> = (0..(bytes / 8).max(1) as u64).collect();
+        let chunk = words.len().div_ceil(rayon::current_num_threads().max(1) * 4).max(1);
+        let n = words.len() as u64;
+        let expected = n * (n - 1) / 2;
+        let mut best = f64::INFINITY;
+        for _ in 0..5 {
+            let t = std::time::Instant::now();
+            let sum = words
+                .par_chunks(chunk)
+                .map(|c| c.iter().fold(0u64, |a, &w| a.wrapping_add(w)))
+                .reduce(|| 0, u64::wrapping_add);
+            best = best.min(t.elapsed().as_secs_f64());
+            // Checked, so that the reads cannot be optimised away.
+            if sum != expected {
+                return Err(Error::Backend("read-bandwidth probe summed wrong".into()));
+            }
+        }
+        Ok((words.len() * 8) as f64 / best)
     }
 
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<CpuWeight> {

@@ -20,6 +20,7 @@ mod embedding;
 mod gemm;
 mod memory;
 mod module;
+mod random;
 mod rmsnorm;
 mod rope;
 mod sampling;
@@ -37,6 +38,7 @@ use self::module::Kernels;
 use super::{AttnDims, Backend, KvCacheSpec};
 use crate::error::{Error, Result};
 use crate::runtime::batch::Batch;
+use crate::weights::random::RandomSlice;
 use crate::weights::TensorSlice;
 
 /// Whether a CUDA device can be used: `Ok` when libcuda loads and at least one device exists,
@@ -304,6 +306,20 @@ impl Backend for CudaBackend {
     fn load_weight(&self, parts: &[TensorSlice<'_>]) -> Result<CudaWeight> {
         self.bind()?;
         self.load_weight_impl(parts)
+    }
+
+    fn random_weight(&self, parts: &[RandomSlice]) -> Result<CudaWeight> {
+        self.bind()?;
+        self.random_weight_impl(parts)
+    }
+
+    fn element_bytes(&self) -> usize {
+        std::mem::size_of::<half::bf16>()
+    }
+
+    fn measure_read_bandwidth(&self, bytes: usize) -> Result<f64> {
+        self.bind()?;
+        self.measure_read_bandwidth_impl(bytes)
     }
 
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaWeight> {

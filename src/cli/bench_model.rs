@@ -1,0 +1,365 @@
+//! `tulu bench --random-weights`: one model shape on one device, timed at the forward pass (no
+//! tokenizer, scheduler or sampler), each figure next to a ceiling measured in the same run.
+//!
+//! Weights are generated on the device (`Llama::random`), so an 8B or a 405B shard needs no
+//! files. Per prompt length and batch size it prints one JSON line: prefill tok/s and its
+//! fraction of the measured GEMM peak, decode tok/s, ms per step, and the bytes a step reads
+//! (weights + KV) over the step time as a fraction of the measured read bandwidth.
+//!
+//! With `--tp N --rank-shard` it builds rank 0's shard of an N-way model, times it per layer
+//! (a model of `--layers L` minus a one-layer model, divided by L − 1), measures the all-reduce
+//! with N in-process ranks, and projects the full model's per-token latency at tp 8 and 16.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tulu::backend::cpu::CpuBackend;
+use tulu::backend::{Backend, Device};
+use tulu::config::ModelConfig;
+use tulu::model::{head_weight_elements, layer_weight_elements, Llama};
+use tulu::parallel::local::{LocalComm, LocalGroup};
+use tulu::parallel::sharding::{Shard, ShardPlan};
+use tulu::parallel::{Communicator, SingleRank};
+use tulu::runtime::batch::Batch;
+use tulu::runtime::sampler::argmax;
+use tulu::weights::random::RandomSlice;
+use tulu::{Error, Result};
+
+use super::bench::{round, BenchArgs};
+
+/// KV block size of the benchmark's caches.
+const BLOCK: usize = 16;
+
+/// Published all-reduce latencies the projection also uses (8 GPUs, 32 KB: NCCL, and custom
+/// one-shot kernels as in vLLM / TensorRT-LLM).
+const PUBLISHED_ALL_REDUCE: [(&str, f64); 2] =
+    [("published NCCL 8-GPU 32 KB all-reduce", 22e-6), ("published one-shot custom all-reduce", 10e-6)];
+
+/// Sizes of the ceiling probes on a device.
+struct Probes {
+    read_bytes: usize,
+    gemm_n: usize,
+}
+
+/// `tulu bench --random-weights`.
+pub fn bench_model(args: &BenchArgs) -> Result<()> {
+    let full = match (&args.preset, &args.model) {
+        (Some(p), _) => ModelConfig::preset(p)?,
+        (None, Some(dir)) => ModelConfig::from_file(&dir.join("config.json"))?,
+        (None, None) => return Err(Error::request("preset", "--random-weights needs --preset NAME or --model DIR")),
+    };
+    let mut cfg = full.clone();
+    if let Some(layers) = args.layers {
+        if layers == 0 {
+            return Err(Error::request("layers", "must be at least 1"));
+        }
+        cfg.num_hidden_layers = layers;
+    }
+    let shard = match (args.rank_shard, args.tp) {
+        (true, tp) => Shard { rank: 0, world: tp },
+        (false, 1) => Shard::single(),
+        (false, tp) => {
+            return Err(Error::request(
+                "tp",
+                format!("--random-weights at --tp {tp} benchmarks one rank's shard: add --rank-shard"),
+            ))
+        }
+    };
+    if args.rank_shard && cfg.num_hidden_layers < 2 {
+        return Err(Error::request("layers", "--rank-shard times layers by difference: give --layers 2 or more"));
+    }
+    ShardPlan::new(&cfg, shard)?;
+    if args.batch.contains(&0) || args.prompt_len.contains(&0) || args.gen_len == 0 {
+        return Err(Error::request("batch", "--batch, --prompt-len and --gen-len must be at least 1"));
+    }
+    let device: Device = args.device.parse()?;
+    match device.resolve()? {
+        Device::Cpu => run(
+            args,
+            &full,
+            &cfg,
+            shard,
+            Arc::new(|| Ok(CpuBackend::new())),
+            Probes { read_bytes: 256 << 20, gemm_n: 512 },
+        ),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => run(
+            args,
+            &full,
+            &cfg,
+            shard,
+            Arc::new(move || tulu::backend::cuda::CudaBackend::new(n)),
+            Probes { read_bytes: 2 << 30, gemm_n: 8192 },
+        ),
+        other => Err(Error::Device { device: other.to_string(), message: "not available in this build".into() }),
+    }
+}
+
+/// Opens one more backend on the same device (for the in-process ranks of the all-reduce probe).
+type Open<B> = Arc<dyn Fn() -> Result<B> + Send + Sync>;
+
+/// One case's timings.
+struct Timing {
+    /// Mean seconds per sequence's prefill.
+    prefill_s: f64,
+    /// Seconds per decode step (all sequences of the batch).
+    step_s: f64,
+    /// Mean tokens each sequence's attention reads during the timed decode steps.
+    mean_context: f64,
+}
+
+fn run<B: Backend>(
+    args: &BenchArgs,
+    full: &ModelConfig,
+    cfg: &ModelConfig,
+    shard: Shard,
+    open: Open<B>,
+    probes: Probes,
+) -> Result<()>
+where
+    LocalComm: Communicator<B>,
+{
+    let backend = open()?;
+    let eb = backend.element_bytes() as f64;
+    let read_bw = backend.measure_read_bandwidth(probes.read_bytes)?;
+    let gemm_peak = gemm_peak(&backend, probes.gemm_n)?;
+    println!(
+        "{}",
+        json!({
+            "case": "ceilings",
+            "device": backend.describe(),
+            "read_gb_s": round(read_bw / 1e9),
+            "read_probe_bytes": probes.read_bytes,
+            "gemm_tflops": round(gemm_peak / 1e12),
+            "gemm_n": probes.gemm_n,
+        })
+    );
+    let max_positions = args.prompt_len.iter().max().copied().unwrap_or(1) + args.gen_len + 1;
+    let started = Instant::now();
+    let model = Llama::random(&backend, cfg, args.seed, max_positions, shard, |_| {})?;
+    let init_s = started.elapsed().as_secs_f64();
+    // A one-layer model of the same shard: the difference of the two step times is the layers'.
+    let one_layer = if args.rank_shard {
+        let one = ModelConfig { num_hidden_layers: 1, ..cfg.clone() };
+        Some(Llama::random(&backend, &one, args.seed, max_positions, shard, |_| {})?)
+    } else {
+        None
+    };
+    let plan = ShardPlan::new(cfg, shard)?;
+    let layer_bytes = layer_weight_elements(cfg, &plan) as f64 * eb;
+    let mut per_layer = Vec::new();
+    for &plen in &args.prompt_len {
+        for &batch in &args.batch {
+            let t = time_case(&backend, &model, batch, plen, args.gen_len)?;
+            let weights = model.weight_elements_per_step() as f64 * eb;
+            let kv = model.kv_elements_per_token() as f64 * eb * t.mean_context * batch as f64;
+            let step_bytes = weights + kv;
+            let achieved = step_bytes / t.step_s;
+            let prefill_rate = model.prefill_flops(plen) / t.prefill_s;
+            println!(
+                "{}",
+                json!({
+                    "case": "decode",
+                    "device": backend.describe(),
+                    "model": args.preset.clone().unwrap_or_else(|| "config.json".into()),
+                    "layers": cfg.num_hidden_layers,
+                    "tp": shard.world,
+                    "rank_shard": args.rank_shard,
+                    "batch": batch,
+                    "prompt_len": plen,
+                    "gen_len": args.gen_len,
+                    "decode_tok_s": round(batch as f64 / t.step_s),
+                    "ms_per_step": round(t.step_s * 1e3),
+                    "step_mb": round(step_bytes / 1e6),
+                    "achieved_gb_s": round(achieved / 1e9),
+                    "fraction_of_read_bw": round(achieved / read_bw),
+                    "prefill_tok_s": round(plen as f64 / t.prefill_s),
+                    "prefill_tflops": round(prefill_rate / 1e12),
+                    "fraction_of_gemm_peak": round(prefill_rate / gemm_peak),
+                    "init_s": round(init_s),
+                })
+            );
+            if let Some(one) = &one_layer {
+                let t1 = time_case(&backend, one, batch, plen, args.gen_len)?;
+                let layer_s = ((t.step_s - t1.step_s) / (cfg.num_hidden_layers - 1) as f64).max(0.0);
+                let layer_kv = kv / cfg.num_hidden_layers as f64;
+                let floor = (layer_bytes + layer_kv) / read_bw;
+                println!(
+                    "{}",
+                    json!({
+                        "case": "rank_shard_layer",
+                        "tp": shard.world,
+                        "rank": shard.rank,
+                        "batch": batch,
+                        "prompt_len": plen,
+                        "layer_ms": round(layer_s * 1e3),
+                        "layer_mb": round((layer_bytes + layer_kv) / 1e6),
+                        "floor_ms": round(floor * 1e3),
+                        "ratio_to_floor": round(layer_s / floor),
+                        "rest_of_step_ms": round((t1.step_s - layer_s).max(0.0) * 1e3),
+                    })
+                );
+                per_layer.push((batch, plen, layer_s, (t1.step_s - layer_s).max(0.0), layer_kv));
+            }
+        }
+    }
+    if args.rank_shard {
+        project(args, full, cfg, shard, &open, eb, &per_layer)?;
+    }
+    Ok(())
+}
+
+/// Prefill of every sequence, then `gen` decode steps of the whole batch (the first of each is
+/// an untimed warm-up), with greedy tokens chosen on the host.
+fn time_case<B: Backend>(backend: &B, model: &Llama<B>, batch: usize, plen: usize, gen: usize) -> Result<Timing> {
+    let per_seq = (plen + gen + 1).div_ceil(BLOCK);
+    let mut cache = backend.new_kv_cache(&model.kv_cache_spec(per_seq * batch, BLOCK))?;
+    let tables: Vec<Vec<u32>> =
+        (0..batch).map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect()).collect();
+    let vocab = model.config().vocab_size as u32;
+    let prompt: Vec<u32> = (0..plen as u32).map(|i| (i.wrapping_mul(7919) + 13) % vocab).collect();
+    let step = |b: &Batch, cache: &mut B::KvCache| model.forward(backend, b, cache, &b.last_rows(), &SingleRank);
+    let prefill = |table: &[u32], cache: &mut B::KvCache| -> Result<u32> {
+        let mut b = Batch::new(BLOCK);
+        b.push(&prompt, 0, table)?;
+        Ok(argmax(&step(&b, cache)?))
+    };
+    prefill(&tables[0], &mut cache)?; // warm-up; rewritten below
+    let started = Instant::now();
+    let mut next = tables.iter().map(|t| prefill(t, &mut cache)).collect::<Result<Vec<u32>>>()?;
+    let prefill_s = started.elapsed().as_secs_f64() / batch as f64;
+    let mut started = Instant::now();
+    for i in 0..=gen {
+        if i == 1 {
+            started = Instant::now();
+        }
+        let mut b = Batch::new(BLOCK);
+        for (table, &token) in tables.iter().zip(&next) {
+            b.push(&[token], plen + i, table)?;
+        }
+        let logits = step(&b, &mut cache)?;
+        next = logits.chunks(logits.len() / batch).map(argmax).collect();
+    }
+    let step_s = started.elapsed().as_secs_f64() / gen as f64;
+    // Timed steps i = 1..=gen attend over plen + i + 1 tokens.
+    Ok(Timing { prefill_s, step_s, mean_context: plen as f64 + 1.0 + (gen as f64 + 1.0) / 2.0 })
+}
+
+/// bf16 (or f32 on the CPU) GEMM throughput of `n × n · n × n`, in FLOP/s.
+fn gemm_peak<B: Backend>(backend: &B, n: usize) -> Result<f64> {
+    let w = backend.random_weight(&[RandomSlice::for_tensor(1, "probe.weight", &[n, n], 0..n, 0..n)])?;
+    let x = backend.embed(&w, &(0..n as u32).collect::<Vec<_>>())?;
+    let sync = |y: &B::Tensor| backend.to_host(&backend.gather_rows(y, &[0])?);
+    sync(&backend.matmul(&x, &w)?)?;
+    let reps = 5;
+    let started = Instant::now();
+    let mut last = backend.matmul(&x, &w)?;
+    for _ in 1..reps {
+        last = backend.matmul(&x, &w)?;
+    }
+    sync(&last)?;
+    Ok(2.0 * (n as f64).powi(3) * reps as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Seconds per sum all-reduce of a `rows × cols` activation among `world` in-process ranks
+/// (the slowest rank's mean over 50 after 5 warm-ups).
+fn all_reduce_s<B: Backend>(open: &Open<B>, world: usize, rows: usize, cols: usize) -> Result<f64>
+where
+    LocalComm: Communicator<B>,
+{
+    let group = LocalGroup::new(world, Duration::from_secs(60));
+    let ranks = group.communicators();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = ranks
+            .into_iter()
+            .map(|comm| {
+                let (open, group) = (open.clone(), group.clone());
+                s.spawn(move || {
+                    let timed = || -> Result<f64> {
+                        let b = open()?;
+                        let table = RandomSlice::for_tensor(2, "probe.weight", &[rows, cols], 0..rows, 0..cols);
+                        let mut x = b.embed(&b.random_weight(&[table])?, &(0..rows as u32).collect::<Vec<_>>())?;
+                        for _ in 0..5 {
+                            comm.all_reduce_sum(&b, &mut x)?;
+                        }
+                        b.to_host(&b.gather_rows(&x, &[0])?)?;
+                        let (n, started) = (50, Instant::now());
+                        for _ in 0..n {
+                            comm.all_reduce_sum(&b, &mut x)?;
+                        }
+                        b.to_host(&b.gather_rows(&x, &[0])?)?;
+                        Ok(started.elapsed().as_secs_f64() / n as f64)
+                    };
+                    // A failing rank must not leave its peers waiting at the next collective.
+                    timed().inspect_err(|e| group.poison(&e.to_string()))
+                })
+            })
+            .collect();
+        let mut slowest = 0f64;
+        for h in handles {
+            let t = h.join().map_err(|_| Error::Backend("an all-reduce probe rank panicked".into()))??;
+            slowest = slowest.max(t);
+        }
+        Ok(slowest)
+    })
+}
+
+/// Projected per-token latency of the full model at tp 8 and 16 (and the measured tp), from the
+/// measured per-layer time scaled by each degree's bytes per rank (decode is bandwidth-bound),
+/// plus two all-reduces per layer: measured in-process, and the published figures.
+fn project<B: Backend>(
+    args: &BenchArgs,
+    full: &ModelConfig,
+    cfg: &ModelConfig,
+    shard: Shard,
+    open: &Open<B>,
+    eb: f64,
+    per_layer: &[(usize, usize, f64, f64, f64)],
+) -> Result<()>
+where
+    LocalComm: Communicator<B>,
+{
+    let measured = ShardPlan::new(cfg, shard)?;
+    let bytes = |plan: &ShardPlan| layer_weight_elements(full, plan) as f64 * eb;
+    let head = |plan: &ShardPlan| head_weight_elements(full, plan) as f64 * eb;
+    let mut targets = vec![8, 16, shard.world];
+    targets.sort_unstable();
+    targets.dedup();
+    for &(batch, plen, layer_s, rest_s, layer_kv) in per_layer {
+        let ar_measured = all_reduce_s(open, shard.world, batch, full.hidden_size)?;
+        let mut assumptions = vec![(format!("measured: {} in-process ranks on this device", shard.world), ar_measured)];
+        assumptions.extend(PUBLISHED_ALL_REDUCE.iter().map(|&(what, s)| (what.to_owned(), s)));
+        for &tp in &targets {
+            let Ok(plan) = ShardPlan::new(full, Shard { rank: 0, world: tp }) else { continue };
+            // Weights scale with the shard; the KV read per layer with the KV heads per rank.
+            let kv_scale = plan.kv_rows.len() as f64 / measured.kv_rows.len() as f64;
+            let layer_bytes = bytes(&measured) + layer_kv;
+            let scaled = layer_s * (bytes(&plan) + layer_kv * kv_scale) / layer_bytes;
+            let rest = rest_s * head(&plan) / head(&measured);
+            for (assumption, ar) in &assumptions {
+                let token_s = full.num_hidden_layers as f64 * (scaled + 2.0 * ar) + rest;
+                println!(
+                    "{}",
+                    json!({
+                        "case": "projection",
+                        "model": args.preset.clone().unwrap_or_else(|| "config.json".into()),
+                        "layers": full.num_hidden_layers,
+                        "tp": tp,
+                        "measured_tp": shard.world,
+                        "batch": batch,
+                        "prompt_len": plen,
+                        "layer_ms": round(scaled * 1e3),
+                        "all_reduce_us": round(ar * 1e6),
+                        "all_reduce": assumption,
+                        "ms_per_token": round(token_s * 1e3),
+                        "tok_s": round(batch as f64 / token_s),
+                        "assumes": "layer time scaled from the measured shard by bytes per rank (bandwidth-bound decode); \
+                                    two all-reduces per layer; lm_head scaled likewise",
+                    })
+                );
+            }
+        }
+    }
+    Ok(())
+}
