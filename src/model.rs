@@ -132,6 +132,13 @@ impl<B: Backend> Llama<B> {
             + head_weight_elements(&self.cfg, &self.plan)
     }
 
+    /// Weight elements resident on this rank: what a step reads plus the embedding shard (when
+    /// it is not the lm_head).
+    pub fn resident_weight_elements(&self) -> u64 {
+        let embed = if self.cfg.tie_word_embeddings { 0 } else { self.plan.vocab_rows_per_rank * self.cfg.hidden_size };
+        self.weight_elements_per_step() + embed as u64
+    }
+
     /// KV cache elements one cached token takes on this rank, over all layers (K and V).
     pub fn kv_elements_per_token(&self) -> u64 {
         (self.cfg.num_hidden_layers * 2 * self.dims.kv_dim()) as u64

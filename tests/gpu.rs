@@ -444,6 +444,40 @@ fn random_model_logits<B: Backend>(b: &B, cfg: &ModelConfig, tokens: &[u32]) -> 
     model.forward(b, &batch, &mut cache, &rows, &SingleRank).unwrap()
 }
 
+/// Loading a 2.97 GB checkpoint onto the GPU grows host memory by at most 1 GiB plus one tensor
+/// (the weights stream through 16 MiB of pinned staging; each tensor's mapped pages are dropped
+/// once it is on the device), whatever the checkpoint's size.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn loading_onto_the_gpu_keeps_host_memory_flat() {
+    use tulu::process_memory::{peak_rss_bytes, reset_peak_rss, rss_bytes};
+    let gpu = gpu();
+    gpu.poison_outputs(false);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("8b-2-layers");
+    let mut cfg = ModelConfig::preset("llama-3.1-8b").unwrap();
+    cfg.num_hidden_layers = 2;
+    synth_checkpoint(&cfg, &dir, &SynthOptions { dtype: OutDType::Bf16, ..Default::default() }).unwrap();
+    let store = WeightStore::open(&dir).unwrap();
+    let largest = store.names().iter().map(|n| store.get_any(n).unwrap().bytes.len() as u64).max().unwrap();
+    assert!(reset_peak_rss(), "/proc/self/clear_refs is not writable");
+    let base = rss_bytes().unwrap();
+    let started = std::time::Instant::now();
+    let model = Llama::load(&gpu, &cfg, &store, 64, Shard::single(), |_| {}).unwrap();
+    gpu.synchronize().unwrap();
+    let secs = started.elapsed().as_secs_f64();
+    let growth = peak_rss_bytes().unwrap().saturating_sub(base);
+    let bytes = model.resident_weight_elements() * 2;
+    eprintln!(
+        "loaded {:.2} GB in {secs:.2} s ({:.2} GB/s, page cache warm); host RSS grew {:.0} MB (largest tensor {:.0} MB)",
+        bytes as f64 / 1e9,
+        bytes as f64 / 1e9 / secs,
+        growth as f64 / 1e6,
+        largest as f64 / 1e6
+    );
+    assert!(growth <= (1 << 30) + largest, "host RSS grew by {growth} bytes while loading onto the GPU");
+}
+
 /// Logits of every position of `tokens` from one CUDA rank per communicator in `comms`, rank
 /// `r` on GPU `device(r)` (its own backend, in its own thread, as the engine runs them); every
 /// rank must hold the same gathered logits. Returns rank 0's.

@@ -104,6 +104,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             "checkpoint_gb": round(bytes as f64 / 1e9),
             "load_s": round(load_s),
             "load_gb_s": round(bytes as f64 / 1e9 / load_s),
+            "peak_rss_mb": tulu::process_memory::peak_rss_bytes().map(|b| round(b as f64 / 1e6)),
         })
     );
     let mut peer = if args.no_peer { None } else { Some(PeerLlama::load(dir)?) };

@@ -1,0 +1,74 @@
+//! Loading a multi-GB checkpoint keeps host memory to the loaded weights plus at most one
+//! tensor of the file: each weight is read from the memory map straight into its destination,
+//! and its mapped pages are dropped once it is there (`WeightStore::release`). A tensor-parallel
+//! rank reads only its slices. (One test in its own binary: the process's peak RSS is its own.)
+
+use std::path::Path;
+
+use tulu::backend::cpu::CpuBackend;
+use tulu::config::ModelConfig;
+use tulu::model::Llama;
+use tulu::parallel::sharding::Shard;
+use tulu::process_memory::{peak_rss_bytes, reset_peak_rss, rss_bytes};
+use tulu::synth::{synth_checkpoint, SynthOptions};
+use tulu::weights::gguf::OutDType;
+use tulu::weights::WeightStore;
+
+const GIB: u64 = 1 << 30;
+
+/// Peak RSS growth while `shard` of the checkpoint loads onto the CPU, and the bytes its weights
+/// occupy there (f32).
+fn load_growth(dir: &Path, cfg: &ModelConfig, shard: Shard) -> (u64, u64) {
+    let store = WeightStore::open(dir).unwrap();
+    assert!(reset_peak_rss(), "/proc/self/clear_refs is not writable");
+    let base = rss_bytes().unwrap();
+    let model = Llama::load(&CpuBackend::new(), cfg, &store, 64, shard, |_| {}).unwrap();
+    let growth = peak_rss_bytes().unwrap().saturating_sub(base);
+    (growth, model.resident_weight_elements() * 4)
+}
+
+#[test]
+fn loading_keeps_peak_host_memory_to_the_weights_plus_one_tensor() {
+    if rss_bytes().is_none() {
+        eprintln!("no /proc/self/status: not Linux, nothing to measure");
+        return;
+    }
+    // The Llama-3.1-8B shape cut to two layers, in bf16: 2.97 GB in two shard files (its
+    // embedding and lm_head alone are 1.05 GB each).
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dir = tmp.path().join("8b-2-layers");
+    let mut cfg = ModelConfig::preset("llama-3.1-8b").unwrap();
+    cfg.num_hidden_layers = 2;
+    synth_checkpoint(&cfg, &dir, &SynthOptions { dtype: OutDType::Bf16, ..Default::default() }).unwrap();
+    let store = WeightStore::open(&dir).unwrap();
+    let file_bytes: u64 = store.bytes_by_dtype().values().map(|(b, _)| b).sum();
+    let largest = store.names().iter().map(|n| store.get_any(n).unwrap().bytes.len() as u64).max().unwrap();
+    assert!(file_bytes > 2 * GIB, "the checkpoint is {file_bytes} bytes");
+    drop(store);
+
+    for shard in [Shard::single(), Shard { rank: 3, world: 8 }] {
+        let (growth, weights) = load_growth(&dir, &cfg, shard);
+        let overhead = growth.saturating_sub(weights);
+        eprintln!(
+            "rank {} of {}: checkpoint {:.2} GB, weights resident {:.2} GB, peak RSS growth {:.2} GB, \
+             overhead {:.0} MB (largest tensor {:.0} MB)",
+            shard.rank,
+            shard.world,
+            file_bytes as f64 / 1e9,
+            weights as f64 / 1e9,
+            growth as f64 / 1e9,
+            overhead as f64 / 1e6,
+            largest as f64 / 1e6
+        );
+        assert!(
+            overhead <= GIB + largest,
+            "rank {} of {}: loading grew RSS by {growth} bytes for {weights} bytes of weights",
+            shard.rank,
+            shard.world
+        );
+        if shard.world > 1 {
+            // Rank 3 of 8 holds an eighth of every sharded tensor (f32 on the CPU: 2× the bf16 bytes).
+            assert!(weights < file_bytes * 2 / 8 + (64 << 20), "rank weights {weights} of {file_bytes}");
+        }
+    }
+}
