@@ -195,7 +195,9 @@ impl Engine {
         }
         let store = WeightStore::open(&dir)?;
         let device = opts.device.resolve()?;
-        let bar = load_bar(opts.progress, config.num_hidden_layers);
+        // One bar for the whole load: in-process ranks load in parallel and each advances it.
+        let ranks = if opts.world.is_some() { 1 } else { opts.tp.max(1) };
+        let bar = load_bar(opts.progress, config.num_hidden_layers, ranks);
         let on_layer = |l: usize| bar.set_position(l as u64);
         // The CPU keeps K/V in f32: its pool is sized before loading.
         let cpu_blocks = || {
@@ -212,7 +214,7 @@ impl Engine {
             });
         }
         let (runner, device, num_blocks): (Box<dyn Runner>, String, usize) = match device {
-            Device::Cuda(ordinal) => cuda_runner(ordinal, &config, store, wanted_context, &opts, on_layer)?,
+            Device::Cuda(ordinal) => cuda_runner(ordinal, &config, store, wanted_context, &opts, &bar)?,
             _ if multi_process => {
                 let spec = opts.world.as_ref().ok_or_else(|| Error::request("world", "missing"))?;
                 if spec.rank != 0 {
@@ -229,7 +231,13 @@ impl Engine {
             }
             _ if opts.tp > 1 => {
                 let num_blocks = cpu_blocks();
-                let plan = TpPlan { tp: opts.tp, context_len: wanted_context, num_blocks, block_size: opts.block_size };
+                let plan = TpPlan {
+                    tp: opts.tp,
+                    context_len: wanted_context,
+                    num_blocks,
+                    block_size: opts.block_size,
+                    bar: bar.clone(),
+                };
                 let runner = TpRunner::start(&config, Arc::new(store), &plan)?;
                 (Box::new(runner), format!("{} × {} ranks", CpuBackend::new().describe(), opts.tp), num_blocks)
             }
@@ -441,7 +449,7 @@ fn cuda_runner(
     store: WeightStore,
     max_positions: usize,
     opts: &EngineOptions,
-    on_layer: impl FnMut(usize),
+    bar: &indicatif::ProgressBar,
 ) -> Result<(Box<dyn Runner>, String, usize)> {
     use crate::backend::cuda::CudaBackend;
     use crate::parallel::sizing::WORKSPACE_BYTES;
@@ -451,13 +459,19 @@ fn cuda_runner(
         // Each rank holds 1/tp of the KV heads (or one replicated head): size as one rank would.
         let bytes = opts.kv_cache_memory.unwrap_or(4 * max_positions as u64 * config.kv_bytes_per_token(2));
         let num_blocks = (bytes / per_block) as usize;
-        let plan = TpPlan { tp: opts.tp, context_len: max_positions, num_blocks, block_size: opts.block_size };
+        let plan = TpPlan {
+            tp: opts.tp,
+            context_len: max_positions,
+            num_blocks,
+            block_size: opts.block_size,
+            bar: bar.clone(),
+        };
         let runner = TpRunner::start_cuda(config, Arc::new(store), &plan, ordinal)?;
         let device = runner.device().to_owned();
         return Ok((Box::new(runner), device, num_blocks));
     }
     let backend = CudaBackend::new(ordinal)?;
-    let model = Llama::load(&backend, config, &store, max_positions, Shard::single(), on_layer)?;
+    let model = Llama::load(&backend, config, &store, max_positions, Shard::single(), |l| bar.set_position(l as u64))?;
     drop(store);
     let bytes = match opts.kv_cache_memory {
         Some(b) => b,
@@ -480,7 +494,7 @@ fn cuda_runner(
     _: WeightStore,
     _: usize,
     _: &EngineOptions,
-    _: impl FnMut(usize),
+    _: &indicatif::ProgressBar,
 ) -> Result<(Box<dyn Runner>, String, usize)> {
     Err(Error::Device { device: format!("cuda:{ordinal}"), message: "this build of tulu has no CUDA support".into() })
 }
@@ -489,12 +503,15 @@ fn poisoned() -> Error {
     Error::Backend("the engine failed in another thread".into())
 }
 
-fn load_bar(show: bool, layers: usize) -> indicatif::ProgressBar {
+fn load_bar(show: bool, layers: usize, ranks: usize) -> indicatif::ProgressBar {
     if !show {
         return indicatif::ProgressBar::hidden();
     }
-    let bar = indicatif::ProgressBar::new(layers as u64);
-    if let Ok(style) = indicatif::ProgressStyle::with_template("loading {bar:30} {pos}/{len} layers {elapsed}") {
+    let bar = indicatif::ProgressBar::new((layers * ranks) as u64);
+    let unit = if ranks > 1 { format!("layers × {ranks} ranks") } else { "layers".into() };
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template(&format!("loading {{bar:30}} {{pos}}/{{len}} {unit} {{elapsed}}"))
+    {
         bar.set_style(style);
     }
     bar

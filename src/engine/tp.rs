@@ -56,6 +56,8 @@ pub(super) struct TpPlan {
     pub context_len: usize,
     pub num_blocks: usize,
     pub block_size: usize,
+    /// The load's progress bar: every rank advances it by one per layer loaded.
+    pub bar: indicatif::ProgressBar,
 }
 
 impl TpRunner {
@@ -141,6 +143,7 @@ impl TpRunner {
             let (res_tx, res_rx) = mpsc::channel();
             let (cfg, store, poison, ready) = (cfg.clone(), store.clone(), poison.clone(), ready_tx.clone());
             let (ctx, blocks, bs, world) = (plan.context_len, plan.num_blocks, plan.block_size, plan.tp);
+            let bar = plan.bar.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("tulu-rank-{rank}"))
                 .spawn(move || {
@@ -154,7 +157,7 @@ impl TpRunner {
                     // Declared after the backend, so dropped before it (an NCCL communicator
                     // is torn down while its device is still open).
                     let comm = comm;
-                    let loaded = Llama::load(&backend, &cfg, &store, ctx, Shard { rank, world }, |_| {})
+                    let loaded = Llama::load(&backend, &cfg, &store, ctx, Shard { rank, world }, |_| bar.inc(1))
                         .and_then(|m| Ok((backend.new_kv_cache(&m.kv_cache_spec(blocks, bs))?, m)));
                     drop(store);
                     let (mut cache, model) = match loaded {
