@@ -17,6 +17,7 @@ use crate::parallel::sharding::{Shard, ShardPlan};
 use crate::parallel::Communicator;
 use crate::rope::RopeTable;
 use crate::runtime::batch::Batch;
+use crate::runtime::sampler::{StepOutput, StepSampling};
 use crate::weights::random::RandomSlice;
 use crate::weights::{TensorSlice, WeightStore};
 
@@ -186,6 +187,53 @@ impl<B: Backend> Llama<B> {
         rows: &[usize],
         comm: &dyn Communicator<B>,
     ) -> Result<Vec<f32>> {
+        let logits = self.device_logits(backend, batch, cache, rows, comm)?;
+        self.host_logits(backend, &logits, comm.world_size())
+    }
+
+    /// Runs one step and picks the next token of each of `sampling.rows` on the device, so that
+    /// only token ids cross to the host (and the rows' logits when `sampling.want_logits`).
+    /// Every rank runs the step; rank 0 samples (the others return no tokens).
+    pub fn step(
+        &self,
+        backend: &B,
+        batch: &Batch,
+        cache: &mut B::KvCache,
+        sampling: &StepSampling,
+        comm: &dyn Communicator<B>,
+    ) -> Result<StepOutput> {
+        if sampling.per_row.len() != sampling.rows.len() {
+            return Err(Error::Backend(format!(
+                "step: {} sampling rows for {} logits rows",
+                sampling.per_row.len(),
+                sampling.rows.len()
+            )));
+        }
+        let logits = self.device_logits(backend, batch, cache, &sampling.rows, comm)?;
+        if comm.rank() != 0 {
+            return Ok(StepOutput::default());
+        }
+        // Never a padded column: those past the vocabulary, or past the gathered width.
+        let width = self.plan.vocab_rows_per_rank * comm.world_size();
+        let valid = sampling.valid.min(self.cfg.vocab_size).min(width);
+        let tokens = backend.sample(&logits, &sampling.per_row, valid)?;
+        let logits = match sampling.want_logits {
+            true => Some(self.host_logits(backend, &logits, comm.world_size())?),
+            false => None,
+        };
+        Ok(StepOutput { tokens, logits })
+    }
+
+    /// The gathered logits of `rows` on the device: `rows.len() × (vocab shard rows · world)`,
+    /// padding columns included.
+    fn device_logits(
+        &self,
+        backend: &B,
+        batch: &Batch,
+        cache: &mut B::KvCache,
+        rows: &[usize],
+        comm: &dyn Communicator<B>,
+    ) -> Result<B::Tensor> {
         if let Some(&p) = batch.positions.iter().max() {
             if p as usize >= self.max_positions {
                 return Err(Error::request(
@@ -224,11 +272,14 @@ impl<B: Backend> Llama<B> {
         }
         let last = backend.gather_rows(&normed, rows)?;
         let logits = backend.matmul(&last, self.lm_head.as_ref().unwrap_or(&self.embed))?;
-        let logits = comm.all_gather_cols(backend, logits)?;
-        let mut host = backend.to_host(&logits)?;
-        // Gathered shards are padded to equal sizes: drop the padding columns. A shard run alone
-        // (`tulu bench --rank-shard`) keeps its own columns.
-        let (padded, vocab) = (self.plan.vocab_rows_per_rank * comm.world_size(), self.cfg.vocab_size);
+        comm.all_gather_cols(backend, logits)
+    }
+
+    /// Gathered logits on the host, without the padding columns. A shard run alone (`tulu
+    /// bench --rank-shard`, `world` 1) keeps its own columns.
+    fn host_logits(&self, backend: &B, logits: &B::Tensor, world: usize) -> Result<Vec<f32>> {
+        let mut host = backend.to_host(logits)?;
+        let (padded, vocab) = (self.plan.vocab_rows_per_rank * world, self.cfg.vocab_size);
         if padded > vocab {
             host = host.chunks(padded).flat_map(|r| r[..vocab].iter().copied()).collect();
         }

@@ -13,6 +13,7 @@ use std::str::FromStr;
 
 use crate::error::{Error, Result};
 use crate::runtime::batch::Batch;
+use crate::runtime::sampler::RowSampling;
 use crate::weights::random::RandomSlice;
 use crate::weights::TensorSlice;
 
@@ -206,6 +207,11 @@ pub trait Backend: Send + Sync + 'static {
 
     /// The given rows of `x`, in order.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
+
+    /// Picks one token per row of `logits` with `per_row[r]`, by the rule of
+    /// [`crate::runtime::sampler::sample_row`], never a column at or past `valid` (vocab
+    /// padding); only the ids cross to the host.
+    fn sample(&self, logits: &Self::Tensor, per_row: &[RowSampling], valid: usize) -> Result<Vec<u32>>;
 
     /// Copies `x` to the host, row-major.
     fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;

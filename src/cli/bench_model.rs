@@ -22,7 +22,7 @@ use tulu::parallel::local::{LocalComm, LocalGroup};
 use tulu::parallel::sharding::{Shard, ShardPlan};
 use tulu::parallel::{Communicator, SingleRank};
 use tulu::runtime::batch::Batch;
-use tulu::runtime::sampler::argmax;
+use tulu::runtime::sampler::{RowSampling, StepSampling};
 use tulu::weights::random::RandomSlice;
 use tulu::{Error, Result};
 
@@ -211,7 +211,7 @@ where
 }
 
 /// Prefill of every sequence, then `gen` decode steps of the whole batch (the first of each is
-/// an untimed warm-up), with greedy tokens chosen on the host.
+/// an untimed warm-up), with greedy tokens chosen on the device.
 fn time_case<B: Backend>(backend: &B, model: &Llama<B>, batch: usize, plen: usize, gen: usize) -> Result<Timing> {
     let per_seq = (plen + gen + 1).div_ceil(BLOCK);
     let mut cache = backend.new_kv_cache(&model.kv_cache_spec(per_seq * batch, BLOCK))?;
@@ -219,11 +219,21 @@ fn time_case<B: Backend>(backend: &B, model: &Llama<B>, batch: usize, plen: usiz
         (0..batch).map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect()).collect();
     let vocab = model.config().vocab_size as u32;
     let prompt: Vec<u32> = (0..plen as u32).map(|i| (i.wrapping_mul(7919) + 13) % vocab).collect();
-    let step = |b: &Batch, cache: &mut B::KvCache| model.forward(backend, b, cache, &b.last_rows(), &SingleRank);
+    // Greedy on the device: only token ids cross to the host, as in the engine.
+    let step = |b: &Batch, cache: &mut B::KvCache| -> Result<Vec<u32>> {
+        let rows = b.last_rows();
+        let sampling = StepSampling {
+            per_row: vec![RowSampling::greedy(); rows.len()],
+            rows,
+            valid: vocab as usize,
+            want_logits: false,
+        };
+        Ok(model.step(backend, b, cache, &sampling, &SingleRank)?.tokens)
+    };
     let prefill = |table: &[u32], cache: &mut B::KvCache| -> Result<u32> {
         let mut b = Batch::new(BLOCK);
         b.push(&prompt, 0, table)?;
-        Ok(argmax(&step(&b, cache)?))
+        step(&b, cache)?.first().copied().ok_or_else(|| Error::Backend("a step sampled no token".into()))
     };
     prefill(&tables[0], &mut cache)?; // warm-up; rewritten below
     let started = Instant::now();
@@ -238,8 +248,7 @@ fn time_case<B: Backend>(backend: &B, model: &Llama<B>, batch: usize, plen: usiz
         for (table, &token) in tables.iter().zip(&next) {
             b.push(&[token], plen + i, table)?;
         }
-        let logits = step(&b, &mut cache)?;
-        next = logits.chunks(logits.len() / batch).map(argmax).collect();
+        next = step(&b, &mut cache)?;
     }
     let step_s = started.elapsed().as_secs_f64() / gen as f64;
     // Timed steps i = 1..=gen attend over plen + i + 1 tokens.

@@ -16,6 +16,7 @@ use crate::parallel::rendezvous::WorldSpec;
 use crate::parallel::sharding::Shard;
 use crate::parallel::tcp::{Hello, TcpComm};
 use crate::runtime::batch::Batch;
+use crate::runtime::sampler::{StepOutput, StepSampling};
 use crate::weights::WeightStore;
 
 /// Rank 0's runner: its own shard, plus the star of connections to the other ranks.
@@ -47,9 +48,9 @@ impl NodeRunner {
 }
 
 impl Runner for NodeRunner {
-    fn forward(&mut self, batch: &Batch, rows: &[usize]) -> Result<Vec<f32>> {
-        self.comm.send_step(batch, rows)?;
-        self.model.forward(&self.backend, batch, &mut self.cache, rows, &self.comm)
+    fn step(&mut self, batch: &Batch, sampling: &StepSampling) -> Result<StepOutput> {
+        self.comm.send_step(batch, &sampling.rows)?;
+        self.model.step(&self.backend, batch, &mut self.cache, sampling, &self.comm)
     }
 }
 

@@ -20,9 +20,10 @@ use crate::parallel::local::LocalGroup;
 use crate::parallel::sharding::Shard;
 use crate::parallel::Communicator;
 use crate::runtime::batch::Batch;
+use crate::runtime::sampler::{StepOutput, StepSampling};
 use crate::weights::WeightStore;
 
-type Job = Arc<(Batch, Vec<usize>)>;
+type Job = Arc<(Batch, StepSampling)>;
 
 /// Opens a rank's backend, inside the rank's own thread (a CUDA backend binds its context to
 /// the thread that uses it).
@@ -37,7 +38,7 @@ const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(300);
 
 struct Rank {
     jobs: mpsc::Sender<Job>,
-    results: mpsc::Receiver<Result<Vec<f32>>>,
+    results: mpsc::Receiver<Result<StepOutput>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -172,7 +173,7 @@ impl TpRunner {
                     };
                     drop(ready);
                     for job in job_rx {
-                        let out = model.forward(&backend, &job.0, &mut cache, &job.1, &comm);
+                        let out = model.step(&backend, &job.0, &mut cache, &job.1, &comm);
                         if let Err(e) = &out {
                             poison(&format!("rank {rank}: {e}"));
                         }
@@ -208,28 +209,28 @@ impl TpRunner {
 }
 
 impl Runner for TpRunner {
-    fn forward(&mut self, batch: &Batch, rows: &[usize]) -> Result<Vec<f32>> {
-        let job: Job = Arc::new((batch.clone(), rows.to_vec()));
+    fn step(&mut self, batch: &Batch, sampling: &StepSampling) -> Result<StepOutput> {
+        let job: Job = Arc::new((batch.clone(), sampling.clone()));
         for (i, r) in self.ranks.iter().enumerate() {
             if r.jobs.send(job.clone()).is_err() {
                 (self.poison)("a rank has exited");
                 return Err(Error::Backend(format!("rank {i} has exited")));
             }
         }
-        // Every rank ends with the same gathered logits; collect all so none is left behind.
+        // Rank 0 samples; collect every rank's result so that none is left behind.
         let mut first_error = None;
-        let mut logits = None;
+        let mut out = None;
         for (i, r) in self.ranks.iter().enumerate() {
             match r.results.recv() {
-                Ok(Ok(l)) => logits = logits.or(Some(l)),
+                Ok(Ok(o)) => out = out.or(Some(o)),
                 Ok(Err(e)) => first_error = first_error.or(Some(e)),
                 Err(_) => first_error = first_error.or(Some(Error::Backend(format!("rank {i} died")))),
             }
         }
-        match (first_error, logits) {
+        match (first_error, out) {
             (Some(e), _) => Err(e),
-            (None, Some(l)) => Ok(l),
-            (None, None) => Err(Error::Backend("no rank returned logits".into())),
+            (None, Some(o)) => Ok(o),
+            (None, None) => Err(Error::Backend("no rank returned a result".into())),
         }
     }
 }

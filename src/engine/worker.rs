@@ -14,13 +14,14 @@ use crate::error::{Error, Result};
 use crate::model::Llama;
 use crate::parallel::SingleRank;
 use crate::runtime::batch::Batch;
-use crate::runtime::sampler::{Sampler, SamplingParams};
+use crate::runtime::sampler::{RowSampling, Sampler, SamplingParams, StepOutput, StepSampling};
 use crate::runtime::scheduler::{Scheduler, SeqId};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 /// The device-side half of the engine: a backend, the model on it and its KV cache.
 pub(super) trait Runner: Send {
-    fn forward(&mut self, batch: &Batch, rows: &[usize]) -> Result<Vec<f32>>;
+    /// Runs one step and samples the next token of each of `sampling.rows` on the device.
+    fn step(&mut self, batch: &Batch, sampling: &StepSampling) -> Result<StepOutput>;
 }
 
 pub(super) struct DeviceRunner<B: Backend> {
@@ -30,8 +31,8 @@ pub(super) struct DeviceRunner<B: Backend> {
 }
 
 impl<B: Backend> Runner for DeviceRunner<B> {
-    fn forward(&mut self, batch: &Batch, rows: &[usize]) -> Result<Vec<f32>> {
-        self.model.forward(&self.backend, batch, &mut self.cache, rows, &SingleRank)
+    fn step(&mut self, batch: &Batch, sampling: &StepSampling) -> Result<StepOutput> {
+        self.model.step(&self.backend, batch, &mut self.cache, sampling, &SingleRank)
     }
 }
 
@@ -176,22 +177,39 @@ impl Worker {
             }
         }
         let batch = self.scheduler.batch(&plan)?;
-        // Rows to sample: the last row of each sequence this step completes.
-        let rows: Vec<usize> = plan
-            .entries
-            .iter()
-            .zip(&batch.seqs)
-            .filter(|((id, n), _)| self.scheduler.get(*id).is_some_and(|s| s.computed + n == s.tokens.len()))
-            .map(|(_, s)| s.rows.end - 1)
-            .collect();
-        let logits = self.runner.forward(&batch, &rows)?;
+        // Rows to sample: the last row of each sequence this step completes, each with its
+        // sequence's draw for this step.
+        let mut sampling = StepSampling { valid: self.shared.tokenizer.vocab_size(), ..Default::default() };
+        for ((id, n), s) in plan.entries.iter().zip(&batch.seqs) {
+            let Some(seq) = self.scheduler.get(*id) else { continue };
+            if seq.computed + n != seq.tokens.len() {
+                continue;
+            }
+            sampling.rows.push(s.rows.end - 1);
+            // (A sequence always has its request; greedy keeps the rows aligned if not.)
+            let row = match active.get_mut(id) {
+                Some(a) => {
+                    sampling.want_logits |= a.sub.logprobs.is_some();
+                    a.sampler.next_row(&seq.tokens)
+                }
+                None => RowSampling::greedy(),
+            };
+            sampling.per_row.push(row);
+        }
+        let out = self.runner.step(&batch, &sampling)?;
         let ready = self.scheduler.complete(&plan);
+        if ready.len() != out.tokens.len() {
+            return Err(Error::Backend(format!(
+                "{} sequences ready, {} tokens sampled",
+                ready.len(),
+                out.tokens.len()
+            )));
+        }
         let vocab = self.shared.config.vocab_size;
-        for (id, row) in ready.into_iter().zip(logits.chunks(vocab)) {
+        for (i, (id, token)) in ready.into_iter().zip(out.tokens).enumerate() {
             let Some(a) = active.get_mut(&id) else { continue };
-            let history = self.scheduler.get(id).map(|s| s.tokens.as_slice()).unwrap_or_default();
-            let token = a.sampler.sample(row, history);
-            if let Some(n) = a.sub.logprobs {
+            if let (Some(n), Some(logits)) = (a.sub.logprobs, &out.logits) {
+                let row = &logits[i * vocab..(i + 1) * vocab];
                 a.pending_logprobs.push(logprob(&self.shared.tokenizer, row, token, n));
             }
             self.scheduler.push_token(id, token);

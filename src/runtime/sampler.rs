@@ -1,6 +1,18 @@
 //! Turning logits into the next token: greedy, temperature, top-k, top-p, min-p, repetition
 //! penalty, seeded. The processors run in Hugging Face `generate`'s order: repetition penalty,
 //! temperature, top-k, top-p, min-p.
+//!
+//! The host keeps each sequence's seeded generator and turns it into one [`RowSampling`] per
+//! step (the parameters, one uniform draw, the penalised tokens); the backend picks the token
+//! on its device with [`sample_row`]'s exact rule, so that only token ids cross to the host:
+//! - probabilities `p = exp((logit − max) / T)` (unnormalised: the likeliest is exactly 1);
+//! - every filter is a threshold on `p`, ties kept (as HF's top-k keeps every logit equal to
+//!   the k-th): top-k keeps `p ≥` the k-th largest; top-p keeps `p ≥ t` for the largest `t`
+//!   whose kept mass reaches `top_p` of the top-k mass; min-p keeps `p ≥ min_p`;
+//! - masses are sums of `p · 2⁴⁰` truncated to integers, so that they are exact and do not
+//!   depend on the order a device adds them in;
+//! - the token is the first, in vocabulary order, at which the running mass of kept tokens
+//!   passes `uniform ×` their total.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -57,6 +69,147 @@ impl SamplingParams {
     }
 }
 
+/// One row's sampling in one step, as the backend's `sample` op receives it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RowSampling {
+    /// 0: greedy.
+    pub temperature: f32,
+    /// 0: off.
+    pub top_k: usize,
+    /// 1: off.
+    pub top_p: f32,
+    /// 0: off.
+    pub min_p: f32,
+    /// 1: off.
+    pub repetition_penalty: f32,
+    /// The draw in `[0, 1)` that picks among the kept tokens (from the sequence's generator).
+    pub uniform: f32,
+    /// Distinct token ids the repetition penalty applies to (empty when it is off).
+    pub penalized: Vec<u32>,
+}
+
+impl RowSampling {
+    /// Greedy, no penalty.
+    pub fn greedy() -> Self {
+        RowSampling {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            uniform: 0.0,
+            penalized: Vec::new(),
+        }
+    }
+}
+
+/// What one step samples: a [`RowSampling`] for each returned row, over the first `valid`
+/// columns (the tokenizer's vocabulary; padded columns are never picked).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StepSampling {
+    /// The step's rows whose logits are sampled, in order.
+    pub rows: Vec<usize>,
+    /// One per row.
+    pub per_row: Vec<RowSampling>,
+    /// Columns that may be picked.
+    pub valid: usize,
+    /// Also return the rows' logits to the host (log-probabilities were asked for).
+    pub want_logits: bool,
+}
+
+/// The tokens a step picked, and the rows' logits when they were asked for.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepOutput {
+    /// One per sampled row.
+    pub tokens: Vec<u32>,
+    /// `rows × vocab`, row-major, when `StepSampling::want_logits`.
+    pub logits: Option<Vec<f32>>,
+}
+
+/// Fixed-point scale of probability masses (see the module docs).
+pub const MASS_SCALE: f32 = 1_099_511_627_776.0; // 2^40
+
+/// `p` as a fixed-point mass.
+pub fn mass(p: f32) -> u64 {
+    (p * MASS_SCALE) as u64
+}
+
+/// Picks the token of one row of `logits` (its first `valid` columns) by the rule in the
+/// module docs; the reference every backend's `sample` op follows.
+pub fn sample_row(logits: &[f32], valid: usize, s: &RowSampling) -> u32 {
+    let n = valid.min(logits.len());
+    let mut l = logits[..n].to_vec();
+    if s.repetition_penalty != 1.0 {
+        for &t in &s.penalized {
+            if let Some(x) = l.get_mut(t as usize) {
+                *x = if *x > 0.0 { *x / s.repetition_penalty } else { *x * s.repetition_penalty };
+            }
+        }
+    }
+    let best = argmax(&l);
+    let max = l.get(best as usize).copied().unwrap_or(f32::NAN);
+    if s.temperature == 0.0 || !max.is_finite() {
+        return best;
+    }
+    let p: Vec<f32> = l
+        .iter()
+        .map(|&x| {
+            let v = ((x - max) / s.temperature).exp();
+            if v.is_nan() {
+                0.0
+            } else {
+                v
+            }
+        })
+        .collect();
+    let mut threshold = 0.0f32;
+    if s.top_k > 0 && s.top_k < n {
+        let mut sorted = p.clone();
+        sorted.sort_unstable_by(|a, b| b.total_cmp(a));
+        threshold = sorted[s.top_k - 1];
+    }
+    if s.top_p < 1.0 {
+        let mut kept: Vec<f32> = p.iter().copied().filter(|&x| x >= threshold).collect();
+        kept.sort_unstable_by(|a, b| b.total_cmp(a));
+        let goal = top_p_goal(kept.iter().map(|&x| mass(x)).sum(), s.top_p);
+        let mut acc = 0u64;
+        for &x in &kept {
+            acc += mass(x);
+            if acc >= goal {
+                threshold = threshold.max(x);
+                break;
+            }
+        }
+    }
+    if s.min_p > 0.0 {
+        threshold = threshold.max(s.min_p);
+    }
+    let total: u64 = p.iter().filter(|&&x| x >= threshold).map(|&x| mass(x)).sum();
+    let target = draw_target(total, s.uniform);
+    let mut acc = 0u64;
+    let mut last = best;
+    for (i, &x) in p.iter().enumerate() {
+        if x >= threshold {
+            acc += mass(x);
+            last = i as u32;
+            if target < acc {
+                return i as u32;
+            }
+        }
+    }
+    last
+}
+
+/// The mass top-p must reach: `⌈top_p · total⌉`, at most `total`.
+pub fn top_p_goal(total: u64, top_p: f32) -> u64 {
+    ((top_p as f64 * total as f64).ceil() as u64).min(total)
+}
+
+/// The running mass the drawn token's passes: `⌊uniform · total⌋`.
+pub fn draw_target(total: u64, uniform: f32) -> u64 {
+    ((uniform as f64 * total as f64) as u64).min(total.saturating_sub(1))
+}
+
 /// Samples tokens for one sequence.
 #[derive(Debug, Clone)]
 pub struct Sampler {
@@ -76,62 +229,36 @@ impl Sampler {
         Sampler { params, rng, sample_rows }
     }
 
-    /// Picks the next token from `logits` (one row), given the tokens so far for the penalty.
-    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
-        let n = self.sample_rows.min(logits.len());
-        let mut logits = logits[..n].to_vec();
+    /// This step's [`RowSampling`]: one draw from the generator, and the distinct tokens of
+    /// `history` (prompt and output so far) when the repetition penalty is on.
+    pub fn next_row(&mut self, history: &[u32]) -> RowSampling {
         let p = &self.params;
+        let mut penalized = Vec::new();
         if p.repetition_penalty != 1.0 {
-            let mut seen = vec![false; n];
-            for &t in history {
-                if let Some(s) = seen.get_mut(t as usize) {
-                    if !*s {
-                        *s = true;
-                        let l = &mut logits[t as usize];
-                        *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
-                    }
-                }
-            }
+            penalized = history.to_vec();
+            penalized.sort_unstable();
+            penalized.dedup();
         }
-        if p.temperature == 0.0 {
-            return argmax(&logits);
+        RowSampling {
+            temperature: p.temperature,
+            top_k: p.top_k,
+            top_p: p.top_p,
+            min_p: p.min_p,
+            repetition_penalty: p.repetition_penalty,
+            uniform: if p.temperature == 0.0 { 0.0 } else { self.rng.random::<f32>() },
+            penalized,
         }
-        // Candidates sorted by logit, descending; NaN logits sort last and never win.
-        let mut cand: Vec<(u32, f32)> =
-            logits.iter().enumerate().map(|(i, &l)| (i as u32, l / p.temperature)).collect();
-        cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
-        if p.top_k > 0 && p.top_k < cand.len() {
-            cand.truncate(p.top_k);
-        }
-        let max = cand[0].1;
-        let mut probs: Vec<f32> = cand.iter().map(|c| (c.1 - max).exp()).collect();
-        let total: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|x| *x /= total);
-        if p.top_p < 1.0 {
-            let mut acc = 0.0;
-            let keep = probs
-                .iter()
-                .position(|&x| {
-                    acc += x;
-                    acc >= p.top_p
-                })
-                .map_or(probs.len(), |i| i + 1);
-            probs.truncate(keep);
-        }
-        if p.min_p > 0.0 {
-            let threshold = probs[0] * p.min_p;
-            let keep = probs.iter().take_while(|&&x| x >= threshold).count().max(1);
-            probs.truncate(keep);
-        }
-        let total: f32 = probs.iter().sum();
-        let mut r = self.rng.random::<f32>() * total;
-        for (i, &x) in probs.iter().enumerate() {
-            if r < x {
-                return cand[i].0;
-            }
-            r -= x;
-        }
-        cand[probs.len() - 1].0
+    }
+
+    /// Columns that may be picked (the tokenizer's vocabulary).
+    pub fn valid(&self) -> usize {
+        self.sample_rows
+    }
+
+    /// Picks the next token from `logits` (one row) on the host, given the tokens so far.
+    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        let row = self.next_row(history);
+        sample_row(logits, self.sample_rows, &row)
     }
 }
 
@@ -199,6 +326,53 @@ mod tests {
         let logits = [2.0f32, -0.1, 1.0];
         let p = SamplingParams { repetition_penalty: 4.0, ..Default::default() };
         assert_eq!(Sampler::new(p, 3).sample(&logits, &[0, 0, 1]), 2);
+    }
+
+    /// Frequencies of each token over an even grid of draws.
+    fn frequencies(logits: &[f32], s: &RowSampling) -> Vec<f64> {
+        let n = 10_000;
+        let mut counts = vec![0usize; logits.len()];
+        for i in 0..n {
+            let row = RowSampling { uniform: (i as f32 + 0.5) / n as f32, ..s.clone() };
+            counts[sample_row(logits, logits.len(), &row) as usize] += 1;
+        }
+        counts.into_iter().map(|c| c as f64 / n as f64).collect()
+    }
+
+    fn assert_freqs(what: &str, got: &[f64], want: &[f64]) {
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!((g - w).abs() < 2e-3, "{what}: token {i} drawn {g:.4}, expected {w:.4} ({got:?})");
+        }
+    }
+
+    #[test]
+    fn sample_row_draws_the_filtered_distribution() {
+        // Probabilities 0.1, 0.2, 0.3, 0.4 at temperature 1.
+        let logits: Vec<f32> = [1.0f32, 2.0, 3.0, 4.0].iter().map(|x| x.ln()).collect();
+        let base = RowSampling { temperature: 1.0, ..RowSampling::greedy() };
+        assert_freqs("plain", &frequencies(&logits, &base), &[0.1, 0.2, 0.3, 0.4]);
+        let k2 = RowSampling { top_k: 2, ..base.clone() };
+        assert_freqs("top-k 2", &frequencies(&logits, &k2), &[0.0, 0.0, 3.0 / 7.0, 4.0 / 7.0]);
+        // 0.4 alone is short of 0.5; with 0.3 it is 0.7.
+        let p5 = RowSampling { top_p: 0.5, ..base.clone() };
+        assert_freqs("top-p 0.5", &frequencies(&logits, &p5), &[0.0, 0.0, 3.0 / 7.0, 4.0 / 7.0]);
+        // Relative to the likeliest: 0.25, 0.5, 0.75, 1.
+        let m6 = RowSampling { min_p: 0.6, ..base.clone() };
+        assert_freqs("min-p 0.6", &frequencies(&logits, &m6), &[0.0, 0.0, 3.0 / 7.0, 4.0 / 7.0]);
+        // Temperature 2 flattens: p ∝ sqrt(1, 2, 3, 4).
+        let t2 = RowSampling { temperature: 2.0, ..base.clone() };
+        let r: Vec<f64> = [1.0f64, 2.0, 3.0, 4.0].iter().map(|x| x.sqrt()).collect();
+        let sum: f64 = r.iter().sum();
+        assert_freqs("temperature 2", &frequencies(&logits, &t2), &r.iter().map(|x| x / sum).collect::<Vec<_>>());
+        // Top-k keeps every token tied with the k-th, as HF does.
+        let tied = [1.0f32, 1.0, 1.0, 0.0];
+        let k1 = RowSampling { top_k: 1, ..base.clone() };
+        assert_freqs("tied top-k 1", &frequencies(&tied, &k1), &[1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0, 0.0]);
+        // The penalty divides a penalised positive logit (5 → 1.25 < 3) and multiplies a negative one.
+        let pen = RowSampling { repetition_penalty: 4.0, penalized: vec![3, 1], ..RowSampling::greedy() };
+        assert_eq!(sample_row(&[3.0, 2.9, -1.0, 5.0], 4, &pen), 0);
+        let pen = RowSampling { penalized: vec![3, 0], ..pen };
+        assert_eq!(sample_row(&[3.0, 2.9, -1.0, 5.0], 4, &pen), 1);
     }
 
     #[test]

@@ -15,6 +15,7 @@ use self::matmul::dot;
 use super::{AttnDims, Backend, KvCacheSpec};
 use crate::error::{Error, Result};
 use crate::runtime::batch::Batch;
+use crate::runtime::sampler::{sample_row, RowSampling};
 use crate::weights::random::RandomSlice;
 use crate::weights::{fused_shape, TensorSlice};
 
@@ -331,6 +332,18 @@ impl Backend for CpuBackend {
             data.extend_from_slice(x.row(r));
         }
         CpuTensor::new(data, rows.len(), x.cols)
+    }
+
+    fn sample(&self, logits: &CpuTensor, per_row: &[RowSampling], valid: usize) -> Result<Vec<u32>> {
+        if per_row.len() != logits.rows || valid == 0 || valid > logits.cols {
+            return Err(Error::Backend(format!(
+                "sample: {} sampling rows and {valid} valid columns for {}×{} logits",
+                per_row.len(),
+                logits.rows,
+                logits.cols
+            )));
+        }
+        Ok(per_row.par_iter().enumerate().map(|(r, s)| sample_row(logits.row(r), valid, s)).collect())
     }
 
     fn to_host(&self, x: &CpuTensor) -> Result<Vec<f32>> {

@@ -10,8 +10,7 @@
 //! several streams) is turned off; host reads go through synchronous copies.
 //!
 //! Not implemented yet (issue 4): CUDA graphs, a preallocated activation workspace (outputs are
-//! allocated per op from the stream-ordered pool), custom GEMVs for decode, GPU sampling beyond
-//! argmax. Tensor parallelism runs one backend per rank thread (src/engine/tp.rs), combined by
+//! allocated per op from the stream-ordered pool), custom GEMVs for decode. Tensor parallelism runs one backend per rank thread (src/engine/tp.rs), combined by
 //! NCCL (src/parallel/nccl.rs) or, on one GPU, through the host (src/parallel/local_cuda.rs).
 
 mod attention;
@@ -38,6 +37,7 @@ use self::module::Kernels;
 use super::{AttnDims, Backend, KvCacheSpec};
 use crate::error::{Error, Result};
 use crate::runtime::batch::Batch;
+use crate::runtime::sampler::RowSampling;
 use crate::weights::random::RandomSlice;
 use crate::weights::TensorSlice;
 
@@ -435,6 +435,10 @@ impl Backend for CudaBackend {
     fn gather_rows(&self, x: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {
         self.bind()?;
         self.gather_rows_impl(x, rows)
+    }
+
+    fn sample(&self, logits: &CudaTensor, per_row: &[RowSampling], valid: usize) -> Result<Vec<u32>> {
+        self.sample_impl(logits, per_row, valid)
     }
 
     fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>> {

@@ -1,12 +1,11 @@
-//! Greedy token selection on the GPU: launcher of `kernels/sampling.cu`.
-//!
-//! Only argmax exists so far; temperature, top-k, top-p and min-p sampling on the GPU are not
-//! implemented yet (the engine samples on the host from `to_host` logits).
+//! Token selection on the GPU, so that only ids cross to the host: launchers of
+//! `kernels/sampling.cu` (argmax for greedy rows, sample_bf16 for everything else).
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::{grid, int, CudaBackend, CudaResultExt, CudaTensor};
 use crate::error::{Error, Result};
+use crate::runtime::sampler::RowSampling;
 
 const THREADS: u32 = 1024;
 
@@ -32,6 +31,64 @@ impl CudaBackend {
         launch.arg(&logits.data).arg(&cols).arg(&sample).arg(&mut ids);
         // SAFETY: argument types and order match argmax_bf16; one id per row.
         unsafe { launch.launch(cfg) }.cuda("launching argmax_bf16")?;
+        let ids = self.stream.clone_dtoh(&ids).cuda("copying token ids to the host")?;
+        self.synchronize()?;
+        Ok(ids)
+    }
+
+    /// The backend's `sample` op: argmax when every row is greedy without a penalty, else
+    /// `sample_bf16` with each row's parameters (see `runtime::sampler::sample_row`).
+    pub(crate) fn sample_impl(&self, logits: &CudaTensor, per_row: &[RowSampling], valid: usize) -> Result<Vec<u32>> {
+        if per_row.len() != logits.rows || valid == 0 || valid > logits.cols {
+            return Err(Error::Backend(format!(
+                "sample: {} sampling rows and {valid} valid columns for {}×{} logits",
+                per_row.len(),
+                logits.rows,
+                logits.cols
+            )));
+        }
+        if logits.rows == 0 {
+            return Ok(Vec::new());
+        }
+        if per_row.iter().all(|r| r.temperature == 0.0 && (r.repetition_penalty == 1.0 || r.penalized.is_empty())) {
+            return self.argmax(logits, valid);
+        }
+        let mut meta = Vec::with_capacity(8 * per_row.len());
+        let mut penalized = Vec::new();
+        for r in per_row {
+            let top_k = u32::try_from(r.top_k.min(valid)).unwrap_or(u32::MAX);
+            let start = u32::try_from(penalized.len()).map_err(|_| Error::Backend("sample: too many ids".into()))?;
+            penalized.extend_from_slice(if r.repetition_penalty == 1.0 { &[] } else { &r.penalized[..] });
+            let count = penalized.len() as u32 - start;
+            meta.extend_from_slice(&[
+                r.temperature.to_bits(),
+                top_k,
+                r.top_p.to_bits(),
+                r.min_p.to_bits(),
+                r.repetition_penalty.to_bits(),
+                r.uniform.to_bits(),
+                start,
+                count,
+            ]);
+        }
+        self.bind()?;
+        let meta = self.upload_u32(&meta)?;
+        let penalized = self.upload_u32(&penalized)?;
+        // SAFETY: the kernel writes each row's `valid` scratch values before reading them.
+        let mut scratch =
+            unsafe { self.stream.alloc::<f32>(logits.rows * valid) }.cuda("allocating sampling scratch")?;
+        let mut ids = self.stream.alloc_zeros::<u32>(logits.rows).cuda("allocating token ids")?;
+        let cfg = LaunchConfig {
+            grid_dim: (grid(logits.rows, "rows")?, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (cols, valid) = (int(logits.cols, "cols")?, int(valid, "valid")?);
+        let mut launch = self.stream.launch_builder(&self.kernels.sample);
+        launch.arg(&logits.data).arg(&cols).arg(&valid).arg(&meta).arg(&penalized).arg(&mut scratch).arg(&mut ids);
+        // SAFETY: argument types and order match sample_bf16; meta has 8 words per row, every
+        // penalised range lies inside `penalized`, scratch holds rows × valid.
+        unsafe { launch.launch(cfg) }.cuda("launching sample_bf16")?;
         let ids = self.stream.clone_dtoh(&ids).cuda("copying token ids to the host")?;
         self.synchronize()?;
         Ok(ids)
