@@ -293,6 +293,37 @@ fn sample_matches_the_host_sampler() {
     assert!(differ * 100 <= draws, "{differ} of {draws} draws differ from the host sampler");
 }
 
+/// Decode matmuls (1 to 8 rows) through our GEMV and through cuBLASLt both match the CPU, on
+/// odd output widths and inner dimensions that are and are not multiples of 8 (those always go
+/// to cuBLASLt); the automatic choice records every shape it measured.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gemv_and_cublaslt_decode_matmuls_match_cpu() {
+    use tulu::backend::cuda::GemvMode;
+    let gpu = gpu();
+    let cpu = CpuBackend::new();
+    let mut rng = rng("gemv");
+    for &(n, k) in &[(1, 8), (37, 64), (200, 1000), (333, 4096), (6144, 4096), (96, 1003), (4096, 14336)] {
+        let w = random(&mut rng, n * k, 1.0 / (k as f32).sqrt());
+        let (gw, cw) = (weight(&gpu, &w, &[n, k]), weight(&cpu, &w, &[n, k]));
+        for m in 1..=8 {
+            let x = random(&mut rng, m * k, 1.0);
+            let c = cpu.to_host(&cpu.matmul(&tensor(&cpu, &x, m, k), &cw).unwrap()).unwrap();
+            for mode in [GemvMode::Always, GemvMode::Never, GemvMode::Auto] {
+                gpu.set_gemv_mode(mode);
+                let g = gpu.to_host(&gpu.matmul(&tensor(&gpu, &x, m, k), &gw).unwrap()).unwrap();
+                assert_close(&format!("{mode:?} {m}×{k} · ({n}×{k})ᵀ"), &g, &c, OP_TOL);
+            }
+        }
+    }
+    let measured = gpu.gemv_choices();
+    assert!(measured.iter().any(|c| (c.m, c.n, c.k) == (1, 6144, 4096)), "{measured:?}");
+    assert!(measured.iter().all(|c| c.k % 8 == 0 && c.gemv_us > 0.0 && c.blas_us > 0.0));
+    for c in &measured {
+        eprintln!("{c:?}");
+    }
+}
+
 /// One attention configuration: head geometry, cache paging and the steps to run.
 struct AttnCase {
     heads: usize,

@@ -149,6 +149,12 @@ pub trait Backend: Send + Sync + 'static {
     /// batch-1 decode is reported against), reading `bytes` bytes several times.
     fn measure_read_bandwidth(&self, bytes: usize) -> Result<f64>;
 
+    /// What the backend chose while running, for `tulu bench` (one JSON object per entry, e.g.
+    /// the kernel picked for each matmul shape and both timings); empty when it chose nothing.
+    fn tuning_report(&self) -> Vec<serde_json::Value> {
+        Vec::new()
+    }
+
     /// Uploads a host f32 matrix (RoPE tables).
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Weight>;
 

@@ -204,6 +204,17 @@ where
             }
         }
     }
+    // Per matmul shape: the kernel the backend picked, with both timings and the read bandwidth
+    // each reached.
+    for mut entry in backend.tuning_report() {
+        let bytes = entry["weight_mb"].as_f64().unwrap_or(0.0) * 1e6;
+        for (kernel, us) in [("gemv", entry["gemv_us"].as_f64()), ("cublaslt", entry["cublaslt_us"].as_f64())] {
+            if let Some(us) = us.filter(|&u| u > 0.0) {
+                entry[format!("{kernel}_fraction_of_read_bw")] = round(bytes / (us * 1e-6) / read_bw);
+            }
+        }
+        println!("{entry}");
+    }
     if args.rank_shard {
         project(args, full, cfg, shard, &open, eb, &per_layer)?;
     }

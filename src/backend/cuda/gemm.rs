@@ -12,11 +12,14 @@
 //!
 //! This "TN" form is also the one cuBLASLt has the most kernels for.
 //!
-//! Not implemented yet (issue 4, item 5): the per-shape choice between cuBLASLt and our own
-//! split-K GEMV for decode, and caching the matmul descriptors/heuristic per shape (cudarc's
-//! safe wrapper builds them on every call, a few µs each).
+//! Decode shapes (at most 8 rows) may run our GEMV instead (gemv.rs decides per shape).
+//!
+//! Not implemented yet (issue 4, item 5): caching the matmul descriptors/heuristic per shape
+//! (cudarc's safe wrapper builds them on every call, a few µs each).
 
 use cudarc::cublaslt::{Matmul, MatmulConfig};
+use cudarc::driver::CudaSlice;
+use half::bf16;
 
 use super::{CudaBackend, CudaResultExt, CudaTensor, CudaWeight};
 use crate::error::{Error, Result};
@@ -31,13 +34,22 @@ impl CudaBackend {
         }
         let wd = w.bf16("matmul")?;
         let (m, n, k) = (x.rows, w.rows, w.cols);
-        let mut y = self.alloc_tensor(m, n)?;
         if m == 0 || n == 0 {
-            return Ok(y);
+            return self.alloc_tensor(m, n);
         }
         if k == 0 {
             return Err(Error::Backend("matmul: zero inner dimension".into()));
         }
+        if self.prefer_gemv(x, wd, n, k)? {
+            return self.gemv_impl(x, wd, n, k);
+        }
+        self.blas_impl(x, wd, n, k)
+    }
+
+    /// `y = x · wᵀ` by cuBLASLt (shapes checked by the caller).
+    pub(crate) fn blas_impl(&self, x: &CudaTensor, wd: &CudaSlice<bf16>, n: usize, k: usize) -> Result<CudaTensor> {
+        let m = x.rows;
+        let mut y = self.alloc_tensor(m, n)?;
         let cfg = MatmulConfig {
             transa: true,
             transb: false,

@@ -10,13 +10,14 @@
 //! several streams) is turned off; host reads go through synchronous copies.
 //!
 //! Not implemented yet (issue 4): CUDA graphs, a preallocated activation workspace (outputs are
-//! allocated per op from the stream-ordered pool), custom GEMVs for decode. Tensor parallelism runs one backend per rank thread (src/engine/tp.rs), combined by
+//! allocated per op from the stream-ordered pool), fused GEMV prologues/epilogues and PDL. Tensor parallelism runs one backend per rank thread (src/engine/tp.rs), combined by
 //! NCCL (src/parallel/nccl.rs) or, on one GPU, through the host (src/parallel/local_cuda.rs).
 
 mod attention;
 mod elementwise;
 mod embedding;
 mod gemm;
+mod gemv;
 mod memory;
 mod module;
 mod random;
@@ -24,13 +25,15 @@ mod rmsnorm;
 mod rope;
 mod sampling;
 
+use std::collections::HashMap;
 use std::fmt::Display;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublaslt::CudaBlasLT;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 
+pub use self::gemv::{GemvChoice, GemvMode, GEMV_MAX_ROWS};
 pub use self::memory::{CudaKvCache, CudaTensor, CudaWeight};
 use self::memory::{Staging, WeightData};
 use self::module::Kernels;
@@ -114,6 +117,10 @@ pub struct CudaBackend {
     poison: AtomicBool,
     staging: Mutex<Option<Staging>>,
     batch: Mutex<Option<DeviceBatch>>,
+    /// `GemvMode` as u8 (gemv.rs).
+    gemv_mode: AtomicU8,
+    /// Decode matmul shapes measured so far, by (M, N, K).
+    gemv_choices: Mutex<HashMap<(usize, usize, usize), GemvChoice>>,
 }
 
 impl CudaBackend {
@@ -153,6 +160,8 @@ impl CudaBackend {
             poison: AtomicBool::new(false),
             staging: Mutex::new(None),
             batch: Mutex::new(None),
+            gemv_mode: AtomicU8::new(GemvMode::from_env() as u8),
+            gemv_choices: Mutex::new(HashMap::new()),
         })
     }
 
@@ -320,6 +329,24 @@ impl Backend for CudaBackend {
     fn measure_read_bandwidth(&self, bytes: usize) -> Result<f64> {
         self.bind()?;
         self.measure_read_bandwidth_impl(bytes)
+    }
+
+    fn tuning_report(&self) -> Vec<serde_json::Value> {
+        self.gemv_choices()
+            .into_iter()
+            .map(|c| {
+                serde_json::json!({
+                    "case": "matmul_choice",
+                    "m": c.m,
+                    "n": c.n,
+                    "k": c.k,
+                    "gemv_us": (c.gemv_us * 100.0).round() / 100.0,
+                    "cublaslt_us": (c.blas_us * 100.0).round() / 100.0,
+                    "weight_mb": (c.n * c.k * 2) as f64 / 1e6,
+                    "chosen": if c.use_gemv() { "gemv" } else { "cublaslt" },
+                })
+            })
+            .collect()
     }
 
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaWeight> {

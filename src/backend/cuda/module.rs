@@ -34,6 +34,8 @@ pub(crate) struct Kernels {
     pub embedding: CudaFunction,
     pub argmax: CudaFunction,
     pub sample: CudaFunction,
+    /// `gemv_decode_bf16_{M}` for M = 1..=8, at index M - 1.
+    pub gemv: Vec<CudaFunction>,
     pub random_fill: CudaFunction,
     pub read_probe: CudaFunction,
     pub attention_decode: CudaFunction,
@@ -82,6 +84,7 @@ impl Kernels {
             embedding: f("embedding", "embedding_bf16")?,
             argmax: f("sampling", "argmax_bf16")?,
             sample: f("sampling", "sample_bf16")?,
+            gemv: (1..=8).map(|m| f("gemv", &format!("gemv_decode_bf16_{m}"))).collect::<Result<_>>()?,
             random_fill: f("random", "random_fill_bf16")?,
             read_probe: f("random", "read_probe")?,
             attention_decode: f("attention", "attention_decode_bf16")?,

@@ -1,0 +1,79 @@
+// Decode GEMV: y[M, N] = x[M, K] · W[N, K]ᵀ for M ≤ 8 token rows, the shape of every matmul of
+// batch-1 to batch-8 decode, where cuBLASLt leaves 10-25% of the read bandwidth unused on the
+// skinny shapes (issue 4). Launcher: src/backend/cuda/gemv.rs, which also decides per shape,
+// by timing both on first use, whether this kernel or cuBLASLt runs.
+//
+// Contract (checked by the launcher): K % 8 == 0 (16-byte rows), 1 ≤ M ≤ 8, N ≥ 1; x and W
+// 16-byte aligned. One warp per output column n (a row of W): each lane streams 16-byte chunks
+// of that row with several loads in flight (non-coherent, not kept in L1: each weight byte is
+// read once per step), and keeps M f32 sums against x, which stays in L1/L2 (M·K·2 bytes, read
+// by every warp). A warp-shuffle sum finishes each output. f32 accumulation, bf16 output.
+#include "common.cuh"
+
+#define GEMV_WARPS 8
+
+__device__ __forceinline__ Pack8 load8_stream(const bf16* p) {
+    Pack8 r;
+    *reinterpret_cast<uint4*>(&r) = __ldcs(reinterpret_cast<const uint4*>(p));
+    return r;
+}
+
+template <int M>
+__device__ __forceinline__ void gemv_body(const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                          bf16* __restrict__ y, int n, int k) {
+    const int lane = threadIdx.x & 31;
+    const int col = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
+    if (col >= n) return;
+    const bf16* wr = w + (size_t)col * k;
+    float acc[M];
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[m] = 0.f;
+    const int chunks = k >> 3;
+    int c = lane;
+    // Four chunks per lane per iteration: four independent 16-byte loads in flight.
+    for (; c + 96 < chunks; c += 128) {
+        Pack8 wv[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) wv[u] = load8_stream(wr + (size_t)(c + 32 * u) * 8);
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+#pragma unroll
+            for (int m = 0; m < M; ++m) {
+                const Pack8 xv = load8(x + (size_t)m * k + (size_t)(c + 32 * u) * 8);
+#pragma unroll
+                for (int j = 0; j < 8; ++j) acc[m] = fmaf(bf2f(wv[u].v[j]), bf2f(xv.v[j]), acc[m]);
+            }
+        }
+    }
+    for (; c < chunks; c += 32) {
+        const Pack8 wv = load8_stream(wr + (size_t)c * 8);
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+            const Pack8 xv = load8(x + (size_t)m * k + (size_t)c * 8);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc[m] = fmaf(bf2f(wv.v[j]), bf2f(xv.v[j]), acc[m]);
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[m] = warp_sum(acc[m]);
+    if (lane == 0) {
+#pragma unroll
+        for (int m = 0; m < M; ++m) y[(size_t)m * n + col] = f2bf(acc[m]);
+    }
+}
+
+// One entry point per row count, so that each keeps exactly M accumulators in registers.
+#define GEMV(M)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                      \
+        gemv_decode_bf16_##M(const bf16* __restrict__ x, const bf16* __restrict__ w, bf16* __restrict__ y, \
+                             int n, int k) {                                                             \
+        gemv_body<M>(x, w, y, n, k);                                                                     \
+    }
+GEMV(1)
+GEMV(2)
+GEMV(3)
+GEMV(4)
+GEMV(5)
+GEMV(6)
+GEMV(7)
+GEMV(8)
