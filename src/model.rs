@@ -193,7 +193,8 @@ impl<B: Backend> Llama<B> {
 
     /// Runs one step and picks the next token of each of `sampling.rows` on the device, so that
     /// only token ids cross to the host (and the rows' logits when `sampling.want_logits`).
-    /// Every rank runs the step; rank 0 samples (the others return no tokens).
+    /// Every rank runs the step; rank 0 samples (the others return no tokens and need only
+    /// `sampling.rows`).
     pub fn step(
         &self,
         backend: &B,
@@ -202,16 +203,16 @@ impl<B: Backend> Llama<B> {
         sampling: &StepSampling,
         comm: &dyn Communicator<B>,
     ) -> Result<StepOutput> {
+        let logits = self.device_logits(backend, batch, cache, &sampling.rows, comm)?;
+        if comm.rank() != 0 {
+            return Ok(StepOutput::default());
+        }
         if sampling.per_row.len() != sampling.rows.len() {
             return Err(Error::Backend(format!(
                 "step: {} sampling rows for {} logits rows",
                 sampling.per_row.len(),
                 sampling.rows.len()
             )));
-        }
-        let logits = self.device_logits(backend, batch, cache, &sampling.rows, comm)?;
-        if comm.rank() != 0 {
-            return Ok(StepOutput::default());
         }
         // Never a padded column: those past the vocabulary, or past the gathered width.
         let width = self.plan.vocab_rows_per_rank * comm.world_size();

@@ -23,7 +23,7 @@ use tokio::sync::mpsc as tmpsc;
 
 pub use self::metrics::{Histogram, Metrics};
 pub use self::multinode::run_rank;
-use self::multinode::NodeRunner;
+use self::multinode::start_node;
 pub use self::request::{Event, FinishReason, GenerateRequest, Prompt, Summary, TokenLogprob};
 use self::tp::{TpPlan, TpRunner};
 use self::worker::{Command, Runner, Submission, Worker};
@@ -206,15 +206,12 @@ impl Engine {
                 as usize
         };
         let multi_process = opts.world.as_ref().is_some_and(|w| w.world_size > 1);
-        let device = if multi_process && opts.device == Device::Auto { Device::Cpu } else { device };
-        if multi_process && matches!(device, Device::Cuda(_)) {
-            return Err(Error::Device {
-                device: device.to_string(),
-                message: "ranks in separate processes run on the CPU backend only for now (use --device cpu)".into(),
-            });
-        }
+        // Ranks in separate processes use GPUs through NCCL only: `auto` without it is the CPU.
+        let device = match device {
+            Device::Cuda(_) if multi_process && opts.device == Device::Auto && !cfg!(feature = "nccl") => Device::Cpu,
+            d => d,
+        };
         let (runner, device, num_blocks): (Box<dyn Runner>, String, usize) = match device {
-            Device::Cuda(ordinal) => cuda_runner(ordinal, &config, store, wanted_context, &opts, &bar)?,
             _ if multi_process => {
                 let spec = opts.world.as_ref().ok_or_else(|| Error::request("world", "missing"))?;
                 if spec.rank != 0 {
@@ -223,12 +220,23 @@ impl Engine {
                 if opts.tp > 1 && opts.tp != spec.world_size {
                     return Err(Error::request("tp", format!("is {} but WORLD_SIZE is {}", opts.tp, spec.world_size)));
                 }
-                let num_blocks = cpu_blocks();
-                let hello = Hello { num_blocks, block_size: opts.block_size, max_positions: wanted_context };
-                let runner = NodeRunner::start(spec, opts.dist_timeout, &config, &store, hello, on_layer)?;
-                let device = format!("{} × {} processes", CpuBackend::new().describe(), spec.world_size);
-                (Box::new(runner), device, num_blocks)
+                let num_blocks = match device {
+                    // Every rank sizes its cache alike before loading: `kv_cache_memory` per rank,
+                    // else room for four full contexts (bf16).
+                    Device::Cuda(_) => {
+                        let per_block = config.kv_bytes_per_token(2) * opts.block_size as u64;
+                        let bytes =
+                            opts.kv_cache_memory.unwrap_or(4 * wanted_context as u64 * config.kv_bytes_per_token(2));
+                        (bytes / per_block) as usize
+                    }
+                    _ => cpu_blocks(),
+                };
+                let hello =
+                    Hello { num_blocks, block_size: opts.block_size, max_positions: wanted_context, nccl_id: None };
+                let (runner, device) = start_node(spec, opts.dist_timeout, &config, &store, hello, device, on_layer)?;
+                (runner, device, num_blocks)
             }
+            Device::Cuda(ordinal) => cuda_runner(ordinal, &config, store, wanted_context, &opts, &bar)?,
             _ if opts.tp > 1 => {
                 let num_blocks = cpu_blocks();
                 let plan = TpPlan {

@@ -25,6 +25,23 @@ pub trait Communicator<B: Backend>: Send + Sync {
     fn all_gather_cols(&self, backend: &B, x: B::Tensor) -> Result<B::Tensor>;
 }
 
+/// A shared communicator is one (the TCP star serves as both the control channel and the
+/// collectives of CPU ranks).
+impl<B: Backend, C: Communicator<B> + ?Sized> Communicator<B> for std::sync::Arc<C> {
+    fn rank(&self) -> usize {
+        (**self).rank()
+    }
+    fn world_size(&self) -> usize {
+        (**self).world_size()
+    }
+    fn all_reduce_sum(&self, backend: &B, x: &mut B::Tensor) -> Result<()> {
+        (**self).all_reduce_sum(backend, x)
+    }
+    fn all_gather_cols(&self, backend: &B, x: B::Tensor) -> Result<B::Tensor> {
+        (**self).all_gather_cols(backend, x)
+    }
+}
+
 /// The communicator of a group of one: every collective is the identity.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SingleRank;

@@ -28,6 +28,10 @@ pub struct Hello {
     pub block_size: usize,
     /// Positions the RoPE tables cover.
     pub max_positions: usize,
+    /// The NCCL unique id every rank joins with, when rank 0 runs on CUDA (the other ranks
+    /// then run on their GPUs too); `None` on CPUs.
+    #[serde(default)]
+    pub nccl_id: Option<Vec<u8>>,
 }
 
 /// One rank's end of the star.
