@@ -158,8 +158,22 @@ enum Command {
     Serve(cli::serve::ServeArgs),
 }
 
+/// Commands whose whole output is stdout lines (`tulu bench … | head -1`) end quietly when the
+/// reader goes away, as Unix tools do, instead of failing on the next write: Rust ignores
+/// SIGPIPE by default. (The server keeps ignoring it: its sockets report closed peers as errors.)
+fn die_on_closed_stdout() {
+    #[cfg(unix)]
+    // SAFETY: restores the default disposition of one signal before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Bench(_) | Command::Inspect { .. }) {
+        die_on_closed_stdout();
+    }
     let result = match cli.command {
         Command::Generate { model, prompt, prompt_file, chat, system, sampling } => {
             cli::generate::generate(&model, prompt, prompt_file, chat, system, &sampling)

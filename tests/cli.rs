@@ -443,3 +443,33 @@ fn bench_random_weights_flags_are_checked() {
     );
     expect_error(&tulu(&["bench", "--preset", "nope", "--random-weights"]), "preset", &["nope"]);
 }
+
+/// `tulu bench … | head -1`: the reader going away ends the run quietly, never a panic.
+#[test]
+fn bench_output_piped_into_a_closed_reader_ends_quietly() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tulu"))
+        .args([
+            "bench",
+            "--preset",
+            "tiny",
+            "--random-weights",
+            "--batch",
+            "1,2,3,4",
+            "--prompt-len",
+            "4,8",
+            "--gen-len",
+            "200",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    assert!(first.contains("ceilings"), "{first}");
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -81,7 +81,7 @@ pub fn bench_model(args: &BenchArgs) -> Result<()> {
             &cfg,
             shard,
             Arc::new(|| Ok(CpuBackend::new())),
-            Probes { read_bytes: 256 << 20, gemm_n: 512 },
+            Probes { read_bytes: 1 << 30, gemm_n: 512 },
         ),
         #[cfg(feature = "cuda")]
         Device::Cuda(n) => run(
