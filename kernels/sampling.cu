@@ -32,6 +32,31 @@ __device__ __forceinline__ void better(float& best, unsigned& idx, float v, unsi
     }
 }
 
+// The block's largest value and its index (first on ties), for every thread; `s_best` and
+// `s_idx` hold 32 entries. An index of 0xffffffff means every value was -inf or NaN.
+__device__ __forceinline__ void block_argmax(float& best, unsigned& idx, float* s_best, unsigned* s_idx) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float b = __shfl_xor_sync(0xffffffffu, best, o);
+        const unsigned i = __shfl_xor_sync(0xffffffffu, idx, o);
+        better(best, idx, b, i);
+    }
+    if (lane == 0) {
+        s_best[warp] = best;
+        s_idx[warp] = idx;
+    }
+    __syncthreads();
+    best = lane < nwarps ? s_best[lane] : -CUDART_INF_F;
+    idx = lane < nwarps ? s_idx[lane] : 0xffffffffu;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float b = __shfl_xor_sync(0xffffffffu, best, o);
+        const unsigned i = __shfl_xor_sync(0xffffffffu, idx, o);
+        better(best, idx, b, i);
+    }
+}
+
 extern "C" __global__ void argmax_bf16(const bf16* __restrict__ logits, int cols, int sample_cols,
                                        unsigned* __restrict__ ids) {
     __shared__ float s_best[32];
@@ -40,31 +65,9 @@ extern "C" __global__ void argmax_bf16(const bf16* __restrict__ logits, int cols
     float best = -CUDART_INF_F;
     unsigned idx = 0xffffffffu;
     for (int c = threadIdx.x; c < sample_cols; c += blockDim.x) better(best, idx, bf2f(row[c]), (unsigned)c);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float b = __shfl_xor_sync(0xffffffffu, best, o);
-        const unsigned i = __shfl_xor_sync(0xffffffffu, idx, o);
-        better(best, idx, b, i);
-    }
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) {
-        s_best[warp] = best;
-        s_idx[warp] = idx;
-    }
-    __syncthreads();
-    if (warp == 0) {
-        const int nwarps = blockDim.x >> 5;
-        best = lane < nwarps ? s_best[lane] : -CUDART_INF_F;
-        idx = lane < nwarps ? s_idx[lane] : 0xffffffffu;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float b = __shfl_xor_sync(0xffffffffu, best, o);
-            const unsigned i = __shfl_xor_sync(0xffffffffu, idx, o);
-            better(best, idx, b, i);
-        }
-        // Every value -inf or NaN: no index was taken; answer 0 like the CPU sampler.
-        if (lane == 0) ids[blockIdx.x] = idx == 0xffffffffu ? 0u : idx;
-    }
+    block_argmax(best, idx, s_best, s_idx);
+    // Every value -inf or NaN: no index was taken; answer 0 like the CPU sampler.
+    if (threadIdx.x == 0) ids[blockIdx.x] = idx == 0xffffffffu ? 0u : idx;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -184,25 +187,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     float best = -CUDART_INF_F;
     unsigned idx = 0xffffffffu;
     for (int i = tid; i < valid; i += blockDim.x) better(best, idx, p[i], (unsigned)i);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float b = __shfl_xor_sync(0xffffffffu, best, o);
-        const unsigned i = __shfl_xor_sync(0xffffffffu, idx, o);
-        better(best, idx, b, i);
-    }
-    if (lane == 0) {
-        s_best[warp] = best;
-        s_idx[warp] = idx;
-    }
-    __syncthreads();
-    best = lane < nwarps ? s_best[lane] : -CUDART_INF_F;
-    idx = lane < nwarps ? s_idx[lane] : 0xffffffffu;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float b = __shfl_xor_sync(0xffffffffu, best, o);
-        const unsigned i = __shfl_xor_sync(0xffffffffu, idx, o);
-        better(best, idx, b, i);
-    }
+    block_argmax(best, idx, s_best, s_idx);
     if (idx == 0xffffffffu) idx = 0;
     if (temperature == 0.f || !isfinite(best)) {
         if (tid == 0) ids[blockIdx.x] = idx;

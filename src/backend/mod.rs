@@ -120,6 +120,17 @@ pub struct KvCacheSpec {
     pub head_dim: usize,
 }
 
+/// Checks a `sample` call's shapes: one sampling row per logits row, and `valid` (the columns
+/// that may be picked) within the logits' width.
+pub(crate) fn check_sample(rows: usize, cols: usize, per_row: usize, valid: usize) -> Result<()> {
+    if per_row != rows || valid == 0 || valid > cols {
+        return Err(Error::Backend(format!(
+            "sample: {per_row} sampling rows and {valid} valid columns for {rows}×{cols} logits"
+        )));
+    }
+    Ok(())
+}
+
 /// The operations of the Llama forward pass, implemented once per device.
 pub trait Backend: Send + Sync + 'static {
     /// Activations: `rows × cols`, one row per token.

@@ -359,14 +359,7 @@ impl Backend for CpuBackend {
     }
 
     fn sample(&self, logits: &CpuTensor, per_row: &[RowSampling], valid: usize) -> Result<Vec<u32>> {
-        if per_row.len() != logits.rows || valid == 0 || valid > logits.cols {
-            return Err(Error::Backend(format!(
-                "sample: {} sampling rows and {valid} valid columns for {}×{} logits",
-                per_row.len(),
-                logits.rows,
-                logits.cols
-            )));
-        }
+        super::check_sample(logits.rows, logits.cols, per_row.len(), valid)?;
         Ok(per_row.par_iter().enumerate().map(|(r, s)| sample_row(logits.row(r), valid, s)).collect())
     }
 

@@ -39,14 +39,7 @@ impl CudaBackend {
     /// The backend's `sample` op: argmax when every row is greedy without a penalty, else
     /// `sample_bf16` with each row's parameters (see `runtime::sampler::sample_row`).
     pub(crate) fn sample_impl(&self, logits: &CudaTensor, per_row: &[RowSampling], valid: usize) -> Result<Vec<u32>> {
-        if per_row.len() != logits.rows || valid == 0 || valid > logits.cols {
-            return Err(Error::Backend(format!(
-                "sample: {} sampling rows and {valid} valid columns for {}×{} logits",
-                per_row.len(),
-                logits.rows,
-                logits.cols
-            )));
-        }
+        crate::backend::check_sample(logits.rows, logits.cols, per_row.len(), valid)?;
         if logits.rows == 0 {
             return Ok(Vec::new());
         }
