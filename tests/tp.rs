@@ -131,3 +131,25 @@ fn impossible_tp_is_a_clear_error() {
     let text = err.to_string();
     assert!(text.contains("tp") && text.contains("valid: 1, 2, 4, 8"), "{text}");
 }
+
+/// A rank that fails to load fails the whole engine with its error, promptly: no rank is left
+/// waiting for the cache size, and the engine does not hang joining them.
+#[test]
+fn a_failed_rank_load_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(common::tiny_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, tmp.path().join(path.file_name().unwrap())).unwrap();
+    }
+    // The checkpoint holds 2 layers; the config promises 3.
+    let config = tmp.path().join("config.json");
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    json["num_hidden_layers"] = 3.into();
+    std::fs::write(&config, json.to_string()).unwrap();
+    let mut opts = EngineOptions::new(tmp.path().to_string_lossy());
+    opts.tp = 2;
+    let started = std::time::Instant::now();
+    let err = Engine::load(opts).err().expect("a 3-layer config over a 2-layer checkpoint must fail");
+    assert!(err.to_string().contains("num_hidden_layers"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+}

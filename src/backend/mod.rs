@@ -160,6 +160,12 @@ pub trait Backend: Send + Sync + 'static {
     /// batch-1 decode is reported against), reading `bytes` bytes several times.
     fn measure_read_bandwidth(&self, bytes: usize) -> Result<f64>;
 
+    /// Free and total bytes of the device's memory; `None` when the backend has none of its
+    /// own (the CPU: its caches are sized from `kv_cache_memory`).
+    fn device_memory(&self) -> Option<(u64, u64)> {
+        None
+    }
+
     /// What the backend chose while running, for `tulu bench` (one JSON object per entry, e.g.
     /// the kernel picked for each matmul shape and both timings); empty when it chose nothing.
     fn tuning_report(&self) -> Vec<serde_json::Value> {

@@ -244,6 +244,7 @@ impl Engine {
                     context_len: wanted_context,
                     num_blocks,
                     block_size: opts.block_size,
+                    gpu_memory_utilization: None,
                     bar: bar.clone(),
                 };
                 let runner = TpRunner::start(&config, Arc::new(store), &plan)?;
@@ -464,7 +465,8 @@ fn cuda_runner(
     // bf16 K and V.
     let per_block = config.kv_bytes_per_token(2) * opts.block_size as u64;
     if opts.tp > 1 {
-        // Each rank holds 1/tp of the KV heads (or one replicated head): size as one rank would.
+        // When ranks share a GPU (or `kv_cache_memory` is given): each rank holds 1/tp of the KV
+        // heads (or one replicated head); size as one rank would.
         let bytes = opts.kv_cache_memory.unwrap_or(4 * max_positions as u64 * config.kv_bytes_per_token(2));
         let num_blocks = (bytes / per_block) as usize;
         let plan = TpPlan {
@@ -472,10 +474,12 @@ fn cuda_runner(
             context_len: max_positions,
             num_blocks,
             block_size: opts.block_size,
+            // Ranks on GPUs of their own size their caches from memory, unless told the size.
+            gpu_memory_utilization: opts.kv_cache_memory.is_none().then_some(opts.gpu_memory_utilization),
             bar: bar.clone(),
         };
         let runner = TpRunner::start_cuda(config, Arc::new(store), &plan, ordinal)?;
-        let device = runner.device().to_owned();
+        let (device, num_blocks) = (runner.device().to_owned(), runner.num_blocks());
         return Ok((Box::new(runner), device, num_blocks));
     }
     let backend = CudaBackend::new(ordinal)?;

@@ -36,6 +36,14 @@ type Poison = Arc<dyn Fn(&str) + Send + Sync>;
 /// How long an in-process collective waits for a missing rank.
 const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// What a rank thread reports while starting.
+enum Started {
+    /// Its shard is loaded; with the KV blocks its device has room for, when sized from memory.
+    Loaded { device: String, capacity: Option<usize> },
+    /// Its KV cache is allocated: ready for steps.
+    Allocated,
+}
+
 struct Rank {
     jobs: mpsc::Sender<Job>,
     results: mpsc::Receiver<Result<StepOutput>>,
@@ -49,14 +57,22 @@ pub(super) struct TpRunner {
     /// Rank 0's backend, for logs.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     device: String,
+    /// KV blocks in every rank's cache.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    num_blocks: usize,
 }
 
 /// Where each rank's KV cache and RoPE tables come from.
 pub(super) struct TpPlan {
     pub tp: usize,
     pub context_len: usize,
+    /// KV blocks per rank's cache, unless sized from device memory (below).
     pub num_blocks: usize,
     pub block_size: usize,
+    /// CUDA ranks on GPUs of their own: size every cache from what this fraction of each GPU
+    /// leaves after the weights (the smallest over the ranks), instead of `num_blocks`.
+    #[cfg_attr(not(feature = "nccl"), allow(dead_code))]
+    pub gpu_memory_utilization: Option<f64>,
     /// The load's progress bar: every rank advances it by one per layer loaded.
     pub bar: indicatif::ProgressBar,
 }
@@ -71,7 +87,7 @@ impl TpRunner {
             .into_iter()
             .map(|c| (c, Box::new(|| Ok(CpuBackend::new())) as OpenBackend<CpuBackend>))
             .collect();
-        Self::spawn(cfg, store, plan, ranks, Arc::new(move |why: &str| group.poison(why)))
+        Self::spawn(cfg, store, plan, ranks, Arc::new(move |why: &str| group.poison(why)), None)
     }
 
     /// `tp` CUDA ranks starting at device `first`: rank `r` on its own GPU `first + r` through
@@ -97,7 +113,8 @@ impl TpRunner {
                     let setups = comms.into_iter().zip(devices).map(|(c, d)| (c, open(d))).collect();
                     // NCCL has no way to release a peer waiting in a collective short of
                     // aborting the group; a failed rank's error still reaches the engine.
-                    let mut runner = Self::spawn(cfg, store, plan, setups, Arc::new(|_: &str| {}))?;
+                    let sizing = plan.gpu_memory_utilization;
+                    let mut runner = Self::spawn(cfg, store, plan, setups, Arc::new(|_: &str| {}), sizing)?;
                     runner.device = format!("{} × {} ranks on cuda:{first}.. (NCCL)", runner.device, plan.tp);
                     return Ok(runner);
                 }
@@ -116,7 +133,9 @@ impl TpRunner {
         let group = LocalGroup::new(plan.tp, COLLECTIVE_TIMEOUT);
         let setups =
             group.communicators().into_iter().enumerate().map(|(r, c)| (c, open((first + r) % count))).collect();
-        let mut runner = Self::spawn(cfg, store, plan, setups, Arc::new(move |why: &str| group.poison(why)))?;
+        // Ranks may share a GPU here: the fixed cache size, not each one's view of free memory.
+        let poison = Arc::new(move |why: &str| group.poison(why));
+        let mut runner = Self::spawn(cfg, store, plan, setups, poison, None)?;
         runner.device = format!("{} × {} ranks (host-staged)", runner.device, plan.tp);
         Ok(runner)
     }
@@ -127,50 +146,62 @@ impl TpRunner {
         &self.device
     }
 
+    /// KV blocks in every rank's cache.
+    #[cfg(feature = "cuda")]
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
     /// Starts one thread per `(communicator, backend)` pair, rank `r` taking the `r`-th, and
-    /// waits until every rank has loaded its shard.
+    /// waits until every rank has loaded its shard and allocated its KV cache: `plan.num_blocks`
+    /// blocks, or, with `size_from_memory`, as many as the fullest rank's device has room for.
     fn spawn<B: Backend, C: Communicator<B> + 'static>(
         cfg: &ModelConfig,
         store: Arc<WeightStore>,
         plan: &TpPlan,
         setups: Vec<(C, OpenBackend<B>)>,
         poison: Poison,
+        size_from_memory: Option<f64>,
     ) -> Result<Self> {
         let mut ranks = Vec::with_capacity(plan.tp);
-        let (ready_tx, ready_rx) = mpsc::channel::<(usize, Result<String>)>();
+        let mut sizes = Vec::with_capacity(plan.tp);
+        let (ready_tx, ready_rx) = mpsc::channel::<(usize, Result<Started>)>();
         for (comm, open) in setups {
             let rank = ranks.len();
             let (job_tx, job_rx) = mpsc::channel::<Job>();
             let (res_tx, res_rx) = mpsc::channel();
+            let (size_tx, size_rx) = mpsc::channel::<usize>();
             let (cfg, store, poison, ready) = (cfg.clone(), store.clone(), poison.clone(), ready_tx.clone());
-            let (ctx, blocks, bs, world) = (plan.context_len, plan.num_blocks, plan.block_size, plan.tp);
+            let (ctx, bs, world) = (plan.context_len, plan.block_size, plan.tp);
             let bar = plan.bar.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("tulu-rank-{rank}"))
                 .spawn(move || {
+                    let fail = |e: Error| {
+                        let _ = ready.send((rank, Err(e)));
+                    };
                     let backend = match open() {
                         Ok(b) => b,
-                        Err(e) => {
-                            let _ = ready.send((rank, Err(e)));
-                            return;
-                        }
+                        Err(e) => return fail(e),
                     };
                     // Declared after the backend, so dropped before it (an NCCL communicator
                     // is torn down while its device is still open).
                     let comm = comm;
-                    let loaded = Llama::load(&backend, &cfg, &store, ctx, Shard { rank, world }, |_| bar.inc(1))
-                        .and_then(|m| Ok((backend.new_kv_cache(&m.kv_cache_spec(blocks, bs))?, m)));
+                    let loaded = Llama::load(&backend, &cfg, &store, ctx, Shard { rank, world }, |_| bar.inc(1));
                     drop(store);
-                    let (mut cache, model) = match loaded {
-                        Ok(x) => {
-                            let _ = ready.send((rank, Ok(backend.describe())));
-                            x
-                        }
-                        Err(e) => {
-                            let _ = ready.send((rank, Err(e)));
-                            return;
-                        }
+                    let model = match loaded {
+                        Ok(m) => m,
+                        Err(e) => return fail(e),
                     };
+                    let capacity = size_from_memory.and_then(|u| kv_capacity(&backend, &model, bs, u));
+                    let _ = ready.send((rank, Ok(Started::Loaded { device: backend.describe(), capacity })));
+                    // The coordinator closes the channel instead when another rank failed.
+                    let Ok(blocks) = size_rx.recv() else { return };
+                    let mut cache = match backend.new_kv_cache(&model.kv_cache_spec(blocks, bs)) {
+                        Ok(c) => c,
+                        Err(e) => return fail(e),
+                    };
+                    let _ = ready.send((rank, Ok(Started::Allocated)));
                     drop(ready);
                     for job in job_rx {
                         let out = model.step(&backend, &job.0, &mut cache, &job.1, &comm);
@@ -184,28 +215,76 @@ impl TpRunner {
                 })
                 .map_err(|e| Error::Backend(format!("cannot start rank {rank}: {e}")))?;
             ranks.push(Rank { jobs: job_tx, results: res_rx, thread: Some(thread) });
+            sizes.push(size_tx);
         }
         drop(ready_tx);
-        let mut runner = TpRunner { ranks, poison, device: String::new() };
-        // Wait for every rank, then report the lowest rank's failure (ranks fail alike, and the
-        // lowest is the one a user would look at first).
-        let mut loaded: Vec<Option<Result<String>>> = (0..runner.ranks.len()).map(|_| None).collect();
-        for _ in 0..runner.ranks.len() {
-            match ready_rx.recv() {
-                Ok((rank, r)) => loaded[rank] = Some(r),
-                Err(_) => break,
+        let mut runner = TpRunner { ranks, poison, device: String::new(), num_blocks: plan.num_blocks };
+        // Phase 1: every shard loaded. On failure the size channels close first, so that the
+        // waiting ranks exit before `runner`'s drop joins them.
+        let loaded = match collect(&ready_rx, runner.ranks.len(), "loading") {
+            Ok(l) => l,
+            Err(e) => {
+                drop(sizes);
+                return Err(e);
+            }
+        };
+        let mut capacity = None::<usize>;
+        for (rank, started) in loaded.into_iter().enumerate() {
+            if let Started::Loaded { device, capacity: c } = started {
+                if rank == 0 {
+                    runner.device = device;
+                }
+                capacity = match (capacity, c) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
             }
         }
-        for (rank, r) in loaded.into_iter().enumerate() {
-            match r {
-                Some(Ok(device)) if rank == 0 => runner.device = device,
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(e),
-                None => return Err(Error::Backend(format!("rank {rank} died while loading"))),
-            }
+        if let Some(blocks) = capacity {
+            runner.num_blocks = blocks;
         }
+        if runner.num_blocks == 0 {
+            drop(sizes);
+            return Err(Error::request(
+                "gpu_memory_utilization",
+                "no room for the KV cache on some rank once its weights are loaded: raise it, or add ranks",
+            ));
+        }
+        // Phase 2: every cache allocated.
+        for s in &sizes {
+            let _ = s.send(runner.num_blocks);
+        }
+        drop(sizes);
+        collect(&ready_rx, runner.ranks.len(), "allocating the KV cache")?;
         Ok(runner)
     }
+}
+
+/// One report from each of `n` ranks, in rank order; the lowest rank's failure when any failed
+/// (ranks fail alike, and the lowest is the one a user would look at first).
+fn collect(ready: &mpsc::Receiver<(usize, Result<Started>)>, n: usize, what: &str) -> Result<Vec<Started>> {
+    let mut got: Vec<Option<Result<Started>>> = (0..n).map(|_| None).collect();
+    for _ in 0..n {
+        match ready.recv() {
+            Ok((rank, r)) => got[rank] = Some(r),
+            Err(_) => break,
+        }
+    }
+    got.into_iter()
+        .enumerate()
+        .map(|(rank, r)| r.unwrap_or_else(|| Err(Error::Backend(format!("rank {rank} died while {what}")))))
+        .collect()
+}
+
+/// KV blocks of `block_size` tokens that fit in what `utilization` of the backend's device
+/// leaves once this rank's weights are loaded (and the activation workspace is set aside);
+/// `None` for a backend without device memory (the CPU).
+fn kv_capacity<B: Backend>(backend: &B, model: &Llama<B>, block_size: usize, utilization: f64) -> Option<usize> {
+    let (free, total) = backend.device_memory()?;
+    let allowed = (total as f64 * utilization) as u64;
+    let bytes = allowed.saturating_sub(total.saturating_sub(free) + crate::parallel::sizing::WORKSPACE_BYTES);
+    let per_block = model.kv_elements_per_token() * backend.element_bytes() as u64 * block_size as u64;
+    Some((bytes / per_block.max(1)) as usize)
 }
 
 impl Runner for TpRunner {

@@ -331,6 +331,11 @@ impl Backend for CudaBackend {
         self.measure_read_bandwidth_impl(bytes)
     }
 
+    fn device_memory(&self) -> Option<(u64, u64)> {
+        self.bind().ok()?;
+        self.memory_info().ok()
+    }
+
     fn tuning_report(&self) -> Vec<serde_json::Value> {
         self.gemv_choices()
             .into_iter()
