@@ -220,21 +220,23 @@ impl Engine {
                 if opts.tp > 1 && opts.tp != spec.world_size {
                     return Err(Error::request("tp", format!("is {} but WORLD_SIZE is {}", opts.tp, spec.world_size)));
                 }
-                let num_blocks = match device {
-                    // Every rank sizes its cache alike before loading: `kv_cache_memory` per rank,
-                    // else room for four full contexts (bf16).
-                    Device::Cuda(_) => {
-                        let per_block = config.kv_bytes_per_token(2) * opts.block_size as u64;
-                        let bytes =
-                            opts.kv_cache_memory.unwrap_or(4 * wanted_context as u64 * config.kv_bytes_per_token(2));
-                        (bytes / per_block) as usize
+                let (num_blocks, kv_utilization) = match (device, opts.kv_cache_memory) {
+                    // GPU ranks size their caches from memory once loaded (all take the smallest),
+                    // unless `kv_cache_memory` (per rank) fixes it.
+                    (Device::Cuda(_), Some(bytes)) => {
+                        ((bytes / (config.kv_bytes_per_token(2) * opts.block_size as u64)) as usize, None)
                     }
-                    _ => cpu_blocks(),
+                    (Device::Cuda(_), None) => (0, Some(opts.gpu_memory_utilization)),
+                    _ => (cpu_blocks(), None),
                 };
-                let hello =
-                    Hello { num_blocks, block_size: opts.block_size, max_positions: wanted_context, nccl_id: None };
-                let (runner, device) = start_node(spec, opts.dist_timeout, &config, &store, hello, device, on_layer)?;
-                (runner, device, num_blocks)
+                let hello = Hello {
+                    num_blocks,
+                    block_size: opts.block_size,
+                    max_positions: wanted_context,
+                    nccl_id: None,
+                    kv_utilization,
+                };
+                start_node(spec, opts.dist_timeout, &config, &store, hello, device, on_layer)?
             }
             Device::Cuda(ordinal) => cuda_runner(ordinal, &config, store, wanted_context, &opts, &bar)?,
             _ if opts.tp > 1 => {
@@ -513,6 +515,22 @@ fn cuda_runner(
 
 fn poisoned() -> Error {
     Error::Backend("the engine failed in another thread".into())
+}
+
+/// KV blocks of `block_size` tokens that fit in what `utilization` of the backend's device
+/// leaves once this rank's weights are loaded (and the activation workspace is set aside);
+/// `None` for a backend without device memory (the CPU).
+pub(super) fn kv_capacity<B: Backend>(
+    backend: &B,
+    model: &Llama<B>,
+    block_size: usize,
+    utilization: f64,
+) -> Option<usize> {
+    let (free, total) = backend.device_memory()?;
+    let allowed = (total as f64 * utilization) as u64;
+    let bytes = allowed.saturating_sub(total.saturating_sub(free) + crate::parallel::sizing::WORKSPACE_BYTES);
+    let per_block = model.kv_elements_per_token() * backend.element_bytes() as u64 * block_size as u64;
+    Some((bytes / per_block.max(1)) as usize)
 }
 
 fn load_bar(show: bool, layers: usize, ranks: usize) -> indicatif::ProgressBar {

@@ -49,7 +49,8 @@ impl<B: Backend> Runner for NodeRunner<B> {
 }
 
 /// Rank 0: waits for every rank, tells them the cache geometry (and the NCCL id on GPUs), and
-/// loads its own shard on `device`. Returns the runner and a description of the device.
+/// loads its own shard on `device`. Returns the runner, a description of the device and the KV
+/// blocks of every rank's cache.
 pub(super) fn start_node(
     spec: &WorldSpec,
     timeout: Duration,
@@ -58,7 +59,7 @@ pub(super) fn start_node(
     mut hello: Hello,
     device: Device,
     on_layer: impl FnMut(usize),
-) -> Result<(Box<dyn Runner>, String)> {
+) -> Result<(Box<dyn Runner>, String, usize)> {
     let control = Arc::new(TcpComm::accept(spec, timeout)?);
     let shard = Shard { rank: 0, world: spec.world_size };
     match device {
@@ -74,10 +75,11 @@ pub(super) fn start_node(
                 let backend = CudaBackend::new(ordinal)?;
                 let nccl = NcclComm::from_id(id, 0, spec.world_size, ordinal)?;
                 let model = Llama::load(&backend, config, store, hello.max_positions, shard, on_layer)?;
-                let cache = backend.new_kv_cache(&model.kv_cache_spec(hello.num_blocks, hello.block_size))?;
+                let blocks = agree_blocks(&backend, &model, &hello, &control)?;
+                let cache = backend.new_kv_cache(&model.kv_cache_spec(blocks, hello.block_size))?;
                 let device = format!("{} × {} processes (NCCL)", backend.describe(), spec.world_size);
                 let runner = NodeRunner { comm: Box::new(nccl), control, model, cache, backend };
-                Ok((Box::new(runner), device))
+                Ok((Box::new(runner), device, blocks))
             }
             #[cfg(not(feature = "nccl"))]
             {
@@ -97,7 +99,7 @@ pub(super) fn start_node(
             let cache = backend.new_kv_cache(&model.kv_cache_spec(hello.num_blocks, hello.block_size))?;
             let device = format!("{} × {} processes", backend.describe(), spec.world_size);
             let runner = NodeRunner { comm: Box::new(control.clone()), control, model, cache, backend };
-            Ok((Box::new(runner), device))
+            Ok((Box::new(runner), device, hello.num_blocks))
         }
     }
 }
@@ -161,10 +163,26 @@ fn serve_steps<B: Backend>(
     comm: &dyn Communicator<B>,
 ) -> Result<()> {
     let model = Llama::load(backend, config, store, hello.max_positions, shard, |_| {})?;
-    let mut cache = backend.new_kv_cache(&model.kv_cache_spec(hello.num_blocks, hello.block_size))?;
+    let blocks = agree_blocks(backend, &model, hello, control)?;
+    let mut cache = backend.new_kv_cache(&model.kv_cache_spec(blocks, hello.block_size))?;
     while let Some((batch, rows)) = control.recv_step()? {
         let sampling = StepSampling { rows, ..Default::default() };
         model.step(backend, &batch, &mut cache, &sampling, comm)?;
     }
     Ok(())
+}
+
+/// The KV blocks of every rank's cache: the hello's, or, when it says to size from memory, the
+/// smallest number any rank's GPU has room for once its shard is loaded (every rank calls this).
+fn agree_blocks<B: Backend>(backend: &B, model: &Llama<B>, hello: &Hello, control: &TcpComm) -> Result<usize> {
+    let Some(utilization) = hello.kv_utilization else { return Ok(hello.num_blocks) };
+    let mine = super::kv_capacity(backend, model, hello.block_size, utilization).unwrap_or(hello.num_blocks);
+    let blocks = control.agree_min(mine as u64)? as usize;
+    if blocks == 0 {
+        return Err(Error::request(
+            "gpu_memory_utilization",
+            "no room for the KV cache on some rank once its weights are loaded: raise it, or add ranks",
+        ));
+    }
+    Ok(blocks)
 }

@@ -193,7 +193,7 @@ impl TpRunner {
                         Ok(m) => m,
                         Err(e) => return fail(e),
                     };
-                    let capacity = size_from_memory.and_then(|u| kv_capacity(&backend, &model, bs, u));
+                    let capacity = size_from_memory.and_then(|u| super::kv_capacity(&backend, &model, bs, u));
                     let _ = ready.send((rank, Ok(Started::Loaded { device: backend.describe(), capacity })));
                     // The coordinator closes the channel instead when another rank failed.
                     let Ok(blocks) = size_rx.recv() else { return };
@@ -274,17 +274,6 @@ fn collect(ready: &mpsc::Receiver<(usize, Result<Started>)>, n: usize, what: &st
         .enumerate()
         .map(|(rank, r)| r.unwrap_or_else(|| Err(Error::Backend(format!("rank {rank} died while {what}")))))
         .collect()
-}
-
-/// KV blocks of `block_size` tokens that fit in what `utilization` of the backend's device
-/// leaves once this rank's weights are loaded (and the activation workspace is set aside);
-/// `None` for a backend without device memory (the CPU).
-fn kv_capacity<B: Backend>(backend: &B, model: &Llama<B>, block_size: usize, utilization: f64) -> Option<usize> {
-    let (free, total) = backend.device_memory()?;
-    let allowed = (total as f64 * utilization) as u64;
-    let bytes = allowed.saturating_sub(total.saturating_sub(free) + crate::parallel::sizing::WORKSPACE_BYTES);
-    let per_block = model.kv_elements_per_token() * backend.element_bytes() as u64 * block_size as u64;
-    Some((bytes / per_block.max(1)) as usize)
 }
 
 impl Runner for TpRunner {

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::runtime::batch::Batch;
 
 /// What rank 0 tells every rank before loading, so that all shards agree.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Hello {
     /// KV blocks in every rank's cache.
     pub num_blocks: usize,
@@ -32,6 +32,10 @@ pub struct Hello {
     /// then run on their GPUs too); `None` on CPUs.
     #[serde(default)]
     pub nccl_id: Option<Vec<u8>>,
+    /// When set, `num_blocks` is not fixed: after loading, every rank works out how many blocks
+    /// this fraction of its GPU leaves, and all take the smallest ([`TcpComm::agree_min`]).
+    #[serde(default)]
+    pub kv_utilization: Option<f64>,
 }
 
 /// One rank's end of the star.
@@ -198,26 +202,44 @@ impl TcpComm {
         }
     }
 
+    /// Every rank's `value`, reduced to the smallest, on every rank (the KV blocks that fit on
+    /// the fullest GPU).
+    pub fn agree_min(&self, value: u64) -> Result<u64> {
+        let out = self.exchange_bytes(value.to_le_bytes().to_vec(), |all| {
+            let min = all.iter().filter_map(|b| Some(u64::from_le_bytes(b.as_slice().try_into().ok()?))).min();
+            min.unwrap_or(0).to_le_bytes().to_vec()
+        })?;
+        let bytes: [u8; 8] =
+            out.as_slice().try_into().map_err(|_| Error::Backend("bad agreement from rank 0".into()))?;
+        Ok(u64::from_le_bytes(bytes))
+    }
+
     /// Rank 0 combines every rank's buffer with `combine` (rank order); everyone gets the result.
     fn exchange(&self, own: Vec<f32>, combine: impl FnOnce(&[Vec<f32>]) -> Vec<f32>) -> Result<Vec<f32>> {
+        let out = self.exchange_bytes(f32_bytes(&own), |all| {
+            let bufs: Vec<Vec<f32>> = all.iter().map(|b| bytes_f32(b)).collect();
+            f32_bytes(&combine(&bufs))
+        })?;
+        Ok(bytes_f32(&out))
+    }
+
+    /// [`Self::exchange`] over raw bytes.
+    fn exchange_bytes(&self, own: Vec<u8>, combine: impl FnOnce(&[Vec<u8>]) -> Vec<u8>) -> Result<Vec<u8>> {
         let mut peers = self.peers()?;
         if self.rank == 0 {
             let mut all = vec![own];
             for (i, s) in peers.iter_mut().enumerate() {
-                let bytes = recv_frame(s).map_err(|e| io_err("collective", i + 1, self.timeout, e))?;
-                all.push(bytes_f32(&bytes));
+                all.push(recv_frame(s).map_err(|e| io_err("collective", i + 1, self.timeout, e))?);
             }
             let out = combine(&all);
-            let bytes = f32_bytes(&out);
             for (i, s) in peers.iter_mut().enumerate() {
-                send_frame(s, &bytes).map_err(|e| io_err("collective", i + 1, self.timeout, e))?;
+                send_frame(s, &out).map_err(|e| io_err("collective", i + 1, self.timeout, e))?;
             }
             Ok(out)
         } else {
             let s = peers.first_mut().ok_or_else(|| Error::Backend("no stream to rank 0".into()))?;
-            send_frame(s, &f32_bytes(&own)).map_err(|e| io_err("collective", 0, self.timeout, e))?;
-            let bytes = recv_frame(s).map_err(|e| io_err("collective", 0, self.timeout, e))?;
-            Ok(bytes_f32(&bytes))
+            send_frame(s, &own).map_err(|e| io_err("collective", 0, self.timeout, e))?;
+            recv_frame(s).map_err(|e| io_err("collective", 0, self.timeout, e))
         }
     }
 }
@@ -241,5 +263,52 @@ impl Communicator<CpuBackend> for TcpComm {
         let (rows, cols, world) = (x.rows, x.cols, self.world);
         let data = self.exchange(x.data, |bufs| concat_cols(bufs, rows, cols))?;
         CpuTensor::new(data, rows, cols * world)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Three ranks on 127.0.0.1 agree on the smallest value; the hello (with its optional fields)
+    /// reaches every rank intact.
+    #[test]
+    fn ranks_agree_on_the_smallest_value() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let timeout = Duration::from_secs(20);
+        let hello = Hello {
+            num_blocks: 0,
+            block_size: 16,
+            max_positions: 64,
+            nccl_id: Some(vec![7; 128]),
+            kv_utilization: Some(0.9),
+        };
+        let workers: Vec<_> = [(1usize, 70u64), (2, 30)]
+            .into_iter()
+            .map(|(rank, value)| {
+                std::thread::spawn(move || {
+                    let spec = WorldSpec {
+                        world_size: 3,
+                        rank,
+                        local_rank: rank,
+                        local_world_size: 3,
+                        master_addr: "127.0.0.1".into(),
+                        master_port: port,
+                    };
+                    let comm = TcpComm::connect(&spec, timeout).unwrap();
+                    let hello = comm.recv_hello().unwrap();
+                    (hello, comm.agree_min(value).unwrap())
+                })
+            })
+            .collect();
+        let root = TcpComm::accept_on(&listener, 3, timeout).unwrap();
+        root.send_hello(&hello).unwrap();
+        assert_eq!(root.agree_min(50).unwrap(), 30);
+        for w in workers {
+            let (got, min) = w.join().unwrap();
+            assert_eq!(got, hello);
+            assert_eq!(min, 30);
+        }
     }
 }
