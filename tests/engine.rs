@@ -155,3 +155,34 @@ fn stop_strings_end_the_text_before_them() {
     assert_eq!(text, full[..cut]);
     assert_eq!(s.finish_reason, FinishReason::Stop);
 }
+
+/// A multi-choice request is admitted or refused whole: with one waiting slot, an idle engine
+/// takes three choices at once and finishes them all; an invalid choice queues none of them.
+#[test]
+fn generate_all_admits_a_request_whole() {
+    let mut opts = EngineOptions::new(common::tiny_dir().to_string_lossy());
+    opts.max_waiting = Some(1);
+    let engine = Engine::load(opts).unwrap();
+    let request = |seed| {
+        GenerateRequest::tokens(vec![5, 6, 7]).max_tokens(4).sampling(SamplingParams {
+            temperature: 0.9,
+            seed: Some(seed),
+            ..Default::default()
+        })
+    };
+    let streams = engine.generate_all(vec![request(1), request(2), request(3)]).unwrap();
+    for stream in streams {
+        let done = stream
+            .map(Result::unwrap)
+            .find_map(|e| match e {
+                tulu::Event::Done(s) => Some(s),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(done.tokens.len(), 4);
+    }
+    let bad = GenerateRequest::tokens(vec![5]).max_tokens(0);
+    let err = engine.generate_all(vec![request(4), bad]).err().expect("max_tokens 0 is refused");
+    assert!(err.to_string().contains("max_tokens"), "{err}");
+    assert_eq!(engine.metrics().waiting + engine.metrics().running, 0, "nothing was queued");
+}

@@ -389,12 +389,45 @@ impl Engine {
 
     /// Queues a request; the returned stream yields its events as the step loop produces them.
     pub fn generate(&self, request: GenerateRequest) -> Result<Generation> {
+        let mut all = self.generate_all(vec![request])?;
+        all.pop().ok_or_else(|| Error::Backend("no generation queued".into()))
+    }
+
+    /// Queues several requests as one (a server request with `n` choices or several prompts):
+    /// all are validated before any is queued, and `max_waiting` admits or refuses them
+    /// together, so a request is never half queued nor refused only for its own size.
+    pub fn generate_all(&self, requests: Vec<GenerateRequest>) -> Result<Vec<Generation>> {
         if let Some(why) = self.failure() {
             return Err(Error::Backend(format!("the engine has failed: {why}")));
         }
         if !self.shared.accepting.load(Ordering::SeqCst) {
             return Err(Error::ShuttingDown { message: "no new requests are accepted".into() });
         }
+        let mut submissions = Vec::with_capacity(requests.len());
+        let mut streams = Vec::with_capacity(requests.len());
+        for request in requests {
+            let (submission, rx) = self.validate(request)?;
+            submissions.push(submission);
+            streams.push(Generation { events: rx, done: false });
+        }
+        if let Some(max) = self.shared.max_waiting {
+            if self.shared.queued.load(Ordering::SeqCst) >= max {
+                return Err(Error::Busy { message: format!("{max} requests are already waiting") });
+            }
+        }
+        let commands = self.commands.lock().map_err(|_| poisoned())?;
+        for submission in submissions {
+            self.shared.queued.fetch_add(1, Ordering::SeqCst);
+            if commands.send(Command::Submit(Box::new(submission))).is_err() {
+                self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+                return Err(Error::Backend("the engine has stopped".into()));
+            }
+        }
+        Ok(streams)
+    }
+
+    /// A request checked and turned into what the step loop takes, with its event stream.
+    fn validate(&self, request: GenerateRequest) -> Result<(Submission, tmpsc::UnboundedReceiver<Result<Event>>)> {
         let sampling = request.sampling.clone().unwrap_or_else(|| self.default_sampling());
         sampling.validate()?;
         if request.max_tokens == Some(0) {
@@ -404,11 +437,6 @@ impl Engine {
             return Err(Error::request("stop", "stop strings must not be empty"));
         }
         let prompt = self.prompt_tokens(&request.prompt)?;
-        if let Some(max) = self.shared.max_waiting {
-            if self.shared.queued.load(Ordering::SeqCst) >= max {
-                return Err(Error::Busy { message: format!("{max} requests are already waiting") });
-            }
-        }
         let budget = self.shared.context_len - prompt.len();
         let (tx, rx) = tmpsc::unbounded_channel();
         let submission = Submission {
@@ -422,13 +450,7 @@ impl Engine {
             events: tx,
             submitted: Instant::now(),
         };
-        self.shared.queued.fetch_add(1, Ordering::SeqCst);
-        let sent = self.commands.lock().map_err(|_| poisoned())?.send(Command::Submit(Box::new(submission)));
-        if sent.is_err() {
-            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
-            return Err(Error::Backend("the engine has stopped".into()));
-        }
-        Ok(Generation { events: rx, done: false })
+        Ok((submission, rx))
     }
 
     /// Stops accepting requests, lets running ones finish for up to `timeout`, aborts the

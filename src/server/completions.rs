@@ -229,25 +229,24 @@ fn submit(reply: &Reply) -> Result<mpsc::UnboundedReceiver<ChoiceEvent>, ApiErro
     let engine = &reply.state.engine;
     let req = &reply.request;
     let defaults = engine.default_sampling();
-    let mut generations = Vec::with_capacity(reply.choices());
+    let mut requests = Vec::with_capacity(reply.choices());
     for (p, prompt) in reply.prompts.iter().enumerate() {
         for j in 0..req.n {
             let index = p * req.n + j;
-            let request = GenerateRequest {
+            requests.push(GenerateRequest {
                 prompt: Prompt::Tokens(prompt.ids.clone()),
                 sampling: req.sampling.params(defaults.clone(), index),
                 max_tokens: req.max_tokens.map(|m| usize::try_from(m).unwrap_or(usize::MAX)),
                 stop: req.stop.clone(),
                 ignore_eos: req.ignore_eos,
                 logprobs: req.logprobs,
-            };
-            // On an error the generations queued so far are dropped here, which aborts them.
-            let generation = engine
-                .generate(request)
-                .map_err(|e| ApiError::from_engine(e, reply.state.shutting_down.load(Ordering::SeqCst)))?;
-            generations.push(generation);
+            });
         }
     }
+    // All choices are admitted (or refused with 429) together.
+    let generations = engine
+        .generate_all(requests)
+        .map_err(|e| ApiError::from_engine(e, reply.state.shutting_down.load(Ordering::SeqCst)))?;
     let (tx, rx) = mpsc::unbounded_channel();
     for (index, mut generation) in generations.into_iter().enumerate() {
         let tx = tx.clone();
