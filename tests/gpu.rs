@@ -663,6 +663,99 @@ fn smollm2_greedy_tokens_at_tp3_match_tp1_through_the_engine() {
     assert_eq!(cuda_greedy(&dir, 3, &prompt, 24), reference, "tp=3 greedy tokens");
 }
 
+/// Greedy tokens through the engine on `device`.
+fn engine_greedy(dir: &Path, device: Device, prompt: &[u32], n: usize) -> Vec<u32> {
+    let engine = Engine::load(EngineOptions::new(dir.to_string_lossy()).device(device)).unwrap();
+    let mut req = GenerateRequest::tokens(prompt.to_vec()).sampling(SamplingParams::greedy()).max_tokens(n);
+    req.ignore_eos = true;
+    common::run(&engine, req).1.tokens
+}
+
+/// Greedy continuations through the GPU engine (sampling on the device) equal the CPU engine's
+/// for `n` tokens on every prompt. Where they diverge, the CPU's logits at that step are
+/// recomputed: the two tokens' logits must be within bf16 noise of each other (relative to the
+/// largest logit), else the test fails, reporting the margin.
+fn assert_greedy_matches_cpu(dir: &Path, prompts: &[Vec<u32>], n: usize) {
+    let vocab = ModelConfig::from_file(&dir.join("config.json")).unwrap().vocab_size;
+    for (p, prompt) in prompts.iter().enumerate() {
+        let cpu = engine_greedy(dir, Device::Cpu, prompt, n);
+        let gpu = engine_greedy(dir, Device::Cuda(0), prompt, n);
+        assert_eq!(gpu.len(), cpu.len(), "prompt {p}: lengths");
+        let Some(step) = cpu.iter().zip(&gpu).position(|(a, b)| a != b) else { continue };
+        let mut context = prompt.clone();
+        context.extend_from_slice(&cpu[..step]);
+        let all = model_logits(&CpuBackend::new(), dir, &[context.clone()]).remove(0);
+        let last = &all[(context.len() - 1) * vocab..context.len() * vocab];
+        let scale = last.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+        let margin = (last[cpu[step] as usize] - last[gpu[step] as usize]) / scale;
+        eprintln!(
+            "prompt {p}: GPU diverges at step {step} ({} vs CPU {}), CPU margin {margin:.2e}",
+            gpu[step], cpu[step]
+        );
+        assert!(margin <= LOGITS_TOL, "prompt {p}: diverged at step {step} where the CPU's margin is {margin:.2e}");
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn greedy_continuations_match_cpu_on_a_synthetic_model() {
+    gpu();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tiny-bf16");
+    let cfg = ModelConfig::preset("tiny").unwrap();
+    synth_checkpoint(&cfg, &dir, &SynthOptions { dtype: OutDType::Bf16, ..Default::default() }).unwrap();
+    let prompts: Vec<Vec<u32>> =
+        (0..4).map(|k| (0..(5 + 13 * k) as u32).map(|i| (i * 31 + 7 * k as u32 + 3) % 290).collect()).collect();
+    assert_greedy_matches_cpu(&dir, &prompts, 32);
+}
+
+/// Sampling on the GPU through the engine: a seed reproduces its tokens, another seed gives
+/// other tokens, and every token is inside the tokenizer's vocabulary.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn seeded_sampling_on_the_gpu_reproduces() {
+    gpu();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tiny-bf16");
+    synth_checkpoint(
+        &ModelConfig::preset("tiny").unwrap(),
+        &dir,
+        &SynthOptions { dtype: OutDType::Bf16, ..Default::default() },
+    )
+    .unwrap();
+    let engine = Engine::load(EngineOptions::new(dir.to_string_lossy()).device(Device::Cuda(0))).unwrap();
+    let vocab = engine.tokenizer().vocab_size() as u32;
+    let draw = |seed| {
+        let params =
+            SamplingParams { temperature: 1.0, top_p: 0.95, top_k: 50, seed: Some(seed), ..Default::default() };
+        let mut req = GenerateRequest::tokens(vec![5, 17, 42]).sampling(params).max_tokens(40);
+        req.ignore_eos = true;
+        common::run(&engine, req).1.tokens
+    };
+    let (a, b, c) = (draw(1), draw(1), draw(2));
+    assert_eq!(a, b, "the same seed");
+    assert_ne!(a, c, "another seed");
+    assert!(a.iter().chain(&c).all(|&t| t < vocab), "{a:?} {c:?}");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn smollm2_greedy_continuations_match_cpu() {
+    gpu();
+    let dir = common::smollm2_dir();
+    let tok = tulu::tokenizer::Tokenizer::from_dir(&dir).unwrap();
+    let prompts: Vec<Vec<u32>> = [
+        "The capital of France is",
+        "def fibonacci(n):",
+        "Once upon a time, in a small village,",
+        "The three primary colors are",
+    ]
+    .iter()
+    .map(|t| tok.encode_prompt(t).unwrap())
+    .collect();
+    assert_greedy_matches_cpu(&dir, &prompts, 32);
+}
+
 #[cfg(feature = "nccl")]
 mod nccl {
     use super::*;
