@@ -1,0 +1,355 @@
+//! Every CUDA op against the CPU backend, one table-driven test per op family.
+
+use super::*;
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn load_weight_streams_every_dtype_slice_and_padding() {
+    let (cpu, gpu) = (CpuBackend::new(), gpu());
+    let mut rng = rng("load_weight");
+    // More than one 4 Mi-element staging buffer, so copies cross buffers in the middle of a row.
+    let (rows, cols) = (2100, 2101);
+    let data = random(&mut rng, rows * cols, 4.0);
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let bytes = encode(&data, dtype);
+        let t = TensorRef { name: "w", file: Path::new("w.safetensors"), dtype, shape: &[rows, cols], bytes: &bytes };
+        // Two parts fused along rows: a row and column slice followed by zero rows (a padded
+        // vocab shard), then all rows of the same columns (a row-parallel rank's part).
+        let mut first = t.slice(3..1500, 7..2007);
+        first.pad_rows = 5;
+        let parts = [first, t.slice(0..rows, 7..2007)];
+        let (cw, gw) = (cpu.load_weight(&parts).unwrap(), gpu.load_weight(&parts).unwrap());
+        let ids: Vec<u32> = (0..(1497 + 5 + rows) as u32).collect();
+        let c = cpu.to_host(&cpu.embed(&cw, &ids).unwrap()).unwrap();
+        let g = gpu.to_host(&gpu.embed(&gw, &ids).unwrap()).unwrap();
+        assert_close(&format!("load_weight {dtype:?}"), &g, &c, OP_TOL);
+        let mismatched = [t.slice(0..2, 0..10), t.slice(0..2, 0..11)];
+        assert!(gpu.load_weight(&mismatched).is_err(), "parts of different widths must not fuse");
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn rms_norm_and_add_rms_norm_match_cpu() {
+    let (cpu, gpu) = (CpuBackend::new(), gpu());
+    let mut rng = rng("rms_norm");
+    // Widths: 16-byte path (multiples of 8), scalar path (others), one row and many.
+    for &(rows, cols) in &[(1, 64), (3, 4096), (5, 100), (2, 8), (17, 257), (64, 2048), (1, 16384)] {
+        let what = format!("rms_norm {rows}×{cols}");
+        let (x, r) = (random(&mut rng, rows * cols, 2.0), random(&mut rng, rows * cols, 2.0));
+        let w = random(&mut rng, cols, 1.5);
+        let (cw, gw) = (weight(&cpu, &w, &[cols]), weight(&gpu, &w, &[cols]));
+        let (cx, gx) = (tensor(&cpu, &x, rows, cols), tensor(&gpu, &x, rows, cols));
+        let c = cpu.to_host(&cpu.rms_norm(&cx, &cw, 1e-5).unwrap()).unwrap();
+        let g = gpu.to_host(&gpu.rms_norm(&gx, &gw, 1e-5).unwrap()).unwrap();
+        assert_close(&what, &g, &c, OP_TOL);
+
+        let (mut cx, mut gx) = (cx, gx);
+        let (cr, gr) = (tensor(&cpu, &r, rows, cols), tensor(&gpu, &r, rows, cols));
+        let c = cpu.to_host(&cpu.add_rms_norm(&mut cx, &cr, &cw, 1e-5).unwrap()).unwrap();
+        let g = gpu.to_host(&gpu.add_rms_norm(&mut gx, &gr, &gw, 1e-5).unwrap()).unwrap();
+        assert_close(&format!("add_{what} (normed)"), &g, &c, OP_TOL);
+        assert_close(
+            &format!("add_{what} (x + residual)"),
+            &gpu.to_host(&gx).unwrap(),
+            &cpu.to_host(&cx).unwrap(),
+            OP_TOL,
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn matmul_matches_cpu() {
+    let (cpu, gpu) = (CpuBackend::new(), gpu());
+    let mut rng = rng("matmul");
+    // (tokens, in, out): decode and prefill rows, Llama-like and odd shapes.
+    for &(m, k, n) in
+        &[(1, 64, 64), (1, 4096, 6144), (7, 512, 300), (33, 1000, 257), (128, 256, 512), (5, 99, 37), (2, 64, 160)]
+    {
+        let x = random(&mut rng, m * k, 1.0);
+        let w = random(&mut rng, n * k, (1.0 / k as f32).sqrt() * 1.7);
+        let c = cpu.to_host(&cpu.matmul(&tensor(&cpu, &x, m, k), &weight(&cpu, &w, &[n, k])).unwrap()).unwrap();
+        let g = gpu.to_host(&gpu.matmul(&tensor(&gpu, &x, m, k), &weight(&gpu, &w, &[n, k])).unwrap()).unwrap();
+        assert_close(&format!("matmul {m}×{k} · ({n}×{k})ᵀ"), &g, &c, OP_TOL);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn elementwise_embedding_and_gather_match_cpu() {
+    let (cpu, gpu) = (CpuBackend::new(), gpu());
+    let mut rng = rng("elementwise");
+    for &(rows, inter) in &[(3, 160), (1, 14336), (9, 37), (64, 512)] {
+        let gu = random(&mut rng, rows * 2 * inter, 4.0);
+        let c = cpu.to_host(&cpu.silu_mul(&tensor(&cpu, &gu, rows, 2 * inter)).unwrap()).unwrap();
+        let g = gpu.to_host(&gpu.silu_mul(&tensor(&gpu, &gu, rows, 2 * inter)).unwrap()).unwrap();
+        assert_close(&format!("silu_mul {rows}×{inter}"), &g, &c, OP_TOL);
+    }
+    for &(rows, cols) in &[(4, 100), (1, 4096), (13, 7)] {
+        let (x, y) = (random(&mut rng, rows * cols, 3.0), random(&mut rng, rows * cols, 3.0));
+        let (mut cx, mut gx) = (tensor(&cpu, &x, rows, cols), tensor(&gpu, &x, rows, cols));
+        cpu.add(&mut cx, &tensor(&cpu, &y, rows, cols)).unwrap();
+        gpu.add(&mut gx, &tensor(&gpu, &y, rows, cols)).unwrap();
+        assert_close(&format!("add {rows}×{cols}"), &gpu.to_host(&gx).unwrap(), &cpu.to_host(&cx).unwrap(), OP_TOL);
+
+        let pick = [rows - 1, 0, rows / 2, rows - 1];
+        let c = cpu.to_host(&cpu.gather_rows(&cx, &pick).unwrap()).unwrap();
+        let g = gpu.to_host(&gpu.gather_rows(&gx, &pick).unwrap()).unwrap();
+        assert_close(&format!("gather_rows {rows}×{cols}"), &g, &c, OP_TOL);
+        assert!(gpu.gather_rows(&gx, &[rows]).is_err(), "gather_rows past the end must fail");
+    }
+    for &(vocab, cols) in &[(300, 64), (1000, 4096), (17, 24)] {
+        let table = random(&mut rng, vocab * cols, 1.0);
+        let ids: Vec<u32> = (0..11).map(|_| rng.random_range(0..vocab as u32)).chain([0, vocab as u32 - 1]).collect();
+        let c = cpu.to_host(&cpu.embed(&weight(&cpu, &table, &[vocab, cols]), &ids).unwrap()).unwrap();
+        let gt = weight(&gpu, &table, &[vocab, cols]);
+        let g = gpu.to_host(&gpu.embed(&gt, &ids).unwrap()).unwrap();
+        assert_close(&format!("embed {vocab}×{cols}"), &g, &c, OP_TOL);
+        // Ids past the table (another vocab-parallel rank's) give zero rows.
+        let g = gpu.to_host(&gpu.embed(&gt, &[vocab as u32, 0, u32::MAX]).unwrap()).unwrap();
+        assert!(g[..cols].iter().chain(&g[2 * cols..]).all(|&x| x == 0.0), "embed {vocab}×{cols}: id past the table");
+        assert_close(&format!("embed {vocab}×{cols} row 0"), &g[cols..2 * cols], &table[..cols], OP_TOL);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn argmax_matches_host_argmax() {
+    let gpu = gpu();
+    let mut rng = rng("argmax");
+    for &(rows, cols, sample) in &[(1, 128_264, 128_257), (3, 1000, 990), (5, 300, 300), (2, 33, 1)] {
+        let mut logits = random(&mut rng, rows * cols, 8.0);
+        // Row 0: the largest value sits in the padding and must be ignored; row 1 has a tie.
+        logits[cols - 1] = 100.0;
+        if rows > 1 && sample > 3 {
+            logits[cols + 1] = 50.0;
+            logits[cols + 3] = 50.0;
+        }
+        let t = gpu.tensor_from_host(&logits, rows, cols).unwrap();
+        let ids = gpu.argmax(&t, sample).unwrap();
+        let host = gpu.to_host(&t).unwrap();
+        for (r, &id) in ids.iter().enumerate() {
+            let row = &host[r * cols..r * cols + sample];
+            let want = tulu::runtime::sampler::argmax(row);
+            assert_eq!(id, want, "argmax row {r} of {rows}×{cols} (sample {sample})");
+        }
+    }
+}
+
+/// The GPU `sample` op picks the token `sample_row` picks on the host from the same bf16 logits,
+/// for every filter and their combination, never a padded column. Thresholds are exact on both
+/// sides (integer masses), but `expf` on the GPU and the host may differ in the last bit, which
+/// can move a draw that lands right on a boundary: at most 1% of draws may differ.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn sample_matches_the_host_sampler() {
+    use tulu::runtime::sampler::{sample_row, RowSampling};
+    let gpu = gpu();
+    let mut rng = rng("sample");
+    let base = RowSampling { temperature: 0.8, ..RowSampling::greedy() };
+    let settings = [
+        RowSampling { repetition_penalty: 1.3, penalized: vec![0, 5, 17, 40], ..RowSampling::greedy() },
+        base.clone(),
+        RowSampling { top_k: 20, ..base.clone() },
+        RowSampling { top_k: 1, ..base.clone() },
+        RowSampling { top_p: 0.9, ..base.clone() },
+        RowSampling { top_p: 0.3, temperature: 1.7, ..base.clone() },
+        RowSampling { min_p: 0.05, ..base.clone() },
+        RowSampling { top_k: 50, top_p: 0.95, min_p: 0.02, repetition_penalty: 1.2, penalized: vec![1, 2, 3], ..base },
+    ];
+    let (mut draws, mut differ) = (0, 0);
+    for &(cols, valid) in &[(128_264, 128_256), (1000, 990), (300, 300)] {
+        for setting in &settings {
+            let rows = 16;
+            let mut logits = random(&mut rng, rows * cols, 6.0);
+            for r in 0..rows {
+                for c in valid..cols {
+                    logits[r * cols + c] = 1e4; // padding: never picked, however likely
+                }
+            }
+            let t = gpu.tensor_from_host(&logits, rows, cols).unwrap();
+            let host = gpu.to_host(&t).unwrap();
+            let per_row: Vec<RowSampling> =
+                (0..rows).map(|_| RowSampling { uniform: rng.random::<f32>(), ..setting.clone() }).collect();
+            let ids = gpu.sample(&t, &per_row, valid).unwrap();
+            for (r, (&id, s)) in ids.iter().zip(&per_row).enumerate() {
+                assert!((id as usize) < valid, "{s:?}: row {r} picked padded column {id}");
+                let want = sample_row(&host[r * cols..(r + 1) * cols], valid, s);
+                draws += 1;
+                if id != want {
+                    differ += 1;
+                    eprintln!("{cols}/{valid} {s:?} row {r}: GPU {id}, host {want}");
+                }
+            }
+            // Greedy rows must agree exactly.
+            if setting.temperature == 0.0 {
+                let want: Vec<u32> = per_row
+                    .iter()
+                    .enumerate()
+                    .map(|(r, s)| sample_row(&host[r * cols..(r + 1) * cols], valid, s))
+                    .collect();
+                assert_eq!(ids, want, "greedy with penalty");
+            }
+        }
+    }
+    assert!(differ * 100 <= draws, "{differ} of {draws} draws differ from the host sampler");
+}
+
+/// Decode matmuls (1 to 8 rows) through our GEMV and through cuBLASLt both match the CPU, on
+/// odd output widths and inner dimensions that are and are not multiples of 8 (those always go
+/// to cuBLASLt); the automatic choice records every shape it measured.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gemv_and_cublaslt_decode_matmuls_match_cpu() {
+    use tulu::backend::cuda::GemvMode;
+    let gpu = gpu();
+    let cpu = CpuBackend::new();
+    let mut rng = rng("gemv");
+    for &(n, k) in &[(1, 8), (37, 64), (200, 1000), (333, 4096), (6144, 4096), (96, 1003), (4096, 14336)] {
+        let w = random(&mut rng, n * k, 1.0 / (k as f32).sqrt());
+        let (gw, cw) = (weight(&gpu, &w, &[n, k]), weight(&cpu, &w, &[n, k]));
+        for m in 1..=8 {
+            let x = random(&mut rng, m * k, 1.0);
+            let c = cpu.to_host(&cpu.matmul(&tensor(&cpu, &x, m, k), &cw).unwrap()).unwrap();
+            for mode in [GemvMode::Always, GemvMode::Never, GemvMode::Auto] {
+                gpu.set_gemv_mode(mode);
+                let g = gpu.to_host(&gpu.matmul(&tensor(&gpu, &x, m, k), &gw).unwrap()).unwrap();
+                assert_close(&format!("{mode:?} {m}×{k} · ({n}×{k})ᵀ"), &g, &c, OP_TOL);
+            }
+        }
+    }
+    let measured = gpu.gemv_choices();
+    assert!(measured.iter().any(|c| (c.m, c.n, c.k) == (1, 6144, 4096)), "{measured:?}");
+    assert!(measured.iter().all(|c| c.k % 8 == 0 && c.gemv_us > 0.0 && c.blas_us > 0.0));
+    for c in &measured {
+        eprintln!("{c:?}");
+    }
+}
+
+/// One attention configuration: head geometry, cache paging and the steps to run.
+struct AttnCase {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    block_size: usize,
+    /// Steps; each lists, per sequence, how many new tokens it feeds (0: not in this step).
+    steps: Vec<Vec<usize>>,
+}
+
+/// Runs `case` on both backends through rope_write_kv and attention (on layer 1 of a 2-layer
+/// cache, with shuffled block tables) and compares q and the attention output at every step.
+fn run_attention_case(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut StdRng, case: &AttnCase) {
+    let dims = AttnDims { heads: case.heads, kv_heads: case.kv_heads, head_dim: case.head_dim };
+    let seqs = case.steps[0].len();
+    let totals: Vec<usize> = (0..seqs).map(|s| case.steps.iter().map(|st| st[s]).sum()).collect();
+    let max_pos = totals.iter().copied().max().unwrap_or(1).max(1);
+    let blocks_per_seq: Vec<usize> = totals.iter().map(|t| t.div_ceil(case.block_size)).collect();
+    let num_blocks: usize = blocks_per_seq.iter().sum::<usize>() + 3;
+    // Shuffled physical blocks, so that logical neighbours are never physical neighbours.
+    let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+    for i in (1..ids.len()).rev() {
+        ids.swap(i, rng.random_range(0..=i));
+    }
+    let mut tables = Vec::new();
+    let mut next = 0;
+    for &n in &blocks_per_seq {
+        tables.push(ids[next..next + n].to_vec());
+        next += n;
+    }
+    // RoPE tables of plain frequencies: the kernel only reads them.
+    let half = case.head_dim / 2;
+    let (mut cos, mut sin) = (Vec::new(), Vec::new());
+    for p in 0..max_pos {
+        for i in 0..half {
+            let a = p as f32 * 10_000f32.powf(-(2.0 * i as f32) / case.head_dim as f32);
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    let (ccos, csin) = (cpu.upload(&cos, max_pos, half).unwrap(), cpu.upload(&sin, max_pos, half).unwrap());
+    let (gcos, gsin) = (gpu.upload(&cos, max_pos, half).unwrap(), gpu.upload(&sin, max_pos, half).unwrap());
+    let spec = KvCacheSpec {
+        layers: 2,
+        num_blocks,
+        block_size: case.block_size,
+        kv_heads: case.kv_heads,
+        head_dim: case.head_dim,
+    };
+    let (mut ccache, mut gcache) = (cpu.new_kv_cache(&spec).unwrap(), gpu.new_kv_cache(&spec).unwrap());
+    let width = dims.q_dim() + 2 * dims.kv_dim();
+    let mut cached = vec![0usize; seqs];
+    for (k, step) in case.steps.iter().enumerate() {
+        let mut batch = Batch::new(case.block_size);
+        for (s, &n) in step.iter().enumerate() {
+            if n > 0 {
+                let tokens = vec![0u32; n];
+                batch.push(&tokens, cached[s], &tables[s]).unwrap();
+                cached[s] += n;
+            }
+        }
+        let rows = batch.num_tokens();
+        let what = format!(
+            "heads {}/{} hd {} block {} step {k} {:?}",
+            case.heads, case.kv_heads, case.head_dim, case.block_size, step
+        );
+        let qkv = random(rng, rows * width, 2.0);
+        let (cq, gq) = (tensor(cpu, &qkv, rows, width), tensor(gpu, &qkv, rows, width));
+        let cq = cpu.rope_write_kv(&cq, &ccos, &csin, 1, &mut ccache, &batch, dims).unwrap();
+        let gq = gpu.rope_write_kv(&gq, &gcos, &gsin, 1, &mut gcache, &batch, dims).unwrap();
+        assert_close(&format!("rope q: {what}"), &gpu.to_host(&gq).unwrap(), &cpu.to_host(&cq).unwrap(), OP_TOL);
+        let c = cpu.to_host(&cpu.attention(&cq, 1, &ccache, &batch, dims).unwrap()).unwrap();
+        let g = gpu.to_host(&gpu.attention(&gq, 1, &gcache, &batch, dims).unwrap()).unwrap();
+        assert_close(&format!("attention: {what}"), &g, &c, OP_TOL);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn rope_write_kv_and_attention_match_cpu() {
+    let (cpu, gpu) = (CpuBackend::new(), gpu());
+    let mut rng = rng("attention");
+    // Prompt lengths around the key tiles (16/32/64) and the prefill row tiles.
+    let prompts = [1, 7, 31, 32, 33, 63, 64, 65, 129, 300];
+    let mut cases = Vec::new();
+    for &(heads, kv_heads) in &[(8, 8), (16, 4), (32, 4)] {
+        for &head_dim in &[64, 128] {
+            // Prefill of several sequences of different lengths, then three decode steps, then
+            // a chunked prefill (cached prefix + new tokens) beside a decode.
+            let mut steps = vec![prompts.to_vec()];
+            steps.extend((0..3).map(|_| vec![1; prompts.len()]));
+            steps.push(prompts.iter().enumerate().map(|(i, _)| if i % 2 == 0 { 17 } else { 1 }).collect());
+            cases.push(AttnCase { heads, kv_heads, head_dim, block_size: 16, steps });
+            // One long sequence: decode splits the keys across blocks, then the combine runs.
+            let steps = vec![vec![2049], vec![1], vec![1]];
+            cases.push(AttnCase { heads, kv_heads, head_dim, block_size: 32, steps });
+        }
+    }
+    // The tiny model's geometry (head_dim 8, GQA 4) and an odd head count with head_dim 96.
+    cases.push(AttnCase { heads: 8, kv_heads: 2, head_dim: 8, block_size: 16, steps: vec![vec![70, 3], vec![1, 1]] });
+    cases.push(AttnCase {
+        heads: 12,
+        kv_heads: 3,
+        head_dim: 96,
+        block_size: 8,
+        steps: vec![vec![45, 100], vec![1, 1]],
+    });
+    for case in &cases {
+        run_attention_case(&cpu, &gpu, &mut rng, case);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn attention_rejects_a_batch_outside_the_cache() {
+    let gpu = gpu();
+    let dims = AttnDims { heads: 4, kv_heads: 1, head_dim: 64 };
+    let spec = KvCacheSpec { layers: 1, num_blocks: 2, block_size: 16, kv_heads: 1, head_dim: 64 };
+    let mut cache = gpu.new_kv_cache(&spec).unwrap();
+    let mut batch = Batch::new(16);
+    batch.push(&[0; 4], 0, &[5]).unwrap(); // block 5 of a 2-block cache
+    let qkv = gpu.tensor_from_host(&vec![0.0; 4 * 6 * 64], 4, 6 * 64).unwrap();
+    let t = gpu.upload(&vec![0.0; 8 * 32], 8, 32).unwrap();
+    let e = gpu.rope_write_kv(&qkv, &t, &t, 0, &mut cache, &batch, dims).err().expect("must fail");
+    assert!(e.to_string().contains("outside the cache"), "{e}");
+}
