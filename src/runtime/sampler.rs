@@ -164,22 +164,14 @@ pub fn sample_row(logits: &[f32], valid: usize, s: &RowSampling) -> u32 {
         .collect();
     let mut threshold = 0.0f32;
     if s.top_k > 0 && s.top_k < n {
-        let mut sorted = p.clone();
-        sorted.sort_unstable_by(|a, b| b.total_cmp(a));
-        threshold = sorted[s.top_k - 1];
+        // The k-th largest, without sorting the vocabulary.
+        let mut v = p.clone();
+        threshold = *v.select_nth_unstable_by(s.top_k - 1, |a, b| b.total_cmp(a)).1;
     }
     if s.top_p < 1.0 {
-        let mut kept: Vec<f32> = p.iter().copied().filter(|&x| x >= threshold).collect();
-        kept.sort_unstable_by(|a, b| b.total_cmp(a));
+        let kept: Vec<f32> = p.iter().copied().filter(|&x| x >= threshold).collect();
         let goal = top_p_goal(kept.iter().map(|&x| mass(x)).sum(), s.top_p);
-        let mut acc = 0u64;
-        for &x in &kept {
-            acc += mass(x);
-            if acc >= goal {
-                threshold = threshold.max(x);
-                break;
-            }
-        }
+        threshold = threshold.max(top_p_threshold(kept, goal));
     }
     if s.min_p > 0.0 {
         threshold = threshold.max(s.min_p);
@@ -198,6 +190,33 @@ pub fn sample_row(logits: &[f32], valid: usize, s: &RowSampling) -> u32 {
         }
     }
     last
+}
+
+/// The largest value `t` of `kept` such that the values `≥ t` weigh at least `goal`: the
+/// running mass of the values in descending order, sorting only as many of the largest as it
+/// needs (a top-p set is usually a few hundred tokens of a 128k vocabulary).
+fn top_p_threshold(mut kept: Vec<f32>, goal: u64) -> f32 {
+    let len = kept.len();
+    let mut m = len.min(256);
+    loop {
+        if m < len {
+            kept.select_nth_unstable_by(m - 1, |a, b| b.total_cmp(a));
+        }
+        let head = &mut kept[..m];
+        head.sort_unstable_by(|a, b| b.total_cmp(a));
+        let mut acc = 0u64;
+        for &x in head.iter() {
+            acc += mass(x);
+            if acc >= goal {
+                return x;
+            }
+        }
+        if m == len {
+            // Only when `goal` exceeds the whole mass, which `top_p_goal` rules out.
+            return head.last().copied().unwrap_or(0.0);
+        }
+        m = (m * 4).min(len);
+    }
 }
 
 /// The mass top-p must reach: `⌈top_p · total⌉`, at most `total`.
@@ -373,6 +392,32 @@ mod tests {
         assert_eq!(sample_row(&[3.0, 2.9, -1.0, 5.0], 4, &pen), 0);
         let pen = RowSampling { penalized: vec![3, 0], ..pen };
         assert_eq!(sample_row(&[3.0, 2.9, -1.0, 5.0], 4, &pen), 1);
+    }
+
+    /// The partial-sort top-p threshold equals the one a full sort gives, ties included.
+    #[test]
+    fn top_p_threshold_matches_a_full_sort() {
+        let mut rng = StdRng::seed_from_u64(5);
+        for n in [1usize, 7, 300, 5000] {
+            for _ in 0..20 {
+                // Coarse values, so that ties are common.
+                let p: Vec<f32> = (0..n).map(|_| (rng.random_range(0..40) as f32 / 40.0).powi(6)).collect();
+                let total: u64 = p.iter().map(|&x| mass(x)).sum();
+                for top_p in [0.01f32, 0.5, 0.9, 0.999, 1.0] {
+                    let goal = top_p_goal(total, top_p).max(1);
+                    let mut sorted = p.clone();
+                    sorted.sort_unstable_by(|a, b| b.total_cmp(a));
+                    let mut acc = 0u64;
+                    let want = sorted.iter().copied().find(|&x| {
+                        acc += mass(x);
+                        acc >= goal
+                    });
+                    if let Some(want) = want {
+                        assert_eq!(top_p_threshold(p.clone(), goal), want, "n {n} top_p {top_p}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
