@@ -165,10 +165,24 @@ impl TcpComm {
     }
 
     /// Any other rank: the next message from rank 0; `None` when rank 0 has closed (shutdown).
-    fn recv_from_root(&self) -> Result<Option<Vec<u8>>> {
+    /// With `idle`, the wait for the message to start has no timeout (a server may go hours
+    /// without a step); its body, once started, must arrive within the timeout.
+    fn recv_from_root(&self, idle: bool) -> Result<Option<Vec<u8>>> {
         let mut peers = self.peers()?;
         let s = peers.first_mut().ok_or_else(|| Error::Backend("no stream to rank 0".into()))?;
-        match recv_frame(s) {
+        let received = if idle {
+            let _ = s.set_read_timeout(None);
+            let mut len = [0u8; 8];
+            let started = s.read_exact(&mut len);
+            let _ = s.set_read_timeout(Some(self.timeout));
+            started.and_then(|()| {
+                let mut buf = vec![0u8; u64::from_le_bytes(len) as usize];
+                s.read_exact(&mut buf).map(|()| buf)
+            })
+        } else {
+            recv_frame(s)
+        };
+        match received {
             Ok(bytes) => Ok(Some(bytes)),
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
             Err(e) => Err(io_err("waiting for rank 0", 0, self.timeout, e)),
@@ -182,7 +196,8 @@ impl TcpComm {
 
     /// Other ranks: rank 0's [`Hello`].
     pub fn recv_hello(&self) -> Result<Hello> {
-        let bytes = self.recv_from_root()?.ok_or_else(|| Error::Backend("rank 0 closed before its hello".into()))?;
+        let bytes =
+            self.recv_from_root(false)?.ok_or_else(|| Error::Backend("rank 0 closed before its hello".into()))?;
         serde_json::from_slice(&bytes).map_err(|e| Error::Backend(format!("bad hello from rank 0: {e}")))
     }
 
@@ -192,9 +207,10 @@ impl TcpComm {
         self.send_all(&bytes, "sending the step")
     }
 
-    /// Other ranks: the next step, or `None` once rank 0 has shut down.
+    /// Other ranks: the next step, or `None` once rank 0 has shut down. Waiting for it has no
+    /// timeout: rank 0 runs steps only while it has requests.
     pub fn recv_step(&self) -> Result<Option<(Batch, Vec<usize>)>> {
-        match self.recv_from_root()? {
+        match self.recv_from_root(true)? {
             None => Ok(None),
             Some(bytes) => serde_json::from_slice(&bytes)
                 .map(Some)
@@ -270,6 +286,40 @@ impl Communicator<CpuBackend> for TcpComm {
 mod tests {
     use super::*;
 
+    fn spec(rank: usize, world: usize, port: u16) -> WorldSpec {
+        WorldSpec {
+            world_size: world,
+            rank,
+            local_rank: rank,
+            local_world_size: world,
+            master_addr: "127.0.0.1".into(),
+            master_port: port,
+        }
+    }
+
+    /// A server idle for longer than the distributed timeout does not lose its ranks: waiting
+    /// for the next step has no timeout (collectives still have one).
+    #[test]
+    fn an_idle_gap_longer_than_the_timeout_is_not_a_failure() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let timeout = Duration::from_millis(300);
+        let worker = std::thread::spawn(move || {
+            let comm = TcpComm::connect(&spec(1, 2, port), timeout).unwrap();
+            let step = comm.recv_step().unwrap().expect("a step after the idle gap");
+            (step, comm.recv_step().unwrap())
+        });
+        let root = TcpComm::accept_on(&listener, 2, timeout).unwrap();
+        std::thread::sleep(timeout * 3);
+        let mut batch = Batch::new(16);
+        batch.push(&[1, 2, 3], 0, &[0]).unwrap();
+        root.send_step(&batch, &[2]).unwrap();
+        drop(root);
+        let ((got, rows), after) = worker.join().unwrap();
+        assert_eq!((got, rows), (batch, vec![2]));
+        assert!(after.is_none(), "rank 0 closing ends the loop");
+    }
+
     /// Three ranks on 127.0.0.1 agree on the smallest value; the hello (with its optional fields)
     /// reaches every rank intact.
     #[test]
@@ -288,15 +338,7 @@ mod tests {
             .into_iter()
             .map(|(rank, value)| {
                 std::thread::spawn(move || {
-                    let spec = WorldSpec {
-                        world_size: 3,
-                        rank,
-                        local_rank: rank,
-                        local_world_size: 3,
-                        master_addr: "127.0.0.1".into(),
-                        master_port: port,
-                    };
-                    let comm = TcpComm::connect(&spec, timeout).unwrap();
+                    let comm = TcpComm::connect(&spec(rank, 3, port), timeout).unwrap();
                     let hello = comm.recv_hello().unwrap();
                     (hello, comm.agree_min(value).unwrap())
                 })
