@@ -8,12 +8,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use tulu::backend::cpu::CpuBackend;
-use tulu::backend::Backend;
 use tulu::config::ModelConfig;
 use tulu::model::Llama;
 use tulu::parallel::local::LocalGroup;
 use tulu::parallel::sharding::Shard;
-use tulu::runtime::batch::Batch;
 use tulu::weights::gguf::OutDType;
 use tulu::weights::WeightStore;
 use tulu::{Engine, EngineOptions, Event, GenerateRequest, SamplingParams};
@@ -27,32 +25,12 @@ fn tp_logits(dir: &Path, tp: usize, tokens: &[u32]) -> Vec<f32> {
 
 /// The same for a model `load` builds on each rank.
 fn ranks_logits(tp: usize, tokens: &[u32], load: impl Fn(&CpuBackend, Shard) -> Llama<CpuBackend> + Sync) -> Vec<f32> {
-    let group = LocalGroup::new(tp, Duration::from_secs(60));
-    let table: Vec<u32> = (0..8).collect();
-    let mut batch = Batch::new(16);
-    batch.push(tokens, 0, &table).unwrap();
-    let rows: Vec<usize> = (0..tokens.len()).collect();
-    let outs: Vec<Vec<f32>> = std::thread::scope(|s| {
-        let handles: Vec<_> = group
-            .communicators()
-            .into_iter()
-            .enumerate()
-            .map(|(rank, comm)| {
-                let (batch, rows, load) = (&batch, &rows, &load);
-                s.spawn(move || {
-                    let backend = CpuBackend::new();
-                    let model = load(&backend, Shard { rank, world: tp });
-                    let mut cache = backend.new_kv_cache(&model.kv_cache_spec(8, 16)).unwrap();
-                    model.forward(&backend, batch, &mut cache, rows, &comm).unwrap()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    for o in &outs[1..] {
-        assert_eq!(o, &outs[0], "every rank holds the same gathered logits");
-    }
-    outs.into_iter().next().unwrap()
+    let comms = LocalGroup::new(tp, Duration::from_secs(60)).communicators();
+    common::ranks_logits(comms, tokens, |rank| {
+        let backend = CpuBackend::new();
+        let model = load(&backend, Shard { rank, world: tp });
+        (backend, model)
+    })
 }
 
 /// Random-weight models (benchmarks) shard like checkpoints: each rank generates exactly its

@@ -5,7 +5,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use tulu::backend::Backend;
 use tulu::config::ModelConfig;
+use tulu::model::Llama;
+use tulu::parallel::Communicator;
+use tulu::runtime::batch::Batch;
 use tulu::synth::{synth_checkpoint, SynthOptions};
 use tulu::weights::gguf::{convert_gguf, ConvertOptions, OutDType};
 
@@ -86,4 +90,40 @@ pub fn run(engine: &tulu::Engine, req: tulu::GenerateRequest) -> (String, tulu::
         }
     }
     panic!("the stream ended without a summary");
+}
+
+/// Logits of every position of `tokens` (one prefill) from one thread per communicator in
+/// `comms`, rank `r` running the backend and model `open(r)` makes, as the engine runs its
+/// ranks; every rank must hold the same gathered logits. Returns rank 0's.
+pub fn ranks_logits<B: Backend, C: Communicator<B> + Send>(
+    comms: Vec<C>,
+    tokens: &[u32],
+    open: impl Fn(usize) -> (B, Llama<B>) + Sync,
+) -> Vec<f32> {
+    let table: Vec<u32> = (0..8).collect();
+    let mut batch = Batch::new(16);
+    batch.push(tokens, 0, &table).unwrap();
+    let rows: Vec<usize> = (0..tokens.len()).collect();
+    let outs: Vec<Vec<f32>> = std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(rank, comm)| {
+                let (batch, rows, open) = (&batch, &rows, &open);
+                s.spawn(move || {
+                    let (backend, model) = open(rank);
+                    // Declared after the backend, so dropped before it (an NCCL communicator is
+                    // torn down while its device is still open).
+                    let comm = comm;
+                    let mut cache = backend.new_kv_cache(&model.kv_cache_spec(8, 16)).unwrap();
+                    model.forward(&backend, batch, &mut cache, rows, &comm).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for o in &outs[1..] {
+        assert_eq!(o, &outs[0], "every rank holds the same gathered logits");
+    }
+    outs.into_iter().next().unwrap()
 }

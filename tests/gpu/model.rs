@@ -121,9 +121,8 @@ fn loading_onto_the_gpu_keeps_host_memory_flat() {
 }
 
 /// Logits of every position of `tokens` from one CUDA rank per communicator in `comms`, rank
-/// `r` on GPU `device(r)` (its own backend, in its own thread, as the engine runs them); every
-/// rank must hold the same gathered logits. Returns rank 0's.
-fn cuda_tp_logits<C: Communicator<CudaBackend> + 'static>(
+/// `r` on GPU `device(r)` (its own backend, in its own thread, as the engine runs them).
+fn cuda_tp_logits<C: Communicator<CudaBackend> + Send>(
     dir: &Path,
     tokens: &[u32],
     comms: Vec<C>,
@@ -132,31 +131,12 @@ fn cuda_tp_logits<C: Communicator<CudaBackend> + 'static>(
     let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
     let store = WeightStore::open(dir).unwrap();
     let world = comms.len();
-    let table: Vec<u32> = (0..8).collect();
-    let mut batch = Batch::new(16);
-    batch.push(tokens, 0, &table).unwrap();
-    let rows: Vec<usize> = (0..tokens.len()).collect();
-    let outs: Vec<Vec<f32>> = std::thread::scope(|s| {
-        let handles: Vec<_> = comms
-            .into_iter()
-            .enumerate()
-            .map(|(rank, comm)| {
-                let (cfg, store, batch, rows, device) = (&cfg, &store, &batch, &rows, &device);
-                s.spawn(move || {
-                    let backend = CudaBackend::new(device(rank)).unwrap();
-                    backend.poison_outputs(true);
-                    let model = Llama::load(&backend, cfg, store, 128, Shard { rank, world }, |_| {}).unwrap();
-                    let mut cache = backend.new_kv_cache(&model.kv_cache_spec(8, 16)).unwrap();
-                    model.forward(&backend, batch, &mut cache, rows, &comm).unwrap()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    for o in &outs[1..] {
-        assert_eq!(o, &outs[0], "every rank holds the same gathered logits");
-    }
-    outs.into_iter().next().unwrap()
+    common::ranks_logits(comms, tokens, |rank| {
+        let backend = CudaBackend::new(device(rank)).unwrap();
+        backend.poison_outputs(true);
+        let model = Llama::load(&backend, &cfg, &store, 128, Shard { rank, world }, |_| {}).unwrap();
+        (backend, model)
+    })
 }
 
 /// `tp` ranks sharing GPU 0 through the host-staged in-process communicator.
