@@ -6,11 +6,12 @@
 //! then each step's inputs) and, on CPU ranks, the collectives too. CUDA ranks (feature `nccl`)
 //! each drive the GPU `LOCAL_RANK` of their machine (offset by `--device cuda:N`) and meet in
 //! an NCCL group whose unique id rank 0 creates and sends in its hello, so that every rank
-//! follows rank 0's choice of device. NCCL collectives have no timeout: a rank that dies in
-//! the middle of a step leaves its peers waiting in NCCL (the TCP control channel still fails
-//! rank 0's next send, naming the rank).
+//! follows rank 0's choice of device. NCCL collectives have no timeout of their own: a
+//! [`Watchdog`] on every rank aborts the group when a step outlives `--dist-timeout`, so that a
+//! dead or stalled peer fails the others instead of hanging them.
 
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::worker::Runner;
@@ -32,6 +33,7 @@ use crate::weights::WeightStore;
 /// Rank 0's runner: its own shard, the control star to the other ranks, and the communicator
 /// the collectives go through (the star itself on CPUs, NCCL on GPUs).
 pub(super) struct NodeRunner<B: Backend> {
+    watchdog: Option<Watchdog>,
     // Declared before the backend, so dropped before it (an NCCL communicator is torn down
     // while its device is still open).
     comm: Box<dyn Communicator<B>>,
@@ -44,7 +46,73 @@ pub(super) struct NodeRunner<B: Backend> {
 impl<B: Backend> Runner for NodeRunner<B> {
     fn step(&mut self, batch: &Batch, sampling: &StepSampling) -> Result<StepOutput> {
         self.control.send_step(batch, &sampling.rows)?;
+        let _armed = self.watchdog.as_ref().map(Watchdog::arm);
         self.model.step(&self.backend, batch, &mut self.cache, sampling, &*self.comm)
+    }
+}
+
+/// Aborts a group when one step runs longer than the timeout. A thread waits for each step to
+/// start, then for it to end; past the timeout it calls `abort` once for that step.
+pub(super) struct Watchdog {
+    events: Option<mpsc::Sender<bool>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Marks a step as running until dropped.
+pub(super) struct Armed<'a>(&'a Watchdog);
+
+impl Watchdog {
+    #[cfg_attr(not(feature = "nccl"), allow(dead_code))]
+    pub(super) fn new(timeout: Duration, abort: impl Fn() + Send + 'static) -> Self {
+        let (tx, rx) = mpsc::channel::<bool>();
+        let thread = std::thread::spawn(move || {
+            // `true`: a step started; `false`: it ended. The channel closes with the runner.
+            while let Ok(started) = rx.recv() {
+                if !started {
+                    continue;
+                }
+                match rx.recv_timeout(timeout) {
+                    Ok(_) => {}
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        eprintln!(
+                            "tulu: a step ran past {timeout:?}: aborting the NCCL group (a rank failed or stalled)"
+                        );
+                        abort();
+                        // Wait for the step to end (it now fails) before watching the next.
+                        if rx.recv().is_err() {
+                            return;
+                        }
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            }
+        });
+        Watchdog { events: Some(tx), thread: Some(thread) }
+    }
+
+    /// Starts timing a step; it ends when the guard drops.
+    pub(super) fn arm(&self) -> Armed<'_> {
+        if let Some(tx) = &self.events {
+            let _ = tx.send(true);
+        }
+        Armed(self)
+    }
+}
+
+impl Drop for Armed<'_> {
+    fn drop(&mut self) {
+        if let Some(tx) = &self.0.events {
+            let _ = tx.send(false);
+        }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.events = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -73,12 +141,14 @@ pub(super) fn start_node(
                 control.send_hello(&hello)?;
                 let ordinal = first + spec.local_rank;
                 let backend = CudaBackend::new(ordinal)?;
-                let nccl = NcclComm::from_id(id, 0, spec.world_size, ordinal)?;
+                let nccl = Arc::new(NcclComm::from_id(id, 0, spec.world_size, ordinal)?);
+                let watchdog = nccl_watchdog(&nccl, timeout);
                 let model = Llama::load(&backend, config, store, hello.max_positions, shard, on_layer)?;
                 let blocks = agree_blocks(&backend, &model, &hello, &control)?;
                 let cache = backend.new_kv_cache(&model.kv_cache_spec(blocks, hello.block_size))?;
                 let device = format!("{} × {} processes (NCCL)", backend.describe(), spec.world_size);
-                let runner = NodeRunner { comm: Box::new(nccl), control, model, cache, backend };
+                let runner =
+                    NodeRunner { watchdog: Some(watchdog), comm: Box::new(nccl), control, model, cache, backend };
                 Ok((Box::new(runner), device, blocks))
             }
             #[cfg(not(feature = "nccl"))]
@@ -98,7 +168,8 @@ pub(super) fn start_node(
             let model = Llama::load(&backend, config, store, hello.max_positions, shard, on_layer)?;
             let cache = backend.new_kv_cache(&model.kv_cache_spec(hello.num_blocks, hello.block_size))?;
             let device = format!("{} × {} processes", backend.describe(), spec.world_size);
-            let runner = NodeRunner { comm: Box::new(control.clone()), control, model, cache, backend };
+            // The TCP collectives time out by themselves.
+            let runner = NodeRunner { watchdog: None, comm: Box::new(control.clone()), control, model, cache, backend };
             Ok((Box::new(runner), device, hello.num_blocks))
         }
     }
@@ -134,8 +205,9 @@ pub fn run_rank(opts: &EngineOptions) -> Result<()> {
                 };
                 let ordinal = first + spec.local_rank;
                 let backend = CudaBackend::new(ordinal)?;
-                let nccl = NcclComm::from_id(id, spec.rank, spec.world_size, ordinal)?;
-                serve_steps(&backend, &config, &store, &hello, shard, &control, &nccl)
+                let nccl = Arc::new(NcclComm::from_id(id, spec.rank, spec.world_size, ordinal)?);
+                let watchdog = nccl_watchdog(&nccl, opts.dist_timeout);
+                serve_steps(&backend, &config, &store, &hello, shard, &control, &nccl, Some(&watchdog))
             }
             #[cfg(not(feature = "nccl"))]
             {
@@ -148,11 +220,12 @@ pub fn run_rank(opts: &EngineOptions) -> Result<()> {
                 })
             }
         }
-        None => serve_steps(&CpuBackend::new(), &config, &store, &hello, shard, &control, &control),
+        None => serve_steps(&CpuBackend::new(), &config, &store, &hello, shard, &control, &control, None),
     }
 }
 
 /// A non-zero rank's life: load the shard, then run each step rank 0 sends until it closes.
+#[allow(clippy::too_many_arguments)]
 fn serve_steps<B: Backend>(
     backend: &B,
     config: &ModelConfig,
@@ -161,12 +234,14 @@ fn serve_steps<B: Backend>(
     shard: Shard,
     control: &TcpComm,
     comm: &dyn Communicator<B>,
+    watchdog: Option<&Watchdog>,
 ) -> Result<()> {
     let model = Llama::load(backend, config, store, hello.max_positions, shard, |_| {})?;
     let blocks = agree_blocks(backend, &model, hello, control)?;
     let mut cache = backend.new_kv_cache(&model.kv_cache_spec(blocks, hello.block_size))?;
     while let Some((batch, rows)) = control.recv_step()? {
         let sampling = StepSampling { rows, ..Default::default() };
+        let _armed = watchdog.map(Watchdog::arm);
         model.step(backend, &batch, &mut cache, &sampling, comm)?;
     }
     Ok(())
@@ -185,4 +260,46 @@ fn agree_blocks<B: Backend>(backend: &B, model: &Llama<B>, hello: &Hello, contro
         ));
     }
     Ok(blocks)
+}
+
+/// A watchdog that aborts `nccl`'s group when a step outlives `timeout`. It holds the
+/// communicator weakly: the rank's own reference stays the last, dropped before its backend.
+#[cfg(feature = "nccl")]
+fn nccl_watchdog(nccl: &Arc<crate::parallel::nccl::NcclComm>, timeout: Duration) -> Watchdog {
+    let weak = Arc::downgrade(nccl);
+    Watchdog::new(timeout, move || {
+        if let Some(c) = weak.upgrade() {
+            c.abort();
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A step past the timeout is aborted once; steps within it never are.
+    #[test]
+    fn the_watchdog_aborts_only_a_step_that_outlives_the_timeout() {
+        let aborts = Arc::new(AtomicUsize::new(0));
+        let counter = aborts.clone();
+        let dog = Watchdog::new(Duration::from_millis(100), move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+        });
+        for _ in 0..3 {
+            let _armed = dog.arm();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(aborts.load(Ordering::SeqCst), 0);
+        {
+            let _armed = dog.arm();
+            std::thread::sleep(Duration::from_millis(400));
+        }
+        {
+            let _armed = dog.arm();
+        }
+        drop(dog);
+        assert_eq!(aborts.load(Ordering::SeqCst), 1);
+    }
 }

@@ -110,11 +110,17 @@ impl TpRunner {
             let devices: Vec<usize> = (first..first + plan.tp).collect();
             match crate::parallel::nccl::NcclComm::new_local(&devices) {
                 Ok(comms) => {
+                    let comms: Vec<Arc<crate::parallel::nccl::NcclComm>> = comms.into_iter().map(Arc::new).collect();
+                    // Poisoning aborts the group, which releases ranks waiting in NCCL for a
+                    // failed or stalled peer. Weak: each rank's own reference must be the last,
+                    // dropped before its backend.
+                    let group: Vec<_> = comms.iter().map(Arc::downgrade).collect();
+                    let abort: Poison = Arc::new(move |_: &str| {
+                        group.iter().filter_map(std::sync::Weak::upgrade).for_each(|c| c.abort())
+                    });
                     let setups = comms.into_iter().zip(devices).map(|(c, d)| (c, open(d))).collect();
-                    // NCCL has no way to release a peer waiting in a collective short of
-                    // aborting the group; a failed rank's error still reaches the engine.
                     let sizing = plan.gpu_memory_utilization;
-                    let mut runner = Self::spawn(cfg, store, plan, setups, Arc::new(|_: &str| {}), sizing)?;
+                    let mut runner = Self::spawn(cfg, store, plan, setups, abort, sizing)?;
                     runner.device = format!("{} × {} ranks on cuda:{first}.. (NCCL)", runner.device, plan.tp);
                     return Ok(runner);
                 }
@@ -285,14 +291,23 @@ impl Runner for TpRunner {
                 return Err(Error::Backend(format!("rank {i} has exited")));
             }
         }
-        // Rank 0 samples; collect every rank's result so that none is left behind.
+        // Rank 0 samples; collect every rank's result so that none is left behind. A rank that
+        // outlives the collective timeout poisons the group (its peers' collectives fail, NCCL
+        // groups are aborted) and fails the step.
         let mut first_error = None;
         let mut out = None;
         for (i, r) in self.ranks.iter().enumerate() {
-            match r.results.recv() {
+            match r.results.recv_timeout(COLLECTIVE_TIMEOUT) {
                 Ok(Ok(o)) => out = out.or(Some(o)),
                 Ok(Err(e)) => first_error = first_error.or(Some(e)),
-                Err(_) => first_error = first_error.or(Some(Error::Backend(format!("rank {i} died")))),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let why = format!("rank {i} did not finish a step within {COLLECTIVE_TIMEOUT:?}");
+                    (self.poison)(&why);
+                    first_error = first_error.or(Some(Error::Backend(why)));
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    first_error = first_error.or(Some(Error::Backend(format!("rank {i} died"))))
+                }
             }
         }
         match (first_error, out) {

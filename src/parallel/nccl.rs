@@ -153,6 +153,21 @@ impl NcclComm {
         self.device
     }
 
+    /// Aborts the communicator (`ncclCommAbort`): NCCL kernels in flight on its device stop, so
+    /// a rank blocked waiting for a dead or stalled peer gets an error instead of hanging, and
+    /// every later collective fails. The tensor-parallel runner calls it when a step outlives
+    /// the collective timeout.
+    pub fn abort(&self) {
+        if let Ok(mut c) = self.comm.lock() {
+            if !c.0.is_null() {
+                // SAFETY: the handle came from a successful init; it is nulled so that neither
+                // a later collective nor Drop uses it again.
+                let _ = unsafe { result::comm_abort(c.0) };
+                c.0 = std::ptr::null_mut();
+            }
+        }
+    }
+
     /// The handle, after checking that `backend` runs on this communicator's device (NCCL
     /// would otherwise read another GPU's pointers) and making its context current.
     fn enter(&self, backend: &CudaBackend, op: &str) -> Result<MutexGuard<'_, RawComm>> {
@@ -166,7 +181,12 @@ impl NcclComm {
             )));
         }
         ctx.bind_to_thread().cuda("binding the CUDA context")?;
-        self.comm.lock().map_err(|_| Error::Backend(format!("{op}: the NCCL communicator's lock is poisoned")))
+        let comm =
+            self.comm.lock().map_err(|_| Error::Backend(format!("{op}: the NCCL communicator's lock is poisoned")))?;
+        if comm.0.is_null() {
+            return Err(Error::Backend(format!("{op}: the NCCL group was aborted (a rank failed or stalled)")));
+        }
+        Ok(comm)
     }
 }
 
