@@ -14,6 +14,7 @@ use crate::backend::{AttnDims, Backend, KvCacheSpec};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::parallel::sharding::{Shard, ShardPlan};
+use crate::parallel::sizing::{head_weight_elements, layer_weight_elements, rank_weight_elements};
 use crate::parallel::Communicator;
 use crate::rope::RopeTable;
 use crate::runtime::batch::Batch;
@@ -136,8 +137,7 @@ impl<B: Backend> Llama<B> {
     /// Weight elements resident on this rank: what a step reads plus the embedding shard (when
     /// it is not the lm_head).
     pub fn resident_weight_elements(&self) -> u64 {
-        let embed = if self.cfg.tie_word_embeddings { 0 } else { self.plan.vocab_rows_per_rank * self.cfg.hidden_size };
-        self.weight_elements_per_step() + embed as u64
+        rank_weight_elements(&self.cfg, &self.plan)
     }
 
     /// KV cache elements one cached token takes on this rank, over all layers (K and V).
@@ -286,18 +286,6 @@ impl<B: Backend> Llama<B> {
         }
         Ok(host)
     }
-}
-
-/// Weight elements of one decoder layer on the rank `plan` describes.
-pub fn layer_weight_elements(cfg: &ModelConfig, plan: &ShardPlan) -> u64 {
-    let h = cfg.hidden_size;
-    let (q, kv, mlp) = (plan.q_rows.len(), plan.kv_rows.len(), plan.mlp_rows.len());
-    (2 * h + (q + 2 * kv) * h + h * q + 3 * mlp * h) as u64
-}
-
-/// Weight elements after the last layer on that rank: the final norm and the padded lm_head shard.
-pub fn head_weight_elements(cfg: &ModelConfig, plan: &ShardPlan) -> u64 {
-    (cfg.hidden_size + plan.vocab_rows_per_rank * cfg.hidden_size) as u64
 }
 
 /// Where a model's weights come from.

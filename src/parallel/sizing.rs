@@ -34,17 +34,29 @@ impl RankSizing {
     }
 }
 
+/// Weight elements of one decoder layer on the rank `plan` describes: norms, fused q/k/v,
+/// o_proj, fused gate/up and down.
+pub fn layer_weight_elements(cfg: &ModelConfig, plan: &ShardPlan) -> u64 {
+    let h = cfg.hidden_size;
+    let (q, kv, mlp) = (plan.q_rows.len(), plan.kv_rows.len(), plan.mlp_rows.len());
+    (2 * h + (q + 2 * kv) * h + h * q + 3 * mlp * h) as u64
+}
+
+/// Weight elements after the last layer on that rank: the final norm and the padded lm_head shard.
+pub fn head_weight_elements(cfg: &ModelConfig, plan: &ShardPlan) -> u64 {
+    (cfg.hidden_size + plan.vocab_rows_per_rank * cfg.hidden_size) as u64
+}
+
+/// Weight elements resident on the rank `plan` describes: every layer, the head, and the
+/// embedding shard unless it is the lm_head.
+pub fn rank_weight_elements(cfg: &ModelConfig, plan: &ShardPlan) -> u64 {
+    let embed = if cfg.tie_word_embeddings { 0 } else { (plan.vocab_rows_per_rank * cfg.hidden_size) as u64 };
+    cfg.num_hidden_layers as u64 * layer_weight_elements(cfg, plan) + head_weight_elements(cfg, plan) + embed
+}
+
 /// Parameters per rank at `tp` (the largest rank: vocab shards are padded to equal size).
 pub fn rank_parameters(cfg: &ModelConfig, tp: usize) -> Result<u64> {
-    let p = ShardPlan::new(cfg, Shard { rank: 0, world: tp })?;
-    let h = cfg.hidden_size as u64;
-    let qkv = (p.q_rows.len() + 2 * p.kv_rows.len()) as u64 * h;
-    let o = h * p.q_rows.len() as u64;
-    let mlp = 3 * h * p.mlp_rows.len() as u64;
-    let layer = qkv + o + mlp + 2 * h;
-    let vocab = p.vocab_rows_per_rank as u64 * h;
-    let heads = if cfg.tie_word_embeddings { 1 } else { 2 };
-    Ok(cfg.num_hidden_layers as u64 * layer + heads * vocab + h)
+    Ok(rank_weight_elements(cfg, &ShardPlan::new(cfg, Shard { rank: 0, world: tp })?))
 }
 
 /// Sizes one rank of `cfg` at `tp` on a GPU of `gpu_bytes`, using `utilization` of it, with
