@@ -9,6 +9,8 @@
 
 use std::ops::Range;
 
+use crate::error::{Error, Result};
+
 /// One rank's part of one pseudo-random tensor (1-D tensors are one row), optionally followed
 /// by zero rows, like [`super::TensorSlice`].
 #[derive(Debug, Clone, PartialEq)]
@@ -63,6 +65,16 @@ impl RandomSlice {
         }
         out.resize(out.len() + self.pad_rows * self.cols.len(), 0.0);
     }
+}
+
+/// Rows (padding included) and columns of `parts` concatenated along rows (one fused weight),
+/// checking that there is at least one and that all are equally wide.
+pub fn fused_shape(parts: &[RandomSlice]) -> Result<(usize, usize)> {
+    let cols = parts.first().map_or(0, |p| p.shape().1);
+    if parts.is_empty() || parts.iter().any(|p| p.shape().1 != cols) {
+        return Err(Error::Backend("random_weight: parts must be non-empty and equally wide".into()));
+    }
+    Ok((parts.iter().map(|p| p.shape().0).sum(), cols))
 }
 
 /// Uniform in `[-1, 1)` from the 24 high bits of splitmix64's finaliser over `seed + index · φ`.

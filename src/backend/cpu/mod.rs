@@ -16,7 +16,7 @@ use super::{AttnDims, Backend, KvCacheSpec};
 use crate::error::{Error, Result};
 use crate::runtime::batch::Batch;
 use crate::runtime::sampler::{sample_row, RowSampling};
-use crate::weights::random::RandomSlice;
+use crate::weights::random::{self, RandomSlice};
 use crate::weights::{fused_shape, TensorSlice};
 
 /// Activations on the CPU: `rows × cols` f32, row-major.
@@ -143,11 +143,7 @@ impl Backend for CpuBackend {
     }
 
     fn random_weight(&self, parts: &[RandomSlice]) -> Result<CpuWeight> {
-        let cols = parts.first().map_or(0, |p| p.shape().1);
-        if parts.is_empty() || parts.iter().any(|p| p.shape().1 != cols) {
-            return Err(Error::Backend("random_weight: parts must be non-empty and equally wide".into()));
-        }
-        let rows: usize = parts.iter().map(|p| p.shape().0).sum();
+        let (rows, cols) = random::fused_shape(parts)?;
         let mut data = vec![0f32; rows * cols];
         let mut rest = data.as_mut_slice();
         for p in parts {

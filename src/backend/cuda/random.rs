@@ -6,8 +6,8 @@ use half::bf16;
 
 use super::memory::WeightData;
 use super::{grid, int, CudaBackend, CudaResultExt, CudaWeight};
-use crate::error::{Error, Result};
-use crate::weights::random::RandomSlice;
+use crate::error::Result;
+use crate::weights::random::{fused_shape, RandomSlice};
 
 const THREADS: u32 = 256;
 
@@ -15,11 +15,7 @@ impl CudaBackend {
     /// One bf16 weight of `parts` concatenated along rows, generated in place; padding rows are
     /// zero (the buffer is zeroed first, then each part's real rows are filled).
     pub(crate) fn random_weight_impl(&self, parts: &[RandomSlice]) -> Result<CudaWeight> {
-        let cols = parts.first().map_or(0, |p| p.shape().1);
-        if parts.is_empty() || parts.iter().any(|p| p.shape().1 != cols) {
-            return Err(Error::Backend("random_weight: parts must be non-empty and equally wide".into()));
-        }
-        let rows: usize = parts.iter().map(|p| p.shape().0).sum();
+        let (rows, cols) = fused_shape(parts)?;
         let mut dst = self.stream.alloc_zeros::<bf16>((rows * cols).max(1)).cuda("allocating a random weight")?;
         let mut offset = 0;
         for p in parts {
