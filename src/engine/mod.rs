@@ -485,7 +485,6 @@ fn cuda_runner(
     bar: &indicatif::ProgressBar,
 ) -> Result<(Box<dyn Runner>, String, usize)> {
     use crate::backend::cuda::CudaBackend;
-    use crate::parallel::sizing::WORKSPACE_BYTES;
     // bf16 K and V.
     let per_block = config.kv_bytes_per_token(2) * opts.block_size as u64;
     if opts.tp > 1 {
@@ -509,15 +508,11 @@ fn cuda_runner(
     let backend = CudaBackend::new(ordinal)?;
     let model = Llama::load(&backend, config, &store, max_positions, Shard::single(), |l| bar.set_position(l as u64))?;
     drop(store);
-    let bytes = match opts.kv_cache_memory {
-        Some(b) => b,
-        None => {
-            let (free, total) = backend.memory_info()?;
-            let allowed = (total as f64 * opts.gpu_memory_utilization) as u64;
-            allowed.saturating_sub(total - free + WORKSPACE_BYTES)
-        }
+    let num_blocks = match opts.kv_cache_memory {
+        Some(bytes) => (bytes / per_block) as usize,
+        None => kv_capacity(&backend, &model, opts.block_size, opts.gpu_memory_utilization)
+            .ok_or_else(|| Error::Backend("the CUDA backend reports no device memory".into()))?,
     };
-    let num_blocks = (bytes / per_block) as usize;
     let cache = backend.new_kv_cache(&model.kv_cache_spec(num_blocks, opts.block_size))?;
     let device = backend.describe();
     Ok((Box::new(worker::DeviceRunner { backend, model, cache }), device, num_blocks))
@@ -553,6 +548,14 @@ pub(super) fn kv_capacity<B: Backend>(
     let bytes = allowed.saturating_sub(total.saturating_sub(free) + crate::parallel::sizing::WORKSPACE_BYTES);
     let per_block = model.kv_elements_per_token() * backend.element_bytes() as u64 * block_size as u64;
     Some((bytes / per_block.max(1)) as usize)
+}
+
+/// The error of a tensor-parallel group some rank of which has no room left for a KV cache.
+pub(super) fn no_kv_room() -> Error {
+    Error::request(
+        "gpu_memory_utilization",
+        "no room for the KV cache on some rank once its weights are loaded: raise it, or add ranks",
+    )
 }
 
 fn load_bar(show: bool, layers: usize, ranks: usize) -> indicatif::ProgressBar {

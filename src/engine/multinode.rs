@@ -254,10 +254,7 @@ fn agree_blocks<B: Backend>(backend: &B, model: &Llama<B>, hello: &Hello, contro
     let mine = super::kv_capacity(backend, model, hello.block_size, utilization).unwrap_or(hello.num_blocks);
     let blocks = control.agree_min(mine as u64)? as usize;
     if blocks == 0 {
-        return Err(Error::request(
-            "gpu_memory_utilization",
-            "no room for the KV cache on some rank once its weights are loaded: raise it, or add ranks",
-        ));
+        return Err(super::no_kv_room());
     }
     Ok(blocks)
 }

@@ -251,10 +251,7 @@ impl TpRunner {
         }
         if runner.num_blocks == 0 {
             drop(sizes);
-            return Err(Error::request(
-                "gpu_memory_utilization",
-                "no room for the KV cache on some rank once its weights are loaded: raise it, or add ranks",
-            ));
+            return Err(super::no_kv_room());
         }
         // Phase 2: every cache allocated.
         for s in &sizes {
