@@ -30,6 +30,12 @@ std::mutex& mem_mu = *new std::mutex;
 std::map<uintptr_t, Allocation>& device_allocs = *new std::map<uintptr_t, Allocation>;  // by base
 std::map<uintptr_t, Allocation>& host_allocs = *new std::map<uintptr_t, Allocation>;
 size_t used[64];
+// Mappings of freed allocations, by length, reused by later allocations of the same length:
+// the forward pass frees and allocates the same activation sizes every step, and an mmap,
+// two mprotects and a munmap per op would dominate small steps. Bounded in total.
+std::multimap<size_t, void*>& free_maps = *new std::multimap<size_t, void*>;
+size_t free_bytes = 0;
+constexpr size_t kFreeCap = 256 << 20;
 
 size_t round_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 
@@ -160,15 +166,27 @@ CUresult device_alloc(int device, size_t size, CUdeviceptr* out) {
         used[device] += granules;
     }
     const size_t map_len = data + 2 * kPage;
-    void* map = mmap(nullptr, map_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (map == MAP_FAILED) {
+    void* map = nullptr;
+    {
         std::lock_guard<std::mutex> g(mem_mu);
-        used[device] -= granules;
-        return CUDA_ERROR_OUT_OF_MEMORY;
+        auto it = free_maps.find(map_len);
+        if (it != free_maps.end()) {
+            map = it->second;
+            free_bytes -= map_len;
+            free_maps.erase(it);
+        }
+    }
+    if (!map) {
+        map = mmap(nullptr, map_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (map == MAP_FAILED) {
+            std::lock_guard<std::mutex> g(mem_mu);
+            used[device] -= granules;
+            return CUDA_ERROR_OUT_OF_MEMORY;
+        }
+        mprotect(map, kPage, PROT_NONE);
+        mprotect((char*)map + kPage + data, kPage, PROT_NONE);
     }
     char* guard = (char*)map + kPage + data;
-    mprotect(map, kPage, PROT_NONE);
-    mprotect(guard, kPage, PROT_NONE);
     Allocation a{(uintptr_t)(guard - granules), size, map, map_len, device, true};
     std::lock_guard<std::mutex> g(mem_mu);
     device_allocs[a.base] = a;
@@ -185,6 +203,11 @@ CUresult device_free(CUdeviceptr p) {
         a = it->second;
         device_allocs.erase(it);
         used[a.device] -= round_up(a.size, kAlign);
+        if (free_bytes + a.map_len <= kFreeCap) {
+            free_maps.emplace(a.map_len, a.map);
+            free_bytes += a.map_len;
+            return CUDA_SUCCESS;
+        }
     }
     munmap(a.map, a.map_len);
     return CUDA_SUCCESS;

@@ -38,21 +38,34 @@ struct Function {
 };
 
 constexpr size_t kStackSize = 128 * 1024;
-constexpr size_t kStackStride = kStackSize + 4096;  // a guard page below each stack
+constexpr size_t kStackStride = kStackSize;
 constexpr int kMaxThreads = 1024;
+constexpr uint64_t kCanary = 0x7475'6c75'2d65'6d75ull;  // "tulu-emu"
+constexpr int kCanaryWords = 8;
 
-// This OS thread's fiber stacks (reused by every block it runs).
+// This OS thread's fiber stacks (reused by every block it runs): one mapping, so that threads
+// do not use up the process's mappings (a guard page per stack would be 2048 per thread). The
+// lowest words of each stack hold a canary, checked after every block instead.
 char* thread_stacks() {
     static thread_local char* stacks = nullptr;
     if (!stacks) {
-        void* m = mmap(nullptr, kStackStride * kMaxThreads, PROT_READ | PROT_WRITE,
+        void* m = mmap(nullptr, kStackStride * kMaxThreads + 4096, PROT_READ | PROT_WRITE,
                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
         if (m == MAP_FAILED) return nullptr;
-        stacks = (char*)m;
-        // Each stack is [guard page][stack]: an overflow faults instead of corrupting a neighbour.
-        for (int i = 0; i < kMaxThreads; i++) mprotect(stacks + i * kStackStride, 4096, PROT_NONE);
+        mprotect(m, 4096, PROT_NONE);  // below the lowest stack
+        stacks = (char*)m + 4096;
+        for (int i = 0; i < kMaxThreads; i++)
+            for (int w = 0; w < kCanaryWords; w++) ((uint64_t*)(stacks + i * kStackStride))[w] = kCanary;
     }
-    return stacks + 4096;
+    return stacks;
+}
+
+// The first of the block's `n` fibers whose stack overflowed into the canary, or -1.
+int overflowed_stack(const char* stacks, unsigned n) {
+    for (unsigned i = 0; i < n; i++)
+        for (int w = 0; w < kCanaryWords; w++)
+            if (((const uint64_t*)(stacks + i * kStackStride))[w] != kCanary) return (int)i;
+    return -1;
 }
 
 std::mutex& images_mu = *new std::mutex;
@@ -201,8 +214,13 @@ void run_launch(const Launch& L) {
         r.block[0] = job.block_idx.x;
         r.block[1] = job.block_idx.y;
         r.block[2] = job.block_idx.z;
-        const int rc = L.f->module->image->run_block(&job);
+        int rc = L.f->module->image->run_block(&job);
         r.kernel = nullptr;
+        const int overflow = stacks ? overflowed_stack(stacks, L.block.x * L.block.y * L.block.z) : -1;
+        if (overflow >= 0) {
+            snprintf(msg, sizeof msg, "thread %d overflowed its %zu KiB stack", overflow, kStackSize / 1024);
+            rc = 1;
+        }
         if (rc != 0 && !failed.exchange(true)) {
             std::lock_guard<std::mutex> g(err_mu);
             char where[128];

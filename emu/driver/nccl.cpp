@@ -64,14 +64,21 @@ struct Header {
 
 size_t header_bytes() { return (sizeof(Header) + 4095) / 4096 * 4096; }
 
+// One rank's view of a group. Queued collectives hold a reference, so the mapping outlives an
+// abort until the last of them has run (in lazy mode some may never run: they keep it).
 struct Comm {
     Header* h;
     size_t map_len;
     int rank, nranks, device;
     uint64_t seq = 0;
-    std::atomic<int> inflight{0};
     std::atomic<bool> aborted{false};
     char* slot(int r) { return (char*)h + header_bytes() + (size_t)r * kSlot; }
+    ~Comm() { munmap(h, map_len); }
+};
+
+// The handle NCCL's API hands out: ncclComm_t.
+struct Handle {
+    std::shared_ptr<Comm> c;
 };
 
 long futex(std::atomic<uint32_t>* addr, int op, uint32_t val, const timespec* t) {
@@ -297,9 +304,8 @@ void all_gather(Comm* c, const char* send, char* recv, size_t count, int dtype, 
 }
 
 // Checks a collective's buffers and stream, then queues it on the stream.
-int enqueue(Comm* c, const void* send, void* recv, size_t send_bytes, size_t recv_bytes, void* stream,
-            const char* what, std::function<void()> body) {
-    if (!c) return ncclInvalidArgument;
+int enqueue(const std::shared_ptr<Comm>& c, const void* send, void* recv, size_t send_bytes, size_t recv_bytes,
+            void* stream, const char* what, std::function<void()> body) {
     if (c->aborted.load() || c->h->aborted.load()) return ncclRemoteError;
     Stream* s = resolve_stream(stream);
     if (!s) return ncclInvalidUsage;
@@ -316,15 +322,14 @@ int enqueue(Comm* c, const void* send, void* recv, size_t send_bytes, size_t rec
         report("%s: the receive buffer is not %zu bytes of cuda:%d memory", what, recv_bytes, c->device);
         return ncclInvalidArgument;
     }
-    c->inflight++;
     Op op;
     op.what = what;
     op.collective = true;
     op.run = [c, body = std::move(body), send, recv] {
+        if (c->aborted.load() || c->h->aborted.load()) return;  // the group is gone: do nothing
         touch((CUdeviceptr)send);
         touch((CUdeviceptr)recv);
-        if (!c->aborted.load()) body();
-        c->inflight--;
+        body();
     };
     return submit(s, std::move(op)) == CUDA_SUCCESS ? ncclSuccess : ncclUnhandledCudaError;
 }
@@ -354,27 +359,28 @@ struct UniqueId {
     char internal[128];
 };
 
-EMU_EXPORT int ncclCommInitRank(Comm** comm, int nranks, UniqueId id, int rank) {
+EMU_EXPORT int ncclCommInitRank(Handle** comm, int nranks, UniqueId id, int rank) {
     if (!comm) return ncclInvalidArgument;
     Context* ctx = current_context();
     const int device = ctx ? ctx->device : 0;
     if (device >= config().devices) return ncclUnhandledCudaError;
     Comm* c = nullptr;
     if (int e = join(id.internal, nranks, rank, device, &c)) return e;
+    std::shared_ptr<Comm> owned(c);
     if (int e = await_group(c, segment_name(id.internal))) {
         c->h->aborted.store(1);
         futex(&c->h->barrier_gen, FUTEX_WAKE, INT32_MAX, nullptr);
         return e;
     }
-    *comm = c;
+    *comm = new Handle{owned};
     return ncclSuccess;
 }
 
-EMU_EXPORT int ncclCommInitAll(Comm** comms, int ndev, const int* devlist) {
+EMU_EXPORT int ncclCommInitAll(Handle** comms, int ndev, const int* devlist) {
     if (!comms || ndev < 1) return ncclInvalidArgument;
     UniqueId id;
     if (int e = ncclGetUniqueId(id.internal)) return e;
-    std::vector<Comm*> made;
+    std::vector<std::shared_ptr<Comm>> made;
     for (int r = 0; r < ndev; r++) {
         const int device = devlist ? devlist[r] : r;
         if (device < 0 || device >= config().devices) {
@@ -383,56 +389,56 @@ EMU_EXPORT int ncclCommInitAll(Comm** comms, int ndev, const int* devlist) {
         }
         Comm* c = nullptr;
         if (int e = join(id.internal, ndev, r, device, &c)) return e;
-        made.push_back(c);
+        made.emplace_back(c);
     }
-    for (Comm* c : made)
-        if (int e = await_group(c, segment_name(id.internal))) return e;
-    for (int r = 0; r < ndev; r++) comms[r] = made[r];
+    for (auto& c : made)
+        if (int e = await_group(c.get(), segment_name(id.internal))) return e;
+    for (int r = 0; r < ndev; r++) comms[r] = new Handle{made[r]};
     return ncclSuccess;
 }
 
-EMU_EXPORT int ncclCommAbort(Comm* c) {
-    if (!c) return ncclSuccess;
+// Aborts the group for every rank: peers blocked in a collective return at once, queued and
+// later collectives do nothing, and the API refuses new ones.
+EMU_EXPORT int ncclCommAbort(Handle* handle) {
+    if (!handle) return ncclSuccess;
+    Comm* c = handle->c.get();
     c->aborted.store(true);
     c->h->aborted.store(1);
     futex(&c->h->barrier_gen, FUTEX_WAKE, INT32_MAX, nullptr);
     futex(&c->h->joined, FUTEX_WAKE, INT32_MAX, nullptr);
-    // Ops still queued see the flag and return at once; the mapping stays until they have.
-    while (c->inflight.load() > 0) usleep(1000);
-    munmap(c->h, c->map_len);
-    delete c;
+    delete handle;
     return ncclSuccess;
 }
 
-EMU_EXPORT int ncclCommDestroy(Comm* c) {
-    if (!c) return ncclSuccess;
-    while (c->inflight.load() > 0 && !c->h->aborted.load()) usleep(1000);
-    return ncclCommAbort(c);
+EMU_EXPORT int ncclCommDestroy(Handle* handle) {
+    if (!handle) return ncclSuccess;
+    delete handle;  // queued collectives keep what they need
+    return ncclSuccess;
 }
 
-EMU_EXPORT int ncclCommFinalize(Comm* c) { return c ? ncclSuccess : ncclInvalidArgument; }
+EMU_EXPORT int ncclCommFinalize(Handle* c) { return c ? ncclSuccess : ncclInvalidArgument; }
 
-EMU_EXPORT int ncclCommCount(const Comm* c, int* count) {
+EMU_EXPORT int ncclCommCount(const Handle* c, int* count) {
     if (!c || !count) return ncclInvalidArgument;
-    *count = c->nranks;
+    *count = c->c->nranks;
     return ncclSuccess;
 }
 
-EMU_EXPORT int ncclCommCuDevice(const Comm* c, int* device) {
+EMU_EXPORT int ncclCommCuDevice(const Handle* c, int* device) {
     if (!c || !device) return ncclInvalidArgument;
-    *device = c->device;
+    *device = c->c->device;
     return ncclSuccess;
 }
 
-EMU_EXPORT int ncclCommUserRank(const Comm* c, int* rank) {
+EMU_EXPORT int ncclCommUserRank(const Handle* c, int* rank) {
     if (!c || !rank) return ncclInvalidArgument;
-    *rank = c->rank;
+    *rank = c->c->rank;
     return ncclSuccess;
 }
 
-EMU_EXPORT int ncclCommGetAsyncError(Comm* c, int* error) {
+EMU_EXPORT int ncclCommGetAsyncError(Handle* c, int* error) {
     if (!c || !error) return ncclInvalidArgument;
-    *error = c->h->aborted.load() ? ncclRemoteError : ncclSuccess;
+    *error = c->c->h->aborted.load() ? ncclRemoteError : ncclSuccess;
     return ncclSuccess;
 }
 
@@ -452,23 +458,27 @@ EMU_EXPORT const char* ncclGetErrorString(int result) {
     }
 }
 
-EMU_EXPORT int ncclAllReduce(const void* send, void* recv, size_t count, int dtype, int op, Comm* c, void* stream) {
+EMU_EXPORT int ncclAllReduce(const void* send, void* recv, size_t count, int dtype, int op, Handle* handle,
+                             void* stream) {
     const size_t es = dtype_size(dtype);
     if (!es || op < nccl_sum || op > nccl_min) {
         report("ncclAllReduce: data type %d / reduction %d not emulated", dtype, op);
         return ncclInvalidArgument;
     }
-    if (!c) return ncclInvalidArgument;
+    if (!handle) return ncclInvalidArgument;
+    std::shared_ptr<Comm> c = handle->c;
     const uint64_t seq = ++c->seq;
+    Comm* raw = c.get();
     return enqueue(c, send, recv, count * es, count * es, stream, "ncclAllReduce",
-                   [=] { all_reduce(c, (const char*)send, (char*)recv, count, dtype, op, seq); });
+                   [=] { all_reduce(raw, (const char*)send, (char*)recv, count, dtype, op, seq); });
 }
 
-EMU_EXPORT int ncclAllGather(const void* send, void* recv, size_t count, int dtype, Comm* c, void* stream) {
+EMU_EXPORT int ncclAllGather(const void* send, void* recv, size_t count, int dtype, Handle* handle, void* stream) {
     const size_t es = dtype_size(dtype);
-    if (!es) return ncclInvalidArgument;
-    if (!c) return ncclInvalidArgument;
+    if (!es || !handle) return ncclInvalidArgument;
+    std::shared_ptr<Comm> c = handle->c;
     const uint64_t seq = ++c->seq;
+    Comm* raw = c.get();
     return enqueue(c, send, recv, count * es, count * es * (size_t)c->nranks, stream, "ncclAllGather",
-                   [=] { all_gather(c, (const char*)send, (char*)recv, count, dtype, seq); });
+                   [=] { all_gather(raw, (const char*)send, (char*)recv, count, dtype, seq); });
 }

@@ -25,7 +25,7 @@ void executor_loop(Stream* s) {
         s->cv.wait(g, [s] {
             if (s->stop && s->queue.empty()) return true;
             if (s->busy || s->queue.empty()) return false;
-            return !config().async || s->flush_to >= s->queue.front().first || s->queue.front().second.collective;
+            return !config().async || s->flush_to >= s->queue.front().first;
         });
         if (s->queue.empty()) return;  // stopping
         auto item = std::move(s->queue.front());
@@ -105,6 +105,10 @@ CUresult submit(Stream* s, Op op, uint64_t* id_out) {
     }
     const bool collective = op.collective;
     s->queue.emplace_back(id, std::move(op));
+    // A collective needs its peers' collectives to run, and theirs need it: even a lazy stream
+    // runs up to and including a collective (as a GPU would, eventually), or a rank whose host
+    // never waits on its stream would hang the others.
+    if (collective && id > s->flush_to) s->flush_to = id;
     s->cv.notify_all();
     if (sync && !collective) {
         s->cv.wait(g, [s, id] { return s->completed >= id; });
