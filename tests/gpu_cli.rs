@@ -56,12 +56,8 @@ struct Server {
 
 impl Server {
     fn start(args: &[&str]) -> Server {
-        let mut child = tulu(&["serve", "--port", "0"])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child =
+            tulu(&["serve", "--port", "0"]).args(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -135,7 +131,8 @@ fn two_rank_processes_on_cuda_write_what_tp2_writes() {
     // One machine, two GPUs, one process each, as `torchrun --nproc-per-node 2` starts them.
     let rank = |r: usize| {
         let r = r.to_string();
-        let mut c = tulu(&["generate", "--model", &model, "--device", "cuda", "--prompt", prompt, "--max-tokens", "16"]);
+        let mut c =
+            tulu(&["generate", "--model", &model, "--device", "cuda", "--prompt", prompt, "--max-tokens", "16"]);
         c.args(["--dist-timeout", "120"]);
         c.envs([("WORLD_SIZE", "2"), ("LOCAL_WORLD_SIZE", "2"), ("RANK", &r), ("LOCAL_RANK", &r)]);
         c.envs([("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", &port)]);
@@ -147,7 +144,11 @@ fn two_rank_processes_on_cuda_write_what_tp2_writes() {
     assert!(out0.status.success(), "rank 0: {}", String::from_utf8_lossy(&out0.stderr));
     assert!(out1.status.success(), "rank 1: {}", String::from_utf8_lossy(&out1.stderr));
     assert!(out1.stdout.is_empty(), "only rank 0 writes the text");
-    eprintln!("two processes: {:.1} s; rank 0: {}", started.elapsed().as_secs_f64(), String::from_utf8_lossy(&out0.stderr));
+    eprintln!(
+        "two processes: {:.1} s; rank 0: {}",
+        started.elapsed().as_secs_f64(),
+        String::from_utf8_lossy(&out0.stderr)
+    );
     let mut c = tulu(&["generate", "--model", &model, "--device", "cuda", "--prompt", prompt, "--max-tokens", "16"]);
     c.args(["--tp", "2"]);
     let threads = run(c);

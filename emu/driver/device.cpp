@@ -152,7 +152,8 @@ Context* primary_context(int device) {
     Context* c = new Context();
     c->device = device;
     primaries[device] = c;
-    c->streams.push_back(new_stream(c, 0));  // the NULL stream
+    c->null_stream = new_stream(c, 0);
+    c->streams.push_back(c->null_stream);
     return c;
 }
 

@@ -73,6 +73,7 @@ struct Context {
     std::atomic<int> refs{0};
     std::atomic<int> sticky{CUDA_SUCCESS};  // a failed kernel poisons the context, as on a GPU
     std::atomic<uint64_t> launches{0};
+    Stream* null_stream = nullptr;  // set once, at creation
     std::mutex mu;
     std::vector<Stream*> streams;  // every live stream, the NULL stream first
 };

@@ -64,7 +64,7 @@ void destroy_stream(Stream* s) {
 Stream* resolve_stream(void* handle) {
     if (handle) return (Stream*)handle;
     Context* c = current_context();
-    return c ? c->streams.front() : nullptr;
+    return c ? c->null_stream : nullptr;
 }
 
 bool capturing(Stream* s) {
