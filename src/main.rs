@@ -152,7 +152,7 @@ enum Command {
         #[arg(long)]
         tokenizer: Option<PathBuf>,
     },
-    /// Measure prefill and decode speed, with candle-transformers' llama as the peer.
+    /// Measure load, prefill and decode speed (JSON lines); `cargo bench --bench peer` adds candle-transformers as the peer.
     Bench(cli::bench::BenchArgs),
     /// Serve the OpenAI-compatible HTTP API (completions, chat, models, health, metrics).
     Serve(cli::serve::ServeArgs),

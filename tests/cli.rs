@@ -473,3 +473,30 @@ fn bench_output_piped_into_a_closed_reader_ends_quietly() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// `tulu bench --model`'s synthetic prompt stays inside any vocabulary, however small: a
+/// 50-token word-level tokenizer (the old prompt, `100 + i·7919 mod (vocab - 200)`, underflowed).
+#[test]
+fn bench_prompts_fit_a_small_vocabulary() {
+    let tmp = copy_tiny();
+    let mut vocab = serde_json::Map::new();
+    for i in 0..50u32 {
+        vocab.insert(format!("w{i}"), i.into());
+    }
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}
+    });
+    std::fs::write(tmp.path().join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    std::fs::remove_file(tmp.path().join("tokenizer_config.json")).unwrap();
+    let d = tmp.path().to_string_lossy();
+    let out = tulu(&["bench", "--model", &d, "--prompt-len", "40", "--gen-len", "2", "--repeat", "1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let lines: Vec<Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[1]["case"], "generate");
+    assert!(lines[1]["decode_tok_s"].as_f64().is_some_and(|x| x > 0.0), "{}", lines[1]);
+}

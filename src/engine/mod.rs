@@ -24,7 +24,7 @@ use tokio::sync::mpsc as tmpsc;
 pub use self::metrics::{Histogram, Metrics};
 pub use self::multinode::run_rank;
 use self::multinode::start_node;
-pub use self::request::{Event, FinishReason, GenerateRequest, Prompt, Summary, TokenLogprob};
+pub use self::request::{synthetic_prompt, Event, FinishReason, GenerateRequest, Prompt, Summary, TokenLogprob};
 use self::tp::{TpPlan, TpRunner};
 use self::worker::{Command, Runner, Submission, Worker};
 use crate::backend::cpu::CpuBackend;
