@@ -7,34 +7,13 @@ use std::time::Instant;
 
 use tokio::sync::mpsc as tmpsc;
 
+use super::ranks::Ranks;
 use super::request::{Event, FinishReason, Summary, TokenLogprob};
 use super::Shared;
-use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::model::Llama;
-use crate::parallel::SingleRank;
-use crate::runtime::batch::Batch;
-use crate::runtime::sampler::{RowSampling, Sampler, SamplingParams, StepOutput, StepSampling};
+use crate::runtime::sampler::{RowSampling, Sampler, SamplingParams, StepSampling};
 use crate::runtime::scheduler::{Scheduler, SeqId};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
-
-/// The device-side half of the engine: a backend, the model on it and its KV cache.
-pub(super) trait Runner: Send {
-    /// Runs one step and samples the next token of each of `sampling.rows` on the device.
-    fn step(&mut self, batch: &Batch, sampling: &StepSampling) -> Result<StepOutput>;
-}
-
-pub(super) struct DeviceRunner<B: Backend> {
-    pub backend: B,
-    pub model: Llama<B>,
-    pub cache: B::KvCache,
-}
-
-impl<B: Backend> Runner for DeviceRunner<B> {
-    fn step(&mut self, batch: &Batch, sampling: &StepSampling) -> Result<StepOutput> {
-        self.model.step(&self.backend, batch, &mut self.cache, sampling, &SingleRank)
-    }
-}
 
 /// A validated request on its way to the worker.
 pub(super) struct Submission {
@@ -73,17 +52,28 @@ struct Active<'t> {
 
 pub(super) struct Worker {
     shared: Arc<Shared>,
-    runner: Box<dyn Runner>,
+    ranks: Box<dyn Ranks>,
     scheduler: Scheduler,
 }
 
 impl Worker {
-    pub fn new(shared: Arc<Shared>, runner: Box<dyn Runner>, scheduler: Scheduler) -> Self {
-        Worker { shared, runner, scheduler }
+    /// Starts the step loop on its own thread; returns the channel requests reach it through.
+    pub fn spawn(
+        shared: Arc<Shared>,
+        ranks: Box<dyn Ranks>,
+        scheduler: Scheduler,
+    ) -> Result<(mpsc::Sender<Command>, std::thread::JoinHandle<()>)> {
+        let (tx, rx) = mpsc::channel();
+        let worker = Worker { shared: shared.clone(), ranks, scheduler };
+        let handle = std::thread::Builder::new()
+            .name("tulu-engine".into())
+            .spawn(move || worker.run(rx, &shared))
+            .map_err(|e| Error::Backend(format!("cannot start the engine thread: {e}")))?;
+        Ok((tx, handle))
     }
 
     /// Runs until shut down (or until every `Engine` handle is gone).
-    pub fn run(mut self, commands: mpsc::Receiver<Command>, shared: &Shared) {
+    fn run(mut self, commands: mpsc::Receiver<Command>, shared: &Shared) {
         let tokenizer: &Tokenizer = &shared.tokenizer;
         let mut active: HashMap<SeqId, Active> = HashMap::new();
         let mut deadline: Option<Instant> = None;
@@ -196,7 +186,7 @@ impl Worker {
             };
             sampling.per_row.push(row);
         }
-        let out = self.runner.step(&batch, &sampling)?;
+        let out = self.ranks.step(&batch, &sampling)?;
         let ready = self.scheduler.complete(&plan);
         if ready.len() != out.tokens.len() {
             return Err(Error::Backend(format!(

@@ -16,26 +16,24 @@ use serde::{Deserialize, Serialize};
 use super::rendezvous::WorldSpec;
 use super::{concat_cols, sum_in_rank_order, Communicator};
 use crate::backend::cpu::{CpuBackend, CpuTensor};
+use crate::engine::KvPolicy;
 use crate::error::{Error, Result};
 use crate::runtime::batch::Batch;
 
-/// What rank 0 tells every rank before loading, so that all shards agree.
+/// What rank 0 tells every rank before loading, so that every rank opens its runner alike.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Hello {
-    /// KV blocks in every rank's cache.
-    pub num_blocks: usize,
-    /// Token slots per block.
+    /// Token slots per KV block.
     pub block_size: usize,
     /// Positions the RoPE tables cover.
     pub max_positions: usize,
+    /// How every rank sizes its KV cache; after loading, all take the smallest count
+    /// ([`TcpComm::agree_min`]).
+    pub kv: KvPolicy,
     /// The NCCL unique id every rank joins with, when rank 0 runs on CUDA (the other ranks
     /// then run on their GPUs too); `None` on CPUs.
     #[serde(default)]
     pub nccl_id: Option<Vec<u8>>,
-    /// When set, `num_blocks` is not fixed: after loading, every rank works out how many blocks
-    /// this fraction of its GPU leaves, and all take the smallest ([`TcpComm::agree_min`]).
-    #[serde(default)]
-    pub kv_utilization: Option<f64>,
 }
 
 /// One rank's end of the star.
@@ -327,13 +325,8 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let timeout = Duration::from_secs(20);
-        let hello = Hello {
-            num_blocks: 0,
-            block_size: 16,
-            max_positions: 64,
-            nccl_id: Some(vec![7; 128]),
-            kv_utilization: Some(0.9),
-        };
+        let hello =
+            Hello { block_size: 16, max_positions: 64, kv: KvPolicy::DeviceFraction(0.9), nccl_id: Some(vec![7; 128]) };
         let workers: Vec<_> = [(1usize, 70u64), (2, 30)]
             .into_iter()
             .map(|(rank, value)| {

@@ -10,7 +10,7 @@
 //! several streams) is turned off; host reads go through synchronous copies.
 //!
 //! Not implemented yet (issue 4): CUDA graphs, a preallocated activation workspace (outputs are
-//! allocated per op from the stream-ordered pool), fused GEMV prologues/epilogues and PDL. Tensor parallelism runs one backend per rank thread (src/engine/tp.rs), combined by
+//! allocated per op from the stream-ordered pool), fused GEMV prologues/epilogues and PDL. Tensor parallelism runs one backend per rank thread (src/engine/rank_threads.rs), combined by
 //! NCCL (src/parallel/nccl.rs) or, on one GPU, through the host (src/parallel/local_cuda.rs).
 
 mod attention;
