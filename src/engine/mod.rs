@@ -1,14 +1,19 @@
 //! `tulu::Engine`: a loaded model behind a continuous-batching step loop.
 //!
-//! [`Engine::load`] validates and loads a model onto a backend, then starts one worker thread,
-//! the only owner of device state (the model runner and its KV cache). Requests from any number
-//! of threads or tasks are queued to it; each step it schedules (admit, chunk, preempt), runs
-//! one batched forward pass and post-processes (sample, detokenize, stop), sending every
-//! request its [`Event`]s. Dropping a [`Generation`] aborts its request at the next step.
+//! [`Engine::load`] validates the model, opens every rank (`ranks.rs`: each a `RankRunner`, the
+//! only owner of its device state) and starts one worker thread (`worker.rs`) that drives them.
+//! Requests from any number of threads or tasks are queued to it; each `step()` schedules (the
+//! scheduler emits the batch, the rows to sample and their sampling), runs the ranks, and
+//! post-processes: each sampled token goes to its request's output state (`output.rs`:
+//! detokenizer, EOS, stop strings, limits, log-probabilities), which sends the request its
+//! [`Event`]s. Dropping a [`Generation`] aborts its request at the next step. A failure of one
+//! request ends only that request; a failure of the ranks fails the engine
+//! ([`Engine::failure`]).
 
 mod kv_policy;
 pub mod metrics;
 mod options;
+mod output;
 mod rank_processes;
 mod rank_runner;
 mod rank_threads;
@@ -29,9 +34,10 @@ use tokio::sync::mpsc as tmpsc;
 pub use self::kv_policy::KvPolicy;
 pub use self::metrics::{Histogram, Metrics};
 pub use self::options::EngineOptions;
+use self::output::Submission;
 pub use self::rank_processes::run_rank;
 pub use self::request::{synthetic_prompt, Event, FinishReason, GenerateRequest, Prompt, Summary, TokenLogprob};
-use self::worker::{Command, Submission, Worker};
+use self::worker::{Command, Worker};
 use crate::config::{GenerationConfig, ModelConfig};
 use crate::error::{Error, Result};
 use crate::hub::{resolve_model, HubOptions};
@@ -54,7 +60,8 @@ struct Shared {
     queued: AtomicUsize,
     max_waiting: Option<usize>,
     accepting: AtomicBool,
-    failed: Mutex<Option<String>>,
+    /// Why the engine failed (engine-fatal), once it has.
+    failed: tokio::sync::watch::Sender<Option<String>>,
 }
 
 impl Shared {
@@ -80,8 +87,18 @@ impl Shared {
             queued: AtomicUsize::new(0),
             max_waiting: opts.max_waiting,
             accepting: AtomicBool::new(true),
-            failed: Mutex::new(None),
+            failed: tokio::sync::watch::Sender::new(None),
         }
+    }
+
+    /// Records an engine-fatal failure (the first reason stays).
+    fn fail(&self, why: &str) {
+        self.failed.send_if_modified(|f| f.is_none() && f.replace(why.to_owned()).is_none());
+    }
+
+    /// Why the engine failed, once it has.
+    fn failure(&self) -> Option<String> {
+        self.failed.borrow().clone()
     }
 }
 
@@ -119,7 +136,7 @@ impl Engine {
         let context_len = fit_context(wanted, opened.num_blocks, opts.block_size)?;
         let shared = Arc::new(Shared::new(config, generation_config, tokenizer, context_len, &opened, &opts));
         let blocks = BlockManager::new(opened.num_blocks, opts.block_size, opts.prefix_caching);
-        let scheduler = Scheduler::new(opts.scheduler_config(), blocks);
+        let scheduler = Scheduler::new(opts.scheduler_config(shared.tokenizer.vocab_size()), blocks);
         let (commands, worker) = Worker::spawn(shared.clone(), opened.ranks, scheduler)?;
         Ok(Engine {
             dir,
@@ -167,9 +184,24 @@ impl Engine {
         self.shared.metrics.lock().map(|m| m.clone()).unwrap_or_default()
     }
 
-    /// `None` while the engine works; the reason once it has failed.
+    /// `None` while the engine works; the reason once it has failed (engine-fatal: a device
+    /// lost, a rank dead, a collective timed out).
     pub fn failure(&self) -> Option<String> {
-        self.shared.failed.lock().ok().and_then(|f| f.clone())
+        self.shared.failure()
+    }
+
+    /// Resolves with the reason once the engine has failed; never while it works (a server
+    /// awaits it to exit, so that a supervisor restarts it).
+    pub async fn failed(&self) -> String {
+        let mut watch = self.shared.failed.subscribe();
+        let why = match watch.wait_for(Option::is_some).await {
+            Ok(why) => why.clone(),
+            Err(_) => None,
+        };
+        match why {
+            Some(why) => why,
+            None => std::future::pending().await,
+        }
     }
 
     /// The sampling parameters a request without its own gets.

@@ -117,8 +117,12 @@ impl EngineOptions {
         KvPolicy::new(self.kv_cache_memory, self.gpu_memory_utilization)
     }
 
-    /// The scheduler's limits.
-    pub(super) fn scheduler_config(&self) -> SchedulerConfig {
-        SchedulerConfig { max_num_seqs: self.max_num_seqs, max_num_batched_tokens: self.max_num_batched_tokens }
+    /// The scheduler's limits, sampling the first `sampled_columns` logits (the tokenizer's).
+    pub(super) fn scheduler_config(&self, sampled_columns: usize) -> SchedulerConfig {
+        SchedulerConfig {
+            max_num_seqs: self.max_num_seqs,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            sampled_columns,
+        }
     }
 }
