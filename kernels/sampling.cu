@@ -4,15 +4,17 @@
 //   argmax_bf16(logits[rows, cols], sample_cols) -> ids[rows] u32
 //       the index of the largest of the first `sample_cols` columns of each row (columns past
 //       it are vocab padding and never chosen); the first index on ties, as torch.argmax and
-//       the CPU sampler; NaN never wins (a row of only NaN gives 0). One block per row,
-//       blockDim a multiple of 32 and at most 1024.
+//       the CPU sampler. A row with a NaN or ±inf among those columns gets 0xffffffff
+//       (runtime::sampler::NON_FINITE) instead of a token. One block per row, blockDim a
+//       multiple of 32 and at most 1024.
 //   sample_bf16(logits[rows, cols], valid, meta[rows, 8], penalized[], scratch[rows, valid] f32)
 //       -> ids[rows] u32
 //       the token `src/runtime/sampler.rs::sample_row` picks, with each row's parameters in
 //       `meta` (temperature, top_k, top_p, min_p, repetition penalty, uniform draw as f32 bits;
-//       start and count of its penalised ids in `penalized`). One block of 1024 threads per row;
-//       `scratch` holds the row's penalised logits, then its probabilities.
-// Versions: 2 (this) — greedy, and sampling with every filter.
+//       start and count of its penalised ids in `penalized`), or 0xffffffff for a row whose
+//       first `valid` logits are not all finite. One block of 1024 threads per row; `scratch`
+//       holds the row's penalised logits, then its probabilities.
+// Versions: 3 (this) — greedy, and sampling with every filter; non-finite rows flagged.
 //
 // How sample_bf16 finds the thresholds without sorting: probabilities are non-negative floats,
 // whose bit patterns order like their values, so "the largest t such that the values ≥ t weigh
@@ -64,10 +66,16 @@ extern "C" __global__ void argmax_bf16(const bf16* __restrict__ logits, int cols
     const bf16* row = logits + (size_t)blockIdx.x * cols;
     float best = -CUDART_INF_F;
     unsigned idx = 0xffffffffu;
-    for (int c = threadIdx.x; c < sample_cols; c += blockDim.x) better(best, idx, bf2f(row[c]), (unsigned)c);
+    int bad = 0;
+    for (int c = threadIdx.x; c < sample_cols; c += blockDim.x) {
+        const float v = bf2f(row[c]);
+        bad |= !isfinite(v);
+        better(best, idx, v, (unsigned)c);
+    }
+    bad = __syncthreads_or(bad);
     block_argmax(best, idx, s_best, s_idx);
-    // Every value -inf or NaN: no index was taken; answer 0 like the CPU sampler.
-    if (threadIdx.x == 0) ids[blockIdx.x] = idx == 0xffffffffu ? 0u : idx;
+    // A non-finite logit flags the row (the host fails its request instead of emitting a token).
+    if (threadIdx.x == 0) ids[blockIdx.x] = bad ? 0xffffffffu : idx;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -169,8 +177,17 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     float* p = scratch + (size_t)blockIdx.x * valid;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
 
-    for (int i = tid; i < valid; i += blockDim.x) p[i] = bf2f(row[i]);
-    __syncthreads();
+    int bad = 0;
+    for (int i = tid; i < valid; i += blockDim.x) {
+        p[i] = bf2f(row[i]);
+        bad |= !isfinite(p[i]);
+    }
+    // A non-finite logit flags the row; the result is the same for every thread, so the whole
+    // block returns together.
+    if (__syncthreads_or(bad)) {
+        if (tid == 0) ids[blockIdx.x] = 0xffffffffu;
+        return;
+    }
     if (penalty != 1.f) {
         // The ids are distinct (the host dedups them), so no two threads touch one logit.
         for (unsigned j = tid; j < pen_count; j += blockDim.x) {

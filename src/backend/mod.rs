@@ -222,7 +222,8 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Picks one token per row of `logits` with `per_row[r]`, by the rule of
     /// [`crate::runtime::sampler::sample_row`], never a column at or past `valid` (vocab
-    /// padding); only the ids cross to the host.
+    /// padding); only the ids cross to the host. A row whose first `valid` logits are not all
+    /// finite gets [`crate::runtime::sampler::NON_FINITE`] (the device flags it; no extra copy).
     fn sample(&self, logits: &Self::Tensor, per_row: &[RowSampling], valid: usize) -> Result<Vec<u32>>;
 
     /// Copies `x` to the host, row-major.

@@ -255,7 +255,7 @@ impl Engine {
     /// together, so a request is never half queued nor refused only for its own size.
     pub fn generate_all(&self, requests: Vec<GenerateRequest>) -> Result<Vec<Generation>> {
         if let Some(why) = self.failure() {
-            return Err(Error::Backend(format!("the engine has failed: {why}")));
+            return Err(Error::EngineFailed { message: why });
         }
         if !self.shared.accepting.load(Ordering::SeqCst) {
             return Err(Error::ShuttingDown { message: "no new requests are accepted".into() });

@@ -17,7 +17,7 @@ use super::output::{RequestOutput, Submission};
 use super::ranks::Ranks;
 use super::Shared;
 use crate::error::{Error, Result};
-use crate::runtime::sampler::{Sampler, StepOutput};
+use crate::runtime::sampler::{Sampled, Sampler, StepOutput};
 use crate::runtime::scheduler::{Scheduler, SeqId, Step};
 
 pub(super) enum Command {
@@ -149,11 +149,20 @@ impl Worker {
         }
         self.scheduler.complete(step);
         let vocab = self.shared.config.vocab_size;
-        for (i, (&id, token)) in step.sampled.iter().zip(out.tokens).enumerate() {
+        for (i, (&id, sampled)) in step.sampled.iter().zip(out.tokens).enumerate() {
             let Some(request) = requests.get_mut(&id) else { continue };
             let logits = out.logits.as_deref().and_then(|l| l.get(i * vocab..(i + 1) * vocab));
-            self.scheduler.push_token(id, token);
-            match request.accept(token, logits, &self.shared) {
+            let accepted = match sampled {
+                Sampled::Token(token) => {
+                    self.scheduler.push_token(id, token);
+                    request.accept(token, logits, &self.shared)
+                }
+                Sampled::NonFinite { rank } => {
+                    let position = step.sampling.rows.get(i).and_then(|&r| step.batch.positions.get(r));
+                    Err(Error::NonFiniteLogits { position: position.map_or(0, |&p| p as usize), rank })
+                }
+            };
+            match accepted {
                 // Free the sequence and publish the gauges before the summary goes out, so that
                 // a client that has its answer sees the engine's state without it.
                 Ok(true) => self.end(id, None, requests),
@@ -195,7 +204,7 @@ impl Worker {
         self.shared.fail(&message);
         let ids: Vec<SeqId> = requests.keys().copied().collect();
         for id in ids {
-            self.end(id, Some(Error::Backend(format!("the engine failed: {message}"))), requests);
+            self.end(id, Some(Error::EngineFailed { message: message.clone() }), requests);
         }
     }
 
@@ -218,7 +227,7 @@ fn refuse_until_shutdown(commands: &mpsc::Receiver<Command>, shared: &Shared) {
         match command {
             Command::Submit(sub) => {
                 shared.queued.fetch_sub(1, Ordering::SeqCst);
-                let _ = sub.events.send(Err(Error::Backend(format!("the engine has failed: {why}"))));
+                let _ = sub.events.send(Err(Error::EngineFailed { message: why.clone() }));
             }
             Command::Shutdown { .. } => return,
         }

@@ -193,6 +193,29 @@ fn sample_matches_the_host_sampler() {
     assert!(differ * 100 <= draws, "{differ} of {draws} draws differ from the host sampler");
 }
 
+/// A row with a NaN or infinite logit among its candidates is flagged (`NON_FINITE`), greedy or
+/// sampled, as the host sampler flags it; a non-finite value past `valid` (padding) is not.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn sample_flags_non_finite_rows() {
+    use tulu::runtime::sampler::{sample_row, RowSampling, NON_FINITE};
+    let gpu = gpu();
+    let (rows, cols, valid) = (4, 1000, 990);
+    let mut logits = random(&mut rng("non-finite"), rows * cols, 3.0);
+    logits[5] = f32::NAN;
+    logits[cols + 900] = f32::INFINITY;
+    logits[2 * cols + 995] = f32::NAN; // padding: ignored
+    let t = gpu.tensor_from_host(&logits, rows, cols).unwrap();
+    for s in
+        [RowSampling::greedy(), RowSampling { temperature: 0.9, top_p: 0.8, uniform: 0.3, ..RowSampling::greedy() }]
+    {
+        let ids = gpu.sample(&t, &vec![s.clone(); rows], valid).unwrap();
+        let want: Vec<u32> = (0..rows).map(|r| sample_row(&logits[r * cols..(r + 1) * cols], valid, &s)).collect();
+        assert_eq!((ids[0], ids[1]), (NON_FINITE, NON_FINITE), "{s:?}");
+        assert_eq!(ids, want, "{s:?}");
+    }
+}
+
 /// Decode matmuls (1 to 8 rows) through our GEMV and through cuBLASLt both match the CPU, on
 /// odd output widths and inner dimensions that are and are not multiples of 8 (those always go
 /// to cuBLASLt); the automatic choice records every shape it measured.

@@ -11,7 +11,8 @@ const THREADS: u32 = 1024;
 
 impl CudaBackend {
     /// The index of the largest of the first `sample_cols` logits of each row (the first on
-    /// ties; padded vocab rows past `sample_cols` are never chosen). Only the ids cross to the host.
+    /// ties; padded vocab rows past `sample_cols` are never chosen), or `NON_FINITE` for a row
+    /// with a NaN or infinite logit among them. Only the ids cross to the host.
     pub fn argmax(&self, logits: &CudaTensor, sample_cols: usize) -> Result<Vec<u32>> {
         if sample_cols == 0 || sample_cols > logits.cols {
             return Err(Error::Backend(format!("argmax: {sample_cols} sampled columns of {}", logits.cols)));
