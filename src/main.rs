@@ -49,6 +49,9 @@ pub struct ModelArgs {
     /// Seconds a rank waits for its peers (joining and every collective) before failing.
     #[arg(long, default_value_t = 300.0)]
     pub dist_timeout: f64,
+    /// A secret every rank must present to join rank 0 (the same on every rank).
+    #[arg(long, env = "TULU_DIST_TOKEN", hide_env_values = true)]
+    pub dist_token: Option<String>,
 }
 
 /// Sampling flags: any one given overrides the model's generation_config defaults. Numbers may

@@ -97,7 +97,9 @@ fn a_dead_rank_fails_every_request_and_the_engine() {
     let port = free_port();
     let fake_rank1 = std::thread::spawn(move || {
         let spec = WorldSpec::from_nodes(2, 1, 1, 0, "127.0.0.1", port).unwrap();
-        let comm = TcpComm::connect(&spec, Duration::from_secs(30)).unwrap();
+        let config = tulu::config::ModelConfig::from_file(&common::tiny_dir().join("config.json")).unwrap();
+        let handshake = tulu::parallel::handshake::Handshake::new(&config, &spec, None).unwrap();
+        let comm = TcpComm::connect(&spec, &handshake, Duration::from_secs(30)).unwrap();
         comm.recv_hello().unwrap();
         comm.agree_min(u64::MAX).unwrap();
         comm.recv_step().unwrap().expect("a step");

@@ -44,6 +44,9 @@ pub struct EngineOptions {
     pub world: Option<WorldSpec>,
     /// How long a rank waits for its peers (joining, and every collective) before failing.
     pub dist_timeout: Duration,
+    /// A secret every rank of a multi-process world must present to join rank 0
+    /// (`--dist-token` / `TULU_DIST_TOKEN`); `None`: no token.
+    pub dist_token: Option<String>,
 }
 
 impl EngineOptions {
@@ -64,6 +67,7 @@ impl EngineOptions {
             tp: 1,
             world: None,
             dist_timeout: Duration::from_secs(300),
+            dist_token: None,
         }
     }
 

@@ -21,6 +21,7 @@ use crate::backend::{Backend, Device};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::hub::{resolve_model, HubOptions};
+use crate::parallel::handshake::Handshake;
 use crate::parallel::rendezvous::WorldSpec;
 use crate::parallel::sharding::Shard;
 use crate::parallel::tcp::{Hello, TcpComm};
@@ -58,7 +59,8 @@ pub(super) fn open(
     if opts.tp > 1 && opts.tp != world.world_size {
         return Err(Error::request("tp", format!("is {} but WORLD_SIZE is {}", opts.tp, world.world_size)));
     }
-    let control = Arc::new(TcpComm::accept(world, opts.dist_timeout)?);
+    let handshake = Handshake::new(spec.config, world, opts.dist_token.as_deref())?;
+    let control = Arc::new(TcpComm::accept(world, &handshake, opts.dist_timeout)?);
     let spec = RankSpec { shard: Shard { rank: 0, world: world.world_size }, ..*spec };
     let on_layer = |l: usize| bar.set_position(l as u64);
     let mut hello =
@@ -117,7 +119,8 @@ pub fn run_rank(opts: &EngineOptions) -> Result<()> {
     let dir = resolve_model(&opts.model, &HubOptions { progress: false, config_only: false })?;
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
     let store = WeightStore::open(&dir)?;
-    let control = Arc::new(TcpComm::connect(world, opts.dist_timeout)?);
+    let handshake = Handshake::new(&config, world, opts.dist_token.as_deref())?;
+    let control = Arc::new(TcpComm::connect(world, &handshake, opts.dist_timeout)?);
     let hello = control.recv_hello()?;
     let spec = RankSpec {
         config: &config,
