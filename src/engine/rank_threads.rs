@@ -244,28 +244,32 @@ impl RankThreads {
         }
         drop(ready_tx);
         let threads = RankThreads { ranks, poison };
-        // Phase 1: every rank loaded and measured. On failure the size channels close first, so
-        // that the waiting ranks exit before `threads`' drop joins them.
-        let measured = match collect(&ready_rx, world, "loading") {
-            Ok(m) => m,
-            Err(e) => {
-                drop(sizes);
-                return Err(e);
-            }
-        };
-        let blocks = measured.iter().filter_map(|s| if let Started::Measured(b) = s { Some(*b) } else { None }).min();
-        // Phase 2: every rank allocates the agreed size (or fails for want of room).
-        for s in &sizes {
-            let _ = s.send(blocks.unwrap_or(0));
-        }
-        drop(sizes);
-        let allocated = collect(&ready_rx, world, "allocating the KV cache")?;
-        let device = match allocated.into_iter().next() {
-            Some(Started::Allocated { device }) => device,
-            _ => String::new(),
-        };
-        Ok((threads, device, blocks.unwrap_or(0) as usize))
+        let (device, blocks) = coordinate(&ready_rx, sizes)?;
+        Ok((threads, device, blocks))
     }
+}
+
+/// The coordinator's side of the ranks' start: waits until every rank has loaded and measured,
+/// hands them all the smallest block count, and waits until every rank has allocated. Returns
+/// rank 0's device and the count. On a failure the size channels close first, so that ranks
+/// waiting for a size exit (before the caller's drop joins them).
+fn coordinate(
+    ready: &mpsc::Receiver<(usize, Result<Started>)>,
+    sizes: Vec<mpsc::Sender<u64>>,
+) -> Result<(String, usize)> {
+    let world = sizes.len();
+    let measured = collect(ready, world, "loading")?;
+    let blocks = measured.iter().filter_map(|s| if let Started::Measured(b) = s { Some(*b) } else { None }).min();
+    // Every rank allocates the agreed size (or fails for want of room).
+    for s in &sizes {
+        let _ = s.send(blocks.unwrap_or(0));
+    }
+    drop(sizes);
+    let device = match collect(ready, world, "allocating the KV cache")?.into_iter().next() {
+        Some(Started::Allocated { device }) => device,
+        _ => String::new(),
+    };
+    Ok((device, blocks.unwrap_or(0) as usize))
 }
 
 /// One report from each of `n` ranks, in rank order; the lowest rank's failure when any failed
