@@ -63,19 +63,21 @@ extern "C" __global__ void argmax_bf16(const bf16* __restrict__ logits, int cols
                                        unsigned* __restrict__ ids) {
     __shared__ float s_best[32];
     __shared__ unsigned s_idx[32];
+    __shared__ int s_bad;
     const bf16* row = logits + (size_t)blockIdx.x * cols;
     float best = -CUDART_INF_F;
     unsigned idx = 0xffffffffu;
-    int bad = 0;
+    if (threadIdx.x == 0) s_bad = 0;
+    __syncthreads();
     for (int c = threadIdx.x; c < sample_cols; c += blockDim.x) {
         const float v = bf2f(row[c]);
-        bad |= !isfinite(v);
+        if (!isfinite(v)) s_bad = 1;  // every writer stores the same value
         better(best, idx, v, (unsigned)c);
     }
-    bad = __syncthreads_or(bad);
+    __syncthreads();
     block_argmax(best, idx, s_best, s_idx);
     // A non-finite logit flags the row (the host fails its request instead of emitting a token).
-    if (threadIdx.x == 0) ids[blockIdx.x] = bad ? 0xffffffffu : idx;
+    if (threadIdx.x == 0) ids[blockIdx.x] = s_bad ? 0xffffffffu : idx;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -167,6 +169,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     __shared__ unsigned s_digit;
     __shared__ unsigned long long s_above;
     __shared__ unsigned s_pick;
+    __shared__ int s_bad;
 
     const unsigned* m = meta + 8 * (size_t)blockIdx.x;
     const float temperature = __uint_as_float(m[0]), top_p = __uint_as_float(m[2]), min_p = __uint_as_float(m[3]);
@@ -177,14 +180,16 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     float* p = scratch + (size_t)blockIdx.x * valid;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
 
-    int bad = 0;
+    if (tid == 0) s_bad = 0;
+    __syncthreads();
     for (int i = tid; i < valid; i += blockDim.x) {
         p[i] = bf2f(row[i]);
-        bad |= !isfinite(p[i]);
+        if (!isfinite(p[i])) s_bad = 1;  // every writer stores the same value
     }
-    // A non-finite logit flags the row; the result is the same for every thread, so the whole
-    // block returns together.
-    if (__syncthreads_or(bad)) {
+    __syncthreads();
+    // A non-finite logit flags the row; every thread reads the same flag, so the whole block
+    // returns together.
+    if (s_bad) {
         if (tid == 0) ids[blockIdx.x] = 0xffffffffu;
         return;
     }
