@@ -342,7 +342,10 @@ mod nccl {
 #[ignore = "needs a CUDA GPU"]
 fn non_finite_logits_fail_their_request_on_the_gpu() {
     let poisoned = common::poisoned_tiny("model.embed_tokens.weight", 77);
-    let engine = Engine::load(EngineOptions::new(poisoned.path().to_string_lossy()).device(Device::Cuda(0))).unwrap();
+    let mut opts = EngineOptions::new(poisoned.path().to_string_lossy()).device(Device::Cuda(0));
+    // A fixed cache: other tests share the device, so its free memory is not this test's own.
+    opts.kv_cache_memory = Some(1 << 20);
+    let engine = Engine::load(opts).unwrap();
     let req = |prompt: Vec<u32>| GenerateRequest::tokens(prompt).sampling(SamplingParams::greedy()).max_tokens(4);
     let streams = engine.generate_all(vec![req(vec![5, 77, 9]), req(vec![5, 6, 7])]).unwrap();
     let ends: Vec<Result<(), tulu::Error>> =
