@@ -1,15 +1,25 @@
 //! The CUDA backend against the CPU backend (the f32 reference), op by op and on a whole model.
 //!
-//! Every test needs a CUDA GPU and is ignored elsewhere; on the GPU machine:
+//! Every test needs a CUDA device and is ignored elsewhere. On the GPU machine:
 //! `.gpu/run tests` (built by ../shared/gpu/pack), or
-//! `cargo test --features cuda --test gpu -- --include-ignored --test-threads=1`.
+//! `cargo test --features cuda,nccl --test gpu -- --include-ignored --test-threads=1`.
+//! On any machine, under the CPU emulation of CUDA (`scripts/test` does this in CI):
+//! `scripts/cuda-emu cargo test --features cuda,nccl --test gpu -- --include-ignored`.
+//! The emulator runs the same kernels and code paths on smaller tables ([`emulated`]), and
+//! skips, saying why, the tests that measure the device itself.
 //!
 //! Like llama.cpp's test-backend-ops: each op runs on tables of shapes (odd sizes, GQA ratios
 //! 1/4/8, sequence lengths on both sides of the kernels' tile sizes), on fresh random inputs
 //! (the seed is printed; `TULU_TEST_SEED` replays one), with every CUDA output and the KV cache
 //! poisoned with NaN before the kernel runs, so an element a kernel forgets fails the test.
-//! Inputs are rounded to bf16 first, so both backends start from the same values; tolerances
-//! are relative to the reference's largest magnitude: 1e-2 per op (bf16 storage), 2e-2 on logits.
+//! Inputs are rounded to bf16 first, so both backends start from the same values. Tolerances are
+//! per element, relative plus absolute: |ours - reference| <= tol * (|reference| + 4 rms), where
+//! rms is the reference's root mean square: the absolute part covers outputs that cancel to
+//! near zero (an attention output of 300 keys averages values of four times its rms; a logit
+//! near zero sums products of the hidden state's size). tol is 1e-2 per op (bf16 storage), 2e-2
+//! on logits. Measured under the emulator (bf16 on both sides of a tp comparison, or bf16 vs
+//! the f32 CPU): logits differ by 0.5-1% of their rms at the median and up to 5% at worst,
+//! attention outputs by 0.15% and up to 2.5%.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -59,21 +69,34 @@ fn random(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| half::bf16::from_f32(rng.random_range(-scale..scale)).to_f32()).collect()
 }
 
-/// Largest |ours - reference| over the reference's largest magnitude; NaN anywhere fails.
+/// Fails unless every element is within `tol * (|reference| + 4 rms(reference))`; NaN fails.
 fn assert_close(what: &str, ours: &[f32], reference: &[f32], tol: f32) {
     assert_eq!(ours.len(), reference.len(), "{what}: lengths differ");
     if let Some(i) = ours.iter().position(|x| !x.is_finite()) {
         panic!("{what}: element {i} is {} (unwritten or overflowed; reference {})", ours[i], reference[i]);
     }
-    let scale = reference.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
-    let (i, err) = ours
+    let rms = (reference.iter().map(|x| (x * x) as f64).sum::<f64>() / reference.len().max(1) as f64).sqrt() as f32;
+    let (i, ratio) = ours
         .iter()
         .zip(reference)
-        .map(|(a, b)| (a - b).abs())
+        .map(|(a, b)| (a - b).abs() / (tol * (b.abs() + 4.0 * rms)).max(f32::MIN_POSITIVE))
         .enumerate()
-        .fold((0, 0f32), |best, (i, e)| if e > best.1 { (i, e) } else { best });
-    let rel = err / scale;
-    assert!(rel <= tol, "{what}: rel err {rel:.2e} > {tol:.0e} at element {i}: {} vs {}", ours[i], reference[i]);
+        .fold((0, 0f32), |best, (i, r)| if r > best.1 { (i, r) } else { best });
+    assert!(
+        ratio <= 1.0,
+        "{what}: element {i} is {} vs {} (error {:.2e}, {ratio:.2}x the tolerance {tol:.0e} * (|ref| + 4 * rms {rms:.3e}))",
+        ours[i],
+        reference[i],
+        (ours[i] - reference[i]).abs()
+    );
+}
+
+/// Whether cuda:0 is tulu's CPU emulation of CUDA (`scripts/cuda-emu`): the same kernels and
+/// code paths then run on tables sized for a CPU in CI, and tests that measure the device itself
+/// are skipped.
+fn emulated() -> bool {
+    static EMULATED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *EMULATED.get_or_init(|| gpu().describe().contains("emulator"))
 }
 
 /// A weight holding `data` (f32 bytes, as a checkpoint tensor would), loaded by `b`.

@@ -2,12 +2,13 @@
 //!
 //! `TULU_KERNELS` exists so that a changed `.cu` can be compiled and run on the GPU machine,
 //! which has nvcc but no Rust (`.gpu/run kernels` writes `.gpu/kernels/NAME.cubin`), without
-//! rebuilding tulu. It may name:
-//! - a directory: each family `NAME` with a `NAME.cubin`, `NAME.fatbin` or `NAME.ptx` there is
-//!   loaded from it; the other families stay embedded;
-//! - a file `NAME.{cubin,fatbin,ptx}` whose stem is a family (`attention.cubin`): that family;
-//! - any other `.cubin`/`.fatbin`/`.ptx` file: one module holding every kernel (a single
-//!   translation unit that includes all `kernels/*.cu`), used for every family.
+//! rebuilding tulu, and so that the CPU emulation of CUDA (`scripts/cuda-emu`, which points it
+//! at `NAME.so` CPU images of each `kernels/NAME.cu`) runs the same kernels. It may name:
+//! - a directory: each family `NAME` with a `NAME.cubin`, `NAME.fatbin`, `NAME.ptx` or `NAME.so`
+//!   there is loaded from it; the other families stay embedded;
+//! - a file `NAME.{cubin,fatbin,ptx,so}` whose stem is a family (`attention.cubin`): that family;
+//! - any other such file: one module holding every kernel (a single translation unit that
+//!   includes all `kernels/*.cu`), used for every family.
 //!
 //! Every kernel function is looked up once here, so a launch never searches by name, and a
 //! kernel missing from an override is an error at start-up naming the file.
@@ -44,8 +45,9 @@ pub(crate) struct Kernels {
     pub sources: Vec<(String, String)>,
 }
 
-/// Extensions tried, in order, for a family in a `TULU_KERNELS` directory.
-const EXTENSIONS: [&str; 3] = ["cubin", "fatbin", "ptx"];
+/// Extensions tried, in order, for a family in a `TULU_KERNELS` directory (`so`: a CPU image
+/// for the emulated driver, which refuses the others, as a GPU driver refuses a CPU image).
+const EXTENSIONS: [&str; 4] = ["cubin", "fatbin", "ptx", "so"];
 
 impl Kernels {
     /// Loads every family into `ctx`: embedded, unless `TULU_KERNELS` overrides it.
@@ -124,7 +126,9 @@ impl Overrides {
         }
         let ext = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
         if !EXTENSIONS.contains(&ext) {
-            return Err(bad(format!("expected a .cubin, .fatbin or .ptx file, or a directory of them; not .{ext}")));
+            return Err(bad(format!(
+                "expected a .cubin, .fatbin, .ptx or .so (CPU image) file, or a directory of them; not .{ext}"
+            )));
         }
         let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
         Ok(if EMBEDDED.iter().any(|(name, _)| *name == stem) {

@@ -1,0 +1,357 @@
+// Modules and launches: cuModuleLoadData takes a CPU kernel image (an ELF shared object for this
+// machine, built from kernels/*.cu by scripts/cuda-emu) and refuses real GPU code (cubin,
+// fatbin, PTX) with CUDA_ERROR_INVALID_IMAGE; cuLaunchKernel copies the parameters (as CUDA
+// does at launch time, so a captured graph keeps the values of its capture) and, when the op
+// runs, spreads the grid's blocks over the worker pool, each block's threads being fibers
+// (emu/runtime/block.cpp).
+#include <dlfcn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <map>
+
+#include "emu.h"
+#include "tulu_emu_abi.h"
+
+namespace {
+
+using namespace emu;
+
+struct Image {
+    void* handle;
+    const tulu_emu_kernel* kernels;
+    tulu_emu_run_block_fn run_block;
+};
+
+struct Module {
+    Image* image;
+    Context* ctx;
+};
+
+struct Function {
+    Module* module;
+    const tulu_emu_kernel* kernel;
+    int max_dynamic_smem = 48 * 1024;
+};
+
+constexpr size_t kStackSize = 128 * 1024;
+constexpr size_t kStackStride = kStackSize;
+constexpr int kMaxThreads = 1024;
+constexpr uint64_t kCanary = 0x7475'6c75'2d65'6d75ull;  // "tulu-emu"
+constexpr int kCanaryWords = 8;
+
+// This OS thread's fiber stacks (reused by every block it runs): one mapping, so that threads
+// do not use up the process's mappings (a guard page per stack would be 2048 per thread). The
+// lowest words of each stack hold a canary, checked after every block instead.
+char* thread_stacks() {
+    static thread_local char* stacks = nullptr;
+    if (!stacks) {
+        void* m = mmap(nullptr, kStackStride * kMaxThreads + 4096, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (m == MAP_FAILED) return nullptr;
+        mprotect(m, 4096, PROT_NONE);  // below the lowest stack
+        stacks = (char*)m + 4096;
+        for (int i = 0; i < kMaxThreads; i++)
+            for (int w = 0; w < kCanaryWords; w++) ((uint64_t*)(stacks + i * kStackStride))[w] = kCanary;
+    }
+    return stacks;
+}
+
+// The first of the block's `n` fibers whose stack overflowed into the canary, or -1.
+int overflowed_stack(const char* stacks, unsigned n) {
+    for (unsigned i = 0; i < n; i++)
+        for (int w = 0; w < kCanaryWords; w++)
+            if (((const uint64_t*)(stacks + i * kStackStride))[w] != kCanary) return (int)i;
+    return -1;
+}
+
+std::mutex& images_mu = *new std::mutex;
+std::map<std::string, Image*>& images = *new std::map<std::string, Image*>;  // by content, never unloaded
+
+// The byte length of an ELF image: where its section header table ends (GNU ld puts it last).
+size_t elf_size(const unsigned char* p) {
+    uint64_t shoff;
+    uint16_t shentsize, shnum;
+    memcpy(&shoff, p + 0x28, 8);
+    memcpy(&shentsize, p + 0x3a, 2);
+    memcpy(&shnum, p + 0x3c, 2);
+    return shoff + (uint64_t)shentsize * shnum;
+}
+
+CUresult load_image(const void* data, Image** out) {
+    const unsigned char* p = (const unsigned char*)data;
+    uint32_t magic;
+    memcpy(&magic, p, 4);
+    if (magic == 0xba55ed50u) {
+        report("cuModuleLoadData: a real fatbin (nvcc output) cannot run on the emulator; "
+               "point TULU_KERNELS at CPU images (scripts/cuda-emu builds them)");
+        return CUDA_ERROR_INVALID_IMAGE;
+    }
+    if (memcmp(p, "\x7f" "ELF", 4) != 0) {
+        report("cuModuleLoadData: not a CPU kernel image (PTX or an unknown format); "
+               "point TULU_KERNELS at CPU images (scripts/cuda-emu builds them)");
+        return CUDA_ERROR_INVALID_IMAGE;
+    }
+    uint16_t machine;
+    memcpy(&machine, p + 0x12, 2);
+#if defined(__x86_64__)
+    const uint16_t host_machine = 62;
+#else
+    const uint16_t host_machine = 183;
+#endif
+    if (machine != host_machine || p[4] != 2 /* ELFCLASS64 */) {
+        report("cuModuleLoadData: an ELF image for machine %u (%s), not this CPU; real GPU code cannot run on "
+               "the emulator",
+               machine, machine == 190 ? "a CUDA cubin" : "another architecture");
+        return CUDA_ERROR_INVALID_IMAGE;
+    }
+    const size_t size = elf_size(p);
+    std::string key((const char*)p, size);
+    std::lock_guard<std::mutex> g(images_mu);
+    auto it = images.find(key);
+    if (it != images.end()) {
+        *out = it->second;
+        return CUDA_SUCCESS;
+    }
+    // Written to a file of its own (a unique path: glibc's dlopen matches loaded objects by
+    // path) and unlinked once loaded, unless TULU_EMU_KEEP_IMAGES=1 keeps it for perf or gdb.
+    static std::atomic<int> counter{0};
+    const char* tmp = getenv("TMPDIR");
+    char path[512];
+    snprintf(path, sizeof path, "%s/tulu-emu-%d-%d.so", tmp && *tmp ? tmp : "/tmp", (int)getpid(), counter++);
+    FILE* f = fopen(path, "wb");
+    if (!f || fwrite(p, 1, size, f) != size) {
+        if (f) fclose(f);
+        report("cuModuleLoadData: cannot write the CPU image to %s", path);
+        return CUDA_ERROR_UNKNOWN;
+    }
+    fclose(f);
+    void* handle = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    const char* keep = getenv("TULU_EMU_KEEP_IMAGES");
+    if (!keep || strcmp(keep, "1") != 0) unlink(path);
+    if (!handle) {
+        report("cuModuleLoadData: the CPU image does not load: %s", dlerror());
+        return CUDA_ERROR_INVALID_IMAGE;
+    }
+    const int* abi = (const int*)dlsym(handle, "tulu_emu_abi_version");
+    auto kernels = (const tulu_emu_kernel*)dlsym(handle, "tulu_emu_kernels");
+    auto run = (tulu_emu_run_block_fn)dlsym(handle, "tulu_emu_run_block");
+    if (!abi || *abi != TULU_EMU_ABI || !kernels || !run) {
+        report("cuModuleLoadData: the shared object is not a tulu CPU kernel image of ABI %d (rebuild with "
+               "scripts/cuda-emu build)",
+               TULU_EMU_ABI);
+        dlclose(handle);
+        return CUDA_ERROR_INVALID_IMAGE;
+    }
+    Image* image = new Image{handle, kernels, run};
+    images.emplace(std::move(key), image);
+    *out = image;
+    return CUDA_SUCCESS;
+}
+
+struct Launch {
+    Function* f;
+    Context* ctx;
+    tulu_emu_dim3 grid, block;
+    unsigned smem;
+    std::vector<unsigned char> params;  // each parameter's value, at its offset
+    std::vector<size_t> offsets;
+};
+
+void run_launch(const Launch& L) {
+    const tulu_emu_kernel* k = L.f->kernel;
+    if (sticky(L.ctx)) return;  // a failed context runs nothing more
+    std::vector<void*> ptrs(L.offsets.size());
+    for (size_t i = 0; i < ptrs.size(); i++) ptrs[i] = (void*)(L.params.data() + L.offsets[i]);
+    // Pointer parameters: poison fresh buffers before first use, and refuse another device's
+    // memory (a GPU would fault or read the wrong memory).
+    for (size_t i = 0; i < ptrs.size(); i++) {
+        if (k->sizes[i] != 8) continue;
+        CUdeviceptr v;
+        memcpy(&v, ptrs[i], 8);
+        const int dev = device_of(v);
+        if (dev < 0) continue;
+        if (dev != L.ctx->device) {
+            poison_context(L.ctx, CUDA_ERROR_ILLEGAL_ADDRESS,
+                           "kernel `" + std::string(k->name) + "` parameter " + std::to_string(i) +
+                               " points into cuda:" + std::to_string(dev) + "'s memory");
+            return;
+        }
+        touch(v);
+    }
+    const uint64_t seq = L.ctx->launches++;
+    const size_t total = (size_t)L.grid.x * L.grid.y * L.grid.z;
+    std::mutex err_mu;
+    std::string error;
+    std::atomic<bool> failed{false};
+    parallel_for(total, [&](size_t b) {
+        if (failed.load(std::memory_order_relaxed)) return;
+        char* stacks = thread_stacks();
+        ensure_signal_stack();
+        char msg[1024] = "";
+        tulu_emu_block job{};
+        job.kernel = k;
+        job.params = ptrs.data();
+        job.grid = L.grid;
+        job.block = L.block;
+        job.block_idx = tulu_emu_dim3{(unsigned)(b % L.grid.x), (unsigned)(b / L.grid.x % L.grid.y),
+                                      (unsigned)(b / ((size_t)L.grid.x * L.grid.y))};
+        job.dynamic_smem = L.smem;
+        job.schedule = config().schedule;
+        job.seed = config().seed ^ (seq * 0x9E3779B97F4A7C15ull) ^ (b * 0xD1B54A32D192ED03ull);
+        job.stacks = stacks;
+        job.stack_size = kStackSize;
+        job.stack_stride = kStackStride;
+        job.stack_count = stacks ? kMaxThreads : 0;
+        Running& r = running();
+        job.current_thread = &r.thread;
+        job.error = msg;
+        job.error_len = sizeof msg;
+        r.kernel = k->name;
+        r.block[0] = job.block_idx.x;
+        r.block[1] = job.block_idx.y;
+        r.block[2] = job.block_idx.z;
+        int rc = L.f->module->image->run_block(&job);
+        r.kernel = nullptr;
+        const int overflow = stacks ? overflowed_stack(stacks, L.block.x * L.block.y * L.block.z) : -1;
+        if (overflow >= 0) {
+            snprintf(msg, sizeof msg, "thread %d overflowed its %zu KiB stack", overflow, kStackSize / 1024);
+            rc = 1;
+        }
+        if (rc != 0 && !failed.exchange(true)) {
+            std::lock_guard<std::mutex> g(err_mu);
+            char where[128];
+            snprintf(where, sizeof where, " block (%u,%u,%u): ", job.block_idx.x, job.block_idx.y, job.block_idx.z);
+            error = std::string("kernel `") + k->name + "`" + where + msg;
+        }
+    });
+    if (failed) poison_context(L.ctx, CUDA_ERROR_LAUNCH_FAILED, error);
+}
+
+}  // namespace
+
+using namespace emu;
+
+EMU_EXPORT CUresult cuModuleLoadData(void** module, const void* image) {
+    Context* c = current_context();
+    if (!c) return CUDA_ERROR_INVALID_CONTEXT;
+    if (!module || !image) return CUDA_ERROR_INVALID_VALUE;
+    Image* img;
+    if (CUresult e = load_image(image, &img)) return e;
+    *module = new Module{img, c};
+    return CUDA_SUCCESS;
+}
+
+EMU_EXPORT CUresult cuModuleLoad(void** module, const char* path) {
+    FILE* f = fopen(path, "rb");
+    if (!f) return CUDA_ERROR_NOT_FOUND;
+    std::vector<unsigned char> bytes;
+    unsigned char buf[65536];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, f)) > 0) bytes.insert(bytes.end(), buf, buf + n);
+    fclose(f);
+    bytes.resize(bytes.size() + 64, 0);
+    return cuModuleLoadData(module, bytes.data());
+}
+
+EMU_EXPORT CUresult cuModuleUnload(void* module) {
+    if (!module) return CUDA_ERROR_INVALID_HANDLE;
+    // Functions may outlive the handle in user code; the image stays loaded (it is shared).
+    return CUDA_SUCCESS;
+}
+
+EMU_EXPORT CUresult cuModuleGetFunction(void** function, void* module, const char* name) {
+    if (!function || !module || !name) return CUDA_ERROR_INVALID_VALUE;
+    Module* m = (Module*)module;
+    for (const tulu_emu_kernel* k = m->image->kernels; k->name; k++) {
+        if (!strcmp(k->name, name)) {
+            *function = new Function{m, k};
+            return CUDA_SUCCESS;
+        }
+    }
+    return CUDA_ERROR_NOT_FOUND;
+}
+
+EMU_EXPORT CUresult cuFuncGetAttribute(int* value, int attribute, void* function) {
+    if (!value || !function) return CUDA_ERROR_INVALID_VALUE;
+    Function* f = (Function*)function;
+    switch (attribute) {
+        case 0: *value = kMaxThreads; break;             // MAX_THREADS_PER_BLOCK
+        case 1: *value = 0; break;                       // SHARED_SIZE_BYTES (static: unknown here)
+        case 4: *value = 32; break;                      // NUM_REGS
+        case 8: *value = f->max_dynamic_smem; break;     // MAX_DYNAMIC_SHARED_SIZE_BYTES
+        default: *value = 0; break;
+    }
+    return CUDA_SUCCESS;
+}
+
+EMU_EXPORT CUresult cuFuncSetAttribute(void* function, int attribute, int value) {
+    if (!function) return CUDA_ERROR_INVALID_VALUE;
+    Function* f = (Function*)function;
+    if (attribute == 8) {
+        if (value < 0 || value > TULU_EMU_DYNAMIC_SMEM_MAX) return CUDA_ERROR_INVALID_VALUE;
+        f->max_dynamic_smem = value;
+    }
+    return CUDA_SUCCESS;
+}
+
+EMU_EXPORT CUresult cuFuncSetCacheConfig(void* function, int) { return function ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE; }
+
+EMU_EXPORT CUresult cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                                   unsigned bz, unsigned smem, void* stream, void** params, void** extra) {
+    if (!function) return CUDA_ERROR_INVALID_HANDLE;
+    Function* f = (Function*)function;
+    Stream* s = resolve_stream(stream);
+    if (!s) return CUDA_ERROR_INVALID_CONTEXT;
+    if (CUresult e = sticky(s->ctx)) return e;
+    const tulu_emu_kernel* k = f->kernel;
+    if (extra) {
+        report("cuLaunchKernel `%s`: `extra` parameter packing is not emulated", k->name);
+        return CUDA_ERROR_NOT_SUPPORTED;
+    }
+    if (f->module->ctx != s->ctx) {
+        report("cuLaunchKernel `%s`: the function was loaded in cuda:%d's context but launched on a cuda:%d stream",
+               k->name, f->module->ctx->device, s->ctx->device);
+        return CUDA_ERROR_INVALID_HANDLE;
+    }
+    const unsigned long long threads = (unsigned long long)bx * by * bz;
+    if (gx == 0 || gy == 0 || gz == 0 || gx > 2147483647u || gy > 65535 || gz > 65535 || threads == 0 ||
+        threads > (unsigned)kMaxThreads || bx > 1024 || by > 1024 || bz > 64) {
+        report("cuLaunchKernel `%s`: invalid grid (%u,%u,%u) or block (%u,%u,%u)", k->name, gx, gy, gz, bx, by, bz);
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    if ((int)smem > f->max_dynamic_smem) {
+        report("cuLaunchKernel `%s`: %u bytes of dynamic shared memory exceed the function's limit of %d "
+               "(raise it with cuFuncSetAttribute)",
+               k->name, smem, f->max_dynamic_smem);
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    if (k->nparams > 0 && !params) return CUDA_ERROR_INVALID_VALUE;
+    auto L = std::make_shared<Launch>();
+    L->f = f;
+    L->ctx = s->ctx;
+    L->grid = tulu_emu_dim3{gx, gy, gz};
+    L->block = tulu_emu_dim3{bx, by, bz};
+    L->smem = smem;
+    size_t off = 0;
+    for (int i = 0; i < k->nparams; i++) {
+        off = (off + k->aligns[i] - 1) / k->aligns[i] * k->aligns[i];
+        L->offsets.push_back(off);
+        off += k->sizes[i];
+    }
+    L->params.resize(off + 16);
+    for (int i = 0; i < k->nparams; i++) memcpy(L->params.data() + L->offsets[i], params[i], k->sizes[i]);
+    Op op;
+    op.what = k->name;
+    op.run = [L] { run_launch(*L); };
+    return submit(s, std::move(op));
+}
+
+EMU_EXPORT CUresult cuLaunchCooperativeKernel(void*, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
+                                              unsigned, void*, void**) {
+    report("cuLaunchCooperativeKernel is not emulated");
+    return CUDA_ERROR_NOT_SUPPORTED;
+}

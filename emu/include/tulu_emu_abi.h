@@ -1,0 +1,58 @@
+// The contract between the emulated driver (emu/driver, libtulu_cuda_emu.so) and a CPU kernel
+// image (a kernels/*.cu compiled by the system C++ compiler against cuda_emu.h, linked with
+// emu/runtime/block.cpp). Plain C so both sides agree on the layout.
+//
+// An image exports:
+//   tulu_emu_abi_version   == TULU_EMU_ABI
+//   tulu_emu_kernels[]     every `extern "C" __global__` entry point, ended by a NULL name
+//   tulu_emu_run_block()   runs one thread block to completion on the calling OS thread
+#pragma once
+
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define TULU_EMU_ABI 1
+
+// Largest dynamic shared memory a block may ask for (an H100's opt-in limit, 227 KiB).
+#define TULU_EMU_DYNAMIC_SMEM_MAX 232448
+
+// One kernel entry point: `call` unpacks `params[i]` (a pointer to argument i's value, as in
+// cuLaunchKernel) into a call of the kernel function.
+typedef struct tulu_emu_kernel {
+    const char* name;
+    void (*call)(void** params);
+    int nparams;
+    const unsigned short* sizes;   // bytes of each parameter
+    const unsigned short* aligns;  // alignment of each parameter
+} tulu_emu_kernel;
+
+typedef struct tulu_emu_dim3 {
+    unsigned x, y, z;
+} tulu_emu_dim3;
+
+enum tulu_emu_schedule { TULU_EMU_FORWARD = 0, TULU_EMU_REVERSE = 1, TULU_EMU_RANDOM = 2 };
+
+// One block to run. The driver owns the fiber stacks (one pool per OS thread).
+typedef struct tulu_emu_block {
+    const tulu_emu_kernel* kernel;
+    void** params;
+    tulu_emu_dim3 grid, block, block_idx;
+    unsigned dynamic_smem;          // bytes of `extern __shared__` memory (poisoned with 0xFF)
+    int schedule;                   // tulu_emu_schedule
+    unsigned long long seed;        // random schedule's seed for this block
+    char* stacks;                   // `stack_count` stacks of `stack_size` bytes, `stack_stride` apart
+    size_t stack_size, stack_stride;
+    int stack_count;
+    volatile unsigned* current_thread;  // the runtime stores the running thread's linear index here
+    char* error;                    // a message on failure, NUL-terminated
+    size_t error_len;
+} tulu_emu_block;
+
+typedef int (*tulu_emu_run_block_fn)(tulu_emu_block* block);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,156 @@
+//! The `tulu` command on a CUDA device, end to end: `generate`, `serve`, and ranks in two
+//! processes joined by NCCL. Greedy answers must equal the CPU backend's (and two processes
+//! must compute what two rank threads do).
+//!
+//! Ignored without a CUDA device; `scripts/test` runs them under the CPU emulation of CUDA:
+//! `scripts/cuda-emu cargo test --features cuda,nccl --test gpu_cli -- --include-ignored`.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+fn tulu(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tulu"));
+    c.args(args).env_remove("WORLD_SIZE").env_remove("RANK").env_remove("LOCAL_RANK");
+    c
+}
+
+fn run(mut c: Command) -> Output {
+    let out = c.stdout(Stdio::piped()).stderr(Stdio::piped()).output().unwrap();
+    assert!(out.status.success(), "{c:?}: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// `tulu generate` greedy on `device`: what it writes to stdout.
+fn generate(model: &str, device: &str, prompt: &str, extra: &[&str]) -> String {
+    let args = ["generate", "--model", model, "--device", device, "--prompt", prompt, "--max-tokens", "24"];
+    let mut c = tulu(&args);
+    c.args(extra);
+    String::from_utf8(run(c).stdout).unwrap()
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn generate_on_cuda_writes_what_the_cpu_writes() {
+    let model = common::smollm2_dir().to_string_lossy().into_owned();
+    for prompt in ["The capital of France is", "def fibonacci(n):"] {
+        let cuda = generate(&model, "cuda", prompt, &[]);
+        let cpu = generate(&model, "cpu", prompt, &[]);
+        assert!(!cpu.trim().is_empty());
+        assert_eq!(cuda, cpu, "greedy text of {prompt:?} on cuda:0 and on the CPU");
+    }
+}
+
+/// A `tulu serve` subprocess on a free port, killed when dropped.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn start(args: &[&str]) -> Server {
+        let mut child = tulu(&["serve", "--port", "0"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[serve] {line}");
+                if let Some(addr) = line.strip_prefix("listening on http://") {
+                    let _ = tx.send(addr.to_owned());
+                }
+            }
+        });
+        let addr = rx.recv_timeout(Duration::from_secs(300)).expect("the server printed no address");
+        Server { child, addr }
+    }
+
+    /// POSTs `body` to `path`; the status and the JSON body.
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let mut s = TcpStream::connect(&self.addr).unwrap();
+        let body = body.to_string();
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.addr,
+            body.len()
+        )
+        .unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).unwrap();
+        let status = reply.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let json = reply.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+        (status, serde_json::from_str(json).unwrap_or(Value::Null))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn serve_on_cuda_answers_what_generate_on_the_cpu_writes() {
+    let model = common::smollm2_dir().to_string_lossy().into_owned();
+    let args = ["--model", &model, "--device", "cuda", "--kv-cache-memory", "50000000", "--served-model-name", "smol"];
+    let server = Server::start(&args);
+    for prompt in ["The capital of France is", "Once upon a time"] {
+        let body = json!({"model": "smol", "prompt": prompt, "max_tokens": 24, "temperature": 0});
+        let (status, reply) = server.post("/v1/completions", &body);
+        assert_eq!(status, 200, "{reply}");
+        let text = reply["choices"][0]["text"].as_str().unwrap_or_default().to_owned();
+        assert_eq!(text, generate(&model, "cpu", prompt, &[]), "{prompt:?} through tulu serve on cuda:0");
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+#[ignore = "needs two CUDA devices"]
+fn two_rank_processes_on_cuda_write_what_tp2_writes() {
+    let gpus = cudarc::driver::CudaContext::device_count().unwrap_or(0);
+    assert!(gpus >= 2, "two rank processes need two GPUs (NCCL refuses two ranks on one); found {gpus}");
+    let mut cfg = tulu::config::ModelConfig::preset("tiny").unwrap();
+    cfg.vocab_size = 301;
+    let dir = common::synth_dir("tiny-vocab301-bf16", &cfg, tulu::weights::gguf::OutDType::Bf16, None);
+    let model = dir.to_string_lossy().into_owned();
+    let prompt = "hello world";
+    let port = free_port().to_string();
+    // One machine, two GPUs, one process each, as `torchrun --nproc-per-node 2` starts them.
+    let rank = |r: usize| {
+        let r = r.to_string();
+        let mut c = tulu(&["generate", "--model", &model, "--device", "cuda", "--prompt", prompt, "--max-tokens", "16"]);
+        c.args(["--dist-timeout", "120"]);
+        c.envs([("WORLD_SIZE", "2"), ("LOCAL_WORLD_SIZE", "2"), ("RANK", &r), ("LOCAL_RANK", &r)]);
+        c.envs([("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", &port)]);
+        c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+    };
+    let started = Instant::now();
+    let (rank1, rank0) = (rank(1), rank(0));
+    let (out0, out1) = (rank0.wait_with_output().unwrap(), rank1.wait_with_output().unwrap());
+    assert!(out0.status.success(), "rank 0: {}", String::from_utf8_lossy(&out0.stderr));
+    assert!(out1.status.success(), "rank 1: {}", String::from_utf8_lossy(&out1.stderr));
+    assert!(out1.stdout.is_empty(), "only rank 0 writes the text");
+    eprintln!("two processes: {:.1} s; rank 0: {}", started.elapsed().as_secs_f64(), String::from_utf8_lossy(&out0.stderr));
+    let mut c = tulu(&["generate", "--model", &model, "--device", "cuda", "--prompt", prompt, "--max-tokens", "16"]);
+    c.args(["--tp", "2"]);
+    let threads = run(c);
+    assert!(!out0.stdout.is_empty());
+    assert_eq!(out0.stdout, threads.stdout, "two rank processes must compute what two rank threads do");
+}
