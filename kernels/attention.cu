@@ -177,7 +177,10 @@ __device__ __forceinline__ void attention_tile(const bf16* __restrict__ q, const
                 const int qi = o / hd, d = o - qi * hd;
                 const float* p = p_s + qi * tk;
                 float a = acc[i] * a_s[qi];
-                for (int j = 0; j < jn; j++) a = fmaf(p[j], bf2f(v_s[j * hd + d]), a);
+                // Only the keys this query attends to: a masked key's weight is 0, but 0 · NaN is
+                // NaN, and a non-finite value must not reach rows that never attend to it.
+                const int jq = min(jn, pos_s[qi] - key0 + 1);
+                for (int j = 0; j < jq; j++) a = fmaf(p[j], bf2f(v_s[j * hd + d]), a);
                 acc[i] = a;
             }
         }
@@ -191,7 +194,9 @@ __device__ __forceinline__ void attention_tile(const bf16* __restrict__ q, const
             const int qi = o / hd, d = o - qi * hd;
             const int row = row_start + qi / G, head = g * G + qi % G;
             const float l = l_s[qi];
-            const float v = l > 0.f ? acc[i] / l : 0.f;
+            // l is 0 when no key of this split reaches the row; NaN (a non-finite key it attends
+            // to) must propagate, not become 0.
+            const float v = l != 0.f ? acc[i] / l : 0.f;
             if (num_splits == 1)
                 out[(size_t)row * q_dim + head * hd + d] = f2bf(v);
             else
@@ -238,13 +243,14 @@ extern "C" __global__ void attention_combine_bf16(const float* __restrict__ o_pa
     float mx = -CUDART_INF_F;
     for (int s = 0; s < num_splits; s++) mx = fmaxf(mx, ml[s].x);
     float total = 0.f;
+    // `!= 0`, not `> 0`: a split whose sum is NaN must make the row NaN, not drop out.
     for (int s = 0; s < num_splits; s++)
-        if (ml[s].y > 0.f) total += exp2f(ml[s].x - mx) * ml[s].y;
-    const float inv = total > 0.f ? 1.f / total : 0.f;
+        if (ml[s].y != 0.f) total += exp2f(ml[s].x - mx) * ml[s].y;
+    const float inv = total != 0.f ? 1.f / total : 0.f;
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         float acc = 0.f;
         for (int s = 0; s < num_splits; s++)
-            if (ml[s].y > 0.f) acc += exp2f(ml[s].x - mx) * ml[s].y * o_part[(rh * num_splits + s) * hd + d];
+            if (ml[s].y != 0.f) acc += exp2f(ml[s].x - mx) * ml[s].y * o_part[(rh * num_splits + s) * hd + d];
         out[rh * hd + d] = f2bf(acc * inv);
     }
 }

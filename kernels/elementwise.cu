@@ -1,15 +1,14 @@
-// Element-wise kernels of the forward pass: SiLU·mul of the fused gate/up activation, the
-// residual add, and the gather of a step's output rows.
+// Element-wise kernels of the forward pass: SiLU·mul of the fused gate/up activation and the
+// gather of a step's output rows (residual adds are fused into add_rmsnorm_bf16).
 //
-// Contract (checked by src/backend/cuda/elementwise.rs before launch):
+// Contract (checked by src/backend/contract.rs before launch):
 //   silu_mul_bf16(gate_up[rows, 2*inter]) -> out[rows, inter]
 //       out[r, i] = silu(g) * u with g = gate_up[r, i], u = gate_up[r, inter + i],
 //       silu(g) = g / (1 + exp(-g)), in f32 from the bf16 inputs, rounded once.
-//   add_bf16(x[n] in/out, y[n]): x <- bf16(x + y).
 //   gather_rows_bf16(x[*, cols], rows[n] u32) -> out[n, cols]: out[i] = x[rows[i]]
 //       (the host checks every index is in range).
 //   Grid-stride loops: any grid and block size is correct; the launcher sizes them.
-// Versions: 1 (this) — scalar accesses. silu_mul and add are meant to be fused into the GEMV
+// Versions: 1 (this) — scalar accesses. silu_mul is meant to be fused into the GEMV
 //   epilogues later (issue 4, item 5); these are the standalone versions and the reference.
 #include "common.cuh"
 
@@ -22,11 +21,6 @@ extern "C" __global__ void silu_mul_bf16(const bf16* __restrict__ gate_up, bf16*
         const float g = bf2f(row[i]), u = bf2f(row[inter + i]);
         out[idx] = f2bf(g / (1.f + expf(-g)) * u);
     }
-}
-
-extern "C" __global__ void add_bf16(bf16* __restrict__ x, const bf16* __restrict__ y, size_t n) {
-    for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < n; idx += (size_t)gridDim.x * blockDim.x)
-        x[idx] = f2bf(bf2f(x[idx]) + bf2f(y[idx]));
 }
 
 extern "C" __global__ void gather_rows_bf16(const bf16* __restrict__ x, const unsigned* __restrict__ rows,

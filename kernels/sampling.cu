@@ -4,15 +4,17 @@
 //   argmax_bf16(logits[rows, cols], sample_cols) -> ids[rows] u32
 //       the index of the largest of the first `sample_cols` columns of each row (columns past
 //       it are vocab padding and never chosen); the first index on ties, as torch.argmax and
-//       the CPU sampler; NaN never wins (a row of only NaN gives 0). One block per row,
-//       blockDim a multiple of 32 and at most 1024.
+//       the CPU sampler. A row with a NaN or ±inf among those columns gets 0xffffffff
+//       (runtime::sampler::NON_FINITE) instead of a token. One block per row, blockDim a
+//       multiple of 32 and at most 1024.
 //   sample_bf16(logits[rows, cols], valid, meta[rows, 8], penalized[], scratch[rows, valid] f32)
 //       -> ids[rows] u32
 //       the token `src/runtime/sampler.rs::sample_row` picks, with each row's parameters in
 //       `meta` (temperature, top_k, top_p, min_p, repetition penalty, uniform draw as f32 bits;
-//       start and count of its penalised ids in `penalized`). One block of 1024 threads per row;
-//       `scratch` holds the row's penalised logits, then its probabilities.
-// Versions: 2 (this) — greedy, and sampling with every filter.
+//       start and count of its penalised ids in `penalized`), or 0xffffffff for a row whose
+//       first `valid` logits are not all finite. One block of 1024 threads per row; `scratch`
+//       holds the row's penalised logits, then its probabilities.
+// Versions: 3 (this) — greedy, and sampling with every filter; non-finite rows flagged.
 //
 // How sample_bf16 finds the thresholds without sorting: probabilities are non-negative floats,
 // whose bit patterns order like their values, so "the largest t such that the values ≥ t weigh
@@ -61,13 +63,21 @@ extern "C" __global__ void argmax_bf16(const bf16* __restrict__ logits, int cols
                                        unsigned* __restrict__ ids) {
     __shared__ float s_best[32];
     __shared__ unsigned s_idx[32];
+    __shared__ int s_bad;
     const bf16* row = logits + (size_t)blockIdx.x * cols;
     float best = -CUDART_INF_F;
     unsigned idx = 0xffffffffu;
-    for (int c = threadIdx.x; c < sample_cols; c += blockDim.x) better(best, idx, bf2f(row[c]), (unsigned)c);
+    if (threadIdx.x == 0) s_bad = 0;
+    __syncthreads();
+    for (int c = threadIdx.x; c < sample_cols; c += blockDim.x) {
+        const float v = bf2f(row[c]);
+        if (!isfinite(v)) s_bad = 1;  // every writer stores the same value
+        better(best, idx, v, (unsigned)c);
+    }
+    __syncthreads();
     block_argmax(best, idx, s_best, s_idx);
-    // Every value -inf or NaN: no index was taken; answer 0 like the CPU sampler.
-    if (threadIdx.x == 0) ids[blockIdx.x] = idx == 0xffffffffu ? 0u : idx;
+    // A non-finite logit flags the row (the host fails its request instead of emitting a token).
+    if (threadIdx.x == 0) ids[blockIdx.x] = s_bad ? 0xffffffffu : idx;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -159,6 +169,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     __shared__ unsigned s_digit;
     __shared__ unsigned long long s_above;
     __shared__ unsigned s_pick;
+    __shared__ int s_bad;
 
     const unsigned* m = meta + 8 * (size_t)blockIdx.x;
     const float temperature = __uint_as_float(m[0]), top_p = __uint_as_float(m[2]), min_p = __uint_as_float(m[3]);
@@ -169,8 +180,19 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     float* p = scratch + (size_t)blockIdx.x * valid;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
 
-    for (int i = tid; i < valid; i += blockDim.x) p[i] = bf2f(row[i]);
+    if (tid == 0) s_bad = 0;
     __syncthreads();
+    for (int i = tid; i < valid; i += blockDim.x) {
+        p[i] = bf2f(row[i]);
+        if (!isfinite(p[i])) s_bad = 1;  // every writer stores the same value
+    }
+    __syncthreads();
+    // A non-finite logit flags the row; every thread reads the same flag, so the whole block
+    // returns together.
+    if (s_bad) {
+        if (tid == 0) ids[blockIdx.x] = 0xffffffffu;
+        return;
+    }
     if (penalty != 1.f) {
         // The ids are distinct (the host dedups them), so no two threads touch one logit.
         for (unsigned j = tid; j < pen_count; j += blockDim.x) {

@@ -238,6 +238,7 @@ impl ModelConfig {
             max_position_embeddings: f.positive("max_position_embeddings")?,
             torch_dtype: f.str_opt("torch_dtype")?.map(str::to_owned),
         };
+        cfg.check_size(file)?;
         if let Some(dtype) = &cfg.torch_dtype {
             if !matches!(dtype.as_str(), "float32" | "float16" | "bfloat16") {
                 return Err(f.err("torch_dtype", format!("unsupported dtype `{dtype}` (float32, float16 or bfloat16)")));
@@ -294,11 +295,55 @@ impl ModelConfig {
 
     /// Number of parameters, counting a tied `lm_head` once.
     pub fn parameter_count(&self) -> u64 {
-        let (h, i, v) = (self.hidden_size as u64, self.intermediate_size as u64, self.vocab_size as u64);
-        let attn = h * self.q_dim() as u64 * 2 + h * self.kv_dim() as u64 * 2;
-        let layer = attn + 3 * h * i + 2 * h;
+        u64::try_from(self.parameter_count_wide()).unwrap_or(u64::MAX)
+    }
+
+    /// [`Self::parameter_count`] in arithmetic no dimension can overflow.
+    fn parameter_count_wide(&self) -> u128 {
+        let (h, i, v) = (self.hidden_size as u128, self.intermediate_size as u128, self.vocab_size as u128);
+        let (q, kv) = (
+            self.num_attention_heads as u128 * self.head_dim as u128,
+            self.num_key_value_heads as u128 * self.head_dim as u128,
+        );
+        let layer = h * q * 2 + h * kv * 2 + 3 * h * i + 2 * h;
         let head = if self.tie_word_embeddings { 0 } else { v * h };
-        v * h + self.num_hidden_layers as u64 * layer + h + head
+        v * h + self.num_hidden_layers as u128 * layer + h + head
+    }
+
+    /// Refuses dimensions past any model's, which would overflow the arithmetic every size is
+    /// computed in: each is at most [`MAX_DIMENSION`], and together they describe at most
+    /// [`MAX_PARAMETERS`] parameters. `file` names the config in the error.
+    pub fn check_size(&self, file: &Path) -> Result<()> {
+        let dims = [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+            ("vocab_size", self.vocab_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ];
+        for (field, v) in dims {
+            if v > MAX_DIMENSION {
+                return Err(Error::config(
+                    file,
+                    field,
+                    format!("{v} is larger than any model's (at most {MAX_DIMENSION})"),
+                ));
+            }
+        }
+        let params = self.parameter_count_wide();
+        if params > MAX_PARAMETERS as u128 {
+            return Err(Error::config(
+                file,
+                "hidden_size",
+                format!(
+                    "the dimensions describe {params} parameters, more than any model's (at most {MAX_PARAMETERS})"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Bytes of K and V cached per token across all layers at `bytes_per_elem`.
@@ -442,6 +487,12 @@ impl GenerationConfig {
     }
 }
 
+/// The largest value of any one dimension of a config (2^24; Llama 3.1 405B's largest is
+/// 131072 positions).
+pub const MAX_DIMENSION: usize = 1 << 24;
+/// The most parameters a config may describe (2^48; Llama 3.1 405B has about 2^38.6).
+pub const MAX_PARAMETERS: u64 = 1 << 48;
+
 /// The files of a model directory, by their Hugging Face names.
 #[derive(Debug, Clone)]
 pub struct ModelFiles {
@@ -465,5 +516,32 @@ impl ModelFiles {
     /// `tokenizer_config.json` (optional; holds the chat template).
     pub fn tokenizer_config(&self) -> PathBuf {
         self.dir.join("tokenizer_config.json")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Dimensions past any model's are refused naming the field, not left to overflow the size
+    /// arithmetic (fuzzing found `num_hidden_layers: 2^64 - 1` panicking in parameter_count).
+    #[test]
+    fn impossible_dimensions_are_refused() {
+        let file = Path::new("config.json");
+        let base = ModelConfig::preset("llama-3.1-405b").unwrap().to_json();
+        let with = |field: &str, v: Value| {
+            let mut c = base.clone();
+            c[field] = v;
+            ModelConfig::from_json(&c.to_string(), file)
+        };
+        for (field, v) in [("num_hidden_layers", json!(u64::MAX)), ("vocab_size", json!(1u64 << 40))] {
+            match with(field, v) {
+                Err(Error::Config { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+        let e = with("hidden_size", json!(1 << 24)).unwrap_err().to_string();
+        assert!(e.contains("parameters"), "{e}");
+        assert!(with("num_hidden_layers", json!(126)).is_ok());
     }
 }

@@ -95,6 +95,26 @@ pub enum Error {
         /// What happened to the request.
         message: String,
     },
+    /// The engine has failed (a device lost, a rank dead, a collective timed out): this request
+    /// and every other fails, and the engine takes no more; its process should be restarted.
+    #[error("the engine has failed: {message}")]
+    EngineFailed {
+        /// Why.
+        message: String,
+    },
+    /// A request's logits were not finite (NaN or infinity), so no token could be sampled: the
+    /// weights or activations overflowed. The request ends instead of emitting a meaningless
+    /// token; other requests are unaffected.
+    #[error(
+        "the logits at position {position} are not finite (NaN or infinity; first on rank {rank}'s \
+         vocabulary shard): the model's weights or activations overflowed, so the request ends here"
+    )]
+    NonFiniteLogits {
+        /// The position (in the sequence) of the token whose logits they are.
+        position: usize,
+        /// The tensor-parallel rank whose shard of the logits holds the first non-finite value.
+        rank: usize,
+    },
     /// A backend operation failed (a bug or an exhausted resource, not bad input).
     #[error("backend: {0}")]
     Backend(String),

@@ -11,7 +11,6 @@ pub mod error;
 pub mod hub;
 pub mod model;
 pub mod parallel;
-pub mod peer;
 pub mod process_memory;
 pub mod rope;
 pub mod runtime;

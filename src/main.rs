@@ -49,28 +49,33 @@ pub struct ModelArgs {
     /// Seconds a rank waits for its peers (joining and every collective) before failing.
     #[arg(long, default_value_t = 300.0)]
     pub dist_timeout: f64,
+    /// A secret every rank must present to join rank 0 (the same on every rank).
+    #[arg(long, env = "TULU_DIST_TOKEN", hide_env_values = true)]
+    pub dist_token: Option<String>,
 }
 
-/// Sampling flags: any one given overrides the model's generation_config defaults.
+/// Sampling flags: any one given overrides the model's generation_config defaults. Numbers may
+/// be negative here so that `--temperature -1` gets tulu's own range check naming the flag
+/// (`cli::generate::check_flags`), not clap's "unexpected argument '-1'".
 #[derive(clap::Args, Clone, Default)]
 pub struct SamplingArgs {
-    /// Maximum tokens to generate.
-    #[arg(long, default_value_t = 256)]
-    pub max_tokens: usize,
+    /// Maximum tokens to generate (at least 1).
+    #[arg(long, default_value_t = 256, allow_negative_numbers = true)]
+    pub max_tokens: i64,
     /// 0 is greedy.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub temperature: Option<f32>,
-    /// Keep the k likeliest tokens (0: all).
-    #[arg(long)]
-    pub top_k: Option<usize>,
+    /// Keep the k likeliest tokens (0 or -1: all).
+    #[arg(long, allow_negative_numbers = true)]
+    pub top_k: Option<i64>,
     /// Nucleus sampling threshold in (0, 1].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub top_p: Option<f32>,
     /// Drop tokens less likely than min_p × the likeliest.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub min_p: Option<f32>,
     /// Penalise tokens already present (1: off).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub repetition_penalty: Option<f32>,
     /// Seed for reproducible sampling.
     #[arg(long)]
@@ -152,7 +157,7 @@ enum Command {
         #[arg(long)]
         tokenizer: Option<PathBuf>,
     },
-    /// Measure prefill and decode speed, with candle-transformers' llama as the peer.
+    /// Measure load, prefill and decode speed (JSON lines); `cargo bench --bench peer` adds candle-transformers as the peer.
     Bench(cli::bench::BenchArgs),
     /// Serve the OpenAI-compatible HTTP API (completions, chat, models, health, metrics).
     Serve(cli::serve::ServeArgs),

@@ -18,7 +18,7 @@ use crate::parallel::sizing::{head_weight_elements, layer_weight_elements, rank_
 use crate::parallel::Communicator;
 use crate::rope::RopeTable;
 use crate::runtime::batch::Batch;
-use crate::runtime::sampler::{StepOutput, StepSampling};
+use crate::runtime::sampler::{Sampled, StepOutput, StepSampling, NON_FINITE};
 use crate::weights::random::RandomSlice;
 use crate::weights::{TensorSlice, WeightStore};
 
@@ -217,12 +217,31 @@ impl<B: Backend> Llama<B> {
         // Never a padded column: those past the vocabulary, or past the gathered width.
         let width = self.plan.vocab_rows_per_rank * comm.world_size();
         let valid = sampling.valid.min(self.cfg.vocab_size).min(width);
-        let tokens = backend.sample(&logits, &sampling.per_row, valid)?;
-        let logits = match sampling.want_logits {
+        let ids = backend.sample(&logits, &sampling.per_row, valid)?;
+        let flagged = ids.contains(&NON_FINITE);
+        let logits = match sampling.want_logits || flagged {
             true => Some(self.host_logits(backend, &logits, comm.world_size())?),
             false => None,
         };
-        Ok(StepOutput { tokens, logits })
+        let vocab = self.cfg.vocab_size;
+        let tokens = ids
+            .into_iter()
+            .enumerate()
+            .map(|(i, id)| match (id, &logits) {
+                (NON_FINITE, Some(l)) => {
+                    Sampled::NonFinite { rank: self.rank_of_first_non_finite(&l[i * vocab..][..vocab]) }
+                }
+                (NON_FINITE, None) => Sampled::NonFinite { rank: 0 },
+                (id, _) => Sampled::Token(id),
+            })
+            .collect();
+        Ok(StepOutput { tokens, logits: logits.filter(|_| sampling.want_logits) })
+    }
+
+    /// The rank whose vocabulary shard holds the first non-finite logit of `row` (only on the
+    /// error path: the row is copied to the host to find it).
+    fn rank_of_first_non_finite(&self, row: &[f32]) -> usize {
+        row.iter().position(|x| !x.is_finite()).map_or(0, |c| c / self.plan.vocab_rows_per_rank.max(1))
     }
 
     /// The gathered logits of `rows` on the device: `rows.len() × (vocab shard rows · world)`,

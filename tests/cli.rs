@@ -271,11 +271,18 @@ fn bad_requests_are_clear_errors() {
     let cases: Vec<(&str, Vec<&str>, Vec<&str>)> = vec![
         ("empty prompt", vec!["--prompt", ""], vec!["prompt", "empty"]),
         ("prompt longer than the context", vec!["--prompt", &long, "--max-context", "64"], vec!["prompt", "context"]),
-        ("max_tokens 0", vec!["--max-tokens", "0"], vec!["max_tokens"]),
-        ("negative temperature", vec!["--temperature=-0.5"], vec!["temperature"]),
-        ("NaN temperature", vec!["--temperature", "NaN"], vec!["temperature"]),
-        ("top_p 0", vec!["--top-p", "0"], vec!["top_p"]),
-        ("top_p above 1", vec!["--top-p", "1.5"], vec!["top_p"]),
+        ("max_tokens 0", vec!["--max-tokens", "0"], vec!["--max-tokens"]),
+        ("negative temperature", vec!["--temperature=-0.5"], vec!["--temperature"]),
+        // Negative values after a space reach tulu's own checks, not clap's "unexpected argument".
+        ("temperature -1", vec!["--temperature", "-1"], vec!["--temperature", "got -1"]),
+        ("max_tokens -5", vec!["--max-tokens", "-5"], vec!["--max-tokens", "got -5"]),
+        ("top_k -3", vec!["--top-k", "-3"], vec!["--top-k", "got -3"]),
+        ("top_p -0.5", vec!["--top-p", "-0.5"], vec!["--top-p", "got -0.5"]),
+        ("min_p -1", vec!["--min-p", "-1"], vec!["--min-p"]),
+        ("repetition_penalty -2", vec!["--repetition-penalty", "-2"], vec!["--repetition-penalty"]),
+        ("NaN temperature", vec!["--temperature", "NaN"], vec!["--temperature"]),
+        ("top_p 0", vec!["--top-p", "0"], vec!["--top-p"]),
+        ("top_p above 1", vec!["--top-p", "1.5"], vec!["--top-p"]),
         ("non-UTF-8 prompt file", vec!["--prompt-file", &latin1_s], vec!["prompt-file", "UTF-8"]),
         ("missing prompt file", vec!["--prompt-file", "/nonexistent/prompt.txt"], vec!["/nonexistent/prompt.txt"]),
         ("unknown device", vec!["--device", "tpu"], vec!["tpu"]),
@@ -472,4 +479,31 @@ fn bench_output_piped_into_a_closed_reader_ends_quietly() {
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// `tulu bench --model`'s synthetic prompt stays inside any vocabulary, however small: a
+/// 50-token word-level tokenizer (the old prompt, `100 + i·7919 mod (vocab - 200)`, underflowed).
+#[test]
+fn bench_prompts_fit_a_small_vocabulary() {
+    let tmp = copy_tiny();
+    let mut vocab = serde_json::Map::new();
+    for i in 0..50u32 {
+        vocab.insert(format!("w{i}"), i.into());
+    }
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}
+    });
+    std::fs::write(tmp.path().join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    std::fs::remove_file(tmp.path().join("tokenizer_config.json")).unwrap();
+    let d = tmp.path().to_string_lossy();
+    let out = tulu(&["bench", "--model", &d, "--prompt-len", "40", "--gen-len", "2", "--repeat", "1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let lines: Vec<Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[1]["case"], "generate");
+    assert!(lines[1]["decode_tok_s"].as_f64().is_some_and(|x| x > 0.0), "{}", lines[1]);
 }

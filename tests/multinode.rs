@@ -4,8 +4,10 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use tulu::parallel::rendezvous::WorldSpec;
@@ -72,7 +74,9 @@ fn missing_peers_time_out_with_clear_errors() {
 fn dying_rank1() {
     let port: u16 = std::env::var("TULU_DYING_PORT").unwrap().parse().unwrap();
     let spec = WorldSpec::from_nodes(2, 1, 1, 0, "127.0.0.1", port).unwrap();
-    let comm = TcpComm::connect(&spec, Duration::from_secs(30)).unwrap();
+    let config = tulu::config::ModelConfig::from_file(&common::tiny_dir().join("config.json")).unwrap();
+    let handshake = tulu::parallel::handshake::Handshake::new(&config, &spec, None).unwrap();
+    let comm = TcpComm::connect(&spec, &handshake, Duration::from_secs(30)).unwrap();
     comm.recv_hello().unwrap();
     comm.recv_step().unwrap();
     std::process::exit(3);
@@ -96,4 +100,67 @@ fn a_rank_that_dies_mid_run_fails_rank0() {
     assert!(!err.contains("panicked"), "{err}");
     assert!(start.elapsed() < Duration::from_secs(25));
     let _ = child.wait();
+}
+
+/// `--kv-cache-memory` is bytes per rank in separate processes too: each of two ranks holds one
+/// of the tiny model's two KV heads, so rank 0 reports bytes / (2 layers × K,V × 1 head × 8 × 4
+/// bytes × 16 tokens) blocks, twice what the whole model's bytes per token would give.
+#[test]
+fn kv_cache_memory_is_bytes_per_rank_in_two_processes() {
+    let dir = common::tiny_dir();
+    let d = dir.to_string_lossy().into_owned();
+    let port = free_port().to_string();
+    let serve = |rank: &str| {
+        tulu(&["serve", "--model", &d, "--port", "0", "--device", "cpu", "--kv-cache-memory", "1000000"])
+            .args(["--nnodes", "2", "--node-rank", rank, "--master-port", &port, "--dist-timeout", "60"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut rank1 = serve("1");
+    let mut rank0 = serve("0");
+    let (tx, rx) = mpsc::channel();
+    let stderr = rank0.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut blocks = None;
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(60)) {
+        if let Some(rest) = line.split("KV cache ").nth(1) {
+            blocks = rest.split(' ').next().and_then(|n| n.parse::<usize>().ok());
+            break;
+        }
+    }
+    let _ = rank0.kill();
+    let _ = rank1.kill();
+    let _ = (rank0.wait(), rank1.wait());
+    assert_eq!(blocks, Some(1_000_000 / (2 * 2 * 8 * 4 * 16)));
+}
+
+/// `--dist-token` (or `TULU_DIST_TOKEN`) across processes: a rank with the wrong token is
+/// refused at once with a reason, and rank 0 keeps waiting until the right one joins.
+#[test]
+fn a_rank_with_the_wrong_token_is_refused_and_the_right_one_joins() {
+    let port = free_port();
+    let rank0 = generate(Some((0, port)), "60", &["--dist-token", "s3cret"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut wrong = generate(Some((1, port)), "60", &[]);
+    wrong.env("TULU_DIST_TOKEN", "guess");
+    let wrong = run(wrong);
+    let err = String::from_utf8_lossy(&wrong.stderr);
+    assert_eq!(wrong.status.code(), Some(1), "{err}");
+    assert!(err.contains("refused rank 1") && err.contains("dist-token"), "{err}");
+    let mut right = generate(Some((1, port)), "60", &[]);
+    right.env("TULU_DIST_TOKEN", "s3cret");
+    let right = run(right);
+    assert!(right.status.success(), "{}", String::from_utf8_lossy(&right.stderr));
+    let rank0 = rank0.wait_with_output().unwrap();
+    assert!(rank0.status.success(), "{}", String::from_utf8_lossy(&rank0.stderr));
+    assert!(!rank0.stdout.is_empty());
 }

@@ -4,6 +4,8 @@
 //! SmolLM2. Relative error < 1e-4 in f32 over the tokenizer's rows; greedy continuations equal.
 
 mod common;
+#[path = "common/peer.rs"]
+mod peer;
 
 use std::path::Path;
 
@@ -13,13 +15,14 @@ use tulu::config::ModelConfig;
 use tulu::model::Llama;
 use tulu::parallel::sharding::Shard;
 use tulu::parallel::SingleRank;
-use tulu::peer::PeerLlama;
 use tulu::runtime::batch::Batch;
 use tulu::runtime::block_manager::BlockManager;
 use tulu::tokenizer::Tokenizer;
 use tulu::weights::gguf::OutDType;
 use tulu::weights::WeightStore;
 use tulu::{Engine, EngineOptions, Event, GenerateRequest, SamplingParams};
+
+use self::peer::PeerLlama;
 
 /// tulu's logits for every position of `tokens`, computed in one prefill step.
 fn tulu_logits_per_position(dir: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {

@@ -34,9 +34,15 @@ impl Server {
     /// flags, and waits until `/health` answers 200.
     fn start(extra: &[&str]) -> Server {
         let model = common::smollm2_dir().to_string_lossy().into_owned();
+        let mut args = vec!["--max-context", "1024", "--kv-cache-memory", "60000000"];
+        args.extend_from_slice(extra);
+        Self::start_model(&model, "smollm2", &args)
+    }
+
+    /// Starts a server of `model` (served as `name`) with `extra` flags; waits for `/health`.
+    fn start_model(model: &str, name: &str, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tulu"))
-            .args(["serve", "--model", &model, "--port", "0", "--max-context", "1024"])
-            .args(["--kv-cache-memory", "60000000", "--served-model-name", "smollm2"])
+            .args(["serve", "--model", model, "--port", "0", "--served-model-name", name])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -53,7 +59,7 @@ impl Server {
             }
         });
         let addr = rx.recv_timeout(Duration::from_secs(120)).expect("the server printed no address");
-        let server = Server { child, addr, model: "smollm2".into() };
+        let server = Server { child, addr, model: name.into() };
         let deadline = Instant::now() + Duration::from_secs(30);
         while server.get("/health").status != 200 {
             assert!(Instant::now() < deadline, "/health never answered 200");
@@ -89,12 +95,17 @@ impl Server {
         let pid = self.child.id().to_string();
         let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("run kill");
         assert!(sent.success(), "kill -TERM {pid} failed");
+        self.wait_exit()
+    }
+
+    /// Waits (up to a minute) for the process to exit.
+    fn wait_exit(&mut self) -> ExitStatus {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 return status;
             }
-            assert!(Instant::now() < deadline, "the server did not exit after SIGTERM");
+            assert!(Instant::now() < deadline, "the server did not exit");
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -469,4 +480,84 @@ fn sigterm_finishes_running_requests_and_exits_0() {
         .collect();
     assert_eq!(finish, [json!("length")], "{}", r.body);
     assert!(TcpStream::connect(&server.addr).is_err(), "still accepting after shutdown");
+}
+
+/// A request whose logits are not finite (token 77's embedding row is NaN) fails alone, with a
+/// 500 naming the position, whole or streamed; the requests running beside it complete and
+/// `/health` stays 200.
+#[test]
+fn a_request_with_non_finite_logits_fails_alone() {
+    let _serial = serial();
+    let poisoned = common::poisoned_tiny("model.embed_tokens.weight", 77);
+    let server = Server::start_model(&poisoned.path().to_string_lossy(), "tiny", &["--device", "cpu"]);
+    let body = |prompt: Value, stream: bool| {
+        json!({"model": "tiny", "prompt": prompt, "max_tokens": 8, "ignore_eos": true, "temperature": 0,
+               "stream": stream})
+    };
+    let replies: Vec<Reply> = std::thread::scope(|scope| {
+        let handles: Vec<_> = [
+            body(json!([5, 6, 7, 8]), false),
+            body(json!([5, 77, 9]), false),
+            body(json!([5, 77, 9]), true),
+            body(json!([40, 41, 42]), true),
+        ]
+        .into_iter()
+        .map(|b| {
+            let server = &server;
+            scope.spawn(move || server.post("/v1/completions", &b))
+        })
+        .collect();
+        handles.into_iter().map(|h| h.join().expect("client")).collect()
+    });
+    assert_eq!(replies[0].status, 200, "{}", replies[0].body);
+    assert_eq!(replies[0].json()["usage"]["completion_tokens"], 8);
+    assert_eq!(replies[1].status, 500, "{}", replies[1].body);
+    let error = replies[1].json()["error"].clone();
+    assert_eq!(error["code"], "non_finite_logits", "{error}");
+    assert!(error["message"].as_str().is_some_and(|m| m.contains("position 2")), "{error}");
+    // Streamed: the headers are out, so the error is the stream's last event before [DONE].
+    let events = replies[2].events();
+    assert!(events.iter().any(|e| e.contains("non_finite_logits")), "{}", replies[2].body);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let finish: Vec<Value> = replies[3].events()[..replies[3].events().len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).expect("chunk")["choices"][0]["finish_reason"].clone())
+        .filter(|f| !f.is_null())
+        .collect();
+    assert_eq!(finish, [json!("length")], "{}", replies[3].body);
+    assert_eq!(server.get("/health").status, 200);
+    assert_eq!(server.metric("tulu_request_failed_total"), 2.0);
+}
+
+/// An engine-fatal error under `tulu serve`: rank 1 of a two-process world dies; the next
+/// request fails with a 503 `engine_failed` naming the rank, and rank 0 exits non-zero (so that
+/// a supervisor restarts it). (A request in flight when a rank dies fails the same way:
+/// tests/failures.rs.)
+#[test]
+fn an_engine_failure_fails_requests_and_the_server_exits_nonzero() {
+    let _serial = serial();
+    let model = common::tiny_dir().to_string_lossy().into_owned();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let world = ["--device", "cpu", "--nnodes", "2", "--master-port", &port, "--dist-timeout", "30"];
+    let mut rank1 = Command::new(env!("CARGO_BIN_EXE_tulu"))
+        .args(["serve", "--model", &model, "--node-rank", "1"])
+        .args(world)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn rank 1");
+    let mut args = vec!["--node-rank", "0"];
+    args.extend_from_slice(&world);
+    let mut server = Server::start_model(&model, "tiny", &args);
+    let body = json!({"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 4, "ignore_eos": true});
+    assert_eq!(server.post("/v1/completions", &body).status, 200, "both ranks serve");
+    rank1.kill().expect("kill rank 1");
+    let _ = rank1.wait();
+    let r = server.post("/v1/completions", &body);
+    assert_eq!(r.status, 503, "{}", r.body);
+    let error = r.json()["error"].clone();
+    assert_eq!(error["code"], "engine_failed", "{error}");
+    assert!(error["message"].as_str().is_some_and(|m| m.contains("rank 1")), "{error}");
+    let status = server.wait_exit();
+    assert_eq!(status.code(), Some(1), "{status}");
 }

@@ -131,3 +131,21 @@ fn a_failed_rank_load_is_a_clear_error() {
     assert!(err.to_string().contains("num_hidden_layers"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(30));
 }
+
+/// `kv_cache_memory` is bytes per rank: at tp 2 each rank holds one of the tiny model's two KV
+/// heads, so the same bytes hold twice the blocks of tp 1 (the block count is the arithmetic on
+/// the rank's own KV bytes, f32 on the CPU).
+#[test]
+fn kv_cache_memory_is_bytes_per_rank() {
+    let dir = common::tiny_dir();
+    let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let bytes = 1_000_000;
+    for tp in [1, 2] {
+        let mut opts = EngineOptions::new(dir.to_string_lossy());
+        opts.tp = tp;
+        opts.kv_cache_memory = Some(bytes as u64);
+        let engine = Engine::load(opts).unwrap();
+        let per_token = cfg.num_hidden_layers * 2 * (cfg.num_key_value_heads / tp) * cfg.head_dim * 4;
+        assert_eq!(engine.metrics().kv_blocks_total, bytes / (per_token * 16), "tp {tp}");
+    }
+}

@@ -4,6 +4,7 @@
 //! each of which a CUDA backend implements as one (possibly fused) kernel launch. Activations
 //! are 2-D: one row per token of the step, sequences concatenated.
 
+pub mod contract;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -120,18 +121,9 @@ pub struct KvCacheSpec {
     pub head_dim: usize,
 }
 
-/// Checks a `sample` call's shapes: one sampling row per logits row, and `valid` (the columns
-/// that may be picked) within the logits' width.
-pub(crate) fn check_sample(rows: usize, cols: usize, per_row: usize, valid: usize) -> Result<()> {
-    if per_row != rows || valid == 0 || valid > cols {
-        return Err(Error::Backend(format!(
-            "sample: {per_row} sampling rows and {valid} valid columns for {rows}×{cols} logits"
-        )));
-    }
-    Ok(())
-}
-
-/// The operations of the Llama forward pass, implemented once per device.
+/// The operations of the Llama forward pass, implemented once per device. Each checks its
+/// inputs with the one check of [`contract`] before touching memory, so both backends refuse
+/// the same inputs with the same errors.
 pub trait Backend: Send + Sync + 'static {
     /// Activations: `rows × cols`, one row per token.
     type Tensor: Send + Sync;
@@ -225,15 +217,13 @@ pub trait Backend: Send + Sync + 'static {
     /// `silu(gate) * up` for a fused `[gate | up]` activation.
     fn silu_mul(&self, gate_up: &Self::Tensor) -> Result<Self::Tensor>;
 
-    /// `x += y`.
-    fn add(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
-
     /// The given rows of `x`, in order.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
 
     /// Picks one token per row of `logits` with `per_row[r]`, by the rule of
     /// [`crate::runtime::sampler::sample_row`], never a column at or past `valid` (vocab
-    /// padding); only the ids cross to the host.
+    /// padding); only the ids cross to the host. A row whose first `valid` logits are not all
+    /// finite gets [`crate::runtime::sampler::NON_FINITE`] (the device flags it; no extra copy).
     fn sample(&self, logits: &Self::Tensor, per_row: &[RowSampling], valid: usize) -> Result<Vec<u32>>;
 
     /// Copies `x` to the host, row-major.

@@ -1,11 +1,12 @@
-//! `tulu bench`: prefill and decode speed on a model directory, with candle-transformers'
-//! llama timed on the same weights in the same run as the ratio's denominator.
+//! `tulu bench`: load, prefill and decode speed on a model directory, one JSON line per case.
+//! The comparison with candle-transformers' llama on the same weights is a cargo bench
+//! (`cargo bench --bench peer -- --model DIR`), which runs this and the peer in one run: the
+//! `tulu` binary carries no oracle.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde_json::json;
-use tulu::peer::PeerLlama;
 use tulu::{Device, Engine, EngineOptions, Event, GenerateRequest, Result, SamplingParams, Summary};
 
 /// `tulu bench` flags.
@@ -52,9 +53,6 @@ pub struct BenchArgs {
     /// Repetitions; the best run is reported.
     #[arg(long, default_value_t = 3)]
     pub repeat: usize,
-    /// Skip the candle-transformers peer.
-    #[arg(long)]
-    pub no_peer: bool,
     /// Serving mode (see bench_serve.rs): concurrent requests through continuous batching.
     #[arg(long)]
     pub serve: bool,
@@ -107,27 +105,14 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             "peak_rss_mb": tulu::process_memory::peak_rss_bytes().map(|b| round(b as f64 / 1e6)),
         })
     );
-    let mut peer = if args.no_peer { None } else { Some(PeerLlama::load(dir)?) };
-    let vocab = engine.tokenizer().vocab_size() as u32;
+    let vocab = engine.tokenizer().vocab_size();
     for &plen in &args.prompt_len {
-        // A deterministic prompt of ordinary tokens (ids well inside the tokenizer).
-        let prompt: Vec<u32> = (0..plen as u32).map(|i| 100 + (i * 7919) % (vocab - 200)).collect();
+        let prompt = tulu::engine::synthetic_prompt(plen, vocab, 0);
         let (mut best_prefill, mut best_decode) = (0f64, 0f64);
         for _ in 0..args.repeat.max(1) {
             let s = tulu_once(&engine, &prompt, args.gen_len)?;
             best_prefill = best_prefill.max(s.prefill_tok_per_sec());
             best_decode = best_decode.max(s.decode_tok_per_sec());
-        }
-        let (mut peer_prefill, mut peer_decode) = (f64::NAN, f64::NAN);
-        if let Some(peer) = peer.as_mut() {
-            for _ in 0..args.repeat.max(1) {
-                // Both sides: one prefill, then gen_len - 1 single-token steps.
-                let steps = args.gen_len.saturating_sub(1).max(1);
-                let (p, d) = peer.time_generate(&prompt, steps)?;
-                let (pp, dd) = (plen as f64 / p, steps as f64 / d);
-                peer_prefill = if peer_prefill.is_nan() { pp } else { peer_prefill.max(pp) };
-                peer_decode = if peer_decode.is_nan() { dd } else { peer_decode.max(dd) };
-            }
         }
         let line = json!({
             "case": "generate",
@@ -137,11 +122,6 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             "gen_len": args.gen_len,
             "prefill_tok_s": round(best_prefill),
             "decode_tok_s": round(best_decode),
-            "peer": "candle-transformers llama",
-            "peer_prefill_tok_s": round(peer_prefill),
-            "peer_decode_tok_s": round(peer_decode),
-            "prefill_ratio": round(best_prefill / peer_prefill),
-            "decode_ratio": round(best_decode / peer_decode),
         });
         println!("{line}");
     }

@@ -23,7 +23,7 @@ use tulu::parallel::sharding::{Shard, ShardPlan};
 use tulu::parallel::sizing::{head_weight_elements, layer_weight_elements};
 use tulu::parallel::{Communicator, SingleRank};
 use tulu::runtime::batch::Batch;
-use tulu::runtime::sampler::{RowSampling, StepSampling};
+use tulu::runtime::sampler::{RowSampling, Sampled, StepSampling};
 use tulu::weights::random::RandomSlice;
 use tulu::{Error, Result};
 
@@ -240,7 +240,14 @@ fn time_case<B: Backend>(backend: &B, model: &Llama<B>, batch: usize, plen: usiz
             valid: vocab as usize,
             want_logits: false,
         };
-        Ok(model.step(backend, b, cache, &sampling, &SingleRank)?.tokens)
+        let tokens = model.step(backend, b, cache, &sampling, &SingleRank)?.tokens;
+        tokens
+            .into_iter()
+            .map(|t| match t {
+                Sampled::Token(t) => Ok(t),
+                Sampled::NonFinite { rank } => Err(Error::NonFiniteLogits { position: 0, rank }),
+            })
+            .collect()
     };
     let prefill = |table: &[u32], cache: &mut B::KvCache| -> Result<u32> {
         let mut b = Batch::new(BLOCK);

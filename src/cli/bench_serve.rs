@@ -98,8 +98,7 @@ pub fn bench_serve(args: &BenchArgs, dir: &Path) -> Result<()> {
 
 /// A deterministic prompt of ordinary tokens, different for every `id`.
 fn prompt(engine: &Engine, id: u32, len: usize) -> Vec<u32> {
-    let span = (engine.tokenizer().vocab_size() as u32).saturating_sub(200).max(1);
-    (0..len as u32).map(|i| 100 + (i.wrapping_mul(7919).wrapping_add(id.wrapping_mul(104_729))) % span).collect()
+    tulu::engine::synthetic_prompt(len, engine.tokenizer().vocab_size(), id)
 }
 
 /// Runs one request to exactly `gen_len` tokens, timing each token's arrival. Log-probability

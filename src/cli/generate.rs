@@ -7,6 +7,32 @@ use tulu::{ChatMessage, Engine, Error, Event, GenerateRequest, Prompt, Result, S
 
 use crate::{ModelArgs, SamplingArgs};
 
+/// Checks the sampling flags before anything is loaded, each error naming its flag.
+pub fn check_flags(args: &SamplingArgs) -> Result<()> {
+    if args.max_tokens < 1 {
+        return Err(Error::request("--max-tokens", format!("must be at least 1, got {}", args.max_tokens)));
+    }
+    if let Some(k) = args.top_k.filter(|&k| k < -1) {
+        return Err(Error::request("--top-k", format!("must be -1 or 0 (all) or at least 1, got {k}")));
+    }
+    with_defaults(args, SamplingParams::default()).validate().map_err(|e| match e {
+        Error::Request { param, message } => Error::request(format!("--{}", param.replace('_', "-")), message),
+        other => other,
+    })
+}
+
+/// The flags given, over `defaults`.
+fn with_defaults(args: &SamplingArgs, d: SamplingParams) -> SamplingParams {
+    SamplingParams {
+        temperature: args.temperature.unwrap_or(d.temperature),
+        top_k: args.top_k.map_or(d.top_k, |k| usize::try_from(k).unwrap_or(0)),
+        top_p: args.top_p.unwrap_or(d.top_p),
+        min_p: args.min_p.unwrap_or(d.min_p),
+        repetition_penalty: args.repetition_penalty.unwrap_or(d.repetition_penalty),
+        seed: args.seed,
+    }
+}
+
 /// The request's sampling: `None` (model defaults) unless a sampling flag was given.
 fn sampling(engine: &Engine, args: &SamplingArgs) -> Option<SamplingParams> {
     let any = args.temperature.is_some()
@@ -15,24 +41,14 @@ fn sampling(engine: &Engine, args: &SamplingArgs) -> Option<SamplingParams> {
         || args.min_p.is_some()
         || args.repetition_penalty.is_some()
         || args.seed.is_some();
-    any.then(|| {
-        let d = engine.default_sampling();
-        SamplingParams {
-            temperature: args.temperature.unwrap_or(d.temperature),
-            top_k: args.top_k.unwrap_or(d.top_k),
-            top_p: args.top_p.unwrap_or(d.top_p),
-            min_p: args.min_p.unwrap_or(d.min_p),
-            repetition_penalty: args.repetition_penalty.unwrap_or(d.repetition_penalty),
-            seed: args.seed,
-        }
-    })
+    any.then(|| with_defaults(args, engine.default_sampling()))
 }
 
 fn request(engine: &Engine, prompt: Prompt, args: &SamplingArgs) -> GenerateRequest {
     GenerateRequest {
         prompt,
         sampling: sampling(engine, args),
-        max_tokens: Some(args.max_tokens),
+        max_tokens: usize::try_from(args.max_tokens).ok(),
         stop: args.stop.clone(),
         ignore_eos: false,
         logprobs: None,
@@ -96,6 +112,7 @@ pub fn generate(
     if text.is_empty() {
         return Err(Error::request("prompt", "is empty"));
     }
+    check_flags(args)?;
     let opts = crate::cli::engine_options(model)?;
     if crate::cli::run_if_not_rank0(&opts)? {
         return Ok(());
@@ -118,6 +135,7 @@ pub fn generate(
 
 /// `tulu chat`: one user turn per line; `/exit` or end of input quits, `/reset` forgets.
 pub fn chat(model: &ModelArgs, system: Option<String>, args: &SamplingArgs) -> Result<()> {
+    check_flags(args)?;
     let opts = crate::cli::engine_options(model)?;
     if crate::cli::run_if_not_rank0(&opts)? {
         return Ok(());

@@ -25,7 +25,8 @@ pub struct ServeArgs {
     /// Most tokens (prompt chunks plus decodes) in one step.
     #[arg(long, default_value_t = 2048)]
     pub max_num_batched_tokens: usize,
-    /// Bytes of KV cache (CPU); default: enough for 4 full contexts.
+    /// Bytes of KV cache on every rank; default: what --gpu-memory-utilization of each GPU leaves
+    /// after its weights, or 4 full contexts on the CPU.
     #[arg(long)]
     pub kv_cache_memory: Option<u64>,
     /// Token slots per KV block.

@@ -65,6 +65,8 @@ pub struct Metrics {
     pub generated_tokens: u64,
     /// Requests finished (any reason).
     pub requests_finished: u64,
+    /// Requests that ended with an error (of their own, or the engine's).
+    pub requests_failed: u64,
     /// Sequences preempted for lack of KV blocks.
     pub preemptions: u64,
     /// Time from submission to first token.
@@ -85,6 +87,7 @@ impl Default for Metrics {
             prompt_tokens: 0,
             generated_tokens: 0,
             requests_finished: 0,
+            requests_failed: 0,
             preemptions: 0,
             time_to_first_token: Histogram::new(&LATENCY_BOUNDS),
             inter_token_latency: Histogram::new(&LATENCY_BOUNDS),

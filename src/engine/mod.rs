@@ -1,15 +1,25 @@
 //! `tulu::Engine`: a loaded model behind a continuous-batching step loop.
 //!
-//! [`Engine::load`] validates and loads a model onto a backend, then starts one worker thread,
-//! the only owner of device state (the model runner and its KV cache). Requests from any number
-//! of threads or tasks are queued to it; each step it schedules (admit, chunk, preempt), runs
-//! one batched forward pass and post-processes (sample, detokenize, stop), sending every
-//! request its [`Event`]s. Dropping a [`Generation`] aborts its request at the next step.
+//! [`Engine::load`] validates the model, opens every rank (`ranks.rs`: each a `RankRunner`, the
+//! only owner of its device state) and starts one worker thread (`worker.rs`) that drives them.
+//! Requests from any number of threads or tasks are queued to it; each `step()` schedules (the
+//! scheduler emits the batch, the rows to sample and their sampling), runs the ranks, and
+//! post-processes: each sampled token goes to its request's output state (`output.rs`:
+//! detokenizer, EOS, stop strings, limits, log-probabilities), which sends the request its
+//! [`Event`]s. Dropping a [`Generation`] aborts its request at the next step. A failure of one
+//! request ends only that request; a failure of the ranks fails the engine
+//! ([`Engine::failure`]).
 
+mod kv_policy;
 pub mod metrics;
-mod multinode;
+mod options;
+mod output;
+mod rank_processes;
+mod rank_runner;
+mod rank_threads;
+mod ranks;
 mod request;
-mod tp;
+mod watchdog;
 mod worker;
 
 use std::collections::HashSet;
@@ -21,102 +31,21 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc as tmpsc;
 
+pub use self::kv_policy::KvPolicy;
 pub use self::metrics::{Histogram, Metrics};
-pub use self::multinode::run_rank;
-use self::multinode::start_node;
-pub use self::request::{Event, FinishReason, GenerateRequest, Prompt, Summary, TokenLogprob};
-use self::tp::{TpPlan, TpRunner};
-use self::worker::{Command, Runner, Submission, Worker};
-use crate::backend::cpu::CpuBackend;
-use crate::backend::{Backend, Device};
+pub use self::options::EngineOptions;
+use self::output::Submission;
+pub use self::rank_processes::run_rank;
+pub use self::request::{synthetic_prompt, Event, FinishReason, GenerateRequest, Prompt, Summary, TokenLogprob};
+use self::worker::{Command, Worker};
 use crate::config::{GenerationConfig, ModelConfig};
 use crate::error::{Error, Result};
 use crate::hub::{resolve_model, HubOptions};
-use crate::model::Llama;
-use crate::parallel::rendezvous::WorldSpec;
-use crate::parallel::sharding::Shard;
-use crate::parallel::tcp::Hello;
 use crate::runtime::block_manager::BlockManager;
 use crate::runtime::sampler::SamplingParams;
-use crate::runtime::scheduler::{Scheduler, SchedulerConfig};
+use crate::runtime::scheduler::Scheduler;
 use crate::tokenizer::Tokenizer;
 use crate::weights::WeightStore;
-
-/// How to load and serve a model.
-#[derive(Debug, Clone)]
-pub struct EngineOptions {
-    /// A local model directory or a Hugging Face repo id (`owner/name`).
-    pub model: String,
-    /// Where to run it.
-    pub device: Device,
-    /// Longest context (prompt + output) to support; default: the model's, capped at 8192.
-    /// Lowered, with a warning, to what the KV cache can hold.
-    pub max_context: Option<usize>,
-    /// Show progress bars while downloading and loading.
-    pub progress: bool,
-    /// Most sequences in one step.
-    pub max_num_seqs: usize,
-    /// Most tokens (prompt chunks plus decodes) in one step.
-    pub max_num_batched_tokens: usize,
-    /// Bytes of KV cache; default on the CPU: enough for 4 full contexts; on a GPU: what
-    /// `gpu_memory_utilization` leaves after the weights and a workspace.
-    pub kv_cache_memory: Option<u64>,
-    /// Fraction of GPU memory the engine may use (weights, workspace and KV cache).
-    pub gpu_memory_utilization: f64,
-    /// Token slots per KV block.
-    pub block_size: usize,
-    /// Share full KV blocks between requests with the same prefix.
-    pub prefix_caching: bool,
-    /// Requests allowed to wait for admission before new ones are refused (`Error::Busy`).
-    pub max_waiting: Option<usize>,
-    /// Tensor-parallel ranks (in-process threads on the CPU backend).
-    pub tp: usize,
-    /// Ranks in separate processes (`WORLD_SIZE`, `RANK`, … or `--nnodes`): this process's place.
-    /// Rank 0 runs the engine; the others run [`run_rank`].
-    pub world: Option<WorldSpec>,
-    /// How long a rank waits for its peers (joining, and every collective) before failing.
-    pub dist_timeout: Duration,
-}
-
-impl EngineOptions {
-    /// Options for `model` with defaults: `--device auto`, no progress bars.
-    pub fn new(model: impl Into<String>) -> Self {
-        EngineOptions {
-            model: model.into(),
-            device: Device::Auto,
-            max_context: None,
-            progress: false,
-            max_num_seqs: 64,
-            max_num_batched_tokens: 2048,
-            kv_cache_memory: None,
-            gpu_memory_utilization: 0.9,
-            block_size: 16,
-            prefix_caching: true,
-            max_waiting: None,
-            tp: 1,
-            world: None,
-            dist_timeout: Duration::from_secs(300),
-        }
-    }
-
-    /// Sets the device.
-    pub fn device(mut self, device: Device) -> Self {
-        self.device = device;
-        self
-    }
-
-    /// Sets the longest supported context.
-    pub fn max_context(mut self, tokens: usize) -> Self {
-        self.max_context = Some(tokens);
-        self
-    }
-
-    /// Turns progress bars on or off.
-    pub fn progress(mut self, on: bool) -> Self {
-        self.progress = on;
-        self
-    }
-}
 
 /// What the worker and the request side both read.
 struct Shared {
@@ -131,7 +60,46 @@ struct Shared {
     queued: AtomicUsize,
     max_waiting: Option<usize>,
     accepting: AtomicBool,
-    failed: Mutex<Option<String>>,
+    /// Why the engine failed (engine-fatal), once it has.
+    failed: tokio::sync::watch::Sender<Option<String>>,
+}
+
+impl Shared {
+    fn new(
+        config: ModelConfig,
+        generation_config: GenerationConfig,
+        tokenizer: Tokenizer,
+        context_len: usize,
+        opened: &ranks::Opened,
+        opts: &EngineOptions,
+    ) -> Self {
+        let mut eos: HashSet<u32> = config.eos_token_ids.iter().copied().collect();
+        eos.extend(&generation_config.eos_token_ids);
+        eos.extend(tokenizer.eos_token_ids());
+        Shared {
+            config,
+            generation_config,
+            tokenizer: Arc::new(tokenizer),
+            eos,
+            context_len,
+            device: opened.device.clone(),
+            metrics: Mutex::new(Metrics { kv_blocks_total: opened.num_blocks, ..Metrics::default() }),
+            queued: AtomicUsize::new(0),
+            max_waiting: opts.max_waiting,
+            accepting: AtomicBool::new(true),
+            failed: tokio::sync::watch::Sender::new(None),
+        }
+    }
+
+    /// Records an engine-fatal failure (the first reason stays).
+    fn fail(&self, why: &str) {
+        self.failed.send_if_modified(|f| f.is_none() && f.replace(why.to_owned()).is_none());
+    }
+
+    /// Why the engine failed, once it has.
+    fn failure(&self) -> Option<String> {
+        self.failed.borrow().clone()
+    }
 }
 
 /// A loaded model ready to generate, for many concurrent requests.
@@ -159,149 +127,23 @@ impl Engine {
     /// # Ok::<(), tulu::Error>(())
     /// ```
     pub fn load(opts: EngineOptions) -> Result<Self> {
+        opts.validate()?;
         let dir = resolve_model(&opts.model, &HubOptions { progress: opts.progress, config_only: false })?;
-        let config = ModelConfig::from_file(&dir.join("config.json"))?;
-        let generation_config = GenerationConfig::from_file(&dir.join("generation_config.json"))?;
-        let tokenizer = Tokenizer::from_dir(&dir)?;
-        if tokenizer.vocab_size() > config.vocab_size {
-            return Err(Error::config(
-                dir.join("config.json"),
-                "vocab_size",
-                format!("is {}, fewer rows than the tokenizer's {} ids", config.vocab_size, tokenizer.vocab_size()),
-            ));
-        }
-        for (name, v) in [("max_num_seqs", opts.max_num_seqs), ("max_num_batched_tokens", opts.max_num_batched_tokens)]
-        {
-            if v == 0 {
-                return Err(Error::request(name, "must be at least 1"));
-            }
-        }
-        if opts.tp == 0 {
-            return Err(Error::request("tp", "must be at least 1"));
-        }
-        if opts.block_size == 0 {
-            return Err(Error::request("block_size", "must be at least 1"));
-        }
-        let mut eos: HashSet<u32> = config.eos_token_ids.iter().copied().collect();
-        eos.extend(&generation_config.eos_token_ids);
-        eos.extend(tokenizer.eos_token_ids());
-        let wanted_context = match opts.max_context {
-            Some(0) => return Err(Error::request("max_context", "must be at least 1")),
-            Some(n) => n.min(config.max_position_embeddings),
-            None => config.max_position_embeddings.min(8192),
-        };
-        if !(opts.gpu_memory_utilization > 0.0 && opts.gpu_memory_utilization <= 1.0) {
-            return Err(Error::request("gpu_memory_utilization", "must be in (0, 1]"));
-        }
-        let store = WeightStore::open(&dir)?;
-        let device = opts.device.resolve()?;
-        // One bar for the whole load: in-process ranks load in parallel and each advances it.
-        let ranks = if opts.world.is_some() { 1 } else { opts.tp.max(1) };
-        let bar = load_bar(opts.progress, config.num_hidden_layers, ranks);
-        let on_layer = |l: usize| bar.set_position(l as u64);
-        // The CPU keeps K/V in f32: its pool is sized before loading.
-        let cpu_blocks = || {
-            let per_block = config.kv_bytes_per_token(4) * opts.block_size as u64;
-            (opts.kv_cache_memory.unwrap_or(4 * wanted_context as u64 * config.kv_bytes_per_token(4)) / per_block)
-                as usize
-        };
-        let multi_process = opts.world.as_ref().is_some_and(|w| w.world_size > 1);
-        // Ranks in separate processes use GPUs through NCCL only: `auto` without it is the CPU.
-        let device = match device {
-            Device::Cuda(_) if multi_process && opts.device == Device::Auto && !cfg!(feature = "nccl") => Device::Cpu,
-            d => d,
-        };
-        let (runner, device, num_blocks): (Box<dyn Runner>, String, usize) = match device {
-            _ if multi_process => {
-                let spec = opts.world.as_ref().ok_or_else(|| Error::request("world", "missing"))?;
-                if spec.rank != 0 {
-                    return Err(Error::request("RANK", format!("rank {} runs `run_rank`, not the engine", spec.rank)));
-                }
-                if opts.tp > 1 && opts.tp != spec.world_size {
-                    return Err(Error::request("tp", format!("is {} but WORLD_SIZE is {}", opts.tp, spec.world_size)));
-                }
-                let (num_blocks, kv_utilization) = match (device, opts.kv_cache_memory) {
-                    // GPU ranks size their caches from memory once loaded (all take the smallest),
-                    // unless `kv_cache_memory` (per rank) fixes it.
-                    (Device::Cuda(_), Some(bytes)) => {
-                        ((bytes / (config.kv_bytes_per_token(2) * opts.block_size as u64)) as usize, None)
-                    }
-                    (Device::Cuda(_), None) => (0, Some(opts.gpu_memory_utilization)),
-                    _ => (cpu_blocks(), None),
-                };
-                let hello = Hello {
-                    num_blocks,
-                    block_size: opts.block_size,
-                    max_positions: wanted_context,
-                    nccl_id: None,
-                    kv_utilization,
-                };
-                start_node(spec, opts.dist_timeout, &config, &store, hello, device, on_layer)?
-            }
-            Device::Cuda(ordinal) => cuda_runner(ordinal, &config, store, wanted_context, &opts, &bar)?,
-            _ if opts.tp > 1 => {
-                let num_blocks = cpu_blocks();
-                let plan = TpPlan {
-                    tp: opts.tp,
-                    context_len: wanted_context,
-                    num_blocks,
-                    block_size: opts.block_size,
-                    gpu_memory_utilization: None,
-                    bar: bar.clone(),
-                };
-                let runner = TpRunner::start(&config, Arc::new(store), &plan)?;
-                (Box::new(runner), format!("{} × {} ranks", CpuBackend::new().describe(), opts.tp), num_blocks)
-            }
-            _ => {
-                let num_blocks = cpu_blocks();
-                let backend = CpuBackend::new();
-                let model = Llama::load(&backend, &config, &store, wanted_context, Shard::single(), on_layer)?;
-                let cache = backend.new_kv_cache(&model.kv_cache_spec(num_blocks, opts.block_size))?;
-                let device = backend.describe();
-                (Box::new(worker::DeviceRunner { backend, model, cache }), device, num_blocks)
-            }
-        };
-        bar.finish_and_clear();
-        let context_len = wanted_context.min(num_blocks * opts.block_size);
-        if context_len == 0 {
-            return Err(Error::request(
-                "kv_cache_memory",
-                format!("the KV cache does not hold one block of {} tokens", opts.block_size),
-            ));
-        }
-        if context_len < wanted_context {
-            tracing::warn!(wanted_context, context_len, "the KV cache cannot hold the configured context; lowered");
-            eprintln!("warning: context lowered from {wanted_context} to {context_len} tokens to fit the KV cache");
-        }
-        let shared = Arc::new(Shared {
-            config,
-            generation_config,
-            tokenizer: Arc::new(tokenizer),
-            eos,
-            context_len,
-            device,
-            metrics: Mutex::new(Metrics { kv_blocks_total: num_blocks, ..Metrics::default() }),
-            queued: AtomicUsize::new(0),
-            max_waiting: opts.max_waiting,
-            accepting: AtomicBool::new(true),
-            failed: Mutex::new(None),
-        });
-        let scheduler = Scheduler::new(
-            SchedulerConfig { max_num_seqs: opts.max_num_seqs, max_num_batched_tokens: opts.max_num_batched_tokens },
-            BlockManager::new(num_blocks, opts.block_size, opts.prefix_caching),
-        );
-        let (tx, rx) = mpsc::channel();
-        let worker_shared = shared.clone();
-        let handle = std::thread::Builder::new()
-            .name("tulu-engine".into())
-            .spawn(move || Worker::new(worker_shared.clone(), runner, scheduler).run(rx, &worker_shared))
-            .map_err(|e| Error::Backend(format!("cannot start the engine thread: {e}")))?;
+        let (config, generation_config, tokenizer) = read_model(&dir)?;
+        let wanted = opts.wanted_context(&config);
+        // Load → measure → agree → allocate, on every rank.
+        let opened = ranks::open(&opts, &config, Arc::new(WeightStore::open(&dir)?), wanted)?;
+        let context_len = fit_context(wanted, opened.num_blocks, opts.block_size)?;
+        let shared = Arc::new(Shared::new(config, generation_config, tokenizer, context_len, &opened, &opts));
+        let blocks = BlockManager::new(opened.num_blocks, opts.block_size, opts.prefix_caching);
+        let scheduler = Scheduler::new(opts.scheduler_config(shared.tokenizer.vocab_size()), blocks);
+        let (commands, worker) = Worker::spawn(shared.clone(), opened.ranks, scheduler)?;
         Ok(Engine {
             dir,
             shared,
-            commands: Mutex::new(tx),
+            commands: Mutex::new(commands),
             next_id: AtomicU64::new(1),
-            worker: Mutex::new(Some(handle)),
+            worker: Mutex::new(Some(worker)),
         })
     }
 
@@ -342,9 +184,24 @@ impl Engine {
         self.shared.metrics.lock().map(|m| m.clone()).unwrap_or_default()
     }
 
-    /// `None` while the engine works; the reason once it has failed.
+    /// `None` while the engine works; the reason once it has failed (engine-fatal: a device
+    /// lost, a rank dead, a collective timed out).
     pub fn failure(&self) -> Option<String> {
-        self.shared.failed.lock().ok().and_then(|f| f.clone())
+        self.shared.failure()
+    }
+
+    /// Resolves with the reason once the engine has failed; never while it works (a server
+    /// awaits it to exit, so that a supervisor restarts it).
+    pub async fn failed(&self) -> String {
+        let mut watch = self.shared.failed.subscribe();
+        let why = match watch.wait_for(Option::is_some).await {
+            Ok(why) => why.clone(),
+            Err(_) => None,
+        };
+        match why {
+            Some(why) => why,
+            None => std::future::pending().await,
+        }
     }
 
     /// The sampling parameters a request without its own gets.
@@ -398,7 +255,7 @@ impl Engine {
     /// together, so a request is never half queued nor refused only for its own size.
     pub fn generate_all(&self, requests: Vec<GenerateRequest>) -> Result<Vec<Generation>> {
         if let Some(why) = self.failure() {
-            return Err(Error::Backend(format!("the engine has failed: {why}")));
+            return Err(Error::EngineFailed { message: why });
         }
         if !self.shared.accepting.load(Ordering::SeqCst) {
             return Err(Error::ShuttingDown { message: "no new requests are accepted".into() });
@@ -472,104 +329,40 @@ impl Drop for Engine {
     }
 }
 
-/// The model on CUDA device `ordinal` (or `tp` ranks from it), with the number of KV blocks
-/// its cache holds: `kv_cache_memory`, else what `gpu_memory_utilization` leaves once the
-/// weights are resident.
-#[cfg(feature = "cuda")]
-fn cuda_runner(
-    ordinal: usize,
-    config: &ModelConfig,
-    store: WeightStore,
-    max_positions: usize,
-    opts: &EngineOptions,
-    bar: &indicatif::ProgressBar,
-) -> Result<(Box<dyn Runner>, String, usize)> {
-    use crate::backend::cuda::CudaBackend;
-    // bf16 K and V.
-    let per_block = config.kv_bytes_per_token(2) * opts.block_size as u64;
-    if opts.tp > 1 {
-        // When ranks share a GPU (or `kv_cache_memory` is given): each rank holds 1/tp of the KV
-        // heads (or one replicated head); size as one rank would.
-        let bytes = opts.kv_cache_memory.unwrap_or(4 * max_positions as u64 * config.kv_bytes_per_token(2));
-        let num_blocks = (bytes / per_block) as usize;
-        let plan = TpPlan {
-            tp: opts.tp,
-            context_len: max_positions,
-            num_blocks,
-            block_size: opts.block_size,
-            // Ranks on GPUs of their own size their caches from memory, unless told the size.
-            gpu_memory_utilization: opts.kv_cache_memory.is_none().then_some(opts.gpu_memory_utilization),
-            bar: bar.clone(),
-        };
-        let runner = TpRunner::start_cuda(config, Arc::new(store), &plan, ordinal)?;
-        let (device, num_blocks) = (runner.device().to_owned(), runner.num_blocks());
-        return Ok((Box::new(runner), device, num_blocks));
-    }
-    let backend = CudaBackend::new(ordinal)?;
-    let model = Llama::load(&backend, config, &store, max_positions, Shard::single(), |l| bar.set_position(l as u64))?;
-    drop(store);
-    let num_blocks = match opts.kv_cache_memory {
-        Some(bytes) => (bytes / per_block) as usize,
-        None => kv_capacity(&backend, &model, opts.block_size, opts.gpu_memory_utilization)
-            .ok_or_else(|| Error::Backend("the CUDA backend reports no device memory".into()))?,
-    };
-    let cache = backend.new_kv_cache(&model.kv_cache_spec(num_blocks, opts.block_size))?;
-    let device = backend.describe();
-    Ok((Box::new(worker::DeviceRunner { backend, model, cache }), device, num_blocks))
-}
-
-#[cfg(not(feature = "cuda"))]
-fn cuda_runner(
-    ordinal: usize,
-    _: &ModelConfig,
-    _: WeightStore,
-    _: usize,
-    _: &EngineOptions,
-    _: &indicatif::ProgressBar,
-) -> Result<(Box<dyn Runner>, String, usize)> {
-    Err(Error::Device { device: format!("cuda:{ordinal}"), message: "this build of tulu has no CUDA support".into() })
-}
-
 fn poisoned() -> Error {
     Error::Backend("the engine failed in another thread".into())
 }
 
-/// KV blocks of `block_size` tokens that fit in what `utilization` of the backend's device
-/// leaves once this rank's weights are loaded (and the activation workspace is set aside);
-/// `None` for a backend without device memory (the CPU).
-pub(super) fn kv_capacity<B: Backend>(
-    backend: &B,
-    model: &Llama<B>,
-    block_size: usize,
-    utilization: f64,
-) -> Option<usize> {
-    let (free, total) = backend.device_memory()?;
-    let allowed = (total as f64 * utilization) as u64;
-    let bytes = allowed.saturating_sub(total.saturating_sub(free) + crate::parallel::sizing::WORKSPACE_BYTES);
-    let per_block = model.kv_elements_per_token() * backend.element_bytes() as u64 * block_size as u64;
-    Some((bytes / per_block.max(1)) as usize)
+/// The model's config, generation config and tokenizer from `dir`, checked against each other.
+fn read_model(dir: &Path) -> Result<(ModelConfig, GenerationConfig, Tokenizer)> {
+    let config = ModelConfig::from_file(&dir.join("config.json"))?;
+    let generation_config = GenerationConfig::from_file(&dir.join("generation_config.json"))?;
+    let tokenizer = Tokenizer::from_dir(dir)?;
+    if tokenizer.vocab_size() > config.vocab_size {
+        return Err(Error::config(
+            dir.join("config.json"),
+            "vocab_size",
+            format!("is {}, fewer rows than the tokenizer's {} ids", config.vocab_size, tokenizer.vocab_size()),
+        ));
+    }
+    Ok((config, generation_config, tokenizer))
 }
 
-/// The error of a tensor-parallel group some rank of which has no room left for a KV cache.
-pub(super) fn no_kv_room() -> Error {
-    Error::request(
-        "gpu_memory_utilization",
-        "no room for the KV cache on some rank once its weights are loaded: raise it, or add ranks",
-    )
-}
-
-fn load_bar(show: bool, layers: usize, ranks: usize) -> indicatif::ProgressBar {
-    if !show {
-        return indicatif::ProgressBar::hidden();
+/// The context the engine serves: `wanted`, lowered (with a warning) to what `num_blocks` of
+/// `block_size` tokens hold.
+fn fit_context(wanted: usize, num_blocks: usize, block_size: usize) -> Result<usize> {
+    let context_len = wanted.min(num_blocks.saturating_mul(block_size));
+    if context_len == 0 {
+        return Err(Error::request(
+            "kv_cache_memory",
+            format!("the KV cache does not hold one block of {block_size} tokens"),
+        ));
     }
-    let bar = indicatif::ProgressBar::new((layers * ranks) as u64);
-    let unit = if ranks > 1 { format!("layers × {ranks} ranks") } else { "layers".into() };
-    if let Ok(style) =
-        indicatif::ProgressStyle::with_template(&format!("loading {{bar:30}} {{pos}}/{{len}} {unit} {{elapsed}}"))
-    {
-        bar.set_style(style);
+    if context_len < wanted {
+        tracing::warn!(wanted, context_len, "the KV cache cannot hold the configured context; lowered");
+        eprintln!("warning: context lowered from {wanted} to {context_len} tokens to fit the KV cache");
     }
-    bar
+    Ok(context_len)
 }
 
 /// A request's stream of [`Event`]s, ending with [`Event::Done`] (or an error). Iterate it

@@ -14,6 +14,16 @@ pub enum Prompt {
     Tokens(Vec<u32>),
 }
 
+/// A deterministic benchmark prompt of `len` ordinary token ids for a vocabulary of `vocab`, a
+/// different one for every `salt`: ids skip the first and last 100 when the vocabulary is large
+/// enough to (special tokens tend to sit there), and stay below `vocab` whatever its size.
+pub fn synthetic_prompt(len: usize, vocab: usize, salt: u32) -> Vec<u32> {
+    let vocab = u32::try_from(vocab).unwrap_or(u32::MAX).max(1);
+    let margin = if vocab > 400 { 100 } else { 0 };
+    let span = vocab - 2 * margin;
+    (0..len as u32).map(|i| margin + i.wrapping_mul(7919).wrapping_add(salt.wrapping_mul(104_729)) % span).collect()
+}
+
 /// One generation request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerateRequest {
@@ -151,4 +161,26 @@ pub enum Event {
     Logprobs(Vec<TokenLogprob>),
     /// The end: always the last item.
     Done(Summary),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every vocabulary size gets a prompt of in-range ids, the large ones away from the edges.
+    #[test]
+    fn synthetic_prompts_fit_any_vocabulary() {
+        for vocab in [0usize, 1, 2, 7, 200, 201, 400, 401, 49_152, 128_264, 1 << 40] {
+            for salt in [0, 1, u32::MAX] {
+                let p = synthetic_prompt(300, vocab, salt);
+                assert_eq!(p.len(), 300);
+                let top = vocab.clamp(1, u32::MAX as usize) as u32;
+                assert!(p.iter().all(|&t| t < top), "vocab {vocab}: {p:?}");
+                if vocab > 400 {
+                    assert!(p.iter().all(|&t| (100..top - 100).contains(&t)), "vocab {vocab}");
+                }
+            }
+        }
+        assert_ne!(synthetic_prompt(16, 49_152, 1), synthetic_prompt(16, 49_152, 2));
+    }
 }

@@ -1,96 +1,63 @@
-//! The step loop: schedule → run → postprocess, on the one thread that owns device state.
+//! The step loop, on the one thread that drives the ranks: `step()` is schedule → run →
+//! postprocess.
+//!
+//! Failure boundaries: an error that belongs to one request (its prompt can never fit, its
+//! logits are not finite, its detokenizer fails) ends that request with an error event and
+//! nothing else; an error from the ranks (a device lost, a rank dead, a collective timed out)
+//! or a panic in the loop is engine-fatal: every request fails, the engine records why
+//! ([`super::Engine::failure`]) and refuses new requests from then on.
 
 use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
-use tokio::sync::mpsc as tmpsc;
-
-use super::request::{Event, FinishReason, Summary, TokenLogprob};
+use super::output::{RequestOutput, Submission};
+use super::ranks::Ranks;
 use super::Shared;
-use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::model::Llama;
-use crate::parallel::SingleRank;
-use crate::runtime::batch::Batch;
-use crate::runtime::sampler::{RowSampling, Sampler, SamplingParams, StepOutput, StepSampling};
-use crate::runtime::scheduler::{Scheduler, SeqId};
-use crate::tokenizer::{StreamDecoder, Tokenizer};
-
-/// The device-side half of the engine: a backend, the model on it and its KV cache.
-pub(super) trait Runner: Send {
-    /// Runs one step and samples the next token of each of `sampling.rows` on the device.
-    fn step(&mut self, batch: &Batch, sampling: &StepSampling) -> Result<StepOutput>;
-}
-
-pub(super) struct DeviceRunner<B: Backend> {
-    pub backend: B,
-    pub model: Llama<B>,
-    pub cache: B::KvCache,
-}
-
-impl<B: Backend> Runner for DeviceRunner<B> {
-    fn step(&mut self, batch: &Batch, sampling: &StepSampling) -> Result<StepOutput> {
-        self.model.step(&self.backend, batch, &mut self.cache, sampling, &SingleRank)
-    }
-}
-
-/// A validated request on its way to the worker.
-pub(super) struct Submission {
-    pub id: SeqId,
-    pub prompt: Vec<u32>,
-    pub sampling: SamplingParams,
-    pub max_tokens: usize,
-    pub stop: Vec<String>,
-    pub ignore_eos: bool,
-    pub logprobs: Option<usize>,
-    pub events: tmpsc::UnboundedSender<Result<Event>>,
-    pub submitted: Instant,
-}
+use crate::runtime::sampler::{Sampled, Sampler, StepOutput};
+use crate::runtime::scheduler::{Scheduler, SeqId, Step};
 
 pub(super) enum Command {
     Submit(Box<Submission>),
     Shutdown { deadline: Instant },
 }
 
-/// Output state of one request: sampler, detokenizer, stop strings, timings.
-struct Active<'t> {
-    sub: Submission,
-    sampler: Sampler,
-    decoder: Option<StreamDecoder<'t>>,
-    generated: Vec<u32>,
-    pending_logprobs: Vec<TokenLogprob>,
-    /// All text decoded so far, and how much of it has been sent.
-    text: String,
-    sent: usize,
-    admitted: Option<Instant>,
-    first_token: Option<Instant>,
-    last_token: Option<Instant>,
-    cached_prompt_tokens: usize,
-    finished: Option<FinishReason>,
-}
+/// The requests in the engine, by sequence id.
+type Requests<'t> = HashMap<SeqId, RequestOutput<'t>>;
 
 pub(super) struct Worker {
     shared: Arc<Shared>,
-    runner: Box<dyn Runner>,
+    ranks: Box<dyn Ranks>,
     scheduler: Scheduler,
 }
 
 impl Worker {
-    pub fn new(shared: Arc<Shared>, runner: Box<dyn Runner>, scheduler: Scheduler) -> Self {
-        Worker { shared, runner, scheduler }
+    /// Starts the step loop on its own thread; returns the channel requests reach it through.
+    pub fn spawn(
+        shared: Arc<Shared>,
+        ranks: Box<dyn Ranks>,
+        scheduler: Scheduler,
+    ) -> Result<(mpsc::Sender<Command>, std::thread::JoinHandle<()>)> {
+        let (tx, rx) = mpsc::channel();
+        let worker = Worker { shared: shared.clone(), ranks, scheduler };
+        let handle = std::thread::Builder::new()
+            .name("tulu-engine".into())
+            .spawn(move || worker.run(rx, &shared))
+            .map_err(|e| Error::Backend(format!("cannot start the engine thread: {e}")))?;
+        Ok((tx, handle))
     }
 
     /// Runs until shut down (or until every `Engine` handle is gone).
-    pub fn run(mut self, commands: mpsc::Receiver<Command>, shared: &Shared) {
-        let tokenizer: &Tokenizer = &shared.tokenizer;
-        let mut active: HashMap<SeqId, Active> = HashMap::new();
+    fn run(mut self, commands: mpsc::Receiver<Command>, shared: &Shared) {
+        let mut requests: Requests = HashMap::new();
         let mut deadline: Option<Instant> = None;
         loop {
+            self.publish_gauges();
             // Intake: block while idle, otherwise take whatever has arrived.
             let mut incoming = Vec::new();
-            self.publish_gauges();
             if self.scheduler.is_idle() {
                 if deadline.is_some() {
                     return;
@@ -103,157 +70,141 @@ impl Worker {
             incoming.extend(commands.try_iter());
             for c in incoming {
                 match c {
-                    Command::Submit(sub) => self.admit(*sub, tokenizer, &mut active),
+                    Command::Submit(sub) => self.admit(*sub, shared, &mut requests),
                     Command::Shutdown { deadline: d } => deadline = Some(d),
                 }
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
-                for (id, a) in active.drain() {
-                    let _ = a
-                        .sub
-                        .events
-                        .send(Err(Error::ShuttingDown { message: "aborted at the shutdown deadline".into() }));
-                    self.scheduler.remove(id);
-                    shared.queued.fetch_sub(usize::from(a.admitted.is_none()), Ordering::SeqCst);
+                let ids: Vec<SeqId> = requests.keys().copied().collect();
+                for id in ids {
+                    let why = Error::ShuttingDown { message: "aborted at the shutdown deadline".into() };
+                    self.end(id, Some(why), &mut requests);
                 }
                 return;
             }
             // Aborts: a dropped stream ends its request.
-            let gone: Vec<SeqId> = active.iter().filter(|(_, a)| a.sub.events.is_closed()).map(|(&id, _)| id).collect();
+            let gone: Vec<SeqId> = requests.iter().filter(|(_, r)| r.abandoned()).map(|(&id, _)| id).collect();
             for id in gone {
-                self.retire(id, &mut active);
+                self.end(id, None, &mut requests);
             }
             if self.scheduler.is_idle() {
                 continue;
             }
-            if let Err(e) = self.step(&mut active) {
-                self.fail(e, &mut active);
-            }
+            let stepped = catch_unwind(AssertUnwindSafe(|| self.step(&mut requests)));
+            let fatal = match stepped {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => e,
+                Err(panic) => Error::Backend(format!("the engine's step panicked: {}", panic_message(&panic))),
+            };
+            self.fail_all(fatal, &mut requests);
+            return refuse_until_shutdown(&commands, shared);
         }
     }
 
-    fn admit<'t>(&mut self, sub: Submission, tokenizer: &'t Tokenizer, active: &mut HashMap<SeqId, Active<'t>>) {
-        let sampler = Sampler::new(sub.sampling.clone(), tokenizer.vocab_size());
-        self.scheduler.add(sub.id, sub.prompt.clone());
-        active.insert(
-            sub.id,
-            Active {
-                sub,
-                sampler,
-                decoder: Some(tokenizer.stream_decoder()),
-                generated: Vec::new(),
-                pending_logprobs: Vec::new(),
-                text: String::new(),
-                sent: 0,
-                admitted: None,
-                first_token: None,
-                last_token: None,
-                cached_prompt_tokens: 0,
-                finished: None,
-            },
-        );
+    fn admit<'t>(&mut self, sub: Submission, shared: &'t Shared, requests: &mut Requests<'t>) {
+        let sampler = Sampler::new(sub.sampling.clone(), shared.tokenizer.vocab_size());
+        self.scheduler.add(sub.id, sub.prompt.clone(), sampler, sub.logprobs.is_some());
+        requests.insert(sub.id, RequestOutput::new(sub, &shared.tokenizer));
     }
 
-    /// One step: schedule, run the batch, sample for every sequence whose tokens are all computed.
-    fn step(&mut self, active: &mut HashMap<SeqId, Active>) -> Result<()> {
-        let plan = self.scheduler.schedule()?;
-        if !plan.preempted.is_empty() {
-            if let Ok(mut m) = self.shared.metrics.lock() {
-                m.preemptions += plan.preempted.len() as u64;
-            }
-        }
-        if plan.entries.is_empty() {
+    /// One step: schedule → run → postprocess. An error returned here is engine-fatal; errors
+    /// of single requests are handled inside.
+    fn step(&mut self, requests: &mut Requests) -> Result<()> {
+        let mut step = self.scheduler.schedule()?;
+        self.note_scheduled(&mut step, requests);
+        if step.is_empty() {
             return Ok(());
         }
+        let out = self.ranks.step(&step.batch, &step.sampling)?;
+        self.postprocess(&step, out, requests)
+    }
+
+    /// What scheduling decided besides the batch: admissions, preemptions, refusals.
+    fn note_scheduled(&mut self, step: &mut Step, requests: &mut Requests) {
+        if !step.preempted.is_empty() {
+            if let Ok(mut m) = self.shared.metrics.lock() {
+                m.preemptions += step.preempted.len() as u64;
+            }
+        }
         let now = Instant::now();
-        for &(id, _) in &plan.entries {
-            if let Some(a) = active.get_mut(&id) {
-                if a.admitted.is_none() {
-                    a.admitted = Some(now);
-                    self.shared.queued.fetch_sub(1, Ordering::SeqCst);
-                    let seq = self.scheduler.get(id);
-                    a.cached_prompt_tokens = seq.map_or(0, |s| s.computed);
-                }
+        for &(id, cached) in &step.admitted {
+            if requests.get_mut(&id).is_some_and(|r| r.admit(now, cached)) {
+                self.shared.queued.fetch_sub(1, Ordering::SeqCst);
             }
         }
-        let batch = self.scheduler.batch(&plan)?;
-        // Rows to sample: the last row of each sequence this step completes, each with its
-        // sequence's draw for this step.
-        let mut sampling = StepSampling { valid: self.shared.tokenizer.vocab_size(), ..Default::default() };
-        for ((id, n), s) in plan.entries.iter().zip(&batch.seqs) {
-            let Some(seq) = self.scheduler.get(*id) else { continue };
-            if seq.computed + n != seq.tokens.len() {
-                continue;
-            }
-            sampling.rows.push(s.rows.end - 1);
-            // (A sequence always has its request; greedy keeps the rows aligned if not.)
-            let row = match active.get_mut(id) {
-                Some(a) => {
-                    sampling.want_logits |= a.sub.logprobs.is_some();
-                    a.sampler.next_row(&seq.tokens)
-                }
-                None => RowSampling::greedy(),
-            };
-            sampling.per_row.push(row);
+        for (id, why) in std::mem::take(&mut step.refused) {
+            self.end(id, Some(why), requests);
         }
-        let out = self.runner.step(&batch, &sampling)?;
-        let ready = self.scheduler.complete(&plan);
-        if ready.len() != out.tokens.len() {
+    }
+
+    /// Hands each sampled token to its request's output state; a request whose token cannot be
+    /// taken fails alone.
+    fn postprocess(&mut self, step: &Step, out: StepOutput, requests: &mut Requests) -> Result<()> {
+        if out.tokens.len() != step.sampled.len() {
             return Err(Error::Backend(format!(
-                "{} sequences ready, {} tokens sampled",
-                ready.len(),
+                "{} rows sampled, {} tokens returned",
+                step.sampled.len(),
                 out.tokens.len()
             )));
         }
+        self.scheduler.complete(step);
         let vocab = self.shared.config.vocab_size;
-        for (i, (id, token)) in ready.into_iter().zip(out.tokens).enumerate() {
-            let Some(a) = active.get_mut(&id) else { continue };
-            if let (Some(n), Some(logits)) = (a.sub.logprobs, &out.logits) {
-                let row = &logits[i * vocab..(i + 1) * vocab];
-                a.pending_logprobs.push(logprob(&self.shared.tokenizer, row, token, n));
-            }
-            self.scheduler.push_token(id, token);
-            if a.accept(token, &self.shared)? {
+        for (i, (&id, sampled)) in step.sampled.iter().zip(out.tokens).enumerate() {
+            let Some(request) = requests.get_mut(&id) else { continue };
+            let logits = out.logits.as_deref().and_then(|l| l.get(i * vocab..(i + 1) * vocab));
+            let accepted = match sampled {
+                Sampled::Token(token) => {
+                    self.scheduler.push_token(id, token);
+                    request.accept(token, logits, &self.shared)
+                }
+                Sampled::NonFinite { rank } => {
+                    let position = step.sampling.rows.get(i).and_then(|&r| step.batch.positions.get(r));
+                    Err(Error::NonFiniteLogits { position: position.map_or(0, |&p| p as usize), rank })
+                }
+            };
+            match accepted {
                 // Free the sequence and publish the gauges before the summary goes out, so that
                 // a client that has its answer sees the engine's state without it.
-                if let Some(mut done) = self.retire(id, active) {
-                    self.publish_gauges();
-                    done.flush();
-                }
-            } else {
-                a.flush();
+                Ok(true) => self.end(id, None, requests),
+                Ok(false) => request.flush(),
+                Err(e) => self.end(id, Some(e), requests),
             }
         }
         Ok(())
     }
 
-    /// Ends a request: frees its blocks and counts it; returns its state (to send its summary).
-    fn retire<'t>(&mut self, id: SeqId, active: &mut HashMap<SeqId, Active<'t>>) -> Option<Active<'t>> {
+    /// Ends a request: frees its sequence and counts it, then sends what is left of its stream:
+    /// its summary when it finished, `error` when it failed, nothing when it was abandoned.
+    fn end(&mut self, id: SeqId, error: Option<Error>, requests: &mut Requests) {
         self.scheduler.remove(id);
-        let a = active.remove(&id)?;
-        if a.admitted.is_none() {
+        let Some(mut request) = requests.remove(&id) else { return };
+        if !request.was_admitted() {
             self.shared.queued.fetch_sub(1, Ordering::SeqCst);
         }
         if let Ok(mut m) = self.shared.metrics.lock() {
             m.requests_finished += 1;
-            m.prompt_tokens += a.sub.prompt.len() as u64;
+            m.requests_failed += u64::from(error.is_some());
+            m.prompt_tokens += request.sub.prompt.len() as u64;
         }
-        Some(a)
+        self.publish_gauges();
+        match error {
+            Some(e) => {
+                tracing::warn!(request = id, error = %e, "request failed");
+                request.fail(e);
+            }
+            None => request.flush(),
+        }
     }
 
-    /// A failed step fails every request: the device state can no longer be trusted.
-    fn fail(&mut self, e: Error, active: &mut HashMap<SeqId, Active>) {
+    /// An engine-fatal error: the device state can no longer be trusted, so every request fails
+    /// and the engine refuses new ones.
+    fn fail_all(&mut self, e: Error, requests: &mut Requests) {
         let message = e.to_string();
-        tracing::error!(%message, "engine step failed");
-        if let Ok(mut f) = self.shared.failed.lock() {
-            *f = Some(message.clone());
-        }
-        let ids: Vec<SeqId> = active.keys().copied().collect();
+        tracing::error!(%message, "engine failed");
+        self.shared.fail(&message);
+        let ids: Vec<SeqId> = requests.keys().copied().collect();
         for id in ids {
-            if let Some(a) = active.get(&id) {
-                let _ = a.sub.events.send(Err(Error::Backend(message.clone())));
-            }
-            self.retire(id, active);
+            self.end(id, Some(Error::EngineFailed { message: message.clone() }), requests);
         }
     }
 
@@ -268,121 +219,25 @@ impl Worker {
     }
 }
 
-/// The token's log-probability and the `n` likeliest alternatives, over the tokenizer's rows.
-fn logprob(tokenizer: &Tokenizer, logits: &[f32], token: u32, n: usize) -> TokenLogprob {
-    let rows = &logits[..tokenizer.vocab_size().min(logits.len())];
-    let max = rows.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = max + rows.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
-    let text = |id: u32| tokenizer.decode(&[id], false).unwrap_or_default();
-    let mut order: Vec<u32> = (0..rows.len() as u32).collect();
-    let n = n.min(order.len());
-    if n > 0 {
-        order.select_nth_unstable_by(n - 1, |&a, &b| rows[b as usize].total_cmp(&rows[a as usize]));
-        order.truncate(n);
-        order.sort_by(|&a, &b| rows[b as usize].total_cmp(&rows[a as usize]));
-    } else {
-        order.clear();
-    }
-    TokenLogprob {
-        token,
-        text: text(token),
-        logprob: logits[token as usize] - lse,
-        top: order.into_iter().map(|id| (id, text(id), rows[id as usize] - lse)).collect(),
+/// After an engine-fatal error: every request that still arrives fails with the reason, until
+/// the engine shuts down.
+fn refuse_until_shutdown(commands: &mpsc::Receiver<Command>, shared: &Shared) {
+    let why = shared.failure().unwrap_or_default();
+    for command in commands {
+        match command {
+            Command::Submit(sub) => {
+                shared.queued.fetch_sub(1, Ordering::SeqCst);
+                let _ = sub.events.send(Err(Error::EngineFailed { message: why.clone() }));
+            }
+            Command::Shutdown { .. } => return,
+        }
     }
 }
 
-impl Active<'_> {
-    /// Takes a sampled token: EOS, detokenization, stop strings, limits. Returns whether the
-    /// request has finished (its summary then sent).
-    fn accept(&mut self, token: u32, shared: &Shared) -> Result<bool> {
-        let now = Instant::now();
-        if let Ok(mut m) = shared.metrics.lock() {
-            m.generated_tokens += 1;
-            match self.last_token {
-                None => m.time_to_first_token.observe((now - self.sub.submitted).as_secs_f64()),
-                Some(t) => m.inter_token_latency.observe((now - t).as_secs_f64()),
-            }
-        }
-        self.first_token.get_or_insert(now);
-        self.last_token = Some(now);
-        self.generated.push(token);
-        if !self.sub.ignore_eos && shared.eos.contains(&token) {
-            self.finish(FinishReason::Stop)?;
-        } else {
-            if let Some(piece) = self.decoder.as_mut().map(|d| d.push(token)).transpose()?.flatten() {
-                self.text.push_str(&piece);
-            }
-            if !self.check_stop_strings() && self.generated.len() >= self.sub.max_tokens {
-                self.finish(FinishReason::Length)?;
-            }
-        }
-        Ok(self.finished.is_some())
-    }
-
-    fn finish(&mut self, reason: FinishReason) -> Result<()> {
-        if let Some(d) = self.decoder.take() {
-            self.text.push_str(&d.finish()?);
-        }
-        // The flushed tail may complete a stop string, which then decides the reason.
-        if !self.check_stop_strings() {
-            self.finished = Some(reason);
-        }
-        Ok(())
-    }
-
-    /// Ends the generation at the first stop string; returns whether one was found.
-    fn check_stop_strings(&mut self) -> bool {
-        let longest = self.sub.stop.iter().map(String::len).max().unwrap_or(0);
-        let mut from = self.sent.saturating_sub(longest);
-        while !self.text.is_char_boundary(from) {
-            from -= 1;
-        }
-        let hit = self.sub.stop.iter().filter_map(|s| self.text[from..].find(s.as_str()).map(|i| from + i)).min();
-        if let Some(at) = hit {
-            self.text.truncate(at);
-            self.finished = Some(FinishReason::Stop);
-            self.decoder = None;
-            return true;
-        }
-        false
-    }
-
-    /// Sends what can be sent: all text once finished, else all but a tail that could still
-    /// grow into a stop string; then the summary when finished.
-    fn flush(&mut self) {
-        let mut end = self.text.len();
-        if self.finished.is_none() {
-            for s in &self.sub.stop {
-                let held = (1..s.len()).rev().find(|&k| s.is_char_boundary(k) && self.text.ends_with(&s[..k]));
-                end = end.min(self.text.len() - held.unwrap_or(0));
-            }
-        }
-        while !self.text.is_char_boundary(end) {
-            end -= 1;
-        }
-        if !self.pending_logprobs.is_empty() && (end > self.sent || self.finished.is_some()) {
-            let _ = self.sub.events.send(Ok(Event::Logprobs(std::mem::take(&mut self.pending_logprobs))));
-        }
-        if end > self.sent {
-            let _ = self.sub.events.send(Ok(Event::Text(self.text[self.sent..end].to_owned())));
-            self.sent = end;
-        }
-        if let Some(reason) = self.finished {
-            let (admitted, first, last) = (
-                self.admitted.unwrap_or(self.sub.submitted),
-                self.first_token.unwrap_or(self.sub.submitted),
-                self.last_token.unwrap_or(self.sub.submitted),
-            );
-            let summary = Summary {
-                prompt_tokens: self.sub.prompt.len(),
-                cached_prompt_tokens: self.cached_prompt_tokens,
-                tokens: std::mem::take(&mut self.generated),
-                prefill_secs: (first - admitted).as_secs_f64(),
-                decode_secs: (last - first).as_secs_f64(),
-                time_to_first_token: (first - self.sub.submitted).as_secs_f64(),
-                finish_reason: reason,
-            };
-            let _ = self.sub.events.send(Ok(Event::Done(summary)));
-        }
-    }
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown cause".into())
 }

@@ -1,5 +1,7 @@
 //! Tensor parallelism: the sharding rules and the communicators ranks use to combine results.
 
+pub mod frame;
+pub mod handshake;
 pub mod local;
 #[cfg(feature = "cuda")]
 pub mod local_cuda;

@@ -1,18 +1,9 @@
 //! How ranks on several machines find each other: the variables torchrun and Slurm-style
 //! launchers set (`WORLD_SIZE`, `RANK`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`,
-//! `MASTER_PORT`), and a TCP rendezvous in which rank 0 hands every other rank the group's
-//! unique id (NCCL's `ncclUniqueId`, 128 bytes). Every wait is bounded by a timeout, so a rank
-//! that cannot reach rank 0, or a world that never fills, fails with an error naming who is
-//! missing instead of hanging.
-
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream, ToSocketAddrs};
-use std::time::{Duration, Instant};
+//! `MASTER_PORT`). The ranks then meet over TCP at rank 0 ([`super::tcp`]), which also hands
+//! out the NCCL unique id in its hello.
 
 use crate::error::{Error, Result};
-
-/// Bytes of the id handed out (NCCL's unique id size).
-pub const ID_BYTES: usize = 128;
 
 /// Where this process sits in a multi-process world.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,88 +92,6 @@ impl WorldSpec {
         }
         Ok(())
     }
-}
-
-/// Rank 0: serves `id` to every other rank, returning once all `world_size - 1` have it, or
-/// an error naming the ranks that never came within `timeout`.
-pub fn serve_id(spec: &WorldSpec, id: &[u8; ID_BYTES], timeout: Duration) -> Result<()> {
-    let bind = format!("{}:{}", spec.master_addr, spec.master_port);
-    let listener =
-        TcpListener::bind(&bind).map_err(|e| Error::Backend(format!("rendezvous: cannot listen on {bind}: {e}")))?;
-    serve_on(&listener, spec.world_size, id, timeout)
-}
-
-/// [`serve_id`] on an already bound listener (port 0 in tests).
-pub fn serve_on(listener: &TcpListener, world_size: usize, id: &[u8; ID_BYTES], timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    listener.set_nonblocking(true).map_err(|e| Error::Backend(format!("rendezvous: {e}")))?;
-    let mut joined = vec![false; world_size];
-    joined[0] = true;
-    while joined.iter().any(|j| !j) {
-        if Instant::now() >= deadline {
-            let missing: Vec<String> =
-                joined.iter().enumerate().filter(|(_, j)| !**j).map(|(r, _)| r.to_string()).collect();
-            return Err(Error::Backend(format!(
-                "rendezvous: ranks {} did not join within {timeout:?} (check MASTER_ADDR/MASTER_PORT and that every rank started)",
-                missing.join(", ")
-            )));
-        }
-        match listener.accept() {
-            Ok((mut stream, _)) => {
-                // A peer that connects but never says its rank must not stall the others.
-                let _ = stream.set_nonblocking(false);
-                let _ = stream.set_read_timeout(Some(
-                    deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10)),
-                ));
-                let mut rank = [0u8; 8];
-                if stream.read_exact(&mut rank).is_err() {
-                    continue;
-                }
-                let r = u64::from_le_bytes(rank) as usize;
-                if r == 0 || r >= world_size || joined[r] {
-                    continue;
-                }
-                if stream.write_all(id).and_then(|_| stream.flush()).is_ok() {
-                    joined[r] = true;
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(10)),
-            Err(e) => return Err(Error::Backend(format!("rendezvous: accept failed: {e}"))),
-        }
-    }
-    Ok(())
-}
-
-/// Any rank but 0: connects to rank 0 (retrying while it starts) and receives the id.
-pub fn fetch_id(spec: &WorldSpec, timeout: Duration) -> Result<[u8; ID_BYTES]> {
-    let target = format!("{}:{}", spec.master_addr, spec.master_port);
-    let deadline = Instant::now() + timeout;
-    let mut last_error = String::from("no attempt");
-    while Instant::now() < deadline {
-        let addrs = target
-            .to_socket_addrs()
-            .map_err(|e| Error::Backend(format!("rendezvous: cannot resolve {target}: {e}")))?;
-        for addr in addrs {
-            let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10));
-            match TcpStream::connect_timeout(&addr, left.min(Duration::from_secs(5))) {
-                Ok(mut s) => {
-                    let _ = s.set_read_timeout(Some(left));
-                    let mut id = [0u8; ID_BYTES];
-                    let got = s.write_all(&(spec.rank as u64).to_le_bytes()).and_then(|_| s.read_exact(&mut id));
-                    match got {
-                        Ok(()) => return Ok(id),
-                        Err(e) => last_error = format!("rank 0 at {addr} closed the connection: {e}"),
-                    }
-                }
-                Err(e) => last_error = format!("{addr}: {e}"),
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Err(Error::Backend(format!(
-        "rendezvous: rank {} could not get the group id from rank 0 at {target} within {timeout:?}: {last_error}",
-        spec.rank
-    )))
 }
 
 #[cfg(test)]

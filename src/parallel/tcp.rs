@@ -1,41 +1,52 @@
-//! Ranks in separate processes (or machines) without GPUs: a star of TCP connections to rank 0.
+//! Ranks in separate processes (or machines): a star of TCP connections to rank 0, the control
+//! plane of a multi-process deployment (and the collectives of CPU ranks).
 //!
-//! Rank 0 accepts every other rank at start-up (bounded by the distributed timeout), then, each
-//! step, sends every rank the step's inputs and meets them in the collectives: it gathers their
+//! Rank 0 listens only until its world is complete. Every connection must open with a
+//! [`Handshake`] within [`HANDSHAKE_TIMEOUT`], checked on a thread of its own so that a silent
+//! or garbage connection never blocks the accept loop nor takes a slot: only a handshake of the
+//! same protocol, model, world and token claims a rank, and a refused rank is told why. After
+//! that, every message is a typed frame of bounded length ([`super::frame`]). Each step rank 0
+//! sends every rank the step's inputs and meets them in the collectives: it gathers their
 //! buffers, combines them in rank order exactly as the in-process communicator does (so the
 //! results are bit-identical to `--tp N` in one process), and sends the result back. Every read
 //! is bounded by the timeout, so a dead or stalled rank fails its peers with an error naming it.
 
-use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::Mutex;
+use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::frame::{self, FrameType};
+use super::handshake::Handshake;
 use super::rendezvous::WorldSpec;
 use super::{concat_cols, sum_in_rank_order, Communicator};
 use crate::backend::cpu::{CpuBackend, CpuTensor};
+use crate::engine::KvPolicy;
 use crate::error::{Error, Result};
 use crate::runtime::batch::Batch;
 
-/// What rank 0 tells every rank before loading, so that all shards agree.
+/// How long a new connection has to complete its handshake (at most; less when the distributed
+/// timeout is shorter).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections whose handshake rank 0 checks at once; more wait in the listen queue.
+const MAX_PENDING_HANDSHAKES: usize = 64;
+
+/// What rank 0 tells every rank before loading, so that every rank opens its runner alike.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Hello {
-    /// KV blocks in every rank's cache.
-    pub num_blocks: usize,
-    /// Token slots per block.
+    /// Token slots per KV block.
     pub block_size: usize,
     /// Positions the RoPE tables cover.
     pub max_positions: usize,
+    /// How every rank sizes its KV cache; after loading, all take the smallest count
+    /// ([`TcpComm::agree_min`]).
+    pub kv: KvPolicy,
     /// The NCCL unique id every rank joins with, when rank 0 runs on CUDA (the other ranks
     /// then run on their GPUs too); `None` on CPUs.
     #[serde(default)]
     pub nccl_id: Option<Vec<u8>>,
-    /// When set, `num_blocks` is not fixed: after loading, every rank works out how many blocks
-    /// this fraction of its GPU leaves, and all take the smallest ([`TcpComm::agree_min`]).
-    #[serde(default)]
-    pub kv_utilization: Option<f64>,
 }
 
 /// One rank's end of the star.
@@ -57,20 +68,6 @@ fn io_err(what: &str, rank: usize, timeout: Duration, e: std::io::Error) -> Erro
     Error::Backend(format!("tensor-parallel rank {rank}: {what}: {why}"))
 }
 
-fn send_frame(s: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
-    s.write_all(&(bytes.len() as u64).to_le_bytes())?;
-    s.write_all(bytes)?;
-    s.flush()
-}
-
-fn recv_frame(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
-    let mut len = [0u8; 8];
-    s.read_exact(&mut len)?;
-    let mut buf = vec![0u8; u64::from_le_bytes(len) as usize];
-    s.read_exact(&mut buf)?;
-    Ok(buf)
-}
-
 fn f32_bytes(data: &[f32]) -> Vec<u8> {
     data.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
@@ -79,61 +76,117 @@ fn bytes_f32(bytes: &[u8]) -> Vec<f32> {
     bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
+/// A connection whose handshake checked out, or was refused with a reason to send back.
+type Checked = (TcpStream, std::result::Result<usize, String>);
+
+/// Reads and checks a new connection's handshake within `deadline`; `None` for anything that
+/// is not a handshake (garbage, silence, a stranger), which is then dropped without a word.
+fn check_handshake(mut s: TcpStream, ours: &Handshake, deadline: Duration) -> Option<Checked> {
+    s.set_nonblocking(false).ok()?;
+    s.set_read_timeout(Some(deadline)).ok()?;
+    s.set_write_timeout(Some(deadline)).ok()?;
+    let bytes = frame::read_frame(&mut s, FrameType::Handshake, FrameType::Handshake.max_len()).ok()?;
+    let peer = Handshake::decode(&bytes).ok()?;
+    Some((s, ours.admit(&peer)))
+}
+
 impl TcpComm {
-    /// Rank 0: accepts every other rank on `spec`'s master address within `timeout`.
-    pub fn accept(spec: &WorldSpec, timeout: Duration) -> Result<Self> {
+    /// Rank 0: accepts every other rank on `spec`'s master address within `timeout`, each with
+    /// a handshake `ours` admits.
+    pub fn accept(spec: &WorldSpec, ours: &Handshake, timeout: Duration) -> Result<Self> {
         let bind = format!("{}:{}", spec.master_addr, spec.master_port);
         let listener =
             TcpListener::bind(&bind).map_err(|e| Error::Backend(format!("rank 0 cannot listen on {bind}: {e}")))?;
-        Self::accept_on(&listener, spec.world_size, timeout)
+        Self::accept_on(&listener, spec.world_size, ours, timeout)
     }
 
-    /// [`TcpComm::accept`] on a bound listener.
-    pub fn accept_on(listener: &TcpListener, world: usize, timeout: Duration) -> Result<Self> {
+    /// [`TcpComm::accept`] on a bound listener. Each connection's handshake is read on a thread
+    /// of its own; the loop only assigns ranks, so nothing a peer sends (or withholds) stalls it.
+    pub fn accept_on(listener: &TcpListener, world: usize, ours: &Handshake, timeout: Duration) -> Result<Self> {
         let deadline = Instant::now() + timeout;
         listener.set_nonblocking(true).map_err(|e| Error::Backend(format!("rank 0: {e}")))?;
         let mut slots: Vec<Option<TcpStream>> = (1..world).map(|_| None).collect();
+        let (checked_tx, checked_rx) = mpsc::channel::<Option<Checked>>();
+        let mut pending = 0usize;
         while slots.iter().any(Option::is_none) {
             if Instant::now() >= deadline {
                 let missing: Vec<String> =
                     slots.iter().enumerate().filter(|(_, s)| s.is_none()).map(|(i, _)| (i + 1).to_string()).collect();
                 return Err(Error::Backend(format!(
-                    "ranks {} did not join rank 0 within {timeout:?} (check MASTER_ADDR/MASTER_PORT and that every rank started)",
+                    "ranks {} did not join rank 0 within {timeout:?} (check MASTER_ADDR/MASTER_PORT, \
+                     --dist-token, and that every rank started)",
                     missing.join(", ")
                 )));
             }
-            match listener.accept() {
-                Ok((mut s, _)) => {
-                    let _ = s.set_nonblocking(false);
-                    let _ = s.set_read_timeout(Some(timeout));
-                    let _ = s.set_nodelay(true);
-                    let mut rank = [0u8; 8];
-                    if s.read_exact(&mut rank).is_err() {
-                        continue;
-                    }
-                    let r = u64::from_le_bytes(rank) as usize;
-                    if (1..world).contains(&r) && slots[r - 1].is_none() {
-                        slots[r - 1] = Some(s);
-                    }
+            let mut idle = true;
+            while let Ok(checked) = checked_rx.try_recv() {
+                pending -= 1;
+                idle = false;
+                if let Some((stream, verdict)) = checked {
+                    Self::seat(&mut slots, stream, verdict);
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(10)),
+            }
+            match listener.accept() {
+                Ok((s, _)) if pending < MAX_PENDING_HANDSHAKES => {
+                    idle = false;
+                    pending += 1;
+                    let (tx, ours) = (checked_tx.clone(), ours.clone());
+                    let limit = HANDSHAKE_TIMEOUT.min(timeout);
+                    std::thread::spawn(move || drop(tx.send(check_handshake(s, &ours, limit))));
+                }
+                Ok(_) => idle = false, // dropped: too many handshakes in flight
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(Error::Backend(format!("rank 0: accept failed: {e}"))),
             }
+            if idle {
+                std::thread::sleep(Duration::from_millis(5));
+            }
         }
-        Ok(TcpComm { rank: 0, world, peers: Mutex::new(slots.into_iter().flatten().collect()), timeout })
+        let peers = slots.into_iter().flatten().collect::<Vec<_>>();
+        for s in &peers {
+            let _ = s.set_read_timeout(Some(timeout));
+            let _ = s.set_write_timeout(Some(timeout));
+            let _ = s.set_nodelay(true);
+        }
+        Ok(TcpComm { rank: 0, world, peers: Mutex::new(peers), timeout })
     }
 
-    /// Any other rank: connects to rank 0, retrying while it starts, within `timeout`.
-    pub fn connect(spec: &WorldSpec, timeout: Duration) -> Result<Self> {
+    /// Gives a checked connection its rank, or tells it why not (a refused handshake, or a rank
+    /// already taken).
+    fn seat(slots: &mut [Option<TcpStream>], mut stream: TcpStream, verdict: std::result::Result<usize, String>) {
+        let reason = match verdict {
+            Ok(rank) if slots[rank - 1].is_none() => {
+                if frame::write_frame(&mut stream, FrameType::Accept, &[]).is_ok() {
+                    slots[rank - 1] = Some(stream);
+                }
+                return;
+            }
+            Ok(rank) => format!("rank {rank} has already joined"),
+            Err(reason) => reason,
+        };
+        eprintln!("tulu: rank 0 refused a rank: {reason}");
+        let _ = frame::write_frame(&mut stream, FrameType::Reject, reason.as_bytes());
+    }
+
+    /// Any other rank: connects to rank 0 (retrying while it starts) and introduces itself with
+    /// `ours`, within `timeout`. A refusal is an error saying rank 0's reason.
+    pub fn connect(spec: &WorldSpec, ours: &Handshake, timeout: Duration) -> Result<Self> {
         let target = format!("{}:{}", spec.master_addr, spec.master_port);
         let deadline = Instant::now() + timeout;
         loop {
-            match TcpStream::connect(&target) {
-                Ok(mut s) => {
+            let attempt = TcpStream::connect(&target).and_then(|mut s| {
+                let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
+                s.set_read_timeout(Some(left))?;
+                s.set_nodelay(true)?;
+                frame::write_frame(&mut s, FrameType::Handshake, &ours.encode())?;
+                let mut header = [0u8; frame::HEADER_BYTES];
+                std::io::Read::read_exact(&mut s, &mut header)?;
+                Ok((s, header))
+            });
+            match attempt {
+                Ok((s, header)) if header[0] == FrameType::Accept as u8 => {
                     let _ = s.set_read_timeout(Some(timeout));
-                    let _ = s.set_nodelay(true);
-                    s.write_all(&(spec.rank as u64).to_le_bytes())
-                        .map_err(|e| Error::Backend(format!("rank {}: rank 0 at {target}: {e}", spec.rank)))?;
+                    let _ = s.set_write_timeout(Some(timeout));
                     return Ok(TcpComm {
                         rank: spec.rank,
                         world: spec.world_size,
@@ -141,6 +194,17 @@ impl TcpComm {
                         timeout,
                     });
                 }
+                Ok((mut s, header)) if header[0] == FrameType::Reject as u8 => {
+                    let len = u64::from_le_bytes(header[1..].try_into().unwrap_or_default());
+                    let len = len.min(FrameType::Reject.max_len()) as usize;
+                    let reason = frame::read_payload(&mut s, len).unwrap_or_default();
+                    return Err(Error::Backend(format!(
+                        "rank 0 at {target} refused rank {}: {}",
+                        spec.rank,
+                        String::from_utf8_lossy(&reason)
+                    )));
+                }
+                Ok(_) => return Err(Error::Backend(format!("{target} is not a tulu rank 0 (it answered garbage)"))),
                 Err(e) if Instant::now() >= deadline => {
                     return Err(Error::Backend(format!(
                         "rank {} could not reach rank 0 at {target} within {timeout:?}: {e}",
@@ -156,61 +220,56 @@ impl TcpComm {
         self.peers.lock().map_err(|_| Error::Backend("tensor-parallel streams poisoned".into()))
     }
 
-    /// Rank 0: sends every rank a message (the start-up [`Hello`], then each step).
-    fn send_all(&self, bytes: &[u8], what: &str) -> Result<()> {
+    /// Rank 0: sends every rank a frame (the start-up [`Hello`], then each step).
+    fn send_all(&self, ty: FrameType, bytes: &[u8], what: &str) -> Result<()> {
         for (i, s) in self.peers()?.iter_mut().enumerate() {
-            send_frame(s, bytes).map_err(|e| io_err(what, i + 1, self.timeout, e))?;
+            frame::write_frame(s, ty, bytes).map_err(|e| io_err(what, i + 1, self.timeout, e))?;
         }
         Ok(())
     }
 
-    /// Any other rank: the next message from rank 0; `None` when rank 0 has closed (shutdown).
-    /// With `idle`, the wait for the message to start has no timeout (a server may go hours
-    /// without a step); its body, once started, must arrive within the timeout.
-    fn recv_from_root(&self, idle: bool) -> Result<Option<Vec<u8>>> {
+    /// Any other rank: the next `ty` frame from rank 0; `None` when rank 0 has closed
+    /// (shutdown). With `idle`, the wait for the frame to start has no timeout (a server may go
+    /// hours without a step); its body, once started, must arrive within the timeout.
+    fn recv_from_root(&self, ty: FrameType, idle: bool) -> Result<Option<Vec<u8>>> {
         let mut peers = self.peers()?;
         let s = peers.first_mut().ok_or_else(|| Error::Backend("no stream to rank 0".into()))?;
-        let received = if idle {
+        if idle {
             let _ = s.set_read_timeout(None);
-            let mut len = [0u8; 8];
-            let started = s.read_exact(&mut len);
-            let _ = s.set_read_timeout(Some(self.timeout));
-            started.and_then(|()| {
-                let mut buf = vec![0u8; u64::from_le_bytes(len) as usize];
-                s.read_exact(&mut buf).map(|()| buf)
-            })
-        } else {
-            recv_frame(s)
-        };
-        match received {
+        }
+        let header = frame::read_header(s, ty, ty.max_len());
+        let _ = s.set_read_timeout(Some(self.timeout));
+        match header.and_then(|len| frame::read_payload(s, len)) {
             Ok(bytes) => Ok(Some(bytes)),
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
             Err(e) => Err(io_err("waiting for rank 0", 0, self.timeout, e)),
         }
     }
 
-    /// Rank 0: tells every rank how to size its shard.
+    /// Rank 0: tells every rank how to open its own.
     pub fn send_hello(&self, hello: &Hello) -> Result<()> {
-        self.send_all(&serde_json::to_vec(hello).map_err(|e| Error::Backend(e.to_string()))?, "hello")
+        let bytes = serde_json::to_vec(hello).map_err(|e| Error::Backend(e.to_string()))?;
+        self.send_all(FrameType::Hello, &bytes, "hello")
     }
 
     /// Other ranks: rank 0's [`Hello`].
     pub fn recv_hello(&self) -> Result<Hello> {
-        let bytes =
-            self.recv_from_root(false)?.ok_or_else(|| Error::Backend("rank 0 closed before its hello".into()))?;
+        let bytes = self
+            .recv_from_root(FrameType::Hello, false)?
+            .ok_or_else(|| Error::Backend("rank 0 closed before its hello".into()))?;
         serde_json::from_slice(&bytes).map_err(|e| Error::Backend(format!("bad hello from rank 0: {e}")))
     }
 
     /// Rank 0: hands every rank the step it is about to run.
     pub fn send_step(&self, batch: &Batch, rows: &[usize]) -> Result<()> {
         let bytes = serde_json::to_vec(&(batch, rows)).map_err(|e| Error::Backend(e.to_string()))?;
-        self.send_all(&bytes, "sending the step")
+        self.send_all(FrameType::Step, &bytes, "sending the step")
     }
 
     /// Other ranks: the next step, or `None` once rank 0 has shut down. Waiting for it has no
     /// timeout: rank 0 runs steps only while it has requests.
     pub fn recv_step(&self) -> Result<Option<(Batch, Vec<usize>)>> {
-        match self.recv_from_root(true)? {
+        match self.recv_from_root(FrameType::Step, true)? {
             None => Ok(None),
             Some(bytes) => serde_json::from_slice(&bytes)
                 .map(Some)
@@ -221,7 +280,7 @@ impl TcpComm {
     /// Every rank's `value`, reduced to the smallest, on every rank (the KV blocks that fit on
     /// the fullest GPU).
     pub fn agree_min(&self, value: u64) -> Result<u64> {
-        let out = self.exchange_bytes(value.to_le_bytes().to_vec(), |all| {
+        let out = self.exchange_bytes(value.to_le_bytes().to_vec(), 8, |all| {
             let min = all.iter().filter_map(|b| Some(u64::from_le_bytes(b.as_slice().try_into().ok()?))).min();
             min.unwrap_or(0).to_le_bytes().to_vec()
         })?;
@@ -230,32 +289,47 @@ impl TcpComm {
         Ok(u64::from_le_bytes(bytes))
     }
 
-    /// Rank 0 combines every rank's buffer with `combine` (rank order); everyone gets the result.
-    fn exchange(&self, own: Vec<f32>, combine: impl FnOnce(&[Vec<f32>]) -> Vec<f32>) -> Result<Vec<f32>> {
-        let out = self.exchange_bytes(f32_bytes(&own), |all| {
+    /// Rank 0 combines every rank's buffer with `combine` (rank order) into `out_len` values;
+    /// everyone gets the result.
+    fn exchange(
+        &self,
+        own: Vec<f32>,
+        out_len: usize,
+        combine: impl FnOnce(&[Vec<f32>]) -> Vec<f32>,
+    ) -> Result<Vec<f32>> {
+        let out = self.exchange_bytes(f32_bytes(&own), 4 * out_len, |all| {
             let bufs: Vec<Vec<f32>> = all.iter().map(|b| bytes_f32(b)).collect();
             f32_bytes(&combine(&bufs))
         })?;
         Ok(bytes_f32(&out))
     }
 
-    /// [`Self::exchange`] over raw bytes.
-    fn exchange_bytes(&self, own: Vec<u8>, combine: impl FnOnce(&[Vec<u8>]) -> Vec<u8>) -> Result<Vec<u8>> {
+    /// [`Self::exchange`] over raw bytes: every rank's buffer is as long as this one's, and the
+    /// result `out_len` bytes long (frames of any other size are refused).
+    fn exchange_bytes(
+        &self,
+        own: Vec<u8>,
+        out_len: usize,
+        combine: impl FnOnce(&[Vec<u8>]) -> Vec<u8>,
+    ) -> Result<Vec<u8>> {
         let mut peers = self.peers()?;
         if self.rank == 0 {
             let mut all = vec![own];
             for (i, s) in peers.iter_mut().enumerate() {
-                all.push(recv_frame(s).map_err(|e| io_err("collective", i + 1, self.timeout, e))?);
+                let theirs =
+                    frame::read_data(s, all[0].len()).map_err(|e| io_err("collective", i + 1, self.timeout, e))?;
+                all.push(theirs);
             }
             let out = combine(&all);
             for (i, s) in peers.iter_mut().enumerate() {
-                send_frame(s, &out).map_err(|e| io_err("collective", i + 1, self.timeout, e))?;
+                frame::write_frame(s, FrameType::Data, &out)
+                    .map_err(|e| io_err("collective", i + 1, self.timeout, e))?;
             }
             Ok(out)
         } else {
             let s = peers.first_mut().ok_or_else(|| Error::Backend("no stream to rank 0".into()))?;
-            send_frame(s, &own).map_err(|e| io_err("collective", 0, self.timeout, e))?;
-            recv_frame(s).map_err(|e| io_err("collective", 0, self.timeout, e))
+            frame::write_frame(s, FrameType::Data, &own).map_err(|e| io_err("collective", 0, self.timeout, e))?;
+            frame::read_data(s, out_len).map_err(|e| io_err("collective", 0, self.timeout, e))
         }
     }
 }
@@ -271,13 +345,13 @@ impl Communicator<CpuBackend> for TcpComm {
 
     fn all_reduce_sum(&self, _: &CpuBackend, x: &mut CpuTensor) -> Result<()> {
         let len = x.data.len();
-        x.data = self.exchange(std::mem::take(&mut x.data), |bufs| sum_in_rank_order(bufs, len))?;
+        x.data = self.exchange(std::mem::take(&mut x.data), len, |bufs| sum_in_rank_order(bufs, len))?;
         Ok(())
     }
 
     fn all_gather_cols(&self, _: &CpuBackend, x: CpuTensor) -> Result<CpuTensor> {
         let (rows, cols, world) = (x.rows, x.cols, self.world);
-        let data = self.exchange(x.data, |bufs| concat_cols(bufs, rows, cols))?;
+        let data = self.exchange(x.data, rows * cols * world, |bufs| concat_cols(bufs, rows, cols))?;
         CpuTensor::new(data, rows, cols * world)
     }
 }
@@ -297,6 +371,11 @@ mod tests {
         }
     }
 
+    /// The handshake of `rank` of a `world`-rank tiny model.
+    fn hs(rank: usize, world: usize) -> Handshake {
+        Handshake::new(&crate::config::ModelConfig::preset("tiny").unwrap(), &spec(rank, world, 0), None).unwrap()
+    }
+
     /// A server idle for longer than the distributed timeout does not lose its ranks: waiting
     /// for the next step has no timeout (collectives still have one).
     #[test]
@@ -305,11 +384,11 @@ mod tests {
         let port = listener.local_addr().unwrap().port();
         let timeout = Duration::from_millis(300);
         let worker = std::thread::spawn(move || {
-            let comm = TcpComm::connect(&spec(1, 2, port), timeout).unwrap();
+            let comm = TcpComm::connect(&spec(1, 2, port), &hs(1, 2), timeout).unwrap();
             let step = comm.recv_step().unwrap().expect("a step after the idle gap");
             (step, comm.recv_step().unwrap())
         });
-        let root = TcpComm::accept_on(&listener, 2, timeout).unwrap();
+        let root = TcpComm::accept_on(&listener, 2, &hs(0, 2), timeout).unwrap();
         std::thread::sleep(timeout * 3);
         let mut batch = Batch::new(16);
         batch.push(&[1, 2, 3], 0, &[0]).unwrap();
@@ -327,24 +406,19 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let timeout = Duration::from_secs(20);
-        let hello = Hello {
-            num_blocks: 0,
-            block_size: 16,
-            max_positions: 64,
-            nccl_id: Some(vec![7; 128]),
-            kv_utilization: Some(0.9),
-        };
+        let hello =
+            Hello { block_size: 16, max_positions: 64, kv: KvPolicy::DeviceFraction(0.9), nccl_id: Some(vec![7; 128]) };
         let workers: Vec<_> = [(1usize, 70u64), (2, 30)]
             .into_iter()
             .map(|(rank, value)| {
                 std::thread::spawn(move || {
-                    let comm = TcpComm::connect(&spec(rank, 3, port), timeout).unwrap();
+                    let comm = TcpComm::connect(&spec(rank, 3, port), &hs(rank, 3), timeout).unwrap();
                     let hello = comm.recv_hello().unwrap();
                     (hello, comm.agree_min(value).unwrap())
                 })
             })
             .collect();
-        let root = TcpComm::accept_on(&listener, 3, timeout).unwrap();
+        let root = TcpComm::accept_on(&listener, 3, &hs(0, 3), timeout).unwrap();
         root.send_hello(&hello).unwrap();
         assert_eq!(root.agree_min(50).unwrap(), 30);
         for w in workers {

@@ -12,7 +12,10 @@
 //! - masses are sums of `p · 2⁴⁰` truncated to integers, so that they are exact and do not
 //!   depend on the order a device adds them in;
 //! - the token is the first, in vocabulary order, at which the running mass of kept tokens
-//!   passes `uniform ×` their total.
+//!   passes `uniform ×` their total;
+//! - a row whose candidate logits are not all finite (NaN or ±infinity) gives no token but
+//!   [`NON_FINITE`], so that it fails its request instead of becoming token 0 (the "!!!!" of
+//!   allenai/open-instruct#565).
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -117,11 +120,28 @@ pub struct StepSampling {
     pub want_logits: bool,
 }
 
+/// The id a backend's `sample` op returns for a row whose first `valid` logits are not all
+/// finite. No vocabulary comes near it.
+pub const NON_FINITE: u32 = u32::MAX;
+
+/// What a step sampled for one row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sampled {
+    /// The next token.
+    Token(u32),
+    /// The row's logits hold NaN or infinity; the first such column lies in this rank's
+    /// vocabulary shard.
+    NonFinite {
+        /// The rank whose shard of the logits holds the first non-finite column.
+        rank: usize,
+    },
+}
+
 /// The tokens a step picked, and the rows' logits when they were asked for.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StepOutput {
     /// One per sampled row.
-    pub tokens: Vec<u32>,
+    pub tokens: Vec<Sampled>,
     /// `rows × vocab`, row-major, when `StepSampling::want_logits`.
     pub logits: Option<Vec<f32>>,
 }
@@ -138,6 +158,9 @@ pub fn mass(p: f32) -> u64 {
 /// module docs; the reference every backend's `sample` op follows.
 pub fn sample_row(logits: &[f32], valid: usize, s: &RowSampling) -> u32 {
     let n = valid.min(logits.len());
+    if !logits[..n].iter().all(|x| x.is_finite()) {
+        return NON_FINITE;
+    }
     let mut l = logits[..n].to_vec();
     if s.repetition_penalty != 1.0 {
         for &t in &s.penalized {
@@ -308,6 +331,19 @@ mod tests {
         let mut s = Sampler::new(params, 8);
         for _ in 0..200 {
             assert!(s.sample(&logits, &[]) < 8);
+        }
+    }
+
+    /// A NaN or infinite logit among the candidates flags the row instead of picking token 0
+    /// (NaN never compares greater); one past `valid` (padding) does not matter.
+    #[test]
+    fn non_finite_logits_flag_the_row() {
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for s in [RowSampling::greedy(), RowSampling { temperature: 0.8, top_p: 0.9, ..RowSampling::greedy() }] {
+                assert_eq!(sample_row(&[bad, 1.0, 2.0], 3, &s), NON_FINITE, "{bad} first");
+                assert_eq!(sample_row(&[0.5, 3.0, bad], 3, &s), NON_FINITE, "{bad} last");
+                assert_eq!(sample_row(&[0.5, 3.0, bad], 2, &s), 1, "{bad} past valid");
+            }
         }
     }
 

@@ -1,4 +1,5 @@
-//! Continuous batching: which sequences run in the next step, and with how many tokens.
+//! Continuous batching: which sequences run in the next step, with how many tokens, and which
+//! of their rows are sampled with what.
 //!
 //! Plain Rust with no device code. Each step first serves the running sequences (oldest
 //! first: one token for a decode, the next chunk for a prompt still prefilling), then admits
@@ -6,11 +7,16 @@
 //! allow, their prompts chunked to fit. When the KV pool runs out, the newest running sequence
 //! is preempted: its blocks are freed and it goes back to the front of the queue, to be
 //! recomputed later (cheaply, when its blocks are still in the prefix cache).
+//!
+//! [`Scheduler::schedule`] emits the whole [`Step`]: the batch, the rows to sample (the last row
+//! of every sequence whose tokens are all computed after the step: decided here, once) and each
+//! row's sampling, drawn from the sequence's own seeded [`Sampler`].
 
 use std::collections::{HashMap, VecDeque};
 
 use super::batch::Batch;
 use super::block_manager::BlockManager;
+use super::sampler::{Sampler, StepSampling};
 use crate::error::{Error, Result};
 
 /// A sequence's identity inside the engine.
@@ -27,6 +33,10 @@ pub struct Sequence {
     pub computed: usize,
     /// Its KV blocks.
     pub block_table: Vec<u32>,
+    /// Its sampling parameters and seeded generator.
+    pub sampler: Sampler,
+    /// Whether its sampled rows' logits must come back to the host (log-probabilities).
+    pub want_logits: bool,
 }
 
 /// Limits of one step.
@@ -36,15 +46,35 @@ pub struct SchedulerConfig {
     pub max_num_seqs: usize,
     /// Most tokens (prompt chunks plus decodes) in one step.
     pub max_num_batched_tokens: usize,
+    /// Logits columns that may be sampled (the tokenizer's vocabulary).
+    pub sampled_columns: usize,
 }
 
-/// One step's plan: `(sequence, new tokens)` in batch order, and who was preempted for it.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Schedule {
-    /// Sequences in the step and how many of their tokens each computes.
+/// One step, as the scheduler emits it.
+#[derive(Debug, Default)]
+pub struct Step {
+    /// The forward pass's input.
+    pub batch: Batch,
+    /// The rows to sample and each row's sampling.
+    pub sampling: StepSampling,
+    /// The sequence of each sampled row, in `sampling.rows` order.
+    pub sampled: Vec<SeqId>,
+    /// Sequences in the step and how many of their tokens each computes, in batch order.
     pub entries: Vec<(SeqId, usize)>,
+    /// Sequences moved from waiting to running, with how many of their tokens the prefix cache
+    /// already held.
+    pub admitted: Vec<(SeqId, usize)>,
     /// Sequences preempted while planning this step.
     pub preempted: Vec<SeqId>,
+    /// Sequences that can never run (alone they do not fit the KV cache), removed, with why.
+    pub refused: Vec<(SeqId, Error)>,
+}
+
+impl Step {
+    /// Whether there is nothing to run.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
 }
 
 /// The waiting queue, the running set and the KV pool.
@@ -63,9 +93,9 @@ impl Scheduler {
         Scheduler { cfg, blocks, seqs: HashMap::new(), waiting: VecDeque::new(), running: Vec::new() }
     }
 
-    /// Queues a new sequence.
-    pub fn add(&mut self, id: SeqId, tokens: Vec<u32>) {
-        self.seqs.insert(id, Sequence { id, tokens, computed: 0, block_table: Vec::new() });
+    /// Queues a new sequence with its sampler; `want_logits` asks for its sampled rows' logits.
+    pub fn add(&mut self, id: SeqId, tokens: Vec<u32>, sampler: Sampler, want_logits: bool) {
+        self.seqs.insert(id, Sequence { id, tokens, computed: 0, block_table: Vec::new(), sampler, want_logits });
         self.waiting.push_back(id);
     }
 
@@ -119,18 +149,26 @@ impl Scheduler {
         self.waiting.push_front(id);
     }
 
-    /// Plans the next step.
-    pub fn schedule(&mut self) -> Result<Schedule> {
-        let mut plan = Schedule::default();
+    /// Plans the next step and emits it whole: batch, sampled rows and their sampling.
+    pub fn schedule(&mut self) -> Result<Step> {
+        let mut step = Step::default();
         let mut budget = self.cfg.max_num_batched_tokens;
+        self.serve_running(&mut step, &mut budget)?;
+        self.admit_waiting(&mut step, &mut budget)?;
+        self.assemble(&mut step)?;
+        Ok(step)
+    }
+
+    /// The running sequences' next tokens, oldest first, preempting the newest when blocks run out.
+    fn serve_running(&mut self, step: &mut Step, budget: &mut usize) -> Result<()> {
         let mut i = 0;
-        'running: while i < self.running.len() && budget > 0 {
+        'running: while i < self.running.len() && *budget > 0 {
             let id = self.running[i];
             let (want, computed) = match self.seqs.get(&id) {
                 Some(s) => (s.tokens.len() - s.computed, s.computed),
                 None => return Err(Error::Backend(format!("scheduler lost sequence {id}"))),
             };
-            let n = want.min(budget);
+            let n = want.min(*budget);
             loop {
                 let seq = self.seqs.get_mut(&id).ok_or_else(|| Error::Backend("sequence vanished".into()))?;
                 if self.blocks.grow(&mut seq.block_table, computed + n).is_ok() {
@@ -138,17 +176,22 @@ impl Scheduler {
                 }
                 let Some(&victim) = self.running.last() else { break 'running };
                 self.preempt(victim);
-                plan.preempted.push(victim);
-                plan.entries.retain(|e| e.0 != victim);
+                step.preempted.push(victim);
+                step.entries.retain(|e| e.0 != victim);
                 if victim == id {
                     continue 'running;
                 }
             }
-            plan.entries.push((id, n));
-            budget -= n;
+            step.entries.push((id, n));
+            *budget -= n;
             i += 1;
         }
-        while budget > 0 && plan.preempted.is_empty() && self.running.len() < self.cfg.max_num_seqs {
+        Ok(())
+    }
+
+    /// Waiting sequences admitted while the budget, `max_num_seqs` and the KV pool allow.
+    fn admit_waiting(&mut self, step: &mut Step, budget: &mut usize) -> Result<()> {
+        while *budget > 0 && step.preempted.is_empty() && self.running.len() < self.cfg.max_num_seqs {
             let Some(&id) = self.waiting.front() else { break };
             let seq = self.seqs.get_mut(&id).ok_or_else(|| Error::Backend("sequence vanished".into()))?;
             if seq.block_table.is_empty() {
@@ -156,86 +199,127 @@ impl Scheduler {
                 // The last token is always computed: its logits are what the step is for.
                 seq.computed = hit.min(seq.tokens.len() - 1);
             }
-            let n = (seq.tokens.len() - seq.computed).min(budget);
+            let n = (seq.tokens.len() - seq.computed).min(*budget);
             if self.blocks.grow(&mut seq.block_table, seq.computed + n).is_err() {
                 // No room: hand the prefix back and wait for running sequences to finish.
                 self.blocks.release(&mut seq.block_table);
                 seq.computed = 0;
-                if self.running.is_empty() {
-                    return Err(Error::Backend(format!(
-                        "KV cache too small: a lone sequence of {} tokens does not fit {} blocks",
-                        seq.tokens.len(),
-                        self.blocks.num_blocks()
-                    )));
+                if !self.running.is_empty() {
+                    break;
                 }
-                break;
+                // Alone and still too large: it can never run. Only this sequence fails.
+                let why = Error::request(
+                    "prompt",
+                    format!(
+                        "a sequence of {} tokens does not fit the KV cache's {} blocks of {} tokens",
+                        seq.tokens.len(),
+                        self.blocks.num_blocks(),
+                        self.blocks.block_size()
+                    ),
+                );
+                self.remove(id);
+                step.refused.push((id, why));
+                continue;
             }
+            step.admitted.push((id, seq.computed));
             self.waiting.pop_front();
             self.running.push(id);
-            plan.entries.push((id, n));
-            budget -= n;
+            step.entries.push((id, n));
+            *budget -= n;
         }
-        Ok(plan)
+        Ok(())
     }
 
-    /// The forward pass input of a plan.
-    pub fn batch(&self, plan: &Schedule) -> Result<Batch> {
-        let mut batch = Batch::new(self.blocks.block_size());
-        for &(id, n) in &plan.entries {
-            let s = self.seqs.get(&id).ok_or_else(|| Error::Backend(format!("unknown sequence {id}")))?;
-            batch.push(&s.tokens[s.computed..s.computed + n], s.computed, &s.block_table)?;
+    /// The step's batch, and the rows it samples: the last row of every sequence whose tokens
+    /// are all computed once it has run, each with one draw from its sequence's sampler.
+    fn assemble(&mut self, step: &mut Step) -> Result<()> {
+        step.batch = Batch::new(self.blocks.block_size());
+        step.sampling = StepSampling { valid: self.cfg.sampled_columns, ..StepSampling::default() };
+        for &(id, n) in &step.entries {
+            let s = self.seqs.get_mut(&id).ok_or_else(|| Error::Backend(format!("unknown sequence {id}")))?;
+            step.batch.push(&s.tokens[s.computed..s.computed + n], s.computed, &s.block_table)?;
+            if s.computed + n == s.tokens.len() {
+                step.sampling.rows.push(step.batch.num_tokens() - 1);
+                step.sampling.per_row.push(s.sampler.next_row(&s.tokens));
+                step.sampling.want_logits |= s.want_logits;
+                step.sampled.push(id);
+            }
         }
-        Ok(batch)
+        Ok(())
     }
 
-    /// Records a step as run; returns the sequences whose every token is now computed (they
-    /// need a sampled token), in plan order.
-    pub fn complete(&mut self, plan: &Schedule) -> Vec<SeqId> {
-        let mut ready = Vec::new();
-        for &(id, n) in &plan.entries {
+    /// Records a step as run: its tokens' K/V are in the cache.
+    pub fn complete(&mut self, step: &Step) {
+        for &(id, n) in &step.entries {
             if let Some(s) = self.seqs.get_mut(&id) {
                 s.computed += n;
                 self.blocks.commit_full_blocks(&s.tokens, &s.block_table, s.computed);
-                if s.computed == s.tokens.len() {
-                    ready.push(id);
-                }
             }
         }
-        ready
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::sampler::SamplingParams;
 
     fn sched(blocks: usize, max_seqs: usize, budget: usize) -> Scheduler {
-        let cfg = SchedulerConfig { max_num_seqs: max_seqs, max_num_batched_tokens: budget };
+        let cfg = SchedulerConfig { max_num_seqs: max_seqs, max_num_batched_tokens: budget, sampled_columns: 1000 };
         Scheduler::new(cfg, BlockManager::new(blocks, 4, true))
+    }
+
+    fn add(s: &mut Scheduler, id: SeqId, tokens: Vec<u32>) {
+        s.add(id, tokens, Sampler::new(SamplingParams::greedy(), 1000), false);
+    }
+
+    /// Runs a planned step: records it and returns the sequences it samples.
+    fn run(s: &mut Scheduler, step: &Step) -> Vec<SeqId> {
+        s.complete(step);
+        step.sampled.clone()
     }
 
     #[test]
     fn prompts_are_chunked_under_the_token_budget_and_decodes_go_first() {
         let mut s = sched(16, 8, 6);
-        s.add(1, (0..10).collect());
+        add(&mut s, 1, (0..10).collect());
         let p = s.schedule().unwrap();
         assert_eq!(p.entries, vec![(1, 6)]);
-        assert!(s.complete(&p).is_empty(), "a partial prompt samples nothing");
-        s.add(2, (100..103).collect());
+        assert!(run(&mut s, &p).is_empty(), "a partial prompt samples nothing");
+        add(&mut s, 2, (100..103).collect());
         let p = s.schedule().unwrap();
         assert_eq!(p.entries, vec![(1, 4), (2, 2)]);
-        assert_eq!(s.complete(&p), vec![1]);
+        assert_eq!(run(&mut s, &p), vec![1]);
         s.push_token(1, 42);
         let p = s.schedule().unwrap();
         assert_eq!(p.entries, vec![(1, 1), (2, 1)]);
-        assert_eq!(s.complete(&p), vec![1, 2]);
+        assert_eq!(run(&mut s, &p), vec![1, 2]);
+    }
+
+    /// The step carries its sampled rows (each sequence's last, once all its tokens are
+    /// computed), each with its own sequence's parameters and draw, and whether logits return.
+    #[test]
+    fn the_step_names_its_sampled_rows_and_their_sampling() {
+        let mut s = sched(16, 8, 100);
+        add(&mut s, 1, vec![1, 2, 3]);
+        let hot = SamplingParams { temperature: 0.7, top_k: 5, seed: Some(3), ..Default::default() };
+        s.add(2, vec![4, 5], Sampler::new(hot.clone(), 1000), true);
+        let p = s.schedule().unwrap();
+        assert_eq!(p.batch.num_tokens(), 5);
+        assert_eq!((p.sampling.rows.clone(), p.sampled.clone()), (vec![2, 4], vec![1, 2]));
+        assert_eq!(p.sampling.valid, 1000);
+        assert!(p.sampling.want_logits);
+        assert_eq!(p.sampling.per_row[0], crate::runtime::sampler::RowSampling::greedy());
+        let mut same = Sampler::new(hot, 1000);
+        assert_eq!(p.sampling.per_row[1], same.next_row(&[4, 5]));
+        assert_eq!(p.admitted, vec![(1, 0), (2, 0)]);
     }
 
     #[test]
     fn max_num_seqs_caps_the_running_set() {
         let mut s = sched(16, 2, 100);
         for id in 0..3 {
-            s.add(id, vec![1, 2, 3]);
+            add(&mut s, id, vec![1, 2, 3]);
         }
         let p = s.schedule().unwrap();
         assert_eq!(p.entries.len(), 2);
@@ -246,10 +330,10 @@ mod tests {
     fn running_out_of_blocks_preempts_the_newest_and_it_comes_back() {
         // 3 blocks of 4: two sequences of 4 tokens fill two blocks; growth needs more.
         let mut s = sched(3, 8, 100);
-        s.add(1, vec![1, 2, 3, 4]);
-        s.add(2, vec![5, 6, 7, 8]);
+        add(&mut s, 1, vec![1, 2, 3, 4]);
+        add(&mut s, 2, vec![5, 6, 7, 8]);
         let p = s.schedule().unwrap();
-        assert_eq!(s.complete(&p), vec![1, 2]);
+        assert_eq!(run(&mut s, &p), vec![1, 2]);
         s.push_token(1, 9);
         s.push_token(2, 10);
         // Sequence 1 takes the third block; sequence 2 cannot grow and is preempted.
@@ -261,13 +345,21 @@ mod tests {
         // Recomputed from the prefix cache: its first full block is still cached.
         let p = s.schedule().unwrap();
         assert_eq!(p.entries, vec![(2, 1)]);
+        assert_eq!(p.admitted, vec![(2, 4)]);
         assert_eq!(s.get(2).unwrap().computed, 4);
     }
 
+    /// A sequence that alone does not fit the pool is refused (only it), never a hang, and the
+    /// next one still runs.
     #[test]
-    fn a_sequence_too_large_for_the_pool_is_an_error_not_a_hang() {
+    fn a_sequence_too_large_for_the_pool_is_refused_alone() {
         let mut s = sched(1, 8, 100);
-        s.add(1, (0..9).collect());
-        assert!(s.schedule().is_err());
+        add(&mut s, 1, (0..9).collect());
+        add(&mut s, 2, (0..3).collect());
+        let p = s.schedule().unwrap();
+        assert_eq!(p.refused.iter().map(|r| r.0).collect::<Vec<_>>(), vec![1]);
+        assert!(p.refused[0].1.to_string().contains("does not fit"), "{}", p.refused[0].1);
+        assert_eq!(p.entries, vec![(2, 3)]);
+        assert!(s.get(1).is_none());
     }
 }

@@ -125,7 +125,8 @@ impl ApiError {
     }
 
     /// Maps an engine error: request and template errors are the client's (400), `Busy` (a
-    /// full queue) is 429 while serving, and shutting down is 503.
+    /// full queue) is 429 while serving, shutting down and a failed engine are 503, and a
+    /// request whose logits were not finite is a 500 of its own (`non_finite_logits`).
     pub fn from_engine(e: Error, shutting_down: bool) -> Self {
         match e {
             Error::Request { param, message } => Self::invalid(param.clone(), format!("`{param}` {message}")),
@@ -133,6 +134,8 @@ impl ApiError {
                 Self::invalid("messages", format!("the chat template failed: {message}"))
             }
             Error::ShuttingDown { message } => Self::unavailable(message),
+            e @ Error::EngineFailed { .. } => Self::unavailable(e.to_string()).code("engine_failed"),
+            e @ Error::NonFiniteLogits { .. } => Self::internal(e.to_string()).code("non_finite_logits"),
             Error::Busy { message } if shutting_down => Self::unavailable(message),
             Error::Busy { message } => Self::busy(message),
             other => Self::internal(other.to_string()),

@@ -36,6 +36,7 @@ pub fn render(m: &Metrics, model: &str) -> String {
     one("tulu_prompt_tokens_total", "counter", "Prompt tokens of finished requests.", m.prompt_tokens as f64);
     one("tulu_generation_tokens_total", "counter", "Tokens generated.", m.generated_tokens as f64);
     one("tulu_request_finished_total", "counter", "Requests finished, for any reason.", m.requests_finished as f64);
+    one("tulu_request_failed_total", "counter", "Requests that ended with an error.", m.requests_failed as f64);
     one("tulu_num_preemptions_total", "counter", "Sequences preempted for lack of KV blocks.", m.preemptions as f64);
     histogram(
         &mut out,

@@ -1,7 +1,8 @@
 //! `tulu serve`: an OpenAI-compatible HTTP API over an [`Engine`] (axum).
 //!
 //! Routes: `/v1/completions` and `/v1/chat/completions` (whole or SSE-streamed), `/v1/models`,
-//! `/health` (503 once the engine has failed) and `/metrics` (Prometheus text). Every error is an
+//! `/health` (503 once the engine has failed; the server then exits with the failure) and
+//! `/metrics` (Prometheus text). Every error is an
 //! OpenAI-style JSON object ([`error::ApiError`]). With an API key, every route but `/health`
 //! answers 401 to a request without `Authorization: Bearer <key>`, so an unauthenticated client
 //! learns nothing, not even which routes exist. On SIGINT/SIGTERM the server stops accepting,
@@ -108,7 +109,9 @@ fn router_with_state(state: Arc<AppState>) -> Router {
 }
 
 /// Binds `opts.host:opts.port`, prints the address, serves until SIGINT/SIGTERM, then shuts
-/// the engine down within `opts.shutdown_timeout`.
+/// the engine down within `opts.shutdown_timeout`. If the engine fails (engine-fatal) it stops
+/// serving the same way and returns the failure, so that `tulu serve` exits non-zero and a
+/// supervisor restarts it; until then `/health` answers 503.
 pub async fn serve(engine: Arc<Engine>, opts: ServerOptions) -> Result<()> {
     let listener = tokio::net::TcpListener::bind((opts.host.as_str(), opts.port))
         .await
@@ -117,38 +120,42 @@ pub async fn serve(engine: Arc<Engine>, opts: ServerOptions) -> Result<()> {
     let state = app_state(engine.clone(), &opts);
     let app = router_with_state(state.clone());
     eprintln!("listening on http://{addr}");
-    let signalled = Arc::new(tokio::sync::Notify::new());
+    let stop = Arc::new(tokio::sync::Notify::new());
     let graceful = {
-        let signalled = signalled.clone();
-        async move {
-            shutdown_signal().await;
-            signalled.notify_one();
-        }
+        let stop = stop.clone();
+        async move { stop.notified().await }
     };
     let mut server =
         tokio::spawn(std::future::IntoFuture::into_future(axum::serve(listener, app).with_graceful_shutdown(graceful)));
-    tokio::select! {
-        _ = signalled.notified() => state.shutting_down.store(true, Ordering::SeqCst),
+    let failure = tokio::select! {
+        _ = shutdown_signal() => None,
+        why = engine.failed() => Some(why),
         done = &mut server => {
             return match done {
                 Ok(r) => r.map_err(|e| Error::io(addr.to_string(), e)),
                 Err(e) => Err(Error::Backend(format!("the server task failed: {e}"))),
             };
         }
+    };
+    state.shutting_down.store(true, Ordering::SeqCst);
+    stop.notify_one();
+    match &failure {
+        Some(why) => eprintln!("the engine failed ({why}): shutting down"),
+        None => eprintln!("shutting down: finishing running requests for up to {:?}", opts.shutdown_timeout),
     }
-    eprintln!("shutting down: finishing running requests for up to {:?}", opts.shutdown_timeout);
     // Engine::shutdown blocks (it joins the step loop); in-flight responses end as it finishes
     // or aborts their requests, after which axum's graceful shutdown completes.
     let stopping = engine.clone();
     let _ = tokio::task::spawn_blocking(move || stopping.shutdown(opts.shutdown_timeout)).await;
     // A client that stops reading could hold its connection open forever: bound the drain.
-    match tokio::time::timeout(Duration::from_secs(5), server).await {
+    let drained = match tokio::time::timeout(Duration::from_secs(5), server).await {
         Ok(Ok(Err(e))) => Err(Error::io(addr.to_string(), e)),
         Ok(Err(e)) => Err(Error::Backend(format!("the server task failed: {e}"))),
-        Ok(Ok(Ok(()))) | Err(_) => {
-            eprintln!("stopped");
-            Ok(())
-        }
+        Ok(Ok(Ok(()))) | Err(_) => Ok(()),
+    };
+    match failure {
+        Some(message) => Err(Error::EngineFailed { message }),
+        None => drained.inspect(|()| eprintln!("stopped")),
     }
 }
 

@@ -128,67 +128,11 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, ApiError> {
         Endpoint::Completions => completion_prompts(f.require("prompt")?)?,
         Endpoint::Chat => vec![PromptInput::Chat(messages(f.require("messages")?)?)],
     };
-    let n = match f.int("n")? {
-        None => 1,
-        Some(n) if n < 1 => return Err(ApiError::param("n", format!("must be at least 1, got {n}"))),
-        Some(n) if n as u64 > MAX_CHOICES as u64 => {
-            return Err(ApiError::param("n", format!("must be at most {MAX_CHOICES}, got {n}")))
-        }
-        Some(n) => n as usize,
-    };
-    if n * prompts.len() > MAX_CHOICES {
-        return Err(ApiError::param(
-            "n",
-            format!(
-                "asks for {} choices ({} prompts × n = {n}); at most {MAX_CHOICES}",
-                n * prompts.len(),
-                prompts.len()
-            ),
-        ));
-    }
+    let n = choices(&f, prompts.len())?;
     let stream = f.bool("stream")?.unwrap_or(false);
-    let include_usage = match f.get("stream_options") {
-        None => false,
-        Some(_) if !stream => {
-            return Err(ApiError::param("stream_options", "can only be set when `stream` is true"));
-        }
-        Some(Value::Object(opts)) => {
-            Fields(opts).bool_named("include_usage", "stream_options.include_usage")?.unwrap_or(false)
-        }
-        Some(v) => return Err(ApiError::param("stream_options", format!("must be an object, got {}", kind(v)))),
-    };
-    let (max_tokens_param, max_tokens) = match (endpoint, f.int("max_completion_tokens")?) {
-        (Endpoint::Chat, Some(m)) => ("max_completion_tokens", Some(m)),
-        _ => ("max_tokens", f.int("max_tokens")?),
-    };
-    let max_tokens = match max_tokens {
-        Some(m) if m < 1 => return Err(ApiError::param(max_tokens_param, format!("must be at least 1, got {m}"))),
-        m => m.map(|m| m as u64),
-    };
-    let logprobs = match endpoint {
-        Endpoint::Completions => match f.int("logprobs")? {
-            None => None,
-            Some(k) if !(0..=MAX_LOGPROBS as i64).contains(&k) => {
-                return Err(ApiError::param("logprobs", format!("must be in [0, {MAX_LOGPROBS}], got {k}")))
-            }
-            Some(k) => Some(k as usize),
-        },
-        Endpoint::Chat => {
-            let top = match f.int("top_logprobs")? {
-                Some(k) if !(0..=MAX_LOGPROBS as i64).contains(&k) => {
-                    return Err(ApiError::param("top_logprobs", format!("must be in [0, {MAX_LOGPROBS}], got {k}")))
-                }
-                k => k.map(|k| k as usize),
-            };
-            match (f.bool("logprobs")?.unwrap_or(false), top) {
-                (true, top) => Some(top.unwrap_or(0)),
-                (false, Some(k)) if k > 0 => {
-                    return Err(ApiError::param("top_logprobs", "requires `logprobs` to be true"));
-                }
-                (false, _) => None,
-            }
-        }
-    };
+    let include_usage = include_usage(&f, stream)?;
+    let (max_tokens_param, max_tokens) = max_tokens(&f, endpoint)?;
+    let logprobs = logprobs(&f, endpoint)?;
     let echo = match endpoint {
         Endpoint::Completions => f.bool("echo")?.unwrap_or(false),
         Endpoint::Chat => false,
@@ -214,6 +158,72 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, ApiError> {
         echo,
         ignore_eos: f.bool("ignore_eos")?.unwrap_or(false),
     })
+}
+
+/// `n`: choices per prompt, at most [`MAX_CHOICES`] over all prompts.
+fn choices(f: &Fields, prompts: usize) -> Result<usize, ApiError> {
+    let n = match f.int("n")? {
+        None => 1,
+        Some(n) if n < 1 => return Err(ApiError::param("n", format!("must be at least 1, got {n}"))),
+        Some(n) if n as u64 > MAX_CHOICES as u64 => {
+            return Err(ApiError::param("n", format!("must be at most {MAX_CHOICES}, got {n}")))
+        }
+        Some(n) => n as usize,
+    };
+    if n * prompts > MAX_CHOICES {
+        return Err(ApiError::param(
+            "n",
+            format!("asks for {} choices ({prompts} prompts × n = {n}); at most {MAX_CHOICES}", n * prompts),
+        ));
+    }
+    Ok(n)
+}
+
+/// `stream_options.include_usage`, which only a streamed request may set.
+fn include_usage(f: &Fields, stream: bool) -> Result<bool, ApiError> {
+    match f.get("stream_options") {
+        None => Ok(false),
+        Some(_) if !stream => Err(ApiError::param("stream_options", "can only be set when `stream` is true")),
+        Some(Value::Object(opts)) => {
+            Ok(Fields(opts).bool_named("include_usage", "stream_options.include_usage")?.unwrap_or(false))
+        }
+        Some(v) => Err(ApiError::param("stream_options", format!("must be an object, got {}", kind(v)))),
+    }
+}
+
+/// The cap on generated tokens and the parameter that set it (chat's `max_completion_tokens`
+/// wins over `max_tokens`).
+fn max_tokens(f: &Fields, endpoint: Endpoint) -> Result<(&'static str, Option<u64>), ApiError> {
+    let (param, max_tokens) = match (endpoint, f.int("max_completion_tokens")?) {
+        (Endpoint::Chat, Some(m)) => ("max_completion_tokens", Some(m)),
+        _ => ("max_tokens", f.int("max_tokens")?),
+    };
+    match max_tokens {
+        Some(m) if m < 1 => Err(ApiError::param(param, format!("must be at least 1, got {m}"))),
+        m => Ok((param, m.map(|m| m as u64))),
+    }
+}
+
+/// Alternatives per token: completions' `logprobs`, or chat's `logprobs` + `top_logprobs`.
+fn logprobs(f: &Fields, endpoint: Endpoint) -> Result<Option<usize>, ApiError> {
+    let in_range = |param: &str, k: i64| {
+        if (0..=MAX_LOGPROBS as i64).contains(&k) {
+            Ok(k as usize)
+        } else {
+            Err(ApiError::param(param, format!("must be in [0, {MAX_LOGPROBS}], got {k}")))
+        }
+    };
+    match endpoint {
+        Endpoint::Completions => f.int("logprobs")?.map(|k| in_range("logprobs", k)).transpose(),
+        Endpoint::Chat => {
+            let top = f.int("top_logprobs")?.map(|k| in_range("top_logprobs", k)).transpose()?;
+            match (f.bool("logprobs")?.unwrap_or(false), top) {
+                (true, top) => Ok(Some(top.unwrap_or(0))),
+                (false, Some(k)) if k > 0 => Err(ApiError::param("top_logprobs", "requires `logprobs` to be true")),
+                (false, _) => Ok(None),
+            }
+        }
+    }
 }
 
 fn sampling(f: &Fields) -> Result<SamplingOverrides, ApiError> {

@@ -46,6 +46,7 @@ pub fn convert_gguf(gguf: &Path, out: &Path, opts: &ConvertOptions) -> Result<()
     }
     let file_size = file.metadata().map_err(|e| Error::io(gguf, e))?.len();
     let (mut cfg, tok) = read_model(&meta)?;
+    cfg.check_size(gguf).map_err(|e| gerr(format!("its metadata describes an impossible model: {e}")))?;
     cfg.torch_dtype = Some(opts.dtype.torch_name().into());
     let plan = plan_tensors(&meta, &cfg, file_size)?;
 
@@ -419,14 +420,19 @@ struct PlannedTensor {
 }
 
 /// Every tensor of the checkpoint, checked against `cfg` and the file's size before anything is
-/// written, so a bad GGUF fails before the output directory exists.
+/// written, so a bad GGUF fails before the output directory exists. Each tensor is checked as it
+/// is planned, so metadata promising millions of layers fails at the first one missing instead of
+/// planning them all.
 fn plan_tensors(meta: &Meta, cfg: &ModelConfig, file_size: u64) -> Result<Vec<PlannedTensor>> {
     let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
     let mut plan = Vec::new();
-    let mut add = |gguf: String, hf: String, shape: Vec<usize>, heads: Option<usize>| {
-        plan.push(PlannedTensor { gguf_name: gguf, hf_name: hf, shape, unpermute_heads: heads })
+    let mut add = |gguf: String, hf: String, shape: Vec<usize>, heads: Option<usize>| -> Result<()> {
+        let t = PlannedTensor { gguf_name: gguf, hf_name: hf, shape, unpermute_heads: heads };
+        check_tensor(meta, &t, file_size)?;
+        plan.push(t);
+        Ok(())
     };
-    add("token_embd.weight".into(), "model.embed_tokens.weight".into(), vec![v, h], None);
+    add("token_embd.weight".into(), "model.embed_tokens.weight".into(), vec![v, h], None)?;
     for l in 0..cfg.num_hidden_layers {
         let (b, m) = (format!("blk.{l}"), format!("model.layers.{l}"));
         let attn = [
@@ -436,43 +442,45 @@ fn plan_tensors(meta: &Meta, cfg: &ModelConfig, file_size: u64) -> Result<Vec<Pl
             ("attn_output", "o_proj", vec![h, cfg.q_dim()], None),
         ];
         for (g, hf, shape, heads) in attn {
-            add(format!("{b}.{g}.weight"), format!("{m}.self_attn.{hf}.weight"), shape, heads);
+            add(format!("{b}.{g}.weight"), format!("{m}.self_attn.{hf}.weight"), shape, heads)?;
         }
         for (g, hf, shape) in [
             ("ffn_gate", "gate_proj", vec![i, h]),
             ("ffn_up", "up_proj", vec![i, h]),
             ("ffn_down", "down_proj", vec![h, i]),
         ] {
-            add(format!("{b}.{g}.weight"), format!("{m}.mlp.{hf}.weight"), shape, None);
+            add(format!("{b}.{g}.weight"), format!("{m}.mlp.{hf}.weight"), shape, None)?;
         }
-        add(format!("{b}.attn_norm.weight"), format!("{m}.input_layernorm.weight"), vec![h], None);
-        add(format!("{b}.ffn_norm.weight"), format!("{m}.post_attention_layernorm.weight"), vec![h], None);
+        add(format!("{b}.attn_norm.weight"), format!("{m}.input_layernorm.weight"), vec![h], None)?;
+        add(format!("{b}.ffn_norm.weight"), format!("{m}.post_attention_layernorm.weight"), vec![h], None)?;
     }
-    add("output_norm.weight".into(), "model.norm.weight".into(), vec![h], None);
+    add("output_norm.weight".into(), "model.norm.weight".into(), vec![h], None)?;
     if !cfg.tie_word_embeddings {
-        add("output.weight".into(), "lm_head.weight".into(), vec![v, h], None);
-    }
-    for t in &plan {
-        let info = tensor_info(meta, &t.gguf_name)?;
-        let terr = |m: String| Error::Gguf {
-            file: meta.file.to_path_buf(),
-            message: format!("tensor `{}`: {m}", t.gguf_name),
-        };
-        if info.shape.dims() != t.shape.as_slice() {
-            return Err(terr(format!("shape {:?}, expected {:?} from the metadata", info.shape.dims(), t.shape)));
-        }
-        let elems = info.shape.elem_count();
-        let block = info.ggml_dtype.block_size();
-        if elems % block != 0 {
-            return Err(terr(format!("{elems} elements do not fill {:?} blocks of {block}", info.ggml_dtype)));
-        }
-        let bytes = (elems / block * info.ggml_dtype.type_size()) as u64;
-        let end = meta.content.tensor_data_offset.saturating_add(info.offset).saturating_add(bytes);
-        if end > file_size {
-            return Err(terr(format!("data ends at byte {end} but the file has {file_size} bytes (truncated?)")));
-        }
+        add("output.weight".into(), "lm_head.weight".into(), vec![v, h], None)?;
     }
     Ok(plan)
+}
+
+/// Checks a planned tensor: present, of the shape the metadata implies, whole blocks of its
+/// dtype, and inside the file.
+fn check_tensor(meta: &Meta, t: &PlannedTensor, file_size: u64) -> Result<()> {
+    let info = tensor_info(meta, &t.gguf_name)?;
+    let terr =
+        |m: String| Error::Gguf { file: meta.file.to_path_buf(), message: format!("tensor `{}`: {m}", t.gguf_name) };
+    if info.shape.dims() != t.shape.as_slice() {
+        return Err(terr(format!("shape {:?}, expected {:?} from the metadata", info.shape.dims(), t.shape)));
+    }
+    let elems = info.shape.elem_count();
+    let block = info.ggml_dtype.block_size();
+    if elems % block != 0 {
+        return Err(terr(format!("{elems} elements do not fill {:?} blocks of {block}", info.ggml_dtype)));
+    }
+    let bytes = (elems / block * info.ggml_dtype.type_size()) as u64;
+    let end = meta.content.tensor_data_offset.saturating_add(info.offset).saturating_add(bytes);
+    if end > file_size {
+        return Err(terr(format!("data ends at byte {end} but the file has {file_size} bytes (truncated?)")));
+    }
+    Ok(())
 }
 
 fn tensor_info<'a>(meta: &Meta<'a>, name: &str) -> Result<&'a TensorInfo> {

@@ -119,8 +119,7 @@ impl WeightStore {
         // SAFETY: the map is read-only and tulu never writes to checkpoint files; a file
         // changed on disk underneath a running engine is outside what any loader can defend.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let (header_len, metadata) =
-            SafeTensors::read_metadata(&mmap).map_err(|e| Error::weights(path, None, describe(&e, mmap.len())))?;
+        let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| header_error(path, &mmap, &e))?;
         let data_start = 8 + header_len;
         let file_idx = self.files.len();
         for (name, info) in metadata.tensors() {
@@ -328,6 +327,61 @@ impl TensorRef<'_> {
     }
 }
 
+/// The error for a header the safetensors crate refused, naming the tensor at fault when the
+/// crate's error does not (a byte range past the end of the file, or not matching its shape).
+fn header_error(path: &Path, file: &[u8], e: &SafeTensorError) -> Error {
+    let culprit = match e {
+        SafeTensorError::MetadataIncompleteBuffer | SafeTensorError::TensorInvalidInfo => tensor_at_fault(file),
+        _ => None,
+    };
+    match culprit {
+        Some((tensor, message)) => Error::weights(path, Some(&tensor), message),
+        None => Error::weights(path, None, describe(e, file.len())),
+    }
+}
+
+/// The first tensor (by offset) of a parsed header whose bytes run past the end of `file` or do
+/// not match its shape and dtype, with what is wrong; `None` when none is (or the header cannot
+/// be read here, which the crate has then reported already).
+fn tensor_at_fault(file: &[u8]) -> Option<(String, String)> {
+    let header_len = usize::try_from(u64::from_le_bytes(file.get(..8)?.try_into().ok()?)).ok()?;
+    let data_len = file.len().checked_sub(8)?.checked_sub(header_len)?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(file.get(8..8usize.checked_add(header_len)?)?).ok()?;
+    let mut tensors: Vec<(u64, u64, u64, &str)> = header
+        .iter()
+        .filter(|(name, _)| *name != "__metadata__")
+        .filter_map(|(name, info)| {
+            let offsets = info.get("data_offsets")?.as_array()?;
+            let (start, end) = (offsets.first()?.as_u64()?, offsets.get(1)?.as_u64()?);
+            let elements = info.get("shape")?.as_array()?.iter().try_fold(1u64, |n, d| n.checked_mul(d.as_u64()?))?;
+            let size = match info.get("dtype")?.as_str()? {
+                "F64" | "I64" | "U64" => 8,
+                "F32" | "I32" | "U32" => 4,
+                "F16" | "BF16" | "I16" | "U16" => 2,
+                _ => 1,
+            };
+            Some((start, end, elements.checked_mul(size)?, name.as_str()))
+        })
+        .collect();
+    tensors.sort_unstable();
+    for &(start, end, bytes, name) in &tensors {
+        if end > data_len as u64 {
+            return Some((
+                name.to_owned(),
+                format!(
+                    "its bytes {start}..{end} run past the end of the file's {data_len}-byte data section \
+                     (the file is truncated)"
+                ),
+            ));
+        }
+        if end.checked_sub(start) != Some(bytes) {
+            return Some((name.to_owned(), format!("its byte range {start}..{end} does not hold {bytes} bytes")));
+        }
+    }
+    None
+}
+
 /// Turns the safetensors crate's terse errors into sentences a user can act on.
 fn describe(e: &SafeTensorError, file_len: usize) -> String {
     match e {
@@ -400,4 +454,49 @@ fn shard_paths(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A two-tensor file.
+    fn file(dir: &Path) -> PathBuf {
+        let (a, b) = (vec![0u8; 16], vec![0u8; 24]);
+        let views = [
+            ("a.weight", safetensors::tensor::TensorView::new(StDtype::F32, vec![4], &a).unwrap()),
+            ("b.weight", safetensors::tensor::TensorView::new(StDtype::F32, vec![2, 3], &b).unwrap()),
+        ];
+        let path = dir.join("model.safetensors");
+        safetensors::serialize_to_file(views, None, &path).unwrap();
+        path
+    }
+
+    /// A file whose last tensor runs past its end names that tensor; one whose header promises
+    /// a different size for a tensor names it too.
+    #[test]
+    fn offsets_past_the_file_name_the_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = file(dir.path());
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 5]).unwrap();
+        match WeightStore::open(dir.path()) {
+            Err(Error::Weights { tensor: Some(t), message, .. }) => {
+                assert_eq!(t, "b.weight");
+                assert!(message.contains("16..40") && message.contains("truncated"), "{message}");
+            }
+            other => panic!("{:?}", other.err()),
+        }
+        // A header whose offsets claim more bytes than the shape holds.
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header = String::from_utf8(bytes[8..8 + n].to_vec()).unwrap().replace("[2,3]", "[2,2]");
+        let mut edited = (header.len() as u64).to_le_bytes().to_vec();
+        edited.extend_from_slice(header.as_bytes());
+        edited.extend_from_slice(&bytes[8 + n..]);
+        std::fs::write(&path, &edited).unwrap();
+        match WeightStore::open(dir.path()) {
+            Err(Error::Weights { tensor: Some(t), .. }) => assert_eq!(t, "b.weight"),
+            other => panic!("{:?}", other.err()),
+        }
+    }
 }

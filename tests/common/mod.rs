@@ -127,3 +127,28 @@ pub fn ranks_logits<B: Backend, C: Communicator<B> + Send>(
     }
     outs.into_iter().next().unwrap()
 }
+
+/// A copy of the tiny model whose tensor `name` has row `row` set to NaN (an overflowed weight).
+pub fn poisoned_tiny(name: &str, row: usize) -> tempfile::TempDir {
+    use safetensors::tensor::TensorView;
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(tiny_dir()).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, tmp.path().join(p.file_name().unwrap())).unwrap();
+    }
+    let path = tmp.path().join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> =
+        st.tensors().into_iter().map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec())).collect();
+    let (_, dtype, shape, data) = tensors.iter_mut().find(|t| t.0 == name).expect("tensor present");
+    assert_eq!(*dtype, safetensors::Dtype::F32);
+    let width = shape[1] * 4;
+    for c in data[row * width..(row + 1) * width].chunks_exact_mut(4) {
+        c.copy_from_slice(&f32::NAN.to_le_bytes());
+    }
+    let views: Vec<(String, TensorView)> =
+        tensors.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+    tmp
+}

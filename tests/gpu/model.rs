@@ -343,3 +343,26 @@ mod nccl {
         }
     }
 }
+
+/// A poisoned weight on the GPU: token 77's embedding row is NaN, so the request whose prompt
+/// holds it fails with the position of its sampled row (the sampler flags the row on the
+/// device) while the one batched with it completes.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn non_finite_logits_fail_their_request_on_the_gpu() {
+    let poisoned = common::poisoned_tiny("model.embed_tokens.weight", 77);
+    let mut opts = EngineOptions::new(poisoned.path().to_string_lossy()).device(Device::Cuda(0));
+    // A fixed cache: other tests share the device, so its free memory is not this test's own.
+    opts.kv_cache_memory = Some(1 << 20);
+    let engine = Engine::load(opts).unwrap();
+    let req = |prompt: Vec<u32>| GenerateRequest::tokens(prompt).sampling(SamplingParams::greedy()).max_tokens(4);
+    let streams = engine.generate_all(vec![req(vec![5, 77, 9]), req(vec![5, 6, 7])]).unwrap();
+    let ends: Vec<Result<(), tulu::Error>> =
+        streams.into_iter().map(|mut s| s.find_map(|e| e.err()).map_or(Ok(()), Err)).collect();
+    match &ends[0] {
+        Err(tulu::Error::NonFiniteLogits { position, rank }) => assert_eq!((*position, *rank), (2, 0)),
+        other => panic!("the poisoned request: {other:?}"),
+    }
+    assert!(ends[1].is_ok(), "the clean request: {:?}", ends[1]);
+    assert_eq!(engine.failure(), None);
+}

@@ -87,11 +87,8 @@ fn elementwise_embedding_and_gather_match_cpu() {
         assert_close(&format!("silu_mul {rows}×{inter}"), &g, &c, OP_TOL);
     }
     for &(rows, cols) in &[(4, 100), (1, 4096), (13, 7)] {
-        let (x, y) = (random(&mut rng, rows * cols, 3.0), random(&mut rng, rows * cols, 3.0));
-        let (mut cx, mut gx) = (tensor(&cpu, &x, rows, cols), tensor(&gpu, &x, rows, cols));
-        cpu.add(&mut cx, &tensor(&cpu, &y, rows, cols)).unwrap();
-        gpu.add(&mut gx, &tensor(&gpu, &y, rows, cols)).unwrap();
-        assert_close(&format!("add {rows}×{cols}"), &gpu.to_host(&gx).unwrap(), &cpu.to_host(&cx).unwrap(), OP_TOL);
+        let x = random(&mut rng, rows * cols, 3.0);
+        let (cx, gx) = (tensor(&cpu, &x, rows, cols), tensor(&gpu, &x, rows, cols));
 
         let pick = [rows - 1, 0, rows / 2, rows - 1];
         let c = cpu.to_host(&cpu.gather_rows(&cx, &pick).unwrap()).unwrap();
@@ -194,6 +191,29 @@ fn sample_matches_the_host_sampler() {
         }
     }
     assert!(differ * 100 <= draws, "{differ} of {draws} draws differ from the host sampler");
+}
+
+/// A row with a NaN or infinite logit among its candidates is flagged (`NON_FINITE`), greedy or
+/// sampled, as the host sampler flags it; a non-finite value past `valid` (padding) is not.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn sample_flags_non_finite_rows() {
+    use tulu::runtime::sampler::{sample_row, RowSampling, NON_FINITE};
+    let gpu = gpu();
+    let (rows, cols, valid) = (4, 1000, 990);
+    let mut logits = random(&mut rng("non-finite"), rows * cols, 3.0);
+    logits[5] = f32::NAN;
+    logits[cols + 900] = f32::INFINITY;
+    logits[2 * cols + 995] = f32::NAN; // padding: ignored
+    let t = gpu.tensor_from_host(&logits, rows, cols).unwrap();
+    for s in
+        [RowSampling::greedy(), RowSampling { temperature: 0.9, top_p: 0.8, uniform: 0.3, ..RowSampling::greedy() }]
+    {
+        let ids = gpu.sample(&t, &vec![s.clone(); rows], valid).unwrap();
+        let want: Vec<u32> = (0..rows).map(|r| sample_row(&logits[r * cols..(r + 1) * cols], valid, &s)).collect();
+        assert_eq!((ids[0], ids[1]), (NON_FINITE, NON_FINITE), "{s:?}");
+        assert_eq!(ids, want, "{s:?}");
+    }
 }
 
 /// Decode matmuls (1 to 8 rows) through our GEMV and through cuBLASLt both match the CPU, on
@@ -343,6 +363,64 @@ fn rope_write_kv_and_attention_match_cpu() {
     });
     for case in &cases {
         run_attention_case(&cpu, &gpu, &mut rng, case);
+    }
+}
+
+/// A non-finite key or value reaches exactly the rows that attend to it, as on the CPU: never an
+/// earlier row of the same tile (a masked key's weight is 0, but 0 · NaN is NaN), and never
+/// vanishes (a NaN softmax sum must not become an output of 0, nor a split dropped when splits
+/// are combined). Prefill of 70 rows with position 20 poisoned, then a decode at 2000 (split).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn attention_confines_non_finite_keys_to_the_rows_that_see_them() {
+    let (cpu, gpu) = (CpuBackend::new(), gpu());
+    let dims = AttnDims { heads: 4, kv_heads: 1, head_dim: 64 };
+    let width = dims.q_dim() + 2 * dims.kv_dim();
+    let bs = 16;
+    let table: Vec<u32> = (0..130).collect();
+    let spec = KvCacheSpec { layers: 1, num_blocks: 130, block_size: bs, kv_heads: 1, head_dim: 64 };
+    let (mut ccache, mut gcache) = (cpu.new_kv_cache(&spec).unwrap(), gpu.new_kv_cache(&spec).unwrap());
+    let zeros = vec![0f32; 2048 * 32];
+    let ones = vec![1f32; 2048 * 32];
+    let (cc, cs) = (cpu.upload(&ones, 2048, 32).unwrap(), cpu.upload(&zeros, 2048, 32).unwrap());
+    let (gc, gs) = (gpu.upload(&ones, 2048, 32).unwrap(), gpu.upload(&zeros, 2048, 32).unwrap());
+    let mut rng = rng("attention-nan");
+    let steps: [(usize, usize); 2] = [(0, 70), (2000, 1)];
+    for (first, rows) in steps {
+        let mut data = random(&mut rng, rows * width, 1.0);
+        if first == 0 {
+            // Position 20's key and value.
+            data[20 * width + dims.q_dim()..21 * width].iter_mut().for_each(|x| *x = f32::NAN);
+        }
+        let mut batch = Batch::new(bs);
+        if first == 0 {
+            batch.push(&vec![1; rows], 0, &table[..5]).unwrap();
+        } else {
+            // Positions 70..2000 hold finite keys written as a second prefill.
+            let fill = random(&mut rng, (first - 70) * width, 1.0);
+            let mut fb = Batch::new(bs);
+            fb.push(&vec![1; first - 70], 70, &table[..126]).unwrap();
+            let (cf, gf) = (tensor(&cpu, &fill, first - 70, width), tensor(&gpu, &fill, first - 70, width));
+            cpu.rope_write_kv(&cf, &cc, &cs, 0, &mut ccache, &fb, dims).unwrap();
+            gpu.rope_write_kv(&gf, &gc, &gs, 0, &mut gcache, &fb, dims).unwrap();
+            batch.push(&[1], first, &table[..126]).unwrap();
+        }
+        let (cq, gq) = (tensor(&cpu, &data, rows, width), tensor(&gpu, &data, rows, width));
+        let cq = cpu.rope_write_kv(&cq, &cc, &cs, 0, &mut ccache, &batch, dims).unwrap();
+        let gq = gpu.rope_write_kv(&gq, &gc, &gs, 0, &mut gcache, &batch, dims).unwrap();
+        let c = cpu.to_host(&cpu.attention(&cq, 0, &ccache, &batch, dims).unwrap()).unwrap();
+        let g = gpu.to_host(&gpu.attention(&gq, 0, &gcache, &batch, dims).unwrap()).unwrap();
+        let q = dims.q_dim();
+        for r in 0..rows {
+            let (cr, gr) = (&c[r * q..(r + 1) * q], &g[r * q..(r + 1) * q]);
+            let bad = |x: &[f32]| x.iter().all(|v| !v.is_finite());
+            let pos = first + r;
+            assert_eq!(bad(cr), pos >= 20, "CPU row at position {pos}");
+            assert_eq!(bad(gr), bad(cr), "GPU row at position {pos}: {:?}", &gr[..4]);
+            if !bad(cr) {
+                assert_close(&format!("attention row {pos}"), gr, cr, OP_TOL);
+            }
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 mod matmul;
 
 use self::matmul::dot;
-use super::{AttnDims, Backend, KvCacheSpec};
+use super::{contract, AttnDims, Backend, KvCacheSpec};
 use crate::error::{Error, Result};
 use crate::runtime::batch::Batch;
 use crate::runtime::sampler::{sample_row, RowSampling};
@@ -39,6 +39,11 @@ impl CpuTensor {
         Ok(CpuTensor { data, rows, cols })
     }
 
+    /// `(rows, cols)`.
+    pub fn shape(&self) -> contract::Shape {
+        (self.rows, self.cols)
+    }
+
     fn row(&self, r: usize) -> &[f32] {
         &self.data[r * self.cols..(r + 1) * self.cols]
     }
@@ -52,6 +57,10 @@ pub struct CpuWeight {
 }
 
 impl CpuWeight {
+    fn shape(&self) -> contract::Shape {
+        (self.rows, self.cols)
+    }
+
     fn from_vec(data: Vec<f32>, rows: usize, cols: usize) -> Result<Self> {
         Ok(CpuWeight { tensor: Tensor::from_vec(data, (rows, cols), &CDevice::Cpu)?, rows, cols })
     }
@@ -72,7 +81,7 @@ impl CpuWeight {
 pub struct CpuKvCache {
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
-    kv_dim: usize,
+    spec: KvCacheSpec,
 }
 
 /// The CPU backend.
@@ -183,9 +192,8 @@ impl Backend for CpuBackend {
     }
 
     fn new_kv_cache(&self, spec: &KvCacheSpec) -> Result<CpuKvCache> {
-        let kv_dim = spec.kv_heads * spec.head_dim;
-        let len = spec.num_blocks * spec.block_size * kv_dim;
-        Ok(CpuKvCache { k: vec![vec![0.0; len]; spec.layers], v: vec![vec![0.0; len]; spec.layers], kv_dim })
+        let len = spec.num_blocks * spec.block_size * spec.kv_heads * spec.head_dim;
+        Ok(CpuKvCache { k: vec![vec![0.0; len]; spec.layers], v: vec![vec![0.0; len]; spec.layers], spec: *spec })
     }
 
     fn embed(&self, table: &CpuWeight, ids: &[u32]) -> Result<CpuTensor> {
@@ -206,6 +214,7 @@ impl Backend for CpuBackend {
     }
 
     fn rms_norm(&self, x: &CpuTensor, weight: &CpuWeight, eps: f32) -> Result<CpuTensor> {
+        contract::rms_norm("rms_norm", x.shape(), weight.shape())?;
         let mut out = vec![0.0; x.data.len()];
         weight.with_slice(|w| {
             out.par_chunks_mut(x.cols).zip(x.data.par_chunks(x.cols)).for_each(|(o, r)| rms_norm_row(r, w, eps, o))
@@ -214,17 +223,13 @@ impl Backend for CpuBackend {
     }
 
     fn add_rms_norm(&self, x: &mut CpuTensor, residual: &CpuTensor, weight: &CpuWeight, eps: f32) -> Result<CpuTensor> {
-        self.add(x, residual)?;
+        contract::add_rms_norm(x.shape(), residual.shape(), weight.shape())?;
+        x.data.iter_mut().zip(&residual.data).for_each(|(a, b)| *a += b);
         self.rms_norm(x, weight, eps)
     }
 
     fn matmul(&self, x: &CpuTensor, w: &CpuWeight) -> Result<CpuTensor> {
-        if x.cols != w.cols {
-            return Err(Error::Backend(format!(
-                "matmul: activation has {} columns, weight {}×{}",
-                x.cols, w.rows, w.cols
-            )));
-        }
+        contract::matmul(x.shape(), w.shape())?;
         let y = w.with_slice(|wd| matmul::matmul(&x.data, x.rows, wd, w.rows, w.cols))?;
         CpuTensor::new(y, x.rows, w.rows)
     }
@@ -239,16 +244,9 @@ impl Backend for CpuBackend {
         batch: &Batch,
         dims: AttnDims,
     ) -> Result<CpuTensor> {
+        let extent = contract::batch(batch)?;
+        contract::rope_write_kv(qkv.shape(), cos.shape(), sin.shape(), &extent, dims, &cache.spec, layer)?;
         let (q_dim, kv_dim, hd) = (dims.q_dim(), dims.kv_dim(), dims.head_dim);
-        if qkv.cols != q_dim + 2 * kv_dim || qkv.rows != batch.num_tokens() {
-            return Err(Error::Backend(format!(
-                "rope: qkv is {}×{}, expected {}×{}",
-                qkv.rows,
-                qkv.cols,
-                batch.num_tokens(),
-                q_dim + 2 * kv_dim
-            )));
-        }
         let half = hd / 2;
         let mut q = Vec::with_capacity(qkv.rows * q_dim);
         cos.with_slice(|cos| {
@@ -263,7 +261,7 @@ impl Backend for CpuBackend {
                     for head in q[start..].chunks_exact_mut(hd) {
                         rotate_half(head, c, s);
                     }
-                    let slot = batch.slots[r] as usize * cache.kv_dim;
+                    let slot = batch.slots[r] as usize * kv_dim;
                     let k = &mut kc[slot..slot + kv_dim];
                     k.copy_from_slice(&row[q_dim..q_dim + kv_dim]);
                     for head in k.chunks_exact_mut(hd) {
@@ -284,6 +282,7 @@ impl Backend for CpuBackend {
         batch: &Batch,
         dims: AttnDims,
     ) -> Result<CpuTensor> {
+        contract::attention(q.shape(), &contract::batch(batch)?, dims, &cache.spec, layer)?;
         let (hd, kv_dim) = (dims.head_dim, dims.kv_dim());
         let group = dims.heads / dims.kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
@@ -324,6 +323,7 @@ impl Backend for CpuBackend {
     }
 
     fn silu_mul(&self, gate_up: &CpuTensor) -> Result<CpuTensor> {
+        contract::silu_mul(gate_up.shape())?;
         let inter = gate_up.cols / 2;
         let mut out = vec![0.0; gate_up.rows * inter];
         out.par_chunks_mut(inter).zip(gate_up.data.par_chunks(gate_up.cols)).for_each(|(o, r)| {
@@ -335,27 +335,17 @@ impl Backend for CpuBackend {
         CpuTensor::new(out, gate_up.rows, inter)
     }
 
-    fn add(&self, x: &mut CpuTensor, y: &CpuTensor) -> Result<()> {
-        if x.data.len() != y.data.len() {
-            return Err(Error::Backend("add: shapes differ".into()));
-        }
-        x.data.iter_mut().zip(&y.data).for_each(|(a, b)| *a += b);
-        Ok(())
-    }
-
     fn gather_rows(&self, x: &CpuTensor, rows: &[usize]) -> Result<CpuTensor> {
+        contract::gather_rows(x.shape(), rows)?;
         let mut data = Vec::with_capacity(rows.len() * x.cols);
         for &r in rows {
-            if r >= x.rows {
-                return Err(Error::Backend(format!("gather_rows: row {r} of {}", x.rows)));
-            }
             data.extend_from_slice(x.row(r));
         }
         CpuTensor::new(data, rows.len(), x.cols)
     }
 
     fn sample(&self, logits: &CpuTensor, per_row: &[RowSampling], valid: usize) -> Result<Vec<u32>> {
-        super::check_sample(logits.rows, logits.cols, per_row.len(), valid)?;
+        contract::sample(logits.shape(), per_row.len(), valid)?;
         Ok(per_row.par_iter().enumerate().map(|(r, s)| sample_row(logits.row(r), valid, s)).collect())
     }
 
@@ -372,5 +362,34 @@ fn rotate_half(head: &mut [f32], cos: &[f32], sin: &[f32]) {
         let (x1, x2) = (a[i], b[i]);
         a[i] = x1 * cos[i] - x2 * sin[i];
         b[i] = x2 * cos[i] + x1 * sin[i];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batch that does not fit the cache is an error, as on CUDA (tests/gpu/ops.rs), not a
+    /// slice panic: block 5 of a 2-block cache, for both cache-touching ops.
+    #[test]
+    fn a_batch_outside_the_cache_is_an_error() {
+        let cpu = CpuBackend::new();
+        let dims = AttnDims { heads: 4, kv_heads: 1, head_dim: 64 };
+        let spec = KvCacheSpec { layers: 1, num_blocks: 2, block_size: 16, kv_heads: 1, head_dim: 64 };
+        let mut cache = cpu.new_kv_cache(&spec).unwrap();
+        let mut batch = Batch::new(16);
+        batch.push(&[0; 4], 0, &[5]).unwrap();
+        let qkv = CpuTensor::new(vec![0.0; 4 * 6 * 64], 4, 6 * 64).unwrap();
+        let table = cpu.upload(&[0.0; 8 * 32], 8, 32).unwrap();
+        let e = cpu.rope_write_kv(&qkv, &table, &table, 0, &mut cache, &batch, dims).expect_err("must fail");
+        assert!(e.to_string().contains("outside the cache"), "{e}");
+        let q = CpuTensor::new(vec![0.0; 4 * 4 * 64], 4, 4 * 64).unwrap();
+        let e = cpu.attention(&q, 0, &cache, &batch, dims).expect_err("must fail");
+        assert!(e.to_string().contains("outside the cache"), "{e}");
+        // Inside the cache, the same calls work.
+        let mut batch = Batch::new(16);
+        batch.push(&[0; 4], 0, &[1]).unwrap();
+        cpu.rope_write_kv(&qkv, &table, &table, 0, &mut cache, &batch, dims).unwrap();
+        cpu.attention(&q, 0, &cache, &batch, dims).unwrap();
     }
 }

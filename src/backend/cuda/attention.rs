@@ -110,7 +110,7 @@ impl CudaBackend {
         Ok(batch.work.len() - 1)
     }
 
-    /// The caller has checked that the batch fits the cache (`check_batch_fits`).
+    /// The caller has checked q's shape and that the batch fits the cache (`contract::attention`).
     pub(crate) fn attention_impl(
         &self,
         q: &CudaTensor,
@@ -120,14 +120,6 @@ impl CudaBackend {
         dims: AttnDims,
     ) -> Result<CudaTensor> {
         let rows = batch.host.num_tokens();
-        if q.rows != rows || q.cols != dims.q_dim() {
-            return Err(Error::Backend(format!(
-                "attention: q is {}×{}, expected {rows}×{}",
-                q.rows,
-                q.cols,
-                dims.q_dim()
-            )));
-        }
         let mut out = self.alloc_tensor(rows, dims.q_dim())?;
         if rows == 0 {
             return Ok(out);
@@ -196,7 +188,7 @@ impl CudaBackend {
         }
         launch.arg(&scale_log2);
         // SAFETY: argument types and order match attention_tile's; the plan keeps the
-        // accumulators and shared memory within the kernel's limits, and check_batch_fits keeps
+        // accumulators and shared memory within the kernel's limits, and contract::attention keeps
         // every block id and slot inside the cache.
         unsafe { launch.launch(cfg) }.cuda("launching the attention kernel")?;
 

@@ -1,9 +1,9 @@
-//! SiLU·mul, residual add and row gather: launchers of `kernels/elementwise.cu`.
+//! SiLU·mul and row gather: launchers of `kernels/elementwise.cu`.
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::{grid, int, CudaBackend, CudaResultExt, CudaTensor};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 const THREADS: u32 = 256;
 
@@ -14,10 +14,8 @@ impl CudaBackend {
         Ok(LaunchConfig { grid_dim: (grid(blocks, "blocks")?, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 })
     }
 
+    /// `contract::silu_mul` checked the width.
     pub(crate) fn silu_mul_impl(&self, gate_up: &CudaTensor) -> Result<CudaTensor> {
-        if !gate_up.cols.is_multiple_of(2) {
-            return Err(Error::Backend(format!("silu_mul: [gate | up] has an odd width {}", gate_up.cols)));
-        }
         let inter = gate_up.cols / 2;
         let mut out = self.alloc_tensor(gate_up.rows, inter)?;
         if gate_up.rows * inter == 0 {
@@ -32,31 +30,9 @@ impl CudaBackend {
         Ok(out)
     }
 
-    pub(crate) fn add_impl(&self, x: &mut CudaTensor, y: &CudaTensor) -> Result<()> {
-        if (x.rows, x.cols) != (y.rows, y.cols) {
-            return Err(Error::Backend(format!("add: x is {}×{}, y {}×{}", x.rows, x.cols, y.rows, y.cols)));
-        }
-        let n = x.rows * x.cols;
-        if n == 0 {
-            return Ok(());
-        }
-        let cfg = self.stride_config(n)?;
-        let n = n as u64;
-        let mut launch = self.stream.launch_builder(&self.kernels.add);
-        launch.arg(&mut x.data).arg(&y.data).arg(&n);
-        // SAFETY: argument types and order match add_bf16; both hold n elements.
-        unsafe { launch.launch(cfg) }.cuda("launching add_bf16")?;
-        Ok(())
-    }
-
+    /// `contract::gather_rows` checked every row.
     pub(crate) fn gather_rows_impl(&self, x: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {
-        let mut idx = Vec::with_capacity(rows.len());
-        for &r in rows {
-            if r >= x.rows {
-                return Err(Error::Backend(format!("gather_rows: row {r} of {}", x.rows)));
-            }
-            idx.push(r as u32);
-        }
+        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
         let mut out = self.alloc_tensor(rows.len(), x.cols)?;
         if rows.is_empty() || x.cols == 0 {
             return Ok(out);

@@ -28,6 +28,10 @@ impl CudaTensor {
     pub fn cols(&self) -> usize {
         self.cols
     }
+    /// `(rows, cols)`, as the backend contract checks it.
+    pub(crate) fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
 }
 
 /// A weight's device storage: bf16 for checkpoint tensors, f32 for host tables (RoPE).
@@ -51,6 +55,10 @@ impl CudaWeight {
     /// Columns (input features of a linear weight).
     pub fn cols(&self) -> usize {
         self.cols
+    }
+    /// `(rows, cols)`, as the backend contract checks it.
+    pub(crate) fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols)
     }
 
     /// The bf16 storage, or an error naming `op` when this is an f32 table.

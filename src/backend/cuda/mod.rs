@@ -10,7 +10,7 @@
 //! several streams) is turned off; host reads go through synchronous copies.
 //!
 //! Not implemented yet (issue 4): CUDA graphs, a preallocated activation workspace (outputs are
-//! allocated per op from the stream-ordered pool), fused GEMV prologues/epilogues and PDL. Tensor parallelism runs one backend per rank thread (src/engine/tp.rs), combined by
+//! allocated per op from the stream-ordered pool), fused GEMV prologues/epilogues and PDL. Tensor parallelism runs one backend per rank thread (src/engine/rank_threads.rs), combined by
 //! NCCL (src/parallel/nccl.rs) or, on one GPU, through the host (src/parallel/local_cuda.rs).
 
 mod attention;
@@ -37,6 +37,7 @@ pub use self::gemv::{GemvChoice, GemvMode, GEMV_MAX_ROWS};
 pub use self::memory::{CudaKvCache, CudaTensor, CudaWeight};
 use self::memory::{Staging, WeightData};
 use self::module::Kernels;
+use super::contract::{self, BatchExtent};
 use super::{AttnDims, Backend, KvCacheSpec};
 use crate::error::{Error, Result};
 use crate::runtime::batch::Batch;
@@ -96,10 +97,8 @@ pub(crate) struct DeviceBatch {
     block_tables: CudaSlice<u32>,
     /// Where each sequence's table starts in `block_tables`.
     table_offsets: Vec<u32>,
-    /// Largest block id of any table (checked against the cache it is used with).
-    max_block: u32,
-    /// Largest slot (likewise).
-    max_slot: u32,
+    /// What the contract checks against the cache each op uses (`contract::batch`, once per batch).
+    extent: BatchExtent,
     /// Attention work items per rows-per-tile, built on first use (see attention.rs).
     work: Vec<(usize, attention::Work)>,
 }
@@ -222,31 +221,7 @@ impl CudaBackend {
     }
 
     fn upload_batch(&self, batch: &Batch) -> Result<DeviceBatch> {
-        let n = batch.num_tokens();
-        if batch.positions.len() != n || batch.slots.len() != n {
-            return Err(Error::Backend(format!(
-                "batch: {n} tokens but {} positions and {} slots",
-                batch.positions.len(),
-                batch.slots.len()
-            )));
-        }
-        let mut expect = 0;
-        for s in &batch.seqs {
-            if s.rows.start != expect || s.rows.end <= s.rows.start {
-                return Err(Error::Backend("batch: sequences' rows must be consecutive and non-empty".into()));
-            }
-            expect = s.rows.end;
-            let last = batch.positions[s.rows.end - 1] as usize;
-            if s.block_table.len() * batch.block_size <= last {
-                return Err(Error::Backend(format!(
-                    "batch: a block table of {} blocks cannot hold position {last}",
-                    s.block_table.len()
-                )));
-            }
-        }
-        if expect != n {
-            return Err(Error::Backend(format!("batch: sequences cover {expect} of {n} rows")));
-        }
+        let extent = contract::batch(batch)?;
         let mut tables = Vec::new();
         let mut table_offsets = Vec::with_capacity(batch.seqs.len());
         for s in &batch.seqs {
@@ -259,43 +234,21 @@ impl CudaBackend {
             slots: self.upload_u32(&batch.slots)?,
             block_tables: self.upload_u32(&tables)?,
             table_offsets,
-            max_block: tables.iter().copied().max().unwrap_or(0),
-            max_slot: batch.slots.iter().copied().max().unwrap_or(0),
+            extent,
             work: Vec::new(),
         })
     }
 }
 
-/// Checks that `batch` fits `cache` (block size, block ids, slots) before a kernel uses them.
-fn check_batch_fits(batch: &DeviceBatch, cache: &CudaKvCache, dims: AttnDims, layer: usize, op: &str) -> Result<()> {
-    if batch.host.block_size != cache.block_size {
-        return Err(Error::Backend(format!(
-            "{op}: batch uses {}-token blocks, the cache {}",
-            batch.host.block_size, cache.block_size
-        )));
+/// The shape of `cache`, as the contract checks batches against it.
+fn cache_spec(cache: &CudaKvCache) -> KvCacheSpec {
+    KvCacheSpec {
+        layers: cache.k.len(),
+        num_blocks: cache.num_blocks,
+        block_size: cache.block_size,
+        kv_heads: cache.kv_heads,
+        head_dim: cache.head_dim,
     }
-    if batch.max_block as usize >= cache.num_blocks || batch.max_slot as usize >= cache.slots() {
-        return Err(Error::Backend(format!(
-            "{op}: block {} / slot {} outside the cache's {} blocks",
-            batch.max_block, batch.max_slot, cache.num_blocks
-        )));
-    }
-    if dims.kv_heads != cache.kv_heads || dims.head_dim != cache.head_dim {
-        return Err(Error::Backend(format!(
-            "{op}: dims {}×{} do not match the cache's {}×{}",
-            dims.kv_heads, dims.head_dim, cache.kv_heads, cache.head_dim
-        )));
-    }
-    if layer >= cache.k.len() {
-        return Err(Error::Backend(format!("{op}: layer {layer} of a {}-layer cache", cache.k.len())));
-    }
-    if dims.kv_heads == 0 || !dims.heads.is_multiple_of(dims.kv_heads) {
-        return Err(Error::Backend(format!(
-            "{op}: {} heads do not divide into {} kv heads",
-            dims.heads, dims.kv_heads
-        )));
-    }
-    Ok(())
 }
 
 impl Backend for CudaBackend {
@@ -402,6 +355,7 @@ impl Backend for CudaBackend {
     }
 
     fn rms_norm(&self, x: &CudaTensor, weight: &CudaWeight, eps: f32) -> Result<CudaTensor> {
+        contract::rms_norm("rms_norm", x.shape(), weight.shape())?;
         self.bind()?;
         self.rms_norm_impl(x, weight, eps)
     }
@@ -413,11 +367,13 @@ impl Backend for CudaBackend {
         weight: &CudaWeight,
         eps: f32,
     ) -> Result<CudaTensor> {
+        contract::add_rms_norm(x.shape(), residual.shape(), weight.shape())?;
         self.bind()?;
         self.add_rms_norm_impl(x, residual, weight, eps)
     }
 
     fn matmul(&self, x: &CudaTensor, w: &CudaWeight) -> Result<CudaTensor> {
+        contract::matmul(x.shape(), w.shape())?;
         self.bind()?;
         self.matmul_impl(x, w)
     }
@@ -434,7 +390,7 @@ impl Backend for CudaBackend {
     ) -> Result<CudaTensor> {
         self.bind()?;
         self.with_batch(batch, |b| {
-            check_batch_fits(b, cache, dims, layer, "rope_write_kv")?;
+            contract::rope_write_kv(qkv.shape(), cos.shape(), sin.shape(), &b.extent, dims, &cache_spec(cache), layer)?;
             self.rope_write_kv_impl(qkv, cos, sin, layer, cache, b, dims)
         })
     }
@@ -449,27 +405,25 @@ impl Backend for CudaBackend {
     ) -> Result<CudaTensor> {
         self.bind()?;
         self.with_batch(batch, |b| {
-            check_batch_fits(b, cache, dims, layer, "attention")?;
+            contract::attention(q.shape(), &b.extent, dims, &cache_spec(cache), layer)?;
             self.attention_impl(q, layer, cache, b, dims)
         })
     }
 
     fn silu_mul(&self, gate_up: &CudaTensor) -> Result<CudaTensor> {
+        contract::silu_mul(gate_up.shape())?;
         self.bind()?;
         self.silu_mul_impl(gate_up)
     }
 
-    fn add(&self, x: &mut CudaTensor, y: &CudaTensor) -> Result<()> {
-        self.bind()?;
-        self.add_impl(x, y)
-    }
-
     fn gather_rows(&self, x: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {
+        contract::gather_rows(x.shape(), rows)?;
         self.bind()?;
         self.gather_rows_impl(x, rows)
     }
 
     fn sample(&self, logits: &CudaTensor, per_row: &[RowSampling], valid: usize) -> Result<Vec<u32>> {
+        contract::sample(logits.shape(), per_row.len(), valid)?;
         self.sample_impl(logits, per_row, valid)
     }
 

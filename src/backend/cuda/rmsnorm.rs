@@ -3,24 +3,13 @@
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::{grid, int, CudaBackend, CudaResultExt, CudaTensor, CudaWeight};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// Threads per row: a Llama row (2k–16k values) is 1–8 16-byte loads per thread.
 const THREADS: u32 = 256;
 
-fn check(op: &str, x: &CudaTensor, weight: &CudaWeight) -> Result<()> {
-    if weight.rows * weight.cols != x.cols || x.cols == 0 {
-        return Err(Error::Backend(format!(
-            "{op}: activation has {} columns, norm weight is {}×{}",
-            x.cols, weight.rows, weight.cols
-        )));
-    }
-    Ok(())
-}
-
 impl CudaBackend {
     pub(crate) fn rms_norm_impl(&self, x: &CudaTensor, weight: &CudaWeight, eps: f32) -> Result<CudaTensor> {
-        check("rms_norm", x, weight)?;
         let w = weight.bf16("rms_norm")?;
         let mut out = self.alloc_tensor(x.rows, x.cols)?;
         if x.rows == 0 {
@@ -31,7 +20,7 @@ impl CudaBackend {
         let (cols, vec8) = (int(x.cols, "cols")?, i32::from(x.cols.is_multiple_of(8)));
         let mut launch = self.stream.launch_builder(&self.kernels.rmsnorm);
         launch.arg(&x.data).arg(w).arg(&mut out.data).arg(&cols).arg(&eps).arg(&vec8);
-        // SAFETY: argument types and order match rmsnorm_bf16; `check` bounds every index.
+        // SAFETY: argument types and order match rmsnorm_bf16; `contract::rms_norm` bounds every index.
         unsafe { launch.launch(cfg) }.cuda("launching rmsnorm_bf16")?;
         Ok(out)
     }
@@ -43,13 +32,6 @@ impl CudaBackend {
         weight: &CudaWeight,
         eps: f32,
     ) -> Result<CudaTensor> {
-        check("add_rms_norm", x, weight)?;
-        if (residual.rows, residual.cols) != (x.rows, x.cols) {
-            return Err(Error::Backend(format!(
-                "add_rms_norm: x is {}×{}, residual {}×{}",
-                x.rows, x.cols, residual.rows, residual.cols
-            )));
-        }
         let w = weight.bf16("add_rms_norm")?;
         let mut out = self.alloc_tensor(x.rows, x.cols)?;
         if x.rows == 0 {
@@ -60,7 +42,7 @@ impl CudaBackend {
         let (cols, vec8) = (int(x.cols, "cols")?, i32::from(x.cols.is_multiple_of(8)));
         let mut launch = self.stream.launch_builder(&self.kernels.add_rmsnorm);
         launch.arg(&mut x.data).arg(&residual.data).arg(w).arg(&mut out.data).arg(&cols).arg(&eps).arg(&vec8);
-        // SAFETY: argument types and order match add_rmsnorm_bf16; shapes checked above.
+        // SAFETY: argument types and order match add_rmsnorm_bf16; `contract::add_rms_norm` checked the shapes.
         unsafe { launch.launch(cfg) }.cuda("launching add_rmsnorm_bf16")?;
         Ok(out)
     }

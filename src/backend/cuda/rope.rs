@@ -4,12 +4,13 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::{grid, int, CudaBackend, CudaKvCache, CudaResultExt, CudaTensor, CudaWeight, DeviceBatch};
 use crate::backend::AttnDims;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 const THREADS: u32 = 128;
 
 impl CudaBackend {
-    /// The caller has checked that the batch fits the cache (`check_batch_fits`).
+    /// The caller has checked the shapes, the tables and that the batch fits the cache
+    /// (`contract::rope_write_kv`).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn rope_write_kv_impl(
         &self,
@@ -21,31 +22,8 @@ impl CudaBackend {
         batch: &DeviceBatch,
         dims: AttnDims,
     ) -> Result<CudaTensor> {
-        let (q_dim, kv_dim, hd) = (dims.q_dim(), dims.kv_dim(), dims.head_dim);
+        let (q_dim, hd) = (dims.q_dim(), dims.head_dim);
         let rows = batch.host.num_tokens();
-        if qkv.cols != q_dim + 2 * kv_dim || qkv.rows != rows {
-            return Err(Error::Backend(format!(
-                "rope: qkv is {}×{}, expected {rows}×{}",
-                qkv.rows,
-                qkv.cols,
-                q_dim + 2 * kv_dim
-            )));
-        }
-        if !hd.is_multiple_of(2) || cos.cols != hd / 2 || sin.cols != hd / 2 || cos.rows != sin.rows {
-            return Err(Error::Backend(format!(
-                "rope: tables are {}×{} and {}×{}, expected [positions × {}]",
-                cos.rows,
-                cos.cols,
-                sin.rows,
-                sin.cols,
-                hd / 2
-            )));
-        }
-        if let Some(&p) = batch.host.positions.iter().max() {
-            if p as usize >= cos.rows {
-                return Err(Error::Backend(format!("rope: position {p} past the tables' {} positions", cos.rows)));
-            }
-        }
         let (cos, sin) = (cos.f32("rope")?, sin.f32("rope")?);
         let mut q = self.alloc_tensor(rows, q_dim)?;
         if rows == 0 {
@@ -68,7 +46,7 @@ impl CudaBackend {
             .arg(&kv_heads)
             .arg(&hd);
         // SAFETY: argument types and order match rope_write_kv_bf16; positions are below the
-        // tables' rows and slots inside the cache (checked above and by check_batch_fits).
+        // tables' rows and slots inside the cache (`contract::rope_write_kv`).
         unsafe { launch.launch(cfg) }.cuda("launching rope_write_kv_bf16")?;
         Ok(q)
     }

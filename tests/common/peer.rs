@@ -1,5 +1,7 @@
 //! candle-transformers' Llama, wrapped as tulu's independent oracle (logit comparisons in tests)
-//! and benchmark peer (`tulu bench` reports tulu's speed relative to it).
+//! and benchmark peer (`cargo bench --bench peer` reports tulu's speed relative to it). It lives
+//! with the tests, not in the library: `tulu` carries no oracle. Test crates and the bench
+//! include it with `#[path]`.
 //!
 //! Nothing here shares code with tulu's own forward pass: the config is parsed by
 //! candle-transformers' serde types and the weights are loaded by its `VarBuilder`, so agreement
@@ -13,7 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::llama::{Cache, Config, Llama, LlamaConfig};
 
-use crate::error::{Error, Result};
+use tulu::{Error, Result};
 
 /// candle-transformers' Llama loaded from a Hugging Face model directory (f32, CPU).
 pub struct PeerLlama {

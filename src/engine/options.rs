@@ -1,0 +1,132 @@
+//! How to load and serve a model: [`EngineOptions`] and what the engine derives from them.
+
+use std::time::Duration;
+
+use super::kv_policy::KvPolicy;
+use crate::backend::Device;
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::parallel::rendezvous::WorldSpec;
+use crate::runtime::scheduler::SchedulerConfig;
+
+/// How to load and serve a model.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// A local model directory or a Hugging Face repo id (`owner/name`).
+    pub model: String,
+    /// Where to run it.
+    pub device: Device,
+    /// Longest context (prompt + output) to support; default: the model's, capped at 8192.
+    /// Lowered, with a warning, to what the KV cache can hold.
+    pub max_context: Option<usize>,
+    /// Show progress bars while downloading and loading.
+    pub progress: bool,
+    /// Most sequences in one step.
+    pub max_num_seqs: usize,
+    /// Most tokens (prompt chunks plus decodes) in one step.
+    pub max_num_batched_tokens: usize,
+    /// Bytes of KV cache on every rank; default: what `gpu_memory_utilization` of each rank's
+    /// GPU leaves after its weights and a workspace, or 4 full contexts on a rank without device
+    /// memory of its own (the CPU).
+    pub kv_cache_memory: Option<u64>,
+    /// Fraction of GPU memory the engine may use (weights, workspace and KV cache).
+    pub gpu_memory_utilization: f64,
+    /// Token slots per KV block.
+    pub block_size: usize,
+    /// Share full KV blocks between requests with the same prefix.
+    pub prefix_caching: bool,
+    /// Requests allowed to wait for admission before new ones are refused (`Error::Busy`).
+    pub max_waiting: Option<usize>,
+    /// Tensor-parallel ranks (in-process threads on the CPU backend).
+    pub tp: usize,
+    /// Ranks in separate processes (`WORLD_SIZE`, `RANK`, … or `--nnodes`): this process's place.
+    /// Rank 0 runs the engine; the others run [`run_rank`].
+    pub world: Option<WorldSpec>,
+    /// How long a rank waits for its peers (joining, and every collective) before failing.
+    pub dist_timeout: Duration,
+    /// A secret every rank of a multi-process world must present to join rank 0
+    /// (`--dist-token` / `TULU_DIST_TOKEN`); `None`: no token.
+    pub dist_token: Option<String>,
+}
+
+impl EngineOptions {
+    /// Options for `model` with defaults: `--device auto`, no progress bars.
+    pub fn new(model: impl Into<String>) -> Self {
+        EngineOptions {
+            model: model.into(),
+            device: Device::Auto,
+            max_context: None,
+            progress: false,
+            max_num_seqs: 64,
+            max_num_batched_tokens: 2048,
+            kv_cache_memory: None,
+            gpu_memory_utilization: 0.9,
+            block_size: 16,
+            prefix_caching: true,
+            max_waiting: None,
+            tp: 1,
+            world: None,
+            dist_timeout: Duration::from_secs(300),
+            dist_token: None,
+        }
+    }
+
+    /// Sets the device.
+    pub fn device(mut self, device: Device) -> Self {
+        self.device = device;
+        self
+    }
+
+    /// Sets the longest supported context.
+    pub fn max_context(mut self, tokens: usize) -> Self {
+        self.max_context = Some(tokens);
+        self
+    }
+
+    /// Turns progress bars on or off.
+    pub fn progress(mut self, on: bool) -> Self {
+        self.progress = on;
+        self
+    }
+
+    /// Checks every option's range, naming the first one out of it.
+    pub(super) fn validate(&self) -> Result<()> {
+        for (name, v) in [
+            ("max_num_seqs", self.max_num_seqs),
+            ("max_num_batched_tokens", self.max_num_batched_tokens),
+            ("tp", self.tp),
+            ("block_size", self.block_size),
+            ("max_context", self.max_context.unwrap_or(1)),
+        ] {
+            if v == 0 {
+                return Err(Error::request(name, "must be at least 1"));
+            }
+        }
+        if !(self.gpu_memory_utilization > 0.0 && self.gpu_memory_utilization <= 1.0) {
+            return Err(Error::request("gpu_memory_utilization", "must be in (0, 1]"));
+        }
+        Ok(())
+    }
+
+    /// The context the engine aims for: `max_context`, else the model's capped at 8192.
+    pub(super) fn wanted_context(&self, config: &ModelConfig) -> usize {
+        match self.max_context {
+            Some(n) => n.min(config.max_position_embeddings),
+            None => config.max_position_embeddings.min(8192),
+        }
+    }
+
+    /// How every rank sizes its KV cache.
+    pub(super) fn kv_policy(&self) -> KvPolicy {
+        KvPolicy::new(self.kv_cache_memory, self.gpu_memory_utilization)
+    }
+
+    /// The scheduler's limits, sampling the first `sampled_columns` logits (the tokenizer's).
+    pub(super) fn scheduler_config(&self, sampled_columns: usize) -> SchedulerConfig {
+        SchedulerConfig {
+            max_num_seqs: self.max_num_seqs,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            sampled_columns,
+        }
+    }
+}

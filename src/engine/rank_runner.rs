@@ -1,0 +1,84 @@
+//! One rank of the model: the runner that owns the rank's backend, its shard of the weights, its
+//! KV cache and its communicator, the only owner of device state. Every rank of every
+//! deployment (a single rank, rank threads, rank processes) is opened by [`RankRunner::open`]:
+//! load → measure capacity → agree with the other ranks (the smallest) → allocate.
+
+use super::kv_policy::KvPolicy;
+use crate::backend::Backend;
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::model::Llama;
+use crate::parallel::sharding::Shard;
+use crate::parallel::Communicator;
+use crate::runtime::batch::Batch;
+use crate::runtime::sampler::{StepOutput, StepSampling};
+use crate::weights::WeightStore;
+
+/// What a rank opens: the same for every rank of a group but its shard.
+pub(super) struct RankSpec<'a> {
+    pub config: &'a ModelConfig,
+    pub store: &'a WeightStore,
+    pub shard: Shard,
+    /// Positions the RoPE tables cover (the engine's context).
+    pub max_positions: usize,
+    /// Token slots per KV block.
+    pub block_size: usize,
+    /// How the KV cache is sized.
+    pub kv: KvPolicy,
+    /// Whether the rank has its device to itself, so that its free memory is its own to size
+    /// the cache from; ranks sharing a GPU size it as a backend without device memory does.
+    pub own_device: bool,
+}
+
+/// How a rank learns what every rank agrees on: given its own capacity in KV blocks, the
+/// smallest over the group (the identity for a single rank).
+pub(super) type Agree<'a> = &'a mut dyn FnMut(u64) -> Result<u64>;
+
+/// One rank: backend, model shard, KV cache and communicator.
+pub(super) struct RankRunner<B: Backend> {
+    // Declared before the backend, so dropped before it (an NCCL communicator is torn down
+    // while its device is still open).
+    comm: Box<dyn Communicator<B>>,
+    model: Llama<B>,
+    cache: B::KvCache,
+    backend: B,
+    num_blocks: usize,
+}
+
+impl<B: Backend> RankRunner<B> {
+    /// Loads this rank's shard, measures how many KV blocks its policy gives it, agrees on the
+    /// smallest count with the other ranks through `agree`, and allocates the cache.
+    pub fn open(
+        backend: B,
+        comm: Box<dyn Communicator<B>>,
+        spec: &RankSpec<'_>,
+        agree: Agree<'_>,
+        on_layer: impl FnMut(usize),
+    ) -> Result<Self> {
+        let model = Llama::load(&backend, spec.config, spec.store, spec.max_positions, spec.shard, on_layer)?;
+        let bytes_per_token = model.kv_elements_per_token() * backend.element_bytes() as u64;
+        let memory = if spec.own_device { backend.device_memory() } else { None };
+        let mine = spec.kv.blocks(bytes_per_token, memory, spec.block_size, spec.max_positions);
+        let num_blocks = usize::try_from(agree(mine)?).unwrap_or(usize::MAX);
+        if num_blocks == 0 {
+            return Err(spec.kv.no_room(spec.block_size));
+        }
+        let cache = backend.new_kv_cache(&model.kv_cache_spec(num_blocks, spec.block_size))?;
+        Ok(RankRunner { comm, model, cache, backend, num_blocks })
+    }
+
+    /// Runs one step on this rank; rank 0 returns the sampled tokens, the others nothing.
+    pub fn step(&mut self, batch: &Batch, sampling: &StepSampling) -> Result<StepOutput> {
+        self.model.step(&self.backend, batch, &mut self.cache, sampling, &*self.comm)
+    }
+
+    /// KV blocks in the cache.
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    /// The backend's description, for logs.
+    pub fn describe(&self) -> String {
+        self.backend.describe()
+    }
+}
