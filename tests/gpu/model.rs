@@ -175,9 +175,14 @@ fn tp_2_4_8_on_one_gpu_match_tp_1() {
     }
 }
 
+/// KV cache bytes per rank of the engine tests: tests share a device and run side by side, so
+/// its free memory is not theirs to size from (tests/gpu_cli.rs covers sizing from memory).
+const TEST_KV_BYTES: u64 = 64 << 20;
+
 fn cuda_greedy(dir: &Path, tp: usize, prompt: &[u32], n: usize) -> Vec<u32> {
     let mut opts = EngineOptions::new(dir.to_string_lossy()).device(Device::Cuda(0));
     opts.tp = tp;
+    opts.kv_cache_memory = Some(TEST_KV_BYTES);
     let engine = Engine::load(opts).unwrap();
     eprintln!("tp={tp}: {}", engine.device());
     let mut req = GenerateRequest::tokens(prompt.to_vec()).sampling(SamplingParams::greedy()).max_tokens(n);
@@ -201,7 +206,9 @@ fn smollm2_greedy_tokens_at_tp3_match_tp1_through_the_engine() {
 
 /// Greedy tokens for each prompt through one engine on `device`.
 fn engine_greedy(dir: &Path, device: Device, prompts: &[Vec<u32>], n: usize) -> Vec<Vec<u32>> {
-    let engine = Engine::load(EngineOptions::new(dir.to_string_lossy()).device(device)).unwrap();
+    let mut opts = EngineOptions::new(dir.to_string_lossy()).device(device);
+    opts.kv_cache_memory = Some(TEST_KV_BYTES);
+    let engine = Engine::load(opts).unwrap();
     prompts
         .iter()
         .map(|prompt| {
@@ -264,7 +271,9 @@ fn seeded_sampling_on_the_gpu_reproduces() {
         &SynthOptions { dtype: OutDType::Bf16, ..Default::default() },
     )
     .unwrap();
-    let engine = Engine::load(EngineOptions::new(dir.to_string_lossy()).device(Device::Cuda(0))).unwrap();
+    let mut opts = EngineOptions::new(dir.to_string_lossy()).device(Device::Cuda(0));
+    opts.kv_cache_memory = Some(TEST_KV_BYTES);
+    let engine = Engine::load(opts).unwrap();
     let vocab = engine.tokenizer().vocab_size() as u32;
     let draw = |seed| {
         let params =
