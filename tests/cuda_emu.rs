@@ -133,7 +133,11 @@ fn warp_operations_match_cuda_on_every_lane() {
     let mut v = [0u32; 32];
     for (i, x) in v.iter_mut().enumerate() {
         // Distinct values, odd and even, one zero (for __ffs), high bits set.
-        *x = if i == 9 { 0 } else { (i as u32).wrapping_mul(2654435761) ^ 0x8000_0000 | (i as u32 % 3 == 0) as u32 };
+        *x = if i == 9 {
+            0
+        } else {
+            (i as u32).wrapping_mul(2654435761) ^ 0x8000_0000 | (i as u32).is_multiple_of(3) as u32
+        };
     }
     let d_v = stream.clone_htod(&v).unwrap();
     let mut d_out = stream.alloc_zeros::<u32>(32 * 64).unwrap();
