@@ -36,18 +36,6 @@ fn generate(model: &str, device: &str, prompt: &str, extra: &[&str]) -> String {
     String::from_utf8(run(c).stdout).unwrap()
 }
 
-#[test]
-#[ignore = "needs a CUDA device"]
-fn generate_on_cuda_writes_what_the_cpu_writes() {
-    let model = common::smollm2_dir().to_string_lossy().into_owned();
-    for prompt in ["The capital of France is", "def fibonacci(n):"] {
-        let cuda = generate(&model, "cuda", prompt, &[]);
-        let cpu = generate(&model, "cpu", prompt, &[]);
-        assert!(!cpu.trim().is_empty());
-        assert_eq!(cuda, cpu, "greedy text of {prompt:?} on cuda:0 and on the CPU");
-    }
-}
-
 /// A `tulu serve` subprocess on a free port, killed when dropped.
 struct Server {
     child: Child,
@@ -98,18 +86,29 @@ impl Drop for Server {
     }
 }
 
+/// Greedy SmolLM2 through `tulu generate --device cuda` and through `tulu serve --device cuda`:
+/// the same text `tulu generate` writes on the CPU.
 #[test]
 #[ignore = "needs a CUDA device"]
-fn serve_on_cuda_answers_what_generate_on_the_cpu_writes() {
+fn generate_and_serve_on_cuda_answer_what_the_cpu_does() {
     let model = common::smollm2_dir().to_string_lossy().into_owned();
+    let prompts = ["The capital of France is", "def fibonacci(n):"];
+    let cpu: Vec<String> = prompts.iter().map(|p| generate(&model, "cpu", p, &[])).collect();
+    for (prompt, want) in prompts.iter().zip(&cpu) {
+        assert!(!want.trim().is_empty());
+        assert_eq!(&generate(&model, "cuda", prompt, &[]), want, "tulu generate of {prompt:?} on cuda:0");
+    }
     let args = ["--model", &model, "--device", "cuda", "--kv-cache-memory", "50000000", "--served-model-name", "smol"];
     let server = Server::start(&args);
-    for prompt in ["The capital of France is", "Once upon a time"] {
+    for (prompt, want) in prompts.iter().zip(&cpu) {
         let body = json!({"model": "smol", "prompt": prompt, "max_tokens": 24, "temperature": 0});
         let (status, reply) = server.post("/v1/completions", &body);
         assert_eq!(status, 200, "{reply}");
-        let text = reply["choices"][0]["text"].as_str().unwrap_or_default().to_owned();
-        assert_eq!(text, generate(&model, "cpu", prompt, &[]), "{prompt:?} through tulu serve on cuda:0");
+        assert_eq!(
+            reply["choices"][0]["text"].as_str().unwrap_or_default(),
+            want,
+            "tulu serve of {prompt:?} on cuda:0"
+        );
     }
 }
 
