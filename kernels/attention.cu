@@ -10,7 +10,10 @@
 //   -> out[rows, heads*hd] bf16: for row r at position p and head h (kv head g = h / G,
 //      G = heads / kv_heads): softmax_j(q·k_j * scale) · v_j over positions j = 0..=p, key j read
 //      from slot block_tables[table_offset + j / block_size] * block_size + j % block_size.
-//   Grid (n_work, kv_heads, num_splits); split s covers keys [s*split_len, (s+1)*split_len).
+//   Grid (n_work, kv_heads, num_splits); split s covers keys [s*len, (s+1)*len), len = split_len,
+//   or, when split_len is 0, each work item's own ceil(kmax / num_splits) rounded up to tk (a
+//   launch captured in a CUDA graph must not depend on the context lengths of the step it was
+//   captured in). A work item of zero rows (a padding row of a graph's bucket) writes nothing.
 //   With num_splits == 1 the block writes `out` directly; otherwise it writes its normalised
 //   partial output o_part[(r*heads + h)*num_splits + s][hd] f32 and (max, sum) to
 //   ml_part[(r*heads + h)*num_splits + s] (max in log2 units, -inf and 0 when the split had no
@@ -83,8 +86,9 @@ __device__ __forceinline__ void attention_tile(const bf16* __restrict__ q, const
     const int row_start = (int)w[0], n_rows = (int)w[1], kmax = (int)w[3];
     const unsigned* table = block_tables + w[2];
     const int nq = n_rows * G;  // query vector qi = row_in_tile * G + head_in_group
-    const int k_begin = split * split_len;
-    const int k_end = min(kmax, k_begin + split_len);
+    const int len = split_len > 0 ? split_len : max(tk, (kmax + num_splits - 1) / num_splits + tk - 1) / tk * tk;
+    const int k_begin = split * len;
+    const int k_end = min(kmax, k_begin + len);
 
     // Queries: consecutive qi of one row are consecutive heads, contiguous in q.
     for (int idx = tid; idx < nq * hd; idx += NT) {

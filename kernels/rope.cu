@@ -9,7 +9,8 @@
 //   the angle of frequency i: (x1*cos - x2*sin, x2*cos + x1*sin), with cos/sin = tables[p][i]
 //   (precomputed on the host with the llama3 frequency scaling, kept f32 so that large positions
 //   keep their precision). Rotated q goes to q_out; rotated k and unrotated v go to cache slot
-//   slots[r]. One block per row; the host guarantees p < max_pos, slots in range and distinct.
+//   slots[r]. One block per row; the host guarantees p < max_pos, slots in range and distinct,
+//   except the slot 0xFFFFFFFF of a padding row of a graph's bucket, whose k and v are not written.
 //   bf16 in, f32 arithmetic, one rounding per output.
 // Versions: 1 (this) — scalar accesses; a row is a few KiB, so this is launch-bound.
 #include "common.cuh"
@@ -25,18 +26,21 @@ extern "C" __global__ void rope_write_kv_bf16(const bf16* __restrict__ qkv, cons
     const size_t pos = positions[r], slot = slots[r];
     const float* c = cos_t + pos * half;
     const float* s = sin_t + pos * half;
-    bf16* k_dst = k_cache + slot * kv_dim;
-    bf16* v_dst = v_cache + slot * kv_dim;
+    const bool write = slots[r] != 0xFFFFFFFFu;
+    bf16* k_dst = k_cache + (write ? slot * kv_dim : 0);
+    bf16* v_dst = v_cache + (write ? slot * kv_dim : 0);
     // q heads then k heads: both live at `head * hd` of the row, q's output is q_out, k's the cache.
     for (int idx = threadIdx.x; idx < (heads + kv_heads) * half; idx += blockDim.x) {
         const int head = idx / half, i = idx - head * half;
         const bf16* src = row + head * hd;
         const float x1 = bf2f(src[i]), x2 = bf2f(src[i + half]);
         const float ci = c[i], si = s[i];
+        if (head >= heads && !write) continue;
         bf16* dst = head < heads ? q_out + (size_t)r * q_dim + head * hd : k_dst + (head - heads) * hd;
         dst[i] = f2bf(x1 * ci - x2 * si);
         dst[i + half] = f2bf(x2 * ci + x1 * si);
     }
     const bf16* v_src = row + q_dim + kv_dim;
-    for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) v_dst[i] = v_src[i];
+    if (write)
+        for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) v_dst[i] = v_src[i];
 }

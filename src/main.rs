@@ -52,6 +52,9 @@ pub struct ModelArgs {
     /// A secret every rank must present to join rank 0 (the same on every rank).
     #[arg(long, env = "TULU_DIST_TOKEN", hide_env_values = true)]
     pub dist_token: Option<String>,
+    /// Run every step eagerly: no CUDA graphs for decode steps (debugging, or to compare).
+    #[arg(long)]
+    pub enforce_eager: bool,
 }
 
 /// Sampling flags: any one given overrides the model's generation_config defaults. Numbers may

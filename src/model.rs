@@ -10,7 +10,7 @@
 
 use std::ops::Range;
 
-use crate::backend::{AttnDims, Backend, KvCacheSpec};
+use crate::backend::{AttnDims, Backend, KvCacheSpec, StepInputs, StepLimits};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::parallel::sharding::{Shard, ShardPlan};
@@ -155,6 +155,24 @@ impl<B: Backend> Llama<B> {
         layers * (gemm + attention) + 2.0 * head_weight_elements(&self.cfg, &self.plan) as f64
     }
 
+    /// Bytes of activations the largest step of `limits` holds at once on this rank, with
+    /// `element_bytes` a stored element (sizes the backend's step workspace): per token row the
+    /// tensors a layer keeps alive together (residual, norms, qkv, q, attention out, o_proj,
+    /// gate_up, SiLU·mul, down, the next norm), the attention partials of the largest decode
+    /// batch split 64 ways, and the logits (gathered, plus sampling scratch in f32).
+    pub fn workspace_bytes(&self, limits: &StepLimits, element_bytes: usize) -> usize {
+        let (h, q, kv) = (self.cfg.hidden_size, self.dims.q_dim(), self.dims.kv_dim());
+        let i = self.plan.mlp_rows.len();
+        let rows = limits.max_num_batched_tokens.max(limits.max_num_seqs);
+        let per_row = 6 * h + 3 * q + 2 * kv + 3 * i;
+        let splits = 64;
+        let partials = limits.max_num_seqs.max(64) * self.dims.heads * splits * (self.dims.head_dim + 2) * 4;
+        let vocab = self.plan.vocab_rows_per_rank * self.plan.shard.world;
+        let logits = limits.max_num_seqs * vocab * (3 * element_bytes + 4);
+        let total = rows * per_row * element_bytes + partials + logits;
+        total + total / 8 + (1 << 20)
+    }
+
     /// The model's configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
@@ -187,8 +205,8 @@ impl<B: Backend> Llama<B> {
         rows: &[usize],
         comm: &dyn Communicator<B>,
     ) -> Result<Vec<f32>> {
-        let logits = self.device_logits(backend, batch, cache, rows, comm)?;
-        self.host_logits(backend, &logits, comm.world_size())
+        let (_scope, logits) = self.device_logits(backend, batch, cache, rows, comm, comm.capturable())?;
+        self.host_logits(backend, &logits, comm.world_size(), rows.len())
     }
 
     /// Runs one step and picks the next token of each of `sampling.rows` on the device, so that
@@ -203,7 +221,8 @@ impl<B: Backend> Llama<B> {
         sampling: &StepSampling,
         comm: &dyn Communicator<B>,
     ) -> Result<StepOutput> {
-        let logits = self.device_logits(backend, batch, cache, &sampling.rows, comm)?;
+        let graphable = comm.capturable();
+        let (_scope, logits) = self.device_logits(backend, batch, cache, &sampling.rows, comm, graphable)?;
         if comm.rank() != 0 {
             return Ok(StepOutput::default());
         }
@@ -220,7 +239,7 @@ impl<B: Backend> Llama<B> {
         let ids = backend.sample(&logits, &sampling.per_row, valid)?;
         let flagged = ids.contains(&NON_FINITE);
         let logits = match sampling.want_logits || flagged {
-            true => Some(self.host_logits(backend, &logits, comm.world_size())?),
+            true => Some(self.host_logits(backend, &logits, comm.world_size(), sampling.rows.len())?),
             false => None,
         };
         let vocab = self.cfg.vocab_size;
@@ -245,15 +264,17 @@ impl<B: Backend> Llama<B> {
     }
 
     /// The gathered logits of `rows` on the device: `rows.len() × (vocab shard rows · world)`,
-    /// padding columns included.
-    fn device_logits(
+    /// padding columns included (and padding rows after them, when the backend ran the step as a
+    /// graph of a larger bucket), inside the step the returned scope ends when dropped.
+    fn device_logits<'a>(
         &self,
-        backend: &B,
+        backend: &'a B,
         batch: &Batch,
         cache: &mut B::KvCache,
         rows: &[usize],
         comm: &dyn Communicator<B>,
-    ) -> Result<B::Tensor> {
+        graphable: bool,
+    ) -> Result<(StepScope<'a, B>, B::Tensor)> {
         if let Some(&p) = batch.positions.iter().max() {
             if p as usize >= self.max_positions {
                 return Err(Error::request(
@@ -269,12 +290,28 @@ impl<B: Backend> Llama<B> {
                 self.plan.shard.world
             )));
         }
-        let eps = self.cfg.rms_norm_eps as f32;
         // Vocab-parallel embedding: ids outside this rank's rows give zero rows; the sum over
         // ranks is the full lookup.
         let first = self.plan.vocab_rows.start as u32;
         let local: Vec<u32> = batch.token_ids.iter().map(|&t| t.wrapping_sub(first)).collect();
-        let mut x = backend.embed(&self.embed, &local)?;
+        backend.begin_step(&StepInputs { batch, ids: &local, rows, graphable })?;
+        let scope = StepScope(backend);
+        let logits = backend.run_step(&mut || self.forward_pass(backend, batch, cache, rows, comm, &local))?;
+        Ok((scope, logits))
+    }
+
+    /// Embedding, every layer, the final norm and the lm_head of `rows`: the step's forward pass.
+    fn forward_pass(
+        &self,
+        backend: &B,
+        batch: &Batch,
+        cache: &mut B::KvCache,
+        rows: &[usize],
+        comm: &dyn Communicator<B>,
+        ids: &[u32],
+    ) -> Result<B::Tensor> {
+        let eps = self.cfg.rms_norm_eps as f32;
+        let mut x = backend.embed(&self.embed, ids)?;
         comm.all_reduce_sum(backend, &mut x)?;
         let mut normed = backend.rms_norm(&x, &self.layers[0].input_norm, eps)?;
         for (l, layer) in self.layers.iter().enumerate() {
@@ -295,15 +332,26 @@ impl<B: Backend> Llama<B> {
         comm.all_gather_cols(backend, logits)
     }
 
-    /// Gathered logits on the host, without the padding columns. A shard run alone (`tulu
-    /// bench --rank-shard`, `world` 1) keeps its own columns.
-    fn host_logits(&self, backend: &B, logits: &B::Tensor, world: usize) -> Result<Vec<f32>> {
+    /// Gathered logits of the first `rows` rows on the host, without the padding columns (nor
+    /// a graph bucket's padding rows). A shard run alone (`tulu bench --rank-shard`, `world` 1)
+    /// keeps its own columns.
+    fn host_logits(&self, backend: &B, logits: &B::Tensor, world: usize, rows: usize) -> Result<Vec<f32>> {
         let mut host = backend.to_host(logits)?;
         let (padded, vocab) = (self.plan.vocab_rows_per_rank * world, self.cfg.vocab_size);
+        host.truncate(rows * padded);
         if padded > vocab {
             host = host.chunks(padded).flat_map(|r| r[..vocab].iter().copied()).collect();
         }
         Ok(host)
+    }
+}
+
+/// A step begun on a backend, ended when dropped (after everything that reads its tensors).
+struct StepScope<'a, B: Backend>(&'a B);
+
+impl<B: Backend> Drop for StepScope<'_, B> {
+    fn drop(&mut self) {
+        self.0.end_step();
     }
 }
 

@@ -200,8 +200,13 @@ fn write_corpus() {
     )
     .unwrap();
     std::fs::write(corpus_dir("control_frames").join("handshake.bin"), &frames).unwrap();
-    let hello =
-        Hello { block_size: 16, max_positions: 512, kv: tulu::engine::KvPolicy::BytesPerRank(1 << 20), nccl_id: None };
+    let hello = Hello {
+        block_size: 16,
+        max_positions: 512,
+        kv: tulu::engine::KvPolicy::BytesPerRank(1 << 20),
+        nccl_id: None,
+        steps: Default::default(),
+    };
     let mut frames = Vec::new();
     frame::write_frame(&mut frames, FrameType::Hello, &serde_json::to_vec(&hello).unwrap()).unwrap();
     std::fs::write(corpus_dir("control_frames").join("hello.bin"), &frames).unwrap();

@@ -127,3 +127,6 @@ mod ops;
 
 #[path = "gpu/model.rs"]
 mod model;
+
+#[path = "gpu/graphs.rs"]
+mod graphs;

@@ -47,6 +47,8 @@ pub struct EngineOptions {
     /// A secret every rank of a multi-process world must present to join rank 0
     /// (`--dist-token` / `TULU_DIST_TOKEN`); `None`: no token.
     pub dist_token: Option<String>,
+    /// Run every step eagerly: no CUDA graphs (`--enforce-eager`, as in vLLM).
+    pub enforce_eager: bool,
 }
 
 impl EngineOptions {
@@ -68,6 +70,7 @@ impl EngineOptions {
             world: None,
             dist_timeout: Duration::from_secs(300),
             dist_token: None,
+            enforce_eager: false,
         }
     }
 
@@ -119,6 +122,15 @@ impl EngineOptions {
     /// How every rank sizes its KV cache.
     pub(super) fn kv_policy(&self) -> KvPolicy {
         KvPolicy::new(self.kv_cache_memory, self.gpu_memory_utilization)
+    }
+
+    /// What every rank reserves for its steps.
+    pub(super) fn step_limits(&self) -> crate::backend::StepLimits {
+        crate::backend::StepLimits {
+            max_num_seqs: self.max_num_seqs,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            graphs: !self.enforce_eager,
+        }
     }
 
     /// The scheduler's limits, sampling the first `sampled_columns` logits (the tokenizer's).

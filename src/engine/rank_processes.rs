@@ -63,8 +63,13 @@ pub(super) fn open(
     let control = Arc::new(TcpComm::accept(world, &handshake, opts.dist_timeout)?);
     let spec = RankSpec { shard: Shard { rank: 0, world: world.world_size }, ..*spec };
     let on_layer = |l: usize| bar.set_position(l as u64);
-    let mut hello =
-        Hello { block_size: spec.block_size, max_positions: spec.max_positions, kv: spec.kv, nccl_id: None };
+    let mut hello = Hello {
+        block_size: spec.block_size,
+        max_positions: spec.max_positions,
+        kv: spec.kv,
+        nccl_id: None,
+        steps: spec.steps,
+    };
     match device {
         Device::Cuda(first) => {
             #[cfg(feature = "nccl")]
@@ -130,6 +135,7 @@ pub fn run_rank(opts: &EngineOptions) -> Result<()> {
         block_size: hello.block_size,
         kv: hello.kv,
         own_device: true,
+        steps: hello.steps,
     };
     let mut agree = |mine| control.agree_min(mine);
     match &hello.nccl_id {

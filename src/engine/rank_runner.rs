@@ -4,7 +4,7 @@
 //! load → measure capacity → agree with the other ranks (the smallest) → allocate.
 
 use super::kv_policy::KvPolicy;
-use crate::backend::Backend;
+use crate::backend::{Backend, StepLimits, StepShape};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::model::Llama;
@@ -28,6 +28,8 @@ pub(super) struct RankSpec<'a> {
     /// Whether the rank has its device to itself, so that its free memory is its own to size
     /// the cache from; ranks sharing a GPU size it as a backend without device memory does.
     pub own_device: bool,
+    /// What every step may hold (the step workspace and graphs are sized from it).
+    pub steps: StepLimits,
 }
 
 /// How a rank learns what every rank agrees on: given its own capacity in KV blocks, the
@@ -56,6 +58,13 @@ impl<B: Backend> RankRunner<B> {
         on_layer: impl FnMut(usize),
     ) -> Result<Self> {
         let model = Llama::load(&backend, spec.config, spec.store, spec.max_positions, spec.shard, on_layer)?;
+        // The step workspace comes first: the KV cache gets what is left.
+        backend.reserve(&StepShape {
+            limits: spec.steps,
+            max_positions: spec.max_positions,
+            block_size: spec.block_size,
+            workspace_bytes: model.workspace_bytes(&spec.steps, backend.element_bytes()),
+        })?;
         let bytes_per_token = model.kv_elements_per_token() * backend.element_bytes() as u64;
         let memory = if spec.own_device { backend.device_memory() } else { None };
         let mine = spec.kv.blocks(bytes_per_token, memory, spec.block_size, spec.max_positions);
@@ -79,6 +88,9 @@ impl<B: Backend> RankRunner<B> {
 
     /// The backend's description, for logs.
     pub fn describe(&self) -> String {
-        self.backend.describe()
+        match self.backend.reserved_bytes() {
+            0 => self.backend.describe(),
+            n => format!("{}, step workspace {:.1} MiB", self.backend.describe(), n as f64 / (1 << 20) as f64),
+        }
     }
 }

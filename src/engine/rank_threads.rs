@@ -161,6 +161,7 @@ struct ThreadSpec {
     block_size: usize,
     kv: super::kv_policy::KvPolicy,
     own_device: bool,
+    steps: crate::backend::StepLimits,
 }
 
 impl ThreadSpec {
@@ -173,6 +174,7 @@ impl ThreadSpec {
             block_size: self.block_size,
             kv: self.kv,
             own_device: self.own_device,
+            steps: self.steps,
         }
     }
 }
@@ -202,6 +204,7 @@ impl RankThreads {
                 block_size: spec.block_size,
                 kv: spec.kv,
                 own_device: spec.own_device,
+                steps: spec.steps,
             };
             let (job_tx, job_rx) = mpsc::channel::<Job>();
             let (res_tx, res_rx) = mpsc::channel();

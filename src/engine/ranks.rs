@@ -63,6 +63,7 @@ pub(super) fn open(
         block_size: opts.block_size,
         kv: opts.kv_policy(),
         own_device: true,
+        steps: opts.step_limits(),
     };
     let opened = match (&opts.world, device) {
         (Some(world), _) if multi_process => rank_processes::open(world, opts, &spec, device, &bar),

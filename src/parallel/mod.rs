@@ -25,6 +25,12 @@ pub trait Communicator<B: Backend>: Send + Sync {
     fn all_reduce_sum(&self, backend: &B, x: &mut B::Tensor) -> Result<()>;
     /// Concatenates every rank's `x` along columns, in rank order.
     fn all_gather_cols(&self, backend: &B, x: B::Tensor) -> Result<B::Tensor>;
+    /// Whether its collectives are queued on the backend's stream without the host taking part,
+    /// so that a captured graph can hold them (NCCL, and a group of one); collectives staged
+    /// through the host cannot be captured.
+    fn capturable(&self) -> bool {
+        false
+    }
 }
 
 /// A shared communicator is one (the TCP star serves as both the control channel and the
@@ -41,6 +47,9 @@ impl<B: Backend, C: Communicator<B> + ?Sized> Communicator<B> for std::sync::Arc
     }
     fn all_gather_cols(&self, backend: &B, x: B::Tensor) -> Result<B::Tensor> {
         (**self).all_gather_cols(backend, x)
+    }
+    fn capturable(&self) -> bool {
+        (**self).capturable()
     }
 }
 
@@ -60,6 +69,9 @@ impl<B: Backend> Communicator<B> for SingleRank {
     }
     fn all_gather_cols(&self, _: &B, x: B::Tensor) -> Result<B::Tensor> {
         Ok(x)
+    }
+    fn capturable(&self) -> bool {
+        true
     }
 }
 

@@ -208,6 +208,11 @@ impl Communicator<CudaBackend> for NcclComm {
         self.rank
     }
 
+    /// NCCL kernels are queued on the backend's stream like any other.
+    fn capturable(&self) -> bool {
+        true
+    }
+
     fn world_size(&self) -> usize {
         self.world
     }
@@ -264,7 +269,7 @@ impl Communicator<CudaBackend> for NcclComm {
         drop(comm);
         if rows == 1 {
             // One row: rank-major blocks already are the concatenated columns.
-            return Ok(CudaTensor { data: blocks.data, rows, cols: cols * world });
+            return Ok(blocks.reshaped(rows, cols * world));
         }
         // Rank r's block becomes columns [r·cols, (r+1)·cols) of every row: one strided copy
         // per rank (rows are short — one per sampled sequence — so no kernel is worth it).

@@ -47,6 +47,10 @@ pub struct Hello {
     /// then run on their GPUs too); `None` on CPUs.
     #[serde(default)]
     pub nccl_id: Option<Vec<u8>>,
+    /// What every rank reserves for its steps: all ranks must pad decode steps alike, so that
+    /// their collectives have the same sizes.
+    #[serde(default)]
+    pub steps: crate::backend::StepLimits,
 }
 
 /// One rank's end of the star.
@@ -406,8 +410,13 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let timeout = Duration::from_secs(20);
-        let hello =
-            Hello { block_size: 16, max_positions: 64, kv: KvPolicy::DeviceFraction(0.9), nccl_id: Some(vec![7; 128]) };
+        let hello = Hello {
+            block_size: 16,
+            max_positions: 64,
+            kv: KvPolicy::DeviceFraction(0.9),
+            nccl_id: Some(vec![7; 128]),
+            steps: Default::default(),
+        };
         let workers: Vec<_> = [(1usize, 70u64), (2, 30)]
             .into_iter()
             .map(|(rank, value)| {

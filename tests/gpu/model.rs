@@ -150,7 +150,7 @@ fn shared_gpu_logits(dir: &Path, tp: usize, tokens: &[u32]) -> Vec<f32> {
 
 /// The tiny preset (8 heads, 2 KV heads) with a vocab of 301 rows: shards at tp = 2, 4, 8 are
 /// padded, and tp = 8 replicates each KV head on 4 ranks.
-fn tiny_vocab301() -> std::path::PathBuf {
+pub(crate) fn tiny_vocab301() -> std::path::PathBuf {
     let mut cfg = ModelConfig::preset("tiny").unwrap();
     cfg.vocab_size = 301;
     common::synth_dir("tiny-vocab301-f32", &cfg, OutDType::F32, None)

@@ -7,9 +7,11 @@
 //! rows. Splits are added when the tiles alone would leave SMs idle (decode, long contexts),
 //! and then `attention_combine_bf16` merges them.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use super::{grid, int, CudaBackend, CudaKvCache, CudaResultExt, CudaTensor, DeviceBatch};
+use super::step::DeviceBatch;
+use super::workspace::Buf;
+use super::{grid, int, CudaBackend, CudaKvCache, CudaResultExt, CudaTensor};
 use crate::backend::AttnDims;
 use crate::error::{Error, Result};
 
@@ -22,10 +24,17 @@ const MAX_SPLITS: usize = 64;
 
 /// A step's work items on the device: `[row_start, n_rows, table_offset, kmax]` each.
 pub(crate) struct Work {
-    items: CudaSlice<u32>,
+    items: Buf<u32>,
     count: usize,
     /// Largest `kmax`: the longest key range of any tile.
     max_keys: usize,
+}
+
+impl Work {
+    /// `count` items at `items`, the longest `max_keys` keys.
+    pub(crate) fn new(items: Buf<u32>, count: usize, max_keys: usize) -> Self {
+        Work { items, count, max_keys }
+    }
 }
 
 /// How one attention call is launched.
@@ -119,7 +128,7 @@ impl CudaBackend {
         batch: &mut DeviceBatch,
         dims: AttnDims,
     ) -> Result<CudaTensor> {
-        let rows = batch.host.num_tokens();
+        let rows = batch.rows;
         let mut out = self.alloc_tensor(rows, dims.q_dim())?;
         if rows == 0 {
             return Ok(out);
@@ -133,24 +142,32 @@ impl CudaBackend {
         let work = &batch.work[index].1;
 
         // Split the keys only when the tiles leave SMs idle (two blocks per SM wanted), and
-        // never below two key tiles per split.
+        // never below two key tiles per split. A step padded for a graph must not depend on
+        // the context lengths: its split count is sized for the longest context the model
+        // takes, and each work item's split length is computed on the device (split_len 0).
         let blocks = work.count * kv_heads;
         let wanted = if blocks >= 2 * sm_count { 1 } else { (2 * sm_count).div_ceil(blocks) };
-        let most = work.max_keys.div_ceil(2 * plan.tk).clamp(1, MAX_SPLITS);
-        let splits = wanted.clamp(1, most);
-        let split_len = work.max_keys.div_ceil(splits).div_ceil(plan.tk) * plan.tk;
-        let splits = work.max_keys.div_ceil(split_len);
+        let (splits, split_len) = match batch.bucket {
+            Some(_) => {
+                let longest = self.max_context.load(std::sync::atomic::Ordering::Relaxed).max(1);
+                (wanted.clamp(1, longest.div_ceil(2 * plan.tk).clamp(1, MAX_SPLITS)), 0)
+            }
+            None => {
+                let most = work.max_keys.div_ceil(2 * plan.tk).clamp(1, MAX_SPLITS);
+                let splits = wanted.clamp(1, most);
+                let split_len = work.max_keys.div_ceil(splits).div_ceil(plan.tk) * plan.tk;
+                (work.max_keys.div_ceil(split_len), split_len)
+            }
+        };
 
         let (o_part, ml_part) = if splits > 1 {
             let n = rows * dims.heads * splits;
-            // SAFETY: every (row, head, split) entry is written by the attention kernel before
-            // the combine kernel reads it.
-            unsafe {
-                (
-                    self.stream.alloc::<f32>(n * dims.head_dim).cuda("allocating attention partials")?,
-                    self.stream.alloc::<f32>(2 * n).cuda("allocating attention partials")?,
-                )
-            }
+            // Every (row, head, split) entry is written by the attention kernel before the
+            // combine kernel reads it (padding rows' entries are neither written nor used).
+            (
+                self.alloc_buf::<f32>(n * dims.head_dim, "allocating attention partials")?,
+                self.alloc_buf::<f32>(2 * n, "allocating attention partials")?,
+            )
         } else {
             // Unused by the kernel with one split; one element each, as CUDA refuses empty allocations.
             (self.placeholder()?, self.placeholder()?)
@@ -174,15 +191,15 @@ impl CudaBackend {
         let kernel = if plan.decode { &self.kernels.attention_decode } else { &self.kernels.attention_prefill };
         let mut launch = self.stream.launch_builder(kernel);
         launch
-            .arg(&q.data)
+            .arg(&*q.data)
             .arg(&cache.k[layer])
             .arg(&cache.v[layer])
-            .arg(&batch.positions)
-            .arg(&batch.block_tables)
-            .arg(&work.items)
-            .arg(&mut out.data)
-            .arg(&o_part)
-            .arg(&ml_part);
+            .arg(&*batch.positions)
+            .arg(&*batch.block_tables)
+            .arg(&*work.items)
+            .arg(&mut *out.data)
+            .arg(&*o_part)
+            .arg(&*ml_part);
         for a in &args {
             launch.arg(a);
         }
@@ -191,6 +208,7 @@ impl CudaBackend {
         // accumulators and shared memory within the kernel's limits, and contract::attention keeps
         // every block id and slot inside the cache.
         unsafe { launch.launch(cfg) }.cuda("launching the attention kernel")?;
+        self.count_launch();
 
         if splits > 1 {
             let cfg = LaunchConfig {
@@ -200,10 +218,11 @@ impl CudaBackend {
             };
             let (hd, n_splits) = (int(dims.head_dim, "head_dim")?, int(splits, "splits")?);
             let mut launch = self.stream.launch_builder(&self.kernels.attention_combine);
-            launch.arg(&o_part).arg(&ml_part).arg(&mut out.data).arg(&hd).arg(&n_splits);
+            launch.arg(&*o_part).arg(&*ml_part).arg(&mut *out.data).arg(&hd).arg(&n_splits);
             // SAFETY: argument types and order match attention_combine_bf16; the partials hold
             // rows × heads × splits entries.
             unsafe { launch.launch(cfg) }.cuda("launching attention_combine_bf16")?;
+            self.count_launch();
         }
         Ok(out)
     }

@@ -24,30 +24,44 @@ impl CudaBackend {
         let cfg = self.stride_config(gate_up.rows * inter)?;
         let (rows, inter) = (int(gate_up.rows, "rows")?, int(inter, "inter")?);
         let mut launch = self.stream.launch_builder(&self.kernels.silu_mul);
-        launch.arg(&gate_up.data).arg(&mut out.data).arg(&rows).arg(&inter);
+        launch.arg(&*gate_up.data).arg(&mut *out.data).arg(&rows).arg(&inter);
         // SAFETY: argument types and order match silu_mul_bf16; out is rows × inter.
         unsafe { launch.launch(cfg) }.cuda("launching silu_mul_bf16")?;
+        self.count_launch();
         Ok(out)
     }
 
-    /// `contract::gather_rows` checked every row.
+    /// `contract::gather_rows` checked every row. Inside a step begun with these rows, the
+    /// indices come from the step's device buffer (a padded step gathers its padding rows too).
     pub(crate) fn gather_rows_impl(&self, x: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {
-        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-        let mut out = self.alloc_tensor(rows.len(), x.cols)?;
-        if rows.is_empty() || x.cols == 0 {
-            return Ok(out);
-        }
-        let idx = self.upload_u32(&idx)?;
-        let cfg = LaunchConfig {
-            grid_dim: (grid(rows.len(), "rows")?, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let cols = int(x.cols, "cols")?;
-        let mut launch = self.stream.launch_builder(&self.kernels.gather_rows);
-        launch.arg(&x.data).arg(&idx).arg(&mut out.data).arg(&cols);
-        // SAFETY: argument types and order match gather_rows_bf16; every index was checked.
-        unsafe { launch.launch(cfg) }.cuda("launching gather_rows_bf16")?;
-        Ok(out)
+        self.step_gather(rows, |step| {
+            let count = step.map_or(rows.len(), |(_, n)| n);
+            let mut out = self.alloc_tensor(count, x.cols)?;
+            if count == 0 || x.cols == 0 {
+                return Ok(out);
+            }
+            let uploaded;
+            let idx = match step {
+                Some((dev, _)) => dev,
+                None => {
+                    let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+                    uploaded = self.upload_u32(&idx)?;
+                    &uploaded
+                }
+            };
+            let cfg = LaunchConfig {
+                grid_dim: (grid(count, "rows")?, 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let cols = int(x.cols, "cols")?;
+            let mut launch = self.stream.launch_builder(&self.kernels.gather_rows);
+            launch.arg(&*x.data).arg(&**idx).arg(&mut *out.data).arg(&cols);
+            // SAFETY: argument types and order match gather_rows_bf16; every index was checked
+            // (a padded step's padding indices are rows of the padded activations).
+            unsafe { launch.launch(cfg) }.cuda("launching gather_rows_bf16")?;
+            self.count_launch();
+            Ok(out)
+        })
     }
 }

@@ -61,8 +61,9 @@ impl CudaBackend {
             batch_size: None,
         };
         // SAFETY: w holds N×K, x M×K and y M×N elements, matching the layouts described above.
-        unsafe { self.blas.matmul(cfg, wd, &x.data, &mut y.data, None, None) }
+        unsafe { self.blas.matmul(cfg, wd, &*x.data, &mut *y.data, None, None) }
             .cuda(&format!("cuBLASLt bf16 GEMM {m}×{k} · ({n}×{k})ᵀ"))?;
+        self.count_launch();
         Ok(y)
     }
 }

@@ -144,10 +144,11 @@ impl CudaBackend {
         };
         let (ni, ki) = (int(n, "n")?, int(k, "k")?);
         let mut launch = self.stream.launch_builder(&self.kernels.gemv[m - 1]);
-        launch.arg(&x.data).arg(w).arg(&mut y.data).arg(&ni).arg(&ki);
+        launch.arg(&*x.data).arg(w).arg(&mut *y.data).arg(&ni).arg(&ki);
         // SAFETY: argument types and order match gemv_decode_bf16_{m}; x is m×k, w n×k, y m×n,
         // k % 8 == 0 so every row is 16-byte aligned (allocations are 256-byte aligned).
         unsafe { launch.launch(cfg) }.cuda("launching gemv_decode_bf16")?;
+        self.count_launch();
         Ok(y)
     }
 }

@@ -5,16 +5,19 @@
 //! buffers (one is filled on the host while the other's copy is in flight), converted to bf16 on
 //! the way when the checkpoint is f32 or f16; no weight is ever held whole in host memory.
 
-use cudarc::driver::{CudaEvent, CudaSlice, DevicePtrMut, PinnedHostSlice};
+use std::sync::atomic::Ordering;
+
+use cudarc::driver::{CudaEvent, CudaSlice, DevicePtrMut, DeviceRepr, PinnedHostSlice};
 use half::bf16;
 
+use super::workspace::{self, Buf};
 use super::{CudaBackend, CudaResultExt};
 use crate::error::{Error, Result};
 use crate::weights::{fused_shape, DType, TensorSlice};
 
 /// Activations on the device: `rows × cols` bf16, row-major, contiguous.
 pub struct CudaTensor {
-    pub(crate) data: CudaSlice<bf16>,
+    pub(crate) data: Buf<bf16>,
     pub(crate) rows: usize,
     pub(crate) cols: usize,
 }
@@ -31,6 +34,12 @@ impl CudaTensor {
     /// `(rows, cols)`, as the backend contract checks it.
     pub(crate) fn shape(&self) -> (usize, usize) {
         (self.rows, self.cols)
+    }
+    /// The same memory seen as `rows × cols` (the caller keeps the element count).
+    pub(crate) fn reshaped(mut self, rows: usize, cols: usize) -> Self {
+        self.rows = rows;
+        self.cols = cols;
+        self
     }
 }
 
@@ -113,31 +122,62 @@ impl CudaBackend {
         // CUDA refuses empty allocations: an empty tensor holds one unused element.
         // SAFETY: the memory is either filled below or fully written by the kernel it is for.
         let mut buf = unsafe { self.stream.alloc::<bf16>(n.max(1)) }.cuda("allocating device memory")?;
-        if self.poison.load(std::sync::atomic::Ordering::Relaxed) {
-            let (ptr, _record) = buf.device_ptr_mut(&self.stream);
-            // 0xFFFF is a bf16 NaN.
-            // SAFETY: `ptr` addresses `n` bf16 = 2n bytes owned by `buf`, on `self.stream`.
-            unsafe { cudarc::driver::result::memset_d8_async(ptr, 0xFF, 2 * n.max(1), self.stream.cu_stream()) }
-                .cuda("poisoning device memory")?;
-        }
+        self.poison_buf(&mut buf, n)?;
         Ok(buf)
     }
 
-    /// A tensor of `rows × cols` from `alloc_bf16`.
+    /// Fills `n` elements of `buf` with all-ones bytes (NaN for floats) when poisoning is on.
+    fn poison_buf<T>(&self, buf: &mut CudaSlice<T>, n: usize) -> Result<()> {
+        if self.poison.load(Ordering::Relaxed) {
+            let bytes = n.max(1) * std::mem::size_of::<T>();
+            let (ptr, _record) = buf.device_ptr_mut(&self.stream);
+            // SAFETY: `ptr` addresses at least `bytes` bytes owned by `buf`, on `self.stream`.
+            unsafe { cudarc::driver::result::memset_d8_async(ptr, 0xFF, bytes, self.stream.cu_stream()) }
+                .cuda("poisoning device memory")?;
+        }
+        Ok(())
+    }
+
+    /// `n` elements for one step's use: carved from the step workspace inside a step (see
+    /// workspace.rs), else from the pool; poisoned like [`CudaBackend::alloc_bf16`]. Inside a
+    /// graph capture a full workspace is an error (the pool cannot be used there).
+    pub(crate) fn alloc_buf<T: DeviceRepr>(&self, n: usize, what: &str) -> Result<Buf<T>> {
+        if self.in_step.load(Ordering::Relaxed) {
+            if let Some(ws) = self.workspace.lock().ok().and_then(|w| w.clone()) {
+                if let Some(mut b) = ws.buf::<T>(&self.stream, n) {
+                    self.poison_buf(&mut b, n)?;
+                    return Ok(b);
+                }
+                if self.capturing.load(Ordering::Relaxed) {
+                    return Err(workspace::full(&ws, n * std::mem::size_of::<T>()));
+                }
+                self.workspace_overflows.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        // SAFETY: the memory is either poisoned below or fully written by the kernel it is for.
+        let mut b = Buf::pool(unsafe { self.stream.alloc::<T>(n.max(1)) }.cuda(what)?);
+        self.poison_buf(&mut b, n)?;
+        Ok(b)
+    }
+
+    /// A tensor of `rows × cols` from `alloc_buf`.
     pub(crate) fn alloc_tensor(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
-        Ok(CudaTensor { data: self.alloc_bf16(rows * cols)?, rows, cols })
+        Ok(CudaTensor { data: self.alloc_buf(rows * cols, "allocating an activation")?, rows, cols })
     }
 
     /// Copies a small host array (indices, metadata) to the device; an empty one becomes a
-    /// single zero, as CUDA refuses empty allocations.
-    pub(crate) fn upload_u32(&self, data: &[u32]) -> Result<CudaSlice<u32>> {
+    /// single zero, as CUDA refuses empty allocations. Not inside a graph capture: a captured
+    /// copy would read this host memory again at every replay.
+    pub(crate) fn upload_u32(&self, data: &[u32]) -> Result<Buf<u32>> {
         let data = if data.is_empty() { &[0][..] } else { data };
-        self.stream.clone_htod(data).cuda("copying metadata to the device")
+        let mut buf = self.alloc_buf::<u32>(data.len(), "allocating metadata")?;
+        self.stream.memcpy_htod(data, &mut *buf).cuda("copying metadata to the device")?;
+        Ok(buf)
     }
 
-    /// A one-element f32 buffer for kernel arguments a launch does not use.
-    pub(crate) fn placeholder(&self) -> Result<CudaSlice<f32>> {
-        self.stream.alloc_zeros::<f32>(1).cuda("allocating a placeholder")
+    /// A one-element buffer for kernel arguments a launch does not use.
+    pub(crate) fn placeholder(&self) -> Result<Buf<f32>> {
+        self.alloc_buf::<f32>(1, "allocating a placeholder")
     }
 
     /// The staging buffers, allocated on first use.

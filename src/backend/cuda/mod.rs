@@ -9,36 +9,48 @@
 //! Everything runs on one stream, in order, so cudarc's per-buffer event tracking (meant for
 //! several streams) is turned off; host reads go through synchronous copies.
 //!
-//! Not implemented yet (issue 4): CUDA graphs, a preallocated activation workspace (outputs are
-//! allocated per op from the stream-ordered pool), fused GEMV prologues/epilogues and PDL. Tensor parallelism runs one backend per rank thread (src/engine/rank_threads.rs), combined by
-//! NCCL (src/parallel/nccl.rs) or, on one GPU, through the host (src/parallel/local_cuda.rs).
+//! A step (`begin_step` … `end_step`) uploads its metadata once into a persistent buffer
+//! (step.rs), carves its tensors from a workspace reserved at load (workspace.rs), and, for a
+//! decode step, replays a CUDA graph captured for its batch-size bucket (graphs.rs).
+//!
+//! Not implemented yet: fused GEMV prologues/epilogues (SiLU·mul into the down projection,
+//! residual adds, RoPE + KV write into the qkv projection) and PDL. Tensor parallelism runs one
+//! backend per rank thread (src/engine/rank_threads.rs), combined by NCCL
+//! (src/parallel/nccl.rs) or, on one GPU, through the host (src/parallel/local_cuda.rs).
 
 mod attention;
 mod elementwise;
 mod embedding;
 mod gemm;
 mod gemv;
+mod graphs;
 mod memory;
 mod module;
 mod random;
 mod rmsnorm;
 mod rope;
 mod sampling;
+mod step;
+mod workspace;
 
 use std::collections::HashMap;
 use std::fmt::Display;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublaslt::CudaBlasLT;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 
 pub use self::gemv::{GemvChoice, GemvMode, GEMV_MAX_ROWS};
+pub use self::graphs::buckets;
+use self::graphs::Graphs;
 pub use self::memory::{CudaKvCache, CudaTensor, CudaWeight};
 use self::memory::{Staging, WeightData};
 use self::module::Kernels;
-use super::contract::{self, BatchExtent};
-use super::{AttnDims, Backend, KvCacheSpec};
+use self::step::DeviceBatch;
+use self::workspace::Workspace;
+use super::contract;
+use super::{AttnDims, Backend, KvCacheSpec, StepInputs, StepShape};
 use crate::error::{Error, Result};
 use crate::runtime::batch::Batch;
 use crate::runtime::sampler::RowSampling;
@@ -85,24 +97,6 @@ pub(crate) fn grid(x: usize, what: &str) -> Result<u32> {
         .ok_or_else(|| Error::Backend(format!("{what} = {x} is not a valid grid size")))
 }
 
-/// A step's metadata on the device, uploaded once and reused by every layer's ops.
-pub(crate) struct DeviceBatch {
-    /// The batch it was made from: the next call with an equal batch reuses it.
-    host: Batch,
-    /// Per row.
-    positions: CudaSlice<u32>,
-    /// Per row.
-    slots: CudaSlice<u32>,
-    /// Every sequence's block table, concatenated.
-    block_tables: CudaSlice<u32>,
-    /// Where each sequence's table starts in `block_tables`.
-    table_offsets: Vec<u32>,
-    /// What the contract checks against the cache each op uses (`contract::batch`, once per batch).
-    extent: BatchExtent,
-    /// Attention work items per rows-per-tile, built on first use (see attention.rs).
-    work: Vec<(usize, attention::Work)>,
-}
-
 /// The CUDA backend on one device.
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
@@ -115,7 +109,27 @@ pub struct CudaBackend {
     /// Fill every new output with NaN before its kernel runs (tests).
     poison: AtomicBool,
     staging: Mutex<Option<Staging>>,
-    batch: Mutex<Option<DeviceBatch>>,
+    /// The active step's metadata (step.rs); `None` between steps.
+    step: Mutex<Option<DeviceBatch>>,
+    /// The persistent buffer every step's metadata is uploaded into (step.rs).
+    meta: Mutex<Option<CudaSlice<u32>>>,
+    /// The step workspace (workspace.rs), from `reserve`.
+    workspace: Mutex<Option<Arc<Workspace>>>,
+    /// Between `begin_step` and `end_step`: tensors come from the workspace.
+    in_step: AtomicBool,
+    /// Inside a graph capture (graphs.rs).
+    capturing: AtomicBool,
+    /// Step allocations the workspace could not hold (they came from the pool).
+    workspace_overflows: AtomicU64,
+    graphs: Mutex<Graphs>,
+    /// Kernel launches (and collectives) so far, replayed graphs' included.
+    launches: AtomicU64,
+    /// Longest context the model takes (sizes a graph's attention splits).
+    max_context: AtomicUsize,
+    /// Tests only: upload each step's metadata into a new buffer (kept alive in `stale`), the
+    /// classic graph bug of a pointer that changes after capture (step.rs).
+    fresh_meta: AtomicBool,
+    stale: Mutex<Vec<workspace::Buf<u32>>>,
     /// `GemvMode` as u8 (gemv.rs).
     gemv_mode: AtomicU8,
     /// Decode matmul shapes measured so far, by (M, N, K).
@@ -158,7 +172,17 @@ impl CudaBackend {
             name,
             poison: AtomicBool::new(false),
             staging: Mutex::new(None),
-            batch: Mutex::new(None),
+            step: Mutex::new(None),
+            meta: Mutex::new(None),
+            workspace: Mutex::new(None),
+            in_step: AtomicBool::new(false),
+            capturing: AtomicBool::new(false),
+            workspace_overflows: AtomicU64::new(0),
+            graphs: Mutex::new(Graphs::default()),
+            launches: AtomicU64::new(0),
+            max_context: AtomicUsize::new(0),
+            fresh_meta: AtomicBool::new(false),
+            stale: Mutex::new(Vec::new()),
             gemv_mode: AtomicU8::new(GemvMode::from_env() as u8),
             gemv_choices: Mutex::new(HashMap::new()),
         })
@@ -190,7 +214,7 @@ impl CudaBackend {
         let mut t = self.alloc_tensor(rows, cols)?;
         if !data.is_empty() {
             let host: Vec<half::bf16> = data.iter().map(|&x| half::bf16::from_f32(x)).collect();
-            self.stream.memcpy_htod(&host, &mut t.data).cuda("copying a tensor to the device")?;
+            self.stream.memcpy_htod(&host, &mut *t.data).cuda("copying a tensor to the device")?;
         }
         Ok(t)
     }
@@ -208,35 +232,48 @@ impl CudaBackend {
         self.ctx.bind_to_thread().cuda("binding the CUDA context")
     }
 
-    /// Runs `f` with `batch`'s metadata on the device, uploading it only when the batch differs
-    /// from the previous call's (every layer of a step passes the same batch).
-    fn with_batch<R>(&self, batch: &Batch, f: impl FnOnce(&mut DeviceBatch) -> Result<R>) -> Result<R> {
-        let mut guard = self.batch.lock().map_err(|_| Error::Backend("batch metadata lock poisoned".into()))?;
-        if guard.as_ref().is_none_or(|d| d.host != *batch) {
-            *guard = None;
-            *guard = Some(self.upload_batch(batch)?);
-        }
-        let device = guard.as_mut().ok_or_else(|| Error::Backend("batch metadata missing".into()))?;
-        f(device)
+    /// Counts one kernel launch (or collective) for `launches`.
+    pub(crate) fn count_launch(&self) {
+        self.launches.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn upload_batch(&self, batch: &Batch) -> Result<DeviceBatch> {
-        let extent = contract::batch(batch)?;
-        let mut tables = Vec::new();
-        let mut table_offsets = Vec::with_capacity(batch.seqs.len());
-        for s in &batch.seqs {
-            table_offsets.push(tables.len() as u32);
-            tables.extend_from_slice(&s.block_table);
+    /// The step workspace's size and the most of it ever in use, in bytes (0, 0 before `reserve`).
+    pub fn workspace_usage(&self) -> (usize, usize) {
+        self.workspace.lock().ok().and_then(|w| w.as_ref().map(|w| (w.bytes(), w.peak()))).unwrap_or((0, 0))
+    }
+
+    /// Step allocations that did not fit the workspace so far (they came from the pool).
+    pub fn workspace_overflows(&self) -> u64 {
+        self.workspace_overflows.load(Ordering::Relaxed)
+    }
+
+    /// Whether graphs are on (`reserve` turned them on, and no test turned them off since).
+    pub fn set_graphs(&self, on: bool) {
+        if let Ok(mut g) = self.graphs.lock() {
+            g.enabled = on && !g.buckets.is_empty();
         }
-        Ok(DeviceBatch {
-            host: batch.clone(),
-            positions: self.upload_u32(&batch.positions)?,
-            slots: self.upload_u32(&batch.slots)?,
-            block_tables: self.upload_u32(&tables)?,
-            table_offsets,
-            extent,
-            work: Vec::new(),
-        })
+    }
+
+    /// `reserve`: the workspace, the metadata buffer for the largest step, the buckets.
+    fn reserve_impl(&self, shape: &StepShape) -> Result<()> {
+        let limits = shape.limits;
+        let buckets = buckets(limits.max_num_seqs);
+        let rows = limits.max_num_batched_tokens.max(limits.max_num_seqs);
+        let tables = limits.max_num_seqs * shape.max_positions.div_ceil(shape.block_size.max(1));
+        self.drop_graphs("the backend was reserved again");
+        *self.workspace.lock().map_err(|_| Error::Backend("workspace lock poisoned".into()))? =
+            Some(Workspace::new(&self.stream, shape.workspace_bytes)?);
+        {
+            let mut meta = self.meta.lock().map_err(|_| Error::Backend("step buffer lock poisoned".into()))?;
+            *meta = None;
+            // SAFETY: every word a step reads is written by its upload first.
+            *meta = Some(unsafe { self.stream.alloc::<u32>(8 * rows + tables) }.cuda("allocating the step buffer")?);
+        }
+        self.max_context.store(shape.max_positions, Ordering::Relaxed);
+        let mut g = self.graphs.lock().map_err(|_| Error::Backend("graph table lock poisoned".into()))?;
+        g.enabled = limits.graphs;
+        g.buckets = buckets;
+        Ok(())
     }
 }
 
@@ -287,6 +324,35 @@ impl Backend for CudaBackend {
     fn device_memory(&self) -> Option<(u64, u64)> {
         self.bind().ok()?;
         self.memory_info().ok()
+    }
+
+    fn reserve(&self, shape: &StepShape) -> Result<()> {
+        self.bind()?;
+        self.reserve_impl(shape)
+    }
+
+    fn reserved_bytes(&self) -> usize {
+        let ws = self.workspace.lock().ok().and_then(|w| w.as_ref().map(|w| w.bytes())).unwrap_or(0);
+        let meta = self.meta.lock().ok().and_then(|m| m.as_ref().map(|m| 4 * m.len())).unwrap_or(0);
+        ws + meta
+    }
+
+    fn begin_step(&self, step: &StepInputs<'_>) -> Result<()> {
+        self.bind()?;
+        self.begin_step_impl(step)
+    }
+
+    fn end_step(&self) {
+        self.end_step_impl()
+    }
+
+    fn run_step(&self, body: &mut dyn FnMut() -> Result<CudaTensor>) -> Result<CudaTensor> {
+        self.bind()?;
+        self.run_step_impl(body)
+    }
+
+    fn launches(&self) -> Option<u64> {
+        Some(self.launches.load(Ordering::Relaxed))
     }
 
     fn tuning_report(&self) -> Vec<serde_json::Value> {
@@ -423,7 +489,10 @@ impl Backend for CudaBackend {
     }
 
     fn sample(&self, logits: &CudaTensor, per_row: &[RowSampling], valid: usize) -> Result<Vec<u32>> {
-        contract::sample(logits.shape(), per_row.len(), valid)?;
+        // A padded decode step's logits have its padding rows after the sampled ones.
+        let padding = self.step_padding();
+        let rows = if padding > 0 && logits.rows == per_row.len() + padding { per_row.len() } else { logits.rows };
+        contract::sample((rows, logits.cols), per_row.len(), valid)?;
         self.sample_impl(logits, per_row, valid)
     }
 

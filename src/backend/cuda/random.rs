@@ -43,6 +43,7 @@ impl CudaBackend {
                     .arg(&p.offset);
                 // SAFETY: argument types and order match random_fill_bf16; the view holds r × c.
                 unsafe { launch.launch(cfg) }.cuda("launching random_fill_bf16")?;
+                self.count_launch();
             }
             offset += p.shape().0 * cols;
         }
@@ -69,6 +70,7 @@ impl CudaBackend {
             launch.arg(&buf).arg(&n).arg(&mut sink);
             // SAFETY: argument types and order match read_probe; buf holds n 16-byte words.
             unsafe { launch.launch(cfg) }.cuda("launching read_probe")?;
+            self.count_launch();
             end.record(&self.stream).cuda("recording an event")?;
             let ms = start.elapsed_ms(&end).cuda("timing read_probe")? as f64;
             if pass > 0 {

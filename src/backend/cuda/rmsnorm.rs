@@ -19,9 +19,10 @@ impl CudaBackend {
             LaunchConfig { grid_dim: (grid(x.rows, "rows")?, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
         let (cols, vec8) = (int(x.cols, "cols")?, i32::from(x.cols.is_multiple_of(8)));
         let mut launch = self.stream.launch_builder(&self.kernels.rmsnorm);
-        launch.arg(&x.data).arg(w).arg(&mut out.data).arg(&cols).arg(&eps).arg(&vec8);
+        launch.arg(&*x.data).arg(w).arg(&mut *out.data).arg(&cols).arg(&eps).arg(&vec8);
         // SAFETY: argument types and order match rmsnorm_bf16; `contract::rms_norm` bounds every index.
         unsafe { launch.launch(cfg) }.cuda("launching rmsnorm_bf16")?;
+        self.count_launch();
         Ok(out)
     }
 
@@ -41,9 +42,10 @@ impl CudaBackend {
             LaunchConfig { grid_dim: (grid(x.rows, "rows")?, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
         let (cols, vec8) = (int(x.cols, "cols")?, i32::from(x.cols.is_multiple_of(8)));
         let mut launch = self.stream.launch_builder(&self.kernels.add_rmsnorm);
-        launch.arg(&mut x.data).arg(&residual.data).arg(w).arg(&mut out.data).arg(&cols).arg(&eps).arg(&vec8);
+        launch.arg(&mut *x.data).arg(&*residual.data).arg(w).arg(&mut *out.data).arg(&cols).arg(&eps).arg(&vec8);
         // SAFETY: argument types and order match add_rmsnorm_bf16; `contract::add_rms_norm` checked the shapes.
         unsafe { launch.launch(cfg) }.cuda("launching add_rmsnorm_bf16")?;
+        self.count_launch();
         Ok(out)
     }
 }

@@ -2,7 +2,8 @@
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use super::{grid, int, CudaBackend, CudaKvCache, CudaResultExt, CudaTensor, CudaWeight, DeviceBatch};
+use super::step::DeviceBatch;
+use super::{grid, int, CudaBackend, CudaKvCache, CudaResultExt, CudaTensor, CudaWeight};
 use crate::backend::AttnDims;
 use crate::error::Result;
 
@@ -23,7 +24,7 @@ impl CudaBackend {
         dims: AttnDims,
     ) -> Result<CudaTensor> {
         let (q_dim, hd) = (dims.q_dim(), dims.head_dim);
-        let rows = batch.host.num_tokens();
+        let rows = batch.rows;
         let (cos, sin) = (cos.f32("rope")?, sin.f32("rope")?);
         let mut q = self.alloc_tensor(rows, q_dim)?;
         if rows == 0 {
@@ -34,12 +35,12 @@ impl CudaBackend {
         let (heads, kv_heads, hd) = (int(dims.heads, "heads")?, int(dims.kv_heads, "kv_heads")?, int(hd, "head_dim")?);
         let mut launch = self.stream.launch_builder(&self.kernels.rope_write_kv);
         launch
-            .arg(&qkv.data)
+            .arg(&*qkv.data)
             .arg(cos)
             .arg(sin)
-            .arg(&batch.positions)
-            .arg(&batch.slots)
-            .arg(&mut q.data)
+            .arg(&*batch.positions)
+            .arg(&*batch.slots)
+            .arg(&mut *q.data)
             .arg(&mut cache.k[layer])
             .arg(&mut cache.v[layer])
             .arg(&heads)
@@ -48,6 +49,7 @@ impl CudaBackend {
         // SAFETY: argument types and order match rope_write_kv_bf16; positions are below the
         // tables' rows and slots inside the cache (`contract::rope_write_kv`).
         unsafe { launch.launch(cfg) }.cuda("launching rope_write_kv_bf16")?;
+        self.count_launch();
         Ok(q)
     }
 }

@@ -14,37 +14,45 @@ impl CudaBackend {
     /// ties; padded vocab rows past `sample_cols` are never chosen), or `NON_FINITE` for a row
     /// with a NaN or infinite logit among them. Only the ids cross to the host.
     pub fn argmax(&self, logits: &CudaTensor, sample_cols: usize) -> Result<Vec<u32>> {
-        if sample_cols == 0 || sample_cols > logits.cols {
-            return Err(Error::Backend(format!("argmax: {sample_cols} sampled columns of {}", logits.cols)));
+        self.argmax_rows(logits, logits.rows, sample_cols)
+    }
+
+    /// `argmax` of the first `rows` rows.
+    fn argmax_rows(&self, logits: &CudaTensor, rows: usize, sample_cols: usize) -> Result<Vec<u32>> {
+        if sample_cols == 0 || sample_cols > logits.cols || rows > logits.rows {
+            return Err(Error::Backend(format!(
+                "argmax: {sample_cols} sampled columns of {}, {rows} rows of {}",
+                logits.cols, logits.rows
+            )));
         }
-        if logits.rows == 0 {
+        if rows == 0 {
             return Ok(Vec::new());
         }
         self.bind()?;
-        let mut ids = self.stream.alloc_zeros::<u32>(logits.rows).cuda("allocating token ids")?;
-        let cfg = LaunchConfig {
-            grid_dim: (grid(logits.rows, "rows")?, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let mut ids = self.alloc_buf::<u32>(rows, "allocating token ids")?;
+        let cfg =
+            LaunchConfig { grid_dim: (grid(rows, "rows")?, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
         let (cols, sample) = (int(logits.cols, "cols")?, int(sample_cols, "sample_cols")?);
         let mut launch = self.stream.launch_builder(&self.kernels.argmax);
-        launch.arg(&logits.data).arg(&cols).arg(&sample).arg(&mut ids);
+        launch.arg(&*logits.data).arg(&cols).arg(&sample).arg(&mut *ids);
         // SAFETY: argument types and order match argmax_bf16; one id per row.
         unsafe { launch.launch(cfg) }.cuda("launching argmax_bf16")?;
-        let ids = self.stream.clone_dtoh(&ids).cuda("copying token ids to the host")?;
+        self.count_launch();
+        let ids = self.stream.clone_dtoh(&*ids).cuda("copying token ids to the host")?;
         self.synchronize()?;
         Ok(ids)
     }
 
     /// The backend's `sample` op: argmax when every row is greedy without a penalty, else
-    /// `sample_bf16` with each row's parameters (see `runtime::sampler::sample_row`).
+    /// `sample_bf16` with each row's parameters (see `runtime::sampler::sample_row`), for the
+    /// first `per_row.len()` rows (a padded step's padding rows follow them).
     pub(crate) fn sample_impl(&self, logits: &CudaTensor, per_row: &[RowSampling], valid: usize) -> Result<Vec<u32>> {
-        if logits.rows == 0 {
+        let rows = per_row.len();
+        if rows == 0 {
             return Ok(Vec::new());
         }
         if per_row.iter().all(|r| r.temperature == 0.0 && (r.repetition_penalty == 1.0 || r.penalized.is_empty())) {
-            return self.argmax(logits, valid);
+            return self.argmax_rows(logits, rows, valid);
         }
         let mut meta = Vec::with_capacity(8 * per_row.len());
         let mut penalized = Vec::new();
@@ -67,22 +75,19 @@ impl CudaBackend {
         self.bind()?;
         let meta = self.upload_u32(&meta)?;
         let penalized = self.upload_u32(&penalized)?;
-        // SAFETY: the kernel writes each row's `valid` scratch values before reading them.
-        let mut scratch =
-            unsafe { self.stream.alloc::<f32>(logits.rows * valid) }.cuda("allocating sampling scratch")?;
-        let mut ids = self.stream.alloc_zeros::<u32>(logits.rows).cuda("allocating token ids")?;
-        let cfg = LaunchConfig {
-            grid_dim: (grid(logits.rows, "rows")?, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        // The kernel writes each row's `valid` scratch values before reading them.
+        let mut scratch = self.alloc_buf::<f32>(rows * valid, "allocating sampling scratch")?;
+        let mut ids = self.alloc_buf::<u32>(rows, "allocating token ids")?;
+        let cfg =
+            LaunchConfig { grid_dim: (grid(rows, "rows")?, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
         let (cols, valid) = (int(logits.cols, "cols")?, int(valid, "valid")?);
         let mut launch = self.stream.launch_builder(&self.kernels.sample);
-        launch.arg(&logits.data).arg(&cols).arg(&valid).arg(&meta).arg(&penalized).arg(&mut scratch).arg(&mut ids);
+        launch.arg(&*logits.data).arg(&cols).arg(&valid).arg(&*meta).arg(&*penalized).arg(&mut *scratch).arg(&mut *ids);
         // SAFETY: argument types and order match sample_bf16; meta has 8 words per row, every
         // penalised range lies inside `penalized`, scratch holds rows × valid.
         unsafe { launch.launch(cfg) }.cuda("launching sample_bf16")?;
-        let ids = self.stream.clone_dtoh(&ids).cuda("copying token ids to the host")?;
+        self.count_launch();
+        let ids = self.stream.clone_dtoh(&*ids).cuda("copying token ids to the host")?;
         self.synchronize()?;
         Ok(ids)
     }

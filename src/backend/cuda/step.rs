@@ -1,0 +1,257 @@
+//! A step's metadata on the device: uploaded once per step by `begin_step`, in one copy, into
+//! a buffer that persists from step to step, and read by every op of the step.
+//!
+//! The buffer's layout for a step of `P` activation rows (the batch's rows, or its decode
+//! bucket when the step is padded for a graph, see graphs.rs) is fixed by `P` alone, so a
+//! graph captured for a bucket finds every array where it was at capture:
+//!
+//! ```text
+//! ids[P] | positions[P] | slots[P] | work[4P] | gather[G] | block tables…
+//! ```
+//! `G` is `P` for a padded step. Padding rows look up token 0 at position 0, write no KV slot
+//! (slot `u32::MAX`, which rope.cu skips), attend to nothing (a work item of zero rows) and
+//! are never sampled.
+
+use std::sync::atomic::Ordering;
+
+use cudarc::driver::{CudaSlice, DevicePtr};
+
+use super::attention::Work;
+use super::workspace::Buf;
+use super::{CudaBackend, CudaResultExt};
+use crate::backend::contract::{self, BatchExtent};
+use crate::backend::StepInputs;
+use crate::error::{Error, Result};
+use crate::runtime::batch::Batch;
+
+/// The slot a padding row writes: none.
+pub(crate) const NO_SLOT: u32 = u32::MAX;
+
+/// A step's metadata on the device.
+pub(crate) struct DeviceBatch {
+    /// The batch it was made from.
+    pub host: Batch,
+    /// Activation rows: the batch's rows, or its bucket when padded.
+    pub rows: usize,
+    /// The decode bucket this step is padded to (its graph), if any.
+    pub bucket: Option<usize>,
+    /// Embedding ids per activation row (only from `begin_step`).
+    pub ids: Option<Buf<u32>>,
+    pub positions: Buf<u32>,
+    pub slots: Buf<u32>,
+    /// Every sequence's block table, concatenated.
+    pub block_tables: Buf<u32>,
+    /// Where each sequence's table starts in `block_tables`.
+    pub table_offsets: Vec<u32>,
+    /// The rows `begin_step` was told to gather, and their device copy (padded like the rows).
+    pub gather: Option<(Vec<usize>, Buf<u32>)>,
+    /// What the contract checks against the cache each op uses (`contract::batch`, once).
+    pub extent: BatchExtent,
+    /// Attention work items per rows-per-tile (see attention.rs); decode steps get theirs here.
+    pub work: Vec<(usize, Work)>,
+    /// The buffer the arrays above view, when it is this batch's own (ops called outside a step).
+    _owner: Option<Buf<u32>>,
+}
+
+/// The host side of one step's metadata, laid out as the module docs say.
+struct Packed {
+    words: Vec<u32>,
+    rows: usize,
+    gather_len: usize,
+    table_offsets: Vec<u32>,
+    decode: bool,
+}
+
+impl Packed {
+    /// Lays out `batch` with `rows ≥ batch rows` activation rows and `gather` rows to gather.
+    fn new(batch: &Batch, ids: &[u32], rows: usize, gather: &[usize]) -> Self {
+        let n = batch.num_tokens();
+        let decode = !batch.seqs.is_empty() && batch.seqs.iter().all(|s| s.rows.len() == 1);
+        let gather_len = if rows > n { rows } else { gather.len() };
+        let mut table_offsets = Vec::with_capacity(batch.seqs.len());
+        let mut tables = Vec::new();
+        for s in &batch.seqs {
+            table_offsets.push(tables.len() as u32);
+            tables.extend_from_slice(&s.block_table);
+        }
+        let mut w = Vec::with_capacity(7 * rows + gather_len + tables.len());
+        w.extend(ids.iter().copied().chain(std::iter::repeat(0)).take(rows));
+        w.extend(batch.positions.iter().copied().chain(std::iter::repeat(0)).take(rows));
+        w.extend(batch.slots.iter().copied().chain(std::iter::repeat(NO_SLOT)).take(rows));
+        for r in 0..rows {
+            // Decode: one work item a row, `[row, 1, table, position + 1]`; padding rows none.
+            match batch.seqs.get(r).filter(|_| decode) {
+                Some(s) => w.extend([r as u32, 1, table_offsets[r], s.context_len as u32]),
+                None => w.extend([0, 0, 0, 0]),
+            }
+        }
+        w.extend(gather.iter().map(|&r| r as u32).chain(gather.len() as u32..).take(gather_len));
+        w.extend_from_slice(&tables);
+        Packed { words: w, rows, gather_len, table_offsets, decode }
+    }
+}
+
+impl CudaBackend {
+    /// `begin_step`: checks the batch, decides its padding, uploads its metadata once.
+    pub(crate) fn begin_step_impl(&self, step: &StepInputs<'_>) -> Result<()> {
+        let extent = contract::batch(step.batch)?;
+        let n = step.batch.num_tokens();
+        if step.ids.len() != n {
+            return Err(Error::Backend(format!("begin_step: {} ids for {n} rows", step.ids.len())));
+        }
+        let bucket = self.bucket_for(step);
+        let rows = bucket.unwrap_or(n);
+        let packed = Packed::new(step.batch, step.ids, rows, step.rows);
+        let meta = match self.fresh_meta.load(Ordering::Relaxed) {
+            false => self.step_meta(packed.words.len(), bucket.is_some())?,
+            true => self.fresh_step_meta(packed.words.len())?,
+        };
+        let mut device = self.view_batch(step.batch, &packed, extent, meta, None)?;
+        device.bucket = bucket;
+        device.gather = Some((step.rows.to_vec(), self.view(meta, 7 * rows, packed.gather_len)));
+        let mut guard = self.step.lock().map_err(|_| Error::Backend("step state lock poisoned".into()))?;
+        *guard = Some(device);
+        self.in_step.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// `end_step`: forgets the step (its buffers stay for the next).
+    pub(crate) fn end_step_impl(&self) {
+        if let Ok(mut g) = self.step.lock() {
+            *g = None;
+        }
+        self.in_step.store(false, Ordering::Relaxed);
+    }
+
+    /// The persistent metadata buffer, grown to at least `words` (its address, and with it
+    /// every captured graph, changes only then: `begin_step` of a step that a graph could
+    /// replay never grows it past what `reserve` made room for).
+    fn step_meta(&self, words: usize, padded: bool) -> Result<u64> {
+        let mut meta = self.meta.lock().map_err(|_| Error::Backend("step buffer lock poisoned".into()))?;
+        if meta.as_ref().is_none_or(|m: &CudaSlice<u32>| m.len() < words) {
+            if padded && meta.is_some() {
+                return Err(Error::Backend(format!(
+                    "a decode step needs {words} metadata words, past what reserve made"
+                )));
+            }
+            self.drop_graphs("the step metadata buffer grew");
+            *meta = None;
+            let len = words.max(1024).next_power_of_two();
+            // SAFETY: every word a step reads is written by its upload first.
+            *meta = Some(unsafe { self.stream.alloc::<u32>(len) }.cuda("allocating the step metadata buffer")?);
+        }
+        Ok(meta.as_ref().map_or(0, |m| m.device_ptr(&self.stream).0))
+    }
+
+    /// Tests only (`debug_fresh_step_buffers`): a new buffer for this step's metadata, kept
+    /// alive (so a graph that captured an older one reads that step's stale metadata, and a
+    /// test can catch it, rather than freed memory).
+    fn fresh_step_meta(&self, words: usize) -> Result<u64> {
+        // SAFETY: written by the step's upload before any kernel reads it.
+        let buf = Buf::pool(unsafe { self.stream.alloc::<u32>(words.max(1)) }.cuda("allocating step metadata")?);
+        let base = buf.device_ptr(&self.stream).0;
+        self.stale.lock().map_err(|_| Error::Backend("stale buffers lock poisoned".into()))?.push(buf);
+        Ok(base)
+    }
+
+    /// Tests only: uploads every step's metadata into a fresh buffer instead of the persistent
+    /// one — the bug graphs must not have, for a test to show that it would be caught.
+    #[doc(hidden)]
+    pub fn debug_fresh_step_buffers(&self, on: bool) {
+        self.fresh_meta.store(on, Ordering::Relaxed);
+    }
+
+    /// A view of `len` words at word `offset` of the buffer at `base`.
+    fn view(&self, base: u64, offset: usize, len: usize) -> Buf<u32> {
+        // SAFETY: the metadata buffer holds the packed step (offset + len words at most); it
+        // is only reallocated between steps, when no view of it is alive.
+        unsafe { Buf::view(&self.stream, base + 4 * offset as u64, len.max(1)) }
+    }
+
+    /// Copies `packed` to `base` and returns the batch viewing it.
+    fn view_batch(
+        &self,
+        batch: &Batch,
+        packed: &Packed,
+        extent: BatchExtent,
+        base: u64,
+        owner: Option<Buf<u32>>,
+    ) -> Result<DeviceBatch> {
+        let rows = packed.rows;
+        let mut dst = self.view(base, 0, packed.words.len());
+        self.stream.memcpy_htod(&packed.words, &mut *dst).cuda("copying the step's metadata to the device")?;
+        let decode_work = Work::new(self.view(base, 3 * rows, 4 * rows), rows, extent.max_position + 1);
+        Ok(DeviceBatch {
+            host: batch.clone(),
+            rows,
+            bucket: None,
+            ids: Some(self.view(base, 0, rows)),
+            positions: self.view(base, rows, rows),
+            slots: self.view(base, 2 * rows, rows),
+            block_tables: self.view(
+                base,
+                7 * rows + packed.gather_len,
+                packed.words.len() - 7 * rows - packed.gather_len,
+            ),
+            table_offsets: packed.table_offsets.clone(),
+            gather: None,
+            extent: BatchExtent { tokens: rows, ..extent },
+            work: if packed.decode { vec![(1, decode_work)] } else { Vec::new() },
+            _owner: owner,
+        })
+    }
+
+    /// Runs `f` with the step's metadata: the active step's, or — for an op called outside a
+    /// step (tests of single ops) — `batch`'s, uploaded for this call.
+    pub(crate) fn with_batch<R>(&self, batch: &Batch, f: impl FnOnce(&mut DeviceBatch) -> Result<R>) -> Result<R> {
+        let mut guard = self.step.lock().map_err(|_| Error::Backend("step state lock poisoned".into()))?;
+        if let Some(active) = guard.as_mut() {
+            if active.host.num_tokens() != batch.num_tokens() || active.host.seqs.len() != batch.seqs.len() {
+                return Err(Error::Backend("an op's batch is not the step's (begin_step was given another)".into()));
+            }
+            return f(active);
+        }
+        drop(guard);
+        let extent = contract::batch(batch)?;
+        let packed = Packed::new(batch, &batch.token_ids, batch.num_tokens(), &[]);
+        let owner = self.upload_u32(&vec![0; packed.words.len()])?;
+        let base = owner.device_ptr(&self.stream).0;
+        let mut device = self.view_batch(batch, &packed, extent, base, Some(owner))?;
+        f(&mut device)
+    }
+
+    /// The active step's embedding ids and rows, when `ids` are the ones it was begun with.
+    pub(crate) fn step_ids<R>(
+        &self,
+        ids: &[u32],
+        f: impl FnOnce(Option<(&Buf<u32>, usize)>) -> Result<R>,
+    ) -> Result<R> {
+        let guard = self.step.lock().map_err(|_| Error::Backend("step state lock poisoned".into()))?;
+        match guard.as_ref() {
+            Some(d) if d.host.num_tokens() == ids.len() => f(d.ids.as_ref().map(|b| (b, d.rows))),
+            _ => f(None),
+        }
+    }
+
+    /// The active step's gather indices and their count, when `rows` are the ones it was
+    /// begun with.
+    pub(crate) fn step_gather<R>(
+        &self,
+        rows: &[usize],
+        f: impl FnOnce(Option<(&Buf<u32>, usize)>) -> Result<R>,
+    ) -> Result<R> {
+        let guard = self.step.lock().map_err(|_| Error::Backend("step state lock poisoned".into()))?;
+        match guard.as_ref().and_then(|d| d.gather.as_ref().map(|g| (d, g))) {
+            Some((d, (host, dev))) if host == rows => {
+                let count = if d.bucket.is_some() { d.rows } else { rows.len() };
+                f(Some((dev, count)))
+            }
+            _ => f(None),
+        }
+    }
+
+    /// Rows of the active step's activations past the batch's (a padded decode step), else 0.
+    pub(crate) fn step_padding(&self) -> usize {
+        self.step.lock().ok().and_then(|g| g.as_ref().map(|d| d.rows - d.host.num_tokens())).unwrap_or(0)
+    }
+}

@@ -1,0 +1,193 @@
+//! Decode steps as CUDA graphs: every replay equals the same step run eagerly, bit for bit —
+//! for every bucket, with sequences of different lengths entering and leaving between
+//! replays, on one rank and at tp 2/4 over NCCL — and a pointer captured stale is caught.
+
+use super::model::tiny_vocab301;
+use super::*;
+use tulu::backend::cuda::CudaKvCache;
+use tulu::backend::{StepLimits, StepShape};
+
+const BLOCK: usize = 16;
+const CONTEXT: usize = 256;
+const LIMITS: StepLimits = StepLimits { max_num_seqs: 8, max_num_batched_tokens: 256, graphs: true };
+
+/// One sequence of the schedule: its tokens so far and its own blocks, in reverse order.
+struct Seq {
+    tokens: Vec<u32>,
+    cached: usize,
+    table: Vec<u32>,
+}
+
+/// What a rank runs the schedule with.
+struct Rank<'a, C: Communicator<CudaBackend>> {
+    backend: &'a CudaBackend,
+    model: &'a Llama<CudaBackend>,
+    cache: CudaKvCache,
+    comm: &'a C,
+}
+
+impl<C: Communicator<CudaBackend>> Rank<'_, C> {
+    /// Logits of the last token of each of `seqs`, feeding each its uncached tokens.
+    fn step(&mut self, seqs: &[&Seq]) -> Vec<f32> {
+        let mut batch = Batch::new(BLOCK);
+        for s in seqs {
+            batch.push(&s.tokens[s.cached..], s.cached, &s.table).unwrap();
+        }
+        let rows = batch.last_rows();
+        self.model.forward(self.backend, &batch, &mut self.cache, &rows, self.comm).unwrap()
+    }
+
+    /// One decode step of `seqs` twice on the same cache — the padded step run eagerly, then
+    /// through the graph path (warm-up, capture or replay) — and the first differing logit.
+    fn decode_twice(&mut self, seqs: &[&Seq]) -> (Vec<f32>, Option<String>) {
+        self.backend.set_graph_replay(false);
+        let eager = self.step(seqs);
+        self.backend.set_graph_replay(true);
+        let graph = self.step(seqs);
+        let diff = eager.iter().zip(&graph).position(|(a, b)| a.to_bits() != b.to_bits());
+        let why =
+            diff.map(|i| format!("{} sequences: logit {i} is {} replayed, {} eager", seqs.len(), graph[i], eager[i]));
+        (graph, why)
+    }
+}
+
+/// Greedy next token of each row of `logits`.
+fn argmax_rows(logits: &[f32], vocab: usize) -> Vec<u32> {
+    logits
+        .chunks(vocab)
+        .map(|r| r.iter().enumerate().fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32)
+        .collect()
+}
+
+/// Prefills, then decodes in batches of 3, 4, 3, 5 and 1 sequences (buckets 4, 4, 4, 8, 1:
+/// each bucket warms up, is captured, then replayed), sequences entering and leaving between
+/// steps. Returns the first replay that differed from its eager twin, if any.
+fn run_schedule<C: Communicator<CudaBackend>>(rank: &mut Rank<'_, C>, vocab: usize) -> Option<String> {
+    let lens = [5usize, 17, 33, 150, 40, 9];
+    let mut seqs: Vec<Seq> = lens
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| Seq {
+            tokens: (0..n as u32).map(|i| (i * 31 + 7 * k as u32 + 3) % 290).collect(),
+            cached: 0,
+            table: (0..CONTEXT / BLOCK).map(|b| (k * CONTEXT / BLOCK + b) as u32).rev().collect(),
+        })
+        .collect();
+    let advance = |rank: &mut Rank<'_, C>, seqs: &mut Vec<Seq>, which: &[usize], decode: bool| {
+        let view: Vec<&Seq> = which.iter().map(|&i| &seqs[i]).collect();
+        let (logits, why) = if decode { rank.decode_twice(&view) } else { (rank.step(&view), None) };
+        for (&i, t) in which.iter().zip(argmax_rows(&logits, vocab)) {
+            seqs[i].cached = seqs[i].tokens.len();
+            seqs[i].tokens.push(t);
+        }
+        why
+    };
+    let plan: &[(&[usize], bool, usize)] = &[
+        (&[0, 1, 2], false, 1),
+        (&[0, 1, 2], true, 3),
+        (&[3], false, 1),
+        (&[0, 1, 2, 3], true, 2),
+        (&[0, 2, 3], true, 2),
+        (&[4, 5], false, 1),
+        (&[0, 2, 3, 4, 5], true, 3),
+        (&[5], true, 3),
+    ];
+    for &(which, decode, times) in plan {
+        for _ in 0..times {
+            if let Some(why) = advance(rank, &mut seqs, which, decode) {
+                return Some(why);
+            }
+        }
+    }
+    None
+}
+
+/// A backend with graphs reserved, the tiny model's rank `rank` of `world` and a cache with
+/// room for the schedule.
+fn open(device: usize, rank: usize, world: usize, dir: &Path) -> (CudaBackend, Llama<CudaBackend>, CudaKvCache) {
+    let backend = CudaBackend::new(device).unwrap();
+    backend.poison_outputs(true);
+    let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let store = WeightStore::open(dir).unwrap();
+    let model = Llama::load(&backend, &cfg, &store, CONTEXT, Shard { rank, world }, |_| {}).unwrap();
+    let shape = StepShape {
+        limits: LIMITS,
+        max_positions: CONTEXT,
+        block_size: BLOCK,
+        workspace_bytes: model.workspace_bytes(&LIMITS, backend.element_bytes()),
+    };
+    backend.reserve(&shape).unwrap();
+    let cache = backend.new_kv_cache(&model.kv_cache_spec(6 * CONTEXT / BLOCK, BLOCK)).unwrap();
+    (backend, model, cache)
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn decode_graphs_replay_their_eager_steps_bit_for_bit() {
+    gpu();
+    let dir = tiny_vocab301();
+    let (backend, model, cache) = open(0, 0, 1, &dir);
+    let mut rank = Rank { backend: &backend, model: &model, cache, comm: &SingleRank };
+    let launches = backend.launches().unwrap();
+    if let Some(why) = run_schedule(&mut rank, 301) {
+        panic!("a graph replay differs from its eager step: {why}");
+    }
+    let (captured, replays) = backend.graph_stats();
+    eprintln!(
+        "buckets captured {captured:?}, {replays} replays, {} launches, workspace {:?}, {} overflows",
+        backend.launches().unwrap() - launches,
+        backend.workspace_usage(),
+        backend.workspace_overflows()
+    );
+    assert_eq!(captured, vec![1, 4, 8], "every bucket the schedule used is captured");
+    // Bucket 4: 7 steps, the first eager; 8 and 1: 3 steps each. A capture is replayed at once.
+    assert_eq!(replays, 6 + 2 + 2, "replays");
+    assert_eq!(backend.workspace_overflows(), 0, "the step workspace held every step");
+}
+
+/// The classic graph bug, made on purpose: each step's metadata goes to a new buffer, so a
+/// replay reads the metadata of the step it was captured in. The comparison must catch it.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn a_pointer_captured_stale_is_caught() {
+    gpu();
+    let dir = tiny_vocab301();
+    let (backend, model, cache) = open(0, 0, 1, &dir);
+    backend.debug_fresh_step_buffers(true);
+    let mut rank = Rank { backend: &backend, model: &model, cache, comm: &SingleRank };
+    let why = run_schedule(&mut rank, 301).expect("a replay reading stale step metadata went unnoticed");
+    eprintln!("caught, as it must be: {why}");
+}
+
+#[cfg(feature = "nccl")]
+#[test]
+#[ignore = "needs CUDA GPUs"]
+fn decode_graphs_with_nccl_collectives_replay_bit_for_bit_at_tp_2_and_4() {
+    use tulu::parallel::nccl::NcclComm;
+    let gpus = cudarc::driver::CudaContext::device_count().unwrap_or(0) as usize;
+    let dir = tiny_vocab301();
+    for tp in [2usize, 4].into_iter().filter(|&tp| tp <= gpus) {
+        let comms = NcclComm::new_local(&(0..tp).collect::<Vec<_>>()).unwrap();
+        let results: Vec<(Option<String>, Vec<usize>)> = std::thread::scope(|s| {
+            let dir = &dir;
+            let handles: Vec<_> = comms
+                .into_iter()
+                .enumerate()
+                .map(|(r, comm)| {
+                    s.spawn(move || {
+                        let (backend, model, cache) = open(r, r, tp, dir);
+                        let comm = comm;
+                        let mut rank = Rank { backend: &backend, model: &model, cache, comm: &comm };
+                        let why = run_schedule(&mut rank, 301);
+                        (why, backend.graph_stats().0)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (r, (why, captured)) in results.into_iter().enumerate() {
+            assert_eq!(why, None, "tp={tp} rank {r}: a replay differs from its eager step");
+            assert_eq!(captured, vec![1, 4, 8], "tp={tp} rank {r}: buckets captured with their collectives");
+        }
+    }
+}
