@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tulu::backend::cpu::CpuBackend;
-use tulu::backend::{Backend, Device};
+use tulu::backend::{Backend, Device, StepLimits, StepShape};
 use tulu::config::ModelConfig;
 use tulu::model::Llama;
 use tulu::parallel::local::{LocalComm, LocalGroup};
@@ -85,14 +85,16 @@ pub fn bench_model(args: &BenchArgs) -> Result<()> {
             Probes { read_bytes: 1 << 30, gemm_n: 512 },
         ),
         #[cfg(feature = "cuda")]
-        Device::Cuda(n) => run(
-            args,
-            &full,
-            &cfg,
-            shard,
-            Arc::new(move || tulu::backend::cuda::CudaBackend::new(n)),
-            Probes { read_bytes: 2 << 30, gemm_n: 8192 },
-        ),
+        Device::Cuda(n) => {
+            // The CPU emulation of CUDA (scripts/cuda-emu) runs the bench's code paths, not its
+            // sizes: a CPU's probes there.
+            let emulated = tulu::backend::cuda::CudaBackend::new(n)?.describe().contains("emulator");
+            let probes = match emulated {
+                true => Probes { read_bytes: 64 << 20, gemm_n: 256 },
+                false => Probes { read_bytes: 2 << 30, gemm_n: 8192 },
+            };
+            run(args, &full, &cfg, shard, Arc::new(move || tulu::backend::cuda::CudaBackend::new(n)), probes)
+        }
         other => Err(Error::Device { device: other.to_string(), message: "not available in this build".into() }),
     }
 }
@@ -108,6 +110,8 @@ struct Timing {
     step_s: f64,
     /// Mean tokens each sequence's attention reads during the timed decode steps.
     mean_context: f64,
+    /// Kernel launches (and collectives) per timed decode step, where the backend counts them.
+    launches_per_step: Option<f64>,
 }
 
 fn run<B: Backend>(
@@ -136,7 +140,7 @@ where
             "gemm_n": probes.gemm_n,
         })
     );
-    let max_positions = args.prompt_len.iter().max().copied().unwrap_or(1) + args.gen_len + 1;
+    let max_positions = args.prompt_len.iter().max().copied().unwrap_or(1) + args.gen_len + WARM_UP + 1;
     let started = Instant::now();
     let model = Llama::random(&backend, cfg, args.seed, max_positions, shard, |_| {})?;
     let init_s = started.elapsed().as_secs_f64();
@@ -150,8 +154,23 @@ where
     let plan = ShardPlan::new(cfg, shard)?;
     let layer_bytes = layer_weight_elements(cfg, &plan) as f64 * eb;
     let mut per_layer = Vec::new();
+    // Decode with CUDA graphs and without, in the same run (a backend without graphs runs
+    // both eagerly: the CPU prints one row per case).
+    let graph_modes: &[bool] = if backend.launches().is_some() { &[true, false] } else { &[false] };
+    let limits = |graphs| StepLimits {
+        max_num_seqs: args.batch.iter().max().copied().unwrap_or(1),
+        max_num_batched_tokens: args.prompt_len.iter().max().copied().unwrap_or(1),
+        graphs,
+    };
     for &plen in &args.prompt_len {
-        for &batch in &args.batch {
+        for (&batch, &graphs) in args.batch.iter().flat_map(|b| graph_modes.iter().map(move |g| (b, g))) {
+            let shape = StepShape {
+                limits: limits(graphs),
+                max_positions,
+                block_size: BLOCK,
+                workspace_bytes: model.workspace_bytes(&limits(graphs), backend.element_bytes()),
+            };
+            backend.reserve(&shape)?;
             let t = time_case(&backend, &model, batch, plen, args.gen_len)?;
             let weights = model.weight_elements_per_step() as f64 * eb;
             let kv = model.kv_elements_per_token() as f64 * eb * t.mean_context * batch as f64;
@@ -170,6 +189,8 @@ where
                     "batch": batch,
                     "prompt_len": plen,
                     "gen_len": args.gen_len,
+                    "cuda_graphs": graphs,
+                    "launches_per_step": t.launches_per_step.map(round),
                     "decode_tok_s": round(batch as f64 / t.step_s),
                     "ms_per_step": round(t.step_s * 1e3),
                     "step_mb": round(step_bytes / 1e6),
@@ -181,7 +202,7 @@ where
                     "init_s": round(init_s),
                 })
             );
-            if let Some(one) = &one_layer {
+            if let Some(one) = one_layer.as_ref().filter(|_| !graphs) {
                 let t1 = time_case(&backend, one, batch, plen, args.gen_len)?;
                 let layer_s = ((t.step_s - t1.step_s) / (cfg.num_hidden_layers - 1) as f64).max(0.0);
                 let layer_kv = kv / cfg.num_hidden_layers as f64;
@@ -222,10 +243,14 @@ where
     Ok(())
 }
 
-/// Prefill of every sequence, then `gen` decode steps of the whole batch (the first of each is
-/// an untimed warm-up), with greedy tokens chosen on the device.
+/// Untimed decode steps before the timed ones: the first runs a bucket eagerly (and measures
+/// its matmul choices), the second captures its graph.
+const WARM_UP: usize = 2;
+
+/// Prefill of every sequence, then `gen` decode steps of the whole batch (after `WARM_UP`
+/// untimed ones), with greedy tokens chosen on the device.
 fn time_case<B: Backend>(backend: &B, model: &Llama<B>, batch: usize, plen: usize, gen: usize) -> Result<Timing> {
-    let per_seq = (plen + gen + 1).div_ceil(BLOCK);
+    let per_seq = (plen + gen + WARM_UP + 1).div_ceil(BLOCK);
     let mut cache = backend.new_kv_cache(&model.kv_cache_spec(per_seq * batch, BLOCK))?;
     let tables: Vec<Vec<u32>> =
         (0..batch).map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect()).collect();
@@ -259,9 +284,11 @@ fn time_case<B: Backend>(backend: &B, model: &Llama<B>, batch: usize, plen: usiz
     let mut next = tables.iter().map(|t| prefill(t, &mut cache)).collect::<Result<Vec<u32>>>()?;
     let prefill_s = started.elapsed().as_secs_f64() / batch as f64;
     let mut started = Instant::now();
-    for i in 0..=gen {
-        if i == 1 {
+    let mut launches = backend.launches();
+    for i in 0..gen + WARM_UP {
+        if i == WARM_UP {
             started = Instant::now();
+            launches = backend.launches();
         }
         let mut b = Batch::new(BLOCK);
         for (table, &token) in tables.iter().zip(&next) {
@@ -270,8 +297,10 @@ fn time_case<B: Backend>(backend: &B, model: &Llama<B>, batch: usize, plen: usiz
         next = step(&b, &mut cache)?;
     }
     let step_s = started.elapsed().as_secs_f64() / gen as f64;
-    // Timed steps i = 1..=gen attend over plen + i + 1 tokens.
-    Ok(Timing { prefill_s, step_s, mean_context: plen as f64 + 1.0 + (gen as f64 + 1.0) / 2.0 })
+    let launches_per_step = launches.zip(backend.launches()).map(|(a, b)| (b - a) as f64 / gen as f64);
+    // Timed steps i = WARM_UP..WARM_UP + gen attend over plen + i + 1 tokens.
+    let mean_context = plen as f64 + 1.0 + WARM_UP as f64 + (gen as f64 - 1.0) / 2.0;
+    Ok(Timing { prefill_s, step_s, mean_context, launches_per_step })
 }
 
 /// bf16 (or f32 on the CPU) GEMM throughput of `n × n · n × n`, in FLOP/s.

@@ -204,29 +204,52 @@ fn smollm2_greedy_tokens_at_tp3_match_tp1_through_the_engine() {
     assert_eq!(cuda_greedy(&dir, 3, &prompt, 24), reference, "tp=3 greedy tokens");
 }
 
-/// Greedy tokens for each prompt through one engine on `device`.
-fn engine_greedy(dir: &Path, device: Device, prompts: &[Vec<u32>], n: usize) -> Vec<Vec<u32>> {
+/// Greedy tokens for each prompt through one engine on `device`, the requests submitted
+/// together (batched, decode steps replaying CUDA graphs); with `kv_blocks`, a cache of that
+/// many 4-token blocks. Also returns the engine's preemption count.
+fn engine_greedy(
+    dir: &Path,
+    device: Device,
+    prompts: &[Vec<u32>],
+    n: usize,
+    kv_blocks: Option<u64>,
+) -> (Vec<Vec<u32>>, u64) {
     let mut opts = EngineOptions::new(dir.to_string_lossy()).device(device);
     opts.kv_cache_memory = Some(TEST_KV_BYTES);
+    if let Some(blocks) = kv_blocks {
+        let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+        opts.block_size = 4;
+        // bf16 on the GPU, f32 on the CPU: the same block count on both.
+        let bytes = if device == Device::Cpu { 4 } else { 2 };
+        opts.kv_cache_memory = Some(blocks * 4 * cfg.kv_bytes_per_token(bytes));
+    }
     let engine = Engine::load(opts).unwrap();
-    prompts
-        .iter()
-        .map(|prompt| {
-            let mut req = GenerateRequest::tokens(prompt.clone()).sampling(SamplingParams::greedy()).max_tokens(n);
-            req.ignore_eos = true;
-            common::run(&engine, req).1.tokens
-        })
-        .collect()
+    let tokens = std::thread::scope(|s| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .map(|prompt| {
+                let engine = &engine;
+                s.spawn(move || {
+                    let mut req =
+                        GenerateRequest::tokens(prompt.clone()).sampling(SamplingParams::greedy()).max_tokens(n);
+                    req.ignore_eos = true;
+                    common::run(engine, req).1.tokens
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    (tokens, engine.metrics().preemptions)
 }
 
 /// Greedy continuations through the GPU engine (sampling on the device) equal the CPU engine's
 /// for `n` tokens on every prompt. Where they diverge, the CPU's logits at that step are
 /// recomputed: the two tokens' logits must be within bf16 noise of each other (relative to the
-/// largest logit), else the test fails, reporting the margin.
-fn assert_greedy_matches_cpu(dir: &Path, prompts: &[Vec<u32>], n: usize) {
+/// largest logit), else the test fails, reporting the margin. Returns the GPU's preemptions.
+fn assert_greedy_matches_cpu(dir: &Path, prompts: &[Vec<u32>], n: usize, kv_blocks: Option<u64>) -> u64 {
     let vocab = ModelConfig::from_file(&dir.join("config.json")).unwrap().vocab_size;
-    let cpu_all = engine_greedy(dir, Device::Cpu, prompts, n);
-    let gpu_all = engine_greedy(dir, Device::Cuda(0), prompts, n);
+    let cpu_all = engine_greedy(dir, Device::Cpu, prompts, n, kv_blocks).0;
+    let (gpu_all, preemptions) = engine_greedy(dir, Device::Cuda(0), prompts, n, kv_blocks);
     for (p, ((prompt, cpu), gpu)) in prompts.iter().zip(cpu_all).zip(gpu_all).enumerate() {
         assert_eq!(gpu.len(), cpu.len(), "prompt {p}: lengths");
         let Some(step) = cpu.iter().zip(&gpu).position(|(a, b)| a != b) else { continue };
@@ -242,6 +265,24 @@ fn assert_greedy_matches_cpu(dir: &Path, prompts: &[Vec<u32>], n: usize) {
         );
         assert!(margin <= LOGITS_TOL, "prompt {p}: diverged at step {step} where the CPU's margin is {margin:.2e}");
     }
+    preemptions
+}
+
+/// Six requests batched on a cache too small for them: decode batches of every size enter
+/// and leave their graphs' buckets, sequences are preempted and recomputed, and every
+/// request's greedy tokens still equal the CPU's.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn greedy_tokens_under_batching_and_preemption_with_graphs_match_cpu() {
+    gpu();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tiny-bf16");
+    let cfg = ModelConfig::preset("tiny").unwrap();
+    synth_checkpoint(&cfg, &dir, &SynthOptions { dtype: OutDType::Bf16, ..Default::default() }).unwrap();
+    let prompts: Vec<Vec<u32>> =
+        (0..6).map(|k| (0..(3 + 7 * k) as u32).map(|i| (i * 29 + 11 * k as u32 + 1) % 290).collect()).collect();
+    let preemptions = assert_greedy_matches_cpu(&dir, &prompts, 24, Some(24));
+    assert!(preemptions > 0, "24 blocks of 4 tokens for six sequences of up to 59 tokens must preempt");
 }
 
 #[test]
@@ -254,7 +295,7 @@ fn greedy_continuations_match_cpu_on_a_synthetic_model() {
     synth_checkpoint(&cfg, &dir, &SynthOptions { dtype: OutDType::Bf16, ..Default::default() }).unwrap();
     let prompts: Vec<Vec<u32>> =
         (0..4).map(|k| (0..(5 + 13 * k) as u32).map(|i| (i * 31 + 7 * k as u32 + 3) % 290).collect()).collect();
-    assert_greedy_matches_cpu(&dir, &prompts, 32);
+    assert_greedy_matches_cpu(&dir, &prompts, 32, None);
 }
 
 /// Sampling on the GPU through the engine: a seed reproduces its tokens, another seed gives
@@ -303,7 +344,7 @@ fn smollm2_greedy_continuations_match_cpu() {
     .iter()
     .map(|t| tok.encode_prompt(t).unwrap())
     .collect();
-    assert_greedy_matches_cpu(&dir, &prompts, 32);
+    assert_greedy_matches_cpu(&dir, &prompts, 32, None);
 }
 
 #[cfg(feature = "nccl")]
