@@ -78,13 +78,10 @@ impl Packed {
         w.extend(ids.iter().copied().chain(std::iter::repeat(0)).take(rows));
         w.extend(batch.positions.iter().copied().chain(std::iter::repeat(0)).take(rows));
         w.extend(batch.slots.iter().copied().chain(std::iter::repeat(NO_SLOT)).take(rows));
-        for r in 0..rows {
-            // Decode: one work item a row, `[row, 1, table, position + 1]`; padding rows none.
-            match batch.seqs.get(r).filter(|_| decode) {
-                Some(s) => w.extend([r as u32, 1, table_offsets[r], s.context_len as u32]),
-                None => w.extend([0, 0, 0, 0]),
-            }
-        }
+        // Decode: one work item a row, `[row, 1, table, position + 1]`; padding rows none.
+        let items = batch.seqs.iter().zip(&table_offsets).enumerate().filter(|_| decode);
+        let items = items.map(|(r, (s, &table))| [r as u32, 1, table, s.context_len as u32]);
+        w.extend(items.chain(std::iter::repeat([0; 4])).take(rows).flatten());
         w.extend(gather.iter().map(|&r| r as u32).chain(gather.len() as u32..).take(gather_len));
         w.extend_from_slice(&tables);
         Packed { words: w, rows, gather_len, table_offsets, decode }
