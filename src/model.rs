@@ -257,6 +257,34 @@ impl<B: Backend> Llama<B> {
         Ok(StepOutput { tokens, logits: logits.filter(|_| sampling.want_logits) })
     }
 
+    /// Captures the backend's decode graphs before the first request, largest bucket first
+    /// (all sharing the step workspace): each bucket's step runs once eagerly — measuring the
+    /// GEMV/cuBLASLt choice of its shapes — and is then captured. The steps are dummies (token
+    /// 0 at position 0 of block 0, which a real sequence writes before it reads); every rank
+    /// of a group runs this at the same time, so their collectives meet.
+    pub fn warm_up(
+        &self,
+        backend: &B,
+        cache: &mut B::KvCache,
+        comm: &dyn Communicator<B>,
+        block_size: usize,
+    ) -> Result<()> {
+        if !comm.capturable() {
+            return Ok(());
+        }
+        for b in backend.graph_buckets().into_iter().rev() {
+            let mut batch = Batch::new(block_size);
+            for _ in 0..b {
+                batch.push(&[0], 0, &[0])?;
+            }
+            let rows = batch.last_rows();
+            for _ in 0..2 {
+                self.device_logits(backend, &batch, cache, &rows, comm, true)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The rank whose vocabulary shard holds the first non-finite logit of `row` (only on the
     /// error path: the row is copied to the host to find it).
     fn rank_of_first_non_finite(&self, row: &[f32]) -> usize {

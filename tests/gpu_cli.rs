@@ -98,7 +98,18 @@ fn generate_and_serve_on_cuda_answer_what_the_cpu_does() {
         assert!(!want.trim().is_empty());
         assert_eq!(&generate(&model, "cuda", prompt, &[]), want, "tulu generate of {prompt:?} on cuda:0");
     }
-    let args = ["--model", &model, "--device", "cuda", "--kv-cache-memory", "50000000", "--served-model-name", "smol"];
+    let args = [
+        "--model",
+        &model,
+        "--device",
+        "cuda",
+        "--kv-cache-memory",
+        "50000000",
+        "--served-model-name",
+        "smol",
+        "--max-num-seqs",
+        "2",
+    ];
     let server = Server::start(&args);
     for (prompt, want) in prompts.iter().zip(&cpu) {
         let body = json!({"model": "smol", "prompt": prompt, "max_tokens": 24, "temperature": 0});

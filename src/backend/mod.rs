@@ -239,6 +239,12 @@ pub trait Backend: Send + Sync + 'static {
         body()
     }
 
+    /// The decode batch sizes the backend captures a graph for, after `reserve` (none: the CPU,
+    /// or graphs off).
+    fn graph_buckets(&self) -> Vec<usize> {
+        Vec::new()
+    }
+
     /// Kernel launches (captured graphs count their kernels) since the backend was made;
     /// `None` where nothing is launched (the CPU).
     fn launches(&self) -> Option<u64> {

@@ -113,7 +113,9 @@ pub fn generate(
         return Err(Error::request("prompt", "is empty"));
     }
     check_flags(args)?;
-    let opts = crate::cli::engine_options(model)?;
+    let mut opts = crate::cli::engine_options(model)?;
+    // One sequence at a time: the step workspace and the decode graphs are sized for one.
+    opts.max_num_seqs = 1;
     if crate::cli::run_if_not_rank0(&opts)? {
         return Ok(());
     }
@@ -136,7 +138,8 @@ pub fn generate(
 /// `tulu chat`: one user turn per line; `/exit` or end of input quits, `/reset` forgets.
 pub fn chat(model: &ModelArgs, system: Option<String>, args: &SamplingArgs) -> Result<()> {
     check_flags(args)?;
-    let opts = crate::cli::engine_options(model)?;
+    let mut opts = crate::cli::engine_options(model)?;
+    opts.max_num_seqs = 1;
     if crate::cli::run_if_not_rank0(&opts)? {
         return Ok(());
     }

@@ -72,7 +72,8 @@ impl<B: Backend> RankRunner<B> {
         if num_blocks == 0 {
             return Err(spec.kv.no_room(spec.block_size));
         }
-        let cache = backend.new_kv_cache(&model.kv_cache_spec(num_blocks, spec.block_size))?;
+        let mut cache = backend.new_kv_cache(&model.kv_cache_spec(num_blocks, spec.block_size))?;
+        model.warm_up(&backend, &mut cache, &*comm, spec.block_size)?;
         Ok(RankRunner { comm, model, cache, backend, num_blocks })
     }
 

@@ -181,6 +181,8 @@ const TEST_KV_BYTES: u64 = 64 << 20;
 
 fn cuda_greedy(dir: &Path, tp: usize, prompt: &[u32], n: usize) -> Vec<u32> {
     let mut opts = EngineOptions::new(dir.to_string_lossy()).device(Device::Cuda(0));
+    // Decode graphs are captured at load for every bucket up to this; few, under the emulator.
+    opts.max_num_seqs = 1;
     opts.tp = tp;
     opts.kv_cache_memory = Some(TEST_KV_BYTES);
     let engine = Engine::load(opts).unwrap();
@@ -215,6 +217,8 @@ fn engine_greedy(
     kv_blocks: Option<u64>,
 ) -> (Vec<Vec<u32>>, u64) {
     let mut opts = EngineOptions::new(dir.to_string_lossy()).device(device);
+    // Decode graphs are captured at load for every bucket up to this; few, under the emulator.
+    opts.max_num_seqs = prompts.len();
     opts.kv_cache_memory = Some(TEST_KV_BYTES);
     if let Some(blocks) = kv_blocks {
         let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
@@ -313,6 +317,8 @@ fn seeded_sampling_on_the_gpu_reproduces() {
     )
     .unwrap();
     let mut opts = EngineOptions::new(dir.to_string_lossy()).device(Device::Cuda(0));
+    // Decode graphs are captured at load for every bucket up to this; few, under the emulator.
+    opts.max_num_seqs = 1;
     opts.kv_cache_memory = Some(TEST_KV_BYTES);
     let engine = Engine::load(opts).unwrap();
     let vocab = engine.tokenizer().vocab_size() as u32;
@@ -402,6 +408,8 @@ mod nccl {
 fn non_finite_logits_fail_their_request_on_the_gpu() {
     let poisoned = common::poisoned_tiny("model.embed_tokens.weight", 77);
     let mut opts = EngineOptions::new(poisoned.path().to_string_lossy()).device(Device::Cuda(0));
+    // Decode graphs are captured at load for every bucket up to this; few, under the emulator.
+    opts.max_num_seqs = 2;
     // A fixed cache: other tests share the device, so its free memory is not this test's own.
     opts.kv_cache_memory = Some(1 << 20);
     let engine = Engine::load(opts).unwrap();

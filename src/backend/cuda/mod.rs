@@ -351,6 +351,10 @@ impl Backend for CudaBackend {
         self.run_step_impl(body)
     }
 
+    fn graph_buckets(&self) -> Vec<usize> {
+        self.graphs.lock().ok().filter(|g| g.enabled).map(|g| g.buckets.clone()).unwrap_or_default()
+    }
+
     fn launches(&self) -> Option<u64> {
         Some(self.launches.load(Ordering::Relaxed))
     }
