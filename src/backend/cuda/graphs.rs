@@ -71,7 +71,7 @@ impl CudaBackend {
     pub(crate) fn bucket_for(&self, step: &StepInputs<'_>) -> Option<usize> {
         let n = step.batch.num_tokens();
         let every_row = step.rows.len() == n && step.rows.iter().enumerate().all(|(i, &r)| i == r);
-        if !step.graphable || !every_row || step.batch.seqs.iter().any(|s| s.rows.len() != 1) {
+        if !step.graphable || n == 0 || !every_row || step.batch.seqs.iter().any(|s| s.rows.len() != 1) {
             return None;
         }
         let g = self.graphs.lock().ok()?;
