@@ -33,7 +33,11 @@ fn generate(model: &str, device: &str, prompt: &str, extra: &[&str]) -> String {
     let args = ["generate", "--model", model, "--device", device, "--prompt", prompt, "--max-tokens", "24"];
     let mut c = tulu(&args);
     c.args(extra);
-    String::from_utf8(run(c).stdout).unwrap()
+    let out = run(c);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // On cuda, decode steps replay the graph captured at load: a capture that failed says so.
+    assert!(!stderr.contains("run eagerly"), "{stderr}");
+    String::from_utf8(out.stdout).unwrap()
 }
 
 /// A `tulu serve` subprocess on a free port, killed when dropped.
