@@ -272,6 +272,19 @@ fn assert_greedy_matches_cpu(dir: &Path, prompts: &[Vec<u32>], n: usize, kv_bloc
     preemptions
 }
 
+/// The tiny preset as a bf16 checkpoint in `tmp`.
+fn tiny_bf16(tmp: &tempfile::TempDir) -> std::path::PathBuf {
+    let dir = tmp.path().join("tiny-bf16");
+    let cfg = ModelConfig::preset("tiny").unwrap();
+    synth_checkpoint(&cfg, &dir, &SynthOptions { dtype: OutDType::Bf16, ..Default::default() }).unwrap();
+    dir
+}
+
+/// `n` prompts of `first`, `first + step`, … tokens below 290 (the tiny vocabulary's tokens).
+fn synthetic_prompts(n: usize, first: usize, step: usize) -> Vec<Vec<u32>> {
+    (0..n).map(|k| (0..(first + step * k) as u32).map(|i| (i * 31 + 7 * k as u32 + 3) % 290).collect()).collect()
+}
+
 /// Six requests batched on a cache too small for them: decode batches of every size enter
 /// and leave their graphs' buckets, sequences are preempted and recomputed, and every
 /// request's greedy tokens still equal the CPU's.
@@ -280,11 +293,8 @@ fn assert_greedy_matches_cpu(dir: &Path, prompts: &[Vec<u32>], n: usize, kv_bloc
 fn greedy_tokens_under_batching_and_preemption_with_graphs_match_cpu() {
     gpu();
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("tiny-bf16");
-    let cfg = ModelConfig::preset("tiny").unwrap();
-    synth_checkpoint(&cfg, &dir, &SynthOptions { dtype: OutDType::Bf16, ..Default::default() }).unwrap();
-    let prompts: Vec<Vec<u32>> =
-        (0..6).map(|k| (0..(3 + 7 * k) as u32).map(|i| (i * 29 + 11 * k as u32 + 1) % 290).collect()).collect();
+    let dir = tiny_bf16(&tmp);
+    let prompts = synthetic_prompts(6, 3, 7);
     let preemptions = assert_greedy_matches_cpu(&dir, &prompts, 24, Some(24));
     assert!(preemptions > 0, "24 blocks of 4 tokens for six sequences of up to 59 tokens must preempt");
 }
@@ -294,12 +304,8 @@ fn greedy_tokens_under_batching_and_preemption_with_graphs_match_cpu() {
 fn greedy_continuations_match_cpu_on_a_synthetic_model() {
     gpu();
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("tiny-bf16");
-    let cfg = ModelConfig::preset("tiny").unwrap();
-    synth_checkpoint(&cfg, &dir, &SynthOptions { dtype: OutDType::Bf16, ..Default::default() }).unwrap();
-    let prompts: Vec<Vec<u32>> =
-        (0..4).map(|k| (0..(5 + 13 * k) as u32).map(|i| (i * 31 + 7 * k as u32 + 3) % 290).collect()).collect();
-    assert_greedy_matches_cpu(&dir, &prompts, 32, None);
+    let dir = tiny_bf16(&tmp);
+    assert_greedy_matches_cpu(&dir, &synthetic_prompts(4, 5, 13), 32, None);
 }
 
 /// Sampling on the GPU through the engine: a seed reproduces its tokens, another seed gives
