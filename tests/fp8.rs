@@ -1,0 +1,211 @@
+//! FP8 weights on the CPU backend (the reference, which dequantizes at load): each published
+//! checkpoint layout loads and gives its dequantized twin's logits bit for bit, at tp 1 and 2
+//! (q/k/v and gate/up fused with their parts' different scales, rows sliced with their scales);
+//! `--quantize fp8` gives an independent per-row quantization's logits; bad FP8 input is a
+//! clear error naming the tensor or field.
+
+mod common;
+#[path = "common/fp8.rs"]
+mod fp8_layouts;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fp8_layouts::Layout;
+use tulu::backend::cpu::CpuBackend;
+use tulu::config::ModelConfig;
+use tulu::model::Llama;
+use tulu::parallel::local::LocalGroup;
+use tulu::parallel::sharding::Shard;
+use tulu::quant::Quantization;
+use tulu::weights::gguf::OutDType;
+use tulu::weights::WeightStore;
+use tulu::Error;
+
+const TOKENS: [u32; 6] = [5, 77, 299, 12, 9, 140];
+
+/// The tiny preset with 4 layers (so that fbgemm's first and last layers kept in bf16 leave
+/// two quantized MLPs) and a vocab that pads at tp 2, in bf16.
+fn source() -> PathBuf {
+    let cfg = ModelConfig { num_hidden_layers: 4, vocab_size: 301, ..ModelConfig::preset("tiny").unwrap() };
+    common::synth_dir("tiny4-bf16", &cfg, OutDType::Bf16, None)
+}
+
+/// Logits of every position of [`TOKENS`] from `tp` ranks loading `dir` (with `quantize`).
+fn logits(dir: &Path, tp: usize, quantize: bool) -> Vec<f32> {
+    let mut cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    if quantize {
+        cfg.quantization = Some(Quantization::at_load());
+    }
+    let store = WeightStore::open(dir).unwrap();
+    let comms = LocalGroup::new(tp, Duration::from_secs(60)).communicators();
+    common::ranks_logits(comms, &TOKENS, |rank| {
+        let backend = CpuBackend::new();
+        let model = Llama::load(&backend, &cfg, &store, 64, Shard { rank, world: tp }, |_| {}).unwrap();
+        (backend, model)
+    })
+}
+
+/// Per element: |a − b| ≤ rel·|b| + abs.
+fn assert_close(ours: &[f32], reference: &[f32], rel: f32, abs: f32, what: &str) {
+    assert_eq!(ours.len(), reference.len());
+    for (i, (a, b)) in ours.iter().zip(reference).enumerate() {
+        assert!((a - b).abs() <= rel * b.abs() + abs, "{what}: logit {i}: {a} vs {b}");
+    }
+}
+
+fn pair(layout: Layout) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let (fp8, twin) = (tmp.path().join("fp8"), tmp.path().join("twin"));
+    fp8_layouts::write_pair(&source(), layout, &fp8, &twin);
+    (tmp, fp8, twin)
+}
+
+#[test]
+fn each_published_layout_matches_its_dequantized_twin_at_tp_1_and_2() {
+    let original = logits(&source(), 1, false);
+    for layout in [Layout::CompressedStatic, Layout::CompressedDynamic, Layout::Fbgemm] {
+        let (_tmp, fp8, twin) = pair(layout);
+        let reference = logits(&twin, 1, false);
+        assert!(reference.iter().all(|x| x.is_finite()));
+        assert!(reference != original, "{layout:?}: the twin is quantized");
+        for tp in [1, 2] {
+            assert_eq!(logits(&fp8, tp, false), logits(&twin, tp, false), "{layout:?} at tp {tp}");
+        }
+    }
+}
+
+#[test]
+fn quantizing_at_load_matches_an_independent_per_row_quantization() {
+    let tmp = tempfile::tempdir().unwrap();
+    let twin = tmp.path().join("twin");
+    fp8_layouts::write_at_load_twin(&source(), &twin);
+    let reference = logits(&twin, 1, false);
+    assert_eq!(logits(&source(), 1, true), reference);
+    // Each row's scale comes from its whole row, so a row-parallel rank's half of o_proj and
+    // down_proj quantizes as the whole does: tp 2 is the same model (sums in another order).
+    assert_close(&logits(&source(), 2, true), &reference, 1e-4, 1e-5, "tp 2");
+}
+
+/// Rewrites `dir/model.safetensors` through `edit` of its tensor list.
+fn edit(dir: &Path, edit: impl FnOnce(&mut Vec<fp8_layouts::Tensor>)) {
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<fp8_layouts::Tensor> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| fp8_layouts::Tensor {
+            name,
+            dtype: t.dtype(),
+            shape: t.shape().to_vec(),
+            data: t.data().to_vec(),
+        })
+        .collect();
+    edit(&mut tensors);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    fp8_layouts::write(dir, &config, &tensors);
+}
+
+fn load_error(dir: &Path) -> Error {
+    let cfg = match ModelConfig::from_file(&dir.join("config.json")) {
+        Ok(cfg) => cfg,
+        Err(e) => return e,
+    };
+    let store = WeightStore::open(dir).unwrap();
+    match Llama::load(&CpuBackend::new(), &cfg, &store, 64, Shard::single(), |_| {}) {
+        Ok(_) => panic!("{} loaded", dir.display()),
+        Err(e) => e,
+    }
+}
+
+fn weights_error(dir: &Path) -> (String, String) {
+    match load_error(dir) {
+        Error::Weights { tensor: Some(t), message, .. } => (t, message),
+        other => panic!("{other:?}"),
+    }
+}
+
+const GATE: &str = "model.layers.1.mlp.gate_proj";
+
+#[test]
+fn bad_fp8_input_names_the_tensor_or_field() {
+    // An FP8 tensor without its scale.
+    let (_t, fp8, _) = pair(Layout::Fbgemm);
+    edit(&fp8, |ts| ts.retain(|t| t.name != format!("{GATE}.weight_scale")));
+    let (tensor, message) = weights_error(&fp8);
+    assert_eq!(tensor, format!("{GATE}.weight"));
+    assert!(message.contains("weight_scale") && message.contains("missing"), "{message}");
+
+    // A per-channel scale of the wrong shape (one value, not one per row).
+    let (_t, fp8, _) = pair(Layout::CompressedDynamic);
+    edit(&fp8, |ts| {
+        let s = ts.iter_mut().find(|t| t.name == format!("{GATE}.weight_scale")).unwrap();
+        s.shape = vec![1];
+        s.data.truncate(2);
+    });
+    let (tensor, message) = weights_error(&fp8);
+    assert_eq!(tensor, format!("{GATE}.weight_scale"));
+    assert!(message.contains("[160, 1]"), "{message}");
+
+    // A per-tensor scale that is a row of values.
+    let (_t, fp8, _) = pair(Layout::CompressedStatic);
+    edit(&fp8, |ts| {
+        let s = ts.iter_mut().find(|t| t.name == format!("{GATE}.weight_scale")).unwrap();
+        s.shape = vec![2];
+        s.data.extend_from_within(..);
+    });
+    assert_eq!(weights_error(&fp8).0, format!("{GATE}.weight_scale"));
+
+    // Static activation scales without their input_scale.
+    let (_t, fp8, _) = pair(Layout::CompressedStatic);
+    edit(&fp8, |ts| ts.retain(|t| t.name != format!("{GATE}.input_scale")));
+    let (tensor, message) = weights_error(&fp8);
+    assert_eq!(tensor, format!("{GATE}.weight"));
+    assert!(message.contains("input_scale"), "{message}");
+
+    // FP8 tensors in a checkpoint whose config says nothing of quantization.
+    let (_t, fp8, _) = pair(Layout::Fbgemm);
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fp8.join("config.json")).unwrap()).unwrap();
+    config.as_object_mut().unwrap().remove("quantization_config");
+    std::fs::write(fp8.join("config.json"), config.to_string()).unwrap();
+    let (tensor, message) = weights_error(&fp8);
+    assert_eq!(tensor, format!("{GATE}.weight"));
+    assert!(message.contains("quantization_config"), "{message}");
+
+    // An FP8 tensor in a module the config keeps unquantized.
+    config["quantization_config"] = fp8_layouts::quantization_config(Layout::Fbgemm, 4);
+    config["quantization_config"]["modules_to_not_convert"].as_array_mut().unwrap().push(GATE.into());
+    std::fs::write(fp8.join("config.json"), config.to_string()).unwrap();
+    let (tensor, message) = weights_error(&fp8);
+    assert_eq!(tensor, format!("{GATE}.weight"));
+    assert!(message.contains("kept unquantized"), "{message}");
+
+    // An unknown method, and an unknown scheme.
+    for (field, value) in [
+        ("quant_method", serde_json::json!("gptq")),
+        ("config_groups", serde_json::json!({"g": {"weights": {"num_bits": 4, "type": "int", "strategy": "group"}}})),
+    ] {
+        let (_t, fp8, _) = pair(Layout::CompressedDynamic);
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fp8.join("config.json")).unwrap()).unwrap();
+        config["quantization_config"][field] = value;
+        std::fs::write(fp8.join("config.json"), config.to_string()).unwrap();
+        match load_error(&fp8) {
+            Error::Config { field: f, .. } => assert!(f.starts_with(&format!("quantization_config.{field}")), "{f}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    // An F8_E4M3 tensor where no scale can be (a norm) is refused, not read as raw e4m3.
+    let (_t, fp8, _) = pair(Layout::Fbgemm);
+    edit(&fp8, |ts| {
+        let n = ts.iter_mut().find(|t| t.name == "model.norm.weight").unwrap();
+        n.dtype = safetensors::Dtype::F8_E4M3;
+        n.data.truncate(n.data.len() / 2);
+    });
+    let (tensor, message) = weights_error(&fp8);
+    assert_eq!(tensor, "model.norm.weight");
+    assert!(message.contains("no scale"), "{message}");
+}
