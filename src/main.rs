@@ -52,6 +52,10 @@ pub struct ModelArgs {
     /// A secret every rank must present to join rank 0 (the same on every rank).
     #[arg(long, env = "TULU_DIST_TOKEN", hide_env_values = true)]
     pub dist_token: Option<String>,
+    /// Quantize the linear weights while loading: fp8 (e4m3, one scale per output row).
+    /// Embeddings, norms and lm_head stay as stored; FP8 checkpoints need no flag.
+    #[arg(long)]
+    pub quantize: Option<tulu::quant::Quantize>,
 }
 
 /// Sampling flags: any one given overrides the model's generation_config defaults. Numbers may

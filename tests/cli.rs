@@ -357,7 +357,14 @@ fn inspect_sizes_tulu3_405b_from_its_config_alone() {
         assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
     }
     let out = tulu(&["inspect", "--model", cfg, "--tp", "8", "--gpu-mem", "80GiB"]);
-    expect_failure(&out, "405B at tp 8 on 80 GiB", &["--tp 16"]);
+    expect_failure(&out, "405B at tp 8 on 80 GiB", &["--tp 16", "with --quantize fp8, --tp 8"]);
+    // In FP8 it fits one node of eight 80 GiB GPUs, with its KV budget.
+    let out = tulu(&["inspect", "--model", cfg, "--tp", "8", "--gpu-mem", "80GiB", "--quantize", "fp8"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for needle in ["weights per rank: 47.77 GiB", "kv budget per rank: 22.23 GiB → 370050 tokens", "fp8 e4m3"] {
+        assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
+    }
     let out = tulu(&["inspect", "--model", cfg, "--tp", "3", "--gpu-mem", "80GiB"]);
     expect_failure(&out, "tp 3", &["tp", "valid: 1, 2, 4, 8"]);
 }

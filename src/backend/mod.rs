@@ -156,11 +156,11 @@ pub trait Backend: Send + Sync + 'static {
         self.upload(&w.dequantize(), w.rows, w.cols)
     }
 
-    /// Bytes one element of an FP8 weight takes on this device, scales aside (4 where it is
-    /// kept dequantized in f32, 1 where it is stored in e4m3): the figure decode traffic of an
-    /// FP8 model is counted in.
-    fn fp8_weight_bytes(&self) -> usize {
-        self.element_bytes()
+    /// Whether FP8 weights stay in e4m3 on this device (one byte an element plus an f32 scale
+    /// a row); when not, they take [`Backend::element_bytes`] like any weight. What a step's
+    /// traffic and a rank's weights are counted in.
+    fn stores_fp8(&self) -> bool {
+        false
     }
 
     /// Generates one weight of pseudo-random `parts` concatenated along rows, on the device

@@ -25,6 +25,7 @@ pub fn engine_options(args: &ModelArgs) -> Result<EngineOptions> {
     opts.dist_timeout = std::time::Duration::try_from_secs_f64(args.dist_timeout)
         .map_err(|_| Error::request("dist-timeout", "must be a number of seconds ≥ 0"))?;
     opts.dist_token = args.dist_token.clone();
+    opts.quantize = args.quantize;
     opts.world = match WorldSpec::from_vars(|k| std::env::var(k).ok())? {
         Some(spec) => Some(spec),
         None if args.nnodes > 1 => {

@@ -47,6 +47,9 @@ pub struct EngineOptions {
     /// A secret every rank of a multi-process world must present to join rank 0
     /// (`--dist-token` / `TULU_DIST_TOKEN`); `None`: no token.
     pub dist_token: Option<String>,
+    /// Quantize a bf16 checkpoint's linear weights while loading (`--quantize fp8`); an FP8
+    /// checkpoint is FP8 without it.
+    pub quantize: Option<crate::quant::Quantize>,
 }
 
 impl EngineOptions {
@@ -68,6 +71,7 @@ impl EngineOptions {
             world: None,
             dist_timeout: Duration::from_secs(300),
             dist_token: None,
+            quantize: None,
         }
     }
 

@@ -121,6 +121,16 @@ impl Quantization {
         self.method == QuantMethod::AtLoad && module != "lm_head" && !self.keeps(module)
     }
 
+    /// Whether linear `module` is expected in FP8: quantized while loading, or not kept by the
+    /// checkpoint's lists (a checkpoint's stored dtype has the last word when it loads; this is
+    /// what sizing from `config.json` alone assumes).
+    pub fn linear_is_fp8(&self, module: &str) -> bool {
+        match self.method {
+            QuantMethod::AtLoad => self.quantizes_at_load(module),
+            _ => !self.keeps(module),
+        }
+    }
+
     /// A one-line description for `tulu inspect` and logs.
     pub fn describe(&self) -> String {
         match &self.method {
@@ -140,6 +150,16 @@ impl Quantization {
 pub enum Quantize {
     /// e4m3 weights with per-output-channel f32 scales.
     Fp8,
+}
+
+impl Quantize {
+    /// Makes `cfg` load quantized: a checkpoint already in FP8 keeps its own scales; any other
+    /// gets [`Quantization::at_load`].
+    pub fn apply(self, cfg: &mut crate::config::ModelConfig) {
+        if cfg.quantization.is_none() {
+            cfg.quantization = Some(Quantization::at_load());
+        }
+    }
 }
 
 impl FromStr for Quantize {
