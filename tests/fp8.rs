@@ -209,3 +209,40 @@ fn bad_fp8_input_names_the_tensor_or_field() {
     assert_eq!(tensor, "model.norm.weight");
     assert!(message.contains("no scale"), "{message}");
 }
+
+/// The CPU's FP8 matmul (weights quantized while loading, dequantized at load) against the f32
+/// one on fresh random inputs: every output within e4m3's worst case, `2⁻⁴ · Σ|w·x|` (each
+/// weight rounded to 3 mantissa bits: relative error ≤ 2⁻⁴; the row's largest maps to 448, so
+/// none saturates), plus f32 summation noise — and not equal to it (it did quantize).
+#[test]
+fn fp8_matmul_stays_within_e4m3_rounding_of_f32() {
+    use tulu::backend::cpu::CpuTensor;
+    use tulu::backend::Backend;
+    use tulu::weights::{DType, TensorRef};
+    let (rows, cols, tokens) = (67, 300, 5);
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let mut state = seed | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f32 / (1u64 << 53) as f32 * 2.0 - 1.0
+    };
+    // Rows of very different magnitudes: per-row scales must follow each.
+    let w: Vec<f32> = (0..rows * cols).map(|i| next() * 10f32.powi((i / cols % 5) as i32 - 2)).collect();
+    let x: Vec<f32> = (0..tokens * cols).map(|_| next()).collect();
+    let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let shape = [rows, cols];
+    let t = TensorRef { name: "w", file: Path::new("mem"), dtype: DType::F32, shape: &shape, bytes: &bytes };
+    let cpu = CpuBackend::new();
+    let xt = CpuTensor::new(x.clone(), tokens, cols).unwrap();
+    let exact = cpu.to_host(&cpu.matmul(&xt, &cpu.load_weight(&[t.full()]).unwrap()).unwrap()).unwrap();
+    let fp8 = cpu.to_host(&cpu.matmul(&xt, &cpu.load_fp8_weight(&[t.full()]).unwrap()).unwrap()).unwrap();
+    assert_ne!(fp8, exact, "seed {seed}");
+    for (i, (a, b)) in fp8.iter().zip(&exact).enumerate() {
+        let (tok, r) = (i / rows, i % rows);
+        let abs_dot: f32 = (0..cols).map(|c| (w[r * cols + c] * x[tok * cols + c]).abs()).sum();
+        let bound = 2f32.powi(-4) * abs_dot + 1e-5 * abs_dot + 1e-30;
+        assert!((a - b).abs() <= bound, "seed {seed}: output {i}: {a} vs {b}, bound {bound}");
+    }
+}

@@ -8,6 +8,8 @@
 //! tensor quantized while loading gets each row's scale from its whole row, even when a rank
 //! takes only some of its columns, so the quantized model is the same at every `--tp`.
 
+use rayon::prelude::*;
+
 use super::random::{self, RandomSlice};
 use super::{fused_shape, DType, TensorRef, TensorSlice, WeightStore};
 use crate::error::{Error, Result};
@@ -160,13 +162,22 @@ impl Fp8Rows {
     pub fn from_random(parts: &[RandomSlice]) -> Result<Self> {
         let (rows, cols) = random::fused_shape(parts)?;
         let mut w = Fp8Rows { bytes: Vec::with_capacity(rows * cols), scales: Vec::with_capacity(rows), rows, cols };
-        let mut full = Vec::new();
         for p in parts {
-            for r in p.rows.clone() {
-                full.clear();
-                full.extend((0..p.total_cols).map(|c| p.value(r, c)));
-                let row = &full[p.cols.start..p.cols.end];
-                w.scales.push(e4m3::quantize_row_with(row, e4m3::scale_for(&full), &mut w.bytes));
+            // Generated in parallel (an 8B model's weights are billions of values), in row order.
+            let quantized: Vec<(Vec<u8>, f32)> = p
+                .rows
+                .clone()
+                .into_par_iter()
+                .map(|r| {
+                    let full: Vec<f32> = (0..p.total_cols).map(|c| p.value(r, c)).collect();
+                    let mut bytes = Vec::with_capacity(p.cols.len());
+                    let scale = e4m3::quantize_row_with(&full[p.cols.clone()], e4m3::scale_for(&full), &mut bytes);
+                    (bytes, scale)
+                })
+                .collect();
+            for (bytes, scale) in quantized {
+                w.bytes.extend_from_slice(&bytes);
+                w.scales.push(scale);
             }
             w.pad(p.pad_rows);
         }
