@@ -416,6 +416,24 @@ fn bench_random_weights_reports_every_case_against_measured_ceilings() {
         assert!(d["fraction_of_read_bw"].as_f64().unwrap() < 1.5, "{d}");
     }
 
+    // FP8 weights: the line says so, and counts the step's bytes as this device stores them.
+    let lines = bench_lines(&[
+        "bench",
+        "--preset",
+        "tiny",
+        "--random-weights",
+        "--quantize",
+        "fp8",
+        "--prompt-len",
+        "5",
+        "--gen-len",
+        "2",
+    ]);
+    let decode = cases(&lines, "decode");
+    assert!(decode[0]["weights"].as_str().is_some_and(|w| w.contains("fp8")), "{}", decode[0]);
+    assert_eq!(decode[0]["weights_stored_fp8"], false, "the CPU keeps FP8 weights dequantized");
+    assert!(decode[0]["step_mb"].as_f64().is_some_and(|x| x > 0.0));
+
     // One rank's shard of a tp 2 model, timed per layer and projected to the full depth.
     let lines = bench_lines(&[
         "bench",

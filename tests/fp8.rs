@@ -246,3 +246,17 @@ fn fp8_matmul_stays_within_e4m3_rounding_of_f32() {
         assert!((a - b).abs() <= bound, "seed {seed}: output {i}: {a} vs {b}, bound {bound}");
     }
 }
+
+/// The library option end to end: SmolLM2 quantized while loading still answers the question
+/// (greedy, through the engine).
+#[test]
+fn smollm2_quantized_at_load_knows_the_capital_of_france() {
+    let mut opts = tulu::EngineOptions::new(common::smollm2_dir().to_string_lossy());
+    opts.quantize = Some(tulu::quant::Quantize::Fp8);
+    let engine = tulu::Engine::load(opts).unwrap();
+    assert!(engine.config().quantization.is_some());
+    let msg = tulu::ChatMessage { role: "user".into(), content: "What is the capital of France?".into() };
+    let req = tulu::GenerateRequest::chat(vec![msg]).max_tokens(32).sampling(tulu::SamplingParams::greedy());
+    let (text, _) = common::run(&engine, req);
+    assert!(text.contains("Paris"), "answer: {text:?}");
+}
