@@ -136,6 +136,16 @@ mod tests {
         WorldSpec::from_nodes(3, rank, 1, 0, "127.0.0.1", 1).unwrap()
     }
 
+    /// A rank started with `--quantize fp8` holds another model than one without: their
+    /// handshakes differ.
+    #[test]
+    fn quantizing_at_load_changes_the_config_hash() {
+        let tiny = ModelConfig::preset("tiny").unwrap();
+        let mut fp8 = tiny.clone();
+        crate::quant::Quantize::Fp8.apply(&mut fp8);
+        assert_ne!(config_hash(&tiny, 2), config_hash(&fp8, 2));
+    }
+
     #[test]
     fn handshakes_round_trip_and_rank_0_admits_only_its_own_kind() {
         let tiny = ModelConfig::preset("tiny").unwrap();
