@@ -1,7 +1,7 @@
 //! What FP8 weights cost in accuracy: a model loaded as stored and loaded with `--quantize fp8`
 //! (both on the CPU backend, which computes in f32 from the dequantized weights), compared on
 //! many prompts: `cargo bench --bench fp8_accuracy -- --model DIR` (prompts are paragraphs of the
-//! repo's Markdown, tokenized) or `-- --preset tiny` (random weights, random prompts).
+//! repo's Markdown, tokenized, in windows) or `-- --preset tiny` (random weights, random prompts).
 //!
 //! Prints one JSON line: every position's next-token logits compared (relative RMS error, the
 //! largest error, how many logits stay within the first-order noise estimate), and the greedy
@@ -51,7 +51,8 @@ fn main() {
     }
 }
 
-/// Paragraphs of the repo's Markdown files of at least 16 tokens, cut to `len`.
+/// Consecutive `len`-token windows of the repo's Markdown files (README.md, docs/*.md), tokenized
+/// whole: real English and code, the first `n` windows.
 fn text_prompts(tok: &Tokenizer, n: usize, len: usize) -> Result<Vec<Vec<u32>>> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut files = vec![root.join("README.md")];
@@ -63,14 +64,10 @@ fn text_prompts(tok: &Tokenizer, n: usize, len: usize) -> Result<Vec<Vec<u32>>> 
     let mut prompts = Vec::new();
     for f in files {
         let text = std::fs::read_to_string(&f).map_err(|e| Error::io(&f, e))?;
-        for para in text.split("\n\n").filter(|p| !p.trim_start().starts_with(['|', '`', '#'])) {
-            let mut ids = tok.encode_raw(para.trim())?;
-            if ids.len() >= 16 && prompts.len() < n {
-                ids.truncate(len);
-                prompts.push(ids);
-            }
-        }
+        let ids = tok.encode_raw(&text)?;
+        prompts.extend(ids.chunks_exact(len.max(1)).map(<[u32]>::to_vec));
     }
+    prompts.truncate(n);
     Ok(prompts)
 }
 
