@@ -55,6 +55,8 @@ pub struct ModelConfig {
     pub max_position_embeddings: usize,
     /// The dtype the checkpoint was saved in, as the config states it.
     pub torch_dtype: Option<String>,
+    /// FP8 weights: the checkpoint's `quantization_config`, or `--quantize fp8`.
+    pub quantization: Option<crate::quant::Quantization>,
 }
 
 /// The sampling defaults and EOS ids of `generation_config.json`.
@@ -237,6 +239,7 @@ impl ModelConfig {
             eos_token_ids: f.ids("eos_token_id")?,
             max_position_embeddings: f.positive("max_position_embeddings")?,
             torch_dtype: f.str_opt("torch_dtype")?.map(str::to_owned),
+            quantization: crate::quant::config::parse(obj.get("quantization_config"), file)?,
         };
         cfg.check_size(file)?;
         if let Some(dtype) = &cfg.torch_dtype {
@@ -271,6 +274,9 @@ impl ModelConfig {
             "bos_token_id": self.bos_token_id,
             "eos_token_id": match self.eos_token_ids.as_slice() { [one] => json!(one), ids => json!(ids) },
         });
+        if let Some(raw) = self.quantization.as_ref().and_then(|q| q.raw.clone()) {
+            v["quantization_config"] = raw;
+        }
         if let Some(s) = &self.rope_scaling {
             v["rope_scaling"] = json!({
                 "rope_type": "llama3",
@@ -375,6 +381,7 @@ impl ModelConfig {
             eos_token_ids: vec![128_001],
             max_position_embeddings: 131_072,
             torch_dtype: Some("bfloat16".into()),
+            quantization: None,
         };
         Ok(match name {
             "tiny" => ModelConfig {
@@ -395,6 +402,7 @@ impl ModelConfig {
                     original_max_position_embeddings: 32,
                 }),
                 torch_dtype: Some("float32".into()),
+                quantization: None,
                 ..llama31(64, 160, 2, 8)
             },
             "llama-3.1-8b" => llama31(4096, 14336, 32, 32),

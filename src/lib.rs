@@ -12,6 +12,7 @@ pub mod hub;
 pub mod model;
 pub mod parallel;
 pub mod process_memory;
+pub mod quant;
 pub mod rope;
 pub mod runtime;
 pub mod server;

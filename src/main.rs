@@ -55,6 +55,10 @@ pub struct ModelArgs {
     /// Run every step eagerly: no CUDA graphs for decode steps (debugging, or to compare).
     #[arg(long)]
     pub enforce_eager: bool,
+    /// Quantize the linear weights while loading: fp8 (e4m3, one scale per output row).
+    /// Embeddings, norms and lm_head stay as stored; FP8 checkpoints need no flag.
+    #[arg(long)]
+    pub quantize: Option<tulu::quant::Quantize>,
 }
 
 /// Sampling flags: any one given overrides the model's generation_config defaults. Numbers may

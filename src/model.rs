@@ -16,11 +16,12 @@ use crate::error::{Error, Result};
 use crate::parallel::sharding::{Shard, ShardPlan};
 use crate::parallel::sizing::{head_weight_elements, layer_weight_elements, rank_weight_elements};
 use crate::parallel::Communicator;
+use crate::quant::Quantization;
 use crate::rope::RopeTable;
 use crate::runtime::batch::Batch;
 use crate::runtime::sampler::{Sampled, StepOutput, StepSampling, NON_FINITE};
 use crate::weights::random::RandomSlice;
-use crate::weights::{TensorSlice, WeightStore};
+use crate::weights::{fp8, DType, TensorSlice, WeightStore};
 
 struct Layer<B: Backend> {
     input_norm: B::Weight,
@@ -87,7 +88,9 @@ impl<B: Backend> Llama<B> {
         let plan = ShardPlan::new(cfg, shard)?;
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let (q, kv) = (cfg.q_dim(), cfg.kv_dim());
-        let weight = |parts: &[Part]| source.weight(backend, parts);
+        let weight = |parts: &[Part]| source.weight(backend, parts, None);
+        // Linear weights may be FP8 (stored so, or quantized while loading); norms and embeddings never.
+        let linear = |parts: &[Part]| source.weight(backend, parts, Some(cfg.quantization.as_ref()));
         let vocab = |name: &str| Part::rows(name, &[cfg.vocab_size, h], plan.vocab_rows.clone(), plan.vocab_padding());
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
@@ -96,22 +99,22 @@ impl<B: Backend> Llama<B> {
             let norm = |n: &str| Part::full(&format!("model.layers.{l}.{n}.weight"), &[h]);
             layers.push(Layer {
                 input_norm: weight(&[norm("input_layernorm")])?,
-                qkv: weight(&[
+                qkv: linear(&[
                     Part::rows(&attn("q_proj"), &[q, h], plan.q_rows.clone(), 0),
                     Part::rows(&attn("k_proj"), &[kv, h], plan.kv_rows.clone(), 0),
                     Part::rows(&attn("v_proj"), &[kv, h], plan.kv_rows.clone(), 0),
                 ])?,
-                o_proj: weight(&[Part::cols(&attn("o_proj"), &[h, q], plan.q_rows.clone())])?,
+                o_proj: linear(&[Part::cols(&attn("o_proj"), &[h, q], plan.q_rows.clone())])?,
                 post_norm: weight(&[norm("post_attention_layernorm")])?,
-                gate_up: weight(&[
+                gate_up: linear(&[
                     Part::rows(&mlp("gate_proj"), &[i, h], plan.mlp_rows.clone(), 0),
                     Part::rows(&mlp("up_proj"), &[i, h], plan.mlp_rows.clone(), 0),
                 ])?,
-                down: weight(&[Part::cols(&mlp("down_proj"), &[h, i], plan.mlp_rows.clone())])?,
+                down: linear(&[Part::cols(&mlp("down_proj"), &[h, i], plan.mlp_rows.clone())])?,
             });
             on_layer(l + 1);
         }
-        let lm_head = if cfg.tie_word_embeddings { None } else { Some(weight(&[vocab("lm_head.weight")])?) };
+        let lm_head = if cfg.tie_word_embeddings { None } else { Some(linear(&[vocab("lm_head.weight")])?) };
         let rope = RopeTable::new(cfg, max_positions);
         Ok(Llama {
             cfg: cfg.clone(),
@@ -420,19 +423,37 @@ impl Part {
 }
 
 impl Source<'_> {
-    /// One weight made of `parts` concatenated along rows, on `backend`.
-    fn weight<B: Backend>(&self, backend: &B, parts: &[Part]) -> Result<B::Weight> {
+    /// One weight made of `parts` concatenated along rows, on `backend`. `linear` is `None` for
+    /// norms and embeddings, and for a linear weight the model's quantization: its FP8 parts
+    /// load with their scales, and with `--quantize fp8` its bf16 parts are quantized.
+    fn weight<B: Backend>(
+        &self,
+        backend: &B,
+        parts: &[Part],
+        linear: Option<Option<&Quantization>>,
+    ) -> Result<B::Weight> {
+        let at_load = |p: &Part| {
+            let module = p.name.strip_suffix(".weight").unwrap_or(&p.name);
+            linear.flatten().is_some_and(|q| q.quantizes_at_load(module))
+        };
         match self {
             Source::Checkpoint(store) => {
                 let slices = parts
                     .iter()
                     .map(|p| {
-                        let mut s = store.get(&p.name, &p.shape)?.slice(p.rows.clone(), p.cols.clone());
+                        let t = store.get(&p.name, &p.shape)?;
+                        let mut s = t.slice(p.rows.clone(), p.cols.clone());
                         s.pad_rows = p.pad_rows;
+                        if let (Some(quant), DType::F8E4M3) = (linear, t.dtype) {
+                            s.scale = Some(fp8::scales_for(store, quant, &t)?);
+                        }
                         Ok(s)
                     })
                     .collect::<Result<Vec<TensorSlice<'_>>>>()?;
-                let w = backend.load_weight(&slices)?;
+                let w = match slices.iter().any(|s| s.scale.is_some()) || parts.iter().any(at_load) {
+                    true => backend.load_fp8_weight(&slices)?,
+                    false => backend.load_weight(&slices)?,
+                };
                 // On the device now: its pages need not stay resident (WeightStore::release).
                 for p in parts {
                     store.release(&p.name);
@@ -447,7 +468,10 @@ impl Source<'_> {
                         ..RandomSlice::for_tensor(*seed, &p.name, &p.shape, p.rows.clone(), p.cols.clone())
                     })
                     .collect();
-                backend.random_weight(&slices)
+                match parts.iter().any(at_load) {
+                    true => backend.random_fp8_weight(&slices),
+                    false => backend.random_weight(&slices),
+                }
             }
         }
     }

@@ -357,7 +357,14 @@ fn inspect_sizes_tulu3_405b_from_its_config_alone() {
         assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
     }
     let out = tulu(&["inspect", "--model", cfg, "--tp", "8", "--gpu-mem", "80GiB"]);
-    expect_failure(&out, "405B at tp 8 on 80 GiB", &["--tp 16"]);
+    expect_failure(&out, "405B at tp 8 on 80 GiB", &["--tp 16", "with --quantize fp8, --tp 8"]);
+    // In FP8 it fits one node of eight 80 GiB GPUs, with its KV budget.
+    let out = tulu(&["inspect", "--model", cfg, "--tp", "8", "--gpu-mem", "80GiB", "--quantize", "fp8"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for needle in ["weights per rank: 47.77 GiB", "kv budget per rank: 22.23 GiB → 370050 tokens", "fp8 e4m3"] {
+        assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
+    }
     let out = tulu(&["inspect", "--model", cfg, "--tp", "3", "--gpu-mem", "80GiB"]);
     expect_failure(&out, "tp 3", &["tp", "valid: 1, 2, 4, 8"]);
 }
@@ -408,6 +415,24 @@ fn bench_random_weights_reports_every_case_against_measured_ceilings() {
         }
         assert!(d["fraction_of_read_bw"].as_f64().unwrap() < 1.5, "{d}");
     }
+
+    // FP8 weights: the line says so, and counts the step's bytes as this device stores them.
+    let lines = bench_lines(&[
+        "bench",
+        "--preset",
+        "tiny",
+        "--random-weights",
+        "--quantize",
+        "fp8",
+        "--prompt-len",
+        "5",
+        "--gen-len",
+        "2",
+    ]);
+    let decode = cases(&lines, "decode");
+    assert!(decode[0]["weights"].as_str().is_some_and(|w| w.contains("fp8")), "{}", decode[0]);
+    assert_eq!(decode[0]["weights_stored_fp8"], false, "the CPU keeps FP8 weights dequantized");
+    assert!(decode[0]["step_mb"].as_f64().is_some_and(|x| x > 0.0));
 
     // One rank's shard of a tp 2 model, timed per layer and projected to the full depth.
     let lines = bench_lines(&[

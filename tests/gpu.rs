@@ -119,6 +119,7 @@ fn encode(data: &[f32], dtype: DType) -> Vec<u8> {
         DType::F32 => data.iter().flat_map(|x| x.to_le_bytes()).collect(),
         DType::F16 => data.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
         DType::BF16 => data.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect(),
+        DType::F8E4M3 => data.iter().map(|&x| float8::F8E4M3::from_f32(x).to_bits()).collect(),
     }
 }
 
@@ -128,5 +129,7 @@ mod ops;
 #[path = "gpu/model.rs"]
 mod model;
 
+#[path = "gpu/fp8.rs"]
+mod fp8;
 #[path = "gpu/graphs.rs"]
 mod graphs;

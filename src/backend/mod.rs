@@ -15,6 +15,7 @@ use std::str::FromStr;
 use crate::error::{Error, Result};
 use crate::runtime::batch::Batch;
 use crate::runtime::sampler::RowSampling;
+use crate::weights::fp8::Fp8Rows;
 use crate::weights::random::RandomSlice;
 use crate::weights::TensorSlice;
 
@@ -184,6 +185,28 @@ pub trait Backend: Send + Sync + 'static {
     /// columns; a 1-D tensor is one row). Fusing q/k/v and gate/up is this concatenation, and a
     /// tensor-parallel rank passes only its slices.
     fn load_weight(&self, parts: &[TensorSlice<'_>]) -> Result<Self::Weight>;
+
+    /// Loads a linear weight made of `parts` (as [`Backend::load_weight`]) as e4m3 rows with one
+    /// f32 scale per row ([`crate::weights::fp8::Fp8Rows`]): F8_E4M3 parts keep their bits and
+    /// scales, others are quantized row by row as they stream in. A backend without FP8 storage
+    /// (the CPU, the reference) keeps the dequantized values, which is this default.
+    fn load_fp8_weight(&self, parts: &[TensorSlice<'_>]) -> Result<Self::Weight> {
+        let w = Fp8Rows::from_slices(parts)?;
+        self.upload(&w.dequantize(), w.rows, w.cols)
+    }
+
+    /// [`Backend::random_weight`], quantized as [`Backend::load_fp8_weight`] quantizes.
+    fn random_fp8_weight(&self, parts: &[RandomSlice]) -> Result<Self::Weight> {
+        let w = Fp8Rows::from_random(parts)?;
+        self.upload(&w.dequantize(), w.rows, w.cols)
+    }
+
+    /// Whether FP8 weights stay in e4m3 on this device (one byte an element plus an f32 scale
+    /// a row); when not, they take [`Backend::element_bytes`] like any weight. What a step's
+    /// traffic and a rank's weights are counted in.
+    fn stores_fp8(&self) -> bool {
+        false
+    }
 
     /// Generates one weight of pseudo-random `parts` concatenated along rows, on the device
     /// (benchmarks of model shapes without files; see [`crate::weights::random`]).

@@ -59,6 +59,9 @@ pub struct BenchArgs {
     /// With --serve: the numbers of concurrent clients to measure.
     #[arg(long, default_value = "1,8,32", value_delimiter = ',', requires = "serve")]
     pub concurrency: Vec<usize>,
+    /// Quantize the linear weights while loading (fp8), as `tulu generate --quantize`.
+    #[arg(long)]
+    pub quantize: Option<tulu::quant::Quantize>,
 }
 
 fn tulu_once(engine: &Engine, prompt: &[u32], gen_len: usize) -> Result<Summary> {
@@ -89,6 +92,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let mut opts = EngineOptions::new(model).device(device);
     // Every repetition must pay for its prompt: no prefix cache hits between them.
     opts.prefix_caching = false;
+    opts.quantize = args.quantize;
     let started = Instant::now();
     let engine = Engine::load(opts)?;
     let load_s = started.elapsed().as_secs_f64();

@@ -20,7 +20,7 @@ use tulu::config::ModelConfig;
 use tulu::model::Llama;
 use tulu::parallel::local::{LocalComm, LocalGroup};
 use tulu::parallel::sharding::{Shard, ShardPlan};
-use tulu::parallel::sizing::{head_weight_elements, layer_weight_elements};
+use tulu::parallel::sizing::{head_weight_elements, layer_weight_elements, rank_weight_bytes, ElementBytes};
 use tulu::parallel::{Communicator, SingleRank};
 use tulu::runtime::batch::Batch;
 use tulu::runtime::sampler::{RowSampling, Sampled, StepSampling};
@@ -50,6 +50,10 @@ pub fn bench_model(args: &BenchArgs) -> Result<()> {
         (None, Some(dir)) => ModelConfig::from_file(&dir.join("config.json"))?,
         (None, None) => return Err(Error::request("preset", "--random-weights needs --preset NAME or --model DIR")),
     };
+    let mut full = full;
+    if let Some(q) = args.quantize {
+        q.apply(&mut full);
+    }
     let mut cfg = full.clone();
     if let Some(layers) = args.layers {
         if layers == 0 {
@@ -152,7 +156,12 @@ where
         None
     };
     let plan = ShardPlan::new(cfg, shard)?;
-    let layer_bytes = layer_weight_elements(cfg, &plan) as f64 * eb;
+    // Bytes as this device stores them: FP8 linear weights at one byte an element plus a scale
+    // a row where it keeps e4m3, at its element size where it dequantizes them.
+    let stored = ElementBytes { dense: backend.element_bytes() as u64, fp8: backend.stores_fp8().then_some(1) };
+    let step_weights = rank_weight_bytes(cfg, &plan, &stored, false) as f64;
+    let head_bytes = rank_weight_bytes(&ModelConfig { num_hidden_layers: 0, ..cfg.clone() }, &plan, &stored, false);
+    let layer_bytes = (step_weights - head_bytes as f64) / cfg.num_hidden_layers as f64;
     let mut per_layer = Vec::new();
     // Decode with CUDA graphs and without, in the same run (a backend without graphs runs
     // both eagerly: the CPU prints one row per case).
@@ -172,7 +181,7 @@ where
             };
             backend.reserve(&shape)?;
             let t = time_case(&backend, &model, batch, plen, args.gen_len)?;
-            let weights = model.weight_elements_per_step() as f64 * eb;
+            let weights = step_weights;
             let kv = model.kv_elements_per_token() as f64 * eb * t.mean_context * batch as f64;
             let step_bytes = weights + kv;
             let achieved = step_bytes / t.step_s;
@@ -184,6 +193,8 @@ where
                     "device": backend.describe(),
                     "model": args.preset.clone().unwrap_or_else(|| "config.json".into()),
                     "layers": cfg.num_hidden_layers,
+                    "weights": cfg.quantization.as_ref().map_or("dense".into(), |q| q.describe()),
+                    "weights_stored_fp8": cfg.quantization.is_some() && backend.stores_fp8(),
                     "tp": shard.world,
                     "rank_shard": args.rank_shard,
                     "batch": batch,

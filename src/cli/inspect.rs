@@ -23,6 +23,9 @@ pub struct SizingArgs {
     /// Context length each sequence needs (default: the model's, capped at 8192).
     #[arg(long)]
     pub max_context: Option<u64>,
+    /// Size the model as loaded with --quantize (fp8: linear weights in e4m3).
+    #[arg(long)]
+    pub quantize: Option<tulu::quant::Quantize>,
 }
 
 fn gib(bytes: u64) -> String {
@@ -39,7 +42,10 @@ pub fn inspect(model: &str, sizing: &SizingArgs) -> Result<()> {
         let file = dir.join("config.json");
         (dir, file)
     };
-    let cfg = ModelConfig::from_file(&config_file)?;
+    let mut cfg = ModelConfig::from_file(&config_file)?;
+    if let Some(q) = sizing.quantize {
+        q.apply(&mut cfg);
+    }
     println!("model: {}", dir.display());
     println!("architecture: LlamaForCausalLM");
     println!(
@@ -54,6 +60,9 @@ pub fn inspect(model: &str, sizing: &SizingArgs) -> Result<()> {
     println!("  rope theta {}, scaling {scaling}, max positions {}", cfg.rope_theta, cfg.max_position_embeddings);
     println!("parameters: {} ({:.2} B)", cfg.parameter_count(), cfg.parameter_count() as f64 / 1e9);
     println!("kv cache per token: {} bytes in bf16", cfg.kv_bytes_per_token(2));
+    if let Some(q) = &cfg.quantization {
+        println!("quantization: {}", q.describe());
+    }
     if let Some(mem) = &sizing.gpu_mem {
         plan(&cfg, mem, sizing)?;
     }
@@ -82,7 +91,12 @@ fn plan(cfg: &ModelConfig, mem: &str, a: &SizingArgs) -> Result<()> {
     }
     let context = a.max_context.unwrap_or(8192).min(cfg.max_position_embeddings as u64);
     let s = size_rank(cfg, a.tp, gpu, a.gpu_memory_utilization, 2, context)?;
-    println!("plan: tp {} on GPUs of {mem} at {:.0}% (bf16 weights and KV)", a.tp, a.gpu_memory_utilization * 100.0);
+    let weights = if cfg.quantization.is_some() {
+        "fp8 linear weights, bf16 embeddings, norms and KV"
+    } else {
+        "bf16 weights and KV"
+    };
+    println!("plan: tp {} on GPUs of {mem} at {:.0}% ({weights})", a.tp, a.gpu_memory_utilization * 100.0);
     println!("  weights per rank: {} ({} bytes)", gib(s.weight_bytes), s.weight_bytes);
     println!("  kv cache per token per rank: {} bytes", s.kv_bytes_per_token);
     println!("  kv budget per rank: {} → {} tokens", gib(s.kv_budget), s.kv_tokens);
@@ -91,10 +105,17 @@ fn plan(cfg: &ModelConfig, mem: &str, a: &SizingArgs) -> Result<()> {
         s.max_context, s.concurrent_sequences
     );
     if !s.fits() {
-        let hint = match smallest_fitting_tp(cfg, gpu, a.gpu_memory_utilization, 2, context) {
+        let mut hint = match smallest_fitting_tp(cfg, gpu, a.gpu_memory_utilization, 2, context) {
             Some(n) => format!("the smallest tensor-parallel degree that fits is --tp {n}"),
             None => "no tensor-parallel degree up to 64 fits".into(),
         };
+        if cfg.quantization.is_none() {
+            let mut fp8 = cfg.clone();
+            tulu::quant::Quantize::Fp8.apply(&mut fp8);
+            if let Some(n) = smallest_fitting_tp(&fp8, gpu, a.gpu_memory_utilization, 2, context) {
+                hint.push_str(&format!("; with --quantize fp8, --tp {n}"));
+            }
+        }
         return Err(Error::request(
             "tp",
             format!("{} does not fit a {context}-token context on {mem} GPUs; {hint}", a.tp),

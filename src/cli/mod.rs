@@ -26,6 +26,7 @@ pub fn engine_options(args: &ModelArgs) -> Result<EngineOptions> {
         .map_err(|_| Error::request("dist-timeout", "must be a number of seconds ≥ 0"))?;
     opts.dist_token = args.dist_token.clone();
     opts.enforce_eager = args.enforce_eager;
+    opts.quantize = args.quantize;
     opts.world = match WorldSpec::from_vars(|k| std::env::var(k).ok())? {
         Some(spec) => Some(spec),
         None if args.nnodes > 1 => {

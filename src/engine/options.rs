@@ -49,6 +49,9 @@ pub struct EngineOptions {
     pub dist_token: Option<String>,
     /// Run every step eagerly: no CUDA graphs (`--enforce-eager`, as in vLLM).
     pub enforce_eager: bool,
+    /// Quantize a bf16 checkpoint's linear weights while loading (`--quantize fp8`); an FP8
+    /// checkpoint is FP8 without it.
+    pub quantize: Option<crate::quant::Quantize>,
 }
 
 impl EngineOptions {
@@ -71,6 +74,7 @@ impl EngineOptions {
             dist_timeout: Duration::from_secs(300),
             dist_token: None,
             enforce_eager: false,
+            quantize: None,
         }
     }
 

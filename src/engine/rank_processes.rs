@@ -122,7 +122,10 @@ pub fn run_rank(opts: &EngineOptions) -> Result<()> {
         return Err(Error::request("RANK", "rank 0 runs the engine, not run_rank"));
     }
     let dir = resolve_model(&opts.model, &HubOptions { progress: false, config_only: false })?;
-    let config = ModelConfig::from_file(&dir.join("config.json"))?;
+    let mut config = ModelConfig::from_file(&dir.join("config.json"))?;
+    if let Some(q) = opts.quantize {
+        q.apply(&mut config);
+    }
     let store = WeightStore::open(&dir)?;
     let handshake = Handshake::new(&config, world, opts.dist_token.as_deref())?;
     let control = Arc::new(TcpComm::connect(world, &handshake, opts.dist_timeout)?);

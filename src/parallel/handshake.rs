@@ -34,7 +34,9 @@ pub struct Handshake {
 /// FNV-1a over the config as `config.json` writes it (keys sorted) and the world size: equal on
 /// every rank of one deployment, whatever the machine or build.
 pub fn config_hash(config: &ModelConfig, world_size: usize) -> u64 {
-    let text = format!("{}|world={world_size}", config.to_json());
+    // The quantization too: ranks that quantize differently hold different models.
+    let quant = config.quantization.as_ref().map(|q| format!("|{}", q.describe())).unwrap_or_default();
+    let text = format!("{}|world={world_size}{quant}", config.to_json());
     text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
@@ -132,6 +134,16 @@ mod tests {
 
     fn world(rank: usize) -> WorldSpec {
         WorldSpec::from_nodes(3, rank, 1, 0, "127.0.0.1", 1).unwrap()
+    }
+
+    /// A rank started with `--quantize fp8` holds another model than one without: their
+    /// handshakes differ.
+    #[test]
+    fn quantizing_at_load_changes_the_config_hash() {
+        let tiny = ModelConfig::preset("tiny").unwrap();
+        let mut fp8 = tiny.clone();
+        crate::quant::Quantize::Fp8.apply(&mut fp8);
+        assert_ne!(config_hash(&tiny, 2), config_hash(&fp8, 2));
     }
 
     #[test]

@@ -54,6 +54,56 @@ pub fn rank_weight_elements(cfg: &ModelConfig, plan: &ShardPlan) -> u64 {
     cfg.num_hidden_layers as u64 * layer_weight_elements(cfg, plan) + head_weight_elements(cfg, plan) + embed
 }
 
+/// Bytes of one linear weight of `rows × cols` on a device storing elements in `dense` bytes
+/// and, when `fp8` is set, FP8 weights in e4m3 with an f32 scale per row.
+fn linear_bytes(rows: usize, cols: usize, is_fp8: bool, bytes: &ElementBytes) -> u64 {
+    let (rows, cols) = (rows as u64, cols as u64);
+    match (is_fp8, bytes.fp8) {
+        (true, Some(b)) => rows * cols * b + rows * 4,
+        _ => rows * cols * bytes.dense,
+    }
+}
+
+/// How a device stores weights: `dense` bytes an element, and `fp8` bytes an element of an FP8
+/// weight when it keeps them in e4m3 (`None`: dequantized to `dense`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ElementBytes {
+    /// Bytes of a bf16/f32 weight element.
+    pub dense: u64,
+    /// Bytes of an FP8 weight element, when stored as such.
+    pub fp8: Option<u64>,
+}
+
+/// Weight bytes on the rank `plan` describes, with the linear weights `cfg.quantization` makes
+/// FP8 counted as such: one step's reads (every layer and the head), plus the embedding shard
+/// when `resident` (unless it is the lm_head).
+pub fn rank_weight_bytes(cfg: &ModelConfig, plan: &ShardPlan, bytes: &ElementBytes, resident: bool) -> u64 {
+    let h = cfg.hidden_size;
+    let fp8 = |module: &str| cfg.quantization.as_ref().is_some_and(|q| q.linear_is_fp8(module));
+    let (q, kv, mlp) = (plan.q_rows.len(), plan.kv_rows.len(), plan.mlp_rows.len());
+    let mut total = 0;
+    for l in 0..cfg.num_hidden_layers {
+        let attn = |n: &str| fp8(&format!("model.layers.{l}.self_attn.{n}"));
+        let ffn = |n: &str| fp8(&format!("model.layers.{l}.mlp.{n}"));
+        total += 2 * h as u64 * bytes.dense
+            + linear_bytes(q, h, attn("q_proj"), bytes)
+            + 2 * linear_bytes(kv, h, attn("k_proj"), bytes)
+            + linear_bytes(h, q, attn("o_proj"), bytes)
+            + 2 * linear_bytes(mlp, h, ffn("gate_proj"), bytes)
+            + linear_bytes(h, mlp, ffn("down_proj"), bytes);
+    }
+    let vocab = plan.vocab_rows_per_rank;
+    let lm_head = match cfg.tie_word_embeddings {
+        true => linear_bytes(vocab, h, false, bytes),
+        false => linear_bytes(vocab, h, fp8("lm_head"), bytes),
+    };
+    let embed = match resident && !cfg.tie_word_embeddings {
+        true => linear_bytes(vocab, h, false, bytes),
+        false => 0,
+    };
+    total + h as u64 * bytes.dense + lm_head + embed
+}
+
 /// Parameters per rank at `tp` (the largest rank: vocab shards are padded to equal size).
 pub fn rank_parameters(cfg: &ModelConfig, tp: usize) -> Result<u64> {
     Ok(rank_weight_elements(cfg, &ShardPlan::new(cfg, Shard { rank: 0, world: tp })?))
@@ -70,7 +120,9 @@ pub fn size_rank(
     context: u64,
 ) -> Result<RankSizing> {
     let p = ShardPlan::new(cfg, Shard { rank: 0, world: tp })?;
-    let weight_bytes = rank_parameters(cfg, tp)? * bytes_per_elem;
+    // On a GPU, FP8 weights stay in e4m3.
+    let stored = ElementBytes { dense: bytes_per_elem, fp8: Some(1) };
+    let weight_bytes = rank_weight_bytes(cfg, &p, &stored, true);
     let kv_bytes_per_token = (cfg.num_hidden_layers * p.kv_heads * cfg.head_dim * 2) as u64 * bytes_per_elem;
     let usable = (gpu_bytes as f64 * utilization) as u64;
     let kv_budget = usable.saturating_sub(weight_bytes + WORKSPACE_BYTES);
@@ -152,6 +204,32 @@ mod tests {
         assert!(!size_rank(&cfg, 8, 80 << 30, 0.9, 2, 8192).unwrap().fits());
         assert_eq!(smallest_fitting_tp(&cfg, 80 << 30, 0.9, 2, 8192), Some(16));
         assert_eq!(smallest_fitting_tp(&cfg, parse_bytes("141GB").unwrap(), 0.9, 2, 8192), Some(8));
+    }
+
+    /// In FP8 (quantized while loading: every linear but lm_head), 405B fits one node of eight
+    /// 80 GiB GPUs with room for its KV cache: per rank, each layer's linear weights at one byte
+    /// an element plus an f32 scale a row, norms, the lm_head and embedding shards in bf16.
+    #[test]
+    fn tulu3_405b_in_fp8_fits_one_node_of_h100s() {
+        let mut cfg = tulu3_405b();
+        cfg.quantization = Some(crate::quant::Quantization::at_load());
+        let linear = (2048 + 2 * 128) * 16384 + 16384 * 2048 + 3 * 16384 * 6656;
+        let rows = 2048 + 2 * 128 + 16384 + 2 * 6656 + 16384;
+        let layer = linear + 4 * rows + 2 * 16384 * 2;
+        let s = size_rank(&cfg, 8, 80 << 30, 0.9, 2, 8192).unwrap();
+        assert_eq!(s.weight_bytes, 126 * layer + 16384 * 2 + 2 * 16033 * 16384 * 2);
+        assert!(s.fits());
+        assert_eq!(s.kv_bytes_per_token, 126 * 128 * 2 * 2);
+        assert!(s.kv_tokens > 300_000, "{}", s.kv_tokens);
+        assert_eq!(smallest_fitting_tp(&cfg, 80 << 30, 0.9, 2, 8192), Some(8));
+        // Meta's fbgemm layout keeps attention and the first and last layers' MLPs in bf16, and
+        // still fits.
+        let mut keep: Vec<String> = (0..126).map(|l| format!("model.layers.{l}.self_attn")).collect();
+        keep.extend(["model.layers.0.mlp".into(), "model.layers.125.mlp".into(), "lm_head".into()]);
+        let v = serde_json::json!({"quant_method": "fbgemm_fp8", "modules_to_not_convert": keep});
+        cfg.quantization = crate::quant::config::parse(Some(&v), std::path::Path::new("config.json")).unwrap();
+        let fb = size_rank(&cfg, 8, 80 << 30, 0.9, 2, 8192).unwrap();
+        assert!(fb.fits() && fb.weight_bytes > s.weight_bytes);
     }
 
     #[test]

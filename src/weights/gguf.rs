@@ -302,6 +302,7 @@ fn read_model(meta: &Meta) -> Result<(ModelConfig, GgufTokenizer)> {
         eos_token_ids: tok.ids.eos.into_iter().collect(),
         max_position_embeddings: meta.usize("llama.context_length")?,
         torch_dtype: None,
+        quantization: None,
     };
     Ok((cfg, tok))
 }

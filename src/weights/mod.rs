@@ -6,6 +6,7 @@
 //! fetched by name with their expected shape; dtype, presence and shape are checked before any
 //! byte is read. Backends convert from the mapped bytes themselves, so nothing is copied twice.
 
+pub mod fp8;
 pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod random;
@@ -30,6 +31,8 @@ pub enum DType {
     F16,
     /// bfloat16.
     BF16,
+    /// FP8 e4m3 (`float8_e4m3fn`): meaningful only with the scales of [`fp8::RowScales`].
+    F8E4M3,
 }
 
 impl DType {
@@ -38,6 +41,7 @@ impl DType {
         match self {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
+            DType::F8E4M3 => 1,
         }
     }
 
@@ -47,6 +51,7 @@ impl DType {
             DType::F32 => "F32",
             DType::F16 => "F16",
             DType::BF16 => "BF16",
+            DType::F8E4M3 => "F8_E4M3",
         }
     }
 }
@@ -127,11 +132,12 @@ impl WeightStore {
                 StDtype::F32 => DType::F32,
                 StDtype::F16 => DType::F16,
                 StDtype::BF16 => DType::BF16,
+                StDtype::F8_E4M3 => DType::F8E4M3,
                 other => {
                     return Err(Error::weights(
                         path,
                         Some(&name),
-                        format!("dtype {other:?} is not supported (F32, F16 or BF16)"),
+                        format!("dtype {other:?} is not supported (F32, F16, BF16 or F8_E4M3)"),
                     ))
                 }
             };
@@ -231,6 +237,8 @@ pub struct TensorSlice<'a> {
     pub cols: Range<usize>,
     /// Zero rows appended (a vocab shard padded to the common shard size).
     pub pad_rows: usize,
+    /// The scales of an F8_E4M3 tensor (`None` for every other dtype).
+    pub scale: Option<fp8::RowScales<'a>>,
 }
 
 impl<'a> TensorSlice<'a> {
@@ -247,7 +255,8 @@ impl<'a> TensorSlice<'a> {
         self.rows.clone().map(move |r| &bytes[(r * width + self.cols.start) * size..(r * width + self.cols.end) * size])
     }
 
-    /// Appends the slice, converted to f32 and padded, to `out`.
+    /// Appends the slice, converted to f32 and padded, to `out` (FP8 slices go through
+    /// [`fp8::Fp8Rows`], which applies their scales).
     pub fn extend_f32(&self, out: &mut Vec<f32>) {
         let width = self.tensor.shape.get(1).copied().unwrap_or(self.tensor.shape[0]);
         for r in self.rows.clone() {
@@ -263,6 +272,10 @@ pub fn fused_shape(parts: &[TensorSlice<'_>]) -> Result<(usize, usize)> {
     let first = parts.first().ok_or_else(|| Error::Backend("a weight needs at least one part".into()))?;
     let cols = first.shape().1;
     for p in parts {
+        if p.tensor.dtype == DType::F8E4M3 && p.scale.is_none() {
+            let t = &p.tensor;
+            return Err(Error::weights(t.file, Some(t.name), "is stored in F8_E4M3 but has no scale"));
+        }
         if p.shape().1 != cols {
             let t = &p.tensor;
             return Err(Error::weights(
@@ -283,7 +296,7 @@ impl<'a> TensorRef<'a> {
             [n] => (1, *n),
             _ => (1, self.len()),
         };
-        TensorSlice { tensor: self, rows: 0..rows, cols: 0..cols, pad_rows: 0 }
+        TensorSlice { tensor: self, rows: 0..rows, cols: 0..cols, pad_rows: 0, scale: None }
     }
 
     /// Rows `rows` of a 2-D tensor, all columns (a column-parallel rank's part).
@@ -300,7 +313,7 @@ impl<'a> TensorRef<'a> {
 
     /// Rows `rows` and columns `cols` of a 2-D tensor (or columns of a 1-D one, with rows `0..1`).
     pub fn slice(self, rows: Range<usize>, cols: Range<usize>) -> TensorSlice<'a> {
-        TensorSlice { tensor: self, rows, cols, pad_rows: 0 }
+        TensorSlice { tensor: self, rows, cols, pad_rows: 0, scale: None }
     }
 }
 
@@ -323,6 +336,7 @@ impl TensorRef<'_> {
             DType::F32 => out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
             DType::F16 => out.extend(bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())),
             DType::BF16 => out.extend(bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())),
+            DType::F8E4M3 => out.extend(bytes.iter().map(|&b| crate::quant::e4m3::to_f32(b))),
         }
     }
 }

@@ -21,12 +21,16 @@ use cudarc::cublaslt::{Matmul, MatmulConfig};
 use cudarc::driver::CudaSlice;
 use half::bf16;
 
+use super::memory::WeightData;
 use super::{CudaBackend, CudaResultExt, CudaTensor, CudaWeight};
 use crate::error::Result;
 
 impl CudaBackend {
     /// Shapes checked by `contract::matmul`.
     pub(crate) fn matmul_impl(&self, x: &CudaTensor, w: &CudaWeight) -> Result<CudaTensor> {
+        if let WeightData::Fp8 { .. } = w.data {
+            return self.matmul_fp8(x, w);
+        }
         let wd = w.bf16("matmul")?;
         let (m, n, k) = (x.rows, w.rows, w.cols);
         if m == 0 || n == 0 {

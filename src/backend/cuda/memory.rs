@@ -43,10 +43,12 @@ impl CudaTensor {
     }
 }
 
-/// A weight's device storage: bf16 for checkpoint tensors, f32 for host tables (RoPE).
+/// A weight's device storage: bf16 for checkpoint tensors, f32 for host tables (RoPE), e4m3
+/// bytes with an f32 scale per row for FP8 linear weights (gemv_fp8.rs).
 pub(crate) enum WeightData {
     Bf16(CudaSlice<bf16>),
     F32(CudaSlice<f32>),
+    Fp8 { bytes: CudaSlice<u8>, scales: CudaSlice<f32> },
 }
 
 /// A weight matrix or vector resident on the device (`rows × cols`; vectors have one row).
@@ -75,6 +77,7 @@ impl CudaWeight {
         match &self.data {
             WeightData::Bf16(d) => Ok(d),
             WeightData::F32(_) => Err(Error::Backend(format!("{op}: expected a bf16 weight, got an f32 table"))),
+            WeightData::Fp8 { .. } => Err(Error::Backend(format!("{op}: expected a bf16 weight, got an fp8 one"))),
         }
     }
 
@@ -82,7 +85,9 @@ impl CudaWeight {
     pub(crate) fn f32(&self, op: &str) -> Result<&CudaSlice<f32>> {
         match &self.data {
             WeightData::F32(d) => Ok(d),
-            WeightData::Bf16(_) => Err(Error::Backend(format!("{op}: expected an f32 table, got a bf16 weight"))),
+            WeightData::Bf16(_) | WeightData::Fp8 { .. } => {
+                Err(Error::Backend(format!("{op}: expected an f32 table, got a weight")))
+            }
         }
     }
 }
@@ -271,6 +276,9 @@ impl Stager<'_> {
                         *o = bf16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
                     }
                 }
+                // FP8 weights load through `load_fp8_weight`; `fused_shape` refuses F8 parts
+                // without scales before any row gets here.
+                DType::F8E4M3 => return Err(Error::Backend("an F8_E4M3 tensor reached the bf16 loader".into())),
             }
             self.fill += n;
             bytes = rest;

@@ -23,6 +23,7 @@ mod elementwise;
 mod embedding;
 mod gemm;
 mod gemv;
+mod gemv_fp8;
 mod graphs;
 mod memory;
 mod module;
@@ -314,6 +315,22 @@ impl Backend for CudaBackend {
 
     fn element_bytes(&self) -> usize {
         std::mem::size_of::<half::bf16>()
+    }
+
+    fn load_fp8_weight(&self, parts: &[TensorSlice<'_>]) -> Result<CudaWeight> {
+        let w = crate::weights::fp8::Fp8Rows::from_slices(parts)?;
+        self.bind()?;
+        self.upload_fp8(&w)
+    }
+
+    fn random_fp8_weight(&self, parts: &[RandomSlice]) -> Result<CudaWeight> {
+        let w = crate::weights::fp8::Fp8Rows::from_random(parts)?;
+        self.bind()?;
+        self.upload_fp8(&w)
+    }
+
+    fn stores_fp8(&self) -> bool {
+        true
     }
 
     fn measure_read_bandwidth(&self, bytes: usize) -> Result<f64> {

@@ -36,6 +36,9 @@ pub(crate) struct Kernels {
     pub sample: CudaFunction,
     /// `gemv_decode_bf16_{M}` for M = 1..=8, at index M - 1.
     pub gemv: Vec<CudaFunction>,
+    /// `gemv_fp8_decode_bf16_{M}` for M = 1..=8, at index M - 1.
+    pub gemv_fp8: Vec<CudaFunction>,
+    pub dequant_fp8: CudaFunction,
     pub random_fill: CudaFunction,
     pub read_probe: CudaFunction,
     pub attention_decode: CudaFunction,
@@ -85,6 +88,8 @@ impl Kernels {
             argmax: f("sampling", "argmax_bf16")?,
             sample: f("sampling", "sample_bf16")?,
             gemv: (1..=8).map(|m| f("gemv", &format!("gemv_decode_bf16_{m}"))).collect::<Result<_>>()?,
+            gemv_fp8: (1..=8).map(|m| f("gemv_fp8", &format!("gemv_fp8_decode_bf16_{m}"))).collect::<Result<_>>()?,
+            dequant_fp8: f("gemv_fp8", "dequant_fp8_bf16")?,
             random_fill: f("random", "random_fill_bf16")?,
             read_probe: f("random", "read_probe")?,
             attention_decode: f("attention", "attention_decode_bf16")?,

@@ -1,0 +1,164 @@
+//! What FP8 weights cost in accuracy: a model loaded as stored and loaded with `--quantize fp8`
+//! (both on the CPU backend, which computes in f32 from the dequantized weights), compared on
+//! many prompts: `cargo bench --bench fp8_accuracy -- --model DIR` (prompts are paragraphs of the
+//! repo's Markdown, tokenized, in windows) or `-- --preset tiny` (random weights, random prompts).
+//!
+//! Prints one JSON line: every position's next-token logits compared (relative RMS error, the
+//! largest error, how many logits stay within the first-order noise estimate), and the greedy
+//! agreement rate — how often the argmax is the same — with the largest bf16 margin (top-1 minus
+//! top-2 logit) among positions where it is not.
+
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use serde_json::json;
+use tulu::backend::cpu::CpuBackend;
+use tulu::backend::Backend;
+use tulu::config::ModelConfig;
+use tulu::model::Llama;
+use tulu::parallel::sharding::Shard;
+use tulu::parallel::SingleRank;
+use tulu::quant::Quantization;
+use tulu::runtime::batch::Batch;
+use tulu::tokenizer::Tokenizer;
+use tulu::weights::WeightStore;
+use tulu::{Error, Result};
+
+/// The bench's flags (after `--`).
+#[derive(Parser)]
+struct Args {
+    /// A model directory (safetensors, config.json, tokenizer.json).
+    #[arg(long, short, conflicts_with = "preset")]
+    model: Option<PathBuf>,
+    /// A preset shape with random weights instead.
+    #[arg(long)]
+    preset: Option<String>,
+    /// Prompts compared.
+    #[arg(long, default_value_t = 128)]
+    prompts: usize,
+    /// Tokens per prompt (longer paragraphs are cut).
+    #[arg(long, default_value_t = 64)]
+    len: usize,
+    /// cargo passes `--bench` to every bench target.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+fn main() {
+    if let Err(e) = run(&Args::parse()) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// Consecutive `len`-token windows of the repo's Markdown files (README.md, docs/*.md), tokenized
+/// whole: real English and code, the first `n` windows.
+fn text_prompts(tok: &Tokenizer, n: usize, len: usize) -> Result<Vec<Vec<u32>>> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = vec![root.join("README.md")];
+    let docs = std::fs::read_dir(root.join("docs")).map_err(|e| Error::io(root.join("docs"), e))?;
+    let mut more: Vec<PathBuf> =
+        docs.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "md")).collect();
+    more.sort();
+    files.extend(more);
+    let mut prompts = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).map_err(|e| Error::io(&f, e))?;
+        let ids = tok.encode_raw(&text)?;
+        prompts.extend(ids.chunks_exact(len.max(1)).map(<[u32]>::to_vec));
+    }
+    prompts.truncate(n);
+    Ok(prompts)
+}
+
+/// Every position's logits of `tokens`, one prefill.
+fn logits(backend: &CpuBackend, model: &Llama<CpuBackend>, tokens: &[u32]) -> Result<Vec<f32>> {
+    let blocks = tokens.len().div_ceil(16);
+    let mut cache = backend.new_kv_cache(&model.kv_cache_spec(blocks, 16))?;
+    let table: Vec<u32> = (0..blocks as u32).collect();
+    let mut batch = Batch::new(16);
+    batch.push(tokens, 0, &table)?;
+    let rows: Vec<usize> = (0..tokens.len()).collect();
+    model.forward(backend, &batch, &mut cache, &rows, &SingleRank)
+}
+
+fn argmax_and_margin(row: &[f32]) -> (usize, f32) {
+    let (mut best, mut top, mut second) = (0, f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for (i, &x) in row.iter().enumerate() {
+        if x > top {
+            (second, top, best) = (top, x, i);
+        } else if x > second {
+            second = x;
+        }
+    }
+    (best, top - second)
+}
+
+fn run(args: &Args) -> Result<()> {
+    let backend = CpuBackend::new();
+    let (cfg, store, prompts, name) = match (&args.model, &args.preset) {
+        (Some(dir), _) => {
+            let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+            let prompts = text_prompts(&Tokenizer::from_dir(dir)?, args.prompts, args.len)?;
+            (cfg, Some(WeightStore::open(dir)?), prompts, dir.display().to_string())
+        }
+        (None, Some(p)) => {
+            let cfg = ModelConfig::preset(p)?;
+            let prompts =
+                (0..args.prompts as u32).map(|s| tulu::engine::synthetic_prompt(args.len, cfg.vocab_size, s)).collect();
+            (cfg, None, prompts, format!("preset {p} (random weights)"))
+        }
+        (None, None) => return Err(Error::request("model", "give --model DIR or --preset NAME")),
+    };
+    let mut quantized = cfg.clone();
+    quantized.quantization = Some(Quantization::at_load());
+    let load = |cfg: &ModelConfig| match &store {
+        Some(s) => Llama::load(&backend, cfg, s, args.len + 1, Shard::single(), |_| {}),
+        None => Llama::random(&backend, cfg, 7, args.len + 1, Shard::single(), |_| {}),
+    };
+    let (dense, fp8) = (load(&cfg)?, load(&quantized)?);
+    let vocab = cfg.vocab_size;
+    let (mut positions, mut agree, mut worst_margin) = (0usize, 0usize, 0f32);
+    let (mut err2, mut ref2, mut max_err) = (0f64, 0f64, 0f32);
+    let (mut within, mut logits_n) = (0usize, 0usize);
+    for p in &prompts {
+        let (a, b) = (logits(&backend, &dense, p)?, logits(&backend, &fp8, p)?);
+        for (ra, rb) in a.chunks(vocab).zip(b.chunks(vocab)) {
+            let (ia, margin) = argmax_and_margin(ra);
+            let (ib, _) = argmax_and_margin(rb);
+            positions += 1;
+            if ia == ib {
+                agree += 1;
+            } else {
+                worst_margin = worst_margin.max(margin);
+            }
+            // First-order noise estimate of one logit: 2⁻⁴/√3 (e4m3's RMS relative rounding)
+            // times the row's RMS logit, three standard deviations.
+            let rms = (ra.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / vocab as f64).sqrt() as f32;
+            let bound = 3.0 * 2f32.powi(-4) / 3f32.sqrt() * rms;
+            for (x, y) in ra.iter().zip(rb) {
+                let d = (x - y).abs();
+                err2 += (d as f64).powi(2);
+                ref2 += (*x as f64).powi(2);
+                max_err = max_err.max(d);
+                within += usize::from(d <= bound);
+                logits_n += 1;
+            }
+        }
+    }
+    println!(
+        "{}",
+        json!({
+            "case": "fp8_accuracy",
+            "model": name,
+            "prompts": prompts.len(),
+            "positions": positions,
+            "greedy_agreement": agree as f64 / positions.max(1) as f64,
+            "largest_margin_where_greedy_differs": worst_margin,
+            "logit_relative_rms_error": (err2 / ref2.max(1e-30)).sqrt(),
+            "largest_logit_error": max_err,
+            "fraction_within_3_sigma_estimate": within as f64 / logits_n.max(1) as f64,
+        })
+    );
+    Ok(())
+}
