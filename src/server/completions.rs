@@ -240,6 +240,8 @@ fn submit(reply: &Reply) -> Result<mpsc::UnboundedReceiver<ChoiceEvent>, ApiErro
                 stop: req.stop.clone(),
                 ignore_eos: req.ignore_eos,
                 logprobs: req.logprobs,
+                constraint: req.constraint.as_ref().map(|c| c.constraint.clone()),
+                constraint_param: req.constraint.as_ref().map(|c| c.param.clone()),
             });
         }
     }

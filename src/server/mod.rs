@@ -13,6 +13,7 @@ pub mod error;
 pub mod metrics;
 pub mod openai;
 mod sse;
+pub mod structured;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -9,6 +9,7 @@
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
+use super::structured::{self, RequestConstraint};
 use crate::runtime::sampler::SamplingParams;
 use crate::tokenizer::ChatMessage;
 
@@ -104,6 +105,8 @@ pub struct ApiRequest {
     pub echo: bool,
     /// Keep generating past EOS (vLLM's extension, for benchmarks).
     pub ignore_eos: bool,
+    /// What the text must match (`response_format`, `structured_outputs`, `guided_*`).
+    pub constraint: Option<RequestConstraint>,
 }
 
 impl ApiRequest {
@@ -157,6 +160,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, ApiError> {
         logprobs,
         echo,
         ignore_eos: f.bool("ignore_eos")?.unwrap_or(false),
+        constraint: structured::parse(obj)?,
     })
 }
 
@@ -299,15 +303,6 @@ fn unsupported(f: &Fields) -> Result<(), ApiError> {
             Value::Array(a) if a.is_empty() => {}
             Value::Array(_) => return Err(ApiError::param("tools", "are not supported")),
             v => return Err(ApiError::param("tools", format!("must be an array, got {}", kind(v)))),
-        }
-    }
-    if let Some(v) = f.get("response_format") {
-        let ty = v.get("type").and_then(Value::as_str);
-        if ty != Some("text") {
-            return Err(ApiError::param(
-                "response_format",
-                "must be {\"type\": \"text\"}: other formats are not supported",
-            ));
         }
     }
     if let Some(b) = f.int("best_of")? {

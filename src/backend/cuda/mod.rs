@@ -422,9 +422,15 @@ impl Backend for CudaBackend {
         self.gather_rows_impl(x, rows)
     }
 
-    fn sample(&self, logits: &CudaTensor, per_row: &[RowSampling], valid: usize) -> Result<Vec<u32>> {
-        contract::sample(logits.shape(), per_row.len(), valid)?;
-        self.sample_impl(logits, per_row, valid)
+    fn sample(
+        &self,
+        logits: &CudaTensor,
+        per_row: &[RowSampling],
+        valid: usize,
+        masks: Option<&TokenMasks>,
+    ) -> Result<Vec<u32>> {
+        contract::sample(logits.shape(), per_row.len(), valid, masks.map(|m| (m.rows(), m.words)))?;
+        self.sample_impl(logits, per_row, valid, masks)
     }
 
     fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>> {

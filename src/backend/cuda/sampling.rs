@@ -1,11 +1,12 @@
 //! Token selection on the GPU, so that only ids cross to the host: launchers of
 //! `kernels/sampling.cu` (argmax for greedy rows, sample_bf16 for everything else).
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::{grid, int, CudaBackend, CudaResultExt, CudaTensor};
 use crate::error::{Error, Result};
 use crate::runtime::sampler::RowSampling;
+use crate::runtime::token_mask::TokenMasks;
 
 const THREADS: u32 = 1024;
 
@@ -14,6 +15,12 @@ impl CudaBackend {
     /// ties; padded vocab rows past `sample_cols` are never chosen), or `NON_FINITE` for a row
     /// with a NaN or infinite logit among them. Only the ids cross to the host.
     pub fn argmax(&self, logits: &CudaTensor, sample_cols: usize) -> Result<Vec<u32>> {
+        self.argmax_masked(logits, sample_cols, None)
+    }
+
+    /// [`argmax`](Self::argmax) over the columns each row's mask allows (structured outputs);
+    /// the others are neither chosen nor checked for finiteness.
+    fn argmax_masked(&self, logits: &CudaTensor, sample_cols: usize, masks: Option<&TokenMasks>) -> Result<Vec<u32>> {
         if sample_cols == 0 || sample_cols > logits.cols {
             return Err(Error::Backend(format!("argmax: {sample_cols} sampled columns of {}", logits.cols)));
         }
@@ -28,9 +35,11 @@ impl CudaBackend {
             shared_mem_bytes: 0,
         };
         let (cols, sample) = (int(logits.cols, "cols")?, int(sample_cols, "sample_cols")?);
+        let (mask, words) = self.upload_masks(masks, logits.rows, sample_cols)?;
         let mut launch = self.stream.launch_builder(&self.kernels.argmax);
-        launch.arg(&logits.data).arg(&cols).arg(&sample).arg(&mut ids);
-        // SAFETY: argument types and order match argmax_bf16; one id per row.
+        launch.arg(&logits.data).arg(&cols).arg(&sample).arg(&mask).arg(&words).arg(&mut ids);
+        // SAFETY: argument types and order match argmax_bf16; one id per row; `mask` holds
+        // rows × words words (words 0: no mask).
         unsafe { launch.launch(cfg) }.cuda("launching argmax_bf16")?;
         let ids = self.stream.clone_dtoh(&ids).cuda("copying token ids to the host")?;
         self.synchronize()?;
@@ -39,12 +48,18 @@ impl CudaBackend {
 
     /// The backend's `sample` op: argmax when every row is greedy without a penalty, else
     /// `sample_bf16` with each row's parameters (see `runtime::sampler::sample_row`).
-    pub(crate) fn sample_impl(&self, logits: &CudaTensor, per_row: &[RowSampling], valid: usize) -> Result<Vec<u32>> {
+    pub(crate) fn sample_impl(
+        &self,
+        logits: &CudaTensor,
+        per_row: &[RowSampling],
+        valid: usize,
+        masks: Option<&TokenMasks>,
+    ) -> Result<Vec<u32>> {
         if logits.rows == 0 {
             return Ok(Vec::new());
         }
         if per_row.iter().all(|r| r.temperature == 0.0 && (r.repetition_penalty == 1.0 || r.penalized.is_empty())) {
-            return self.argmax(logits, valid);
+            return self.argmax_masked(logits, valid, masks);
         }
         let mut meta = Vec::with_capacity(8 * per_row.len());
         let mut penalized = Vec::new();
@@ -67,6 +82,7 @@ impl CudaBackend {
         self.bind()?;
         let meta = self.upload_u32(&meta)?;
         let penalized = self.upload_u32(&penalized)?;
+        let (mask, words) = self.upload_masks(masks, logits.rows, valid)?;
         // SAFETY: the kernel writes each row's `valid` scratch values before reading them.
         let mut scratch =
             unsafe { self.stream.alloc::<f32>(logits.rows * valid) }.cuda("allocating sampling scratch")?;
@@ -78,12 +94,28 @@ impl CudaBackend {
         };
         let (cols, valid) = (int(logits.cols, "cols")?, int(valid, "valid")?);
         let mut launch = self.stream.launch_builder(&self.kernels.sample);
-        launch.arg(&logits.data).arg(&cols).arg(&valid).arg(&meta).arg(&penalized).arg(&mut scratch).arg(&mut ids);
+        launch.arg(&logits.data).arg(&cols).arg(&valid).arg(&meta).arg(&penalized).arg(&mask).arg(&words);
+        launch.arg(&mut scratch).arg(&mut ids);
         // SAFETY: argument types and order match sample_bf16; meta has 8 words per row, every
-        // penalised range lies inside `penalized`, scratch holds rows × valid.
+        // penalised range lies inside `penalized`, `mask` holds rows × words words (words 0: no
+        // mask), scratch holds rows × valid.
         unsafe { launch.launch(cfg) }.cuda("launching sample_bf16")?;
         let ids = self.stream.clone_dtoh(&ids).cuda("copying token ids to the host")?;
         self.synchronize()?;
         Ok(ids)
+    }
+
+    /// The step's token masks on the device and their words per row (0 and a placeholder word
+    /// when there are none); each row must cover `cols` columns.
+    fn upload_masks(&self, masks: Option<&TokenMasks>, rows: usize, cols: usize) -> Result<(CudaSlice<u32>, i32)> {
+        match masks {
+            None => Ok((self.upload_u32(&[])?, 0)),
+            Some(m) if m.rows() == rows && m.words >= cols.div_ceil(32) => {
+                Ok((self.upload_u32(&m.bits)?, int(m.words, "mask words")?))
+            }
+            Some(m) => {
+                Err(Error::Backend(format!("{} token masks of {} words for {rows} rows of {cols}", m.rows(), m.words)))
+            }
+        }
     }
 }
