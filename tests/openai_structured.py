@@ -3,7 +3,10 @@ tests/structured.rs): every json_schema answer validates under its schema with t
 package (not tulu's code), across prompts and seeds; regex and choice hold; streaming gives the
 text the whole answer gives; a schema that cannot be compiled is a 400 naming its field.
 
-Usage: python openai_structured.py CONFIG_JSON   (base_url, model)
+Tool calls: SmolLM2 served with Llama 3.1's chat template passed per request (`chat_template`),
+since its own template has no tool section (which is a 400 naming `tools`).
+
+Usage: python openai_structured.py CONFIG_JSON   (base_url, model, llama31_template)
 """
 
 import json
@@ -99,7 +102,63 @@ def main() -> None:
             assert e.status_code == 400 and e.body.get("param") == param, (e.status_code, e.body)
         else:
             raise AssertionError(f"{kw} was accepted")
+    tool_calls(client, model, cfg["llama31_template"])
     print("structured outputs: ok")
+
+
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time", "description": "Time in a city", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"],
+        "additionalProperties": False}}},
+]
+
+
+def tool_calls(client, model, template):
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+    def ask(**kw):
+        return client.chat.completions.create(
+            model=model, messages=messages, tools=TOOLS, temperature=0, max_tokens=80, extra_body={"chat_template": template}, **kw
+        )
+
+    for choice, name in [("required", None), ({"type": "function", "function": {"name": "get_time"}}, "get_time")]:
+        c = ask(tool_choice=choice).choices[0]
+        assert c.finish_reason == "tool_calls", c
+        assert c.message.content is None and len(c.message.tool_calls) == 1, c.message
+        call = c.message.tool_calls[0]
+        assert call.type == "function" and call.id, call
+        assert name is None or call.function.name == name, call
+        schema = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}[call.function.name]
+        jsonschema.validate(json.loads(call.function.arguments), schema)
+        # Streamed: the same call, as a tool_calls delta, and the same finish.
+        chunks = list(ask(tool_choice=choice, stream=True))
+        deltas = [d for ch in chunks if ch.choices for d in (ch.choices[0].delta.tool_calls or [])]
+        assert len(deltas) == 1 and deltas[0].index == 0, deltas
+        assert deltas[0].function.name == call.function.name, (deltas, call)
+        assert json.loads(deltas[0].function.arguments) == json.loads(call.function.arguments), (deltas, call)
+        finishes = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+        assert finishes == ["tool_calls"], finishes
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == ""
+    # auto: an answer or a call, either well formed.
+    c = ask(tool_choice="auto").choices[0]
+    assert (c.finish_reason == "tool_calls") == bool(c.message.tool_calls), c
+    # none: the tools are not shown, and the answer is text.
+    c = ask(tool_choice="none").choices[0]
+    assert not c.message.tool_calls and c.finish_reason in ("stop", "length"), c
+    # SmolLM2's own template has no tool section: a 400 naming `tools`.
+    try:
+        client.chat.completions.create(model=model, messages=messages, tools=TOOLS, max_tokens=5)
+    except openai.BadRequestError as e:
+        assert e.body.get("param") == "tools", e.body
+    else:
+        raise AssertionError("tools were accepted by a template without a tool section")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 //! each what it gives alone (also when a tiny KV pool preempts them), greedy constrained output
 //! is deterministic and matches its constraint, a constraint that does not compile names its
 //! parameter; and `tulu serve` driven by the `openai` Python client returns JSON that the
-//! `jsonschema` package validates (tests/openai_structured.py).
+//! `jsonschema` package validates and tool calls (tests/openai_structured.py).
 
 mod common;
 
@@ -134,7 +134,12 @@ fn a_constraint_that_does_not_compile_names_its_parameter() {
 fn openai_client_gets_valid_structured_outputs_from_tulu_serve() {
     let python = common::serve::python();
     let server = common::serve::Server::start(&[]);
-    let config = json!({"base_url": server.url(), "model": server.model});
+    let template = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/chat/llama31_chat_template.jinja"
+    ))
+    .expect("the Llama 3.1 template");
+    let config = json!({"base_url": server.url(), "model": server.model, "llama31_template": template});
     let out = Command::new(python)
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_structured.py"))
         .arg(config.to_string())
