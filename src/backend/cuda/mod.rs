@@ -42,6 +42,7 @@ use super::{AttnDims, Backend, KvCacheSpec};
 use crate::error::{Error, Result};
 use crate::runtime::batch::Batch;
 use crate::runtime::sampler::RowSampling;
+use crate::runtime::token_mask::TokenMasks;
 use crate::weights::random::RandomSlice;
 use crate::weights::TensorSlice;
 
