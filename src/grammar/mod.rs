@@ -117,8 +117,9 @@ fn factory(env: &TokEnv) -> std::result::Result<ParserFactory, String> {
 
 fn compile(factory: &ParserFactory, constraint: &Constraint, param: &str, eos: &[u32]) -> Result<TokenMatcher> {
     let grammar = constraint.grammar().map_err(|m| Error::request(param, m))?;
-    let parser = factory
-        .create_parser(grammar)
+    // The grammar is the client's: whatever it holds must end as an error naming it.
+    let parser = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| factory.create_parser(grammar)))
+        .map_err(|_| Error::request(param, "cannot be compiled (the grammar compiler failed on it)"))?
         .map_err(|e| Error::request(param, format!("cannot be compiled: {}", first_line(&e.to_string()))))?;
     let matcher = Matcher::new(Ok(parser));
     if let Some(e) = matcher.get_error() {
