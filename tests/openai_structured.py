@@ -49,7 +49,7 @@ def main() -> None:
         return client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}], **kw)
 
     fmt = {"type": "json_schema", "json_schema": {"name": "city", "strict": True, "schema": SCHEMA}}
-    prompts = ["Describe Paris as JSON.", "Tell me about a small fishing town.", "A city in Japan, as JSON."]
+    prompts = ["Describe Paris as JSON.", "Tell me about a small fishing town."]
     # n = 2 seeded choices per prompt, sampled: every finished one validates.
     finished = 0
     for i, question in enumerate(prompts):
@@ -60,7 +60,7 @@ def main() -> None:
                 finished += 1
             else:
                 assert c.finish_reason == "length", c
-    assert finished >= 3, f"only {finished} of {2 * len(prompts)} answers finished within 120 tokens"
+    assert finished >= 2, f"only {finished} of {2 * len(prompts)} answers finished within 120 tokens"
 
     # Greedy: whole and streamed give the same, valid text.
     whole = chat(prompts[0], response_format=fmt, temperature=0, max_tokens=120).choices[0]
@@ -76,7 +76,7 @@ def main() -> None:
         assert isinstance(json.loads(obj.choices[0].message.content), dict), obj
 
     # vLLM's fields: regex and choice, on both endpoints.
-    for seed in range(3):
+    for seed in range(2):
         r = chat("Give me a code.", extra_body={"structured_outputs": {"regex": "[A-Z]{2}-[0-9]{3}"}}, temperature=1.0, seed=seed, max_tokens=20)
         assert re.fullmatch("[A-Z]{2}-[0-9]{3}", r.choices[0].message.content), r.choices[0].message.content
         r = chat("Is water wet?", extra_body={"guided_choice": ["yes", "no", "maybe"]}, temperature=1.0, seed=seed)
