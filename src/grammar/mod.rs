@@ -163,7 +163,7 @@ impl TokenMatcher {
         let n = out.len().min(words.len());
         out[..n].copy_from_slice(&words[..n]);
         out[n..].fill(0);
-        if self.width % 32 != 0 {
+        if !self.width.is_multiple_of(32) {
             // Rows past the logits (the last word's tail) are never allowed.
             if let Some(last) = out.get_mut(self.width / 32) {
                 *last &= (1u32 << (self.width % 32)) - 1;
