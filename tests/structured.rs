@@ -148,3 +148,26 @@ fn openai_client_gets_valid_structured_outputs_from_tulu_serve() {
     let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "structured-output checks failed:\n{log}");
 }
+
+#[test]
+fn tulu_generate_takes_constraint_flags_and_names_a_bad_one() {
+    let model = common::smollm2_dir();
+    let generate = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_tulu"))
+            .args(["generate", "--model"])
+            .arg(&model)
+            .args(["--chat", "--prompt", "Is the sky blue?", "--max-tokens", "8"])
+            .args(extra)
+            .output()
+            .expect("run tulu generate")
+    };
+    let out = generate(&["--choice", "yes", "--choice", "no"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text == "yes" || text == "no", "{text:?}");
+    let out = generate(&["--regex", "("]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`--regex`"), "{}", String::from_utf8_lossy(&out.stderr));
+    // One constraint at a time.
+    assert!(!generate(&["--regex", "a", "--choice", "b"]).status.success());
+}
