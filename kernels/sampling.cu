@@ -1,20 +1,26 @@
 // Token selection on the GPU, so that only token ids cross to the host.
 //
 // Contract (checked by src/backend/cuda/sampling.rs before launch):
-//   argmax_bf16(logits[rows, cols], sample_cols) -> ids[rows] u32
+//   argmax_bf16(logits[rows, cols], sample_cols, mask[rows, words]) -> ids[rows] u32
 //       the index of the largest of the first `sample_cols` columns of each row (columns past
 //       it are vocab padding and never chosen); the first index on ties, as torch.argmax and
 //       the CPU sampler. A row with a NaN or ±inf among those columns gets 0xffffffff
 //       (runtime::sampler::NON_FINITE) instead of a token. One block per row, blockDim a
 //       multiple of 32 and at most 1024.
-//   sample_bf16(logits[rows, cols], valid, meta[rows, 8], penalized[], scratch[rows, valid] f32)
+//       With words > 0, a row takes only the columns its mask allows (bit c % 32 of word
+//       c / 32; structured outputs): the others are neither chosen nor checked. words = 0: no
+//       mask (`mask` is then a placeholder).
+//   sample_bf16(logits[rows, cols], valid, meta[rows, 8], penalized[], mask[rows, words],
+//               scratch[rows, valid] f32)
 //       -> ids[rows] u32
 //       the token `src/runtime/sampler.rs::sample_row` picks, with each row's parameters in
 //       `meta` (temperature, top_k, top_p, min_p, repetition penalty, uniform draw as f32 bits;
 //       start and count of its penalised ids in `penalized`), or 0xffffffff for a row whose
 //       first `valid` logits are not all finite. One block of 1024 threads per row; `scratch`
-//       holds the row's penalised logits, then its probabilities.
-// Versions: 3 (this) — greedy, and sampling with every filter; non-finite rows flagged.
+//       holds the row's penalised logits, then its probabilities. A column the row's mask
+//       disallows (as argmax_bf16) is a -inf logit, probability 0, and is not checked.
+// Versions: 4 (this) — greedy, and sampling with every filter; non-finite rows flagged; token
+// masks.
 //
 // How sample_bf16 finds the thresholds without sorting: probabilities are non-negative floats,
 // whose bit patterns order like their values, so "the largest t such that the values ≥ t weigh
@@ -25,6 +31,11 @@
 #include "common.cuh"
 
 #include <math_constants.h>
+
+// Whether the row's mask (`words` words, none when 0) allows column c.
+__device__ __forceinline__ bool allowed(const unsigned* __restrict__ mask, int words, int c) {
+    return words == 0 || ((mask[c >> 5] >> (c & 31)) & 1u);
+}
 
 __device__ __forceinline__ void better(float& best, unsigned& idx, float v, unsigned i) {
     // `v > best` is false for NaN, so NaN never replaces a number.
@@ -60,16 +71,19 @@ __device__ __forceinline__ void block_argmax(float& best, unsigned& idx, float* 
 }
 
 extern "C" __global__ void argmax_bf16(const bf16* __restrict__ logits, int cols, int sample_cols,
+                                       const unsigned* __restrict__ mask_all, int words,
                                        unsigned* __restrict__ ids) {
     __shared__ float s_best[32];
     __shared__ unsigned s_idx[32];
     __shared__ int s_bad;
     const bf16* row = logits + (size_t)blockIdx.x * cols;
+    const unsigned* mask = mask_all + (size_t)blockIdx.x * words;
     float best = -CUDART_INF_F;
     unsigned idx = 0xffffffffu;
     if (threadIdx.x == 0) s_bad = 0;
     __syncthreads();
     for (int c = threadIdx.x; c < sample_cols; c += blockDim.x) {
+        if (!allowed(mask, words, c)) continue;
         const float v = bf2f(row[c]);
         if (!isfinite(v)) s_bad = 1;  // every writer stores the same value
         better(best, idx, v, (unsigned)c);
@@ -161,7 +175,8 @@ __device__ unsigned radix_select(const float* p, int n, float floor_v, bool by_m
 
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     sample_bf16(const bf16* __restrict__ logits, int cols, int valid, const unsigned* __restrict__ meta,
-                const unsigned* __restrict__ penalized, float* __restrict__ scratch, unsigned* __restrict__ ids) {
+                const unsigned* __restrict__ penalized, const unsigned* __restrict__ mask_all, int words,
+                float* __restrict__ scratch, unsigned* __restrict__ ids) {
     __shared__ unsigned long long hist[2048];
     __shared__ unsigned long long s_sum[32];
     __shared__ float s_best[32];
@@ -178,11 +193,16 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     const unsigned pen_start = m[6], pen_count = m[7];
     const bf16* row = logits + (size_t)blockIdx.x * cols;
     float* p = scratch + (size_t)blockIdx.x * valid;
+    const unsigned* mask = mask_all + (size_t)blockIdx.x * words;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
 
     if (tid == 0) s_bad = 0;
     __syncthreads();
     for (int i = tid; i < valid; i += blockDim.x) {
+        if (!allowed(mask, words, i)) {
+            p[i] = -CUDART_INF_F;  // not a candidate: probability 0 below
+            continue;
+        }
         p[i] = bf2f(row[i]);
         if (!isfinite(p[i])) s_bad = 1;  // every writer stores the same value
     }

@@ -115,6 +115,13 @@ pub enum Error {
         /// The tensor-parallel rank whose shard of the logits holds the first non-finite value.
         rank: usize,
     },
+    /// A request's structured-output grammar cannot go on: it allows no next token (a dead
+    /// end) or its matcher failed. The request ends here; other requests are unaffected.
+    #[error("structured output: {message}; the request ends here")]
+    Grammar {
+        /// What happened, and at which generated token.
+        message: String,
+    },
     /// A backend operation failed (a bug or an exhausted resource, not bad input).
     #[error("backend: {0}")]
     Backend(String),

@@ -8,6 +8,7 @@ pub mod backend;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod grammar;
 pub mod hub;
 pub mod model;
 pub mod parallel;
@@ -25,5 +26,6 @@ pub use engine::{
     Engine, EngineOptions, Event, FinishReason, GenerateRequest, Generation, Metrics, Prompt, Summary, TokenLogprob,
 };
 pub use error::{Error, Result};
+pub use grammar::Constraint;
 pub use runtime::sampler::SamplingParams;
 pub use tokenizer::ChatMessage;

@@ -90,6 +90,18 @@ pub struct SamplingArgs {
     /// Stop when the output contains this string (repeatable).
     #[arg(long)]
     pub stop: Vec<String>,
+    /// The output is JSON valid under the JSON schema in this file (enforced token by token).
+    #[arg(long, value_name = "FILE", group = "constraint")]
+    pub json_schema: Option<PathBuf>,
+    /// The output matches this regular expression, whole.
+    #[arg(long, group = "constraint")]
+    pub regex: Option<String>,
+    /// The output is one of these strings (repeatable).
+    #[arg(long, group = "constraint")]
+    pub choice: Vec<String>,
+    /// The output follows the Lark grammar in this file (llguidance's dialect; rule `start`).
+    #[arg(long, value_name = "FILE", group = "constraint")]
+    pub grammar: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]

@@ -239,7 +239,9 @@ impl<B: Backend> Llama<B> {
         // Never a padded column: those past the vocabulary, or past the gathered width.
         let width = self.plan.vocab_rows_per_rank * comm.world_size();
         let valid = sampling.valid.min(self.cfg.vocab_size).min(width);
-        let ids = backend.sample(&logits, &sampling.per_row, valid)?;
+        // The host computed the constrained rows' masks while the forward pass ran.
+        let masks = sampling.masks.wait()?;
+        let ids = backend.sample(&logits, &sampling.per_row, valid, masks.as_ref())?;
         let flagged = ids.contains(&NON_FINITE);
         let logits = match sampling.want_logits || flagged {
             true => Some(self.host_logits(backend, &logits, comm.world_size(), sampling.rows.len())?),

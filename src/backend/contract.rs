@@ -186,14 +186,22 @@ pub fn attention(q: Shape, e: &BatchExtent, dims: AttnDims, cache: &KvCacheSpec,
     Ok(())
 }
 
-/// `sample`: one sampling row per logits row, and `valid` (the columns that may be picked)
-/// within the logits' width.
-pub fn sample(logits: Shape, per_row: usize, valid: usize) -> Result<()> {
+/// `sample`: one sampling row per logits row, `valid` (the columns that may be picked) within
+/// the logits' width, and masks (when given) of one row per logits row, each covering `valid`.
+pub fn sample(logits: Shape, per_row: usize, valid: usize, masks: Option<(usize, usize)>) -> Result<()> {
     if per_row != logits.0 || valid == 0 || valid > logits.1 {
         return Err(fail(
             "sample",
             format!("{per_row} sampling rows and {valid} valid columns for {}×{} logits", logits.0, logits.1),
         ));
+    }
+    if let Some((rows, words)) = masks {
+        if rows != logits.0 || words < valid.div_ceil(32) {
+            return Err(fail(
+                "sample",
+                format!("{rows} token masks of {words} words for {}×{} logits ({valid} valid)", logits.0, logits.1),
+            ));
+        }
     }
     Ok(())
 }
@@ -263,6 +271,8 @@ mod tests {
         assert!(add_rms_norm((2, 8), (2, 8), (1, 8)).is_ok() && add_rms_norm((2, 8), (3, 8), (1, 8)).is_err());
         assert!(silu_mul((2, 8)).is_ok() && silu_mul((2, 7)).is_err());
         assert!(gather_rows((3, 8), &[2, 0]).is_ok() && gather_rows((3, 8), &[3]).is_err());
-        assert!(sample((2, 10), 2, 10).is_ok() && sample((2, 10), 1, 10).is_err() && sample((2, 10), 2, 11).is_err());
+        assert!(sample((2, 10), 2, 10, None).is_ok() && sample((2, 10), 1, 10, None).is_err());
+        assert!(sample((2, 10), 2, 11, None).is_err() && sample((2, 10), 2, 10, Some((2, 1))).is_ok());
+        assert!(sample((2, 40), 2, 40, Some((2, 1))).is_err() && sample((2, 10), 2, 10, Some((1, 1))).is_err());
     }
 }

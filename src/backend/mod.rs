@@ -15,6 +15,7 @@ use std::str::FromStr;
 use crate::error::{Error, Result};
 use crate::runtime::batch::Batch;
 use crate::runtime::sampler::RowSampling;
+use crate::runtime::token_mask::TokenMasks;
 use crate::weights::fp8::Fp8Rows;
 use crate::weights::random::RandomSlice;
 use crate::weights::TensorSlice;
@@ -334,7 +335,15 @@ pub trait Backend: Send + Sync + 'static {
     /// [`crate::runtime::sampler::sample_row`], never a column at or past `valid` (vocab
     /// padding); only the ids cross to the host. A row whose first `valid` logits are not all
     /// finite gets [`crate::runtime::sampler::NON_FINITE`] (the device flags it; no extra copy).
-    fn sample(&self, logits: &Self::Tensor, per_row: &[RowSampling], valid: usize) -> Result<Vec<u32>>;
+    /// With `masks` (structured outputs), row `r` takes only the columns of `masks.row(r)`:
+    /// the others are not candidates (never picked, never checked).
+    fn sample(
+        &self,
+        logits: &Self::Tensor,
+        per_row: &[RowSampling],
+        valid: usize,
+        masks: Option<&TokenMasks>,
+    ) -> Result<Vec<u32>>;
 
     /// Copies `x` to the host, row-major.
     fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;

@@ -275,6 +275,7 @@ fn time_case<B: Backend>(backend: &B, model: &Llama<B>, batch: usize, plen: usiz
             rows,
             valid: vocab as usize,
             want_logits: false,
+            masks: Default::default(),
         };
         let tokens = model.step(backend, b, cache, &sampling, &SingleRank)?.tokens;
         tokens

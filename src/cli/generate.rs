@@ -3,7 +3,7 @@
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
-use tulu::{ChatMessage, Engine, Error, Event, GenerateRequest, Prompt, Result, SamplingParams, Summary};
+use tulu::{ChatMessage, Constraint, Engine, Error, Event, GenerateRequest, Prompt, Result, SamplingParams, Summary};
 
 use crate::{ModelArgs, SamplingArgs};
 
@@ -44,14 +44,37 @@ fn sampling(engine: &Engine, args: &SamplingArgs) -> Option<SamplingParams> {
     any.then(|| with_defaults(args, engine.default_sampling()))
 }
 
-fn request(engine: &Engine, prompt: Prompt, args: &SamplingArgs) -> GenerateRequest {
-    GenerateRequest {
+fn request(engine: &Engine, prompt: Prompt, args: &SamplingArgs) -> Result<GenerateRequest> {
+    let (constraint, param) = constraint(args)?.unzip();
+    Ok(GenerateRequest {
         prompt,
         sampling: sampling(engine, args),
         max_tokens: usize::try_from(args.max_tokens).ok(),
         stop: args.stop.clone(),
         ignore_eos: false,
         logprobs: None,
+        constraint,
+        constraint_param: param.map(str::to_owned),
+    })
+}
+
+/// The output constraint the flags ask for (clap lets at most one through), with its flag.
+pub fn constraint(args: &SamplingArgs) -> Result<Option<(Constraint, &'static str)>> {
+    let read = |path: &PathBuf| std::fs::read_to_string(path).map_err(|e| Error::io(path, e));
+    if let Some(path) = &args.json_schema {
+        let schema = serde_json::from_str(&read(path)?)
+            .map_err(|e| Error::request("--json-schema", format!("{} is not JSON: {e}", path.display())))?;
+        return Ok(Some((Constraint::JsonSchema(schema), "--json-schema")));
+    }
+    if let Some(rx) = &args.regex {
+        return Ok(Some((Constraint::Regex(rx.clone()), "--regex")));
+    }
+    if !args.choice.is_empty() {
+        return Ok(Some((Constraint::Choice(args.choice.clone()), "--choice")));
+    }
+    match &args.grammar {
+        Some(path) => Ok(Some((Constraint::Lark(read(path)?), "--grammar"))),
+        None => Ok(None),
     }
 }
 
@@ -130,7 +153,7 @@ pub fn generate(
     } else {
         Prompt::Text(text)
     };
-    let (_, summary) = stream(&engine, request(&engine, prompt, args))?;
+    let (_, summary) = stream(&engine, request(&engine, prompt, args)?)?;
     report(&summary);
     Ok(())
 }
@@ -169,7 +192,7 @@ pub fn chat(model: &ModelArgs, system: Option<String>, args: &SamplingArgs) -> R
             _ => {}
         }
         history.push(ChatMessage { role: "user".into(), content: line });
-        match stream(&engine, request(&engine, Prompt::Chat(history.clone()), args)) {
+        match request(&engine, Prompt::Chat(history.clone()), args).and_then(|r| stream(&engine, r)) {
             Ok((text, summary)) => {
                 history.push(ChatMessage { role: "assistant".into(), content: text });
                 report(&summary);

@@ -40,6 +40,7 @@ pub use self::request::{synthetic_prompt, Event, FinishReason, GenerateRequest, 
 use self::worker::{Command, Worker};
 use crate::config::{GenerationConfig, ModelConfig};
 use crate::error::{Error, Result};
+use crate::grammar::Grammars;
 use crate::hub::{resolve_model, HubOptions};
 use crate::runtime::block_manager::BlockManager;
 use crate::runtime::sampler::SamplingParams;
@@ -53,6 +54,8 @@ struct Shared {
     generation_config: GenerationConfig,
     tokenizer: Arc<Tokenizer>,
     eos: HashSet<u32>,
+    /// Compiles requests' constraints; the vocabulary's trie is built on the first.
+    grammars: Grammars,
     context_len: usize,
     device: String,
     metrics: Mutex<Metrics>,
@@ -76,11 +79,16 @@ impl Shared {
         let mut eos: HashSet<u32> = config.eos_token_ids.iter().copied().collect();
         eos.extend(&generation_config.eos_token_ids);
         eos.extend(tokenizer.eos_token_ids());
+        let tokenizer = Arc::new(tokenizer);
+        let mut eos_ids: Vec<u32> = eos.iter().copied().filter(|&t| (t as usize) < config.vocab_size).collect();
+        eos_ids.sort_unstable();
+        let grammars = Grammars::new(tokenizer.clone(), config.vocab_size, eos_ids);
         Shared {
             config,
             generation_config,
-            tokenizer: Arc::new(tokenizer),
+            tokenizer,
             eos,
+            grammars,
             context_len,
             device: opened.device.clone(),
             metrics: Mutex::new(Metrics { kv_blocks_total: opened.num_blocks, ..Metrics::default() }),
@@ -297,6 +305,10 @@ impl Engine {
             return Err(Error::request("stop", "stop strings must not be empty"));
         }
         let prompt = self.prompt_tokens(&request.prompt)?;
+        let grammar = match &request.constraint {
+            Some(c) => Some(self.shared.grammars.compile(c, request.constraint_param.as_deref())?),
+            None => None,
+        };
         let budget = self.shared.context_len - prompt.len();
         let (tx, rx) = tmpsc::unbounded_channel();
         let submission = Submission {
@@ -307,6 +319,7 @@ impl Engine {
             stop: request.stop,
             ignore_eos: request.ignore_eos,
             logprobs: request.logprobs,
+            grammar,
             events: tx,
             submitted: Instant::now(),
         };

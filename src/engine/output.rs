@@ -9,6 +9,7 @@ use tokio::sync::mpsc as tmpsc;
 use super::request::{Event, FinishReason, Summary, TokenLogprob};
 use super::Shared;
 use crate::error::{Error, Result};
+use crate::grammar::TokenMatcher;
 use crate::runtime::sampler::SamplingParams;
 use crate::runtime::scheduler::SeqId;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
@@ -22,6 +23,9 @@ pub(super) struct Submission {
     pub stop: Vec<String>,
     pub ignore_eos: bool,
     pub logprobs: Option<usize>,
+    /// The grammar its tokens must follow (structured outputs); moves to its sampler at
+    /// admission.
+    pub grammar: Option<TokenMatcher>,
     pub events: tmpsc::UnboundedSender<Result<Event>>,
     pub submitted: Instant,
 }
@@ -71,6 +75,11 @@ impl<'t> RequestOutput<'t> {
         self.admitted = Some(now);
         self.cached_prompt_tokens = cached;
         true
+    }
+
+    /// Tokens generated so far.
+    pub fn generated(&self) -> usize {
+        self.generated.len()
     }
 
     /// Whether it has been admitted (left the waiting queue) at least once.

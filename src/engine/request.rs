@@ -1,5 +1,6 @@
 //! What a request asks for and what it gets back.
 
+use crate::grammar::Constraint;
 use crate::runtime::sampler::SamplingParams;
 use crate::tokenizer::ChatMessage;
 
@@ -40,6 +41,11 @@ pub struct GenerateRequest {
     /// Report each generated token's log-probability and this many alternatives (0: just the
     /// token's own); `None`: no log-probabilities.
     pub logprobs: Option<usize>,
+    /// What the generated text must match (structured outputs), enforced token by token.
+    pub constraint: Option<Constraint>,
+    /// The request parameter an invalid `constraint` is reported under (the server's own field
+    /// names); `None`: the constraint's own ([`Constraint::param`]).
+    pub constraint_param: Option<String>,
 }
 
 impl GenerateRequest {
@@ -66,6 +72,8 @@ impl GenerateRequest {
             stop: Vec::new(),
             ignore_eos: false,
             logprobs: None,
+            constraint: None,
+            constraint_param: None,
         }
     }
 
@@ -78,6 +86,12 @@ impl GenerateRequest {
     /// Sets the cap on generated tokens.
     pub fn max_tokens(mut self, n: usize) -> Self {
         self.max_tokens = Some(n);
+        self
+    }
+
+    /// Constrains the generated text (structured outputs).
+    pub fn constrain(mut self, constraint: Constraint) -> Self {
+        self.constraint = Some(constraint);
         self
     }
 

@@ -17,8 +17,10 @@ use super::output::{RequestOutput, Submission};
 use super::ranks::Ranks;
 use super::Shared;
 use crate::error::{Error, Result};
+use crate::grammar::TokenMatcher;
 use crate::runtime::sampler::{Sampled, Sampler, StepOutput};
 use crate::runtime::scheduler::{Scheduler, SeqId, Step};
+use crate::runtime::token_mask::{LateMasks, MaskFill, TokenMasks};
 
 pub(super) enum Command {
     Submit(Box<Submission>),
@@ -101,8 +103,9 @@ impl Worker {
         }
     }
 
-    fn admit<'t>(&mut self, sub: Submission, shared: &'t Shared, requests: &mut Requests<'t>) {
-        let sampler = Sampler::new(sub.sampling.clone(), shared.tokenizer.vocab_size());
+    fn admit<'t>(&mut self, mut sub: Submission, shared: &'t Shared, requests: &mut Requests<'t>) {
+        let sampler =
+            Sampler::new(sub.sampling.clone(), shared.tokenizer.vocab_size()).with_grammar(sub.grammar.take());
         self.scheduler.add(sub.id, sub.prompt.clone(), sampler, sub.logprobs.is_some());
         requests.insert(sub.id, RequestOutput::new(sub, &shared.tokenizer));
     }
@@ -115,8 +118,32 @@ impl Worker {
         if step.is_empty() {
             return Ok(());
         }
-        let out = self.ranks.step(&step.batch, &step.sampling)?;
-        self.postprocess(&step, out, requests)
+        let (out, dead_ends) = self.run_step(&mut step)?;
+        self.postprocess(&step, out, &dead_ends, requests)
+    }
+
+    /// Runs the step on the ranks. When rows are constrained (structured outputs), a host
+    /// thread computes their token masks meanwhile and rank 0 takes them just before it
+    /// samples; returns, per sampled row, why its grammar cannot go on (a dead end), if so.
+    fn run_step(&mut self, step: &mut Step) -> Result<(StepOutput, Vec<Option<String>>)> {
+        let Worker { scheduler, ranks, shared } = self;
+        let Some(grammars) = scheduler.grammars(&step.sampled) else {
+            return Ok((ranks.step(&step.batch, &step.sampling)?, Vec::new()));
+        };
+        let rows = grammars.len();
+        let (late, fill) = LateMasks::pending();
+        step.sampling.masks = late;
+        let width = shared.config.vocab_size;
+        std::thread::scope(|s| {
+            let masking = std::thread::Builder::new()
+                .name("tulu-masks".into())
+                .spawn_scoped(s, move || compute_masks(grammars, width, fill))
+                .map_err(|e| Error::Backend(format!("cannot start the token-mask thread: {e}")))?;
+            let out = ranks.step(&step.batch, &step.sampling);
+            let dead_ends =
+                masking.join().unwrap_or_else(|_| vec![Some("computing its token mask panicked".into()); rows]);
+            Ok((out?, dead_ends))
+        })
     }
 
     /// What scheduling decided besides the batch: admissions, preemptions, refusals.
@@ -139,7 +166,13 @@ impl Worker {
 
     /// Hands each sampled token to its request's output state; a request whose token cannot be
     /// taken fails alone.
-    fn postprocess(&mut self, step: &Step, out: StepOutput, requests: &mut Requests) -> Result<()> {
+    fn postprocess(
+        &mut self,
+        step: &Step,
+        out: StepOutput,
+        dead_ends: &[Option<String>],
+        requests: &mut Requests,
+    ) -> Result<()> {
         if out.tokens.len() != step.sampled.len() {
             return Err(Error::Backend(format!(
                 "{} rows sampled, {} tokens returned",
@@ -152,11 +185,13 @@ impl Worker {
         for (i, (&id, sampled)) in step.sampled.iter().zip(out.tokens).enumerate() {
             let Some(request) = requests.get_mut(&id) else { continue };
             let logits = out.logits.as_deref().and_then(|l| l.get(i * vocab..(i + 1) * vocab));
+            let dead_end = dead_ends.get(i).cloned().flatten();
             let accepted = match sampled {
-                Sampled::Token(token) => {
-                    self.scheduler.push_token(id, token);
-                    request.accept(token, logits, &self.shared)
-                }
+                _ if dead_end.is_some() => Err(grammar_error(dead_end.unwrap_or_default(), request.generated())),
+                Sampled::Token(token) => match self.scheduler.push_token(id, token) {
+                    Ok(()) => request.accept(token, logits, &self.shared),
+                    Err(e) => Err(grammar_error(e, request.generated())),
+                },
                 Sampled::NonFinite { rank } => {
                     let position = step.sampling.rows.get(i).and_then(|&r| step.batch.positions.get(r));
                     Err(Error::NonFiniteLogits { position: position.map_or(0, |&p| p as usize), rank })
@@ -217,6 +252,33 @@ impl Worker {
             (m.prefix_queried_tokens, m.prefix_hit_tokens) = blocks.prefix_stats();
         }
     }
+}
+
+/// Fills every constrained row's mask (the others allow every column) and delivers them;
+/// returns each row's dead end, if it has one. A row at a dead end allows every column, so the
+/// step still samples it, and the worker then ends its request instead of taking the token.
+fn compute_masks(grammars: Vec<Option<&mut TokenMatcher>>, width: usize, fill: MaskFill) -> Vec<Option<String>> {
+    use rayon::prelude::*;
+    let mut masks = TokenMasks::allow_all(grammars.len(), width);
+    let words = masks.words;
+    let dead_ends = masks
+        .bits
+        .par_chunks_mut(words)
+        .zip(grammars.into_par_iter())
+        .map(|(row, grammar)| {
+            let dead_end = grammar?.fill_mask(row).err();
+            if dead_end.is_some() {
+                row.fill(u32::MAX);
+            }
+            dead_end
+        })
+        .collect();
+    fill.fill(masks);
+    dead_ends
+}
+
+fn grammar_error(why: String, generated: usize) -> Error {
+    Error::Grammar { message: format!("{why} (after {generated} generated tokens)") }
 }
 
 /// After an engine-fatal error: every request that still arrives fails with the reason, until

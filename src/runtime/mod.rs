@@ -5,3 +5,4 @@ pub mod batch;
 pub mod block_manager;
 pub mod sampler;
 pub mod scheduler;
+pub mod token_mask;

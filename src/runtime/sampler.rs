@@ -20,7 +20,9 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use super::token_mask::{allows, LateMasks};
 use crate::error::{Error, Result};
+use crate::grammar::TokenMatcher;
 
 /// How to pick each next token.
 #[derive(Debug, Clone, PartialEq)]
@@ -118,6 +120,10 @@ pub struct StepSampling {
     pub valid: usize,
     /// Also return the rows' logits to the host (log-probabilities were asked for).
     pub want_logits: bool,
+    /// Each row's allowed tokens, when some row is constrained (structured outputs): computed
+    /// on the host while the forward pass runs; only rank 0, which samples, waits for them.
+    #[serde(skip)]
+    pub masks: LateMasks,
 }
 
 /// The id a backend's `sample` op returns for a row whose first `valid` logits are not all
@@ -154,14 +160,24 @@ pub fn mass(p: f32) -> u64 {
     (p * MASS_SCALE) as u64
 }
 
-/// Picks the token of one row of `logits` (its first `valid` columns) by the rule in the
-/// module docs; the reference every backend's `sample` op follows.
-pub fn sample_row(logits: &[f32], valid: usize, s: &RowSampling) -> u32 {
+/// Picks the token of one row of `logits` (its first `valid` columns, those `mask` allows when
+/// there is one) by the rule in the module docs; the reference every backend's `sample` op
+/// follows. Columns the mask disallows are not candidates: they are never picked and their
+/// values are not checked; they count as `-inf` logits (probability 0).
+pub fn sample_row(logits: &[f32], valid: usize, s: &RowSampling, mask: Option<&[u32]>) -> u32 {
     let n = valid.min(logits.len());
-    if !logits[..n].iter().all(|x| x.is_finite()) {
+    let candidate = |c: usize| mask.is_none_or(|m| allows(m, c));
+    if !logits[..n].iter().enumerate().all(|(c, x)| x.is_finite() || !candidate(c)) {
         return NON_FINITE;
     }
     let mut l = logits[..n].to_vec();
+    if mask.is_some() {
+        for (c, x) in l.iter_mut().enumerate() {
+            if !candidate(c) {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+    }
     if s.repetition_penalty != 1.0 {
         for &t in &s.penalized {
             if let Some(x) = l.get_mut(t as usize) {
@@ -259,6 +275,8 @@ pub struct Sampler {
     rng: StdRng,
     /// Rows past this (vocab padding beyond the tokenizer) are never sampled.
     sample_rows: usize,
+    /// The grammar its tokens must follow (structured outputs), if any.
+    grammar: Option<TokenMatcher>,
 }
 
 impl Sampler {
@@ -268,7 +286,29 @@ impl Sampler {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => StdRng::from_os_rng(),
         };
-        Sampler { params, rng, sample_rows }
+        Sampler { params, rng, sample_rows, grammar: None }
+    }
+
+    /// The same sampler, its tokens constrained by `grammar`.
+    pub fn with_grammar(mut self, grammar: Option<TokenMatcher>) -> Self {
+        self.grammar = grammar;
+        self
+    }
+
+    /// Whether its tokens follow a grammar.
+    pub fn has_grammar(&self) -> bool {
+        self.grammar.is_some()
+    }
+
+    /// The grammar its tokens follow, if any.
+    pub fn grammar_mut(&mut self) -> Option<&mut TokenMatcher> {
+        self.grammar.as_mut()
+    }
+
+    /// Follows a sampled token in the grammar, if there is one; an error when the token breaks
+    /// it.
+    pub fn commit(&mut self, token: u32) -> std::result::Result<(), String> {
+        self.grammar.as_mut().map_or(Ok(()), |g| g.commit(token))
     }
 
     /// This step's [`RowSampling`]: one draw from the generator, and the distinct tokens of
@@ -300,7 +340,7 @@ impl Sampler {
     /// Picks the next token from `logits` (one row) on the host, given the tokens so far.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let row = self.next_row(history);
-        sample_row(logits, self.sample_rows, &row)
+        sample_row(logits, self.sample_rows, &row, None)
     }
 }
 
@@ -340,10 +380,38 @@ mod tests {
     fn non_finite_logits_flag_the_row() {
         for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
             for s in [RowSampling::greedy(), RowSampling { temperature: 0.8, top_p: 0.9, ..RowSampling::greedy() }] {
-                assert_eq!(sample_row(&[bad, 1.0, 2.0], 3, &s), NON_FINITE, "{bad} first");
-                assert_eq!(sample_row(&[0.5, 3.0, bad], 3, &s), NON_FINITE, "{bad} last");
-                assert_eq!(sample_row(&[0.5, 3.0, bad], 2, &s), 1, "{bad} past valid");
+                assert_eq!(sample_row(&[bad, 1.0, 2.0], 3, &s, None), NON_FINITE, "{bad} first");
+                assert_eq!(sample_row(&[0.5, 3.0, bad], 3, &s, None), NON_FINITE, "{bad} last");
+                assert_eq!(sample_row(&[0.5, 3.0, bad], 2, &s, None), 1, "{bad} past valid");
             }
+        }
+    }
+
+    /// A mask leaves only its columns as candidates: the best disallowed logit is never picked,
+    /// the kept distribution renormalises over the allowed ones, and a NaN in a disallowed
+    /// column does not flag the row (one in an allowed column does).
+    #[test]
+    fn masked_columns_are_never_candidates() {
+        // Probabilities 0.1, 0.2, 0.3, 0.4; the mask allows columns 0 and 2 only.
+        let logits: Vec<f32> = [1.0f32, 2.0, 3.0, 4.0].iter().map(|x| x.ln()).collect();
+        let mask = [0b0101u32];
+        assert_eq!(sample_row(&logits, 4, &RowSampling::greedy(), Some(&mask)), 2);
+        let base = RowSampling { temperature: 1.0, ..RowSampling::greedy() };
+        let n = 10_000;
+        let mut counts = [0usize; 4];
+        for i in 0..n {
+            let row = RowSampling { uniform: (i as f32 + 0.5) / n as f32, ..base.clone() };
+            counts[sample_row(&logits, 4, &row, Some(&mask)) as usize] += 1;
+        }
+        let got: Vec<f64> = counts.iter().map(|&c| c as f64 / n as f64).collect();
+        assert_freqs("masked", &got, &[0.25, 0.0, 0.75, 0.0]);
+        let k1 = RowSampling { top_k: 1, ..base.clone() };
+        assert_eq!(sample_row(&logits, 4, &k1, Some(&mask)), 2);
+        let poisoned = [0.1f32, f32::NAN, 0.3, f32::INFINITY];
+        // Greedy, and a draw high enough to pass token 0's mass.
+        for s in [RowSampling::greedy(), RowSampling { uniform: 0.99, ..base.clone() }] {
+            assert_eq!(sample_row(&poisoned, 4, &s, Some(&mask)), 2);
+            assert_eq!(sample_row(&poisoned, 4, &s, Some(&[0b0011])), NON_FINITE);
         }
     }
 
@@ -389,7 +457,7 @@ mod tests {
         let mut counts = vec![0usize; logits.len()];
         for i in 0..n {
             let row = RowSampling { uniform: (i as f32 + 0.5) / n as f32, ..s.clone() };
-            counts[sample_row(logits, logits.len(), &row) as usize] += 1;
+            counts[sample_row(logits, logits.len(), &row, None) as usize] += 1;
         }
         counts.into_iter().map(|c| c as f64 / n as f64).collect()
     }
@@ -425,9 +493,9 @@ mod tests {
         assert_freqs("tied top-k 1", &frequencies(&tied, &k1), &[1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0, 0.0]);
         // The penalty divides a penalised positive logit (5 → 1.25 < 3) and multiplies a negative one.
         let pen = RowSampling { repetition_penalty: 4.0, penalized: vec![3, 1], ..RowSampling::greedy() };
-        assert_eq!(sample_row(&[3.0, 2.9, -1.0, 5.0], 4, &pen), 0);
+        assert_eq!(sample_row(&[3.0, 2.9, -1.0, 5.0], 4, &pen, None), 0);
         let pen = RowSampling { penalized: vec![3, 0], ..pen };
-        assert_eq!(sample_row(&[3.0, 2.9, -1.0, 5.0], 4, &pen), 1);
+        assert_eq!(sample_row(&[3.0, 2.9, -1.0, 5.0], 4, &pen, None), 1);
     }
 
     /// The partial-sort top-p threshold equals the one a full sort gives, ties included.

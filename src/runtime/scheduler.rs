@@ -18,6 +18,7 @@ use super::batch::Batch;
 use super::block_manager::BlockManager;
 use super::sampler::{Sampler, StepSampling};
 use crate::error::{Error, Result};
+use crate::grammar::TokenMatcher;
 
 /// A sequence's identity inside the engine.
 pub type SeqId = u64;
@@ -104,11 +105,27 @@ impl Scheduler {
         self.seqs.get(&id)
     }
 
-    /// Appends a sampled token to a sequence.
-    pub fn push_token(&mut self, id: SeqId, token: u32) {
-        if let Some(s) = self.seqs.get_mut(&id) {
-            s.tokens.push(token);
+    /// Appends a sampled token to a sequence and follows it in the sequence's grammar; an
+    /// error when the token breaks the grammar.
+    pub fn push_token(&mut self, id: SeqId, token: u32) -> std::result::Result<(), String> {
+        match self.seqs.get_mut(&id) {
+            Some(s) => {
+                s.tokens.push(token);
+                s.sampler.commit(token)
+            }
+            None => Ok(()),
         }
+    }
+
+    /// The grammars of the sequences `ids` (one per id, `None` for an unconstrained one), or
+    /// `None` when none of them has one.
+    pub fn grammars(&mut self, ids: &[SeqId]) -> Option<Vec<Option<&mut TokenMatcher>>> {
+        if !ids.iter().any(|id| self.seqs.get(id).is_some_and(|s| s.sampler.has_grammar())) {
+            return None;
+        }
+        let mut by_id: HashMap<SeqId, &mut TokenMatcher> =
+            self.seqs.iter_mut().filter_map(|(&id, s)| s.sampler.grammar_mut().map(|g| (id, g))).collect();
+        Some(ids.iter().map(|id| by_id.remove(id)).collect())
     }
 
     /// Forgets a sequence (finished or aborted) and frees its blocks.
@@ -290,7 +307,7 @@ mod tests {
         let p = s.schedule().unwrap();
         assert_eq!(p.entries, vec![(1, 4), (2, 2)]);
         assert_eq!(run(&mut s, &p), vec![1]);
-        s.push_token(1, 42);
+        s.push_token(1, 42).expect("no grammar");
         let p = s.schedule().unwrap();
         assert_eq!(p.entries, vec![(1, 1), (2, 1)]);
         assert_eq!(run(&mut s, &p), vec![1, 2]);
@@ -334,8 +351,8 @@ mod tests {
         add(&mut s, 2, vec![5, 6, 7, 8]);
         let p = s.schedule().unwrap();
         assert_eq!(run(&mut s, &p), vec![1, 2]);
-        s.push_token(1, 9);
-        s.push_token(2, 10);
+        s.push_token(1, 9).expect("no grammar");
+        s.push_token(2, 10).expect("no grammar");
         // Sequence 1 takes the third block; sequence 2 cannot grow and is preempted.
         let p = s.schedule().unwrap();
         assert_eq!(p.entries, vec![(1, 1)]);

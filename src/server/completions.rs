@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 
 use super::error::ApiError;
 use super::openai::{self, ApiRequest, Endpoint, PromptInput};
+use super::tools::ToolChoice;
 use super::{sse, AppState};
 use crate::engine::{Event, GenerateRequest, Prompt, Summary, TokenLogprob};
 use crate::error::Result;
@@ -103,6 +104,28 @@ impl Reply {
         }
     }
 
+    /// The `tool_calls` entry a finished chat answer `text` is, when tools were offered and it
+    /// is a call of one of them.
+    pub fn tool_call(&self, text: &str, summary: &Summary) -> Option<Value> {
+        let tools = self.request.tools.as_ref().filter(|t| t.active())?;
+        if summary.finish_reason != crate::engine::FinishReason::Stop {
+            return None;
+        }
+        let (name, arguments) = tools.parse_call(text)?;
+        Some(super::tools::call_json(&name, &arguments))
+    }
+
+    /// Whether a chat answer's text is held back while streaming, because it may be a tool
+    /// call: always with `required` or a named function, and with `auto` while the text so
+    /// far is blank or starts like a JSON object.
+    pub fn holds_back(&self, text_so_far: &str) -> bool {
+        match self.request.tools.as_ref().map(|t| &t.choice) {
+            None | Some(ToolChoice::None) => false,
+            Some(ToolChoice::Auto) => text_so_far.trim_start().is_empty() || text_so_far.trim_start().starts_with('{'),
+            Some(_) => true,
+        }
+    }
+
     /// `usage`: prompts counted once each, completions summed over choices; cached prompt
     /// tokens from each prompt's first choice.
     pub fn usage(&self, summaries: &[Option<Summary>]) -> Value {
@@ -180,7 +203,10 @@ fn tokenize(state: &AppState, request: &ApiRequest) -> Result<Vec<Tokenized>, Ap
                         if request.echo { tokenizer.decode(ids, false).unwrap_or_default() } else { String::new() };
                     (Ok(ids.clone()), text)
                 }
-                PromptInput::Chat(m) => (tokenizer.encode_chat(m, true), String::new()),
+                PromptInput::Chat(m) => {
+                    let tools = request.tools.as_ref().filter(|t| t.active()).map(|t| &t.list);
+                    (tokenizer.encode_chat_with(m, tools, request.chat_template.as_deref()), String::new())
+                }
             };
             let ids = ids.map_err(|e| match e {
                 crate::Error::ChatTemplate { .. } | crate::Error::Request { .. } => {
@@ -240,6 +266,8 @@ fn submit(reply: &Reply) -> Result<mpsc::UnboundedReceiver<ChoiceEvent>, ApiErro
                 stop: req.stop.clone(),
                 ignore_eos: req.ignore_eos,
                 logprobs: req.logprobs,
+                constraint: req.constraint.as_ref().map(|c| c.constraint.clone()),
+                constraint_param: req.constraint.as_ref().map(|c| c.param.clone()),
             });
         }
     }
@@ -294,12 +322,20 @@ async fn whole(reply: Reply, mut events: mpsc::UnboundedReceiver<ChoiceEvent>) -
         });
         let finish = summary.finish_reason.as_str();
         choices.push(match reply.request.endpoint {
-            Endpoint::Chat => json!({
-                "index": i,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": lp,
-                "finish_reason": finish,
-            }),
+            Endpoint::Chat => match reply.tool_call(&text, summary) {
+                Some(call) => json!({
+                    "index": i,
+                    "message": {"role": "assistant", "content": null, "tool_calls": [call]},
+                    "logprobs": lp,
+                    "finish_reason": "tool_calls",
+                }),
+                None => json!({
+                    "index": i,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": lp,
+                    "finish_reason": finish,
+                }),
+            },
             Endpoint::Completions => json!({"index": i, "text": text, "logprobs": lp, "finish_reason": finish}),
         });
     }

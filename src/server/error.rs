@@ -136,6 +136,7 @@ impl ApiError {
             Error::ShuttingDown { message } => Self::unavailable(message),
             e @ Error::EngineFailed { .. } => Self::unavailable(e.to_string()).code("engine_failed"),
             e @ Error::NonFiniteLogits { .. } => Self::internal(e.to_string()).code("non_finite_logits"),
+            e @ Error::Grammar { .. } => Self::internal(e.to_string()).code("grammar_dead_end"),
             Error::Busy { message } if shutting_down => Self::unavailable(message),
             Error::Busy { message } => Self::busy(message),
             other => Self::internal(other.to_string()),

@@ -13,6 +13,8 @@ pub mod error;
 pub mod metrics;
 pub mod openai;
 mod sse;
+pub mod structured;
+pub mod tools;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -9,6 +9,8 @@
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
+use super::structured::{self, RequestConstraint};
+use super::tools::{self, Tools};
 use crate::runtime::sampler::SamplingParams;
 use crate::tokenizer::ChatMessage;
 
@@ -104,6 +106,13 @@ pub struct ApiRequest {
     pub echo: bool,
     /// Keep generating past EOS (vLLM's extension, for benchmarks).
     pub ignore_eos: bool,
+    /// What the text must match (`response_format`, `structured_outputs`, `guided_*`, or
+    /// `tool_choice` `required` / a named function).
+    pub constraint: Option<RequestConstraint>,
+    /// Chat: the tools offered and `tool_choice`.
+    pub tools: Option<Tools>,
+    /// Chat: the caller's chat template, in place of the model's.
+    pub chat_template: Option<String>,
 }
 
 impl ApiRequest {
@@ -143,6 +152,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, ApiError> {
         }
     }
     unsupported(&f)?;
+    let (constraint, tools) = constraints(obj, endpoint)?;
     Ok(ApiRequest {
         endpoint,
         model: f.string("model")?.map(str::to_owned),
@@ -157,7 +167,33 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, ApiError> {
         logprobs,
         echo,
         ignore_eos: f.bool("ignore_eos")?.unwrap_or(false),
+        constraint,
+        tools,
+        chat_template: match endpoint {
+            Endpoint::Chat => f.string("chat_template")?.map(str::to_owned),
+            Endpoint::Completions => None,
+        },
     })
+}
+
+/// The output constraint and the tools: tools only on chat, and `tool_choice` `required` or
+/// a named function (which constrain the answer) not with another constraint.
+fn constraints(
+    obj: &Map<String, Value>,
+    endpoint: Endpoint,
+) -> Result<(Option<RequestConstraint>, Option<Tools>), ApiError> {
+    let constraint = structured::parse(obj)?;
+    let tools = tools::parse(obj)?;
+    if endpoint == Endpoint::Completions && tools.is_some() {
+        return Err(ApiError::param("tools", "are only offered on /v1/chat/completions"));
+    }
+    match (constraint, tools.as_ref().and_then(Tools::constraint)) {
+        (Some(c), Some(_)) => Err(ApiError::param(
+            "tool_choice",
+            format!("`required` or a named function cannot be combined with `{}`", c.param),
+        )),
+        (c, t) => Ok((c.or(t), tools)),
+    }
 }
 
 /// `n`: choices per prompt, at most [`MAX_CHOICES`] over all prompts.
@@ -292,22 +328,6 @@ fn unsupported(f: &Fields) -> Result<(), ApiError> {
             Value::Object(m) if m.is_empty() => {}
             Value::Object(_) => return Err(ApiError::param("logit_bias", "is not supported")),
             v => return Err(ApiError::param("logit_bias", format!("must be an object, got {}", kind(v)))),
-        }
-    }
-    if let Some(v) = f.get("tools") {
-        match v {
-            Value::Array(a) if a.is_empty() => {}
-            Value::Array(_) => return Err(ApiError::param("tools", "are not supported")),
-            v => return Err(ApiError::param("tools", format!("must be an array, got {}", kind(v)))),
-        }
-    }
-    if let Some(v) = f.get("response_format") {
-        let ty = v.get("type").and_then(Value::as_str);
-        if ty != Some("text") {
-            return Err(ApiError::param(
-                "response_format",
-                "must be {\"type\": \"text\"}: other formats are not supported",
-            ));
         }
     }
     if let Some(b) = f.int("best_of")? {

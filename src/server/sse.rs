@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use super::completions::{ChoiceEvent, Reply};
 use super::error::ApiError;
 use super::openai::Endpoint;
-use crate::engine::{Event, FinishReason, Summary, TokenLogprob};
+use crate::engine::{Event, Summary, TokenLogprob};
 
 /// The streaming response for `reply`, fed by `events`.
 pub(super) fn response(reply: Reply, events: mpsc::UnboundedReceiver<ChoiceEvent>) -> Response {
@@ -29,6 +29,7 @@ pub(super) fn response(reply: Reply, events: mpsc::UnboundedReceiver<ChoiceEvent
         pending: vec![Vec::new(); n],
         offsets: vec![0; n],
         summaries: vec![None; n],
+        held: vec![(reply.request.endpoint == Endpoint::Chat && reply.holds_back("")).then(String::new); n],
         finished: false,
         reply,
     };
@@ -62,6 +63,9 @@ struct ChunkStream {
     /// Completions' `text_offset` so far, per choice.
     offsets: Vec<usize>,
     summaries: Vec<Option<Summary>>,
+    /// Per chat choice, the text held back while it may be a tool call (`None` once released,
+    /// or when no tools are offered).
+    held: Vec<Option<String>>,
     finished: bool,
 }
 
@@ -77,6 +81,16 @@ impl ChunkStream {
             }
             match self.events.recv().await {
                 Some((i, Ok(Event::Text(text)))) => {
+                    let text = match self.held[i].as_mut() {
+                        Some(held) => {
+                            held.push_str(&text);
+                            if self.reply.holds_back(held) {
+                                continue;
+                            }
+                            self.held[i].take().unwrap_or_default()
+                        }
+                        None => text,
+                    };
                     let lp = self.take_logprobs(i);
                     let delta = match self.reply.request.endpoint {
                         Endpoint::Chat => json!({"content": text}),
@@ -87,11 +101,26 @@ impl ChunkStream {
                 Some((i, Ok(Event::Logprobs(l)))) => self.pending[i].extend(l),
                 Some((i, Ok(Event::Done(summary)))) => {
                     let lp = self.take_logprobs(i);
-                    let delta = match self.reply.request.endpoint {
-                        Endpoint::Chat => json!({}),
-                        Endpoint::Completions => json!(""),
-                    };
-                    self.push_choice(i, delta, lp, Some(summary.finish_reason));
+                    let mut finish = summary.finish_reason.as_str();
+                    if let Some(held) = self.held[i].take() {
+                        // The whole answer was held back: a tool call, or text after all.
+                        let delta = match self.reply.tool_call(&held, &summary) {
+                            Some(mut call) => {
+                                finish = "tool_calls";
+                                call["index"] = json!(0);
+                                json!({"tool_calls": [call]})
+                            }
+                            None => json!({"content": held}),
+                        };
+                        self.push_choice(i, delta, lp, None);
+                        self.push_choice(i, json!({}), None, Some(finish));
+                    } else {
+                        let delta = match self.reply.request.endpoint {
+                            Endpoint::Chat => json!({}),
+                            Endpoint::Completions => json!(""),
+                        };
+                        self.push_choice(i, delta, lp, Some(finish));
+                    }
                     self.summaries[i] = Some(summary);
                 }
                 Some((_, Err(e))) => {
@@ -127,8 +156,7 @@ impl ChunkStream {
     }
 
     /// Queues a chunk for choice `i`: `delta` is the chat delta object or the completion text.
-    fn push_choice(&mut self, i: usize, delta: Value, logprobs: Option<Value>, finish: Option<FinishReason>) {
-        let finish = finish.map(FinishReason::as_str);
+    fn push_choice(&mut self, i: usize, delta: Value, logprobs: Option<Value>, finish: Option<&str>) {
         let choice = match self.reply.request.endpoint {
             Endpoint::Chat => json!({"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}),
             Endpoint::Completions => json!({"index": i, "text": delta, "logprobs": logprobs, "finish_reason": finish}),

@@ -70,12 +70,24 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         special: &SpecialTokens,
     ) -> Result<String> {
+        self.render_with_tools(messages, add_generation_prompt, special, None)
+    }
+
+    /// [`render`](Self::render) with `tools` (OpenAI's list of `{"type": "function",
+    /// "function": {...}}`), as `apply_chat_template(messages, tools=tools, ...)`.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        special: &SpecialTokens,
+        tools: Option<&serde_json::Value>,
+    ) -> Result<String> {
         let template = self.env.get_template(TEMPLATE_NAME).map_err(template_error)?;
         let mut ctx: Vec<(&str, Value)> = vec![
             ("messages", Value::from_serialize(messages)),
             ("add_generation_prompt", Value::from(add_generation_prompt)),
             // transformers passes `tools=None` when the caller gives no tools.
-            ("tools", Value::from(())),
+            ("tools", tools.map_or(Value::from(()), Value::from_serialize)),
         ];
         let named = [
             ("bos_token", &special.bos_token),
@@ -90,6 +102,19 @@ impl ChatTemplate {
         }
         let ctx: Value = ctx.into_iter().collect();
         template.render(ctx).map_err(template_error)
+    }
+}
+
+impl ChatTemplate {
+    /// Whether the template renders tools: a conversation rendered with one probe tool shows
+    /// the tool's name (Llama 3.1's does; Tülu 3's and SmolLM2's have no tool section).
+    pub fn renders_tools(&self, special: &SpecialTokens) -> bool {
+        const PROBE: &str = "tulu_probe_function_7f3a";
+        let tools = serde_json::json!([{"type": "function", "function": {
+            "name": PROBE, "description": "probe", "parameters": {"type": "object", "properties": {}}
+        }}]);
+        let messages = [ChatMessage { role: "user".into(), content: "hi".into() }];
+        self.render_with_tools(&messages, true, special, Some(&tools)).is_ok_and(|text| text.contains(PROBE))
     }
 }
 

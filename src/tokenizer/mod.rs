@@ -161,6 +161,34 @@ impl Tokenizer {
         }
     }
 
+    /// Renders and encodes a chat that offers `tools`, with the model's template or the
+    /// caller's (`template`, a request's `chat_template`). A template that does not render
+    /// tools is a request error naming `tools`, since the model would never see them.
+    pub fn encode_chat_with(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+        template: Option<&str>,
+    ) -> Result<Vec<u32>> {
+        let own;
+        let template = match (template, &self.chat) {
+            (Some(source), _) => {
+                own = ChatTemplate::new(source)?;
+                &own
+            }
+            (None, ChatState::Ready(t)) => t,
+            (None, _) => return self.encode_chat(messages, true),
+        };
+        if tools.is_some() && !template.renders_tools(&self.special) {
+            return Err(Error::request(
+                "tools",
+                "cannot be offered to this model: its chat template has no tool section (it never renders \
+                 `tools`, so the model would not see them); pass a `chat_template` that renders them",
+            ));
+        }
+        self.encode_raw(&template.render_with_tools(messages, true, &self.special, tools)?)
+    }
+
     /// Render then encode with no special tokens added (HF apply_chat_template tokenize=True).
     pub fn encode_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<Vec<u32>> {
         self.encode_raw(&self.render_chat(messages, add_generation_prompt)?)

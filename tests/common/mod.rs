@@ -13,6 +13,8 @@ use tulu::runtime::batch::Batch;
 use tulu::synth::{synth_checkpoint, SynthOptions};
 use tulu::weights::gguf::{convert_gguf, ConvertOptions, OutDType};
 
+pub mod serve;
+
 static BUILD: Mutex<()> = Mutex::new(());
 
 fn cache_dir() -> PathBuf {

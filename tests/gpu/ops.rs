@@ -169,10 +169,10 @@ fn sample_matches_the_host_sampler() {
             let host = gpu.to_host(&t).unwrap();
             let per_row: Vec<RowSampling> =
                 (0..rows).map(|_| RowSampling { uniform: rng.random::<f32>(), ..setting.clone() }).collect();
-            let ids = gpu.sample(&t, &per_row, valid).unwrap();
+            let ids = gpu.sample(&t, &per_row, valid, None).unwrap();
             for (r, (&id, s)) in ids.iter().zip(&per_row).enumerate() {
                 assert!((id as usize) < valid, "{s:?}: row {r} picked padded column {id}");
-                let want = sample_row(&host[r * cols..(r + 1) * cols], valid, s);
+                let want = sample_row(&host[r * cols..(r + 1) * cols], valid, s, None);
                 draws += 1;
                 if id != want {
                     differ += 1;
@@ -184,7 +184,7 @@ fn sample_matches_the_host_sampler() {
                 let want: Vec<u32> = per_row
                     .iter()
                     .enumerate()
-                    .map(|(r, s)| sample_row(&host[r * cols..(r + 1) * cols], valid, s))
+                    .map(|(r, s)| sample_row(&host[r * cols..(r + 1) * cols], valid, s, None))
                     .collect();
                 assert_eq!(ids, want, "greedy with penalty");
             }
@@ -209,11 +209,68 @@ fn sample_flags_non_finite_rows() {
     for s in
         [RowSampling::greedy(), RowSampling { temperature: 0.9, top_p: 0.8, uniform: 0.3, ..RowSampling::greedy() }]
     {
-        let ids = gpu.sample(&t, &vec![s.clone(); rows], valid).unwrap();
-        let want: Vec<u32> = (0..rows).map(|r| sample_row(&logits[r * cols..(r + 1) * cols], valid, &s)).collect();
+        let ids = gpu.sample(&t, &vec![s.clone(); rows], valid, None).unwrap();
+        let want: Vec<u32> =
+            (0..rows).map(|r| sample_row(&logits[r * cols..(r + 1) * cols], valid, &s, None)).collect();
         assert_eq!((ids[0], ids[1]), (NON_FINITE, NON_FINITE), "{s:?}");
         assert_eq!(ids, want, "{s:?}");
     }
+}
+
+/// Token masks (structured outputs): greedy and sampled rows take only the columns their mask
+/// allows, as the host sampler does with the same mask — a masked column that would win, or
+/// holds NaN, is neither picked nor flagged; an allowed NaN still flags the row.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn sample_follows_token_masks() {
+    use tulu::runtime::sampler::{sample_row, RowSampling, NON_FINITE};
+    use tulu::runtime::token_mask::{allows, TokenMasks};
+    let gpu = gpu();
+    let mut rng = rng("masks");
+    let (rows, cols, valid) = (6, 1000, 990);
+    let mut logits = random(&mut rng, rows * cols, 4.0);
+    let mut masks = TokenMasks::allow_all(rows, cols);
+    for r in 0..rows {
+        let row = &mut masks.bits[r * masks.words..(r + 1) * masks.words];
+        match r {
+            0 => {} // all allowed
+            1 => {
+                row.fill(0);
+                row[7] = 1 << 3; // only column 227
+            }
+            _ => row.iter_mut().for_each(|w| *w = rng.random::<u32>()),
+        }
+    }
+    // Row 2: a masked column holds the largest logit and row 3 a masked NaN; row 4 an allowed NaN.
+    let masked = |m: &TokenMasks, r: usize| (0..valid).find(|&c| !allows(m.row(r).unwrap(), c)).unwrap();
+    let (c2, c3) = (masked(&masks, 2), masked(&masks, 3));
+    logits[2 * cols + c2] = 1e3;
+    logits[3 * cols + c3] = f32::NAN;
+    let c4 = (0..valid).find(|&c| allows(masks.row(4).unwrap(), c)).unwrap();
+    logits[4 * cols + c4] = f32::NAN;
+    let t = gpu.tensor_from_host(&logits, rows, cols).unwrap();
+    let host = gpu.to_host(&t).unwrap();
+    let sampled = RowSampling { temperature: 0.9, top_p: 0.95, ..RowSampling::greedy() };
+    let (mut draws, mut differ) = (0, 0);
+    for trial in 0..8 {
+        let s =
+            if trial == 0 { RowSampling::greedy() } else { RowSampling { uniform: rng.random(), ..sampled.clone() } };
+        let ids = gpu.sample(&t, &vec![s.clone(); rows], valid, Some(&masks)).unwrap();
+        for (r, &id) in ids.iter().enumerate() {
+            let want = sample_row(&host[r * cols..(r + 1) * cols], valid, &s, masks.row(r));
+            assert_eq!(id == NON_FINITE, r == 4, "{s:?} row {r}: {id}");
+            assert!(id == NON_FINITE || allows(masks.row(r).unwrap(), id as usize), "{s:?} row {r}: masked {id}");
+            if r == 1 {
+                assert_eq!(id, 227);
+            }
+            draws += 1;
+            differ += usize::from(id != want);
+            if s.temperature == 0.0 {
+                assert_eq!(id, want, "greedy row {r}");
+            }
+        }
+    }
+    assert!(differ * 20 <= draws, "{differ} of {draws} masked draws differ from the host sampler");
 }
 
 /// Decode matmuls (1 to 8 rows) through our GEMV and through cuBLASLt both match the CPU, on

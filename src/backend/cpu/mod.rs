@@ -16,6 +16,7 @@ use super::{contract, AttnDims, Backend, KvCacheSpec};
 use crate::error::{Error, Result};
 use crate::runtime::batch::Batch;
 use crate::runtime::sampler::{sample_row, RowSampling};
+use crate::runtime::token_mask::TokenMasks;
 use crate::weights::random::{self, RandomSlice};
 use crate::weights::{fused_shape, TensorSlice};
 
@@ -344,9 +345,16 @@ impl Backend for CpuBackend {
         CpuTensor::new(data, rows.len(), x.cols)
     }
 
-    fn sample(&self, logits: &CpuTensor, per_row: &[RowSampling], valid: usize) -> Result<Vec<u32>> {
-        contract::sample(logits.shape(), per_row.len(), valid)?;
-        Ok(per_row.par_iter().enumerate().map(|(r, s)| sample_row(logits.row(r), valid, s)).collect())
+    fn sample(
+        &self,
+        logits: &CpuTensor,
+        per_row: &[RowSampling],
+        valid: usize,
+        masks: Option<&TokenMasks>,
+    ) -> Result<Vec<u32>> {
+        contract::sample(logits.shape(), per_row.len(), valid, masks.map(|m| (m.rows(), m.words)))?;
+        let mask = |r: usize| masks.and_then(|m| m.row(r));
+        Ok(per_row.par_iter().enumerate().map(|(r, s)| sample_row(logits.row(r), valid, s, mask(r))).collect())
     }
 
     fn to_host(&self, x: &CpuTensor) -> Result<Vec<f32>> {

@@ -55,6 +55,7 @@ use super::{AttnDims, Backend, KvCacheSpec, StepInputs, StepShape};
 use crate::error::{Error, Result};
 use crate::runtime::batch::Batch;
 use crate::runtime::sampler::RowSampling;
+use crate::runtime::token_mask::TokenMasks;
 use crate::weights::random::RandomSlice;
 use crate::weights::TensorSlice;
 
@@ -509,12 +510,18 @@ impl Backend for CudaBackend {
         self.gather_rows_impl(x, rows)
     }
 
-    fn sample(&self, logits: &CudaTensor, per_row: &[RowSampling], valid: usize) -> Result<Vec<u32>> {
+    fn sample(
+        &self,
+        logits: &CudaTensor,
+        per_row: &[RowSampling],
+        valid: usize,
+        masks: Option<&TokenMasks>,
+    ) -> Result<Vec<u32>> {
         // A padded decode step's logits have its padding rows after the sampled ones.
         let padding = self.step_padding();
         let rows = if padding > 0 && logits.rows == per_row.len() + padding { per_row.len() } else { logits.rows };
-        contract::sample((rows, logits.cols), per_row.len(), valid)?;
-        self.sample_impl(logits, per_row, valid)
+        contract::sample((rows, logits.cols), per_row.len(), valid, masks.map(|m| (m.rows(), m.words)))?;
+        self.sample_impl(logits, per_row, valid, masks)
     }
 
     fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>> {

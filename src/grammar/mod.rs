@@ -1,0 +1,196 @@
+//! Structured outputs: a request's [`Constraint`] (a JSON schema, any JSON object, a regex, a
+//! choice among strings, a Lark grammar) compiled by llguidance into a [`TokenMatcher`] that, at
+//! every step, says which logits rows may be sampled (a bitmask as wide as the logits) and
+//! follows the tokens that are.
+//!
+//! The vocabulary's trie is built once, on the first constrained request ([`Grammars`]), so a
+//! model serving only free text never pays for it. Compiling happens on the caller's thread
+//! when the request is validated, so a constraint that does not compile is a request error
+//! naming its parameter, and the step loop only computes masks and commits tokens.
+
+mod vocabulary;
+
+use std::sync::{Arc, OnceLock};
+
+use llguidance::api::TopLevelGrammar;
+use llguidance::toktrie::TokEnv;
+use llguidance::{Matcher, ParserFactory};
+
+use crate::error::{Error, Result};
+use crate::tokenizer::Tokenizer;
+
+/// What a generation's text must match, enforced token by token.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Constraint {
+    /// JSON valid under this JSON schema.
+    JsonSchema(serde_json::Value),
+    /// Any JSON object.
+    JsonObject,
+    /// Text matching this regular expression, whole.
+    Regex(String),
+    /// Exactly one of these strings.
+    Choice(Vec<String>),
+    /// Text of this Lark grammar (llguidance's Lark dialect; `start` is the start rule).
+    Lark(String),
+}
+
+impl Constraint {
+    /// The request parameter an error in this constraint is reported under, unless the caller
+    /// names another (the server names its own fields).
+    pub fn param(&self) -> &'static str {
+        match self {
+            Constraint::JsonSchema(_) => "json_schema",
+            Constraint::JsonObject => "json_object",
+            Constraint::Regex(_) => "regex",
+            Constraint::Choice(_) => "choice",
+            Constraint::Lark(_) => "grammar",
+        }
+    }
+
+    /// The llguidance grammar of this constraint.
+    fn grammar(&self) -> std::result::Result<TopLevelGrammar, String> {
+        Ok(match self {
+            Constraint::JsonSchema(schema) => {
+                if !schema.is_object() && !schema.is_boolean() {
+                    return Err("a JSON schema must be an object (or a boolean)".into());
+                }
+                TopLevelGrammar::from_json_schema(schema.clone())
+            }
+            Constraint::JsonObject => TopLevelGrammar::from_json_schema(serde_json::json!({"type": "object"})),
+            Constraint::Regex(rx) => TopLevelGrammar::from_regex(rx),
+            Constraint::Choice(choices) => {
+                if choices.is_empty() {
+                    return Err("must list at least one string".into());
+                }
+                // Lark string literals are JSON strings, so any text is one literal.
+                let alternatives: Vec<String> =
+                    choices.iter().map(|c| serde_json::Value::from(c.as_str()).to_string()).collect();
+                TopLevelGrammar::from_lark(format!("start: {}", alternatives.join(" | ")))
+            }
+            Constraint::Lark(text) => TopLevelGrammar::from_lark(text.clone()),
+        })
+    }
+}
+
+/// Compiles constraints against one model's vocabulary; the vocabulary's trie is built on the
+/// first compile.
+pub struct Grammars {
+    tokenizer: Arc<Tokenizer>,
+    width: usize,
+    eos: Vec<u32>,
+    factory: OnceLock<std::result::Result<ParserFactory, String>>,
+}
+
+impl Grammars {
+    /// Grammars over `width` logits rows of `tokenizer`'s model; `eos` ends a generation (the
+    /// first is the one a finished grammar allows when the others are not in the vocabulary).
+    pub fn new(tokenizer: Arc<Tokenizer>, width: usize, eos: Vec<u32>) -> Self {
+        Grammars { tokenizer, width, eos, factory: OnceLock::new() }
+    }
+
+    fn factory(&self) -> Result<&ParserFactory> {
+        let made = self.factory.get_or_init(|| {
+            let env = vocabulary::token_env(self.tokenizer.clone(), self.width, &self.eos)?;
+            factory(&env)
+        });
+        made.as_ref().map_err(|e| Error::Backend(format!("structured outputs are unavailable for this model: {e}")))
+    }
+
+    /// `constraint` compiled into a fresh matcher; an error names `param` (or the constraint's
+    /// own parameter when `None`).
+    pub fn compile(&self, constraint: &Constraint, param: Option<&str>) -> Result<TokenMatcher> {
+        compile(self.factory()?, constraint, param.unwrap_or(constraint.param()), &self.eos)
+    }
+
+    /// Logits rows a mask covers.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+}
+
+fn factory(env: &TokEnv) -> std::result::Result<ParserFactory, String> {
+    let mut factory = ParserFactory::new_simple(env).map_err(|e| format!("llguidance: {e}"))?;
+    // llguidance logs grammar warnings to stderr by default; they reach the caller as errors.
+    factory.quiet();
+    Ok(factory)
+}
+
+fn compile(factory: &ParserFactory, constraint: &Constraint, param: &str, eos: &[u32]) -> Result<TokenMatcher> {
+    let grammar = constraint.grammar().map_err(|m| Error::request(param, m))?;
+    // The grammar is the client's: whatever it holds must end as an error naming it.
+    let parser = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| factory.create_parser(grammar)))
+        .map_err(|_| Error::request(param, "cannot be compiled (the grammar compiler failed on it)"))?
+        .map_err(|e| Error::request(param, format!("cannot be compiled: {}", first_line(&e.to_string()))))?;
+    let matcher = Matcher::new(Ok(parser));
+    if let Some(e) = matcher.get_error() {
+        return Err(Error::request(param, format!("cannot be compiled: {}", first_line(&e))));
+    }
+    Ok(TokenMatcher { matcher, eos: eos.to_vec(), width: factory.tok_env().tok_trie().vocab_size() })
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s)
+}
+
+/// One generation's grammar state: which rows the next token may take, and the tokens taken.
+#[derive(Clone)]
+pub struct TokenMatcher {
+    matcher: Matcher,
+    eos: Vec<u32>,
+    width: usize,
+}
+
+impl std::fmt::Debug for TokenMatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenMatcher").field("width", &self.width).finish_non_exhaustive()
+    }
+}
+
+impl TokenMatcher {
+    /// 32-bit words of a mask over `width` rows.
+    pub fn words(width: usize) -> usize {
+        width.div_ceil(32)
+    }
+
+    /// Writes the rows the next token may take into `out` (bit `t % 32` of word `t / 32`; one
+    /// word per 32 rows of the logits). Once the grammar is complete only EOS is allowed. An
+    /// error when no row is: the grammar is at a dead end (the request must end).
+    pub fn fill_mask(&mut self, out: &mut [u32]) -> std::result::Result<(), String> {
+        let mask = self.matcher.compute_mask_or_eos().map_err(|e| {
+            format!("the grammar allows no next token, a dead end (llguidance: {})", first_line(&e.to_string()))
+        })?;
+        let words = mask.as_slice();
+        let n = out.len().min(words.len());
+        out[..n].copy_from_slice(&words[..n]);
+        out[n..].fill(0);
+        if !self.width.is_multiple_of(32) {
+            // Rows past the logits (the last word's tail) are never allowed.
+            if let Some(last) = out.get_mut(self.width / 32) {
+                *last &= (1u32 << (self.width % 32)) - 1;
+            }
+        }
+        if out.iter().all(|&w| w == 0) {
+            return Err("the grammar allows no next token, a dead end".into());
+        }
+        Ok(())
+    }
+
+    /// Follows the sampled `token`. An EOS token ends the generation and is not fed to the
+    /// grammar; any other token the mask did not allow is an error.
+    pub fn commit(&mut self, token: u32) -> std::result::Result<(), String> {
+        if self.eos.contains(&token) {
+            return Ok(());
+        }
+        self.matcher
+            .consume_token(token)
+            .map_err(|e| format!("token {token} breaks the grammar: {}", first_line(&e.to_string())))
+    }
+
+    /// Whether the grammar is complete (only EOS may follow).
+    pub fn is_complete(&self) -> bool {
+        self.matcher.is_stopped()
+    }
+}
+
+#[cfg(test)]
+mod tests;
