@@ -114,9 +114,7 @@ impl CudaBackend {
                 return body();
             }
             if let Some(c) = g.captured.get(&b) {
-                c.graph.0.launch().cuda("replaying a decode graph")?;
-                self.launches.fetch_add(c.launches, Ordering::Relaxed);
-                let view = self.view_of(&c.logits);
+                let view = self.replay(c)?;
                 g.replays += 1;
                 return Ok(view);
             }
@@ -127,9 +125,7 @@ impl CudaBackend {
         }
         match self.capture(body) {
             Ok(c) => {
-                c.graph.0.launch().cuda("replaying a decode graph")?;
-                self.launches.fetch_add(c.launches, Ordering::Relaxed);
-                let view = self.view_of(&c.logits);
+                let view = self.replay(&c)?;
                 let mut g = lock()?;
                 g.replays += 1;
                 g.captured.insert(b, c);
@@ -159,6 +155,13 @@ impl CudaBackend {
         let graph =
             graph.cuda("ending a graph capture")?.ok_or_else(|| Error::Backend("the capture was empty".into()))?;
         Ok(Captured { graph: Graph(graph), logits, launches })
+    }
+
+    /// Launches `c` and returns a view of the logits it writes.
+    fn replay(&self, c: &Captured) -> Result<CudaTensor> {
+        c.graph.0.launch().cuda("replaying a decode graph")?;
+        self.launches.fetch_add(c.launches, Ordering::Relaxed);
+        Ok(self.view_of(&c.logits))
     }
 
     /// A tensor viewing `t`'s memory, which `t`'s owner keeps allocated.

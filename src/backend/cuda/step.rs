@@ -103,6 +103,8 @@ impl CudaBackend {
             false => self.step_meta(packed.words.len(), bucket.is_some())?,
             true => self.fresh_step_meta(packed.words.len())?,
         };
+        let mut dst = self.view(meta, 0, packed.words.len());
+        self.stream.memcpy_htod(&packed.words, &mut *dst).cuda("copying the step's metadata to the device")?;
         let mut device = self.view_batch(step.batch, &packed, extent, meta, None)?;
         device.bucket = bucket;
         device.gather = Some((step.rows.to_vec(), self.view(meta, 7 * rows, packed.gather_len)));
@@ -165,7 +167,7 @@ impl CudaBackend {
         unsafe { Buf::view(&self.stream, base + 4 * offset as u64, len.max(1)) }
     }
 
-    /// Copies `packed` to `base` and returns the batch viewing it.
+    /// The batch viewing `packed`, already copied to `base`.
     fn view_batch(
         &self,
         batch: &Batch,
@@ -175,8 +177,6 @@ impl CudaBackend {
         owner: Option<Buf<u32>>,
     ) -> Result<DeviceBatch> {
         let rows = packed.rows;
-        let mut dst = self.view(base, 0, packed.words.len());
-        self.stream.memcpy_htod(&packed.words, &mut *dst).cuda("copying the step's metadata to the device")?;
         let decode_work = Work::new(self.view(base, 3 * rows, 4 * rows), rows, extent.max_position + 1);
         Ok(DeviceBatch {
             host: batch.clone(),
@@ -211,7 +211,7 @@ impl CudaBackend {
         drop(guard);
         let extent = contract::batch(batch)?;
         let packed = Packed::new(batch, &batch.token_ids, batch.num_tokens(), &[]);
-        let owner = self.upload_u32(&vec![0; packed.words.len()])?;
+        let owner = self.upload_u32(&packed.words)?;
         let base = owner.device_ptr(&self.stream).0;
         let mut device = self.view_batch(batch, &packed, extent, base, Some(owner))?;
         f(&mut device)
