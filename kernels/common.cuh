@@ -43,6 +43,19 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     return v;
 }
 
+// Maximum over the block (NaN-ignoring, as fmaxf); every thread gets the result. Same contract
+// as block_sum.
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = warp_max(v);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < nwarps ? scratch[lane] : __int_as_float((int)0xff800000u);  // -inf
+    v = warp_max(v);
+    __syncthreads();
+    return v;
+}
+
 // Eight bf16 values moved as one 16-byte access; callers guarantee 16-byte alignment.
 struct __align__(16) Pack8 {
     bf16 v[8];

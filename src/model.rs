@@ -162,12 +162,14 @@ impl<B: Backend> Llama<B> {
     /// `element_bytes` a stored element (sizes the backend's step workspace): per token row the
     /// tensors a layer keeps alive together (residual, norms, qkv, q, attention out, o_proj,
     /// gate_up, SiLU·mul, down, the next norm), the attention partials of the largest decode
-    /// batch split 64 ways, and the logits (gathered, plus sampling scratch in f32).
+    /// batch split 64 ways, and the logits (gathered, plus sampling scratch in f32). FP8 models
+    /// add the FP8 GEMM's scratch (e4m3 activations and the f32 product of gate/up).
     pub fn workspace_bytes(&self, limits: &StepLimits, element_bytes: usize) -> usize {
         let (h, q, kv) = (self.cfg.hidden_size, self.dims.q_dim(), self.dims.kv_dim());
         let i = self.plan.mlp_rows.len();
         let rows = limits.max_num_batched_tokens.max(limits.max_num_seqs);
-        let per_row = 6 * h + 3 * q + 2 * kv + 3 * i;
+        let fp8_scratch = if self.cfg.quantization.is_some() { (8 * i + h).div_ceil(element_bytes) } else { 0 };
+        let per_row = 6 * h + 3 * q + 2 * kv + 3 * i + fp8_scratch;
         let splits = 64;
         let partials = limits.max_num_seqs.max(64) * self.dims.heads * splits * (self.dims.head_dim + 2) * 4;
         let vocab = self.plan.vocab_rows_per_rank * self.plan.shard.world;
@@ -434,6 +436,7 @@ impl Source<'_> {
         parts: &[Part],
         linear: Option<Option<&Quantization>>,
     ) -> Result<B::Weight> {
+        let bound = linear.flatten().and_then(Quantization::activation_bound);
         let at_load = |p: &Part| {
             let module = p.name.strip_suffix(".weight").unwrap_or(&p.name);
             linear.flatten().is_some_and(|q| q.quantizes_at_load(module))
@@ -453,7 +456,7 @@ impl Source<'_> {
                     })
                     .collect::<Result<Vec<TensorSlice<'_>>>>()?;
                 let w = match slices.iter().any(|s| s.scale.is_some()) || parts.iter().any(at_load) {
-                    true => backend.load_fp8_weight(&slices)?,
+                    true => backend.load_fp8_weight(&slices, bound)?,
                     false => backend.load_weight(&slices)?,
                 };
                 // On the device now: its pages need not stay resident (WeightStore::release).
@@ -471,7 +474,7 @@ impl Source<'_> {
                     })
                     .collect();
                 match parts.iter().any(at_load) {
-                    true => backend.random_fp8_weight(&slices),
+                    true => backend.random_fp8_weight(&slices, bound),
                     false => backend.random_weight(&slices),
                 }
             }

@@ -1,6 +1,9 @@
 // cuBLASLt's matmul, the subset tulu uses: D = alpha·op(A)·op(B) + beta·C with A, B, C, D of one
 // type (f32, f16 or bf16), column-major, any transposes of A and B, f32 accumulation and scale,
-// D rounded to nearest even, C never read when beta is 0, batched with strides. Anything else
+// D rounded to nearest even, C never read when beta is 0, batched with strides. FP8 as real
+// cuBLASLt has it on sm_89+: A and B e4m3, C and D f32 or bf16, CUBLAS_COMPUTE_32F, only the
+// "TN" layout (A transposed, B not), k and A's and B's leading dimensions multiples of 16 (and
+// NOT_SUPPORTED below compute capability 8.9 or otherwise). Anything else
 // (other types, epilogues, row-major or tiled orders, device pointer mode) is
 // CUBLAS_STATUS_NOT_SUPPORTED — from the heuristic, as real cuBLASLt answers for layouts it has
 // no kernel for.
@@ -24,7 +27,7 @@ enum : int {
     CUBLAS_STATUS_EXECUTION_FAILED = 13,
     CUBLAS_STATUS_NOT_SUPPORTED = 15,
 };
-enum : int { R_32F = 0, R_16F = 2, R_16BF = 14 };
+enum : int { R_32F = 0, R_16F = 2, R_16BF = 14, R_8F_E4M3 = 28 };
 
 struct Handle {
     int magic = 0x4c54;
@@ -51,12 +54,13 @@ struct Pref {
     uint64_t workspace = 0;
 };
 
-size_t type_size(int t) { return t == R_32F ? 4 : 2; }
+size_t type_size(int t) { return t == R_32F ? 4 : t == R_8F_E4M3 ? 1 : 2; }
 
 float load(const void* p, size_t i, int t) {
     switch (t) {
         case R_32F: return ((const float*)p)[i];
         case R_16BF: return bf16_to_f32(((const uint16_t*)p)[i]);
+        case R_8F_E4M3: return e4m3_to_f32(((const uint8_t*)p)[i]);
         default: return f16_to_f32(((const uint16_t*)p)[i]);
     }
 }
@@ -72,9 +76,18 @@ void store(void* p, size_t i, int t, float v) {
 // Whether the emulator computes this matmul; `why` says what it lacks otherwise.
 bool supported(const Desc& d, const Layout& a, const Layout& b, const Layout& c, const Layout& dl, std::string& why) {
     const int t = a.type;
-    if (t != R_32F && t != R_16F && t != R_16BF) why = "A type " + std::to_string(t);
+    const Config& cfg = config();
+    if (t == R_8F_E4M3) {
+        if (cfg.cc_major * 10 + cfg.cc_minor < 89) why = "FP8 on compute capability below 8.9";
+        else if (b.type != t) why = "FP8 A with a B of type " + std::to_string(b.type);
+        else if (c.type != dl.type || (dl.type != R_32F && dl.type != R_16BF)) why = "FP8 with this C/D type";
+        else if (d.compute != 68) why = "FP8 needs CUBLAS_COMPUTE_32F";
+        else if (d.trans[0] != 1 || d.trans[1] != 0) why = "FP8 outside the TN layout";
+        else if (a.rows % 16 || a.ld % 16 || b.ld % 16) why = "FP8 with k or a leading dimension not a multiple of 16";
+    } else if (t != R_32F && t != R_16F && t != R_16BF) why = "A type " + std::to_string(t);
     else if (b.type != t || c.type != t || dl.type != t) why = "mixed matrix types";
-    else if (d.scale != R_32F) why = "scale type " + std::to_string(d.scale);
+    if (!why.empty()) return false;
+    if (d.scale != R_32F) why = "scale type " + std::to_string(d.scale);
     else if (d.compute != 68 && d.compute != 69 && d.compute != 74 && d.compute != 75 && d.compute != 77)
         why = "compute type " + std::to_string(d.compute);
     else if (d.pointer_mode != 0) why = "device pointer mode";
@@ -328,9 +341,9 @@ EMU_EXPORT int cublasLtMatmul(void* handle, void* desc, const void* alpha, const
     Stream* s = resolve_stream(stream);
     if (!s) return CUBLAS_STATUS_EXECUTION_FAILED;
     // Every operand must be device memory of the stream's device, whole.
-    const size_t es = type_size(g->a.type);
     auto span = [&](const Layout& l) {
-        return ((l.cols ? l.cols - 1 : 0) * (uint64_t)l.ld + l.rows + (l.batch - 1) * (uint64_t)l.stride) * es;
+        return ((l.cols ? l.cols - 1 : 0) * (uint64_t)l.ld + l.rows + (l.batch - 1) * (uint64_t)l.stride) *
+               type_size(l.type);
     };
     struct Operand {
         const void* p;

@@ -2,6 +2,7 @@
 // nearest even as CUDA does (bf16 NaN -> 0x7FFF like __float2bfloat16; f16 keeps NaN).
 #pragma once
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -64,6 +65,17 @@ inline uint16_t f32_to_f16(float f) {
     }
     const uint32_t rounded = a + 0xfffu + ((a >> 13) & 1u);
     return sign | (uint16_t)((rounded - 0x38000000u) >> 13);
+}
+
+// e4m3 (float8_e4m3fn): 4 exponent bits (bias 7), 3 mantissa bits, no infinities, S.1111.111
+// is NaN. Decoded from its definition (the kernels decode it with integer tricks instead).
+inline float e4m3_to_f32(uint8_t b) {
+    const int e = (b >> 3) & 0xF, m = b & 7;
+    float v;
+    if (e == 15 && m == 7) v = NAN;
+    else if (e == 0) v = ldexpf((float)m, -9);
+    else v = ldexpf(1.f + (float)m / 8.f, e - 7);
+    return (b & 0x80) ? -v : v;
 }
 
 }  // namespace emu

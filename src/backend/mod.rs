@@ -189,15 +189,18 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Loads a linear weight made of `parts` (as [`Backend::load_weight`]) as e4m3 rows with one
     /// f32 scale per row ([`crate::weights::fp8::Fp8Rows`]): F8_E4M3 parts keep their bits and
-    /// scales, others are quantized row by row as they stream in. A backend without FP8 storage
-    /// (the CPU, the reference) keeps the dequantized values, which is this default.
-    fn load_fp8_weight(&self, parts: &[TensorSlice<'_>]) -> Result<Self::Weight> {
+    /// scales, others are quantized row by row as they stream in. `activation_bound` is
+    /// [`Fp8Rows::activation_bound`]. A backend without FP8 storage (the CPU, the reference)
+    /// keeps the dequantized values and unquantized activations, which is this default.
+    fn load_fp8_weight(&self, parts: &[TensorSlice<'_>], activation_bound: Option<f32>) -> Result<Self::Weight> {
+        let _ = activation_bound;
         let w = Fp8Rows::from_slices(parts)?;
         self.upload(&w.dequantize(), w.rows, w.cols)
     }
 
     /// [`Backend::random_weight`], quantized as [`Backend::load_fp8_weight`] quantizes.
-    fn random_fp8_weight(&self, parts: &[RandomSlice]) -> Result<Self::Weight> {
+    fn random_fp8_weight(&self, parts: &[RandomSlice], activation_bound: Option<f32>) -> Result<Self::Weight> {
+        let _ = activation_bound;
         let w = Fp8Rows::from_random(parts)?;
         self.upload(&w.dequantize(), w.rows, w.cols)
     }

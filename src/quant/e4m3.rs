@@ -24,7 +24,15 @@ pub fn from_f32(x: f32) -> u8 {
 /// The scale that maps `row`'s largest finite magnitude to 448 (1 for a row of zeros), so that
 /// nothing saturates and every element keeps e4m3's 3 mantissa bits.
 pub fn scale_for(row: &[f32]) -> f32 {
+    activation_scale(row, None)
+}
+
+/// The per-token scale the GPU's FP8 GEMM quantizes an activation row with (kernels/gemm_fp8.cu):
+/// [`scale_for`]'s, with the amax clamped to `bound` (fbgemm's `activation_scale_ub`) when given,
+/// so that larger values saturate at ±448.
+pub fn activation_scale(row: &[f32], bound: Option<f32>) -> f32 {
     let amax = row.iter().filter(|x| x.is_finite()).fold(0f32, |m, x| m.max(x.abs()));
+    let amax = bound.map_or(amax, |b| amax.min(b));
     if amax > 0.0 {
         amax / MAX
     } else {

@@ -24,9 +24,11 @@ pub enum ScaleStrategy {
     Channel,
 }
 
-/// How a pre-quantized checkpoint meant its activations to be quantized. tulu multiplies bf16
-/// activations by the dequantized e4m3 weights (weight-only), which is at least as accurate as
-/// either, so this is checked and reported, not applied.
+/// How a pre-quantized checkpoint meant its activations to be quantized. Decode matmuls (and the
+/// CPU reference) multiply bf16 activations by the e4m3 weights (weight-only); the GPU's FP8 GEMM
+/// for prefill quantizes activations per token, bounded by `activation_scale_ub` where the
+/// checkpoint has one. A static `input_scale` is checked, not applied: a per-token scale never
+/// saturates where a calibrated per-tensor one can, and fused q/k/v parts carry different ones.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ActivationScheme {
     /// A calibrated per-tensor `input_scale` per linear (compressed-tensors static).
@@ -128,6 +130,15 @@ impl Quantization {
         match self.method {
             QuantMethod::AtLoad => self.quantizes_at_load(module),
             _ => !self.keeps(module),
+        }
+    }
+
+    /// The bound on per-token activation amaxes when activations are quantized to e4m3 (the GPU's
+    /// FP8 GEMM for prefill): fbgemm's `activation_scale_ub`, else none.
+    pub fn activation_bound(&self) -> Option<f32> {
+        match self.method {
+            QuantMethod::Fbgemm { activation_scale_ub } => Some(activation_scale_ub as f32),
+            _ => None,
         }
     }
 

@@ -126,6 +126,10 @@ pub struct Fp8Rows {
     pub rows: usize,
     /// Columns (input features).
     pub cols: usize,
+    /// The largest per-token activation amax a matmul that quantizes its activations to e4m3
+    /// uses (fbgemm's `activation_scale_ub`); `None`: unbounded. Only the GPU's FP8 GEMM
+    /// (prefill) quantizes activations; the reference keeps them unquantized.
+    pub activation_bound: Option<f32>,
 }
 
 impl Fp8Rows {
@@ -133,7 +137,13 @@ impl Fp8Rows {
     /// quantized row by row as they are read (never a whole bf16 copy).
     pub fn from_slices(parts: &[TensorSlice<'_>]) -> Result<Self> {
         let (rows, cols) = fused_shape(parts)?;
-        let mut w = Fp8Rows { bytes: Vec::with_capacity(rows * cols), scales: Vec::with_capacity(rows), rows, cols };
+        let mut w = Fp8Rows {
+            bytes: Vec::with_capacity(rows * cols),
+            scales: Vec::with_capacity(rows),
+            rows,
+            cols,
+            activation_bound: None,
+        };
         for p in parts {
             let t = &p.tensor;
             let width = t.shape.get(1).copied().unwrap_or(t.shape[0]);
@@ -167,7 +177,13 @@ impl Fp8Rows {
     /// Pseudo-random `parts` (see [`crate::weights::random`]) quantized the same way.
     pub fn from_random(parts: &[RandomSlice]) -> Result<Self> {
         let (rows, cols) = random::fused_shape(parts)?;
-        let mut w = Fp8Rows { bytes: Vec::with_capacity(rows * cols), scales: Vec::with_capacity(rows), rows, cols };
+        let mut w = Fp8Rows {
+            bytes: Vec::with_capacity(rows * cols),
+            scales: Vec::with_capacity(rows),
+            rows,
+            cols,
+            activation_bound: None,
+        };
         for p in parts {
             // Generated in parallel (an 8B model's weights are billions of values), in row order.
             let quantized: Vec<(Vec<u8>, f32)> = p

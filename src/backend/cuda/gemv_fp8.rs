@@ -1,12 +1,12 @@
 //! FP8 weights on the device (launcher of `kernels/gemv_fp8.cu`): e4m3 rows with one f32 scale
 //! per row ([`Fp8Rows`]), half the bytes of bf16. Decode matmuls (at most
-//! [`GEMV_MAX_ROWS`] token rows) read them directly with `gemv_fp8_decode_bf16_{M}`; larger ones
-//! dequantize the weight to bf16 in a scratch buffer and run cuBLASLt's bf16 GEMM (prefill is
-//! compute-bound, so the extra pass over the weight costs little there).
+//! [`GEMV_MAX_ROWS`] token rows) read them directly with `gemv_fp8_decode_bf16_{M}` (bf16
+//! activations); larger ones take cuBLASLt's FP8 GEMM with activations quantized per token
+//! (gemm_fp8.rs) on sm_89+, and elsewhere (or for shapes it does not take) dequantize the weight
+//! to bf16 in a scratch buffer and run cuBLASLt's bf16 GEMM.
 //!
-//! Not implemented yet: cuBLASLt's FP8 GEMM for prefill on sm_89/sm_90 (activations quantized
-//! per token), and timing the GEMV against dequantize + cuBLASLt per shape as `gemv.rs` does for
-//! bf16 (the GEMV reads half the bytes of the bf16 path it would be timed against).
+//! Not implemented yet: timing the GEMV against the FP8 GEMM per shape as `gemv.rs` does for
+//! bf16.
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
@@ -40,13 +40,15 @@ impl CudaBackend {
         let bytes = self.stream.clone_htod(bytes).cuda("copying an fp8 weight to the device")?;
         let scales = self.stream.clone_htod(scales).cuda("copying fp8 scales to the device")?;
         self.stream.synchronize().cuda("finishing an fp8 weight upload")?;
-        Ok(CudaWeight { data: WeightData::Fp8 { bytes, scales }, rows: w.rows, cols: w.cols })
+        let bound = w.activation_bound.unwrap_or(0.0);
+        self.reserve_fp8_gemm_workspace()?;
+        Ok(CudaWeight { data: WeightData::Fp8 { bytes, scales, bound }, rows: w.rows, cols: w.cols })
     }
 
     /// `x · wᵀ` for an FP8 `w` (shapes checked by `contract::matmul`): the GEMV for decode
     /// shapes, else dequantize + cuBLASLt.
     pub(crate) fn matmul_fp8(&self, x: &CudaTensor, w: &CudaWeight) -> Result<CudaTensor> {
-        let WeightData::Fp8 { bytes, scales } = &w.data else {
+        let WeightData::Fp8 { bytes, scales, bound } = &w.data else {
             return Err(Error::Backend("matmul_fp8: not an fp8 weight".into()));
         };
         let (m, n, k) = (x.rows, w.rows, w.cols);
@@ -55,6 +57,9 @@ impl CudaBackend {
         }
         if m <= GEMV_MAX_ROWS && k.is_multiple_of(16) {
             return self.gemv_fp8_impl(x, bytes, scales, n, k);
+        }
+        if self.fp8_gemm_takes(n, k) {
+            return self.fp8_gemm_impl(x, bytes, scales, *bound, n, k);
         }
         let dense = self.dequant_fp8_impl(bytes, scales, n, k)?;
         self.blas_impl(x, &dense, n, k)

@@ -48,7 +48,13 @@ impl CudaTensor {
 pub(crate) enum WeightData {
     Bf16(CudaSlice<bf16>),
     F32(CudaSlice<f32>),
-    Fp8 { bytes: CudaSlice<u8>, scales: CudaSlice<f32> },
+    /// e4m3 rows, one f32 scale per row, and the bound on per-token activation amaxes when the
+    /// FP8 GEMM quantizes activations (0: none).
+    Fp8 {
+        bytes: CudaSlice<u8>,
+        scales: CudaSlice<f32>,
+        bound: f32,
+    },
 }
 
 /// A weight matrix or vector resident on the device (`rows × cols`; vectors have one row).

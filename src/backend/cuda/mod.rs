@@ -22,6 +22,7 @@ mod attention;
 mod elementwise;
 mod embedding;
 mod gemm;
+mod gemm_fp8;
 mod gemv;
 mod gemv_fp8;
 mod graphs;
@@ -132,6 +133,9 @@ pub struct CudaBackend {
     /// classic graph bug of a pointer that changes after capture (step.rs).
     fresh_meta: AtomicBool,
     stale: Mutex<Vec<workspace::Buf<u32>>>,
+    /// Prefill-sized FP8 matmuls take cuBLASLt's FP8 GEMM (gemm_fp8.rs), and its workspace.
+    fp8_gemm: AtomicBool,
+    fp8_workspace: std::sync::OnceLock<CudaSlice<u8>>,
     /// `GemvMode` as u8 (gemv.rs).
     gemv_mode: AtomicU8,
     /// Decode matmul shapes measured so far, by (M, N, K).
@@ -165,7 +169,7 @@ impl CudaBackend {
         let (major, minor) = ctx.compute_capability().map_err(|e| dev(e.to_string()))?;
         let name =
             format!("cuda:{ordinal} ({}, sm_{major}{minor})", ctx.name().unwrap_or_else(|_| "unknown GPU".into()));
-        Ok(CudaBackend {
+        let backend = CudaBackend {
             ctx,
             stream,
             blas,
@@ -185,9 +189,13 @@ impl CudaBackend {
             max_context: AtomicUsize::new(0),
             fresh_meta: AtomicBool::new(false),
             stale: Mutex::new(Vec::new()),
+            fp8_gemm: AtomicBool::new(false),
+            fp8_workspace: std::sync::OnceLock::new(),
             gemv_mode: AtomicU8::new(GemvMode::from_env() as u8),
             gemv_choices: Mutex::new(HashMap::new()),
-        })
+        };
+        backend.set_fp8_gemm(std::env::var("TULU_FP8_GEMM").map_or(true, |v| v != "0"));
+        Ok(backend)
     }
 
     /// Fills every output (and the KV cache) with NaN before the kernel that writes it, so that
@@ -318,14 +326,14 @@ impl Backend for CudaBackend {
         std::mem::size_of::<half::bf16>()
     }
 
-    fn load_fp8_weight(&self, parts: &[TensorSlice<'_>]) -> Result<CudaWeight> {
-        let w = crate::weights::fp8::Fp8Rows::from_slices(parts)?;
+    fn load_fp8_weight(&self, parts: &[TensorSlice<'_>], activation_bound: Option<f32>) -> Result<CudaWeight> {
+        let w = crate::weights::fp8::Fp8Rows { activation_bound, ..crate::weights::fp8::Fp8Rows::from_slices(parts)? };
         self.bind()?;
         self.upload_fp8(&w)
     }
 
-    fn random_fp8_weight(&self, parts: &[RandomSlice]) -> Result<CudaWeight> {
-        let w = crate::weights::fp8::Fp8Rows::from_random(parts)?;
+    fn random_fp8_weight(&self, parts: &[RandomSlice], activation_bound: Option<f32>) -> Result<CudaWeight> {
+        let w = crate::weights::fp8::Fp8Rows { activation_bound, ..crate::weights::fp8::Fp8Rows::from_random(parts)? };
         self.bind()?;
         self.upload_fp8(&w)
     }

@@ -39,6 +39,8 @@ pub(crate) struct Kernels {
     /// `gemv_fp8_decode_bf16_{M}` for M = 1..=8, at index M - 1.
     pub gemv_fp8: Vec<CudaFunction>,
     pub dequant_fp8: CudaFunction,
+    pub quantize_fp8_rows: CudaFunction,
+    pub scale_fp8_gemm: CudaFunction,
     pub random_fill: CudaFunction,
     pub read_probe: CudaFunction,
     pub attention_decode: CudaFunction,
@@ -90,6 +92,8 @@ impl Kernels {
             gemv: (1..=8).map(|m| f("gemv", &format!("gemv_decode_bf16_{m}"))).collect::<Result<_>>()?,
             gemv_fp8: (1..=8).map(|m| f("gemv_fp8", &format!("gemv_fp8_decode_bf16_{m}"))).collect::<Result<_>>()?,
             dequant_fp8: f("gemv_fp8", "dequant_fp8_bf16")?,
+            quantize_fp8_rows: f("gemm_fp8", "quantize_fp8_rows_bf16")?,
+            scale_fp8_gemm: f("gemm_fp8", "scale_fp8_gemm_bf16")?,
             random_fill: f("random", "random_fill_bf16")?,
             read_probe: f("random", "read_probe")?,
             attention_decode: f("attention", "attention_decode_bf16")?,
