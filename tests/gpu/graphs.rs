@@ -105,16 +105,31 @@ fn run_schedule<C: Communicator<CudaBackend>>(rank: &mut Rank<'_, C>, vocab: usi
 /// A backend with graphs reserved, the tiny model's rank `rank` of `world` and a cache with
 /// room for the schedule.
 fn open(device: usize, rank: usize, world: usize, dir: &Path) -> (CudaBackend, Llama<CudaBackend>, CudaKvCache) {
+    open_with(device, rank, world, dir, LIMITS, None)
+}
+
+/// [`open`] with other step limits, and the model quantized while loading when `quantize`.
+fn open_with(
+    device: usize,
+    rank: usize,
+    world: usize,
+    dir: &Path,
+    limits: StepLimits,
+    quantize: Option<tulu::quant::Quantize>,
+) -> (CudaBackend, Llama<CudaBackend>, CudaKvCache) {
     let backend = CudaBackend::new(device).unwrap();
     backend.poison_outputs(true);
-    let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let mut cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    if let Some(q) = quantize {
+        q.apply(&mut cfg);
+    }
     let store = WeightStore::open(dir).unwrap();
     let model = Llama::load(&backend, &cfg, &store, CONTEXT, Shard { rank, world }, |_| {}).unwrap();
     let shape = StepShape {
-        limits: LIMITS,
+        limits,
         max_positions: CONTEXT,
         block_size: BLOCK,
-        workspace_bytes: model.workspace_bytes(&LIMITS, backend.element_bytes()),
+        workspace_bytes: model.workspace_bytes(&limits, backend.element_bytes()),
     };
     backend.reserve(&shape).unwrap();
     let cache = backend.new_kv_cache(&model.kv_cache_spec(6 * CONTEXT / BLOCK, BLOCK)).unwrap();
@@ -143,6 +158,39 @@ fn decode_graphs_replay_their_eager_steps_bit_for_bit() {
     // Bucket 4: 7 steps, the first eager; 8 and 1: 3 steps each. A capture is replayed at once.
     assert_eq!(replays, 6 + 2 + 2, "replays");
     assert_eq!(backend.workspace_overflows(), 0, "the step workspace held every step");
+}
+
+/// FP8 weights in a bucket past the GEMV's 8 rows: the decode step's matmuls take the FP8 GEMM
+/// (activations quantized per token, cuBLASLt, scaling) inside the graph, with its scratch from
+/// the step workspace; replays equal their eager steps bit for bit.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn fp8_gemm_decode_steps_are_captured_and_replay_bit_for_bit() {
+    gpu();
+    let dir = tiny_vocab301();
+    let limits = StepLimits { max_num_seqs: 16, ..LIMITS };
+    let (backend, model, cache) = open_with(0, 0, 1, &dir, limits, Some(tulu::quant::Quantize::Fp8));
+    let mut rank = Rank { backend: &backend, model: &model, cache, comm: &SingleRank };
+    let mut seqs: Vec<Seq> = (0..10)
+        .map(|k| Seq {
+            tokens: (0..(3 + 7 * k) as u32).map(|i| (i * 13 + 5 * k as u32 + 1) % 290).collect(),
+            cached: 0,
+            table: (0..6).map(|b| (k * 6 + b) as u32).collect(),
+        })
+        .collect();
+    for step in 0..4 {
+        let view: Vec<&Seq> = seqs.iter().collect();
+        let (logits, why) = if step == 0 { (rank.step(&view), None) } else { rank.decode_twice(&view) };
+        assert_eq!(why, None, "step {step}: a replay differs from its eager step");
+        for (s, t) in seqs.iter_mut().zip(argmax_rows(&logits, 301)) {
+            s.cached = s.tokens.len();
+            s.tokens.push(t);
+        }
+    }
+    let (captured, replays) = backend.graph_stats();
+    assert_eq!(captured, vec![16], "the 10-row bucket (16) is captured");
+    assert_eq!(replays, 2, "a capture is replayed at once, then once more");
+    assert_eq!(backend.workspace_overflows(), 0, "the step workspace held the FP8 GEMM's scratch");
 }
 
 /// The classic graph bug, made on purpose: each step's metadata goes to a new buffer, so a

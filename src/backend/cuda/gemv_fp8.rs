@@ -5,8 +5,8 @@
 //! (gemm_fp8.rs) on sm_89+, and elsewhere (or for shapes it does not take) dequantize the weight
 //! to bf16 in a scratch buffer and run cuBLASLt's bf16 GEMM.
 //!
-//! Not implemented yet: timing the GEMV against the FP8 GEMM per shape as `gemv.rs` does for
-//! bf16.
+//! Unlike bf16 (gemv.rs), decode shapes are not timed against the GEMM: the FP8 GEMM also
+//! quantizes activations, so the choice would change decode's numerics with the device's timings.
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
