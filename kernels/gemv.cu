@@ -8,6 +8,7 @@
 // of that row with several loads in flight (non-coherent, not kept in L1: each weight byte is
 // read once per step), and keeps M f32 sums against x, which stays in L1/L2 (M·K·2 bytes, read
 // by every warp). A warp-shuffle sum finishes each output. f32 accumulation, bf16 output.
+// gemv_silu_decode_bf16_{M}: the same over the fused gate/up weight, SiLU·mul in the epilogue.
 #include "common.cuh"
 
 #define GEMV_WARPS 8
@@ -18,14 +19,11 @@ __device__ __forceinline__ Pack8 load8_stream(const bf16* p) {
     return r;
 }
 
+// The M dot products of W's row `wr` with x's rows, summed over the warp (every lane gets them).
 template <int M>
-__device__ __forceinline__ void gemv_body(const bf16* __restrict__ x, const bf16* __restrict__ w,
-                                          bf16* __restrict__ y, int n, int k) {
+__device__ __forceinline__ void gemv_row(const bf16* __restrict__ x, const bf16* __restrict__ wr, int k,
+                                         float (&acc)[M]) {
     const int lane = threadIdx.x & 31;
-    const int col = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
-    if (col >= n) return;
-    const bf16* wr = w + (size_t)col * k;
-    float acc[M];
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[m] = 0.f;
     const int chunks = k >> 3;
@@ -56,9 +54,49 @@ __device__ __forceinline__ void gemv_body(const bf16* __restrict__ x, const bf16
     }
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[m] = warp_sum(acc[m]);
-    if (lane == 0) {
+}
+
+template <int M>
+__device__ __forceinline__ void gemv_body(const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                          bf16* __restrict__ y, int n, int k) {
+    const int col = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
+    if (col >= n) return;
+    float acc[M];
+    gemv_row<M>(x, w + (size_t)col * k, k, acc);
+    if ((threadIdx.x & 31) == 0) {
 #pragma unroll
         for (int m = 0; m < M; ++m) y[(size_t)m * n + col] = f2bf(acc[m]);
+    }
+}
+
+// The gate/up GEMV with SiLU·mul as its epilogue: W is [gate; up] (2·inter rows), y[M, inter] =
+// silu(x·gateᵀ) · (x·upᵀ). A block's first half of warps computes gate rows i, the second half
+// the same up rows, and they meet in shared memory: each warp does exactly the plain GEMV's work.
+// g and u are rounded to bf16 first, then combined as silu_mul_bf16 does, so the result is bit for
+// bit that of the unfused pair (one launch and the 2·inter-wide round trip saved).
+template <int M>
+__device__ __forceinline__ void gemv_silu_body(const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                               bf16* __restrict__ y, int inter, int k) {
+    constexpr int HALF = GEMV_WARPS / 2;
+    __shared__ float up[HALF][M];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const bool is_up = warp >= HALF;
+    const int i = blockIdx.x * HALF + (warp % HALF);
+    // Past the last row a warp recomputes the last one (no divergent call; nothing is stored).
+    const int row = min(i, inter - 1) + (is_up ? inter : 0);
+    float acc[M];
+    gemv_row<M>(x, w + (size_t)row * k, k, acc);
+    if (is_up && lane == 0 && i < inter) {
+#pragma unroll
+        for (int m = 0; m < M; ++m) up[warp - HALF][m] = bf2f(f2bf(acc[m]));
+    }
+    __syncthreads();
+    if (!is_up && lane == 0 && i < inter) {
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+            const float g = bf2f(f2bf(acc[m]));
+            y[(size_t)m * inter + i] = f2bf(g / (1.f + expf(-g)) * up[warp][m]);
+        }
     }
 }
 
@@ -77,3 +115,20 @@ GEMV(5)
 GEMV(6)
 GEMV(7)
 GEMV(8)
+
+// An explicit minimum of one block per SM: left to itself ptxas capped the 7-row version at 64
+// registers on sm_90a and spilled (and asked for two blocks per SM, the 8-row one spilled on sm_80).
+#define GEMV_SILU(M)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 1)                                   \
+        gemv_silu_decode_bf16_##M(const bf16* __restrict__ x, const bf16* __restrict__ w,               \
+                                  bf16* __restrict__ y, int inter, int k) {                             \
+        gemv_silu_body<M>(x, w, y, inter, k);                                                           \
+    }
+GEMV_SILU(1)
+GEMV_SILU(2)
+GEMV_SILU(3)
+GEMV_SILU(4)
+GEMV_SILU(5)
+GEMV_SILU(6)
+GEMV_SILU(7)
+GEMV_SILU(8)

@@ -356,8 +356,7 @@ impl<B: Backend> Llama<B> {
             let mut attn_out = backend.matmul(&attn, &layer.o_proj)?;
             comm.all_reduce_sum(backend, &mut attn_out)?;
             let h_normed = backend.add_rms_norm(&mut x, &attn_out, &layer.post_norm, eps)?;
-            let gate_up = backend.matmul(&h_normed, &layer.gate_up)?;
-            let mut mlp_out = backend.matmul(&backend.silu_mul(&gate_up)?, &layer.down)?;
+            let mut mlp_out = backend.matmul(&backend.matmul_silu_mul(&h_normed, &layer.gate_up)?, &layer.down)?;
             comm.all_reduce_sum(backend, &mut mlp_out)?;
             let next_norm = self.layers.get(l + 1).map_or(&self.norm, |n| &n.input_norm);
             normed = backend.add_rms_norm(&mut x, &mlp_out, next_norm, eps)?;

@@ -331,6 +331,13 @@ pub trait Backend: Send + Sync + 'static {
     /// `silu(gate) * up` for a fused `[gate | up]` activation.
     fn silu_mul(&self, gate_up: &Self::Tensor) -> Result<Self::Tensor>;
 
+    /// `silu_mul(matmul(x, gate_up))` for a fused `[gate; up]` weight: one kernel where the
+    /// backend has it (CUDA's decode GEMV with SiLU·mul in its epilogue, same bits as the pair);
+    /// this default is the pair.
+    fn matmul_silu_mul(&self, x: &Self::Tensor, gate_up: &Self::Weight) -> Result<Self::Tensor> {
+        self.silu_mul(&self.matmul(x, gate_up)?)
+    }
+
     /// The given rows of `x`, in order.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
 

@@ -307,6 +307,37 @@ fn gemv_and_cublaslt_decode_matmuls_match_cpu() {
     }
 }
 
+/// The gate/up GEMV with SiLU·mul in its epilogue (1 to 8 rows): bit for bit the GEMV followed
+/// by `silu_mul`, and within OP_TOL of the CPU's pair; inter widths on both sides of a block's
+/// four rows, and prefill rows (cuBLASLt then `silu_mul`).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gate_up_gemv_with_silu_mul_matches_the_pair_and_the_cpu() {
+    use tulu::backend::cuda::GemvMode;
+    let gpu = gpu();
+    let cpu = CpuBackend::new();
+    let mut rng = rng("gemv silu");
+    gpu.set_gemv_mode(GemvMode::Always);
+    let big = if emulated() { (1000, 512) } else { (14336, 4096) };
+    for (inter, k) in [(1, 8), (3, 64), (37, 200), (160, 64), big] {
+        let w = random(&mut rng, 2 * inter * k, 1.0 / (k as f32).sqrt());
+        let (gw, cw) = (weight(&gpu, &w, &[2 * inter, k]), weight(&cpu, &w, &[2 * inter, k]));
+        for m in [1, 2, 5, 8, 9] {
+            let x = random(&mut rng, m * k, 2.0);
+            let (gx, cx) = (tensor(&gpu, &x, m, k), tensor(&cpu, &x, m, k));
+            let fused = gpu.to_host(&gpu.matmul_silu_mul(&gx, &gw).unwrap()).unwrap();
+            let pair = gpu.to_host(&gpu.silu_mul(&gpu.matmul(&gx, &gw).unwrap()).unwrap()).unwrap();
+            let what = format!("silu_mul({m}×{k} · ({}×{k})ᵀ)", 2 * inter);
+            if let Some(i) = fused.iter().zip(&pair).position(|(a, b)| a.to_bits() != b.to_bits()) {
+                panic!("{what}: element {i} is {} fused, {} as the pair", fused[i], pair[i]);
+            }
+            let c = cpu.to_host(&cpu.matmul_silu_mul(&cx, &cw).unwrap()).unwrap();
+            assert_close(&what, &fused, &c, OP_TOL);
+        }
+    }
+    gpu.set_gemv_mode(GemvMode::Auto);
+}
+
 /// One attention configuration: head geometry, cache paging and the steps to run.
 struct AttnCase {
     heads: usize,

@@ -512,6 +512,13 @@ impl Backend for CudaBackend {
         self.silu_mul_impl(gate_up)
     }
 
+    fn matmul_silu_mul(&self, x: &CudaTensor, gate_up: &CudaWeight) -> Result<CudaTensor> {
+        contract::matmul(x.shape(), gate_up.shape())?;
+        contract::silu_mul((x.rows, gate_up.rows))?;
+        self.bind()?;
+        self.matmul_silu_mul_impl(x, gate_up)
+    }
+
     fn gather_rows(&self, x: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {
         contract::gather_rows(x.shape(), rows)?;
         self.bind()?;
