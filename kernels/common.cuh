@@ -56,6 +56,13 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     return v;
 }
 
+// RoPE's rotation of the pair (x1, x2) by the angle with cosine c and sine s, rounded as written
+// (no contraction into FMAs), so that every kernel applying it gets the same bits.
+__device__ __forceinline__ void rope_rotate(float x1, float x2, float c, float s, float& o1, float& o2) {
+    o1 = __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s));
+    o2 = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
+}
+
 // Eight bf16 values moved as one 16-byte access; callers guarantee 16-byte alignment.
 struct __align__(16) Pack8 {
     bf16 v[8];

@@ -8,8 +8,8 @@
 //   gather_rows_bf16(x[*, cols], rows[n] u32) -> out[n, cols]: out[i] = x[rows[i]]
 //       (the host checks every index is in range).
 //   Grid-stride loops: any grid and block size is correct; the launcher sizes them.
-// Versions: 1 (this) — scalar accesses. silu_mul is meant to be fused into the GEMV
-//   epilogues later (issue 4, item 5); these are the standalone versions and the reference.
+// Versions: 1 (this) — scalar accesses. Decode GEMVs fuse silu_mul into their epilogue
+//   (gemv_silu_decode_bf16_{M}, kernels/gemv.cu); this is the version every other matmul uses.
 #include "common.cuh"
 
 extern "C" __global__ void silu_mul_bf16(const bf16* __restrict__ gate_up, bf16* __restrict__ out, int rows,

@@ -12,7 +12,8 @@
 //   slots[r]. One block per row; the host guarantees p < max_pos, slots in range and distinct,
 //   except the slot 0xFFFFFFFF of a padding row of a graph's bucket, whose k and v are not written.
 //   bf16 in, f32 arithmetic, one rounding per output.
-// Versions: 1 (this) — scalar accesses; a row is a few KiB, so this is launch-bound.
+// Versions: 1 (this) — scalar accesses; a row is a few KiB, so this is launch-bound. Decode GEMVs
+//   do this work in their epilogue (gemv_rope_decode_bf16_{M}, kernels/gemv.cu), same bits.
 #include "common.cuh"
 
 extern "C" __global__ void rope_write_kv_bf16(const bf16* __restrict__ qkv, const float* __restrict__ cos_t,
@@ -37,8 +38,10 @@ extern "C" __global__ void rope_write_kv_bf16(const bf16* __restrict__ qkv, cons
         const float ci = c[i], si = s[i];
         if (head >= heads && !write) continue;
         bf16* dst = head < heads ? q_out + (size_t)r * q_dim + head * hd : k_dst + (head - heads) * hd;
-        dst[i] = f2bf(x1 * ci - x2 * si);
-        dst[i + half] = f2bf(x2 * ci + x1 * si);
+        float o1, o2;
+        rope_rotate(x1, x2, ci, si, o1, o2);
+        dst[i] = f2bf(o1);
+        dst[i + half] = f2bf(o2);
     }
     const bf16* v_src = row + q_dim + kv_dim;
     if (write)

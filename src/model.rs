@@ -350,8 +350,8 @@ impl<B: Backend> Llama<B> {
         comm.all_reduce_sum(backend, &mut x)?;
         let mut normed = backend.rms_norm(&x, &self.layers[0].input_norm, eps)?;
         for (l, layer) in self.layers.iter().enumerate() {
-            let qkv = backend.matmul(&normed, &layer.qkv)?;
-            let q = backend.rope_write_kv(&qkv, &self.cos, &self.sin, l, cache, batch, self.dims)?;
+            let q =
+                backend.matmul_rope_write_kv(&normed, &layer.qkv, &self.cos, &self.sin, l, cache, batch, self.dims)?;
             let attn = backend.attention(&q, l, cache, batch, self.dims)?;
             let mut attn_out = backend.matmul(&attn, &layer.o_proj)?;
             comm.all_reduce_sum(backend, &mut attn_out)?;

@@ -317,6 +317,25 @@ pub trait Backend: Send + Sync + 'static {
         dims: AttnDims,
     ) -> Result<Self::Tensor>;
 
+    /// `rope_write_kv(matmul(x, qkv), …)` for a fused `[q; k; v]` weight: one kernel where the
+    /// backend has it (CUDA's decode GEMV with RoPE and the KV write in its epilogue, same bits
+    /// as the pair); this default is the pair.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_rope_write_kv(
+        &self,
+        x: &Self::Tensor,
+        qkv: &Self::Weight,
+        cos: &Self::Weight,
+        sin: &Self::Weight,
+        layer: usize,
+        cache: &mut Self::KvCache,
+        batch: &Batch,
+        dims: AttnDims,
+    ) -> Result<Self::Tensor> {
+        let qkv = self.matmul(x, qkv)?;
+        self.rope_write_kv(&qkv, cos, sin, layer, cache, batch, dims)
+    }
+
     /// Causal attention of each token's query over its sequence's cached keys and values
     /// (positions `0..=position`), read through the block tables.
     fn attention(

@@ -160,6 +160,22 @@ fn decode_graphs_replay_their_eager_steps_bit_for_bit() {
     assert_eq!(backend.workspace_overflows(), 0, "the step workspace held every step");
 }
 
+/// The same with the decode GEMVs forced (under the emulator cuBLASLt wins the timing): the fused
+/// qkv + RoPE + KV write and gate/up + SiLU·mul kernels inside graphs, padding rows included.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn decode_graphs_with_the_fused_gemvs_replay_their_eager_steps_bit_for_bit() {
+    gpu();
+    let dir = tiny_vocab301();
+    let (backend, model, cache) = open(0, 0, 1, &dir);
+    backend.set_gemv_mode(tulu::backend::cuda::GemvMode::Always);
+    let mut rank = Rank { backend: &backend, model: &model, cache, comm: &SingleRank };
+    if let Some(why) = run_schedule(&mut rank, 301) {
+        panic!("a graph replay differs from its eager step: {why}");
+    }
+    assert_eq!(backend.graph_stats().0, vec![1, 4, 8], "every bucket the schedule used is captured");
+}
+
 /// FP8 weights in a bucket past the GEMV's 8 rows: the decode step's matmuls take the FP8 GEMM
 /// (activations quantized per token, cuBLASLt, scaling) inside the graph, with its scratch from
 /// the step workspace; replays equal their eager steps bit for bit.

@@ -491,6 +491,26 @@ impl Backend for CudaBackend {
         })
     }
 
+    fn matmul_rope_write_kv(
+        &self,
+        x: &CudaTensor,
+        qkv: &CudaWeight,
+        cos: &CudaWeight,
+        sin: &CudaWeight,
+        layer: usize,
+        cache: &mut CudaKvCache,
+        batch: &Batch,
+        dims: AttnDims,
+    ) -> Result<CudaTensor> {
+        contract::matmul(x.shape(), qkv.shape())?;
+        self.bind()?;
+        self.with_batch(batch, |b| {
+            let y = (x.rows, qkv.rows);
+            contract::rope_write_kv(y, cos.shape(), sin.shape(), &b.extent, dims, &cache_spec(cache), layer)?;
+            self.matmul_rope_write_kv_impl(x, qkv, cos, sin, layer, cache, b, dims)
+        })
+    }
+
     fn attention(
         &self,
         q: &CudaTensor,

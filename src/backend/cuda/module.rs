@@ -38,6 +38,8 @@ pub(crate) struct Kernels {
     pub gemv: Vec<CudaFunction>,
     /// `gemv_silu_decode_bf16_{M}` for M = 1..=8, at index M - 1.
     pub gemv_silu: Vec<CudaFunction>,
+    /// `gemv_rope_decode_bf16_{M}` for M = 1..=8, at index M - 1.
+    pub gemv_rope: Vec<CudaFunction>,
     /// `gemv_fp8_decode_bf16_{M}` for M = 1..=8, at index M - 1.
     pub gemv_fp8: Vec<CudaFunction>,
     pub dequant_fp8: CudaFunction,
@@ -93,6 +95,7 @@ impl Kernels {
             sample: f("sampling", "sample_bf16")?,
             gemv: (1..=8).map(|m| f("gemv", &format!("gemv_decode_bf16_{m}"))).collect::<Result<_>>()?,
             gemv_silu: (1..=8).map(|m| f("gemv", &format!("gemv_silu_decode_bf16_{m}"))).collect::<Result<_>>()?,
+            gemv_rope: (1..=8).map(|m| f("gemv", &format!("gemv_rope_decode_bf16_{m}"))).collect::<Result<_>>()?,
             gemv_fp8: (1..=8).map(|m| f("gemv_fp8", &format!("gemv_fp8_decode_bf16_{m}"))).collect::<Result<_>>()?,
             dequant_fp8: f("gemv_fp8", "dequant_fp8_bf16")?,
             quantize_fp8_rows: f("gemm_fp8", "quantize_fp8_rows_bf16")?,
