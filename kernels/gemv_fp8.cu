@@ -9,6 +9,9 @@
 // and keeping M f32 sums against x (in L1/L2, read by every warp); a warp-shuffle sum, then
 // the row's scale once. f32 accumulation, bf16 output. Half the weight bytes of the bf16 GEMV.
 //
+// gemv_fp8_silu_decode_bf16_{M}, gemv_fp8_rope_decode_bf16_{M}: the same with SiLU·mul, or RoPE
+// and the KV cache write, in the epilogue (gemv_epilogue.cuh).
+//
 // dequant_fp8_bf16: out[n, k] = bf16(e4m3(W[n, k]) · scale[n]), eight elements per thread.
 //
 // e4m3 is decoded with integer operations (no cuda_fp8.h, so any sm_80+ GPU and the CPU
@@ -16,6 +19,7 @@
 // exponent bias differs by 120; subnormals (exponent 0) are fixed up as 2·f − 2⁻⁶ and 0x7F is
 // NaN. No f32 subnormal is involved, so flush-to-zero cannot change a value.
 #include "common.cuh"
+#include "gemv_epilogue.cuh"
 
 #define GEMV_FP8_WARPS 8
 
@@ -50,14 +54,11 @@ __device__ __forceinline__ void accumulate16(const uint4 wv, const bf16* __restr
     }
 }
 
+// The M dot products of W's row `wr` with x's rows (unscaled), summed over the warp.
 template <int M>
-__device__ __forceinline__ void gemv_fp8_body(const bf16* __restrict__ x, const uint8_t* __restrict__ w,
-                                              const float* __restrict__ scale, bf16* __restrict__ y, int n, int k) {
+__device__ __forceinline__ void gemv_fp8_row(const bf16* __restrict__ x, const uint8_t* __restrict__ wr, int k,
+                                             float (&acc)[M]) {
     const int lane = threadIdx.x & 31;
-    const int row = blockIdx.x * GEMV_FP8_WARPS + (threadIdx.x >> 5);
-    if (row >= n) return;
-    const uint8_t* wr = w + (size_t)row * k;
-    float acc[M];
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[m] = 0.f;
     const int chunks = k >> 4;
@@ -71,14 +72,38 @@ __device__ __forceinline__ void gemv_fp8_body(const bf16* __restrict__ x, const 
         for (int u = 0; u < 4; ++u) accumulate16<M>(wv[u], x, k, (size_t)(c + 32 * u) * 16, acc);
     }
     for (; c < chunks; c += 32) accumulate16<M>(load16_stream(wr + (size_t)c * 16), x, k, (size_t)c * 16, acc);
-    const float s = scale[row];
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[m] = warp_sum(acc[m]);
-    if (lane == 0) {
+}
+
+template <int M>
+__device__ __forceinline__ void gemv_fp8_body(const bf16* __restrict__ x, const uint8_t* __restrict__ w,
+                                              const float* __restrict__ scale, bf16* __restrict__ y, int n, int k) {
+    const int row = blockIdx.x * GEMV_FP8_WARPS + (threadIdx.x >> 5);
+    if (row >= n) return;
+    float acc[M];
+    gemv_fp8_row<M>(x, w + (size_t)row * k, k, acc);
+    const float s = scale[row];
+    if ((threadIdx.x & 31) == 0) {
 #pragma unroll
         for (int m = 0; m < M; ++m) y[(size_t)m * n + row] = f2bf(acc[m] * s);
     }
 }
+
+// The row policy of gemv_epilogue.cuh's fused kernels: row r of an e4m3 W, scaled.
+struct Fp8Rows {
+    const bf16* __restrict__ x;
+    const uint8_t* __restrict__ w;
+    const float* __restrict__ scale;
+    int k;
+    template <int M>
+    __device__ __forceinline__ void dot(int r, float (&acc)[M]) const {
+        gemv_fp8_row<M>(x, w + (size_t)r * k, k, acc);
+        const float s = scale[r];
+#pragma unroll
+        for (int m = 0; m < M; ++m) acc[m] *= s;
+    }
+};
 
 // One entry point per row count, so that each keeps exactly M accumulators in registers. At least
 // two blocks per SM lets ptxas use up to 128 registers: left to itself it capped the 8-row version
@@ -98,6 +123,31 @@ GEMV_FP8(5)
 GEMV_FP8(6)
 GEMV_FP8(7)
 GEMV_FP8(8)
+
+// The fused kernels (gemv_epilogue.cuh) over e4m3 weights; one block per SM at least, as the bf16
+// ones, so that ptxas may use the registers the 8-row versions need.
+#define GEMV_FP8_FUSED(M)                                                                                \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 1) gemv_fp8_silu_decode_bf16_##M(      \
+        const bf16* __restrict__ x, const uint8_t* __restrict__ w, const float* __restrict__ scale,      \
+        bf16* __restrict__ y, int inter, int k) {                                                        \
+        gemv_silu_body<M>(Fp8Rows{x, w, scale, k}, y, inter);                                            \
+    }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 1) gemv_fp8_rope_decode_bf16_##M(      \
+        const bf16* __restrict__ x, const uint8_t* __restrict__ w, const float* __restrict__ scale,      \
+        const float* __restrict__ cos_t, const float* __restrict__ sin_t, const unsigned* __restrict__ positions, \
+        const unsigned* __restrict__ slots, bf16* __restrict__ q_out, bf16* __restrict__ k_cache,        \
+        bf16* __restrict__ v_cache, int heads, int kv_heads, int hd, int k) {                            \
+        gemv_rope_body<M>(Fp8Rows{x, w, scale, k}, cos_t, sin_t, positions, slots, q_out, k_cache, v_cache, \
+                          heads, kv_heads, hd);                                                          \
+    }
+GEMV_FP8_FUSED(1)
+GEMV_FP8_FUSED(2)
+GEMV_FP8_FUSED(3)
+GEMV_FP8_FUSED(4)
+GEMV_FP8_FUSED(5)
+GEMV_FP8_FUSED(6)
+GEMV_FP8_FUSED(7)
+GEMV_FP8_FUSED(8)
 
 // out (n×k bf16) = W (n×k e4m3) · scale per row; k % 8 == 0; one thread per eight elements.
 extern "C" __global__ void dequant_fp8_bf16(const uint8_t* __restrict__ w, const float* __restrict__ scale,

@@ -106,6 +106,16 @@ fn weight<B: Backend>(b: &B, data: &[f32], shape: &[usize]) -> B::Weight {
     b.load_weight(&[t.full()]).expect("load_weight")
 }
 
+/// `data` loaded by `b` as an FP8 weight (quantized while loading) when `fp8`, else as above.
+fn weight_in<B: Backend>(b: &B, data: &[f32], shape: &[usize], fp8: bool) -> B::Weight {
+    if !fp8 {
+        return weight(b, data, shape);
+    }
+    let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let t = TensorRef { name: "test", file: Path::new("test.safetensors"), dtype: DType::F32, shape, bytes: &bytes };
+    b.load_fp8_weight(&[t.full()], None).expect("load_fp8_weight")
+}
+
 /// An activation holding `data`, made the way the model makes one: an embedding lookup.
 fn tensor<B: Backend>(b: &B, data: &[f32], rows: usize, cols: usize) -> B::Tensor {
     let table = weight(b, data, &[rows, cols]);

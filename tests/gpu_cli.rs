@@ -8,13 +8,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::net::TcpListener;
+use std::process::{Command, Output, Stdio};
+use std::time::Instant;
 
-use serde_json::{json, Value};
+use common::serve::Server;
+use serde_json::json;
 
 fn tulu(args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tulu"));
@@ -40,56 +39,6 @@ fn generate(model: &str, device: &str, prompt: &str, extra: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// A `tulu serve` subprocess on a free port, killed when dropped.
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Server {
-    fn start(args: &[&str]) -> Server {
-        let mut child =
-            tulu(&["serve", "--port", "0"]).args(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[serve] {line}");
-                if let Some(addr) = line.strip_prefix("listening on http://") {
-                    let _ = tx.send(addr.to_owned());
-                }
-            }
-        });
-        let addr = rx.recv_timeout(Duration::from_secs(300)).expect("the server printed no address");
-        Server { child, addr }
-    }
-
-    /// POSTs `body` to `path`; the status and the JSON body.
-    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let mut s = TcpStream::connect(&self.addr).unwrap();
-        let body = body.to_string();
-        write!(
-            s,
-            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            self.addr,
-            body.len()
-        )
-        .unwrap();
-        let mut reply = String::new();
-        s.read_to_string(&mut reply).unwrap();
-        let status = reply.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let json = reply.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
-        (status, serde_json::from_str(json).unwrap_or(Value::Null))
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Greedy SmolLM2 through `tulu generate --device cuda` and through `tulu serve --device cuda`:
 /// the same text `tulu generate` writes on the CPU.
 #[test]
@@ -102,23 +51,13 @@ fn generate_and_serve_on_cuda_answer_what_the_cpu_does() {
         assert!(!want.trim().is_empty());
         assert_eq!(&generate(&model, "cuda", prompt, &[]), want, "tulu generate of {prompt:?} on cuda:0");
     }
-    let args = [
-        "--model",
-        &model,
-        "--device",
-        "cuda",
-        "--kv-cache-memory",
-        "50000000",
-        "--served-model-name",
-        "smol",
-        "--max-num-seqs",
-        "2",
-    ];
-    let server = Server::start(&args);
+    let args = ["--device", "cuda", "--kv-cache-memory", "50000000", "--max-num-seqs", "2"];
+    let server = Server::start_model(&model, "smol", &args);
     for (prompt, want) in prompts.iter().zip(&cpu) {
         let body = json!({"model": "smol", "prompt": prompt, "max_tokens": 24, "temperature": 0});
-        let (status, reply) = server.post("/v1/completions", &body);
-        assert_eq!(status, 200, "{reply}");
+        let reply = server.post("/v1/completions", &body);
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        let reply = reply.json();
         assert_eq!(
             reply["choices"][0]["text"].as_str().unwrap_or_default(),
             want,

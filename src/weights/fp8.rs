@@ -137,13 +137,7 @@ impl Fp8Rows {
     /// quantized row by row as they are read (never a whole bf16 copy).
     pub fn from_slices(parts: &[TensorSlice<'_>]) -> Result<Self> {
         let (rows, cols) = fused_shape(parts)?;
-        let mut w = Fp8Rows {
-            bytes: Vec::with_capacity(rows * cols),
-            scales: Vec::with_capacity(rows),
-            rows,
-            cols,
-            activation_bound: None,
-        };
+        let mut w = Fp8Rows::empty(rows, cols);
         for p in parts {
             let t = &p.tensor;
             let width = t.shape.get(1).copied().unwrap_or(t.shape[0]);
@@ -177,13 +171,7 @@ impl Fp8Rows {
     /// Pseudo-random `parts` (see [`crate::weights::random`]) quantized the same way.
     pub fn from_random(parts: &[RandomSlice]) -> Result<Self> {
         let (rows, cols) = random::fused_shape(parts)?;
-        let mut w = Fp8Rows {
-            bytes: Vec::with_capacity(rows * cols),
-            scales: Vec::with_capacity(rows),
-            rows,
-            cols,
-            activation_bound: None,
-        };
+        let mut w = Fp8Rows::empty(rows, cols);
         for p in parts {
             // Generated in parallel (an 8B model's weights are billions of values), in row order.
             let quantized: Vec<(Vec<u8>, f32)> = p
@@ -201,6 +189,12 @@ impl Fp8Rows {
             w.pad(p.pad_rows);
         }
         Ok(w)
+    }
+
+    /// No rows yet, room for `rows × cols`.
+    fn empty(rows: usize, cols: usize) -> Self {
+        let (bytes, scales) = (Vec::with_capacity(rows * cols), Vec::with_capacity(rows));
+        Fp8Rows { bytes, scales, rows, cols, activation_bound: None }
     }
 
     /// Appends quantized rows.

@@ -1,5 +1,5 @@
 //! A `tulu serve` subprocess on SmolLM2 and a minimal HTTP/1.1 client, for the tests that drive
-//! the server (tests/server.rs, tests/structured.rs).
+//! the server (tests/server.rs, tests/structured.rs, tests/gpu_cli.rs).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -32,6 +32,10 @@ impl Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tulu"))
             .args(["serve", "--model", model, "--port", "0", "--served-model-name", name])
             .args(extra)
+            // A single process, whatever launcher started the tests.
+            .env_remove("WORLD_SIZE")
+            .env_remove("RANK")
+            .env_remove("LOCAL_RANK")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -46,7 +50,8 @@ impl Server {
                 }
             }
         });
-        let addr = rx.recv_timeout(Duration::from_secs(120)).expect("the server printed no address");
+        // Loading and capturing graphs on the CUDA emulator takes minutes.
+        let addr = rx.recv_timeout(Duration::from_secs(300)).expect("the server printed no address");
         let server = Server { child, addr, model: name.into() };
         let deadline = Instant::now() + Duration::from_secs(30);
         while server.get("/health").status != 200 {

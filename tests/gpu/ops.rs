@@ -307,9 +307,9 @@ fn gemv_and_cublaslt_decode_matmuls_match_cpu() {
     }
 }
 
-/// The gate/up GEMV with SiLU·mul in its epilogue (1 to 8 rows): bit for bit the GEMV followed
-/// by `silu_mul`, and within OP_TOL of the CPU's pair; inter widths on both sides of a block's
-/// four rows, and prefill rows (cuBLASLt then `silu_mul`).
+/// The gate/up GEMV with SiLU·mul in its epilogue (1 to 8 rows), bf16 and FP8 weights: bit for
+/// bit the GEMV followed by `silu_mul`, and within OP_TOL of the CPU's pair; inter widths on both
+/// sides of a block's four rows, and prefill rows (cuBLASLt or the FP8 GEMM, then `silu_mul`).
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gate_up_gemv_with_silu_mul_matches_the_pair_and_the_cpu() {
@@ -318,16 +318,21 @@ fn gate_up_gemv_with_silu_mul_matches_the_pair_and_the_cpu() {
     let cpu = CpuBackend::new();
     let mut rng = rng("gemv silu");
     gpu.set_gemv_mode(GemvMode::Always);
+    // FP8 prefill rows weight-only, as the CPU computes them (tests/gpu/fp8.rs tests the FP8 GEMM).
+    gpu.set_fp8_gemm(false);
     let big = if emulated() { (1000, 512) } else { (14336, 4096) };
-    for (inter, k) in [(1, 8), (3, 64), (37, 200), (160, 64), big] {
+    for ((inter, k), fp8) in
+        [(1, 8), (3, 64), (37, 200), (160, 64), big].into_iter().flat_map(|s| [(s, false), (s, true)])
+    {
         let w = random(&mut rng, 2 * inter * k, 1.0 / (k as f32).sqrt());
-        let (gw, cw) = (weight(&gpu, &w, &[2 * inter, k]), weight(&cpu, &w, &[2 * inter, k]));
+        let shape = [2 * inter, k];
+        let (gw, cw) = (weight_in(&gpu, &w, &shape, fp8), weight_in(&cpu, &w, &shape, fp8));
         for m in [1, 2, 5, 8, 9] {
             let x = random(&mut rng, m * k, 2.0);
             let (gx, cx) = (tensor(&gpu, &x, m, k), tensor(&cpu, &x, m, k));
             let fused = gpu.to_host(&gpu.matmul_silu_mul(&gx, &gw).unwrap()).unwrap();
             let pair = gpu.to_host(&gpu.silu_mul(&gpu.matmul(&gx, &gw).unwrap()).unwrap()).unwrap();
-            let what = format!("silu_mul({m}×{k} · ({}×{k})ᵀ)", 2 * inter);
+            let what = format!("silu_mul({m}×{k} · ({}×{k})ᵀ), fp8 {fp8}", 2 * inter);
             if let Some(i) = fused.iter().zip(&pair).position(|(a, b)| a.to_bits() != b.to_bits()) {
                 panic!("{what}: element {i} is {} fused, {} as the pair", fused[i], pair[i]);
             }
@@ -341,7 +346,8 @@ fn gate_up_gemv_with_silu_mul_matches_the_pair_and_the_cpu() {
 /// The qkv GEMV with RoPE and the KV cache write in its epilogue (1 to 8 rows, and prefill rows
 /// through cuBLASLt + rope_write_kv): q bit for bit that of the unfused pair, and attention over
 /// the cache each wrote bit for bit too (k and v landed in the same slots with the same bits);
-/// both within OP_TOL of the CPU's pair. GQA 4:1 and 1:1, head sizes 8 and 64.
+/// both within OP_TOL of the CPU's pair. GQA 4:1 and 1:1, head sizes 8 and 64, bf16 and FP8
+/// weights (k = 136 is not an FP8 GEMV width: the pair runs there).
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn qkv_gemv_with_rope_and_kv_write_matches_the_pair_and_the_cpu() {
@@ -350,11 +356,13 @@ fn qkv_gemv_with_rope_and_kv_write_matches_the_pair_and_the_cpu() {
     let cpu = CpuBackend::new();
     let mut rng = rng("gemv rope");
     gpu.set_gemv_mode(GemvMode::Always);
-    for (heads, kv_heads, hd, k) in [(8, 2, 8, 64), (3, 3, 64, 136)] {
+    gpu.set_fp8_gemm(false);
+    let cases = [(8, 2, 8, 64), (3, 3, 64, 136), (3, 3, 64, 144)];
+    for ((heads, kv_heads, hd, k), fp8) in cases.into_iter().flat_map(|c| [(c, false), (c, true)]) {
         let dims = AttnDims { heads, kv_heads, head_dim: hd };
         let n = dims.q_dim() + 2 * dims.kv_dim();
         let w = random(&mut rng, n * k, 1.0 / (k as f32).sqrt());
-        let (gw, cw) = (weight(&gpu, &w, &[n, k]), weight(&cpu, &w, &[n, k]));
+        let (gw, cw) = (weight_in(&gpu, &w, &[n, k], fp8), weight_in(&cpu, &w, &[n, k], fp8));
         let max_pos = 64;
         let angle = |p: usize, i: usize| p as f32 * 10_000f32.powf(-(2.0 * i as f32) / hd as f32);
         let cos: Vec<f32> = (0..max_pos * hd / 2).map(|j| angle(j / (hd / 2), j % (hd / 2)).cos()).collect();
@@ -383,7 +391,7 @@ fn qkv_gemv_with_rope_and_kv_write_matches_the_pair_and_the_cpu() {
             cpu.rope_write_kv(&y, &cc, &cs, 1, &mut cpu_cache, &pre, dims).unwrap();
 
             let x = random(&mut rng, m * k, 1.0);
-            let what = format!("heads {heads}/{kv_heads} hd {hd}, {m} rows");
+            let what = format!("heads {heads}/{kv_heads} hd {hd} k {k}, {m} rows, fp8 {fp8}");
             let gx = tensor(&gpu, &x, m, k);
             let fq = gpu.matmul_rope_write_kv(&gx, &gw, &gc, &gs, 1, &mut fused_cache, &batch, dims).unwrap();
             let pq = gpu.rope_write_kv(&gpu.matmul(&gx, &gw).unwrap(), &gc, &gs, 1, &mut pair_cache, &batch, dims);

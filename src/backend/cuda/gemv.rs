@@ -15,7 +15,7 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
-use super::{grid, int, CudaBackend, CudaResultExt, CudaTensor, CudaWeight};
+use super::{grid, int, CudaBackend, CudaResultExt, CudaTensor};
 use crate::error::{Error, Result};
 
 /// Most token rows the GEMV kernels take.
@@ -128,44 +128,6 @@ impl CudaBackend {
             best = best.min(start.elapsed_ms(&end).cuda("timing a matmul")? as f64 * 1e3);
         }
         Ok(best)
-    }
-
-    /// `silu_mul(x · gate_upᵀ)`: `gemv_silu_decode_bf16_{M}` where the GEMV is preferred for the
-    /// gate/up shape, else the matmul then `silu_mul_bf16` (the same bits either way).
-    pub(crate) fn matmul_silu_mul_impl(&self, x: &CudaTensor, gate_up: &CudaWeight) -> Result<CudaTensor> {
-        let (n, k) = (gate_up.rows, gate_up.cols);
-        if let super::memory::WeightData::Bf16(w) = &gate_up.data {
-            if x.rows > 0 && self.prefer_gemv(x, w, n, k)? {
-                return self.gemv_silu_impl(x, w, n / 2, k);
-            }
-        }
-        self.silu_mul_impl(&self.matmul_impl(x, gate_up)?)
-    }
-
-    /// `y = silu(x · gateᵀ) · (x · upᵀ)` by `gemv_silu_decode_bf16_{M}`, `w` = [gate; up].
-    fn gemv_silu_impl(&self, x: &CudaTensor, w: &CudaSlice<bf16>, inter: usize, k: usize) -> Result<CudaTensor> {
-        let m = x.rows;
-        if m == 0 || m > GEMV_MAX_ROWS || !k.is_multiple_of(8) || x.cols != k || w.len() < 2 * inter * k {
-            return Err(Error::Backend(format!(
-                "gemv_silu: {m}×{} · ({}×{k})ᵀ is not a GEMV shape",
-                x.cols,
-                2 * inter
-            )));
-        }
-        let mut y = self.alloc_tensor(m, inter)?;
-        let cfg = LaunchConfig {
-            grid_dim: (grid(inter.div_ceil(WARPS / 2), "gemv_silu blocks")?, 1, 1),
-            block_dim: ((WARPS * 32) as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (ii, ki) = (int(inter, "inter")?, int(k, "k")?);
-        let mut launch = self.stream.launch_builder(&self.kernels.gemv_silu[m - 1]);
-        launch.arg(&*x.data).arg(w).arg(&mut *y.data).arg(&ii).arg(&ki);
-        // SAFETY: argument types and order match gemv_silu_decode_bf16_{m}; x is m×k, w 2·inter×k,
-        // y m×inter; k % 8 == 0 so every row is 16-byte aligned.
-        unsafe { launch.launch(cfg) }.cuda("launching gemv_silu_decode_bf16")?;
-        self.count_launch();
-        Ok(y)
     }
 
     /// `y = x · wᵀ` by `gemv_decode_bf16_{M}`.

@@ -24,6 +24,7 @@ mod embedding;
 mod gemm;
 mod gemm_fp8;
 mod gemv;
+mod gemv_epilogue;
 mod gemv_fp8;
 mod graphs;
 mod memory;

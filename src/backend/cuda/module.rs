@@ -42,6 +42,9 @@ pub(crate) struct Kernels {
     pub gemv_rope: Vec<CudaFunction>,
     /// `gemv_fp8_decode_bf16_{M}` for M = 1..=8, at index M - 1.
     pub gemv_fp8: Vec<CudaFunction>,
+    /// `gemv_fp8_silu_decode_bf16_{M}` and `gemv_fp8_rope_decode_bf16_{M}`, at index M - 1.
+    pub gemv_fp8_silu: Vec<CudaFunction>,
+    pub gemv_fp8_rope: Vec<CudaFunction>,
     pub dequant_fp8: CudaFunction,
     pub quantize_fp8_rows: CudaFunction,
     pub scale_fp8_gemm: CudaFunction,
@@ -97,6 +100,12 @@ impl Kernels {
             gemv_silu: (1..=8).map(|m| f("gemv", &format!("gemv_silu_decode_bf16_{m}"))).collect::<Result<_>>()?,
             gemv_rope: (1..=8).map(|m| f("gemv", &format!("gemv_rope_decode_bf16_{m}"))).collect::<Result<_>>()?,
             gemv_fp8: (1..=8).map(|m| f("gemv_fp8", &format!("gemv_fp8_decode_bf16_{m}"))).collect::<Result<_>>()?,
+            gemv_fp8_silu: (1..=8)
+                .map(|m| f("gemv_fp8", &format!("gemv_fp8_silu_decode_bf16_{m}")))
+                .collect::<Result<_>>()?,
+            gemv_fp8_rope: (1..=8)
+                .map(|m| f("gemv_fp8", &format!("gemv_fp8_rope_decode_bf16_{m}")))
+                .collect::<Result<_>>()?,
             dequant_fp8: f("gemv_fp8", "dequant_fp8_bf16")?,
             quantize_fp8_rows: f("gemm_fp8", "quantize_fp8_rows_bf16")?,
             scale_fp8_gemm: f("gemm_fp8", "scale_fp8_gemm_bf16")?,
