@@ -3,6 +3,12 @@
 //! many prompts: `cargo bench --bench fp8_accuracy -- --model DIR` (prompts are paragraphs of the
 //! repo's Markdown, tokenized, in windows) or `-- --preset tiny` (random weights, random prompts).
 //!
+//! `--w8a8` (built with `--features cuda`) runs the FP8 model on cuda:0 instead, where prefill
+//! matmuls take cuBLASLt's FP8 GEMM with activations quantized per token (W8A8), against the same
+//! f32 reference on the CPU: what FP8 prefill costs (decode stays weight-only). Under the CPU
+//! emulation of CUDA: `scripts/cuda-emu cargo bench --features cuda,nccl --bench fp8_accuracy --
+//! --w8a8 ...`.
+//!
 //! Prints one JSON line: every position's next-token logits compared (relative RMS error, the
 //! largest error, how many logits stay within the first-order noise estimate), and the greedy
 //! agreement rate — how often the argmax is the same — with the largest bf16 margin (top-1 minus
@@ -39,6 +45,9 @@ struct Args {
     /// Tokens per prompt (longer paragraphs are cut).
     #[arg(long, default_value_t = 64)]
     len: usize,
+    /// The FP8 model on cuda:0, prefill through the FP8 GEMM (activations quantized per token).
+    #[arg(long)]
+    w8a8: bool,
     /// cargo passes `--bench` to every bench target.
     #[arg(long, hide = true)]
     bench: bool,
@@ -72,7 +81,7 @@ fn text_prompts(tok: &Tokenizer, n: usize, len: usize) -> Result<Vec<Vec<u32>>> 
 }
 
 /// Every position's logits of `tokens`, one prefill.
-fn logits(backend: &CpuBackend, model: &Llama<CpuBackend>, tokens: &[u32]) -> Result<Vec<f32>> {
+fn logits<B: Backend>(backend: &B, model: &Llama<B>, tokens: &[u32]) -> Result<Vec<f32>> {
     let blocks = tokens.len().div_ceil(16);
     let mut cache = backend.new_kv_cache(&model.kv_cache_spec(blocks, 16))?;
     let table: Vec<u32> = (0..blocks as u32).collect();
@@ -112,17 +121,53 @@ fn run(args: &Args) -> Result<()> {
     };
     let mut quantized = cfg.clone();
     quantized.quantization = Some(Quantization::at_load());
-    let load = |cfg: &ModelConfig| match &store {
-        Some(s) => Llama::load(&backend, cfg, s, args.len + 1, Shard::single(), |_| {}),
-        None => Llama::random(&backend, cfg, 7, args.len + 1, Shard::single(), |_| {}),
+    let max_context = args.len + 1;
+    let dense = load(&backend, &cfg, store.as_ref(), max_context)?;
+    let reference: Vec<Vec<f32>> = prompts.iter().map(|p| logits(&backend, &dense, p)).collect::<Result<_>>()?;
+    let (quantized_logits, mode) = if args.w8a8 {
+        (w8a8_logits(&quantized, store.as_ref(), max_context, &prompts)?, "w8a8 prefill on cuda:0 (FP8 GEMM)")
+    } else {
+        let fp8 = load(&backend, &quantized, store.as_ref(), max_context)?;
+        let l = prompts.iter().map(|p| logits(&backend, &fp8, p)).collect::<Result<_>>()?;
+        (l, "weight-only on the CPU")
     };
-    let (dense, fp8) = (load(&cfg)?, load(&quantized)?);
-    let vocab = cfg.vocab_size;
+    report(&name, mode, cfg.vocab_size, &reference, &quantized_logits);
+    Ok(())
+}
+
+/// The model of `cfg` on `backend`: from `store`, or random weights (seed 7).
+fn load<B: Backend>(backend: &B, cfg: &ModelConfig, store: Option<&WeightStore>, ctx: usize) -> Result<Llama<B>> {
+    match store {
+        Some(s) => Llama::load(backend, cfg, s, ctx, Shard::single(), |_| {}),
+        None => Llama::random(backend, cfg, 7, ctx, Shard::single(), |_| {}),
+    }
+}
+
+/// Every prompt's logits from the FP8 model on cuda:0 (prefill through the FP8 GEMM).
+#[cfg(feature = "cuda")]
+fn w8a8_logits(
+    cfg: &ModelConfig,
+    store: Option<&WeightStore>,
+    ctx: usize,
+    prompts: &[Vec<u32>],
+) -> Result<Vec<Vec<f32>>> {
+    let gpu = tulu::backend::cuda::CudaBackend::new(0)?;
+    gpu.set_fp8_gemm(true);
+    let model = load(&gpu, cfg, store, ctx)?;
+    prompts.iter().map(|p| logits(&gpu, &model, p)).collect()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn w8a8_logits(_: &ModelConfig, _: Option<&WeightStore>, _: usize, _: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+    Err(Error::request("w8a8", "needs a build with `--features cuda`"))
+}
+
+/// Prints the comparison of `quantized` against `reference` (each prompt's rows of logits).
+fn report(name: &str, mode: &str, vocab: usize, reference: &[Vec<f32>], quantized: &[Vec<f32>]) {
     let (mut positions, mut agree, mut worst_margin) = (0usize, 0usize, 0f32);
     let (mut err2, mut ref2, mut max_err) = (0f64, 0f64, 0f32);
     let (mut within, mut logits_n) = (0usize, 0usize);
-    for p in &prompts {
-        let (a, b) = (logits(&backend, &dense, p)?, logits(&backend, &fp8, p)?);
+    for (a, b) in reference.iter().zip(quantized) {
         for (ra, rb) in a.chunks(vocab).zip(b.chunks(vocab)) {
             let (ia, margin) = argmax_and_margin(ra);
             let (ib, _) = argmax_and_margin(rb);
@@ -151,7 +196,8 @@ fn run(args: &Args) -> Result<()> {
         json!({
             "case": "fp8_accuracy",
             "model": name,
-            "prompts": prompts.len(),
+            "fp8": mode,
+            "prompts": reference.len(),
             "positions": positions,
             "greedy_agreement": agree as f64 / positions.max(1) as f64,
             "largest_margin_where_greedy_differs": worst_margin,
@@ -160,5 +206,4 @@ fn run(args: &Args) -> Result<()> {
             "fraction_within_3_sigma_estimate": within as f64 / logits_n.max(1) as f64,
         })
     );
-    Ok(())
 }
