@@ -13,8 +13,9 @@
 //! (step.rs), carves its tensors from a workspace reserved at load (workspace.rs), and, for a
 //! decode step, replays a CUDA graph captured for its batch-size bucket (graphs.rs).
 //!
-//! Not implemented yet: fused GEMV prologues/epilogues (SiLU·mul into the down projection,
-//! residual adds, RoPE + KV write into the qkv projection) and PDL. Tensor parallelism runs one
+//! Decode GEMVs carry the next op in their epilogue (gemv_epilogue.rs: RoPE + KV write after
+//! qkv, SiLU·mul after gate/up); residual adds stay fused with the next RMSNorm, which needs the
+//! whole row. Not implemented yet: PDL (programmatic dependent launch). Tensor parallelism runs one
 //! backend per rank thread (src/engine/rank_threads.rs), combined by NCCL
 //! (src/parallel/nccl.rs) or, on one GPU, through the host (src/parallel/local_cuda.rs).
 
