@@ -141,5 +141,7 @@ mod model;
 
 #[path = "gpu/fp8.rs"]
 mod fp8;
+#[path = "gpu/fused.rs"]
+mod fused;
 #[path = "gpu/graphs.rs"]
 mod graphs;
