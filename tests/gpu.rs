@@ -101,19 +101,28 @@ fn emulated() -> bool {
 
 /// A weight holding `data` (f32 bytes, as a checkpoint tensor would), loaded by `b`.
 fn weight<B: Backend>(b: &B, data: &[f32], shape: &[usize]) -> B::Weight {
-    let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-    let t = TensorRef { name: "test", file: Path::new("test.safetensors"), dtype: DType::F32, shape, bytes: &bytes };
-    b.load_weight(&[t.full()]).expect("load_weight")
+    with_f32_tensor(data, shape, |t| b.load_weight(&[t.full()]).expect("load_weight"))
 }
 
-/// `data` loaded by `b` as an FP8 weight (quantized while loading) when `fp8`, else as above.
+/// `data` loaded by `b` as an FP8 weight quantized while loading, with activation amaxes bounded
+/// by `bound` where activations are quantized.
+fn fp8_weight<B: Backend>(b: &B, data: &[f32], shape: &[usize], bound: Option<f32>) -> B::Weight {
+    with_f32_tensor(data, shape, |t| b.load_fp8_weight(&[t.full()], bound).expect("load_fp8_weight"))
+}
+
+/// `data` loaded by `b` as an FP8 weight when `fp8`, else as bf16.
 fn weight_in<B: Backend>(b: &B, data: &[f32], shape: &[usize], fp8: bool) -> B::Weight {
-    if !fp8 {
-        return weight(b, data, shape);
+    if fp8 {
+        fp8_weight(b, data, shape, None)
+    } else {
+        weight(b, data, shape)
     }
+}
+
+/// `f` of a checkpoint tensor `test` of `shape` holding `data` in F32.
+fn with_f32_tensor<R>(data: &[f32], shape: &[usize], f: impl FnOnce(TensorRef<'_>) -> R) -> R {
     let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-    let t = TensorRef { name: "test", file: Path::new("test.safetensors"), dtype: DType::F32, shape, bytes: &bytes };
-    b.load_fp8_weight(&[t.full()], None).expect("load_fp8_weight")
+    f(TensorRef { name: "test", file: Path::new("test.safetensors"), dtype: DType::F32, shape, bytes: &bytes })
 }
 
 /// An activation holding `data`, made the way the model makes one: an embedding lookup.

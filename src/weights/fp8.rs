@@ -156,9 +156,7 @@ impl Fp8Rows {
                     .map(|r| {
                         let mut full = Vec::with_capacity(width);
                         t.extend_f32(r * width..(r + 1) * width, &mut full);
-                        let mut bytes = Vec::with_capacity(p.cols.len());
-                        let scale = e4m3::quantize_row_with(&full[p.cols.clone()], e4m3::scale_for(&full), &mut bytes);
-                        (bytes, scale)
+                        quantize_cols(&full, p.cols.clone())
                     })
                     .collect();
                 w.push_rows(quantized);
@@ -180,9 +178,7 @@ impl Fp8Rows {
                 .into_par_iter()
                 .map(|r| {
                     let full: Vec<f32> = (0..p.total_cols).map(|c| p.value(r, c)).collect();
-                    let mut bytes = Vec::with_capacity(p.cols.len());
-                    let scale = e4m3::quantize_row_with(&full[p.cols.clone()], e4m3::scale_for(&full), &mut bytes);
-                    (bytes, scale)
+                    quantize_cols(&full, p.cols.clone())
                 })
                 .collect();
             w.push_rows(quantized);
@@ -220,4 +216,12 @@ impl Fp8Rows {
         }
         out
     }
+}
+
+/// `cols` of the row `full` in e4m3, with the scale of the whole row (so that every rank's
+/// slice of a row is quantized alike), and that scale.
+fn quantize_cols(full: &[f32], cols: std::ops::Range<usize>) -> (Vec<u8>, f32) {
+    let mut bytes = Vec::with_capacity(cols.len());
+    let scale = e4m3::quantize_row_with(&full[cols], e4m3::scale_for(full), &mut bytes);
+    (bytes, scale)
 }

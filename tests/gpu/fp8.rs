@@ -5,35 +5,14 @@
 //! stored in F8_E4M3 with their scales, and a whole FP8 model's logits. Outputs are poisoned
 //! (NaN) first, so an element a kernel forgets shows.
 
+use super::model::random_model_logits;
 use super::*;
 use tulu::quant::{e4m3, Quantization};
 use tulu::weights::fp8::{Fp8Rows, RowScales};
 
-/// `data` (`n × k`) loaded by `b` as an FP8 weight quantized while loading, with activation
-/// amaxes bounded by `bound` where activations are quantized.
-fn fp8_weight_bounded<B: Backend>(b: &B, data: &[f32], n: usize, k: usize, bound: Option<f32>) -> B::Weight {
-    let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-    let shape = [n, k];
-    let t = TensorRef {
-        name: "test",
-        file: Path::new("test.safetensors"),
-        dtype: DType::F32,
-        shape: &shape,
-        bytes: &bytes,
-    };
-    b.load_fp8_weight(&[t.full()], bound).expect("load_fp8_weight")
-}
-
-fn fp8_weight<B: Backend>(b: &B, data: &[f32], n: usize, k: usize) -> B::Weight {
-    fp8_weight_bounded(b, data, n, k, None)
-}
-
-/// The same weight quantized on the host (the bytes and scales every backend starts from).
+/// `data` (`n × k`) quantized on the host (the bytes and scales every backend starts from).
 fn host_fp8(data: &[f32], n: usize, k: usize) -> Fp8Rows {
-    let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-    let shape = [n, k];
-    let t = TensorRef { name: "test", file: Path::new("test"), dtype: DType::F32, shape: &shape, bytes: &bytes };
-    Fp8Rows::from_slices(&[t.full()]).unwrap()
+    with_f32_tensor(data, &[n, k], |t| Fp8Rows::from_slices(&[t.full()]).unwrap())
 }
 
 #[test]
@@ -53,7 +32,7 @@ fn fp8_matmuls_match_cpu() {
         for (i, v) in w.iter_mut().enumerate() {
             *v *= [0.25, 1.0, 4.0][(i / k) % 3];
         }
-        let (gw, cw) = (fp8_weight(&gpu, &w, n, k), fp8_weight(&cpu, &w, n, k));
+        let (gw, cw) = (fp8_weight(&gpu, &w, &[n, k], None), fp8_weight(&cpu, &w, &[n, k], None));
         for m in [1, 2, 3, 5, 8, 9, 33] {
             let x = random(&mut rng, m * k, 1.0);
             let c = cpu.to_host(&cpu.matmul(&tensor(&cpu, &x, m, k), &cw).unwrap()).unwrap();
@@ -113,7 +92,7 @@ fn fp8_gemm_quantizes_activations_per_token() {
         let w = random(&mut rng, n * k, 1.0 / (k as f32).sqrt());
         let hw = host_fp8(&w, n, k);
         for bound in [None, Some(2.0)] {
-            let gw = fp8_weight_bounded(&gpu, &w, n, k, bound);
+            let gw = fp8_weight(&gpu, &w, &[n, k], bound);
             for m in [9, 33, 70] {
                 // Rows of different magnitudes, a row of zeros, and one with an outlier past the bound.
                 let mut x = random(&mut rng, m * k, 1.0);
@@ -165,8 +144,8 @@ fn fp8_random_model_logits_match_cpu() {
     for fp8_gemm in [false, true] {
         gpu.set_fp8_gemm(fp8_gemm);
         for tokens in [&[5u32, 77, 299, 12, 9, 140, 3][..], &[42], &long] {
-            let g = logits(&gpu, &cfg, tokens);
-            let c = logits(&cpu, &cfg, tokens);
+            let g = random_model_logits(&gpu, &cfg, tokens);
+            let c = random_model_logits(&cpu, &cfg, tokens);
             let tol = if fp8_gemm && tokens.len() > 8 { W8A8_LOGITS_TOL } else { LOGITS_TOL };
             assert_close(&format!("fp8 model, {} tokens, FP8 GEMM {fp8_gemm}", tokens.len()), &g, &c, tol);
         }
@@ -178,13 +157,3 @@ fn fp8_random_model_logits_match_cpu() {
 /// RMS), through the tiny model's 8 quantized matmuls; measured under the emulator: 6.6 % of
 /// (|ref| + 4 rms) at worst (weight-only passes LOGITS_TOL).
 const W8A8_LOGITS_TOL: f32 = 0.1;
-
-/// Logits of every position of `tokens` from the random model of `cfg` on `b`.
-fn logits<B: Backend>(b: &B, cfg: &ModelConfig, tokens: &[u32]) -> Vec<f32> {
-    let model = Llama::random(b, cfg, 5, 128, Shard::single(), |_| {}).unwrap();
-    let mut cache = b.new_kv_cache(&model.kv_cache_spec(8, 16)).unwrap();
-    let mut batch = Batch::new(16);
-    batch.push(tokens, 0, &(0..8).collect::<Vec<u32>>()).unwrap();
-    let rows: Vec<usize> = (0..tokens.len()).collect();
-    model.forward(b, &batch, &mut cache, &rows, &SingleRank).unwrap()
-}

@@ -219,8 +219,9 @@ impl LtObjects {
         lt.layouts[2] = result::create_matrix_layout(CUDA_R_32F, n, m, n as i64)?;
         lt.desc = result::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, CUDA_R_32F)?;
         lt.pref = result::create_matmul_pref()?;
-        let op_t: i32 = 1; // CUBLAS_OP_T
-                           // SAFETY: a live descriptor; the value outlives the call.
+        // CUBLAS_OP_T (cudarc's sys has no cublasOperation_t for cuBLASLt).
+        let op_t: i32 = 1;
+        // SAFETY: a live descriptor; the value outlives the call.
         unsafe {
             result::set_matmul_desc_attribute(
                 lt.desc,

@@ -68,7 +68,9 @@ impl CudaBackend {
         }
         Ok(match &w.data {
             WeightData::Bf16(d) if self.prefer_gemv(x, d, n, k)? => Some(GemvWeight::Bf16(d)),
-            WeightData::Fp8 { bytes, scales, .. } if k.is_multiple_of(16) => Some(GemvWeight::Fp8(bytes, scales)),
+            WeightData::Fp8 { bytes, scales, .. } if super::gemv_fp8::fp8_gemv_takes(m, k) => {
+                Some(GemvWeight::Fp8(bytes, scales))
+            }
             _ => None,
         })
     }

@@ -22,6 +22,12 @@ const WARPS: usize = 8;
 /// Threads per block of the dequantization (eight elements each).
 const DEQUANT_THREADS: usize = 256;
 
+/// Whether an FP8 matmul of `m` token rows over `k` inputs runs as a decode GEMV (plain or fused,
+/// gemv_epilogue.rs): every decode shape whose rows are 16-byte aligned.
+pub(crate) fn fp8_gemv_takes(m: usize, k: usize) -> bool {
+    (1..=GEMV_MAX_ROWS).contains(&m) && k.is_multiple_of(16)
+}
+
 impl CudaBackend {
     /// Uploads a host FP8 weight.
     pub(crate) fn upload_fp8(&self, w: &Fp8Rows) -> Result<CudaWeight> {
@@ -55,7 +61,7 @@ impl CudaBackend {
         if m == 0 || n == 0 {
             return self.alloc_tensor(m, n);
         }
-        if m <= GEMV_MAX_ROWS && k.is_multiple_of(16) {
+        if fp8_gemv_takes(m, k) {
             return self.gemv_fp8_impl(x, bytes, scales, n, k);
         }
         if self.fp8_gemm_takes(n, k) {
