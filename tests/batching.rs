@@ -67,7 +67,7 @@ fn concurrent_requests_equal_each_alone_with_and_without_preemption() {
     // 22 blocks of 4 tokens (88 slots) for 32 sequences of ~40–50 tokens: two fit, and
     // their growth across block boundaries preempts one of them again and again.
     let tight = engine(&dir, Some(22), true);
-    let squeezed = concurrently(&tight, &reqs);
+    let squeezed = common::run_all(&tight, &reqs);
     for (i, (a, t)) in alone.iter().zip(&squeezed).enumerate() {
         assert_eq!(a.1.tokens, t.1.tokens, "request {i}: tokens differ after preemption");
     }

@@ -100,8 +100,11 @@ fn constrained_and_free_requests_batched_equal_each_alone_also_under_preemption(
     assert_eq!(common::run(&roomy, reqs[0].clone()).0, alone[0].0);
     let together = concurrently(&roomy, &reqs);
     drop(roomy);
-    let tiny = engine(&dir, Some(40));
-    let preempted = concurrently(&tiny, &reqs);
+    // 24 blocks of 4 tokens: the longest request (36 + 40 tokens) fits alone, not beside others.
+    // Queued in one call: threads submitting one by one on a loaded machine could arrive so
+    // staggered that the pool never filled (CI saw it once, with 40 blocks).
+    let tiny = engine(&dir, Some(24));
+    let preempted = common::run_all(&tiny, &reqs);
     assert!(tiny.metrics().preemptions > 0, "the tiny pool preempted nothing");
     for (i, a) in alone.iter().enumerate() {
         assert_eq!(together[i].0, a.0, "request {i} batched");

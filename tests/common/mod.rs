@@ -83,8 +83,19 @@ pub fn rel_err(ours: &[f32], reference: &[f32]) -> f32 {
 
 /// Runs a request to the end: its text and summary.
 pub fn run(engine: &tulu::Engine, req: tulu::GenerateRequest) -> (String, tulu::Summary) {
+    finish(engine.generate(req).expect("request accepted"))
+}
+
+/// Runs `reqs` queued together in one `generate_all` (so the step loop sees them all at once,
+/// however busy the machine is): each one's text and summary, in order.
+pub fn run_all(engine: &tulu::Engine, reqs: &[tulu::GenerateRequest]) -> Vec<(String, tulu::Summary)> {
+    engine.generate_all(reqs.to_vec()).expect("requests accepted").into_iter().map(finish).collect()
+}
+
+/// Reads a generation's stream to its end: the text and the summary.
+fn finish(stream: tulu::Generation) -> (String, tulu::Summary) {
     let mut text = String::new();
-    for ev in engine.generate(req).expect("request accepted") {
+    for ev in stream {
         match ev.expect("generation succeeds") {
             tulu::Event::Text(t) => text.push_str(&t),
             tulu::Event::Done(s) => return (text, s),
