@@ -46,9 +46,10 @@ impl CudaBackend {
     }
 
     /// Allocates cuBLASLt's workspace for FP8 GEMMs once, at load (never inside a capture):
-    /// 32 MiB on Hopper, 4 MiB before, as NVIDIA recommends.
+    /// 32 MiB on Hopper, 4 MiB before, as NVIDIA recommends. Nothing while the FP8 GEMM is off
+    /// (a GEMM turned on after the weights loaded runs without a workspace: fewer algorithms).
     pub(crate) fn reserve_fp8_gemm_workspace(&self) -> Result<()> {
-        if !self.fp8_capable() || self.fp8_workspace.get().is_some() {
+        if !self.fp8_gemm.load(Ordering::Relaxed) || self.fp8_workspace.get().is_some() {
             return Ok(());
         }
         let bytes = if self.ctx.compute_capability().is_ok_and(|cc| cc.0 >= 9) { 32 << 20 } else { 4 << 20 };
