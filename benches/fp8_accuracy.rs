@@ -18,16 +18,16 @@ use std::path::{Path, PathBuf};
 
 use clap::Parser;
 use serde_json::json;
-use tulu::backend::cpu::CpuBackend;
-use tulu::backend::Backend;
-use tulu::config::ModelConfig;
-use tulu::model::Llama;
-use tulu::parallel::sharding::Shard;
-use tulu::parallel::SingleRank;
-use tulu::quant::Quantization;
-use tulu::runtime::batch::Batch;
-use tulu::tokenizer::Tokenizer;
-use tulu::weights::WeightStore;
+use tulu::unstable::backend::cpu::CpuBackend;
+use tulu::unstable::backend::Backend;
+use tulu::unstable::config::ModelConfig;
+use tulu::unstable::model::Llama;
+use tulu::unstable::parallel::sharding::Shard;
+use tulu::unstable::parallel::SingleRank;
+use tulu::unstable::quant::Quantization;
+use tulu::unstable::runtime::batch::Batch;
+use tulu::unstable::tokenizer::Tokenizer;
+use tulu::unstable::weights::WeightStore;
 use tulu::{Error, Result};
 
 /// The bench's flags (after `--`).
@@ -113,8 +113,9 @@ fn run(args: &Args) -> Result<()> {
         }
         (None, Some(p)) => {
             let cfg = ModelConfig::preset(p)?;
-            let prompts =
-                (0..args.prompts as u32).map(|s| tulu::engine::synthetic_prompt(args.len, cfg.vocab_size, s)).collect();
+            let prompts = (0..args.prompts as u32)
+                .map(|s| tulu::unstable::engine::synthetic_prompt(args.len, cfg.vocab_size, s))
+                .collect();
             (cfg, None, prompts, format!("preset {p} (random weights)"))
         }
         (None, None) => return Err(Error::request("model", "give --model DIR or --preset NAME")),
@@ -151,7 +152,7 @@ fn w8a8_logits(
     ctx: usize,
     prompts: &[Vec<u32>],
 ) -> Result<Vec<Vec<f32>>> {
-    let gpu = tulu::backend::cuda::CudaBackend::new(0)?;
+    let gpu = tulu::unstable::backend::cuda::CudaBackend::new(0)?;
     gpu.set_fp8_gemm(true);
     let model = load(&gpu, cfg, store, ctx)?;
     prompts.iter().map(|p| logits(&gpu, &model, p)).collect()

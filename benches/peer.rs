@@ -3,7 +3,7 @@
 //!
 //! tulu's side is `tulu bench` itself (the release binary cargo built for this bench), so the
 //! figures are the ones users get; the peer then runs in this process on the same prompts
-//! (`tulu::engine::synthetic_prompt`): one prefill, then `gen_len - 1` single-token steps, as
+//! (`tulu::unstable::engine::synthetic_prompt`): one prefill, then `gen_len - 1` single-token steps, as
 //! tulu's engine does. Prints `tulu bench`'s load line, then one `generate` line per prompt
 //! length with both sides and their ratios.
 
@@ -17,7 +17,7 @@ use std::process::Command;
 
 use clap::Parser;
 use serde_json::{json, Value};
-use tulu::tokenizer::Tokenizer;
+use tulu::unstable::tokenizer::Tokenizer;
 use tulu::{Error, Result};
 
 use self::peer::PeerLlama;
@@ -78,7 +78,7 @@ fn run(args: &Args) -> Result<()> {
 /// Times the peer on `line`'s case and adds its figures and the ratios to the line.
 fn add_peer(line: &mut Value, peer: &mut PeerLlama, vocab: usize, args: &Args) -> Result<()> {
     let plen = line["prompt_len"].as_u64().unwrap_or(0) as usize;
-    let prompt = tulu::engine::synthetic_prompt(plen, vocab, 0);
+    let prompt = tulu::unstable::engine::synthetic_prompt(plen, vocab, 0);
     let steps = args.gen_len.saturating_sub(1).max(1);
     let (mut prefill, mut decode) = (0f64, 0f64);
     for _ in 0..args.repeat.max(1) {

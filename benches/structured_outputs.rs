@@ -16,8 +16,8 @@ use std::time::Instant;
 use clap::Parser;
 use rayon::prelude::*;
 use serde_json::json;
-use tulu::grammar::{Grammars, TokenMatcher};
-use tulu::tokenizer::Tokenizer;
+use tulu::unstable::grammar::{Grammars, TokenMatcher};
+use tulu::unstable::tokenizer::Tokenizer;
 use tulu::{ChatMessage, Constraint, Engine, EngineOptions, Event, GenerateRequest, Result, SamplingParams};
 
 /// The bench's flags (after `--`).
@@ -110,7 +110,7 @@ fn steps(args: &Args) -> Result<()> {
         for (k, constrained) in [false, true].into_iter().enumerate() {
             let reqs: Vec<GenerateRequest> = (0..batch)
                 .map(|i| {
-                    let msg = ChatMessage { role: "user".into(), content: format!("Describe person {i} as JSON.") };
+                    let msg = ChatMessage::new("user", format!("Describe person {i} as JSON."));
                     let mut r =
                         GenerateRequest::chat(vec![msg]).max_tokens(args.gen_len).sampling(SamplingParams::greedy());
                     r.ignore_eos = true;

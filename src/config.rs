@@ -354,7 +354,7 @@ impl ModelConfig {
 
     /// Bytes of K and V cached per token across all layers at `bytes_per_elem`.
     pub fn kv_bytes_per_token(&self, bytes_per_elem: usize) -> u64 {
-        (self.num_hidden_layers * self.kv_dim() * 2 * bytes_per_elem) as u64
+        crate::parallel::sizing::kv_bytes_per_token(self, self.num_key_value_heads, bytes_per_elem as u64)
     }
 
     /// A named architecture for synthetic checkpoints: `tiny`, `llama-3.1-8b`, `llama-3.1-70b`,

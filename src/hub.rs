@@ -312,7 +312,7 @@ fn fetch_file(api_repo: &ApiRepo, env: &HubEnv, repo: &Repo, snapshot: &Path, fi
     if pointer.symlink_metadata().is_ok() {
         std::fs::remove_file(&pointer).map_err(|e| Error::io(&pointer, e))?;
     }
-    tracing::info!("downloading {file} from {}", api_repo.url(file));
+    tracing::debug!("downloading {file} from {}", api_repo.url(file));
     let path = api_repo.download(file).map_err(|e| download_error(e, env, repo, file))?;
     if path != pointer {
         return Err(hub_error(

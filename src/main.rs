@@ -58,7 +58,7 @@ pub struct ModelArgs {
     /// Quantize the linear weights while loading: fp8 (e4m3, one scale per output row).
     /// Embeddings, norms and lm_head stay as stored; FP8 checkpoints need no flag.
     #[arg(long)]
-    pub quantize: Option<tulu::quant::Quantize>,
+    pub quantize: Option<tulu::unstable::quant::Quantize>,
 }
 
 /// Sampling flags: any one given overrides the model's generation_config defaults. Numbers may
@@ -195,6 +195,7 @@ fn die_on_closed_stdout() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    cli::logging::init();
     if matches!(cli.command, Command::Bench(_) | Command::Inspect { .. }) {
         die_on_closed_stdout();
     }

@@ -14,7 +14,9 @@ use crate::backend::{AttnDims, Backend, KvCacheSpec, StepInputs, StepLimits};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::parallel::sharding::{Shard, ShardPlan};
-use crate::parallel::sizing::{head_weight_elements, layer_weight_elements, rank_weight_elements};
+use crate::parallel::sizing::{
+    head_weight_elements, kv_bytes_per_token, layer_weight_elements, rank_weight_elements, workspace_bytes,
+};
 use crate::parallel::Communicator;
 use crate::quant::Quantization;
 use crate::rope::RopeTable;
@@ -145,7 +147,7 @@ impl<B: Backend> Llama<B> {
 
     /// KV cache elements one cached token takes on this rank, over all layers (K and V).
     pub fn kv_elements_per_token(&self) -> u64 {
-        (self.cfg.num_hidden_layers * 2 * self.dims.kv_dim()) as u64
+        kv_bytes_per_token(&self.cfg, self.dims.kv_heads, 1)
     }
 
     /// Floating-point operations of a `tokens`-token prefill on this rank: every layer's GEMMs
@@ -165,17 +167,7 @@ impl<B: Backend> Llama<B> {
     /// batch split 64 ways, and the logits (gathered, plus sampling scratch in f32). FP8 models
     /// add the FP8 GEMM's scratch (e4m3 activations and the f32 product of gate/up).
     pub fn workspace_bytes(&self, limits: &StepLimits, element_bytes: usize) -> usize {
-        let (h, q, kv) = (self.cfg.hidden_size, self.dims.q_dim(), self.dims.kv_dim());
-        let i = self.plan.mlp_rows.len();
-        let rows = limits.max_num_batched_tokens.max(limits.max_num_seqs);
-        let fp8_scratch = if self.cfg.quantization.is_some() { (8 * i + h).div_ceil(element_bytes) } else { 0 };
-        let per_row = 6 * h + 3 * q + 2 * kv + 3 * i + fp8_scratch;
-        let splits = 64;
-        let partials = limits.max_num_seqs.max(64) * self.dims.heads * splits * (self.dims.head_dim + 2) * 4;
-        let vocab = self.plan.vocab_rows_per_rank * self.plan.shard.world;
-        let logits = limits.max_num_seqs * vocab * (3 * element_bytes + 4);
-        let total = rows * per_row * element_bytes + partials + logits;
-        total + total / 8 + (1 << 20)
+        usize::try_from(workspace_bytes(&self.cfg, &self.plan, limits, element_bytes)).unwrap_or(usize::MAX)
     }
 
     /// The model's configuration.

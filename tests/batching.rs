@@ -15,7 +15,7 @@ fn requests() -> Vec<GenerateRequest> {
         .map(|i| {
             let topic = topics[i % topics.len()];
             let words = "very ".repeat(i % 5);
-            let msg = ChatMessage { role: "user".into(), content: format!("Write a {words}short line about {topic}.") };
+            let msg = ChatMessage::new("user", format!("Write a {words}short line about {topic}."));
             let mut req = GenerateRequest::chat(vec![msg]).max_tokens(4 + i % 5);
             // Every fourth request samples, seeded, so that sampler state must survive preemption too.
             req.sampling = Some(if i % 4 == 3 {
@@ -38,7 +38,7 @@ fn concurrently(engine: &Engine, reqs: &[GenerateRequest]) -> Vec<(String, Summa
 /// An engine with `kv_blocks` blocks of 4 tokens (default pool when `None`).
 fn engine(dir: &Path, kv_blocks: Option<u64>, prefix_caching: bool) -> Engine {
     let mut opts = EngineOptions::new(dir.to_string_lossy());
-    let cfg = tulu::config::ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let cfg = tulu::unstable::config::ModelConfig::from_file(&dir.join("config.json")).unwrap();
     if let Some(b) = kv_blocks {
         opts.block_size = 4;
         opts.kv_cache_memory = Some(b * 4 * cfg.kv_bytes_per_token(4));
@@ -79,14 +79,14 @@ fn concurrent_requests_equal_each_alone_with_and_without_preemption() {
 #[test]
 fn prefix_cache_serves_the_second_turn_and_changes_nothing() {
     let dir = common::smollm2_dir();
-    let first = vec![ChatMessage { role: "user".into(), content: "Name three colours of the rainbow.".into() }];
+    let first = vec![ChatMessage::new("user", "Name three colours of the rainbow.")];
     let on = engine(&dir, None, true);
     let off = engine(&dir, None, false);
     let (answer, s1) = common::run(&on, GenerateRequest::chat(first.clone()).max_tokens(24));
     assert_eq!(s1.cached_prompt_tokens, 0);
     let mut second = first;
-    second.push(ChatMessage { role: "assistant".into(), content: answer });
-    second.push(ChatMessage { role: "user".into(), content: "And two more?".into() });
+    second.push(ChatMessage::new("assistant", answer));
+    second.push(ChatMessage::new("user", "And two more?"));
     let (t_on, s_on) = common::run(&on, GenerateRequest::chat(second.clone()).max_tokens(16));
     let (t_off, s_off) = common::run(&off, GenerateRequest::chat(second).max_tokens(16));
     assert!(s_on.cached_prompt_tokens >= 16, "the first turn's full blocks are reused: {}", s_on.cached_prompt_tokens);
@@ -101,7 +101,7 @@ fn dropping_a_stream_aborts_and_frees_its_blocks() {
     let e = engine(&dir, None, true);
     let mut req = GenerateRequest::tokens((1..40).collect()).max_tokens(400);
     req.ignore_eos = true;
-    let mut g = e.generate(req).unwrap();
+    let mut g = e.generate(req).unwrap().into_iter();
     assert!(matches!(g.next(), Some(Ok(Event::Text(_)))));
     drop(g);
     let start = std::time::Instant::now();

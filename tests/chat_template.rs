@@ -11,7 +11,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tulu::tokenizer::{ChatMessage, ChatTemplate, SpecialTokens, Tokenizer};
+use tulu::unstable::tokenizer::{ChatMessage, ChatTemplate, SpecialTokens, Tokenizer, ToolCall};
 use tulu::Error;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/chat");
@@ -53,7 +53,7 @@ fn model_dir(tokenizer_json: &Path, config: serde_json::Value) -> tempfile::Temp
 }
 
 fn msg(role: &str, content: &str) -> ChatMessage {
-    ChatMessage { role: role.into(), content: content.into() }
+    ChatMessage::new(role, content)
 }
 
 /// Tülu 3's tokenizer: Llama 3.1's plus `<pad>` at 128256, declared as Tülu 3's
@@ -392,4 +392,22 @@ fn streaming_pseudo_random_text_matches_full_decode() {
     assert_eq!(decoder.push(ids[1]).expect("push"), None);
     let full = tok.decode(&ids, true).expect("decode");
     assert_eq!(format!("Hello{}", decoder.finish().expect("finish")), full);
+}
+
+#[test]
+fn llama31_template_renders_tool_calls_and_their_results() {
+    let (_dir, tok) = llama31_tokenizer();
+    let call = ToolCall::function("call_0", "get_weather", serde_json::json!({"city": "Paris"}));
+    let messages = [
+        msg("user", "Weather in Paris?"),
+        ChatMessage::assistant("").with_tool_calls(vec![call]),
+        ChatMessage::tool("call_0", "21 degrees"),
+    ];
+    let text = tok.render_chat(&messages, true).expect("render");
+    let call_turn = "<|start_header_id|>assistant<|end_header_id|>\n\n\
+                     {\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\"}}<|eot_id|>";
+    assert!(text.contains(call_turn), "{text}");
+    assert!(text.contains("<|start_header_id|>ipython<|end_header_id|>\n\n\"21 degrees\"<|eot_id|>"), "{text}");
+    // A message without tool calls is not rendered as one (the template tests for the key).
+    assert!(!tok.render_chat(&[msg("user", "Hi")], true).unwrap().contains("\"name\""));
 }

@@ -9,10 +9,10 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use tulu::config::ModelConfig;
-use tulu::parallel::handshake::Handshake;
-use tulu::parallel::rendezvous::WorldSpec;
-use tulu::parallel::tcp::{TcpComm, HANDSHAKE_TIMEOUT};
+use tulu::unstable::config::ModelConfig;
+use tulu::unstable::parallel::handshake::Handshake;
+use tulu::unstable::parallel::rendezvous::WorldSpec;
+use tulu::unstable::parallel::tcp::{TcpComm, HANDSHAKE_TIMEOUT};
 
 const TOKEN: &str = "s3cret";
 

@@ -10,8 +10,8 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor, D};
 use candle_transformers::models::llama;
 use tokenizers::Tokenizer;
-use tulu::config::{GenerationConfig, ModelConfig};
-use tulu::weights::gguf::{convert_gguf, permute_qk, unpermute_qk, ConvertOptions, OutDType};
+use tulu::unstable::config::{GenerationConfig, ModelConfig};
+use tulu::unstable::weights::gguf::{convert_gguf, permute_qk, unpermute_qk, ConvertOptions, OutDType};
 use tulu::Error;
 
 /// The GGUF: `$TULU_SMOLLM2_GGUF`, else where `scripts/fetch-smollm2` puts it.

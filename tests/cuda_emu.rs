@@ -279,7 +279,7 @@ fn a_real_nvcc_fatbin_is_refused() {
     const TEST: &str = "a_real_nvcc_fatbin_is_refused";
     if child_mode().is_some() {
         // tulu's embedded kernels are nvcc's fatbins: without TULU_KERNELS they are what loads.
-        let e = tulu::backend::cuda::CudaBackend::new(0).err().map(|e| e.to_string()).unwrap_or_default();
+        let e = tulu::unstable::backend::cuda::CudaBackend::new(0).err().map(|e| e.to_string()).unwrap_or_default();
         println!("RESULT {e}");
         return;
     }
@@ -294,7 +294,7 @@ fn a_real_nvcc_fatbin_is_refused() {
 fn the_emulator_reports_no_device_unless_enabled() {
     const TEST: &str = "the_emulator_reports_no_device_unless_enabled";
     if child_mode().is_some() {
-        println!("RESULT {:?}", tulu::backend::cuda::cuda_available());
+        println!("RESULT {:?}", tulu::unstable::backend::cuda::cuda_available());
         return;
     }
     let out = child(TEST, "off", &[], &["TULU_EMU_DEVICES"]);

@@ -4,15 +4,15 @@
 
 mod common;
 
-use tulu::backend::cpu::CpuBackend;
-use tulu::backend::Backend;
-use tulu::config::ModelConfig;
-use tulu::model::Llama;
-use tulu::parallel::sharding::Shard;
-use tulu::parallel::SingleRank;
-use tulu::runtime::batch::Batch;
-use tulu::runtime::block_manager::BlockManager;
-use tulu::weights::WeightStore;
+use tulu::unstable::backend::cpu::CpuBackend;
+use tulu::unstable::backend::Backend;
+use tulu::unstable::config::ModelConfig;
+use tulu::unstable::model::Llama;
+use tulu::unstable::parallel::sharding::Shard;
+use tulu::unstable::parallel::SingleRank;
+use tulu::unstable::runtime::batch::Batch;
+use tulu::unstable::runtime::block_manager::BlockManager;
+use tulu::unstable::weights::WeightStore;
 use tulu::{ChatMessage, Engine, EngineOptions, FinishReason, GenerateRequest, SamplingParams};
 
 const BS: usize = 16;
@@ -110,7 +110,7 @@ fn incremental_decode_equals_full_recompute() {
 #[test]
 fn smollm2_knows_the_capital_of_france() {
     let engine = Engine::load(EngineOptions::new(common::smollm2_dir().to_string_lossy())).unwrap();
-    let msg = ChatMessage { role: "user".into(), content: "What is the capital of France?".into() };
+    let msg = ChatMessage::new("user", "What is the capital of France?");
     let (text, s) = common::run(&engine, GenerateRequest::chat(vec![msg]).max_tokens(32));
     assert!(text.contains("Paris"), "answer: {text:?}");
     assert_eq!(s.finish_reason, FinishReason::Stop, "a short answer ends at <|im_end|>");
@@ -148,7 +148,7 @@ fn context_limit_and_max_tokens_finish_with_length() {
 #[test]
 fn stop_strings_end_the_text_before_them() {
     let engine = Engine::load(EngineOptions::new(common::smollm2_dir().to_string_lossy())).unwrap();
-    let msg = ChatMessage { role: "user".into(), content: "What is the capital of France?".into() };
+    let msg = ChatMessage::new("user", "What is the capital of France?");
     let (full, _) = common::run(&engine, GenerateRequest::chat(vec![msg.clone()]).max_tokens(32));
     let cut = full.find("Paris").expect("the answer names Paris");
     let (text, s) = common::run(&engine, GenerateRequest::chat(vec![msg]).max_tokens(32).stop("Paris"));
@@ -173,6 +173,7 @@ fn generate_all_admits_a_request_whole() {
     let streams = engine.generate_all(vec![request(1), request(2), request(3)]).unwrap();
     for stream in streams {
         let done = stream
+            .into_iter()
             .map(Result::unwrap)
             .find_map(|e| match e {
                 tulu::Event::Done(s) => Some(s),
@@ -185,4 +186,36 @@ fn generate_all_admits_a_request_whole() {
     let err = engine.generate_all(vec![request(4), bad]).err().expect("max_tokens 0 is refused");
     assert!(err.to_string().contains("max_tokens"), "{err}");
     assert_eq!(engine.metrics().waiting + engine.metrics().running, 0, "nothing was queued");
+}
+
+/// What a generation's events say, timings aside (they differ from run to run).
+fn event_digest(events: Vec<tulu::Result<tulu::Event>>) -> Vec<String> {
+    events
+        .into_iter()
+        .map(|e| match e.unwrap() {
+            tulu::Event::Done(s) => format!("done {:?} {:?} {}", s.tokens, s.finish_reason, s.prompt_tokens),
+            other => format!("{other:?}"),
+        })
+        .collect()
+}
+
+#[test]
+fn a_generation_polled_as_a_stream_equals_one_iterated_on_a_thread() {
+    use futures_util::StreamExt;
+    let engine = Engine::load(EngineOptions::new(common::tiny_dir().to_string_lossy())).unwrap();
+    let request = || {
+        let params = SamplingParams { temperature: 0.8, seed: Some(7), ..SamplingParams::greedy() };
+        let mut r = GenerateRequest::tokens(vec![5, 9, 13]).sampling(params).max_tokens(12);
+        r.logprobs = Some(2);
+        r.ignore_eos = true;
+        r
+    };
+    let iterated = std::thread::scope(|s| {
+        let engine = &engine;
+        s.spawn(move || engine.generate(request()).unwrap().into_iter().collect::<Vec<_>>()).join().unwrap()
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().unwrap();
+    let streamed = runtime.block_on(async { engine.generate(request()).unwrap().collect::<Vec<_>>().await });
+    assert!(iterated.len() > 2, "{iterated:?}");
+    assert_eq!(event_digest(streamed), event_digest(iterated));
 }

@@ -10,9 +10,9 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tulu::parallel::rendezvous::WorldSpec;
-use tulu::parallel::tcp::TcpComm;
-use tulu::server::{router, ServerOptions};
+use tulu::unstable::parallel::rendezvous::WorldSpec;
+use tulu::unstable::parallel::tcp::TcpComm;
+use tulu::unstable::server::{router, ServerOptions};
 use tulu::{Engine, EngineOptions, Error, Event, GenerateRequest, Generation, SamplingParams, Summary};
 
 /// A greedy request for `prompt` that runs `n` tokens.
@@ -27,7 +27,7 @@ fn outcome(stream: Generation) -> Result<Summary, Error> {
     for event in stream {
         match event? {
             Event::Done(s) => return Ok(s),
-            Event::Text(_) | Event::Logprobs(_) => {}
+            _ => {}
         }
     }
     panic!("the stream ended without a summary or an error");
@@ -97,8 +97,8 @@ fn a_dead_rank_fails_every_request_and_the_engine() {
     let port = free_port();
     let fake_rank1 = std::thread::spawn(move || {
         let spec = WorldSpec::from_nodes(2, 1, 1, 0, "127.0.0.1", port).unwrap();
-        let config = tulu::config::ModelConfig::from_file(&common::tiny_dir().join("config.json")).unwrap();
-        let handshake = tulu::parallel::handshake::Handshake::new(&config, &spec, None).unwrap();
+        let config = tulu::unstable::config::ModelConfig::from_file(&common::tiny_dir().join("config.json")).unwrap();
+        let handshake = tulu::unstable::parallel::handshake::Handshake::new(&config, &spec, None).unwrap();
         let comm = TcpComm::connect(&spec, &handshake, Duration::from_secs(30)).unwrap();
         comm.recv_hello().unwrap();
         comm.agree_min(u64::MAX).unwrap();

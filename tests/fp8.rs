@@ -12,14 +12,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fp8_layouts::Layout;
-use tulu::backend::cpu::CpuBackend;
-use tulu::config::ModelConfig;
-use tulu::model::Llama;
-use tulu::parallel::local::LocalGroup;
-use tulu::parallel::sharding::Shard;
-use tulu::quant::Quantization;
-use tulu::weights::gguf::OutDType;
-use tulu::weights::WeightStore;
+use tulu::unstable::backend::cpu::CpuBackend;
+use tulu::unstable::config::ModelConfig;
+use tulu::unstable::model::Llama;
+use tulu::unstable::parallel::local::LocalGroup;
+use tulu::unstable::parallel::sharding::Shard;
+use tulu::unstable::quant::Quantization;
+use tulu::unstable::weights::gguf::OutDType;
+use tulu::unstable::weights::WeightStore;
 use tulu::Error;
 
 const TOKENS: [u32; 6] = [5, 77, 299, 12, 9, 140];
@@ -216,9 +216,9 @@ fn bad_fp8_input_names_the_tensor_or_field() {
 /// none saturates), plus f32 summation noise — and not equal to it (it did quantize).
 #[test]
 fn fp8_matmul_stays_within_e4m3_rounding_of_f32() {
-    use tulu::backend::cpu::CpuTensor;
-    use tulu::backend::Backend;
-    use tulu::weights::{DType, TensorRef};
+    use tulu::unstable::backend::cpu::CpuTensor;
+    use tulu::unstable::backend::Backend;
+    use tulu::unstable::weights::{DType, TensorRef};
     let (rows, cols, tokens) = (67, 300, 5);
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
     let mut state = seed | 1;
@@ -252,10 +252,10 @@ fn fp8_matmul_stays_within_e4m3_rounding_of_f32() {
 #[test]
 fn smollm2_quantized_at_load_knows_the_capital_of_france() {
     let mut opts = tulu::EngineOptions::new(common::smollm2_dir().to_string_lossy());
-    opts.quantize = Some(tulu::quant::Quantize::Fp8);
+    opts.quantize = Some(tulu::unstable::quant::Quantize::Fp8);
     let engine = tulu::Engine::load(opts).unwrap();
     assert!(engine.config().quantization.is_some());
-    let msg = tulu::ChatMessage { role: "user".into(), content: "What is the capital of France?".into() };
+    let msg = tulu::ChatMessage::new("user", "What is the capital of France?");
     let req = tulu::GenerateRequest::chat(vec![msg]).max_tokens(32).sampling(tulu::SamplingParams::greedy());
     let (text, _) = common::run(&engine, req);
     assert!(text.contains("Paris"), "answer: {text:?}");

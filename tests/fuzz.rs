@@ -11,17 +11,18 @@ mod mutate;
 
 use std::path::{Path, PathBuf};
 
-use tulu::config::{GenerationConfig, ModelConfig};
-use tulu::parallel::frame::{self, FrameType};
-use tulu::parallel::handshake::Handshake;
-use tulu::parallel::rendezvous::WorldSpec;
-use tulu::parallel::sharding::{valid_tp, Shard, ShardPlan};
-use tulu::parallel::sizing::{rank_parameters, size_rank};
-use tulu::parallel::tcp::Hello;
-use tulu::runtime::batch::Batch;
-use tulu::server::openai::{self, Endpoint};
-use tulu::weights::gguf::{convert_gguf, ConvertOptions, OutDType};
-use tulu::weights::WeightStore;
+use tulu::unstable::config::{GenerationConfig, ModelConfig};
+use tulu::unstable::parallel::frame::{self, FrameType};
+use tulu::unstable::parallel::handshake::Handshake;
+use tulu::unstable::parallel::rendezvous::WorldSpec;
+use tulu::unstable::parallel::sharding::{valid_tp, Shard, ShardPlan};
+use tulu::unstable::parallel::sizing::{rank_parameters, size_rank};
+use tulu::unstable::parallel::tcp::Hello;
+use tulu::unstable::runtime::batch::Batch;
+use tulu::unstable::runtime::batch_wire;
+use tulu::unstable::server::openai::{self, Endpoint};
+use tulu::unstable::weights::gguf::{convert_gguf, ConvertOptions, OutDType};
+use tulu::unstable::weights::WeightStore;
 
 /// A scratch directory that lives for one target's run.
 fn scratch() -> tempfile::TempDir {
@@ -122,8 +123,8 @@ fn fuzz_control_frames() {
             let _ = serde_json::from_slice::<Hello>(&b);
         }
         if let Ok(b) = read(FrameType::Step) {
-            if let Ok((batch, _rows)) = serde_json::from_slice::<(Batch, Vec<usize>)>(&b) {
-                let _ = tulu::backend::contract::batch(&batch);
+            if let Ok((batch, _rows)) = batch_wire::decode(&b) {
+                let _ = tulu::unstable::backend::contract::batch(&batch);
             }
         }
         let _ = frame::read_data(&mut &bytes[..], 64);
@@ -203,7 +204,7 @@ fn write_corpus() {
     let hello = Hello {
         block_size: 16,
         max_positions: 512,
-        kv: tulu::engine::KvPolicy::BytesPerRank(1 << 20),
+        kv: tulu::unstable::engine::KvPolicy::BytesPerRank(1 << 20),
         nccl_id: None,
         steps: Default::default(),
     };
@@ -214,7 +215,7 @@ fn write_corpus() {
     batch.push(&[1, 2, 3], 0, &[0]).unwrap();
     batch.push(&[9], 16, &[1, 2]).unwrap();
     let mut frames = Vec::new();
-    frame::write_frame(&mut frames, FrameType::Step, &serde_json::to_vec(&(&batch, [2usize, 3])).unwrap()).unwrap();
+    frame::write_frame(&mut frames, FrameType::Step, &batch_wire::encode(&batch, &[2, 3])).unwrap();
     std::fs::write(corpus_dir("control_frames").join("step.bin"), &frames).unwrap();
     let mut frames = Vec::new();
     frame::write_frame(&mut frames, FrameType::Data, &[7u8; 64]).unwrap();
@@ -247,7 +248,7 @@ fn write_corpus() {
 fn write_gguf(path: &Path) {
     use candle_core::quantized::{gguf_file::Value, GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
-    let chars = tulu::weights::gguf_tokenizer::byte_to_char();
+    let chars = tulu::unstable::weights::gguf_tokenizer::byte_to_char();
     let mut tokens: Vec<Value> = chars.iter().map(|c| Value::String(c.to_string())).collect();
     for special in ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"] {
         tokens.push(Value::String(special.into()));

@@ -1,7 +1,7 @@
 //! The CUDA backend against the CPU backend (the f32 reference), op by op and on a whole model.
 //!
 //! Every test needs a CUDA device and is ignored elsewhere. On the GPU machine:
-//! `.gpu/run tests` (built by ../shared/gpu/pack), or
+//! `.gpu/run tests` (built by scripts/gpu-pack), or
 //! `cargo test --features cuda,nccl --test gpu -- --include-ignored --test-threads=1`.
 //! On any machine, under the CPU emulation of CUDA (`scripts/test` does this in CI):
 //! `scripts/cuda-emu cargo test --features cuda,nccl --test gpu -- --include-ignored`.
@@ -29,19 +29,19 @@ use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tulu::backend::cpu::CpuBackend;
-use tulu::backend::cuda::{cuda_available, CudaBackend};
-use tulu::backend::{AttnDims, Backend, KvCacheSpec};
-use tulu::config::ModelConfig;
-use tulu::model::Llama;
-use tulu::parallel::local::LocalGroup;
-use tulu::parallel::sharding::Shard;
-use tulu::parallel::{Communicator, SingleRank};
-use tulu::runtime::batch::Batch;
-use tulu::synth::{synth_checkpoint, SynthOptions};
-use tulu::weights::gguf::OutDType;
-use tulu::weights::random::RandomSlice;
-use tulu::weights::{DType, TensorRef, WeightStore};
+use tulu::unstable::backend::cpu::CpuBackend;
+use tulu::unstable::backend::cuda::{cuda_available, CudaBackend};
+use tulu::unstable::backend::{AttnDims, Backend, KvCacheSpec};
+use tulu::unstable::config::ModelConfig;
+use tulu::unstable::model::Llama;
+use tulu::unstable::parallel::local::LocalGroup;
+use tulu::unstable::parallel::sharding::Shard;
+use tulu::unstable::parallel::{Communicator, SingleRank};
+use tulu::unstable::runtime::batch::Batch;
+use tulu::unstable::synth::{synth_checkpoint, SynthOptions};
+use tulu::unstable::weights::gguf::OutDType;
+use tulu::unstable::weights::random::RandomSlice;
+use tulu::unstable::weights::{DType, TensorRef, WeightStore};
 use tulu::{Device, Engine, EngineOptions, GenerateRequest, SamplingParams};
 
 const OP_TOL: f32 = 1e-2;

@@ -75,9 +75,9 @@ fn free_port() -> u16 {
 fn two_rank_processes_on_cuda_write_what_tp2_writes() {
     let gpus = cudarc::driver::CudaContext::device_count().unwrap_or(0);
     assert!(gpus >= 2, "two rank processes need two GPUs (NCCL refuses two ranks on one); found {gpus}");
-    let mut cfg = tulu::config::ModelConfig::preset("tiny").unwrap();
+    let mut cfg = tulu::unstable::config::ModelConfig::preset("tiny").unwrap();
     cfg.vocab_size = 301;
-    let dir = common::synth_dir("tiny-vocab301-bf16", &cfg, tulu::weights::gguf::OutDType::Bf16, None);
+    let dir = common::synth_dir("tiny-vocab301-bf16", &cfg, tulu::unstable::weights::gguf::OutDType::Bf16, None);
     let model = dir.to_string_lossy().into_owned();
     let prompt = "hello world";
     let port = free_port().to_string();

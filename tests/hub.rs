@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use tulu::hub::{resolve_model, HubOptions};
+use tulu::unstable::hub::{resolve_model, HubOptions};
 
 /// One repository the fake hub serves.
 #[derive(Clone)]

@@ -5,14 +5,14 @@
 
 use std::path::Path;
 
-use tulu::backend::cpu::CpuBackend;
-use tulu::config::ModelConfig;
-use tulu::model::Llama;
-use tulu::parallel::sharding::Shard;
-use tulu::process_memory::{peak_rss_bytes, reset_peak_rss, rss_bytes};
-use tulu::synth::{synth_checkpoint, SynthOptions};
-use tulu::weights::gguf::OutDType;
-use tulu::weights::WeightStore;
+use tulu::unstable::backend::cpu::CpuBackend;
+use tulu::unstable::config::ModelConfig;
+use tulu::unstable::model::Llama;
+use tulu::unstable::parallel::sharding::Shard;
+use tulu::unstable::process_memory::{peak_rss_bytes, reset_peak_rss, rss_bytes};
+use tulu::unstable::synth::{synth_checkpoint, SynthOptions};
+use tulu::unstable::weights::gguf::OutDType;
+use tulu::unstable::weights::WeightStore;
 
 const GIB: u64 = 1 << 30;
 

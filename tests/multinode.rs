@@ -10,8 +10,8 @@ use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use tulu::parallel::rendezvous::WorldSpec;
-use tulu::parallel::tcp::TcpComm;
+use tulu::unstable::parallel::rendezvous::WorldSpec;
+use tulu::unstable::parallel::tcp::TcpComm;
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -74,8 +74,8 @@ fn missing_peers_time_out_with_clear_errors() {
 fn dying_rank1() {
     let port: u16 = std::env::var("TULU_DYING_PORT").unwrap().parse().unwrap();
     let spec = WorldSpec::from_nodes(2, 1, 1, 0, "127.0.0.1", port).unwrap();
-    let config = tulu::config::ModelConfig::from_file(&common::tiny_dir().join("config.json")).unwrap();
-    let handshake = tulu::parallel::handshake::Handshake::new(&config, &spec, None).unwrap();
+    let config = tulu::unstable::config::ModelConfig::from_file(&common::tiny_dir().join("config.json")).unwrap();
+    let handshake = tulu::unstable::parallel::handshake::Handshake::new(&config, &spec, None).unwrap();
     let comm = TcpComm::connect(&spec, &handshake, Duration::from_secs(30)).unwrap();
     comm.recv_hello().unwrap();
     comm.recv_step().unwrap();

@@ -9,17 +9,17 @@ mod peer;
 
 use std::path::Path;
 
-use tulu::backend::cpu::CpuBackend;
-use tulu::backend::Backend;
-use tulu::config::ModelConfig;
-use tulu::model::Llama;
-use tulu::parallel::sharding::Shard;
-use tulu::parallel::SingleRank;
-use tulu::runtime::batch::Batch;
-use tulu::runtime::block_manager::BlockManager;
-use tulu::tokenizer::Tokenizer;
-use tulu::weights::gguf::OutDType;
-use tulu::weights::WeightStore;
+use tulu::unstable::backend::cpu::CpuBackend;
+use tulu::unstable::backend::Backend;
+use tulu::unstable::config::ModelConfig;
+use tulu::unstable::model::Llama;
+use tulu::unstable::parallel::sharding::Shard;
+use tulu::unstable::parallel::SingleRank;
+use tulu::unstable::runtime::batch::Batch;
+use tulu::unstable::runtime::block_manager::BlockManager;
+use tulu::unstable::tokenizer::Tokenizer;
+use tulu::unstable::weights::gguf::OutDType;
+use tulu::unstable::weights::WeightStore;
 use tulu::{Engine, EngineOptions, Event, GenerateRequest, SamplingParams};
 
 use self::peer::PeerLlama;
@@ -59,6 +59,7 @@ fn compare_greedy(dir: &Path, prompt: &[u32], n: usize) {
     let ours = engine
         .generate(req)
         .unwrap()
+        .into_iter()
         .find_map(|ev| match ev.unwrap() {
             Event::Done(s) => Some(s.tokens),
             _ => None,

@@ -26,7 +26,7 @@ fn person_schema() -> serde_json::Value {
 }
 
 fn ask(question: &str) -> GenerateRequest {
-    GenerateRequest::chat(vec![ChatMessage { role: "user".into(), content: question.into() }])
+    GenerateRequest::chat(vec![ChatMessage::new("user", question)])
 }
 
 /// Constrained requests of every kind, one sampled, and free ones between them.
@@ -49,7 +49,7 @@ fn requests() -> Vec<GenerateRequest> {
 /// An engine with `kv_blocks` blocks of 4 tokens (default pool when `None`).
 fn engine(dir: &Path, kv_blocks: Option<u64>) -> Engine {
     let mut opts = EngineOptions::new(dir.to_string_lossy());
-    let cfg = tulu::config::ModelConfig::from_file(&dir.join("config.json")).expect("config");
+    let cfg = tulu::unstable::config::ModelConfig::from_file(&dir.join("config.json")).expect("config");
     if let Some(b) = kv_blocks {
         opts.block_size = 4;
         opts.kv_cache_memory = Some(b * 4 * cfg.kv_bytes_per_token(4));

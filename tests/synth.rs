@@ -9,9 +9,9 @@ use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::llama;
 use safetensors::{Dtype, SafeTensors};
 use tokenizers::Tokenizer;
-use tulu::config::{GenerationConfig, ModelConfig};
-use tulu::synth::{synth_checkpoint, SynthOptions};
-use tulu::weights::gguf::OutDType;
+use tulu::unstable::config::{GenerationConfig, ModelConfig};
+use tulu::unstable::synth::{synth_checkpoint, SynthOptions};
+use tulu::unstable::weights::gguf::OutDType;
 
 fn tiny() -> ModelConfig {
     ModelConfig::preset("tiny").expect("tiny preset")

@@ -7,13 +7,13 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use tulu::backend::cpu::CpuBackend;
-use tulu::config::ModelConfig;
-use tulu::model::Llama;
-use tulu::parallel::local::LocalGroup;
-use tulu::parallel::sharding::Shard;
-use tulu::weights::gguf::OutDType;
-use tulu::weights::WeightStore;
+use tulu::unstable::backend::cpu::CpuBackend;
+use tulu::unstable::config::ModelConfig;
+use tulu::unstable::model::Llama;
+use tulu::unstable::parallel::local::LocalGroup;
+use tulu::unstable::parallel::sharding::Shard;
+use tulu::unstable::weights::gguf::OutDType;
+use tulu::unstable::weights::WeightStore;
 use tulu::{Engine, EngineOptions, Event, GenerateRequest, SamplingParams};
 
 /// Logits of every position of `tokens` computed by `tp` in-process ranks (rank 0's copy).
@@ -61,6 +61,7 @@ fn greedy(dir: &Path, tp: usize, prompt: &[u32], n: usize) -> Vec<u32> {
     engine
         .generate(req)
         .unwrap()
+        .into_iter()
         .find_map(|e| match e.unwrap() {
             Event::Done(s) => Some(s.tokens),
             _ => None,
@@ -96,7 +97,7 @@ fn more_ranks_than_kv_heads_and_a_vocab_that_does_not_divide() {
 fn smollm2_at_tp3() {
     // 9 heads and 3 KV heads: one KV head per rank.
     let dir = common::smollm2_dir();
-    let tok = tulu::tokenizer::Tokenizer::from_dir(&dir).unwrap();
+    let tok = tulu::unstable::tokenizer::Tokenizer::from_dir(&dir).unwrap();
     let tokens = tok.encode_prompt("The capital of France is Paris, and the capital of Germany is").unwrap();
     check(&dir, &[3], &tokens, 16);
 }

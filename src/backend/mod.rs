@@ -21,6 +21,7 @@ use crate::weights::random::RandomSlice;
 use crate::weights::TensorSlice;
 
 /// Where a model runs, as the user names it: `auto`, `cpu`, `cuda` or `cuda:N`.
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Device {
     /// The first CUDA GPU when one is usable, else the CPU.
@@ -50,7 +51,7 @@ impl FromStr for Device {
 
 impl Device {
     /// `auto` becomes the first CUDA GPU when this build has CUDA and one is usable, else the
-    /// CPU (saying why on stderr); an explicit `cuda` that cannot work is an error naming the
+    /// CPU (saying why in the log); an explicit `cuda` that cannot work is an error naming the
     /// reason.
     pub fn resolve(self) -> Result<Device> {
         #[cfg(feature = "cuda")]
@@ -58,7 +59,7 @@ impl Device {
             match (self, cuda::cuda_available()) {
                 (Device::Auto, Ok(())) => Ok(Device::Cuda(0)),
                 (Device::Auto, Err(why)) => {
-                    eprintln!("tulu: no usable CUDA GPU ({why}); running on the CPU");
+                    tracing::warn!("no usable CUDA GPU ({why}); running on the CPU");
                     Ok(Device::Cpu)
                 }
                 (Device::Cuda(_), Err(why)) => Err(Error::Device { device: self.to_string(), message: why }),

@@ -61,7 +61,7 @@ pub struct BenchArgs {
     pub concurrency: Vec<usize>,
     /// Quantize the linear weights while loading (fp8), as `tulu generate --quantize`.
     #[arg(long)]
-    pub quantize: Option<tulu::quant::Quantize>,
+    pub quantize: Option<tulu::unstable::quant::Quantize>,
 }
 
 fn tulu_once(engine: &Engine, prompt: &[u32], gen_len: usize) -> Result<Summary> {
@@ -106,12 +106,12 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             "checkpoint_gb": round(bytes as f64 / 1e9),
             "load_s": round(load_s),
             "load_gb_s": round(bytes as f64 / 1e9 / load_s),
-            "peak_rss_mb": tulu::process_memory::peak_rss_bytes().map(|b| round(b as f64 / 1e6)),
+            "peak_rss_mb": tulu::unstable::process_memory::peak_rss_bytes().map(|b| round(b as f64 / 1e6)),
         })
     );
     let vocab = engine.tokenizer().vocab_size();
     for &plen in &args.prompt_len {
-        let prompt = tulu::engine::synthetic_prompt(plen, vocab, 0);
+        let prompt = tulu::unstable::engine::synthetic_prompt(plen, vocab, 0);
         let (mut best_prefill, mut best_decode) = (0f64, 0f64);
         for _ in 0..args.repeat.max(1) {
             let s = tulu_once(&engine, &prompt, args.gen_len)?;

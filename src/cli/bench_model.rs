@@ -14,17 +14,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tulu::backend::cpu::CpuBackend;
-use tulu::backend::{Backend, Device, StepLimits, StepShape};
-use tulu::config::ModelConfig;
-use tulu::model::Llama;
-use tulu::parallel::local::{LocalComm, LocalGroup};
-use tulu::parallel::sharding::{Shard, ShardPlan};
-use tulu::parallel::sizing::{head_weight_elements, layer_weight_elements, rank_weight_bytes, ElementBytes};
-use tulu::parallel::{Communicator, SingleRank};
-use tulu::runtime::batch::Batch;
-use tulu::runtime::sampler::{RowSampling, Sampled, StepSampling};
-use tulu::weights::random::RandomSlice;
+use tulu::unstable::backend::cpu::CpuBackend;
+use tulu::unstable::backend::{Backend, Device, StepLimits, StepShape};
+use tulu::unstable::config::ModelConfig;
+use tulu::unstable::model::Llama;
+use tulu::unstable::parallel::local::{LocalComm, LocalGroup};
+use tulu::unstable::parallel::sharding::{Shard, ShardPlan};
+use tulu::unstable::parallel::sizing::{head_weight_elements, layer_weight_elements, rank_weight_bytes, ElementBytes};
+use tulu::unstable::parallel::{Communicator, SingleRank};
+use tulu::unstable::runtime::batch::Batch;
+use tulu::unstable::runtime::sampler::{RowSampling, Sampled, StepSampling};
+use tulu::unstable::weights::random::RandomSlice;
 use tulu::{Error, Result};
 
 use super::bench::{round, BenchArgs};
@@ -38,9 +38,43 @@ const PUBLISHED_ALL_REDUCE: [(&str, f64); 2] =
     [("published NCCL 8-GPU 32 KB all-reduce", 22e-6), ("published one-shot custom all-reduce", 10e-6)];
 
 /// Sizes of the ceiling probes on a device.
-struct Probes {
-    read_bytes: usize,
-    gemm_n: usize,
+enum Probes {
+    /// These sizes.
+    Fixed { read_bytes: usize, gemm_n: usize },
+    /// From the first size of each range, doubled while a probe takes under [`PROBE_SECS`], up
+    /// to the second.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    Grow { read_bytes: (usize, usize), gemm_n: (usize, usize) },
+}
+
+/// How long a grown probe must take to be timed.
+const PROBE_SECS: f64 = 0.01;
+
+impl Probes {
+    /// The read bandwidth (bytes/s) and GEMM peak (FLOP/s) of `backend`, with the sizes probed.
+    fn run<B: Backend>(&self, backend: &B) -> Result<(f64, usize, f64, usize)> {
+        let (read, gemm) = match *self {
+            Probes::Fixed { read_bytes, gemm_n } => ((read_bytes, read_bytes), (gemm_n, gemm_n)),
+            Probes::Grow { read_bytes, gemm_n } => (read_bytes, gemm_n),
+        };
+        let (read_bw, read_bytes) = grow(read, |b| backend.measure_read_bandwidth(b))?;
+        let (gemm_peak, gemm_n) = grow(gemm, |n| gemm_peak(backend, n))?;
+        Ok((read_bw, read_bytes, gemm_peak, gemm_n))
+    }
+}
+
+/// `probe(size)` from `from`, the size doubled while a probe takes under [`PROBE_SECS`] and
+/// stays within `to`: the last rate and its size.
+fn grow((from, to): (usize, usize), mut probe: impl FnMut(usize) -> Result<f64>) -> Result<(f64, usize)> {
+    let mut size = from;
+    loop {
+        let started = Instant::now();
+        let rate = probe(size)?;
+        if started.elapsed().as_secs_f64() >= PROBE_SECS || size * 2 > to {
+            return Ok((rate, size));
+        }
+        size *= 2;
+    }
 }
 
 /// `tulu bench --random-weights`.
@@ -86,18 +120,14 @@ pub fn bench_model(args: &BenchArgs) -> Result<()> {
             &cfg,
             shard,
             Arc::new(|| Ok(CpuBackend::new())),
-            Probes { read_bytes: 1 << 30, gemm_n: 512 },
+            Probes::Fixed { read_bytes: 1 << 30, gemm_n: 512 },
         ),
         #[cfg(feature = "cuda")]
         Device::Cuda(n) => {
-            // The CPU emulation of CUDA (scripts/cuda-emu) runs the bench's code paths, not its
-            // sizes: a CPU's probes there.
-            let emulated = tulu::backend::cuda::CudaBackend::new(n)?.describe().contains("emulator");
-            let probes = match emulated {
-                true => Probes { read_bytes: 64 << 20, gemm_n: 256 },
-                false => Probes { read_bytes: 2 << 30, gemm_n: 8192 },
-            };
-            run(args, &full, &cfg, shard, Arc::new(move || tulu::backend::cuda::CudaBackend::new(n)), probes)
+            // Probe sizes grow until a probe takes long enough to time (a GPU reaches the
+            // largest; a slow device, such as the CPU emulation of CUDA, stops early).
+            let probes = Probes::Grow { read_bytes: (64 << 20, 2 << 30), gemm_n: (256, 8192) };
+            run(args, &full, &cfg, shard, Arc::new(move || tulu::unstable::backend::cuda::CudaBackend::new(n)), probes)
         }
         other => Err(Error::Device { device: other.to_string(), message: "not available in this build".into() }),
     }
@@ -131,17 +161,16 @@ where
 {
     let backend = open()?;
     let eb = backend.element_bytes() as f64;
-    let read_bw = backend.measure_read_bandwidth(probes.read_bytes)?;
-    let gemm_peak = gemm_peak(&backend, probes.gemm_n)?;
+    let (read_bw, read_bytes, gemm_peak, gemm_n) = probes.run(&backend)?;
     println!(
         "{}",
         json!({
             "case": "ceilings",
             "device": backend.describe(),
             "read_gb_s": round(read_bw / 1e9),
-            "read_probe_bytes": probes.read_bytes,
+            "read_probe_bytes": read_bytes,
             "gemm_tflops": round(gemm_peak / 1e12),
-            "gemm_n": probes.gemm_n,
+            "gemm_n": gemm_n,
         })
     );
     let max_positions = args.prompt_len.iter().max().copied().unwrap_or(1) + args.gen_len + WARM_UP + 1;

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use serde_json::json;
-use tulu::config::ModelConfig;
+use tulu::unstable::config::ModelConfig;
 use tulu::{Device, Engine, EngineOptions, Error, Event, GenerateRequest, Result, SamplingParams};
 
 use super::bench::{round, BenchArgs};
@@ -98,7 +98,7 @@ pub fn bench_serve(args: &BenchArgs, dir: &Path) -> Result<()> {
 
 /// A deterministic prompt of ordinary tokens, different for every `id`.
 fn prompt(engine: &Engine, id: u32, len: usize) -> Vec<u32> {
-    tulu::engine::synthetic_prompt(len, engine.tokenizer().vocab_size(), id)
+    tulu::unstable::engine::synthetic_prompt(len, engine.tokenizer().vocab_size(), id)
 }
 
 /// Runs one request to exactly `gen_len` tokens, timing each token's arrival. Log-probability

@@ -2,9 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
-use tulu::config::ModelConfig;
-use tulu::synth::{synth_checkpoint, SynthOptions};
-use tulu::weights::gguf::{convert_gguf, ConvertOptions, OutDType};
+use tulu::unstable::config::ModelConfig;
+use tulu::unstable::synth::{synth_checkpoint, SynthOptions};
+use tulu::unstable::weights::gguf::{convert_gguf, ConvertOptions, OutDType};
 use tulu::{Error, Result};
 
 fn out_dtype(name: &str) -> Result<OutDType> {

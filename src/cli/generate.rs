@@ -92,7 +92,7 @@ fn stream(engine: &Engine, req: GenerateRequest) -> Result<(String, Summary)> {
                 }
             }
             Event::Done(summary) => return Ok((text, summary)),
-            Event::Logprobs(_) => {}
+            _ => {}
         }
     }
     Err(Error::Backend("generation ended without a summary".into()))
@@ -146,9 +146,9 @@ pub fn generate(
     let prompt = if chat {
         let mut messages = Vec::new();
         if let Some(s) = system {
-            messages.push(ChatMessage { role: "system".into(), content: s });
+            messages.push(ChatMessage::new("system", s));
         }
-        messages.push(ChatMessage { role: "user".into(), content: text });
+        messages.push(ChatMessage::new("user", text));
         Prompt::Chat(messages)
     } else {
         Prompt::Text(text)
@@ -171,7 +171,7 @@ pub fn chat(model: &ModelArgs, system: Option<String>, args: &SamplingArgs) -> R
     let start = |h: &mut Vec<ChatMessage>| {
         h.clear();
         if let Some(s) = &system {
-            h.push(ChatMessage { role: "system".into(), content: s.clone() });
+            h.push(ChatMessage::new("system", s.clone()));
         }
     };
     start(&mut history);
@@ -191,10 +191,10 @@ pub fn chat(model: &ModelArgs, system: Option<String>, args: &SamplingArgs) -> R
             }
             _ => {}
         }
-        history.push(ChatMessage { role: "user".into(), content: line });
+        history.push(ChatMessage::new("user", line));
         match request(&engine, Prompt::Chat(history.clone()), args).and_then(|r| stream(&engine, r)) {
             Ok((text, summary)) => {
-                history.push(ChatMessage { role: "assistant".into(), content: text });
+                history.push(ChatMessage::new("assistant", text));
                 report(&summary);
             }
             Err(e) => {

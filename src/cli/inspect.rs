@@ -2,10 +2,10 @@
 
 use std::path::{Path, PathBuf};
 
-use tulu::config::ModelConfig;
-use tulu::hub::{resolve_model, HubOptions};
-use tulu::parallel::sizing::{parse_bytes, size_rank, smallest_fitting_tp};
-use tulu::weights::WeightStore;
+use tulu::unstable::config::ModelConfig;
+use tulu::unstable::hub::{resolve_model, HubOptions};
+use tulu::unstable::parallel::sizing::{parse_bytes, size_rank, smallest_fitting_tp};
+use tulu::unstable::weights::WeightStore;
 use tulu::{Error, Result};
 
 /// Flags that size a tensor-parallel deployment.
@@ -25,7 +25,7 @@ pub struct SizingArgs {
     pub max_context: Option<u64>,
     /// Size the model as loaded with --quantize (fp8: linear weights in e4m3).
     #[arg(long)]
-    pub quantize: Option<tulu::quant::Quantize>,
+    pub quantize: Option<tulu::unstable::quant::Quantize>,
 }
 
 fn gib(bytes: u64) -> String {
@@ -98,6 +98,7 @@ fn plan(cfg: &ModelConfig, mem: &str, a: &SizingArgs) -> Result<()> {
     };
     println!("plan: tp {} on GPUs of {mem} at {:.0}% ({weights})", a.tp, a.gpu_memory_utilization * 100.0);
     println!("  weights per rank: {} ({} bytes)", gib(s.weight_bytes), s.weight_bytes);
+    println!("  step workspace per rank: {} (the engine's default step limits)", gib(s.workspace_bytes));
     println!("  kv cache per token per rank: {} bytes", s.kv_bytes_per_token);
     println!("  kv budget per rank: {} → {} tokens", gib(s.kv_budget), s.kv_tokens);
     println!(
@@ -111,7 +112,7 @@ fn plan(cfg: &ModelConfig, mem: &str, a: &SizingArgs) -> Result<()> {
         };
         if cfg.quantization.is_none() {
             let mut fp8 = cfg.clone();
-            tulu::quant::Quantize::Fp8.apply(&mut fp8);
+            tulu::unstable::quant::Quantize::Fp8.apply(&mut fp8);
             if let Some(n) = smallest_fitting_tp(&fp8, gpu, a.gpu_memory_utilization, 2, context) {
                 hint.push_str(&format!("; with --quantize fp8, --tp {n}"));
             }

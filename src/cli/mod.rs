@@ -6,11 +6,12 @@ pub mod bench_serve;
 pub mod convert;
 pub mod generate;
 pub mod inspect;
+pub mod logging;
 pub mod serve;
 
 use std::io::IsTerminal;
 
-use tulu::parallel::rendezvous::WorldSpec;
+use tulu::unstable::parallel::rendezvous::WorldSpec;
 use tulu::{Device, EngineOptions, Error, Result};
 
 use crate::ModelArgs;
@@ -46,7 +47,7 @@ pub fn run_if_not_rank0(opts: &EngineOptions) -> Result<bool> {
                 "tulu: rank {} of {}: waiting for steps from rank 0 at {}:{}",
                 w.rank, w.world_size, w.master_addr, w.master_port
             );
-            tulu::engine::run_rank(opts)?;
+            tulu::unstable::engine::run_rank(opts)?;
             Ok(true)
         }
         _ => Ok(false),

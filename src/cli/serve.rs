@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tulu::server::{self, ServerOptions};
+use tulu::unstable::server::{self, ServerOptions};
 use tulu::{Engine, Error, Result};
 
 use crate::ModelArgs;

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
-use crate::parallel::sizing::WORKSPACE_BYTES;
+use crate::parallel::sizing::kv_budget;
 
 /// Full contexts a rank without device memory of its own (the CPU, or GPUs shared by several
 /// ranks) holds when no byte count is given.
@@ -16,9 +16,10 @@ pub const DEFAULT_CONTEXTS: u64 = 4;
 pub enum KvPolicy {
     /// This many bytes of KV cache on every rank (`--kv-cache-memory`).
     BytesPerRank(u64),
-    /// What this fraction of the rank's device memory leaves once its weights and a workspace
-    /// are resident (`--gpu-memory-utilization`); a rank without device memory of its own holds
-    /// [`DEFAULT_CONTEXTS`] full contexts instead.
+    /// What this fraction of the rank's device memory leaves once its weights and its step
+    /// workspace are resident, by the one rule (`parallel::sizing::kv_budget`, which
+    /// `tulu inspect` uses too; `--gpu-memory-utilization`); a rank without device memory of
+    /// its own holds [`DEFAULT_CONTEXTS`] full contexts instead.
     DeviceFraction(f64),
 }
 
@@ -38,9 +39,10 @@ impl KvPolicy {
         let per_block = (bytes_per_token * block_size as u64).max(1);
         match (self, memory) {
             (KvPolicy::BytesPerRank(bytes), _) => bytes / per_block,
+            // Called once the weights and the step workspace are resident: what is in use
+            // counts them, and the rule adds only the headroom.
             (KvPolicy::DeviceFraction(fraction), Some((free, total))) => {
-                let allowed = (total as f64 * fraction) as u64;
-                allowed.saturating_sub(total.saturating_sub(free) + WORKSPACE_BYTES) / per_block
+                kv_budget(total, fraction, total.saturating_sub(free)) / per_block
             }
             (KvPolicy::DeviceFraction(_), None) => DEFAULT_CONTEXTS * context as u64 / block_size.max(1) as u64,
         }
@@ -80,9 +82,10 @@ mod tests {
     #[test]
     fn a_device_fraction_is_what_the_weights_and_workspace_leave() {
         let gib = 1u64 << 30;
-        // 80 GiB GPU, 60 GiB of it free after the weights; 90 % allowed: 72 − 20 − 2 GiB left.
+        // 80 GiB GPU, 60 GiB of it free after the weights and workspace; 90 % allowed:
+        // 72 − 20 − 0.5 GiB (headroom) left.
         let blocks = KvPolicy::DeviceFraction(0.9).blocks(1 << 20, Some((60 * gib, 80 * gib)), 16, 8192);
-        assert_eq!(blocks, 50 * 1024 / 16);
+        assert_eq!(blocks, 51 * 1024 / 16 + 512 / 16);
         assert_eq!(KvPolicy::DeviceFraction(0.5).blocks(1 << 20, Some((10 * gib, 80 * gib)), 16, 8192), 0);
         // No device memory of its own: four full contexts.
         assert_eq!(KvPolicy::DeviceFraction(0.9).blocks(1 << 20, None, 16, 8192), 4 * 8192 / 16);

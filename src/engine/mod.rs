@@ -24,8 +24,10 @@ mod worker;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
+use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -375,40 +377,89 @@ fn fit_context(wanted: usize, num_blocks: usize, block_size: usize) -> Result<us
         ));
     }
     if context_len < wanted {
-        tracing::warn!(wanted, context_len, "the KV cache cannot hold the configured context; lowered");
-        eprintln!("warning: context lowered from {wanted} to {context_len} tokens to fit the KV cache");
+        tracing::warn!("context lowered from {wanted} to {context_len} tokens to fit the KV cache");
     }
     Ok(context_len)
 }
 
-/// A request's stream of [`Event`]s, ending with [`Event::Done`] (or an error). Iterate it
-/// from synchronous code, or `.next_event().await` it from async code; dropping it aborts.
+/// A request's stream of [`Event`]s, ending with [`Event::Done`] (or an error); dropping it
+/// aborts the request at the next step.
+///
+/// Two ways to read it, giving the same events:
+/// - as a [`futures_util::Stream`] from async code (`StreamExt::next`, `.next_event().await`,
+///   or any stream combinator);
+/// - as an [`Iterator`] from synchronous code: `for event in generation`, or
+///   `generation.into_iter()` ([`BlockingIter`]). The iterator blocks its thread until the next
+///   event, so it must not be used on an async runtime's thread (tokio panics there): poll the
+///   stream instead. It is reached through [`IntoIterator`] rather than implemented on
+///   `Generation` itself so that the stream's methods (`next`, `map`, `collect`, …) are never
+///   ambiguous with the iterator's.
+///
+/// ```no_run
+/// use tulu::{Engine, EngineOptions, Event, GenerateRequest};
+/// # async fn run(engine: &Engine) -> tulu::Result<()> {
+/// let mut generation = engine.generate(GenerateRequest::text("Once upon a time").max_tokens(16))?;
+/// while let Some(event) = generation.next_event().await {
+///     if let Event::Text(t) = event? {
+///         print!("{t}");
+///     }
+/// }
+/// # Ok(())
+/// # }
+/// ```
 pub struct Generation {
     events: tmpsc::UnboundedReceiver<Result<Event>>,
     done: bool,
 }
 
 impl Generation {
-    /// The next event, awaited (for async callers such as the HTTP server).
-    pub async fn next_event(&mut self) -> Option<Result<Event>> {
-        if self.done {
-            return None;
-        }
-        let ev = self.events.recv().await;
+    /// Records whether `ev` ends the stream (anything but text or log-probabilities does).
+    fn observe(&mut self, ev: Option<Result<Event>>) -> Option<Result<Event>> {
         self.done = !matches!(ev, Some(Ok(Event::Text(_) | Event::Logprobs(_))));
         ev
     }
 }
 
-impl Iterator for Generation {
+impl Generation {
+    /// The next event, awaited: the stream's next item.
+    pub async fn next_event(&mut self) -> Option<Result<Event>> {
+        std::future::poll_fn(|cx| futures_util::Stream::poll_next(Pin::new(&mut *self), cx)).await
+    }
+}
+
+impl futures_util::Stream for Generation {
+    type Item = Result<Event>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        let ev = std::task::ready!(this.events.poll_recv(cx));
+        Poll::Ready(this.observe(ev))
+    }
+}
+
+/// A [`Generation`] read from synchronous code: each event waited for by blocking the thread.
+pub struct BlockingIter(Generation);
+
+impl Iterator for BlockingIter {
     type Item = Result<Event>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.done {
+        if self.0.done {
             return None;
         }
-        let ev = self.events.blocking_recv();
-        self.done = !matches!(ev, Some(Ok(Event::Text(_) | Event::Logprobs(_))));
-        ev
+        let ev = self.0.events.blocking_recv();
+        self.0.observe(ev)
+    }
+}
+
+impl IntoIterator for Generation {
+    type Item = Result<Event>;
+    type IntoIter = BlockingIter;
+
+    fn into_iter(self) -> BlockingIter {
+        BlockingIter(self)
     }
 }

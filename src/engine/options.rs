@@ -49,6 +49,10 @@ pub struct EngineOptions {
     pub dist_token: Option<String>,
     /// Run every step eagerly: no CUDA graphs (`--enforce-eager`, as in vLLM).
     pub enforce_eager: bool,
+    /// Let tensor-parallel ranks share GPUs, their collectives staged through host memory: slow,
+    /// for tests and machines with fewer GPUs than ranks. Off (the default), `tp` CUDA ranks
+    /// need a GPU each and NCCL, and anything less is an error naming why.
+    pub share_gpus: bool,
     /// Quantize a bf16 checkpoint's linear weights while loading (`--quantize fp8`); an FP8
     /// checkpoint is FP8 without it.
     pub quantize: Option<crate::quant::Quantize>,
@@ -74,6 +78,7 @@ impl EngineOptions {
             dist_timeout: Duration::from_secs(300),
             dist_token: None,
             enforce_eager: false,
+            share_gpus: false,
             quantize: None,
         }
     }

@@ -64,10 +64,11 @@ pub(super) fn open(
     spec: &RankSpec<'_>,
     store: &Arc<WeightStore>,
     device: Device,
+    share_gpus: bool,
     bar: &indicatif::ProgressBar,
 ) -> Result<Opened> {
     match device {
-        Device::Cuda(first) => open_cuda(tp, spec, store, first, bar),
+        Device::Cuda(first) => open_cuda(tp, spec, store, first, share_gpus, bar),
         _ => {
             let group = LocalGroup::new(tp, COLLECTIVE_TIMEOUT);
             let setups = group
@@ -83,16 +84,18 @@ pub(super) fn open(
 }
 
 /// `tp` CUDA ranks starting at device `first`: rank `r` on its own GPU `first + r` through
-/// NCCL when the build has it and there are enough GPUs, else every rank on GPU
-/// `(first + r) % device_count` through the host-staged in-process communicator (several ranks
-/// may then share a GPU, so their caches are sized as without device memory), with a one-line
-/// note on stderr saying why.
+/// NCCL when the build has it and there are enough GPUs. NCCL failing to start is an error
+/// naming its cause. Without NCCL or enough GPUs, only `share_gpus` (tests, one-GPU machines)
+/// puts every rank on GPU `(first + r) % device_count` through the host-staged in-process
+/// communicator (several ranks may then share a GPU, so their caches are sized as without
+/// device memory); otherwise that is an error saying why.
 #[cfg(feature = "cuda")]
 fn open_cuda(
     tp: usize,
     spec: &RankSpec<'_>,
     store: &Arc<WeightStore>,
     first: usize,
+    share_gpus: bool,
     bar: &indicatif::ProgressBar,
 ) -> Result<Opened> {
     use crate::backend::cuda::CudaBackend;
@@ -121,7 +124,12 @@ fn open_cuda(
                 let device = format!("{device} × {tp} ranks on cuda:{first}.. (NCCL)");
                 return Ok(Opened { ranks: Box::new(ranks), device, num_blocks: blocks });
             }
-            Err(e) => format!("NCCL is unavailable: {e}"),
+            Err(e) => {
+                return Err(Error::Device {
+                    device: format!("cuda:{first}..cuda:{}", first + tp - 1),
+                    message: format!("NCCL failed to start {tp} ranks: {e}"),
+                })
+            }
         }
     } else {
         format!("{count} CUDA devices from cuda:{first} for {tp} ranks")
@@ -132,7 +140,15 @@ fn open_cuda(
     } else {
         format!("{count} CUDA devices from cuda:{first} for {tp} ranks")
     };
-    eprintln!("tulu: tp {tp} on CUDA staged through host memory ({why}); slow, meant for tests");
+    if !share_gpus {
+        return Err(Error::Device {
+            device: format!("cuda:{first}"),
+            message: format!(
+                "tp {tp} needs a GPU per rank and NCCL: {why} (share_gpus stages ranks through host memory, slowly)"
+            ),
+        });
+    }
+    tracing::info!("tp {tp} on CUDA staged through host memory ({why}); slow, meant for tests");
     let group = LocalGroup::new(tp, COLLECTIVE_TIMEOUT);
     let setups = group.communicators().into_iter().enumerate().map(|(r, c)| (c, open((first + r) % count))).collect();
     let poison: Poison = Arc::new(move |why: &str| group.poison(why));
@@ -147,6 +163,7 @@ fn open_cuda(
     _: &RankSpec<'_>,
     _: &Arc<WeightStore>,
     first: usize,
+    _: bool,
     _: &indicatif::ProgressBar,
 ) -> Result<Opened> {
     Err(Error::Device { device: format!("cuda:{first}"), message: "this build of tulu has no CUDA support".into() })

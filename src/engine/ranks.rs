@@ -67,7 +67,7 @@ pub(super) fn open(
     };
     let opened = match (&opts.world, device) {
         (Some(world), _) if multi_process => rank_processes::open(world, opts, &spec, device, &bar),
-        (_, _) if opts.tp > 1 => rank_threads::open(opts.tp, &spec, &store, device, &bar),
+        (_, _) if opts.tp > 1 => rank_threads::open(opts.tp, &spec, &store, device, opts.share_gpus, &bar),
         (_, Device::Cuda(ordinal)) => open_cuda(ordinal, &spec, &bar),
         _ => single(CpuBackend::new(), &spec, &bar),
     };

@@ -5,6 +5,7 @@ use crate::runtime::sampler::SamplingParams;
 use crate::tokenizer::ChatMessage;
 
 /// What to generate from.
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Prompt {
     /// Plain text, tokenized as `tokenizer(text)` does.
@@ -103,6 +104,7 @@ impl GenerateRequest {
 }
 
 /// Why a generation ended.
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
     /// An EOS token or a stop string.
@@ -166,6 +168,7 @@ pub struct TokenLogprob {
 }
 
 /// One item of a generation's stream.
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// Newly generated text (never splits a UTF-8 character).

@@ -29,8 +29,8 @@ impl Watchdog {
                 match rx.recv_timeout(timeout) {
                     Ok(_) => {}
                     Err(mpsc::RecvTimeoutError::Timeout) => {
-                        eprintln!(
-                            "tulu: a step ran past {timeout:?}: aborting the NCCL group (a rank failed or stalled)"
+                        tracing::error!(
+                            "a step ran past {timeout:?}: aborting the NCCL group (a rank failed or stalled)"
                         );
                         abort();
                         // Wait for the step to end (it now fails) before watching the next.

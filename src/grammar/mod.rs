@@ -20,6 +20,7 @@ use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
 
 /// What a generation's text must match, enforced token by token.
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Constraint {
     /// JSON valid under this JSON schema.

@@ -2,11 +2,46 @@
 //! and concurrency the memory left over holds. Pure arithmetic on `config.json`.
 
 use super::sharding::{valid_tp, Shard, ShardPlan};
+use crate::backend::StepLimits;
 use crate::config::ModelConfig;
 use crate::error::Result;
 
-/// Activation workspace reserved per rank (prefill buffers, GEMM workspace, CUDA graphs).
-pub const WORKSPACE_BYTES: u64 = 2 << 30;
+/// Device memory a rank leaves free beyond its weights and its reserved step workspace: what
+/// is allocated once the KV cache is sized (captured CUDA graphs, cuBLASLt's and NCCL's lazily
+/// allocated buffers) and the allocator's slack.
+pub const HEADROOM_BYTES: u64 = 512 << 20;
+
+/// The one KV budget rule, for the runtime (which measures `resident`: weights and reserved
+/// workspace already allocated) and for `tulu inspect` (which computes it): what `fraction`
+/// of a device's `total` bytes leaves for the KV cache once `resident` bytes are there.
+pub fn kv_budget(total: u64, fraction: f64, resident: u64) -> u64 {
+    ((total as f64 * fraction) as u64).saturating_sub(resident.saturating_add(HEADROOM_BYTES))
+}
+
+/// KV cache bytes one cached token takes over all layers (K and V) on a rank holding
+/// `kv_heads` KV heads, at `bytes_per_elem`: the one formula.
+pub fn kv_bytes_per_token(cfg: &ModelConfig, kv_heads: usize, bytes_per_elem: u64) -> u64 {
+    (cfg.num_hidden_layers * 2 * kv_heads * cfg.head_dim) as u64 * bytes_per_elem
+}
+
+/// Bytes of a rank's step workspace for steps within `limits`: the largest step's activations
+/// live together (residual, normed input, fused q/k/v, attention output, o_proj output,
+/// gate_up, SiLU·mul, down, the next norm), the attention partials of the largest decode batch
+/// split 64 ways, and the logits (gathered, plus sampling scratch in f32). FP8 models add the
+/// FP8 GEMM's scratch (e4m3 activations and the f32 product of gate/up).
+pub fn workspace_bytes(cfg: &ModelConfig, plan: &ShardPlan, limits: &StepLimits, element_bytes: usize) -> u64 {
+    let (h, i, heads) = (cfg.hidden_size, plan.mlp_rows.len(), plan.heads);
+    let (q, kv) = (heads * cfg.head_dim, plan.kv_heads * cfg.head_dim);
+    let rows = limits.max_num_batched_tokens.max(limits.max_num_seqs);
+    let fp8_scratch = if cfg.quantization.is_some() { (8 * i + h).div_ceil(element_bytes) } else { 0 };
+    let per_row = 6 * h + 3 * q + 2 * kv + 3 * i + fp8_scratch;
+    let splits = 64;
+    let partials = limits.max_num_seqs.max(64) * heads * splits * (cfg.head_dim + 2) * 4;
+    let vocab = plan.vocab_rows_per_rank * plan.shard.world;
+    let logits = limits.max_num_seqs * vocab * (3 * element_bytes + 4);
+    let total = (rows * per_row * element_bytes + partials + logits) as u64;
+    total + total / 8 + (1 << 20)
+}
 
 /// The memory plan of one rank (the most loaded one) at tensor-parallel degree `tp`.
 #[derive(Debug, Clone, PartialEq)]
@@ -17,6 +52,8 @@ pub struct RankSizing {
     pub weight_bytes: u64,
     /// KV cache bytes per token on each rank.
     pub kv_bytes_per_token: u64,
+    /// The step workspace reserved on each rank (the engine's default step limits).
+    pub workspace_bytes: u64,
     /// Bytes left for the KV cache after weights and workspace (0 when they do not fit).
     pub kv_budget: u64,
     /// Tokens of KV cache that fit.
@@ -123,15 +160,16 @@ pub fn size_rank(
     // On a GPU, FP8 weights stay in e4m3.
     let stored = ElementBytes { dense: bytes_per_elem, fp8: Some(1) };
     let weight_bytes = rank_weight_bytes(cfg, &p, &stored, true);
-    let kv_bytes_per_token = (cfg.num_hidden_layers * p.kv_heads * cfg.head_dim * 2) as u64 * bytes_per_elem;
-    let usable = (gpu_bytes as f64 * utilization) as u64;
-    let kv_budget = usable.saturating_sub(weight_bytes + WORKSPACE_BYTES);
+    let kv_bytes_per_token = kv_bytes_per_token(cfg, p.kv_heads, bytes_per_elem);
+    let workspace_bytes = workspace_bytes(cfg, &p, &StepLimits::default(), bytes_per_elem as usize);
+    let kv_budget = kv_budget(gpu_bytes, utilization, weight_bytes + workspace_bytes);
     let kv_tokens = kv_budget / kv_bytes_per_token;
     let context = context.min(cfg.max_position_embeddings as u64).max(1);
     Ok(RankSizing {
         tp,
         weight_bytes,
         kv_bytes_per_token,
+        workspace_bytes,
         kv_budget,
         kv_tokens,
         max_context: kv_tokens.min(cfg.max_position_embeddings as u64),
@@ -196,6 +234,10 @@ mod tests {
         let layer = (1024 + 256) * 16384 + 16384 * 1024 + 3 * 16384 * 3328 + 2 * 16384;
         assert_eq!(rank_parameters(&cfg, 16).unwrap(), 126 * layer + 2 * 8017 * 16384 + 16384);
         assert!(s.fits());
+        // The budget is the one rule: 90 % of the GPU less weights, workspace and headroom.
+        let resident = s.weight_bytes + s.workspace_bytes;
+        assert_eq!(s.kv_budget, (0.9 * (80u64 << 30) as f64) as u64 - resident - HEADROOM_BYTES);
+        assert!(s.workspace_bytes > 64 << 20 && s.workspace_bytes < 2 << 30, "{}", s.workspace_bytes);
     }
 
     #[test]

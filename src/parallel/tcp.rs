@@ -25,6 +25,7 @@ use crate::backend::cpu::{CpuBackend, CpuTensor};
 use crate::engine::KvPolicy;
 use crate::error::{Error, Result};
 use crate::runtime::batch::Batch;
+use crate::runtime::batch_wire;
 
 /// How long a new connection has to complete its handshake (at most; less when the distributed
 /// timeout is shorter).
@@ -168,7 +169,7 @@ impl TcpComm {
             Ok(rank) => format!("rank {rank} has already joined"),
             Err(reason) => reason,
         };
-        eprintln!("tulu: rank 0 refused a rank: {reason}");
+        tracing::warn!("rank 0 refused a rank: {reason}");
         let _ = frame::write_frame(&mut stream, FrameType::Reject, reason.as_bytes());
     }
 
@@ -266,8 +267,7 @@ impl TcpComm {
 
     /// Rank 0: hands every rank the step it is about to run.
     pub fn send_step(&self, batch: &Batch, rows: &[usize]) -> Result<()> {
-        let bytes = serde_json::to_vec(&(batch, rows)).map_err(|e| Error::Backend(e.to_string()))?;
-        self.send_all(FrameType::Step, &bytes, "sending the step")
+        self.send_all(FrameType::Step, &batch_wire::encode(batch, rows), "sending the step")
     }
 
     /// Other ranks: the next step, or `None` once rank 0 has shut down. Waiting for it has no
@@ -275,9 +275,7 @@ impl TcpComm {
     pub fn recv_step(&self) -> Result<Option<(Batch, Vec<usize>)>> {
         match self.recv_from_root(FrameType::Step, true)? {
             None => Ok(None),
-            Some(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| Error::Backend(format!("bad step from rank 0: {e}"))),
+            Some(bytes) => batch_wire::decode(&bytes).map(Some),
         }
     }
 

@@ -2,21 +2,35 @@
 //!
 //! Blocks are reference-counted. A block that a sequence has filled completely is keyed by a
 //! hash of its tokens chained with the hash of every block before it, so two sequences that
-//! share a prefix share the blocks holding it. Freed blocks keep their contents and their key
-//! until the pool needs them again, least recently freed first: a chat that re-sends its history
-//! finds the history's blocks still there and computes only the new turn.
+//! share a prefix share the blocks holding it. Each block is hashed once, when it fills; a hash
+//! found in the index is trusted only after its tokens and its parent block compare equal, so a
+//! 64-bit collision shares nothing. Freed blocks keep their contents and their key until the
+//! pool needs them again, least recently freed first (an O(1) list, `free_list.rs`): a chat that
+//! re-sends its history finds the history's blocks still there and computes only the new turn.
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 
+use super::free_list::FreeList;
 use crate::error::{Error, Result};
+
+/// What a full block holds, once it is in the prefix cache.
+#[derive(Debug, Clone)]
+struct Cached {
+    /// The prefix hash: its tokens chained with its parent's hash.
+    hash: u64,
+    /// The block before it in the sequence that filled it (`None`: the first).
+    parent: Option<u32>,
+    /// Its tokens.
+    tokens: Box<[u32]>,
+}
 
 #[derive(Debug, Clone, Default)]
 struct Block {
     refs: u32,
-    /// The prefix hash of the full block whose contents this block holds.
-    hash: Option<u64>,
+    /// Set when the block filled; cleared when the block is reused.
+    full: Option<Cached>,
 }
 
 /// Blocks, their reference counts, and the prefix-hash index of full blocks.
@@ -24,13 +38,15 @@ struct Block {
 pub struct BlockManager {
     blocks: Vec<Block>,
     /// Blocks with no reference, least recently freed first.
-    free: VecDeque<u32>,
+    free: FreeList,
     cached: HashMap<u64, u32>,
     block_size: usize,
     prefix_caching: bool,
     /// Prompt tokens looked up in the prefix cache, and how many of them were found.
     queried_tokens: u64,
     hit_tokens: u64,
+    /// How blocks are hashed; a test forces collisions through it.
+    hasher: fn(Option<u64>, &[u32]) -> u64,
 }
 
 /// The hash of a full block of `tokens` following the block with hash `parent`.
@@ -46,12 +62,13 @@ impl BlockManager {
     pub fn new(num_blocks: usize, block_size: usize, prefix_caching: bool) -> Self {
         BlockManager {
             blocks: vec![Block::default(); num_blocks],
-            free: (0..num_blocks as u32).collect(),
+            free: FreeList::full(num_blocks),
             cached: HashMap::new(),
             block_size,
             prefix_caching,
             queried_tokens: 0,
             hit_tokens: 0,
+            hasher: block_hash,
         }
     }
 
@@ -90,8 +107,15 @@ impl BlockManager {
         }
         let mut parent = None;
         for chunk in tokens.chunks_exact(self.block_size) {
-            let h = block_hash(parent, chunk);
+            let h = (self.hasher)(parent, chunk);
             let Some(&b) = self.cached.get(&h) else { break };
+            let same = self.blocks[b as usize]
+                .full
+                .as_ref()
+                .is_some_and(|c| *c.tokens == *chunk && c.parent == table.last().copied());
+            if !same {
+                break;
+            }
             self.take_ref(b);
             table.push(b);
             parent = Some(h);
@@ -104,9 +128,7 @@ impl BlockManager {
     fn take_ref(&mut self, b: u32) {
         let block = &mut self.blocks[b as usize];
         if block.refs == 0 {
-            if let Some(i) = self.free.iter().position(|&f| f == b) {
-                self.free.remove(i);
-            }
+            self.free.remove(b);
         }
         block.refs += 1;
     }
@@ -125,9 +147,9 @@ impl BlockManager {
             if let Some(b) = self.free.pop_front() {
                 let block = &mut self.blocks[b as usize];
                 // Reusing a block forgets what it cached.
-                if let Some(h) = block.hash.take() {
-                    if self.cached.get(&h) == Some(&b) {
-                        self.cached.remove(&h);
+                if let Some(c) = block.full.take() {
+                    if self.cached.get(&c.hash) == Some(&b) {
+                        self.cached.remove(&c.hash);
                     }
                 }
                 block.refs = 1;
@@ -138,21 +160,26 @@ impl BlockManager {
     }
 
     /// Records that `table`'s blocks now hold the K/V of `tokens[..computed]`: every block that
-    /// became full is entered in the prefix cache.
+    /// became full since the last call is hashed, once, and entered in the prefix cache.
+    /// Blocks fill in order, so the work is the blocks that filled, found by walking back from
+    /// the last full one.
     pub fn commit_full_blocks(&mut self, tokens: &[u32], table: &[u32], computed: usize) {
         if !self.prefix_caching {
             return;
         }
-        let mut parent = None;
-        for (i, chunk) in tokens[..computed].chunks_exact(self.block_size).enumerate() {
-            let h = block_hash(parent, chunk);
-            parent = Some(h);
+        let full = computed / self.block_size;
+        let mut first = full;
+        while first > 0 && self.blocks[table[first - 1] as usize].full.is_none() {
+            first -= 1;
+        }
+        for i in first..full {
+            let parent = i.checked_sub(1).map(|p| table[p]);
+            let parent_hash = parent.and_then(|p| self.blocks[p as usize].full.as_ref().map(|c| c.hash));
+            let chunk = &tokens[i * self.block_size..(i + 1) * self.block_size];
+            let hash = (self.hasher)(parent_hash, chunk);
             let b = table[i];
-            let block = &mut self.blocks[b as usize];
-            if block.hash.is_none() {
-                block.hash = Some(h);
-                self.cached.entry(h).or_insert(b);
-            }
+            self.blocks[b as usize].full = Some(Cached { hash, parent, tokens: chunk.into() });
+            self.cached.entry(hash).or_insert(b);
         }
     }
 
@@ -165,7 +192,7 @@ impl BlockManager {
             let block = &mut self.blocks[b as usize];
             block.refs = block.refs.saturating_sub(1);
             if block.refs == 0 {
-                if block.hash.is_none() {
+                if block.full.is_none() {
                     self.free.push_front(b);
                 } else {
                     self.free.push_back(b);
@@ -235,5 +262,44 @@ mod tests {
         pool.release(&mut c);
         let mut d = Vec::new();
         assert_eq!(pool.match_prefix(&t1, &mut d), 0, "reuse forgot the cached contents");
+    }
+
+    #[test]
+    fn colliding_hashes_share_nothing() {
+        // Every block hashes alike: only the token and parent comparison tells them apart.
+        let mut pool = BlockManager::new(8, 2, true);
+        pool.hasher = |_, _| 7;
+        let t1 = [1, 2, 3, 4];
+        let mut a = Vec::new();
+        pool.grow(&mut a, 4).unwrap();
+        pool.commit_full_blocks(&t1, &a, 4);
+        let mut b = Vec::new();
+        assert_eq!(pool.match_prefix(&[5, 6, 3, 4], &mut b), 0, "a different first block matched");
+        assert!(b.is_empty());
+        let mut c = Vec::new();
+        assert_eq!(pool.match_prefix(&[1, 2, 9, 9], &mut c), 2, "the equal first block is shared");
+        assert_eq!(c, a[..1]);
+    }
+
+    #[test]
+    fn each_block_is_hashed_once_when_it_fills() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static HASHED: AtomicUsize = AtomicUsize::new(0);
+        let mut pool = BlockManager::new(8, 4, true);
+        pool.hasher = |p, t| {
+            HASHED.fetch_add(1, Ordering::Relaxed);
+            block_hash(p, t)
+        };
+        let tokens: Vec<u32> = (0..20).collect();
+        let mut a = Vec::new();
+        pool.grow(&mut a, 20).unwrap();
+        for computed in 1..=20 {
+            pool.commit_full_blocks(&tokens, &a, computed);
+        }
+        assert_eq!(HASHED.load(Ordering::Relaxed), 5);
+        // The chain is the same as hashing the whole prefix at once.
+        let mut b = Vec::new();
+        assert_eq!(pool.match_prefix(&tokens, &mut b), 20);
+        assert_eq!(b, a);
     }
 }

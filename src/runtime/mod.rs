@@ -2,7 +2,9 @@
 //! caching, the continuous-batching scheduler and sampling. No device code.
 
 pub mod batch;
+pub mod batch_wire;
 pub mod block_manager;
+mod free_list;
 pub mod sampler;
 pub mod scheduler;
 pub mod token_mask;

@@ -121,7 +121,7 @@ pub async fn serve(engine: Arc<Engine>, opts: ServerOptions) -> Result<()> {
     let addr: SocketAddr = listener.local_addr().map_err(|e| Error::io("<listener>", e))?;
     let state = app_state(engine.clone(), &opts);
     let app = router_with_state(state.clone());
-    eprintln!("listening on http://{addr}");
+    tracing::info!("listening on http://{addr}");
     let stop = Arc::new(tokio::sync::Notify::new());
     let graceful = {
         let stop = stop.clone();
@@ -142,8 +142,8 @@ pub async fn serve(engine: Arc<Engine>, opts: ServerOptions) -> Result<()> {
     state.shutting_down.store(true, Ordering::SeqCst);
     stop.notify_one();
     match &failure {
-        Some(why) => eprintln!("the engine failed ({why}): shutting down"),
-        None => eprintln!("shutting down: finishing running requests for up to {:?}", opts.shutdown_timeout),
+        Some(why) => tracing::error!("the engine failed ({why}): shutting down"),
+        None => tracing::info!("shutting down: finishing running requests for up to {:?}", opts.shutdown_timeout),
     }
     // Engine::shutdown blocks (it joins the step loop); in-flight responses end as it finishes
     // or aborts their requests, after which axum's graceful shutdown completes.
@@ -157,7 +157,7 @@ pub async fn serve(engine: Arc<Engine>, opts: ServerOptions) -> Result<()> {
     };
     match failure {
         Some(message) => Err(Error::EngineFailed { message }),
-        None => drained.inspect(|()| eprintln!("stopped")),
+        None => drained.inspect(|()| tracing::info!("stopped")),
     }
 }
 

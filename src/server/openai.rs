@@ -12,7 +12,7 @@ use super::error::ApiError;
 use super::structured::{self, RequestConstraint};
 use super::tools::{self, Tools};
 use crate::runtime::sampler::SamplingParams;
-use crate::tokenizer::ChatMessage;
+use crate::tokenizer::{ChatMessage, ToolCall};
 
 /// Most choices one request may ask for (`n` × prompts): each is a sequence in the engine.
 pub const MAX_CHOICES: usize = 128;
@@ -431,6 +431,10 @@ fn messages(v: &Value) -> Result<Vec<ChatMessage>, ApiError> {
                 None => return Err(ApiError::invalid(at(".role"), format!("`{}` is required", at(".role")))),
             };
             let content = match obj.get("content") {
+                // OpenAI: only an assistant turn that called tools may leave out its content.
+                None | Some(Value::Null) if role != "assistant" => {
+                    return Err(ApiError::invalid(at(".content"), format!("`{}` is required", at(".content"))));
+                }
                 None | Some(Value::Null) => String::new(),
                 Some(Value::String(s)) => s.clone(),
                 // Content parts: only text can be given to a text-only model; parts are joined
@@ -458,7 +462,57 @@ fn messages(v: &Value) -> Result<Vec<ChatMessage>, ApiError> {
                     ));
                 }
             };
-            Ok(ChatMessage { role, content })
+            let mut message = ChatMessage::new(role, content);
+            message.tool_calls = tool_calls(obj.get("tool_calls"), &at)?;
+            message.tool_call_id = match obj.get("tool_call_id") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(id)) => Some(id.clone()),
+                Some(v) => {
+                    let p = at(".tool_call_id");
+                    return Err(ApiError::invalid(p.clone(), format!("`{p}` must be a string, got {}", kind(v))));
+                }
+            };
+            if message.role == "tool" && message.tool_call_id.is_none() {
+                return Err(ApiError::invalid(at(".tool_call_id"), format!("`{}` is required", at(".tool_call_id"))));
+            }
+            Ok(message)
+        })
+        .collect()
+}
+
+/// An assistant message's `tool_calls`: OpenAI's `[{"id", "type": "function", "function":
+/// {"name", "arguments": "<JSON text>"}}]`, the arguments parsed for the chat template.
+fn tool_calls(v: Option<&Value>, at: &dyn Fn(&str) -> String) -> Result<Vec<ToolCall>, ApiError> {
+    let items = match v {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(items)) => items,
+        Some(v) => {
+            let p = at(".tool_calls");
+            return Err(ApiError::invalid(p.clone(), format!("`{p}` must be a list of calls, got {}", kind(v))));
+        }
+    };
+    items
+        .iter()
+        .enumerate()
+        .map(|(j, call)| {
+            let p = |field: &str| at(&format!(".tool_calls[{j}]{field}"));
+            let bad = |field: &str, what: &str| {
+                let name = p(field);
+                ApiError::invalid(name.clone(), format!("`{name}` {what}"))
+            };
+            let id = call.get("id").and_then(Value::as_str).ok_or_else(|| bad(".id", "must be a string"))?;
+            let function = call.get("function").ok_or_else(|| bad(".function", "is required"))?;
+            let name = function
+                .get("name")
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad(".function.name", "must be a string"))?;
+            let arguments = match function.get("arguments") {
+                Some(Value::String(text)) => serde_json::from_str(text)
+                    .map_err(|e| bad(".function.arguments", &format!("must be JSON text: {e}")))?,
+                None | Some(Value::Null) => Value::Object(Map::new()),
+                Some(_) => return Err(bad(".function.arguments", "must be a string of JSON")),
+            };
+            Ok(ToolCall::function(id, name, arguments))
         })
         .collect()
 }

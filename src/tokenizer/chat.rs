@@ -113,7 +113,7 @@ impl ChatTemplate {
         let tools = serde_json::json!([{"type": "function", "function": {
             "name": PROBE, "description": "probe", "parameters": {"type": "object", "properties": {}}
         }}]);
-        let messages = [ChatMessage { role: "user".into(), content: "hi".into() }];
+        let messages = [ChatMessage::new("user", "hi")];
         self.render_with_tools(&messages, true, special, Some(&tools)).is_ok_and(|text| text.contains(PROBE))
     }
 }

@@ -8,22 +8,15 @@
 //! decoded text (`" ."` → `"."`) that streamed text cannot follow, and vLLM skips it too.
 
 pub mod chat;
+mod message;
 pub mod stream;
 
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 pub use chat::{ChatTemplate, SpecialTokens};
+pub use message::{ChatMessage, FunctionCall, ToolCall};
 pub use stream::StreamDecoder;
-
-/// One message of a chat conversation.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ChatMessage {
-    /// `system`, `user` or `assistant`.
-    pub role: String,
-    /// The message text.
-    pub content: String,
-}
 
 /// A model's tokenizer: encoding, decoding and chat-template rendering.
 #[derive(Debug)]

@@ -5,13 +5,13 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use tulu::backend::Backend;
-use tulu::config::ModelConfig;
-use tulu::model::Llama;
-use tulu::parallel::Communicator;
-use tulu::runtime::batch::Batch;
-use tulu::synth::{synth_checkpoint, SynthOptions};
-use tulu::weights::gguf::{convert_gguf, ConvertOptions, OutDType};
+use tulu::unstable::backend::Backend;
+use tulu::unstable::config::ModelConfig;
+use tulu::unstable::model::Llama;
+use tulu::unstable::parallel::Communicator;
+use tulu::unstable::runtime::batch::Batch;
+use tulu::unstable::synth::{synth_checkpoint, SynthOptions};
+use tulu::unstable::weights::gguf::{convert_gguf, ConvertOptions, OutDType};
 
 pub mod serve;
 
@@ -99,7 +99,7 @@ fn finish(stream: tulu::Generation) -> (String, tulu::Summary) {
         match ev.expect("generation succeeds") {
             tulu::Event::Text(t) => text.push_str(&t),
             tulu::Event::Done(s) => return (text, s),
-            tulu::Event::Logprobs(_) => {}
+            _ => {}
         }
     }
     panic!("the stream ended without a summary");

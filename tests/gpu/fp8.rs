@@ -7,8 +7,8 @@
 
 use super::model::random_model_logits;
 use super::*;
-use tulu::quant::{e4m3, Quantization};
-use tulu::weights::fp8::{Fp8Rows, RowScales};
+use tulu::unstable::quant::{e4m3, Quantization};
+use tulu::unstable::weights::fp8::{Fp8Rows, RowScales};
 
 /// `data` (`n × k`) quantized on the host (the bytes and scales every backend starts from).
 fn host_fp8(data: &[f32], n: usize, k: usize) -> Fp8Rows {

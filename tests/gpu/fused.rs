@@ -10,7 +10,7 @@ use super::*;
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gate_up_gemv_with_silu_mul_matches_the_pair_and_the_cpu() {
-    use tulu::backend::cuda::GemvMode;
+    use tulu::unstable::backend::cuda::GemvMode;
     let gpu = gpu();
     let cpu = CpuBackend::new();
     let mut rng = rng("gemv silu");
@@ -48,7 +48,7 @@ fn gate_up_gemv_with_silu_mul_matches_the_pair_and_the_cpu() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn qkv_gemv_with_rope_and_kv_write_matches_the_pair_and_the_cpu() {
-    use tulu::backend::cuda::GemvMode;
+    use tulu::unstable::backend::cuda::GemvMode;
     let gpu = gpu();
     let cpu = CpuBackend::new();
     let mut rng = rng("gemv rope");

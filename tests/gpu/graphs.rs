@@ -4,8 +4,8 @@
 
 use super::model::tiny_vocab301;
 use super::*;
-use tulu::backend::cuda::CudaKvCache;
-use tulu::backend::{StepLimits, StepShape};
+use tulu::unstable::backend::cuda::CudaKvCache;
+use tulu::unstable::backend::{StepLimits, StepShape};
 
 const BLOCK: usize = 16;
 const CONTEXT: usize = 256;
@@ -115,7 +115,7 @@ fn open_with(
     world: usize,
     dir: &Path,
     limits: StepLimits,
-    quantize: Option<tulu::quant::Quantize>,
+    quantize: Option<tulu::unstable::quant::Quantize>,
 ) -> (CudaBackend, Llama<CudaBackend>, CudaKvCache) {
     let backend = CudaBackend::new(device).unwrap();
     backend.poison_outputs(true);
@@ -168,7 +168,7 @@ fn decode_graphs_with_the_fused_gemvs_replay_their_eager_steps_bit_for_bit() {
     gpu();
     let dir = tiny_vocab301();
     let (backend, model, cache) = open(0, 0, 1, &dir);
-    backend.set_gemv_mode(tulu::backend::cuda::GemvMode::Always);
+    backend.set_gemv_mode(tulu::unstable::backend::cuda::GemvMode::Always);
     let mut rank = Rank { backend: &backend, model: &model, cache, comm: &SingleRank };
     if let Some(why) = run_schedule(&mut rank, 301) {
         panic!("a graph replay differs from its eager step: {why}");
@@ -185,7 +185,7 @@ fn fp8_gemm_decode_steps_are_captured_and_replay_bit_for_bit() {
     gpu();
     let dir = tiny_vocab301();
     let limits = StepLimits { max_num_seqs: 16, ..LIMITS };
-    let (backend, model, cache) = open_with(0, 0, 1, &dir, limits, Some(tulu::quant::Quantize::Fp8));
+    let (backend, model, cache) = open_with(0, 0, 1, &dir, limits, Some(tulu::unstable::quant::Quantize::Fp8));
     let mut rank = Rank { backend: &backend, model: &model, cache, comm: &SingleRank };
     let mut seqs: Vec<Seq> = (0..10)
         .map(|k| Seq {
@@ -227,7 +227,7 @@ fn a_pointer_captured_stale_is_caught() {
 #[test]
 #[ignore = "needs CUDA GPUs"]
 fn decode_graphs_with_nccl_collectives_replay_bit_for_bit_at_tp_2_and_4() {
-    use tulu::parallel::nccl::NcclComm;
+    use tulu::unstable::parallel::nccl::NcclComm;
     let gpus = cudarc::driver::CudaContext::device_count().unwrap_or(0) as usize;
     let dir = tiny_vocab301();
     for tp in [2usize, 4].into_iter().filter(|&tp| tp <= gpus) {

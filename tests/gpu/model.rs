@@ -39,7 +39,7 @@ fn whole_model_logits_match_cpu() {
     let c = model_logits(&CpuBackend::new(), &dir, &steps);
     // Decode steps with the GEMVs forced (the fused qkv+RoPE+KV write and gate/up+SiLU·mul
     // kernels; the emulator's timings pick cuBLASLt otherwise), then chosen by timing.
-    for mode in [tulu::backend::cuda::GemvMode::Always, tulu::backend::cuda::GemvMode::Auto] {
+    for mode in [tulu::unstable::backend::cuda::GemvMode::Always, tulu::unstable::backend::cuda::GemvMode::Auto] {
         gpu.set_gemv_mode(mode);
         let g = model_logits(&gpu, &dir, &steps);
         for (k, (g, c)) in g.iter().zip(&c).enumerate() {
@@ -97,7 +97,7 @@ pub(super) fn random_model_logits<B: Backend>(b: &B, cfg: &ModelConfig, tokens: 
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn loading_onto_the_gpu_keeps_host_memory_flat() {
-    use tulu::process_memory::{peak_rss_bytes, reset_peak_rss, rss_bytes};
+    use tulu::unstable::process_memory::{peak_rss_bytes, reset_peak_rss, rss_bytes};
     if emulated() {
         eprintln!("skipped: the emulator's device memory is host memory, so loading grows RSS by design");
         return;
@@ -189,6 +189,8 @@ fn cuda_greedy(dir: &Path, tp: usize, prompt: &[u32], n: usize) -> Vec<u32> {
     // Decode graphs are captured at load for every bucket up to this; few, under the emulator.
     opts.max_num_seqs = 1;
     opts.tp = tp;
+    // One GPU (a real machine's) holds all ranks, host-staged; several get NCCL.
+    opts.share_gpus = true;
     opts.kv_cache_memory = Some(TEST_KV_BYTES);
     let engine = Engine::load(opts).unwrap();
     eprintln!("tp={tp}: {}", engine.device());
@@ -205,10 +207,66 @@ fn smollm2_greedy_tokens_at_tp3_match_tp1_through_the_engine() {
     // ranks on it, host-staged; with three or more and NCCL, one rank per GPU.
     gpu();
     let dir = common::smollm2_dir();
-    let tok = tulu::tokenizer::Tokenizer::from_dir(&dir).unwrap();
+    let tok = tulu::unstable::tokenizer::Tokenizer::from_dir(&dir).unwrap();
     let prompt = tok.encode_prompt("The capital of France is Paris, and the capital of Germany is").unwrap();
     let reference = cuda_greedy(&dir, 1, &prompt, 24);
     assert_eq!(cuda_greedy(&dir, 3, &prompt, 24), reference, "tp=3 greedy tokens");
+}
+
+/// Tensor-parallel engine options for the tiny model on `device`, each rank's cache small.
+fn tp_options(tp: usize, device: usize) -> EngineOptions {
+    let mut opts = EngineOptions::new(tiny_vocab301().to_string_lossy()).device(Device::Cuda(device));
+    opts.tp = tp;
+    opts.max_num_seqs = 1;
+    opts.kv_cache_memory = Some(TEST_KV_BYTES);
+    opts
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn tp_without_a_gpu_per_rank_is_an_error_unless_gpus_may_be_shared() {
+    gpu();
+    let count = cudarc::driver::CudaContext::device_count().unwrap() as usize;
+    // Two ranks from the last GPU: one GPU short.
+    let err = Engine::load(tp_options(2, count - 1)).err().expect("two ranks on one GPU without share_gpus");
+    assert!(err.to_string().contains("needs a GPU per rank"), "{err}");
+    let mut shared = tp_options(2, count - 1);
+    shared.share_gpus = true;
+    let engine = Engine::load(shared).unwrap();
+    assert!(engine.device().contains("host-staged"), "{}", engine.device());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn nccl_failing_to_start_is_an_error_naming_it() {
+    // The emulator's library answers as libcuda, libcublasLt and libnccl: a directory offering
+    // only the first two leaves NCCL missing, in a child process (libraries load once).
+    const TEST: &str = "model::nccl_failing_to_start_is_an_error_naming_it";
+    if std::env::var("TULU_GPU_CHILD").is_ok() {
+        let result = Engine::load(tp_options(2, 0)).err().map(|e| e.to_string());
+        println!("RESULT {result:?}");
+        return;
+    }
+    gpu();
+    let paths = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
+    let Some(emu) = paths.split(':').map(Path::new).find(|d| d.join("libtulu_cuda_emu.so").exists()) else {
+        eprintln!("skipped: a real GPU's NCCL cannot be taken away from this process's children");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    for lib in ["libcuda.so", "libcuda.so.1", "libcublasLt.so", "libcublasLt.so.13"] {
+        std::os::unix::fs::symlink(emu.join("libtulu_cuda_emu.so"), dir.path().join(lib)).unwrap();
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", TEST, "--include-ignored", "--nocapture", "--test-threads=1"])
+        .env("TULU_GPU_CHILD", "1")
+        .env("LD_LIBRARY_PATH", dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let result = stdout.lines().find_map(|l| l.split_once("RESULT ").map(|(_, r)| r.to_owned()));
+    let result = result.unwrap_or_else(|| panic!("no result: {stdout}{}", String::from_utf8_lossy(&out.stderr)));
+    assert!(result.contains("NCCL failed to start 2 ranks") && result.contains("libnccl"), "{result}");
 }
 
 /// Greedy tokens for each prompt through one engine on `device`, the requests submitted
@@ -351,7 +409,7 @@ fn seeded_sampling_on_the_gpu_reproduces() {
 fn smollm2_greedy_continuations_match_cpu() {
     gpu();
     let dir = common::smollm2_dir();
-    let tok = tulu::tokenizer::Tokenizer::from_dir(&dir).unwrap();
+    let tok = tulu::unstable::tokenizer::Tokenizer::from_dir(&dir).unwrap();
     let prompts: Vec<Vec<u32>> = [
         "The capital of France is",
         "def fibonacci(n):",
@@ -367,7 +425,7 @@ fn smollm2_greedy_continuations_match_cpu() {
 #[cfg(feature = "nccl")]
 mod nccl {
     use super::*;
-    use tulu::parallel::nccl::NcclComm;
+    use tulu::unstable::parallel::nccl::NcclComm;
 
     /// All-reduce and column gather on one rank: the identity, through NCCL and (for the
     /// gather of several rows) the strided copy that turns rank-major blocks into columns.

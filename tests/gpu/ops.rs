@@ -128,7 +128,7 @@ fn argmax_matches_host_argmax() {
         let host = gpu.to_host(&t).unwrap();
         for (r, &id) in ids.iter().enumerate() {
             let row = &host[r * cols..r * cols + sample];
-            let want = tulu::runtime::sampler::argmax(row);
+            let want = tulu::unstable::runtime::sampler::argmax(row);
             assert_eq!(id, want, "argmax row {r} of {rows}×{cols} (sample {sample})");
         }
     }
@@ -141,7 +141,7 @@ fn argmax_matches_host_argmax() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn sample_matches_the_host_sampler() {
-    use tulu::runtime::sampler::{sample_row, RowSampling};
+    use tulu::unstable::runtime::sampler::{sample_row, RowSampling};
     let gpu = gpu();
     let mut rng = rng("sample");
     let base = RowSampling { temperature: 0.8, ..RowSampling::greedy() };
@@ -198,7 +198,7 @@ fn sample_matches_the_host_sampler() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn sample_flags_non_finite_rows() {
-    use tulu::runtime::sampler::{sample_row, RowSampling, NON_FINITE};
+    use tulu::unstable::runtime::sampler::{sample_row, RowSampling, NON_FINITE};
     let gpu = gpu();
     let (rows, cols, valid) = (4, 1000, 990);
     let mut logits = random(&mut rng("non-finite"), rows * cols, 3.0);
@@ -223,8 +223,8 @@ fn sample_flags_non_finite_rows() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn sample_follows_token_masks() {
-    use tulu::runtime::sampler::{sample_row, RowSampling, NON_FINITE};
-    use tulu::runtime::token_mask::{allows, TokenMasks};
+    use tulu::unstable::runtime::sampler::{sample_row, RowSampling, NON_FINITE};
+    use tulu::unstable::runtime::token_mask::{allows, TokenMasks};
     let gpu = gpu();
     let mut rng = rng("masks");
     let (rows, cols, valid) = (6, 1000, 990);
@@ -279,7 +279,7 @@ fn sample_follows_token_masks() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gemv_and_cublaslt_decode_matmuls_match_cpu() {
-    use tulu::backend::cuda::GemvMode;
+    use tulu::unstable::backend::cuda::GemvMode;
     let gpu = gpu();
     let cpu = CpuBackend::new();
     let mut rng = rng("gemv");

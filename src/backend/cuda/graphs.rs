@@ -82,7 +82,7 @@ impl CudaBackend {
     pub(crate) fn drop_graphs(&self, why: &str) {
         if let Ok(mut g) = self.graphs.lock() {
             if !g.captured.is_empty() {
-                eprintln!("tulu: dropping {} CUDA graphs: {why}", g.captured.len());
+                tracing::warn!("dropping {} CUDA graphs: {why}", g.captured.len());
             }
             g.captured.clear();
             g.warm.clear();
@@ -132,7 +132,7 @@ impl CudaBackend {
                 Ok(view)
             }
             Err(e) => {
-                eprintln!("tulu: decode steps of {b} rows run eagerly: capturing their graph failed: {e}");
+                tracing::warn!("decode steps of {b} rows run eagerly: capturing their graph failed: {e}");
                 lock()?.failed.insert(b);
                 body()
             }
