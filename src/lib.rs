@@ -26,17 +26,19 @@
 pub mod unstable;
 
 pub(crate) use unstable::{
-    backend, config, engine, error, grammar, hub, model, parallel, quant, rope, runtime, synth, tokenizer, weights,
+    backend, config, engine, error, grammar, hub, model, options, parallel, quant, ranks, rope, runtime, synth,
+    tokenizer, weights,
 };
 
 pub use backend::Device;
 pub use config::ModelConfig;
 pub use engine::{
-    BlockingIter, Engine, EngineOptions, Event, FinishReason, GenerateRequest, Generation, Histogram, Metrics, Prompt,
-    Summary, TokenLogprob,
+    BlockingIter, Engine, Event, FinishReason, GenerateRequest, Generation, Histogram, Metrics, Prompt, Summary,
+    TokenLogprob,
 };
 pub use error::{Error, Result};
 pub use grammar::Constraint;
+pub use options::EngineOptions;
 pub use parallel::rendezvous::WorldSpec;
 pub use quant::Quantize;
 pub use runtime::sampler::SamplingParams;

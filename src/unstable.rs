@@ -16,12 +16,16 @@ pub mod grammar;
 pub mod hub;
 #[path = "model.rs"]
 pub mod model;
+#[path = "options.rs"]
+pub mod options;
 #[path = "parallel/mod.rs"]
 pub mod parallel;
 #[path = "process_memory.rs"]
 pub mod process_memory;
 #[path = "quant/mod.rs"]
 pub mod quant;
+#[path = "ranks/mod.rs"]
+pub mod ranks;
 #[path = "rope.rs"]
 pub mod rope;
 #[path = "runtime/mod.rs"]

@@ -14,10 +14,11 @@ use std::path::{Path, PathBuf};
 use tulu::unstable::config::{GenerationConfig, ModelConfig};
 use tulu::unstable::parallel::frame::{self, FrameType};
 use tulu::unstable::parallel::handshake::Handshake;
+use tulu::unstable::parallel::kv_policy::KvPolicy;
 use tulu::unstable::parallel::rendezvous::WorldSpec;
 use tulu::unstable::parallel::sharding::{valid_tp, Shard, ShardPlan};
 use tulu::unstable::parallel::sizing::{rank_parameters, size_rank};
-use tulu::unstable::parallel::tcp::Hello;
+use tulu::unstable::ranks::{Hello, RankPlan};
 use tulu::unstable::runtime::batch::Batch;
 use tulu::unstable::runtime::batch_wire;
 use tulu::unstable::server::openai::{self, Endpoint};
@@ -120,7 +121,7 @@ fn fuzz_control_frames() {
             let _ = ours.admit(&peer);
         }
         if let Ok(b) = read(FrameType::Hello) {
-            let _ = serde_json::from_slice::<Hello>(&b);
+            let _ = Hello::decode(&b);
         }
         if let Ok(b) = read(FrameType::Step) {
             if let Ok((batch, _rows)) = batch_wire::decode(&b) {
@@ -201,15 +202,17 @@ fn write_corpus() {
     )
     .unwrap();
     std::fs::write(corpus_dir("control_frames").join("handshake.bin"), &frames).unwrap();
-    let hello = Hello {
-        block_size: 16,
+    let plan = RankPlan {
+        shard: Shard::single(),
         max_positions: 512,
-        kv: tulu::unstable::engine::KvPolicy::BytesPerRank(1 << 20),
-        nccl_id: None,
+        block_size: 16,
+        kv: KvPolicy::BytesPerRank(1 << 20),
+        own_device: true,
         steps: Default::default(),
     };
+    let hello = Hello { plan, nccl_id: None };
     let mut frames = Vec::new();
-    frame::write_frame(&mut frames, FrameType::Hello, &serde_json::to_vec(&hello).unwrap()).unwrap();
+    frame::write_frame(&mut frames, FrameType::Hello, &hello.encode().unwrap()).unwrap();
     std::fs::write(corpus_dir("control_frames").join("hello.bin"), &frames).unwrap();
     let mut batch = Batch::new(16);
     batch.push(&[1, 2, 3], 0, &[0]).unwrap();

@@ -47,7 +47,7 @@ pub fn run_if_not_rank0(opts: &EngineOptions) -> Result<bool> {
                 "tulu: rank {} of {}: waiting for steps from rank 0 at {}:{}",
                 w.rank, w.world_size, w.master_addr, w.master_port
             );
-            tulu::unstable::engine::run_rank(opts)?;
+            tulu::unstable::ranks::run_rank(opts)?;
             Ok(true)
         }
         _ => Ok(false),

@@ -1,6 +1,6 @@
 //! `tulu::Engine`: a loaded model behind a continuous-batching step loop.
 //!
-//! [`Engine::load`] validates the model, opens every rank (`ranks.rs`: each a `RankRunner`, the
+//! [`Engine::load`] validates the model, opens every rank (`crate::ranks`: each a `RankRunner`, the
 //! only owner of its device state) and starts one worker thread (`worker.rs`) that drives them.
 //! Requests from any number of threads or tasks are queued to it; each `step()` schedules (the
 //! scheduler emits the batch, the rows to sample and their sampling), runs the ranks, and
@@ -10,16 +10,9 @@
 //! request ends only that request; a failure of the ranks fails the engine
 //! ([`Engine::failure`]).
 
-mod kv_policy;
 pub mod metrics;
-mod options;
 mod output;
-mod rank_processes;
-mod rank_runner;
-mod rank_threads;
-mod ranks;
 mod request;
-mod watchdog;
 mod worker;
 
 use std::collections::HashSet;
@@ -33,17 +26,16 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc as tmpsc;
 
-pub use self::kv_policy::KvPolicy;
 pub use self::metrics::{Histogram, Metrics};
-pub use self::options::EngineOptions;
 use self::output::Submission;
-pub use self::rank_processes::run_rank;
 pub use self::request::{synthetic_prompt, Event, FinishReason, GenerateRequest, Prompt, Summary, TokenLogprob};
 use self::worker::{Command, Worker};
 use crate::config::{GenerationConfig, ModelConfig};
 use crate::error::{Error, Result};
 use crate::grammar::Grammars;
 use crate::hub::{resolve_model, HubOptions};
+use crate::options::EngineOptions;
+use crate::ranks;
 use crate::runtime::block_manager::BlockManager;
 use crate::runtime::sampler::SamplingParams;
 use crate::runtime::scheduler::Scheduler;

@@ -14,10 +14,10 @@ use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
 use super::output::{RequestOutput, Submission};
-use super::ranks::Ranks;
 use super::Shared;
 use crate::error::{Error, Result};
 use crate::grammar::TokenMatcher;
+use crate::ranks::Ranks;
 use crate::runtime::sampler::{Sampled, Sampler, StepOutput};
 use crate::runtime::scheduler::{Scheduler, SeqId, Step};
 use crate::runtime::token_mask::{LateMasks, MaskFill, TokenMasks};

@@ -14,7 +14,7 @@ pub enum FrameType {
     Accept = 2,
     /// Rank 0 refused the rank; the payload says why (UTF-8).
     Reject = 3,
-    /// Rank 0's [`super::tcp::Hello`] (JSON).
+    /// Rank 0's hello (the rank layer's `ranks::Hello`, JSON).
     Hello = 4,
     /// One step's inputs (JSON).
     Step = 5,

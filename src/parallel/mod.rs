@@ -2,6 +2,7 @@
 
 pub mod frame;
 pub mod handshake;
+pub mod kv_policy;
 pub mod local;
 #[cfg(feature = "cuda")]
 pub mod local_cuda;

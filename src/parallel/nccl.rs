@@ -84,7 +84,7 @@ fn c_int(x: usize, what: &str) -> Result<i32> {
 
 impl NcclComm {
     /// A fresh unique id for a new group; rank 0 creates it and hands it to the other ranks
-    /// (in its hello, `parallel::tcp::Hello`), which pass it to [`NcclComm::from_id`].
+    /// (in its hello, `ranks::Hello`), which pass it to [`NcclComm::from_id`].
     pub fn unique_id() -> Result<[u8; UNIQUE_ID_BYTES]> {
         nccl_available()?;
         let id = result::get_uniqueid().map_err(|e| nccl_error("creating an NCCL unique id", e))?;

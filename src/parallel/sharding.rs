@@ -11,7 +11,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 
 /// One rank of a tensor-parallel group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Shard {
     /// This rank, `0..world`.
     pub rank: usize,

@@ -15,14 +15,11 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
 use super::frame::{self, FrameType};
 use super::handshake::Handshake;
 use super::rendezvous::WorldSpec;
 use super::{concat_cols, sum_in_rank_order, Communicator};
 use crate::backend::cpu::{CpuBackend, CpuTensor};
-use crate::engine::KvPolicy;
 use crate::error::{Error, Result};
 use crate::runtime::batch::Batch;
 use crate::runtime::batch_wire;
@@ -33,26 +30,6 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Connections whose handshake rank 0 checks at once; more wait in the listen queue.
 const MAX_PENDING_HANDSHAKES: usize = 64;
-
-/// What rank 0 tells every rank before loading, so that every rank opens its runner alike.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Hello {
-    /// Token slots per KV block.
-    pub block_size: usize,
-    /// Positions the RoPE tables cover.
-    pub max_positions: usize,
-    /// How every rank sizes its KV cache; after loading, all take the smallest count
-    /// ([`TcpComm::agree_min`]).
-    pub kv: KvPolicy,
-    /// The NCCL unique id every rank joins with, when rank 0 runs on CUDA (the other ranks
-    /// then run on their GPUs too); `None` on CPUs.
-    #[serde(default)]
-    pub nccl_id: Option<Vec<u8>>,
-    /// What every rank reserves for its steps: all ranks must pad decode steps alike, so that
-    /// their collectives have the same sizes.
-    #[serde(default)]
-    pub steps: crate::backend::StepLimits,
-}
 
 /// One rank's end of the star.
 #[derive(Debug)]
@@ -225,7 +202,7 @@ impl TcpComm {
         self.peers.lock().map_err(|_| Error::Backend("tensor-parallel streams poisoned".into()))
     }
 
-    /// Rank 0: sends every rank a frame (the start-up [`Hello`], then each step).
+    /// Rank 0: sends every rank a frame (the start-up hello, then each step).
     fn send_all(&self, ty: FrameType, bytes: &[u8], what: &str) -> Result<()> {
         for (i, s) in self.peers()?.iter_mut().enumerate() {
             frame::write_frame(s, ty, bytes).map_err(|e| io_err(what, i + 1, self.timeout, e))?;
@@ -251,18 +228,15 @@ impl TcpComm {
         }
     }
 
-    /// Rank 0: tells every rank how to open its own.
-    pub fn send_hello(&self, hello: &Hello) -> Result<()> {
-        let bytes = serde_json::to_vec(hello).map_err(|e| Error::Backend(e.to_string()))?;
-        self.send_all(FrameType::Hello, &bytes, "hello")
+    /// Rank 0: tells every rank how to open its own (the rank layer's encoded hello).
+    pub fn send_hello(&self, hello: &[u8]) -> Result<()> {
+        self.send_all(FrameType::Hello, hello, "hello")
     }
 
-    /// Other ranks: rank 0's [`Hello`].
-    pub fn recv_hello(&self) -> Result<Hello> {
-        let bytes = self
-            .recv_from_root(FrameType::Hello, false)?
-            .ok_or_else(|| Error::Backend("rank 0 closed before its hello".into()))?;
-        serde_json::from_slice(&bytes).map_err(|e| Error::Backend(format!("bad hello from rank 0: {e}")))
+    /// Other ranks: rank 0's hello, as sent.
+    pub fn recv_hello(&self) -> Result<Vec<u8>> {
+        self.recv_from_root(FrameType::Hello, false)?
+            .ok_or_else(|| Error::Backend("rank 0 closed before its hello".into()))
     }
 
     /// Rank 0: hands every rank the step it is about to run.
@@ -401,20 +375,13 @@ mod tests {
         assert!(after.is_none(), "rank 0 closing ends the loop");
     }
 
-    /// Three ranks on 127.0.0.1 agree on the smallest value; the hello (with its optional fields)
-    /// reaches every rank intact.
+    /// Three ranks on 127.0.0.1 agree on the smallest value; the hello reaches every rank intact.
     #[test]
     fn ranks_agree_on_the_smallest_value() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let timeout = Duration::from_secs(20);
-        let hello = Hello {
-            block_size: 16,
-            max_positions: 64,
-            kv: KvPolicy::DeviceFraction(0.9),
-            nccl_id: Some(vec![7; 128]),
-            steps: Default::default(),
-        };
+        let hello: Vec<u8> = (0..=255).collect();
         let workers: Vec<_> = [(1usize, 70u64), (2, 30)]
             .into_iter()
             .map(|(rank, value)| {

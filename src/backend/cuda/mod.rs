@@ -16,7 +16,7 @@
 //! Decode GEMVs carry the next op in their epilogue (gemv_epilogue.rs: RoPE + KV write after
 //! qkv, SiLU·mul after gate/up); residual adds stay fused with the next RMSNorm, which needs the
 //! whole row. Not implemented yet: PDL (programmatic dependent launch). Tensor parallelism runs one
-//! backend per rank thread (src/engine/rank_threads.rs), combined by NCCL
+//! backend per rank thread (src/ranks/threads.rs), combined by NCCL
 //! (src/parallel/nccl.rs) or, on one GPU, through the host (src/parallel/local_cuda.rs).
 
 mod attention;

@@ -12,11 +12,10 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::rank_runner::{RankRunner, RankSpec};
-use super::ranks::{Opened, Ranks};
+use super::runner::{RankPlan, RankRunner, RankSpec};
+use super::{Opened, Ranks};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, Device};
-use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::parallel::local::LocalGroup;
 use crate::parallel::sharding::Shard;
@@ -53,13 +52,13 @@ struct RankThread {
 }
 
 /// `tp` ranks in threads of this process.
-pub(super) struct RankThreads {
+pub(crate) struct RankThreads {
     ranks: Vec<RankThread>,
     poison: Poison,
 }
 
 /// Opens `tp` rank threads on `device` (every rank's spec is `spec` with its own shard).
-pub(super) fn open(
+pub(crate) fn open(
     tp: usize,
     spec: &RankSpec<'_>,
     store: &Arc<WeightStore>,
@@ -152,7 +151,7 @@ fn open_cuda(
     let group = LocalGroup::new(tp, COLLECTIVE_TIMEOUT);
     let setups = group.communicators().into_iter().enumerate().map(|(r, c)| (c, open((first + r) % count))).collect();
     let poison: Poison = Arc::new(move |why: &str| group.poison(why));
-    let shared = RankSpec { own_device: false, ..*spec };
+    let shared = RankSpec { plan: RankPlan { own_device: false, ..spec.plan }, ..*spec };
     let (ranks, device, blocks) = RankThreads::spawn(&shared, store, setups, poison, bar)?;
     Ok(Opened { ranks: Box::new(ranks), device: format!("{device} × {tp} ranks (host-staged)"), num_blocks: blocks })
 }
@@ -167,33 +166,6 @@ fn open_cuda(
     _: &indicatif::ProgressBar,
 ) -> Result<Opened> {
     Err(Error::Device { device: format!("cuda:{first}"), message: "this build of tulu has no CUDA support".into() })
-}
-
-/// What a rank thread needs to open its runner, owned (the thread outlives the caller's borrows).
-struct ThreadSpec {
-    config: ModelConfig,
-    store: Arc<WeightStore>,
-    shard: Shard,
-    max_positions: usize,
-    block_size: usize,
-    kv: super::kv_policy::KvPolicy,
-    own_device: bool,
-    steps: crate::backend::StepLimits,
-}
-
-impl ThreadSpec {
-    fn spec(&self) -> RankSpec<'_> {
-        RankSpec {
-            config: &self.config,
-            store: &self.store,
-            shard: self.shard,
-            max_positions: self.max_positions,
-            block_size: self.block_size,
-            kv: self.kv,
-            own_device: self.own_device,
-            steps: self.steps,
-        }
-    }
 }
 
 impl RankThreads {
@@ -213,16 +185,10 @@ impl RankThreads {
         let mut ranks = Vec::with_capacity(world);
         let mut sizes = Vec::with_capacity(world);
         for (rank, (comm, open)) in setups.into_iter().enumerate() {
-            let own = ThreadSpec {
-                config: spec.config.clone(),
-                store: store.clone(),
-                shard: Shard { rank, world },
-                max_positions: spec.max_positions,
-                block_size: spec.block_size,
-                kv: spec.kv,
-                own_device: spec.own_device,
-                steps: spec.steps,
-            };
+            // The thread outlives the caller's borrows: it owns the config and a handle on the
+            // weights, and opens from the group's plan with its own shard.
+            let (config, store) = (spec.config.clone(), store.clone());
+            let plan = RankPlan { shard: Shard { rank, world }, ..spec.plan };
             let (job_tx, job_rx) = mpsc::channel::<Job>();
             let (res_tx, res_rx) = mpsc::channel();
             let (size_tx, size_rx) = mpsc::channel::<u64>();
@@ -236,9 +202,10 @@ impl RankThreads {
                         size_rx.recv().map_err(|_| Error::Backend("another rank failed while starting".into()))
                     };
                     let opened = open().and_then(|backend| {
-                        RankRunner::open(backend, Box::new(comm), &own.spec(), &mut agree, |_| bar.inc(1))
+                        let spec = RankSpec { config: &config, store: &store, plan };
+                        RankRunner::open(backend, Box::new(comm), &spec, &mut agree, |_| bar.inc(1))
                     });
-                    drop(own);
+                    drop((config, store));
                     let mut runner = match opened {
                         Ok(r) => r,
                         Err(e) => {

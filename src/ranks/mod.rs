@@ -1,23 +1,31 @@
-//! How the engine's steps reach the model's ranks. Every rank is a [`RankRunner`] opened the
-//! same way; a single rank, rank threads and rank processes differ only in how a step gets to
-//! them ([`Ranks`]) and how they agree on the KV cache size.
+//! The rank execution layer: how the engine's steps reach the model's ranks. Every rank is a
+//! `RankRunner` (runner.rs) opened the same way from one [`RankPlan`]; a single rank, rank
+//! threads (threads.rs) and rank processes (processes.rs, with watchdog.rs) differ only in how
+//! a step gets to them ([`Ranks`]) and how they agree on the KV cache size. The request layer
+//! (engine/) sees only [`open`] and [`Ranks`].
 
 use std::sync::Arc;
 
-use super::rank_runner::{RankRunner, RankSpec};
-use super::{rank_processes, rank_threads, EngineOptions};
+mod processes;
+mod runner;
+mod threads;
+mod watchdog;
+
+pub use self::processes::{run_rank, Hello};
+pub use self::runner::RankPlan;
+use self::runner::{RankRunner, RankSpec};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, Device};
 use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::parallel::sharding::Shard;
+use crate::options::EngineOptions;
 use crate::parallel::SingleRank;
 use crate::runtime::batch::Batch;
 use crate::runtime::sampler::{StepOutput, StepSampling};
 use crate::weights::WeightStore;
 
 /// The engine's handle on its ranks: runs one step on every rank.
-pub(super) trait Ranks: Send {
+pub(crate) trait Ranks: Send {
     /// Runs `batch` on every rank; rank 0 samples `sampling.rows`. An error here is engine-fatal:
     /// a device failed, a rank died, or a collective timed out.
     fn step(&mut self, batch: &Batch, sampling: &StepSampling) -> Result<StepOutput>;
@@ -31,7 +39,7 @@ impl<B: Backend> Ranks for RankRunner<B> {
 }
 
 /// The ranks, opened and agreed.
-pub(super) struct Opened {
+pub(crate) struct Opened {
     pub ranks: Box<dyn Ranks>,
     /// The device(s), for logs.
     pub device: String,
@@ -41,7 +49,7 @@ pub(super) struct Opened {
 
 /// Opens every rank of the model `opts` describes (one rank, `tp` rank threads, or this
 /// process's rank 0 of a multi-process world), each with RoPE tables for `context` positions.
-pub(super) fn open(
+pub(crate) fn open(
     opts: &EngineOptions,
     config: &ModelConfig,
     store: Arc<WeightStore>,
@@ -55,19 +63,10 @@ pub(super) fn open(
     };
     let ranks = if multi_process { 1 } else { opts.tp };
     let bar = load_bar(opts.progress, config.num_hidden_layers, ranks);
-    let spec = RankSpec {
-        config,
-        store: &store,
-        shard: Shard::single(),
-        max_positions: context,
-        block_size: opts.block_size,
-        kv: opts.kv_policy(),
-        own_device: true,
-        steps: opts.step_limits(),
-    };
+    let spec = RankSpec { config, store: &store, plan: opts.rank_plan(context) };
     let opened = match (&opts.world, device) {
-        (Some(world), _) if multi_process => rank_processes::open(world, opts, &spec, device, &bar),
-        (_, _) if opts.tp > 1 => rank_threads::open(opts.tp, &spec, &store, device, opts.share_gpus, &bar),
+        (Some(world), _) if multi_process => processes::open(world, opts, &spec, device, &bar),
+        (_, _) if opts.tp > 1 => threads::open(opts.tp, &spec, &store, device, opts.share_gpus, &bar),
         (_, Device::Cuda(ordinal)) => open_cuda(ordinal, &spec, &bar),
         _ => single(CpuBackend::new(), &spec, &bar),
     };

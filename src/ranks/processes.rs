@@ -12,19 +12,21 @@
 
 use std::sync::Arc;
 
-use super::rank_runner::{RankRunner, RankSpec};
-use super::ranks::{Opened, Ranks};
+use serde::{Deserialize, Serialize};
+
+use super::runner::{RankPlan, RankRunner, RankSpec};
 use super::watchdog::Watchdog;
-use super::EngineOptions;
+use super::{Opened, Ranks};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, Device};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::hub::{resolve_model, HubOptions};
+use crate::options::EngineOptions;
 use crate::parallel::handshake::Handshake;
 use crate::parallel::rendezvous::WorldSpec;
 use crate::parallel::sharding::Shard;
-use crate::parallel::tcp::{Hello, TcpComm};
+use crate::parallel::tcp::TcpComm;
 use crate::runtime::batch::Batch;
 use crate::runtime::sampler::{StepOutput, StepSampling};
 use crate::weights::WeightStore;
@@ -44,9 +46,33 @@ impl<B: Backend> Ranks for RankProcesses<B> {
     }
 }
 
+/// What rank 0 tells every rank before loading, so that every rank opens its runner alike.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Hello {
+    /// Rank 0's plan: every rank opens with it, its own shard in place of rank 0's. Its KV
+    /// policy sizes every rank's cache; after loading, all take the smallest block count.
+    pub plan: RankPlan,
+    /// The NCCL unique id every rank joins with, when rank 0 runs on CUDA (the other ranks
+    /// then run on their GPUs too); `None` on CPUs.
+    #[serde(default)]
+    pub nccl_id: Option<Vec<u8>>,
+}
+
+impl Hello {
+    /// The hello as it travels (JSON: sent once, at start-up).
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        serde_json::to_vec(self).map_err(|e| Error::Backend(format!("encoding the hello: {e}")))
+    }
+
+    /// A hello received from rank 0.
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        serde_json::from_slice(bytes).map_err(|e| Error::Backend(format!("bad hello from rank 0: {e}")))
+    }
+}
+
 /// Rank 0: waits for every rank, tells them how to open theirs (and the NCCL id on GPUs), and
 /// opens its own on `device`.
-pub(super) fn open(
+pub(crate) fn open(
     world: &WorldSpec,
     opts: &EngineOptions,
     spec: &RankSpec<'_>,
@@ -61,15 +87,9 @@ pub(super) fn open(
     }
     let handshake = Handshake::new(spec.config, world, opts.dist_token.as_deref())?;
     let control = Arc::new(TcpComm::accept(world, &handshake, opts.dist_timeout)?);
-    let spec = RankSpec { shard: Shard { rank: 0, world: world.world_size }, ..*spec };
+    let spec = RankSpec { plan: RankPlan { shard: Shard { rank: 0, world: world.world_size }, ..spec.plan }, ..*spec };
     let on_layer = |l: usize| bar.set_position(l as u64);
-    let mut hello = Hello {
-        block_size: spec.block_size,
-        max_positions: spec.max_positions,
-        kv: spec.kv,
-        nccl_id: None,
-        steps: spec.steps,
-    };
+    let mut hello = Hello { plan: spec.plan, nccl_id: None };
     match device {
         Device::Cuda(first) => {
             #[cfg(feature = "nccl")]
@@ -78,7 +98,7 @@ pub(super) fn open(
                 use crate::parallel::nccl::NcclComm;
                 let id = NcclComm::unique_id()?;
                 hello.nccl_id = Some(id.to_vec());
-                control.send_hello(&hello)?;
+                control.send_hello(&hello.encode()?)?;
                 let ordinal = first + world.local_rank;
                 let backend = CudaBackend::new(ordinal)?;
                 let nccl = Arc::new(NcclComm::from_id(id, 0, world.world_size, ordinal)?);
@@ -102,7 +122,7 @@ pub(super) fn open(
             }
         }
         _ => {
-            control.send_hello(&hello)?;
+            control.send_hello(&hello.encode()?)?;
             // The TCP collectives time out by themselves: no watchdog.
             let mut agree = |mine| control.agree_min(mine);
             let runner = RankRunner::open(CpuBackend::new(), Box::new(control.clone()), &spec, &mut agree, on_layer)?;
@@ -129,17 +149,10 @@ pub fn run_rank(opts: &EngineOptions) -> Result<()> {
     let store = WeightStore::open(&dir)?;
     let handshake = Handshake::new(&config, world, opts.dist_token.as_deref())?;
     let control = Arc::new(TcpComm::connect(world, &handshake, opts.dist_timeout)?);
-    let hello = control.recv_hello()?;
-    let spec = RankSpec {
-        config: &config,
-        store: &store,
-        shard: Shard { rank: world.rank, world: world.world_size },
-        max_positions: hello.max_positions,
-        block_size: hello.block_size,
-        kv: hello.kv,
-        own_device: true,
-        steps: hello.steps,
-    };
+    let hello = Hello::decode(&control.recv_hello()?)?;
+    // Rank 0's plan, with this rank's shard.
+    let plan = RankPlan { shard: Shard { rank: world.rank, world: world.world_size }, ..hello.plan };
+    let spec = RankSpec { config: &config, store: &store, plan };
     let mut agree = |mine| control.agree_min(mine);
     match &hello.nccl_id {
         Some(id) => {

@@ -2,10 +2,10 @@
 
 use std::time::Duration;
 
-use super::kv_policy::KvPolicy;
 use crate::backend::Device;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::parallel::kv_policy::KvPolicy;
 use crate::parallel::rendezvous::WorldSpec;
 use crate::runtime::scheduler::SchedulerConfig;
 
@@ -102,7 +102,7 @@ impl EngineOptions {
     }
 
     /// Checks every option's range, naming the first one out of it.
-    pub(super) fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         for (name, v) in [
             ("max_num_seqs", self.max_num_seqs),
             ("max_num_batched_tokens", self.max_num_batched_tokens),
@@ -121,7 +121,7 @@ impl EngineOptions {
     }
 
     /// The context the engine aims for: `max_context`, else the model's capped at 8192.
-    pub(super) fn wanted_context(&self, config: &ModelConfig) -> usize {
+    pub(crate) fn wanted_context(&self, config: &ModelConfig) -> usize {
         match self.max_context {
             Some(n) => n.min(config.max_position_embeddings),
             None => config.max_position_embeddings.min(8192),
@@ -129,12 +129,25 @@ impl EngineOptions {
     }
 
     /// How every rank sizes its KV cache.
-    pub(super) fn kv_policy(&self) -> KvPolicy {
+    pub(crate) fn kv_policy(&self) -> KvPolicy {
         KvPolicy::new(self.kv_cache_memory, self.gpu_memory_utilization)
     }
 
     /// What every rank reserves for its steps.
-    pub(super) fn step_limits(&self) -> crate::backend::StepLimits {
+    /// The description every rank opens from (rank 0's shard; other ranks take theirs), with
+    /// RoPE tables for `context` positions.
+    pub(crate) fn rank_plan(&self, context: usize) -> crate::ranks::RankPlan {
+        crate::ranks::RankPlan {
+            shard: crate::parallel::sharding::Shard::single(),
+            max_positions: context,
+            block_size: self.block_size,
+            kv: self.kv_policy(),
+            own_device: true,
+            steps: self.step_limits(),
+        }
+    }
+
+    pub(crate) fn step_limits(&self) -> crate::backend::StepLimits {
         crate::backend::StepLimits {
             max_num_seqs: self.max_num_seqs,
             max_num_batched_tokens: self.max_num_batched_tokens,
@@ -143,7 +156,7 @@ impl EngineOptions {
     }
 
     /// The scheduler's limits, sampling the first `sampled_columns` logits (the tokenizer's).
-    pub(super) fn scheduler_config(&self, sampled_columns: usize) -> SchedulerConfig {
+    pub(crate) fn scheduler_config(&self, sampled_columns: usize) -> SchedulerConfig {
         SchedulerConfig {
             max_num_seqs: self.max_num_seqs,
             max_num_batched_tokens: self.max_num_batched_tokens,

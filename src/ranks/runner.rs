@@ -3,21 +3,25 @@
 //! deployment (a single rank, rank threads, rank processes) is opened by [`RankRunner::open`]:
 //! load → measure capacity → agree with the other ranks (the smallest) → allocate.
 
-use super::kv_policy::KvPolicy;
+use serde::{Deserialize, Serialize};
+
 use crate::backend::{Backend, StepLimits, StepShape};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::model::Llama;
+use crate::parallel::kv_policy::KvPolicy;
 use crate::parallel::sharding::Shard;
 use crate::parallel::Communicator;
 use crate::runtime::batch::Batch;
 use crate::runtime::sampler::{StepOutput, StepSampling};
 use crate::weights::WeightStore;
 
-/// What a rank opens: the same for every rank of a group but its shard.
-pub(super) struct RankSpec<'a> {
-    pub config: &'a ModelConfig,
-    pub store: &'a WeightStore,
+/// One rank's description, from the engine's options to its runner: the same type for a
+/// single rank, rank threads and rank processes (to which it travels in rank 0's hello), the
+/// same for every rank of a group but its shard.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RankPlan {
+    /// This rank's place in its tensor-parallel group.
     pub shard: Shard,
     /// Positions the RoPE tables cover (the engine's context).
     pub max_positions: usize,
@@ -32,12 +36,20 @@ pub(super) struct RankSpec<'a> {
     pub steps: StepLimits,
 }
 
+/// What a rank opens: the model's config and weights, and its plan.
+#[derive(Clone, Copy)]
+pub(crate) struct RankSpec<'a> {
+    pub config: &'a ModelConfig,
+    pub store: &'a WeightStore,
+    pub plan: RankPlan,
+}
+
 /// How a rank learns what every rank agrees on: given its own capacity in KV blocks, the
 /// smallest over the group (the identity for a single rank).
-pub(super) type Agree<'a> = &'a mut dyn FnMut(u64) -> Result<u64>;
+pub(crate) type Agree<'a> = &'a mut dyn FnMut(u64) -> Result<u64>;
 
 /// One rank: backend, model shard, KV cache and communicator.
-pub(super) struct RankRunner<B: Backend> {
+pub(crate) struct RankRunner<B: Backend> {
     // Declared before the backend, so dropped before it (an NCCL communicator is torn down
     // while its device is still open).
     comm: Box<dyn Communicator<B>>,
@@ -57,23 +69,23 @@ impl<B: Backend> RankRunner<B> {
         agree: Agree<'_>,
         on_layer: impl FnMut(usize),
     ) -> Result<Self> {
-        let model = Llama::load(&backend, spec.config, spec.store, spec.max_positions, spec.shard, on_layer)?;
+        let model = Llama::load(&backend, spec.config, spec.store, spec.plan.max_positions, spec.plan.shard, on_layer)?;
         // The step workspace comes first: the KV cache gets what is left.
         backend.reserve(&StepShape {
-            limits: spec.steps,
-            max_positions: spec.max_positions,
-            block_size: spec.block_size,
-            workspace_bytes: model.workspace_bytes(&spec.steps, backend.element_bytes()),
+            limits: spec.plan.steps,
+            max_positions: spec.plan.max_positions,
+            block_size: spec.plan.block_size,
+            workspace_bytes: model.workspace_bytes(&spec.plan.steps, backend.element_bytes()),
         })?;
         let bytes_per_token = model.kv_elements_per_token() * backend.element_bytes() as u64;
-        let memory = if spec.own_device { backend.device_memory() } else { None };
-        let mine = spec.kv.blocks(bytes_per_token, memory, spec.block_size, spec.max_positions);
+        let memory = if spec.plan.own_device { backend.device_memory() } else { None };
+        let mine = spec.plan.kv.blocks(bytes_per_token, memory, spec.plan.block_size, spec.plan.max_positions);
         let num_blocks = usize::try_from(agree(mine)?).unwrap_or(usize::MAX);
         if num_blocks == 0 {
-            return Err(spec.kv.no_room(spec.block_size));
+            return Err(spec.plan.kv.no_room(spec.plan.block_size));
         }
-        let mut cache = backend.new_kv_cache(&model.kv_cache_spec(num_blocks, spec.block_size))?;
-        model.warm_up(&backend, &mut cache, &*comm, spec.block_size)?;
+        let mut cache = backend.new_kv_cache(&model.kv_cache_spec(num_blocks, spec.plan.block_size))?;
+        model.warm_up(&backend, &mut cache, &*comm, spec.plan.block_size)?;
         Ok(RankRunner { comm, model, cache, backend, num_blocks })
     }
 
