@@ -1,11 +1,14 @@
 //! The host's work between two decode steps: the scheduler and the KV block manager (prefix
 //! cache included), per step, at 1, 64 and 256 running sequences of 4k tokens — the time the
-//! device waits on one CPU thread. No model and no device: `cargo bench --bench scheduler`
+//! device waits on one CPU thread; and the bytes and time of one decode step's broadcast to the
+//! other ranks (binary against JSON). No model and no device: `cargo bench --bench scheduler`
 //! (`-- --context N --steps N` to change the shape). One JSON line per case.
 
 use std::time::Instant;
 
 use serde_json::json;
+use tulu::unstable::runtime::batch::Batch;
+use tulu::unstable::runtime::batch_wire;
 use tulu::unstable::runtime::block_manager::BlockManager;
 use tulu::unstable::runtime::sampler::Sampler;
 use tulu::unstable::runtime::scheduler::{Scheduler, SchedulerConfig};
@@ -29,7 +32,7 @@ fn per_step(seqs: usize, context: usize, steps: usize, sampling: &SamplingParams
         let prompt = (0..context as u32).map(|i| (i * 31 + id as u32 * 7919) % VOCAB as u32).collect();
         sched.add(id, prompt, Sampler::new(sampling.clone(), VOCAB), false);
     }
-    let mut step = |timed: bool| -> f64 {
+    let step = |sched: &mut Scheduler, timed: bool| -> f64 {
         let started = Instant::now();
         let step = sched.schedule().expect("schedule");
         for &id in &step.sampled {
@@ -42,9 +45,40 @@ fn per_step(seqs: usize, context: usize, steps: usize, sampling: &SamplingParams
     };
     // Prefill until every sequence decodes.
     while sched.get(seqs as u64 - 1).is_none_or(|s| s.computed < context) {
-        step(false);
+        step(&mut sched, false);
     }
-    (0..steps).map(|_| step(true)).sum::<f64>() / steps as f64
+    (0..steps).map(|_| step(&mut sched, true)).sum::<f64>() / steps as f64
+}
+
+/// Bytes and microseconds (encode + decode) of one decode step's broadcast to the other ranks at
+/// `seqs` sequences of `context` tokens: the compact encoding against the JSON it replaced.
+fn broadcast(seqs: usize, context: usize) -> serde_json::Value {
+    let mut batch = Batch::new(BLOCK);
+    for s in 0..seqs as u32 {
+        let table: Vec<u32> = (0..(context + 1).div_ceil(BLOCK) as u32).map(|b| s * 1000 + b).collect();
+        batch.push(&[s], context, &table).expect("a decode row");
+    }
+    let rows = batch.last_rows();
+    let reps = 20;
+    let time = |f: &dyn Fn() -> usize| {
+        let started = Instant::now();
+        let bytes = (0..reps).map(|_| f()).last().unwrap_or(0);
+        (bytes, started.elapsed().as_secs_f64() / reps as f64 * 1e6)
+    };
+    let (json_bytes, json_us) = time(&|| {
+        let bytes = serde_json::to_vec(&(&batch, &rows)).expect("json");
+        let back: (Batch, Vec<usize>) = serde_json::from_slice(&bytes).expect("json back");
+        assert_eq!(back.0.num_tokens(), seqs);
+        bytes.len()
+    });
+    let (wire_bytes, wire_us) = time(&|| {
+        let bytes = batch_wire::encode(&batch, &rows);
+        let back = batch_wire::decode(&bytes).expect("wire back");
+        assert_eq!(back.0, batch);
+        bytes.len()
+    });
+    json!({"case": "step_broadcast", "seqs": seqs, "context": context, "json_bytes": json_bytes,
+           "json_us": json_us.round(), "binary_bytes": wire_bytes, "binary_us": wire_us.round()})
 }
 
 fn main() {
@@ -53,6 +87,9 @@ fn main() {
     let steps = flag(&args, "--steps", 200);
     let greedy = SamplingParams::greedy();
     let penalized = SamplingParams { repetition_penalty: 1.1, ..SamplingParams::greedy() };
+    for seqs in [1, 64, 256] {
+        println!("{}", broadcast(seqs, context));
+    }
     for (name, sampling) in [("greedy", &greedy), ("repetition_penalty", &penalized)] {
         for seqs in [1, 64, 256] {
             let s = per_step(seqs, context, steps, sampling);

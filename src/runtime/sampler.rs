@@ -277,6 +277,11 @@ pub struct Sampler {
     sample_rows: usize,
     /// The grammar its tokens must follow (structured outputs), if any.
     grammar: Option<TokenMatcher>,
+    /// The distinct tokens of the history seen so far, sorted, and how much of the history
+    /// they cover: a sequence's history only grows, so each step adds its new tokens instead
+    /// of sorting the whole history again (the repetition penalty's ids).
+    seen: Vec<u32>,
+    absorbed: usize,
 }
 
 impl Sampler {
@@ -286,7 +291,7 @@ impl Sampler {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => StdRng::from_os_rng(),
         };
-        Sampler { params, rng, sample_rows, grammar: None }
+        Sampler { params, rng, sample_rows, grammar: None, seen: Vec::new(), absorbed: 0 }
     }
 
     /// The same sampler, its tokens constrained by `grammar`.
@@ -312,15 +317,24 @@ impl Sampler {
     }
 
     /// This step's [`RowSampling`]: one draw from the generator, and the distinct tokens of
-    /// `history` (prompt and output so far) when the repetition penalty is on.
+    /// `history` (prompt and output so far, which only grows from call to call) when the
+    /// repetition penalty is on.
     pub fn next_row(&mut self, history: &[u32]) -> RowSampling {
-        let p = &self.params;
         let mut penalized = Vec::new();
-        if p.repetition_penalty != 1.0 {
-            penalized = history.to_vec();
-            penalized.sort_unstable();
-            penalized.dedup();
+        if self.params.repetition_penalty != 1.0 {
+            if history.len() < self.absorbed {
+                // Not the history it saw grow: start over.
+                (self.seen, self.absorbed) = (Vec::new(), 0);
+            }
+            for &t in &history[self.absorbed..] {
+                if let Err(at) = self.seen.binary_search(&t) {
+                    self.seen.insert(at, t);
+                }
+            }
+            self.absorbed = history.len();
+            penalized = self.seen.clone();
         }
+        let p = &self.params;
         RowSampling {
             temperature: p.temperature,
             top_k: p.top_k,
@@ -540,5 +554,23 @@ mod tests {
                 other => panic!("{name}: {other:?}"),
             }
         }
+    }
+
+    /// The penalised ids grow with the history step by step and always equal its distinct
+    /// tokens sorted, as a full sort of the history gives them.
+    #[test]
+    fn penalized_ids_follow_a_growing_history() {
+        let params = SamplingParams { repetition_penalty: 1.3, seed: Some(1), ..SamplingParams::greedy() };
+        let mut sampler = Sampler::new(params, 1000);
+        let mut history: Vec<u32> = vec![7, 3, 7, 900];
+        for step in 0..300u32 {
+            let mut expected = history.clone();
+            expected.sort_unstable();
+            expected.dedup();
+            assert_eq!(sampler.next_row(&history).penalized, expected, "step {step}");
+            history.push(step * 7919 % 997);
+        }
+        // Another, shorter history starts over.
+        assert_eq!(sampler.next_row(&[5, 2, 5]).penalized, vec![2, 5]);
     }
 }

@@ -485,7 +485,7 @@ fn non_finite_logits_fail_their_request_on_the_gpu() {
     let req = |prompt: Vec<u32>| GenerateRequest::tokens(prompt).sampling(SamplingParams::greedy()).max_tokens(4);
     let streams = engine.generate_all(vec![req(vec![5, 77, 9]), req(vec![5, 6, 7])]).unwrap();
     let ends: Vec<Result<(), tulu::Error>> =
-        streams.into_iter().map(|mut s| s.find_map(|e| e.err()).map_or(Ok(()), Err)).collect();
+        streams.into_iter().map(|s| s.into_iter().find_map(|e| e.err()).map_or(Ok(()), Err)).collect();
     match &ends[0] {
         Err(tulu::Error::NonFiniteLogits { position, rank }) => assert_eq!((*position, *rank), (2, 0)),
         other => panic!("the poisoned request: {other:?}"),
