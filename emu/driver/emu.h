@@ -61,6 +61,8 @@ struct Config {
     bool async = false;  // lazy streams: work runs only when something waits for it
     int threads = 0;     // worker threads for thread blocks and GEMMs
     bool memory_pools = true;
+    unsigned sanitize = 0;  // tulu_emu_sanitize bits (TULU_EMU_SANITIZE=memcheck|racecheck|all)
+    std::string sanitize_images;  // TULU_EMU_SANITIZE_IMAGES: directories of instrumented images
 };
 const Config& config();
 
