@@ -189,6 +189,19 @@ bool capturing(Stream* s);
 CUresult refuse_in_capture(Stream* s, const char* what);
 
 // ---------------------------------------------------------------------------------------------
+// Launch resources (resources.cpp): what ptxas reported for a kernel (build.rs).
+
+struct KernelResources {
+    unsigned registers = 0, static_smem = 0, spill_stores = 0, spill_loads = 0;
+    unsigned max_threads = 0, min_blocks = 0;  // __launch_bounds__ (0: none)
+};
+/// The kernel's figures for the emulated architecture, or null when TULU_EMU_RESOURCES has none.
+const KernelResources* kernel_resources(const char* kernel);
+/// The most threads a block of the kernel may have: its launch bounds, and its registers
+/// (allocated per warp in units of 256, 65,536 per block).
+unsigned max_threads_for(const KernelResources& r);
+
+// ---------------------------------------------------------------------------------------------
 // Worker pool (pool.cpp): thread blocks and GEMM tiles run here, the caller taking part.
 
 /// Calls f(i) for i in [0, n) on the pool and the calling thread; returns when all are done.

@@ -42,6 +42,10 @@ struct Function {
     // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES: what is left of 48 KiB after the static
     // `__shared__` bytes, until raised (up to what is left of 227 KiB).
     int max_dynamic_smem;
+    // nvcc's figures for the kernel (build.rs), when TULU_EMU_RESOURCES has them.
+    const KernelResources* res;
+    // Static `__shared__` bytes: ptxas's count when known, else emu/image.sh's upper bound.
+    unsigned static_smem;
 };
 
 constexpr size_t kStackSize = 128 * 1024;
@@ -344,7 +348,9 @@ EMU_EXPORT CUresult cuModuleGetFunction(void** function, void* module, const cha
     Module* m = (Module*)module;
     for (const tulu_emu_kernel* k = m->image->kernels; k->name; k++) {
         if (!strcmp(k->name, name)) {
-            *function = new Function{m, k, std::max(0, kSmemDefault - (int)k->static_smem)};
+            const KernelResources* res = kernel_resources(name);
+            const unsigned smem = res ? res->static_smem : k->static_smem;
+            *function = new Function{m, k, std::max(0, kSmemDefault - (int)smem), res, smem};
             return CUDA_SUCCESS;
         }
     }
@@ -355,9 +361,9 @@ EMU_EXPORT CUresult cuFuncGetAttribute(int* value, int attribute, void* function
     if (!value || !function) return CUDA_ERROR_INVALID_VALUE;
     Function* f = (Function*)function;
     switch (attribute) {
-        case 0: *value = kMaxThreads; break;             // MAX_THREADS_PER_BLOCK
-        case 1: *value = (int)f->kernel->static_smem; break;  // SHARED_SIZE_BYTES (emu/image.sh's count)
-        case 4: *value = 32; break;                      // NUM_REGS
+        case 0: *value = f->res ? (int)max_threads_for(*f->res) : kMaxThreads; break;  // MAX_THREADS_PER_BLOCK
+        case 1: *value = (int)f->static_smem; break;                                  // SHARED_SIZE_BYTES
+        case 4: *value = f->res ? (int)f->res->registers : 32; break;                 // NUM_REGS
         case 8: *value = f->max_dynamic_smem; break;     // MAX_DYNAMIC_SHARED_SIZE_BYTES
         default: *value = 0; break;
     }
@@ -369,10 +375,10 @@ EMU_EXPORT CUresult cuFuncSetAttribute(void* function, int attribute, int value)
     Function* f = (Function*)function;
     if (attribute == 8) {
         // Static and dynamic shared memory together stay within the opt-in limit.
-        if (value < 0 || value + (long long)f->kernel->static_smem > kSmemOptIn) {
+        if (value < 0 || value + (long long)f->static_smem > kSmemOptIn) {
             report("cuFuncSetAttribute `%s`: %d bytes of dynamic shared memory and %u static exceed the %d a block "
                    "may have",
-                   f->kernel->name, value, f->kernel->static_smem, kSmemOptIn);
+                   f->kernel->name, value, f->static_smem, kSmemOptIn);
             return CUDA_ERROR_INVALID_VALUE;
         }
         f->max_dynamic_smem = value;
@@ -408,11 +414,22 @@ EMU_EXPORT CUresult cuLaunchKernel(void* function, unsigned gx, unsigned gy, uns
     if ((long long)smem > f->max_dynamic_smem) {
         report("cuLaunchKernel `%s`: %u bytes of dynamic shared memory and %u static exceed the function's limit "
                "of %d dynamic (%s)",
-               k->name, smem, k->static_smem, f->max_dynamic_smem,
-               f->max_dynamic_smem + (long long)k->static_smem <= kSmemDefault
+               k->name, smem, f->static_smem, f->max_dynamic_smem,
+               f->max_dynamic_smem + (long long)f->static_smem <= kSmemDefault
                    ? "48 KiB in all without opting in: raise it with cuFuncSetAttribute"
                    : "227 KiB in all");
         return CUDA_ERROR_INVALID_VALUE;
+    }
+    if (f->res && threads > max_threads_for(*f->res)) {
+        const KernelResources& r = *f->res;
+        if (r.max_threads && threads > r.max_threads)
+            report("cuLaunchKernel `%s`: a block of %llu threads exceeds the kernel's __launch_bounds__ of %u",
+                   k->name, threads, r.max_threads);
+        else
+            report("cuLaunchKernel `%s`: a block of %llu threads at %u registers each (ptxas) needs more than the "
+                   "65,536 registers of an SM",
+                   k->name, threads, r.registers);
+        return CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES;
     }
     if (k->nparams > 0 && !params) return CUDA_ERROR_INVALID_VALUE;
     auto L = std::make_shared<Launch>();
