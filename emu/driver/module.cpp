@@ -207,11 +207,15 @@ struct Launch {
 };
 
 // Racecheck between blocks: the global bytes each block of one launch wrote (emu/runtime/sanitize.cpp
-// hands them over at the block's end), by start address.
+// hands them over at the block's end), by start address, with the values the block left there.
+// Two blocks writing the same bytes is a race; when the second leaves the values the first
+// left, nothing depends on the order (the decode warm-up's dummy rows all write one KV slot
+// with one value), and it is not reported.
 struct LaunchWrites {
     struct Range {
         unsigned long hi, pc;
         unsigned block;
+        std::vector<unsigned char> bytes;  // [lo, hi) as the block left it
     };
     std::mutex mu;
     std::map<unsigned long, Range> written;
@@ -225,15 +229,20 @@ int record_writes(void* launch, unsigned block, const tulu_emu_write_range* r, s
         auto it = w->written.upper_bound(r[i].lo);
         if (it != w->written.begin()) --it;
         for (; it != w->written.end() && it->first < r[i].hi; ++it) {
-            if (it->second.hi > r[i].lo && it->second.block != block) {
-                *mine = r[i];
-                *other = tulu_emu_write_range{it->first, it->second.hi, it->second.pc};
-                *other_block = it->second.block;
-                return 1;
-            }
+            const LaunchWrites::Range& o = it->second;
+            if (o.hi <= r[i].lo || o.block == block) continue;
+            const unsigned long lo = std::max(r[i].lo, it->first), hi = std::min(r[i].hi, o.hi);
+            if (!memcmp(o.bytes.data() + (lo - it->first), (const void*)lo, hi - lo)) continue;  // same values
+            *mine = r[i];
+            *other = tulu_emu_write_range{it->first, o.hi, o.pc};
+            *other_block = o.block;
+            return 1;
         }
     }
-    for (size_t i = 0; i < n; i++) w->written.emplace(r[i].lo, LaunchWrites::Range{r[i].hi, r[i].pc, block});
+    for (size_t i = 0; i < n; i++) {
+        const unsigned char* p = (const unsigned char*)r[i].lo;
+        w->written.emplace(r[i].lo, LaunchWrites::Range{r[i].hi, r[i].pc, block, {p, p + (r[i].hi - r[i].lo)}});
+    }
     return 0;
 }
 

@@ -133,10 +133,13 @@ extern "C" __global__ void fill_dynamic(float* out) {
     out[threadIdx.x] = s[threadIdx.x];
 }
 
-// Block b writes out[b * (blockDim.x - overlap) + t]: with overlap 1, each block's last element
-// is the next block's first — two blocks writing the same bytes without atomics.
+// Block b writes out[i], i = b * (blockDim.x - 1) + t when `overlap` (each block's last element is
+// the next block's first: two blocks writing the same bytes without atomics), else
+// b * blockDim.x + t. The value is the block's index, or i itself when overlap is 2 (the two
+// blocks write the same value: nothing depends on their order).
 extern "C" __global__ void overlapping_rows(float* out, int overlap) {
-    out[blockIdx.x * (blockDim.x - overlap) + threadIdx.x] = (float)blockIdx.x;
+    const unsigned i = blockIdx.x * (blockDim.x - (overlap ? 1 : 0)) + threadIdx.x;
+    out[i] = overlap == 2 ? (float)i : (float)blockIdx.x;
 }
 
 // 40 KiB of static shared memory plus the launch's dynamic bytes: past 48 KiB in all only after
