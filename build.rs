@@ -11,14 +11,24 @@
 //! must not silently get; the kernels call exp2f/rsqrtf explicitly where the fast form is wanted.
 //!
 //! nvcc is `$NVCC`, else `$CUDA_HOME/bin/nvcc`, else `nvcc` on PATH, else the venv that
-//! `scripts/install-nvcc` creates. ptxas always reports registers and spills (`-v`); the build
-//! fails when a kernel whose name contains `decode` spills (the decode loop must stay in
-//! registers), and `TULU_PTXAS_REPORT=1` prints the whole report as cargo warnings.
+//! `scripts/install-nvcc` creates. ptxas always reports registers, shared memory and spills
+//! (`-v`); the build fails when any kernel spills on any architecture (`SPILLS_ALLOWED` is the
+//! explicit list of exceptions: none today), and `TULU_PTXAS_REPORT=1` prints the whole report
+//! as cargo warnings.
+//!
+//! The launch resources of every kernel on every architecture — registers, static shared
+//! memory, spill bytes (ptxas) and `__launch_bounds__` (the `.maxntid`/`.minnctapersm` of the PTX
+//! nvcc keeps) — go to `OUT_DIR/kernel-resources.tsv` and, for the CUDA emulator, which refuses
+//! the launches a GPU would refuse (docs/cuda-emu.md), to `<target dir>/kernel-resources.tsv`.
 
 use std::env;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// Kernels allowed to spill registers, each with the reason (none: every kernel stays in
+/// registers on every architecture, and a spill fails the build).
+const SPILLS_ALLOWED: &[&str] = &[];
 
 /// Targets of every fatbin: SASS per supported architecture, plus PTX for later ones.
 const GENCODE: &[&str] = &[
@@ -70,8 +80,25 @@ fn build() -> Result<(), String> {
          pub(crate) const EMBEDDED: &[(&str, &[u8])] = &[\n",
     );
     let mut spills = Vec::new();
+    let mut table = String::from(
+        "# file\tkernel\tarch\tregisters\tstatic_smem\tspill_stores\tspill_loads\tmax_threads\tmin_blocks\n",
+    );
     for r in results {
         let (name, fatbin, log) = r?;
+        let bounds = launch_bounds(&out.join(format!("keep-{name}")));
+        for k in resources(&log) {
+            let (max_threads, min_blocks) = bounds.get(&k.function).copied().unwrap_or((0, 0));
+            table.push_str(&format!(
+                "{name}\t{}\t{}\t{}\t{}\t{}\t{}\t{max_threads}\t{min_blocks}\n",
+                k.function, k.arch, k.registers, k.smem, k.spill_stores, k.spill_loads
+            ));
+            if (k.spill_stores > 0 || k.spill_loads > 0) && !SPILLS_ALLOWED.contains(&k.function.as_str()) {
+                spills.push(format!(
+                    "{name}.cu: {} ({}): {} bytes spill stores, {} bytes spill loads",
+                    k.function, k.arch, k.spill_stores, k.spill_loads
+                ));
+            }
+        }
         for line in log.lines() {
             if line.contains("warning") {
                 println!("cargo:warning={name}.cu: {line}");
@@ -81,15 +108,24 @@ fn build() -> Result<(), String> {
                 println!("cargo:warning={name}.cu: {}", line.trim());
             }
         }
-        spills.extend(decode_spills(&log).into_iter().map(|s| format!("{name}.cu: {s}")));
         embedded.push_str(&format!("    ({name:?}, include_bytes!({:?})),\n", fatbin.display().to_string()));
     }
     embedded.push_str("];\n");
     if !spills.is_empty() {
         return Err(format!(
-            "decode kernels must not spill registers (set TULU_PTXAS_REPORT=1 for the full report):\n  {}",
+            "kernels must not spill registers (set TULU_PTXAS_REPORT=1 for the full report; SPILLS_ALLOWED in \
+             build.rs lists exceptions):\n  {}",
             spills.join("\n  ")
         ));
+    }
+    fs::write(out.join("kernel-resources.tsv"), &table).map_err(|e| format!("writing kernel-resources.tsv: {e}"))?;
+    // OUT_DIR is <target dir>/<profile>/build/<pkg>-<hash>/out: the emulator finds the table at
+    // <target dir>/kernel-resources.tsv (scripts/cuda-emu points TULU_EMU_RESOURCES at it).
+    if let Some(target) = out.ancestors().nth(4) {
+        let tmp = target.join(format!("kernel-resources.tsv.{}", std::process::id()));
+        fs::write(&tmp, &table)
+            .and_then(|_| fs::rename(&tmp, target.join("kernel-resources.tsv")))
+            .map_err(|e| format!("writing {}: {e}", target.join("kernel-resources.tsv").display()))?;
     }
     fs::write(out.join("kernels.rs"), embedded).map_err(|e| format!("writing kernels.rs: {e}"))
 }
@@ -99,7 +135,11 @@ fn compile(nvcc: &Path, include: &Path, src: &Path, out: &Path) -> Result<(Strin
     let name = src.file_stem().and_then(|s| s.to_str()).ok_or_else(|| format!("bad file name {}", src.display()))?;
     let fatbin = out.join(format!("{name}.fatbin"));
     let mut cmd = Command::new(nvcc);
-    cmd.args(["-fatbin", "-O3", "-lineinfo", "-std=c++17", "-Xptxas", "-v"]).arg("-I").arg(include);
+    // -keep leaves the PTX, whose `.maxntid` / `.minnctapersm` are the launch bounds.
+    let keep = out.join(format!("keep-{name}"));
+    fs::create_dir_all(&keep).map_err(|e| format!("{}: {e}", keep.display()))?;
+    cmd.args(["-fatbin", "-O3", "-lineinfo", "-std=c++17", "-Xptxas", "-v", "-keep", "-keep-dir"]).arg(&keep);
+    cmd.arg("-I").arg(include);
     if let Some(ccbin) = env::var_os("NVCC_CCBIN") {
         cmd.arg("-ccbin").arg(ccbin);
     }
@@ -115,36 +155,76 @@ fn compile(nvcc: &Path, include: &Path, src: &Path, out: &Path) -> Result<(Strin
     Ok((name.to_owned(), fatbin, log))
 }
 
-/// `function (arch): N bytes spill stores, M bytes spill loads` for each kernel whose name
-/// contains `decode` and spills, from ptxas' `-v` log.
-fn decode_spills(log: &str) -> Vec<String> {
-    let (mut function, mut arch) = (String::new(), String::new());
-    let mut found = Vec::new();
+/// One kernel on one architecture, as ptxas' `-v` log reports it.
+struct Resources {
+    function: String,
+    arch: String,
+    registers: u64,
+    smem: u64,
+    spill_stores: u64,
+    spill_loads: u64,
+}
+
+/// The number just before `what` in a ptxas line ("24 bytes spill stores", "Used 32 registers").
+fn figure(line: &str, what: &str) -> u64 {
+    line.split(what)
+        .next()
+        .filter(|before| before.len() < line.len())
+        .and_then(|before| before.split_whitespace().next_back())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0)
+}
+
+/// Every kernel's resources from ptxas' `-v` log.
+fn resources(log: &str) -> Vec<Resources> {
+    let mut found: Vec<Resources> = Vec::new();
     for line in log.lines() {
         // "ptxas info    : Compiling entry function 'NAME' for 'sm_90a'"
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
             let mut parts = rest.split('\'');
-            function = parts.next().unwrap_or_default().to_owned();
-            arch = parts.nth(1).unwrap_or_default().to_owned();
-        // "ptxas info    : Function properties for NAME"
-        } else if let Some(rest) = line.split("Function properties for ").nth(1) {
-            function = rest.trim().to_owned();
-        // "    24 bytes stack frame, 20 bytes spill stores, 32 bytes spill loads"
-        } else if line.contains("spill stores") {
-            let count = |what: &str| {
-                line.split(',')
-                    .find(|p| p.contains(what))
-                    .and_then(|p| p.split_whitespace().next())
-                    .and_then(|n| n.parse::<u64>().ok())
-                    .unwrap_or(0)
-            };
-            let (stores, loads) = (count("spill stores"), count("spill loads"));
-            if function.contains("decode") && (stores > 0 || loads > 0) {
-                found.push(format!("{function} ({arch}): {stores} bytes spill stores, {loads} bytes spill loads"));
+            let function = parts.next().unwrap_or_default().to_owned();
+            let arch = parts.nth(1).unwrap_or_default().to_owned();
+            found.push(Resources { function, arch, registers: 0, smem: 0, spill_stores: 0, spill_loads: 0 });
+        } else if let Some(k) = found.last_mut() {
+            // "    24 bytes stack frame, 20 bytes spill stores, 32 bytes spill loads"
+            if line.contains("spill stores") {
+                k.spill_stores = figure(line, "bytes spill stores");
+                k.spill_loads = figure(line, "bytes spill loads");
+            // "ptxas info    : Used 32 registers, used 1 barriers, 16920 bytes smem"
+            } else if line.contains("Used") && line.contains("registers") {
+                k.registers = figure(line, "registers");
+                k.smem = figure(line, "bytes smem");
             }
         }
     }
     found
+}
+
+/// `__launch_bounds__` of each kernel from the PTX nvcc kept in `dir` (any architecture's:
+/// they come from the source): name -> (max threads per block, min blocks per SM), 0 if none.
+fn launch_bounds(dir: &Path) -> std::collections::HashMap<String, (u64, u64)> {
+    let mut bounds = std::collections::HashMap::new();
+    let ptx = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "ptx"));
+    let Some(text) = ptx.and_then(|p| fs::read_to_string(p).ok()) else { return bounds };
+    let mut entry = String::new();
+    for line in text.lines() {
+        let line = line.trim();
+        // ".visible .entry NAME(" then, before the body, ".maxntid 128, 1, 1" / ".minnctapersm 4"
+        if let Some(rest) = line.split(".entry ").nth(1) {
+            entry = rest.split('(').next().unwrap_or_default().trim().to_owned();
+        } else if let Some(rest) = line.strip_prefix(".maxntid") {
+            let threads = rest.split(',').filter_map(|n| n.trim().parse::<u64>().ok()).product::<u64>();
+            bounds.entry(entry.clone()).or_insert((0, 0)).0 = threads;
+        } else if let Some(rest) = line.strip_prefix(".minnctapersm") {
+            bounds.entry(entry.clone()).or_insert((0, 0)).1 = rest.trim().parse().unwrap_or(0);
+        }
+    }
+    bounds
 }
 
 /// The nvcc to use, or an error that says how to get one.

@@ -15,6 +15,13 @@ use cudarc::driver::sys::CUstreamCaptureMode;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::Ptx;
 
+#[path = "cuda_emu/cublaslt.rs"]
+mod cublaslt;
+#[path = "cuda_emu/resources.rs"]
+mod resources;
+#[path = "cuda_emu/sanitizer.rs"]
+mod sanitizer;
+
 /// A context on emulated device `ordinal`, with the emulator's test kernels loaded.
 fn setup(ordinal: usize) -> (Arc<CudaContext>, Arc<CudaStream>, Arc<CudaModule>) {
     let ctx = CudaContext::new(ordinal).expect("no CUDA device: run under scripts/cuda-emu");

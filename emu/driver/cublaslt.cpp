@@ -11,6 +11,8 @@
 // Each output is one f32 dot product over k in a fixed order (eight interleaved partial sums,
 // then summed pairwise), the same whatever the thread count.
 #include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "emu.h"
@@ -287,6 +289,20 @@ struct HeuristicResult {
 };
 static_assert(sizeof(HeuristicResult) == 96, "cublasLtMatmulHeuristicResult_t is 96 bytes");
 
+// TULU_EMU_CUBLASLT_NO_HEURISTIC: `always`, or a comma-separated list of cuBLAS shapes `MxNxK`
+// (cuBLAS's m, n, k: for tulu's y = x·wᵀ, m is w's rows, n x's rows), for which the heuristic
+// finds no algorithm, as real cuBLASLt may answer for a shape it has no kernel for.
+bool no_heuristic_for(uint64_t m, uint64_t n, uint64_t k) {
+    const char* s = getenv("TULU_EMU_CUBLASLT_NO_HEURISTIC");
+    if (!s || !*s) return false;
+    if (!strcmp(s, "always")) return true;
+    char want[96];
+    snprintf(want, sizeof want, "%llux%llux%llu", (unsigned long long)m, (unsigned long long)n,
+             (unsigned long long)k);
+    const std::string list = std::string(",") + s + ",";
+    return list.find(std::string(",") + want + ",") != std::string::npos;
+}
+
 EMU_EXPORT int cublasLtMatmulAlgoGetHeuristic(void* handle, void* desc, void* a, void* b, void* c, void* d, void* pref,
                                               int requested, HeuristicResult* results, int* returned) {
     if (!handle) return CUBLAS_STATUS_NOT_INITIALIZED;
@@ -301,6 +317,7 @@ EMU_EXPORT int cublasLtMatmulAlgoGetHeuristic(void* handle, void* desc, void* a,
     }
     uint64_t m, n, k;
     if (!shapes(dd, *(Layout*)a, *(Layout*)b, *(Layout*)c, *(Layout*)d, m, n, k)) return CUBLAS_STATUS_INVALID_VALUE;
+    if (no_heuristic_for(m, n, k)) return CUBLAS_STATUS_NOT_SUPPORTED;  // no algorithm, none returned
     memset(results, 0, sizeof *results);
     results->algo[0] = 0x74756c75;  // "tulu"
     results->waves = 1.0f;

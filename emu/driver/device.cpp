@@ -69,6 +69,16 @@ Config read_config() {
     c.threads = cpus > 0 ? (int)cpus : 1;
     if (const char* s = getenv("TULU_EMU_THREADS")) c.threads = atoi(s) > 0 ? atoi(s) : c.threads;
     if (const char* s = getenv("TULU_EMU_MEMORY_POOLS")) c.memory_pools = strcmp(s, "0") != 0;
+    if (const char* s = getenv("TULU_EMU_SANITIZE")) {
+        if (!strcmp(s, "memcheck")) c.sanitize = TULU_EMU_MEMCHECK;
+        else if (!strcmp(s, "racecheck")) c.sanitize = TULU_EMU_RACECHECK;
+        else if (!strcmp(s, "all")) c.sanitize = TULU_EMU_MEMCHECK | TULU_EMU_RACECHECK;
+        else if (*s && strcmp(s, "0") && strcmp(s, "none")) {
+            report("TULU_EMU_SANITIZE=%s: expected memcheck, racecheck or all", s);
+            exit(2);  // a check asked for and silently not made would pass everything
+        }
+    }
+    if (const char* s = getenv("TULU_EMU_SANITIZE_IMAGES")) c.sanitize_images = s;
     return c;
 }
 

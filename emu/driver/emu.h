@@ -61,6 +61,8 @@ struct Config {
     bool async = false;  // lazy streams: work runs only when something waits for it
     int threads = 0;     // worker threads for thread blocks and GEMMs
     bool memory_pools = true;
+    unsigned sanitize = 0;  // tulu_emu_sanitize bits (TULU_EMU_SANITIZE=memcheck|racecheck|all)
+    std::string sanitize_images;  // TULU_EMU_SANITIZE_IMAGES: directories of instrumented images
 };
 const Config& config();
 
@@ -185,6 +187,19 @@ void drain_context(Context* ctx);
 bool capturing(Stream* s);
 /// Invalidates a capture that met an operation CUDA refuses during capture.
 CUresult refuse_in_capture(Stream* s, const char* what);
+
+// ---------------------------------------------------------------------------------------------
+// Launch resources (resources.cpp): what ptxas reported for a kernel (build.rs).
+
+struct KernelResources {
+    unsigned registers = 0, static_smem = 0, spill_stores = 0, spill_loads = 0;
+    unsigned max_threads = 0, min_blocks = 0;  // __launch_bounds__ (0: none)
+};
+/// The kernel's figures for the emulated architecture, or null when TULU_EMU_RESOURCES has none.
+const KernelResources* kernel_resources(const char* kernel);
+/// The most threads a block of the kernel may have: its launch bounds, and its registers
+/// (allocated per warp in units of 256, 65,536 per block).
+unsigned max_threads_for(const KernelResources& r);
 
 // ---------------------------------------------------------------------------------------------
 // Worker pool (pool.cpp): thread blocks and GEMM tiles run here, the caller taking part.

@@ -11,6 +11,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <map>
 
 #include "emu.h"
@@ -31,10 +32,20 @@ struct Module {
     Context* ctx;
 };
 
+// Shared memory a block may have without opting in, and with (an H100's figures).
+constexpr int kSmemDefault = 48 * 1024;
+constexpr int kSmemOptIn = TULU_EMU_DYNAMIC_SMEM_MAX;
+
 struct Function {
     Module* module;
     const tulu_emu_kernel* kernel;
-    int max_dynamic_smem = 48 * 1024;
+    // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES: what is left of 48 KiB after the static
+    // `__shared__` bytes, until raised (up to what is left of 227 KiB).
+    int max_dynamic_smem;
+    // nvcc's figures for the kernel (build.rs), when TULU_EMU_RESOURCES has them.
+    const KernelResources* res;
+    // Static `__shared__` bytes: ptxas's count when known, else emu/image.sh's upper bound.
+    unsigned static_smem;
 };
 
 constexpr size_t kStackSize = 128 * 1024;
@@ -79,6 +90,36 @@ size_t elf_size(const unsigned char* p) {
     memcpy(&shentsize, p + 0x3a, 2);
     memcpy(&shnum, p + 0x3c, 2);
     return shoff + (uint64_t)shentsize * shnum;
+}
+
+// TULU_EMU_SANITIZE: the instrumented image of the same kernel file (emu/image.sh `sanitize`),
+// NAME.so in one of TULU_EMU_SANITIZE_IMAGES' directories, runs in place of the plain one. It is
+// loaded from its own path, which addr2line reads for the reports' file:line.
+CUresult load_instrumented(const std::string& name, Image* image) {
+    const std::string& dirs = config().sanitize_images;
+    for (size_t at = 0; at <= dirs.size();) {
+        size_t end = dirs.find(':', at);
+        if (end == std::string::npos) end = dirs.size();
+        const std::string path = dirs.substr(at, end - at) + "/" + name + ".so";
+        at = end + 1;
+        if (access(path.c_str(), R_OK) != 0) continue;
+        void* h = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+        const int* abi = h ? (const int*)dlsym(h, "tulu_emu_abi_version") : nullptr;
+        auto kernels = h ? (const tulu_emu_kernel*)dlsym(h, "tulu_emu_kernels") : nullptr;
+        auto run = h ? (tulu_emu_run_block_fn)dlsym(h, "tulu_emu_run_block") : nullptr;
+        if (!abi || *abi != TULU_EMU_ABI || !kernels || !run) {
+            report("cuModuleLoadData: %s is not an instrumented image of ABI %d (%s)", path.c_str(), TULU_EMU_ABI,
+                   h ? "rebuild with scripts/cuda-emu" : dlerror());
+            return CUDA_ERROR_INVALID_IMAGE;
+        }
+        image->kernels = kernels;
+        image->run_block = run;
+        return CUDA_SUCCESS;
+    }
+    report("cuModuleLoadData: TULU_EMU_SANITIZE is set but no instrumented image %s.so is in "
+           "TULU_EMU_SANITIZE_IMAGES=%s (scripts/cuda-emu builds and sets them)",
+           name.c_str(), dirs.c_str());
+    return CUDA_ERROR_INVALID_IMAGE;
 }
 
 CUresult load_image(const void* data, Image** out) {
@@ -147,6 +188,10 @@ CUresult load_image(const void* data, Image** out) {
         return CUDA_ERROR_INVALID_IMAGE;
     }
     Image* image = new Image{handle, kernels, run};
+    if (config().sanitize) {
+        const char* name = (const char*)dlsym(handle, "tulu_emu_image_name");
+        if (CUresult e = load_instrumented(name ? name : "?", image)) return e;
+    }
     images.emplace(std::move(key), image);
     *out = image;
     return CUDA_SUCCESS;
@@ -160,6 +205,46 @@ struct Launch {
     std::vector<unsigned char> params;  // each parameter's value, at its offset
     std::vector<size_t> offsets;
 };
+
+// Racecheck between blocks: the global bytes each block of one launch wrote (emu/runtime/sanitize.cpp
+// hands them over at the block's end), by start address, with the values the block left there.
+// Two blocks writing the same bytes is a race; when the second leaves the values the first
+// left, nothing depends on the order (the decode warm-up's dummy rows all write one KV slot
+// with one value), and it is not reported.
+struct LaunchWrites {
+    struct Range {
+        unsigned long hi, pc;
+        unsigned block;
+        std::vector<unsigned char> bytes;  // [lo, hi) as the block left it
+    };
+    std::mutex mu;
+    std::map<unsigned long, Range> written;
+};
+
+int record_writes(void* launch, unsigned block, const tulu_emu_write_range* r, size_t n, tulu_emu_write_range* mine,
+                  tulu_emu_write_range* other, unsigned* other_block) {
+    LaunchWrites* w = (LaunchWrites*)launch;
+    std::lock_guard<std::mutex> g(w->mu);
+    for (size_t i = 0; i < n; i++) {
+        auto it = w->written.upper_bound(r[i].lo);
+        if (it != w->written.begin()) --it;
+        for (; it != w->written.end() && it->first < r[i].hi; ++it) {
+            const LaunchWrites::Range& o = it->second;
+            if (o.hi <= r[i].lo || o.block == block) continue;
+            const unsigned long lo = std::max(r[i].lo, it->first), hi = std::min(r[i].hi, o.hi);
+            if (!memcmp(o.bytes.data() + (lo - it->first), (const void*)lo, hi - lo)) continue;  // same values
+            *mine = r[i];
+            *other = tulu_emu_write_range{it->first, o.hi, o.pc};
+            *other_block = o.block;
+            return 1;
+        }
+    }
+    for (size_t i = 0; i < n; i++) {
+        const unsigned char* p = (const unsigned char*)r[i].lo;
+        w->written.emplace(r[i].lo, LaunchWrites::Range{r[i].hi, r[i].pc, block, {p, p + (r[i].hi - r[i].lo)}});
+    }
+    return 0;
+}
 
 void run_launch(const Launch& L) {
     const tulu_emu_kernel* k = L.f->kernel;
@@ -187,11 +272,12 @@ void run_launch(const Launch& L) {
     std::mutex err_mu;
     std::string error;
     std::atomic<bool> failed{false};
+    LaunchWrites writes;
     parallel_for(total, [&](size_t b) {
         if (failed.load(std::memory_order_relaxed)) return;
         char* stacks = thread_stacks();
         ensure_signal_stack();
-        char msg[1024] = "";
+        char msg[2048] = "";
         tulu_emu_block job{};
         job.kernel = k;
         job.params = ptrs.data();
@@ -210,6 +296,9 @@ void run_launch(const Launch& L) {
         job.current_thread = &r.thread;
         job.error = msg;
         job.error_len = sizeof msg;
+        job.sanitize = config().sanitize;
+        job.launch = &writes;
+        job.global_writes = record_writes;
         r.kernel = k->name;
         r.block[0] = job.block_idx.x;
         r.block[1] = job.block_idx.y;
@@ -268,7 +357,9 @@ EMU_EXPORT CUresult cuModuleGetFunction(void** function, void* module, const cha
     Module* m = (Module*)module;
     for (const tulu_emu_kernel* k = m->image->kernels; k->name; k++) {
         if (!strcmp(k->name, name)) {
-            *function = new Function{m, k};
+            const KernelResources* res = kernel_resources(name);
+            const unsigned smem = res ? res->static_smem : k->static_smem;
+            *function = new Function{m, k, std::max(0, kSmemDefault - (int)smem), res, smem};
             return CUDA_SUCCESS;
         }
     }
@@ -279,9 +370,9 @@ EMU_EXPORT CUresult cuFuncGetAttribute(int* value, int attribute, void* function
     if (!value || !function) return CUDA_ERROR_INVALID_VALUE;
     Function* f = (Function*)function;
     switch (attribute) {
-        case 0: *value = kMaxThreads; break;             // MAX_THREADS_PER_BLOCK
-        case 1: *value = 0; break;                       // SHARED_SIZE_BYTES (static: unknown here)
-        case 4: *value = 32; break;                      // NUM_REGS
+        case 0: *value = f->res ? (int)max_threads_for(*f->res) : kMaxThreads; break;  // MAX_THREADS_PER_BLOCK
+        case 1: *value = (int)f->static_smem; break;                                  // SHARED_SIZE_BYTES
+        case 4: *value = f->res ? (int)f->res->registers : 32; break;                 // NUM_REGS
         case 8: *value = f->max_dynamic_smem; break;     // MAX_DYNAMIC_SHARED_SIZE_BYTES
         default: *value = 0; break;
     }
@@ -292,7 +383,13 @@ EMU_EXPORT CUresult cuFuncSetAttribute(void* function, int attribute, int value)
     if (!function) return CUDA_ERROR_INVALID_VALUE;
     Function* f = (Function*)function;
     if (attribute == 8) {
-        if (value < 0 || value > TULU_EMU_DYNAMIC_SMEM_MAX) return CUDA_ERROR_INVALID_VALUE;
+        // Static and dynamic shared memory together stay within the opt-in limit.
+        if (value < 0 || value + (long long)f->static_smem > kSmemOptIn) {
+            report("cuFuncSetAttribute `%s`: %d bytes of dynamic shared memory and %u static exceed the %d a block "
+                   "may have",
+                   f->kernel->name, value, f->static_smem, kSmemOptIn);
+            return CUDA_ERROR_INVALID_VALUE;
+        }
         f->max_dynamic_smem = value;
     }
     return CUDA_SUCCESS;
@@ -323,11 +420,25 @@ EMU_EXPORT CUresult cuLaunchKernel(void* function, unsigned gx, unsigned gy, uns
         report("cuLaunchKernel `%s`: invalid grid (%u,%u,%u) or block (%u,%u,%u)", k->name, gx, gy, gz, bx, by, bz);
         return CUDA_ERROR_INVALID_VALUE;
     }
-    if ((int)smem > f->max_dynamic_smem) {
-        report("cuLaunchKernel `%s`: %u bytes of dynamic shared memory exceed the function's limit of %d "
-               "(raise it with cuFuncSetAttribute)",
-               k->name, smem, f->max_dynamic_smem);
+    if ((long long)smem > f->max_dynamic_smem) {
+        report("cuLaunchKernel `%s`: %u bytes of dynamic shared memory and %u static exceed the function's limit "
+               "of %d dynamic (%s)",
+               k->name, smem, f->static_smem, f->max_dynamic_smem,
+               f->max_dynamic_smem + (long long)f->static_smem <= kSmemDefault
+                   ? "48 KiB in all without opting in: raise it with cuFuncSetAttribute"
+                   : "227 KiB in all");
         return CUDA_ERROR_INVALID_VALUE;
+    }
+    if (f->res && threads > max_threads_for(*f->res)) {
+        const KernelResources& r = *f->res;
+        if (r.max_threads && threads > r.max_threads)
+            report("cuLaunchKernel `%s`: a block of %llu threads exceeds the kernel's __launch_bounds__ of %u",
+                   k->name, threads, r.max_threads);
+        else
+            report("cuLaunchKernel `%s`: a block of %llu threads at %u registers each (ptxas) needs more than the "
+                   "65,536 registers of an SM",
+                   k->name, threads, r.registers);
+        return CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES;
     }
     if (k->nparams > 0 && !params) return CUDA_ERROR_INVALID_VALUE;
     auto L = std::make_shared<Launch>();

@@ -233,10 +233,24 @@ inline void __nanosleep(unsigned) {}
 inline void __trap() { __builtin_trap(); }
 
 // ---------------------------------------------------------------------------------------------
-// Atomics: relaxed read-modify-writes, as on the GPU.
+// Atomics: relaxed read-modify-writes, as on the GPU. In an instrumented image
+// (TULU_EMU_SANITIZE) they are not instrumented — atomics never race with each other — and
+// report themselves to memcheck instead (alignment, shared-memory bounds).
+
+#ifdef TULU_EMU_SANITIZE
+namespace tulu_emu {
+void atomic_access(const void* p, unsigned size, void* pc);
+}
+#define TULU_EMU_ATOMIC __attribute__((no_sanitize_address, noinline))
+#define TULU_EMU_ATOMIC_CHECK(p) tulu_emu::atomic_access(p, sizeof(*(p)), __builtin_return_address(0))
+#else
+#define TULU_EMU_ATOMIC inline
+#define TULU_EMU_ATOMIC_CHECK(p) ((void)0)
+#endif
 
 template <class T>
-inline T atomicAdd(T* p, T v) {
+TULU_EMU_ATOMIC T atomicAdd(T* p, T v) {
+    TULU_EMU_ATOMIC_CHECK(p);
     if constexpr (std::is_floating_point<T>::value) {
         T old, desired;
         __atomic_load(p, &old, __ATOMIC_RELAXED);
@@ -249,39 +263,47 @@ inline T atomicAdd(T* p, T v) {
     }
 }
 template <class T>
-inline T atomicSub(T* p, T v) {
+TULU_EMU_ATOMIC T atomicSub(T* p, T v) {
+    TULU_EMU_ATOMIC_CHECK(p);
     return __atomic_fetch_sub(p, v, __ATOMIC_RELAXED);
 }
 template <class T>
-inline T atomicXor(T* p, T v) {
+TULU_EMU_ATOMIC T atomicXor(T* p, T v) {
+    TULU_EMU_ATOMIC_CHECK(p);
     return __atomic_fetch_xor(p, v, __ATOMIC_RELAXED);
 }
 template <class T>
-inline T atomicOr(T* p, T v) {
+TULU_EMU_ATOMIC T atomicOr(T* p, T v) {
+    TULU_EMU_ATOMIC_CHECK(p);
     return __atomic_fetch_or(p, v, __ATOMIC_RELAXED);
 }
 template <class T>
-inline T atomicAnd(T* p, T v) {
+TULU_EMU_ATOMIC T atomicAnd(T* p, T v) {
+    TULU_EMU_ATOMIC_CHECK(p);
     return __atomic_fetch_and(p, v, __ATOMIC_RELAXED);
 }
 template <class T>
-inline T atomicExch(T* p, T v) {
+TULU_EMU_ATOMIC T atomicExch(T* p, T v) {
+    TULU_EMU_ATOMIC_CHECK(p);
     return __atomic_exchange_n(p, v, __ATOMIC_RELAXED);
 }
 template <class T>
-inline T atomicCAS(T* p, T compare, T v) {
+TULU_EMU_ATOMIC T atomicCAS(T* p, T compare, T v) {
+    TULU_EMU_ATOMIC_CHECK(p);
     __atomic_compare_exchange_n(p, &compare, v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
     return compare;
 }
 template <class T>
-inline T atomicMax(T* p, T v) {
+TULU_EMU_ATOMIC T atomicMax(T* p, T v) {
+    TULU_EMU_ATOMIC_CHECK(p);
     T old = __atomic_load_n(p, __ATOMIC_RELAXED);
     while (old < v && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
     }
     return old;
 }
 template <class T>
-inline T atomicMin(T* p, T v) {
+TULU_EMU_ATOMIC T atomicMin(T* p, T v) {
+    TULU_EMU_ATOMIC_CHECK(p);
     T old = __atomic_load_n(p, __ATOMIC_RELAXED);
     while (v < old && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
     }

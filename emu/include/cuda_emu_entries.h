@@ -31,7 +31,7 @@ Entry<A...> entry_of(void (*)(A...));
 
 }  // namespace tulu_emu
 
-#define TULU_EMU_ENTRY(fn)                                                                        \
+#define TULU_EMU_ENTRY(fn, smem)                                                                      \
     {#fn, &decltype(::tulu_emu::entry_of(&fn))::template call<&fn>,                              \
      (int)(sizeof(decltype(::tulu_emu::entry_of(&fn))::sizes) / sizeof(unsigned short) - 1),      \
-     decltype(::tulu_emu::entry_of(&fn))::sizes, decltype(::tulu_emu::entry_of(&fn))::aligns},
+     decltype(::tulu_emu::entry_of(&fn))::sizes, decltype(::tulu_emu::entry_of(&fn))::aligns, smem},

@@ -14,7 +14,7 @@
 extern "C" {
 #endif
 
-#define TULU_EMU_ABI 1
+#define TULU_EMU_ABI 2
 
 // Largest dynamic shared memory a block may ask for (an H100's opt-in limit, 227 KiB).
 #define TULU_EMU_DYNAMIC_SMEM_MAX 232448
@@ -27,6 +27,7 @@ typedef struct tulu_emu_kernel {
     int nparams;
     const unsigned short* sizes;   // bytes of each parameter
     const unsigned short* aligns;  // alignment of each parameter
+    unsigned static_smem;          // bytes of `__shared__` variables it may use (emu/image.sh)
 } tulu_emu_kernel;
 
 typedef struct tulu_emu_dim3 {
@@ -34,6 +35,22 @@ typedef struct tulu_emu_dim3 {
 } tulu_emu_dim3;
 
 enum tulu_emu_schedule { TULU_EMU_FORWARD = 0, TULU_EMU_REVERSE = 1, TULU_EMU_RANDOM = 2 };
+
+// Checks an instrumented image makes (TULU_EMU_SANITIZE); a plain image ignores them.
+enum tulu_emu_sanitize { TULU_EMU_MEMCHECK = 1, TULU_EMU_RACECHECK = 2 };
+
+// One run of global bytes [lo, hi) a block wrote (racecheck), and the image offset of the
+// instruction that first wrote them.
+typedef struct tulu_emu_write_range {
+    unsigned long lo, hi, pc;
+} tulu_emu_write_range;
+
+// The driver's record of a launch's global writes: takes a block's write ranges (sorted,
+// disjoint) and returns 0, or 1 with *other set to a range another block of the launch wrote
+// that overlaps one of them (and *other_block to that block's linear index, *mine to ours).
+typedef int (*tulu_emu_global_writes_fn)(void* launch, unsigned block, const tulu_emu_write_range* ranges,
+                                         size_t n, tulu_emu_write_range* mine, tulu_emu_write_range* other,
+                                         unsigned* other_block);
 
 // One block to run. The driver owns the fiber stacks (one pool per OS thread).
 typedef struct tulu_emu_block {
@@ -49,6 +66,9 @@ typedef struct tulu_emu_block {
     volatile unsigned* current_thread;  // the runtime stores the running thread's linear index here
     char* error;                    // a message on failure, NUL-terminated
     size_t error_len;
+    unsigned sanitize;              // tulu_emu_sanitize bits (instrumented images only)
+    void* launch;                   // the driver's per-launch record, for `global_writes`
+    tulu_emu_global_writes_fn global_writes;
 } tulu_emu_block;
 
 typedef int (*tulu_emu_run_block_fn)(tulu_emu_block* block);

@@ -18,49 +18,9 @@
 #include <algorithm>
 #include <vector>
 
-#include "cuda_emu.h"
-#include "tulu_emu_abi.h"
+#include "block.h"
+#include "sanitize.h"
 
-namespace tulu_emu {
-
-namespace {
-
-enum State : uint8_t { READY, AT_BARRIER, AT_WARP, EXITED };
-
-struct Block;
-
-struct Fiber {
-    ThreadCoords self;  // first: tulu_emu_self points here
-    Block* block;
-    void* sp;  // saved stack pointer while switched out
-    unsigned linear;
-    State state;
-    // A posted warp operation.
-    int op;
-    unsigned mask;
-    int arg, width;
-    unsigned long long value, result;
-};
-
-struct Block {
-    BlockCoords coords;
-    tulu_emu_block* job;
-    std::vector<Fiber> fibers;
-    std::vector<unsigned> order;
-    unsigned n;       // threads
-    unsigned cursor;  // position in `order` of the running fiber, this pass
-    unsigned arrived[32];  // per warp: lanes waiting at a warp operation
-    unsigned exited[32];   // per warp: lanes that have returned
-    void* sched_sp;
-    bool failed;
-    unsigned long long rng;
-};
-
-// The running fiber, from the register that holds its coordinates.
-inline Fiber* self() { return (Fiber*)tulu_emu_self; }
-
-}  // namespace
-}  // namespace tulu_emu
 
 // ---------------------------------------------------------------------------------------------
 // Context switch: saves the callee-saved registers on the current stack, stores the stack
@@ -282,6 +242,7 @@ void try_complete(Block* bl, unsigned w, unsigned mask) {
             f.result = 0;
         }
     }
+    if (op == SYNCWARP) san_syncwarp(bl, w, mask);
     for (unsigned l = 0; l < 32; l++)
         if (mask >> l & 1u) lanes[l].state = READY;
     bl->arrived[w] &= ~mask;
@@ -318,6 +279,12 @@ void describe_deadlock(Block* bl) {
 }
 
 }  // namespace
+
+void stop_block() {
+    self()->block->failed = true;
+    to_scheduler();  // with the block failed, straight back to the scheduler, never to return
+    __builtin_unreachable();
+}
 
 void syncthreads() {
     self()->state = AT_BARRIER;
@@ -387,6 +354,8 @@ extern "C" __attribute__((visibility("default"))) int tulu_emu_run_block(tulu_em
         }
         memset(smem, 0xff, job->dynamic_smem);  // NaN in every float type: unwritten reads show
     }
+    san_begin(&bl);
+    if (bl.failed) return 1;
     shuffle_order(&bl);
     for (;;) {
         for (unsigned k = 0; k < n; k++)
@@ -407,11 +376,13 @@ extern "C" __attribute__((visibility("default"))) int tulu_emu_run_block(tulu_em
             // Every live thread is at the barrier: open it.
             for (Fiber& f : bl.fibers)
                 if (f.state == AT_BARRIER) f.state = READY;
+            san_barrier(&bl);
             shuffle_order(&bl);
             continue;
         }
         describe_deadlock(&bl);
         break;
     }
+    san_end(&bl);
     return bl.failed ? 1 : 0;
 }

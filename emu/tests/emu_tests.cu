@@ -96,3 +96,59 @@ extern "C" __global__ void atomic_sum(unsigned long long* out, int n) {
     __syncthreads();
     if (threadIdx.x == 0) atomicAdd(out, acc);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Planted bugs for the sanitizer (TULU_EMU_SANITIZE; tests/cuda_emu.rs), each with a switch that
+// removes it.
+
+// Attention's running-max exchange in small: lane 0 of each warp publishes a value in shared
+// memory, every lane reads it, then lane 0 overwrites it. Without the second __syncwarp, lane
+// 0's overwrite races with the other lanes' reads (write after read): the shuffle between them
+// exchanges registers but orders no memory.
+extern "C" __global__ void warp_publish(const float* in, float* out, int with_syncwarp) {
+    __shared__ float m[32];
+    const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) m[warp] = in[warp];
+    __syncwarp();
+    const float old = m[warp];
+    const float partner = __shfl_xor_sync(0xffffffffu, old, 1);
+    if (with_syncwarp) __syncwarp();
+    if (lane == 0) m[warp] = old + partner;
+    __syncwarp();
+    out[threadIdx.x] = m[warp];
+}
+
+// out[offset .. offset + 4) = {1, 2, 3, 4} as one 16-byte store: misaligned unless offset is a
+// multiple of 4 (a GPU faults; x86 may not).
+extern "C" __global__ void store_vec4(float* out, int offset) {
+    if (threadIdx.x == 0) *reinterpret_cast<float4*>(out + offset) = make_float4(1.f, 2.f, 3.f, 4.f);
+}
+
+// Thread t writes s[t] and reads it back: the launch must ask for blockDim.x floats of dynamic
+// shared memory.
+extern "C" __global__ void fill_dynamic(float* out) {
+    extern __shared__ float s[];
+    s[threadIdx.x] = (float)threadIdx.x;
+    __syncthreads();
+    out[threadIdx.x] = s[threadIdx.x];
+}
+
+// Block b writes out[i], i = b * (blockDim.x - 1) + t when `overlap` (each block's last element is
+// the next block's first: two blocks writing the same bytes without atomics), else
+// b * blockDim.x + t. The value is the block's index, or i itself when overlap is 2 (the two
+// blocks write the same value: nothing depends on their order).
+extern "C" __global__ void overlapping_rows(float* out, int overlap) {
+    const unsigned i = blockIdx.x * (blockDim.x - (overlap ? 1 : 0)) + threadIdx.x;
+    out[i] = overlap == 2 ? (float)i : (float)blockIdx.x;
+}
+
+// 40 KiB of static shared memory plus the launch's dynamic bytes: past 48 KiB in all only after
+// opting in (cuFuncSetAttribute), never past 227 KiB.
+extern "C" __global__ void big_static(float* out) {
+    __shared__ float big[10240];
+    extern __shared__ float s[];
+    big[threadIdx.x] = 1.f;
+    s[threadIdx.x] = 2.f;
+    __syncthreads();
+    out[threadIdx.x] = big[threadIdx.x] + s[threadIdx.x];
+}

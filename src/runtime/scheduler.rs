@@ -212,9 +212,14 @@ impl Scheduler {
             let Some(&id) = self.waiting.front() else { break };
             let seq = self.seqs.get_mut(&id).ok_or_else(|| Error::Backend("sequence vanished".into()))?;
             if seq.block_table.is_empty() {
-                let hit = self.blocks.match_prefix(&seq.tokens, &mut seq.block_table);
-                // The last token is always computed: its logits are what the step is for.
-                seq.computed = hit.min(seq.tokens.len() - 1);
+                // The last token is always computed: its logits are what the step is for. So the
+                // block that holds it is never taken from the cache: writing its K/V into a
+                // cached block would rewrite what other sequences share (two sequences with the
+                // same prompt would write the same slot in one step, a race the emulator's
+                // racecheck reports).
+                let lookup = &seq.tokens[..seq.tokens.len().saturating_sub(1)];
+                let hit = self.blocks.match_prefix(lookup, &mut seq.block_table);
+                seq.computed = hit;
             }
             let n = (seq.tokens.len() - seq.computed).min(*budget);
             if self.blocks.grow(&mut seq.block_table, seq.computed + n).is_err() {
@@ -364,6 +369,27 @@ mod tests {
         assert_eq!(p.entries, vec![(2, 1)]);
         assert_eq!(p.admitted, vec![(2, 4)]);
         assert_eq!(s.get(2).unwrap().computed, 4);
+    }
+
+    /// A prompt found whole in the prefix cache (it ends on a block boundary) still computes its
+    /// last block in a block of its own: its last token is always computed, and its K/V must
+    /// not be written into a block other sequences share.
+    #[test]
+    fn a_fully_cached_prompt_computes_its_last_block_in_a_block_of_its_own() {
+        let mut s = sched(16, 8, 100);
+        let prompt: Vec<u32> = (0..8).collect();
+        add(&mut s, 1, prompt.clone());
+        let p = s.schedule().unwrap();
+        assert_eq!(run(&mut s, &p), vec![1]);
+        s.push_token(1, 42).expect("no grammar");
+        add(&mut s, 2, prompt.clone());
+        add(&mut s, 3, prompt);
+        let p = s.schedule().unwrap();
+        assert_eq!(p.entries, vec![(1, 1), (2, 4), (3, 4)], "the first block is cached, the last recomputed");
+        let table = |id| s.get(id).unwrap().block_table.clone();
+        let (t1, t2, t3) = (table(1), table(2), table(3));
+        assert_eq!((t2[0], t3[0]), (t1[0], t1[0]), "the first block is shared");
+        assert!(t2[1] != t1[1] && t3[1] != t1[1] && t2[1] != t3[1], "{t1:?} {t2:?} {t3:?}");
     }
 
     /// A sequence that alone does not fit the pool is refused (only it), never a hang, and the

@@ -106,7 +106,9 @@ impl CudaBackend {
             return Ok(c.use_gemv());
         }
         let gemv_us = self.time_us(|| self.gemv_impl(x, w, n, k).map(drop))?;
-        let blas_us = self.time_us(|| self.blas_impl(x, w, n, k).map(drop))?;
+        // cuBLASLt may have no algorithm for the shape (its heuristic returns none): the GEMV
+        // takes it then, rather than the matmul failing.
+        let blas_us = self.time_us(|| self.blas_impl(x, w, n, k).map(drop)).unwrap_or(f64::INFINITY);
         let choice = GemvChoice { m, n, k, gemv_us, blas_us };
         let use_gemv = choice.use_gemv();
         if let Ok(mut c) = self.gemv_choices.lock() {
