@@ -4,9 +4,9 @@
 
 use super::*;
 use std::path::Path;
-use tulu::backend::cuda::CudaBackend;
-use tulu::backend::Backend;
-use tulu::weights::{DType, TensorRef};
+use tulu::unstable::backend::cuda::CudaBackend;
+use tulu::unstable::backend::Backend;
+use tulu::unstable::weights::{DType, TensorRef};
 
 const K: usize = 64;
 const N: usize = 48;
