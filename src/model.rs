@@ -258,23 +258,26 @@ impl<B: Backend> Llama<B> {
 
     /// Captures the backend's decode graphs before the first request, largest bucket first
     /// (all sharing the step workspace): each bucket's step runs once eagerly — measuring the
-    /// GEMV/cuBLASLt choice of its shapes — and is then captured. The steps are dummies (token
-    /// 0 at position 0 of block 0, which a real sequence writes before it reads); every rank
-    /// of a group runs this at the same time, so their collectives meet.
+    /// GEMV/cuBLASLt choice of its shapes — and is then captured. The steps are dummies: row
+    /// `i` is token 0 at position 0 of block `i` (of the cache's `num_blocks`), a slot a real
+    /// sequence writes before it reads, and a slot of its own, so that no two rows of a step
+    /// write the same KV bytes (the emulator's racecheck reports that, values aside). Every
+    /// rank of a group runs this at the same time, so their collectives meet.
     pub fn warm_up(
         &self,
         backend: &B,
         cache: &mut B::KvCache,
         comm: &dyn Communicator<B>,
         block_size: usize,
+        num_blocks: usize,
     ) -> Result<()> {
         if !comm.capturable() {
             return Ok(());
         }
         for b in backend.graph_buckets().into_iter().rev() {
             let mut batch = Batch::new(block_size);
-            for _ in 0..b {
-                batch.push(&[0], 0, &[0])?;
+            for i in 0..b {
+                batch.push(&[0], 0, &[(i % num_blocks.max(1)) as u32])?;
             }
             let rows = batch.last_rows();
             for _ in 0..2 {

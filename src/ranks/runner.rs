@@ -85,7 +85,7 @@ impl<B: Backend> RankRunner<B> {
             return Err(spec.plan.kv.no_room(spec.plan.block_size));
         }
         let mut cache = backend.new_kv_cache(&model.kv_cache_spec(num_blocks, spec.plan.block_size))?;
-        model.warm_up(&backend, &mut cache, &*comm, spec.plan.block_size)?;
+        model.warm_up(&backend, &mut cache, &*comm, spec.plan.block_size, num_blocks)?;
         Ok(RankRunner { comm, model, cache, backend, num_blocks })
     }
 

@@ -7,4 +7,5 @@ pub mod block_manager;
 mod free_list;
 pub mod sampler;
 pub mod scheduler;
+pub mod speculative;
 pub mod token_mask;

@@ -1,0 +1,200 @@
+//! Speculative decoding's host-side rules (issue 21; not yet wired into the scheduler): the
+//! prompt-lookup proposer, and the acceptance rule that keeps the output distribution exactly
+//! the target's.
+//!
+//! Acceptance follows Leviathan et al. (2023) and Chen et al. (2023): draft token `d` drawn from
+//! `q` is kept with probability `min(1, p(d) / q(d))`; at the first rejection the token is drawn
+//! from `normalize(max(0, p − q))` and the rest of the draft is dropped; when every draft token
+//! is kept, one more ("bonus") token is drawn from the target's distribution after the last. A
+//! proposer without a distribution of its own (prompt lookup) is a point mass `q = δ(d)`: `d` is
+//! kept with probability `p(d)`, and a rejection draws from `p` with `d` removed. `p` is the
+//! target's distribution *after* the request's sampling transforms (temperature, top-k/p,
+//! min-p, penalties, grammar mask); a greedy request keeps `d` exactly when it is the argmax.
+
+/// Proposes up to `k` tokens by prompt lookup: the tokens that followed the most recent earlier
+/// occurrence of the history's last `n` tokens, for the longest `n` in `min_n..=max_n` that
+/// occurs — no second model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NgramProposer {
+    /// Shortest suffix matched.
+    pub min_n: usize,
+    /// Longest suffix matched.
+    pub max_n: usize,
+    /// Most tokens proposed.
+    pub k: usize,
+}
+
+impl NgramProposer {
+    /// The proposal for `history` (prompt and output so far); empty when no suffix recurs.
+    pub fn propose(&self, history: &[u32]) -> Vec<u32> {
+        let len = history.len();
+        for n in (self.min_n.max(1)..=self.max_n).rev() {
+            if n >= len {
+                continue;
+            }
+            let suffix = &history[len - n..];
+            // The most recent earlier occurrence: its continuation is the likeliest repeat.
+            let found = (0..len - n).rev().find(|&start| &history[start..start + n] == suffix);
+            if let Some(start) = found {
+                let from = start + n;
+                return history[from..(from + self.k).min(len)].to_vec();
+            }
+        }
+        Vec::new()
+    }
+}
+
+/// What one speculating sequence keeps from a verified step: the accepted draft tokens, then
+/// the one token drawn by the target (the correction at the first rejection, or the bonus).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// Every token the step emits, in order (at least one).
+    pub tokens: Vec<u32>,
+    /// How many of them are draft tokens kept.
+    pub accepted: usize,
+}
+
+/// Verifies `draft` against the target: `target[i]` is the target's distribution at draft
+/// position `i` (`draft.len() + 1` rows, the last for the bonus), `proposal[i]` the draft's
+/// distribution that `draft[i]` was drawn from (`None`: a point mass at it), and `uniform` yields
+/// independent draws in `[0, 1)`. Each row is a probability vector over the vocabulary.
+pub fn verify(
+    target: &[Vec<f32>],
+    proposal: Option<&[Vec<f32>]>,
+    draft: &[u32],
+    uniform: &mut impl FnMut() -> f32,
+) -> Verdict {
+    debug_assert_eq!(target.len(), draft.len() + 1);
+    let mut tokens = Vec::with_capacity(draft.len() + 1);
+    for (i, &d) in draft.iter().enumerate() {
+        let p = &target[i];
+        let pd = p.get(d as usize).copied().unwrap_or(0.0);
+        let q = proposal.map(|rows| rows[i].as_slice());
+        let qd = q.map_or(1.0, |q| q.get(d as usize).copied().unwrap_or(0.0));
+        // Accept with probability min(1, p(d) / q(d)); a token the draft could not have drawn
+        // (q(d) = 0) is never accepted.
+        if qd > 0.0 && uniform() * qd < pd {
+            tokens.push(d);
+            continue;
+        }
+        let residual: Vec<f32> = match q {
+            Some(q) => p.iter().zip(q).map(|(&p, &q)| (p - q).max(0.0)).collect(),
+            None => p.iter().enumerate().map(|(t, &p)| if t == d as usize { 0.0 } else { p }).collect(),
+        };
+        // p = q leaves nothing: the rejection had probability 0 in exact arithmetic.
+        let token = draw(&residual, uniform()).unwrap_or_else(|| draw(p, uniform()).unwrap_or(d));
+        tokens.push(token);
+        return Verdict { accepted: i, tokens };
+    }
+    let accepted = draft.len();
+    tokens.push(draw(&target[accepted], uniform()).unwrap_or(0));
+    Verdict { tokens, accepted }
+}
+
+/// Greedy verification: draft tokens are kept while each is the target's argmax (`argmax[i]`
+/// at position `i`, `draft.len() + 1` of them); the first disagreement is replaced by the
+/// argmax, or the bonus argmax follows a fully accepted draft.
+pub fn verify_greedy(argmax: &[u32], draft: &[u32]) -> Verdict {
+    let accepted = draft.iter().zip(argmax).take_while(|(d, a)| d == a).count();
+    let mut tokens = draft[..accepted].to_vec();
+    tokens.push(argmax[accepted]);
+    Verdict { tokens, accepted }
+}
+
+/// The index whose cumulative (unnormalised) weight first passes `u` × the total; `None` when
+/// every weight is zero.
+fn draw(weights: &[f32], u: f32) -> Option<u32> {
+    let total: f64 = weights.iter().map(|&w| w as f64).sum();
+    if total <= 0.0 {
+        return None;
+    }
+    let target = u as f64 * total;
+    let mut run = 0.0;
+    for (i, &w) in weights.iter().enumerate() {
+        run += w as f64;
+        if run > target && w > 0.0 {
+            return Some(i as u32);
+        }
+    }
+    weights.iter().rposition(|&w| w > 0.0).map(|i| i as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    #[test]
+    fn prompt_lookup_continues_the_latest_longest_match() {
+        let ngram = NgramProposer { min_n: 1, max_n: 3, k: 3 };
+        // "1 2 3" recurs at the end: what followed its latest earlier occurrence is proposed.
+        assert_eq!(ngram.propose(&[1, 2, 3, 9, 8, 1, 2, 3, 7, 6, 5, 1, 2, 3]), vec![7, 6, 5]);
+        // Only a 1-gram recurs; the proposal stops at the end of the history.
+        assert_eq!(ngram.propose(&[4, 5, 6, 4]), vec![5, 6, 4]);
+        assert_eq!(ngram.propose(&[4, 5, 6, 7]), Vec::<u32>::new());
+        assert_eq!(NgramProposer { min_n: 2, max_n: 2, k: 2 }.propose(&[4, 5, 6, 4]), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn greedy_keeps_the_draft_while_it_is_the_argmax() {
+        assert_eq!(verify_greedy(&[5, 6, 7, 8], &[5, 6, 7]), Verdict { tokens: vec![5, 6, 7, 8], accepted: 3 });
+        assert_eq!(verify_greedy(&[5, 9, 7, 8], &[5, 6, 7]), Verdict { tokens: vec![5, 9], accepted: 1 });
+        assert_eq!(verify_greedy(&[4], &[]), Verdict { tokens: vec![4], accepted: 0 });
+    }
+
+    /// Chi-square statistic of `counts` against `probs` × their total.
+    fn chi_square(counts: &[u64], probs: &[f32]) -> f64 {
+        let n: u64 = counts.iter().sum();
+        counts
+            .iter()
+            .zip(probs)
+            .filter(|(_, &p)| p > 0.0)
+            .map(|(&c, &p)| {
+                let e = n as f64 * p as f64;
+                (c as f64 - e).powi(2) / e
+            })
+            .sum()
+    }
+
+    /// The first token a speculative step emits is distributed exactly as the target's,
+    /// whatever the draft: a draft that disagrees often, drawn from its own distribution, and a
+    /// point-mass proposer. 40,000 seeded trials on a 6-token vocabulary; the 0.1 % critical
+    /// value of chi-square with 5 degrees of freedom is 20.5.
+    #[test]
+    fn sampled_output_is_distributed_as_the_target() {
+        let p = vec![0.05f32, 0.30, 0.10, 0.25, 0.20, 0.10];
+        let q = vec![0.40f32, 0.05, 0.05, 0.10, 0.10, 0.30];
+        let mut rng = StdRng::seed_from_u64(7);
+        let trials = 40_000;
+        let mut with_draft_model = [0u64; 6];
+        let mut with_point_mass = [0u64; 6];
+        for _ in 0..trials {
+            let mut u = || rng.random::<f32>();
+            // The draft token drawn from q.
+            let d = draw(&q, u()).unwrap();
+            let target = vec![p.clone(), p.clone()];
+            let v = verify(&target, Some(&[q.clone()]), &[d], &mut u);
+            with_draft_model[v.tokens[0] as usize] += 1;
+            // A fixed guess (prompt lookup): token 0, unlikely under p.
+            let v = verify(&target, None, &[0], &mut u);
+            with_point_mass[v.tokens[0] as usize] += 1;
+        }
+        let (a, b) = (chi_square(&with_draft_model, &p), chi_square(&with_point_mass, &p));
+        assert!(a < 20.5, "draft model: chi-square {a:.1}, counts {with_draft_model:?}");
+        assert!(b < 20.5, "point mass: chi-square {b:.1}, counts {with_point_mass:?}");
+    }
+
+    #[test]
+    fn a_fully_accepted_draft_earns_a_bonus_token() {
+        let one_hot = |t: usize| (0..4).map(|i| if i == t { 1.0 } else { 0.0 }).collect::<Vec<f32>>();
+        let target = vec![one_hot(2), one_hot(1), one_hot(3)];
+        let mut u = || 0.5;
+        let v = verify(&target, None, &[2, 1], &mut u);
+        assert_eq!(v, Verdict { tokens: vec![2, 1, 3], accepted: 2 });
+        // A token the target gives no mass is rejected and replaced by one it does.
+        let v = verify(&target, None, &[0, 1], &mut u);
+        assert_eq!(v, Verdict { tokens: vec![2], accepted: 0 });
+    }
+}
