@@ -104,15 +104,15 @@ impl Reply {
         }
     }
 
-    /// The `tool_calls` entry a finished chat answer `text` is, when tools were offered and it
-    /// is a call of one of them.
-    pub fn tool_call(&self, text: &str, summary: &Summary) -> Option<Value> {
+    /// The `tool_calls` entries a finished chat answer `text` is, when tools were offered and
+    /// it is calls of them (Llama 3.1's JSON forms, several with `parallel_tool_calls`).
+    pub fn tool_calls(&self, text: &str, summary: &Summary) -> Option<Vec<Value>> {
         let tools = self.request.tools.as_ref().filter(|t| t.active())?;
         if summary.finish_reason != crate::engine::FinishReason::Stop {
             return None;
         }
-        let (name, arguments) = tools.parse_call(text)?;
-        Some(super::tools::call_json(&name, &arguments))
+        let calls = tools.parse_calls(text)?;
+        Some(calls.iter().map(|(name, arguments)| super::tools::call_json(name, arguments)).collect())
     }
 
     /// Whether a chat answer's text is held back while streaming, because it may be a tool
@@ -121,7 +121,10 @@ impl Reply {
     pub fn holds_back(&self, text_so_far: &str) -> bool {
         match self.request.tools.as_ref().map(|t| &t.choice) {
             None | Some(ToolChoice::None) => false,
-            Some(ToolChoice::Auto) => text_so_far.trim_start().is_empty() || text_so_far.trim_start().starts_with('{'),
+            Some(ToolChoice::Auto) => {
+                let t = text_so_far.trim_start();
+                t.is_empty() || t.starts_with('{') || "<|python_tag|>".starts_with(t) || t.starts_with("<|python_tag|>")
+            }
             Some(_) => true,
         }
     }
@@ -367,10 +370,10 @@ async fn whole(reply: Reply, events: mpsc::UnboundedReceiver<ChoiceEvent>) -> Re
         });
         let finish = summary.finish_reason.as_str();
         let mut choice = match reply.request.endpoint {
-            Endpoint::Chat => match reply.tool_call(&text, summary) {
-                Some(call) => json!({
+            Endpoint::Chat => match reply.tool_calls(&text, summary) {
+                Some(calls) => json!({
                     "index": i,
-                    "message": {"role": "assistant", "content": null, "tool_calls": [call]},
+                    "message": {"role": "assistant", "content": null, "tool_calls": calls},
                     "logprobs": lp,
                     "finish_reason": "tool_calls",
                 }),

@@ -111,11 +111,13 @@ impl ChunkStream {
                     let mut finish = summary.finish_reason.as_str();
                     if let Some(held) = self.held[i].take() {
                         // The whole answer was held back: a tool call, or text after all.
-                        let delta = match self.reply.tool_call(&held, &summary) {
-                            Some(mut call) => {
+                        let delta = match self.reply.tool_calls(&held, &summary) {
+                            Some(mut calls) => {
                                 finish = "tool_calls";
-                                call["index"] = json!(0);
-                                json!({"tool_calls": [call]})
+                                for (index, call) in calls.iter_mut().enumerate() {
+                                    call["index"] = json!(index);
+                                }
+                                json!({"tool_calls": calls})
                             }
                             None => json!({"content": held}),
                         };
