@@ -22,6 +22,7 @@ use tulu::unstable::ranks::{Hello, RankPlan};
 use tulu::unstable::runtime::batch::Batch;
 use tulu::unstable::runtime::batch_wire;
 use tulu::unstable::server::openai::{self, Endpoint};
+use tulu::unstable::server::{messages_request, responses_request};
 use tulu::unstable::weights::gguf::{convert_gguf, ConvertOptions, OutDType};
 use tulu::unstable::weights::WeightStore;
 
@@ -148,6 +149,28 @@ fn fuzz_openai_bodies() {
     });
 }
 
+/// `/v1/responses` bodies parse or fail with a 4xx naming a parameter.
+#[test]
+fn fuzz_responses_bodies() {
+    harness::run("responses_bodies", mutate::json, |bytes| match responses_request::parse(bytes) {
+        Ok(r) => {
+            let _ = r.chat.sampling.params(tulu::SamplingParams::default(), 0).map(|p| p.validate());
+        }
+        Err(e) => assert!(e.status.is_client_error() && e.param.is_some(), "{e:?}"),
+    });
+}
+
+/// `/v1/messages` (Anthropic) bodies parse or fail with a 4xx naming a parameter.
+#[test]
+fn fuzz_messages_bodies() {
+    harness::run("messages_bodies", mutate::json, |bytes| match messages_request::parse(bytes) {
+        Ok(r) => {
+            let _ = r.sampling.params(tulu::SamplingParams::default(), 0).map(|p| p.validate());
+        }
+        Err(e) => assert!(e.status.is_client_error() && e.param.is_some(), "{e:?}"),
+    });
+}
+
 /// Two small shard files and the tensors they hold (for the index target).
 fn write_shards(dir: &Path) {
     use safetensors::tensor::TensorView;
@@ -244,6 +267,53 @@ fn write_corpus() {
     for (name, body) in bodies {
         std::fs::write(corpus_dir("openai_bodies").join(name), body.to_string()).unwrap();
     }
+    write_api_corpus();
+}
+
+/// Seeds for the Responses and Messages bodies: each API's fields and item kinds.
+fn write_api_corpus() {
+    use serde_json::json;
+    let responses = [
+        ("text.json", json!({"model": "m", "input": "hi", "max_output_tokens": 8, "temperature": 0, "stream": true})),
+        (
+            "items.json",
+            json!({"model": "m", "instructions": "Be brief.", "metadata": {"k": "v"}, "store": false, "input": [
+                {"role": "developer", "content": "x"},
+                {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather?"}]},
+                {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{\"city\": \"Paris\"}"},
+                {"type": "function_call_output", "call_id": "c1", "output": "sunny"}],
+                "text": {"format": {"type": "json_schema", "name": "w", "strict": true,
+                    "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}}}),
+        ),
+    ];
+    for (name, body) in responses {
+        std::fs::write(corpus_dir("responses_bodies").join(name), body.to_string()).unwrap();
+    }
+    let messages = [
+        (
+            "text.json",
+            json!({"model": "m", "max_tokens": 8, "system": "Be brief.", "stop_sequences": ["\n"],
+                "temperature": 0.5, "top_p": 0.9, "top_k": 40, "stream": true,
+                "messages": [{"role": "user", "content": "hi"}]}),
+        ),
+        (
+            "tools.json",
+            json!({"model": "m", "max_tokens": 8, "system": [{"type": "text", "text": "x"}], "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "Weather?"}]},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "w", "input": {"c": "P"}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "sunny"}]}]}),
+        ),
+    ];
+    for (name, body) in messages {
+        std::fs::write(corpus_dir("messages_bodies").join(name), body.to_string()).unwrap();
+    }
+}
+
+/// Writes only the API seeds (`cargo test --test fuzz -- --ignored write_api_seeds`).
+#[test]
+#[ignore = "writes tests/fuzz_corpus"]
+fn write_api_seeds() {
+    write_api_corpus();
 }
 
 /// A one-layer llama GGUF with a 260-token byte-level vocabulary: the smallest file

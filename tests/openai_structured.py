@@ -149,6 +149,30 @@ def tool_calls(client, model, template):
     # auto: an answer or a call, either well formed.
     c = ask(tool_choice="auto").choices[0]
     assert (c.finish_reason == "tool_calls") == bool(c.message.tool_calls), c
+    # auto, with the text forced (guided_choice) to Llama 3.1's form of two calls: parsed into
+    # two tool_calls, whole and streamed (indices 0 and 1); one with parallel_tool_calls=False.
+    two = (
+        '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}; '
+        '{"name": "get_time", "parameters": {"city": "Lyon"}}'
+    )
+
+    def forced(**kw):
+        return client.chat.completions.create(
+            model=model, messages=messages, tools=TOOLS, tool_choice="auto", temperature=0, max_tokens=80,
+            extra_body={"chat_template": template, "guided_choice": [two]}, **kw
+        )
+
+    c = forced().choices[0]
+    assert c.finish_reason == "tool_calls", c
+    names = [(t.function.name, json.loads(t.function.arguments)) for t in c.message.tool_calls]
+    expected = [("get_weather", {"city": "Paris", "unit": "celsius"}), ("get_time", {"city": "Lyon"})]
+    assert names == expected, names
+    assert len({t.id for t in c.message.tool_calls}) == 2, c.message.tool_calls
+    chunks = list(forced(stream=True))
+    deltas = [d for ch in chunks if ch.choices for d in (ch.choices[0].delta.tool_calls or [])]
+    assert [(d.index, d.function.name) for d in deltas] == [(0, "get_weather"), (1, "get_time")], deltas
+    c = forced(parallel_tool_calls=False).choices[0]
+    assert [t.function.name for t in c.message.tool_calls] == ["get_weather"], c.message
     # none: the tools are not shown, and the answer is text.
     c = ask(tool_choice="none").choices[0]
     assert not c.message.tool_calls and c.finish_reason in ("stop", "length"), c

@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use common::serve::{http, python, Reply, Server};
+use common::serve::{cli_generate, http, python, Reply, Server};
 
 use serde_json::{json, Value};
 
@@ -21,20 +21,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// `tulu generate`'s greedy output (stdout) for `prompt`.
-fn cli_generate(prompt: &str, chat: bool, max_tokens: usize) -> String {
-    let model = common::smollm2_dir();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tulu"));
-    cmd.arg("generate").arg("--model").arg(&model).args(["--prompt", prompt, "--temperature", "0"]);
-    cmd.args(["--max-tokens", &max_tokens.to_string()]);
-    if chat {
-        cmd.arg("--chat");
-    }
-    let out = cmd.output().expect("run tulu generate");
-    assert!(out.status.success(), "tulu generate failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).expect("UTF-8")
 }
 
 #[test]

@@ -104,15 +104,15 @@ impl Reply {
         }
     }
 
-    /// The `tool_calls` entry a finished chat answer `text` is, when tools were offered and it
-    /// is a call of one of them.
-    pub fn tool_call(&self, text: &str, summary: &Summary) -> Option<Value> {
+    /// The `tool_calls` entries a finished chat answer `text` is, when tools were offered and
+    /// it is calls of them (Llama 3.1's JSON forms, several with `parallel_tool_calls`).
+    pub fn tool_calls(&self, text: &str, summary: &Summary) -> Option<Vec<Value>> {
         let tools = self.request.tools.as_ref().filter(|t| t.active())?;
         if summary.finish_reason != crate::engine::FinishReason::Stop {
             return None;
         }
-        let (name, arguments) = tools.parse_call(text)?;
-        Some(super::tools::call_json(&name, &arguments))
+        let calls = tools.parse_calls(text)?;
+        Some(calls.iter().map(|(name, arguments)| super::tools::call_json(name, arguments)).collect())
     }
 
     /// Whether a chat answer's text is held back while streaming, because it may be a tool
@@ -121,9 +121,30 @@ impl Reply {
     pub fn holds_back(&self, text_so_far: &str) -> bool {
         match self.request.tools.as_ref().map(|t| &t.choice) {
             None | Some(ToolChoice::None) => false,
-            Some(ToolChoice::Auto) => text_so_far.trim_start().is_empty() || text_so_far.trim_start().starts_with('{'),
+            Some(ToolChoice::Auto) => {
+                let t = text_so_far.trim_start();
+                t.is_empty() || t.starts_with('{') || "<|python_tag|>".starts_with(t) || t.starts_with("<|python_tag|>")
+            }
             Some(_) => true,
         }
+    }
+
+    /// With `return_token_ids`, adds vLLM's fields to choice `i`'s finishing JSON: its
+    /// `token_ids` and, on completions (one prompt per choice), its `prompt_token_ids`.
+    pub fn add_token_ids(&self, choice: &mut Value, i: usize, summary: &Summary) {
+        if !self.request.return_token_ids {
+            return;
+        }
+        choice["token_ids"] = json!(summary.tokens);
+        if self.request.endpoint == Endpoint::Completions {
+            choice["prompt_token_ids"] = json!(self.prompts[i / self.request.n].ids);
+        }
+    }
+
+    /// Chat with `return_token_ids`: the response's top-level `prompt_token_ids`.
+    pub fn chat_prompt_token_ids(&self) -> Option<Value> {
+        (self.request.return_token_ids && self.request.endpoint == Endpoint::Chat)
+            .then(|| json!(self.prompts.first().map(|p| p.ids.as_slice()).unwrap_or_default()))
     }
 
     /// `usage`: prompts counted once each, completions summed over choices; cached prompt
@@ -147,20 +168,35 @@ async fn handle(
     endpoint: Endpoint,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(|r| match r.status() {
+    let body = read_body(&state, body)?;
+    let request = openai::parse(endpoint, &body)?;
+    let prefix = if endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" };
+    let (reply, events) = start(state, request, prefix).await?;
+    if reply.request.stream {
+        Ok(sse::response(reply, events))
+    } else {
+        whole(reply, events).await
+    }
+}
+
+/// The request body, or the error for one too large or unreadable.
+pub(super) fn read_body(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|r| match r.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::too_large(state.body_limit),
         _ => ApiError::invalid("body", format!("cannot read the request body: {}", r.body_text())),
-    })?;
-    let request = openai::parse(endpoint, &body)?;
+    })
+}
+
+/// Checks the model, tokenizes and submits a parsed request; the reply's id is
+/// `{id_prefix}-{random}`.
+pub(super) async fn start(
+    state: Arc<AppState>,
+    request: ApiRequest,
+    id_prefix: &str,
+) -> Result<(Reply, mpsc::UnboundedReceiver<ChoiceEvent>), ApiError> {
     if let Some(model) = &request.model {
         if *model != state.model_name {
-            return Err(ApiError {
-                status: StatusCode::NOT_FOUND,
-                message: format!("The model `{model}` does not exist; this server serves `{}`.", state.model_name),
-                kind: "invalid_request_error",
-                param: Some("model".into()),
-                code: Some("model_not_found"),
-            });
+            return Err(ApiError::model_not_found(model, &state.model_name));
         }
     }
     if let Some(why) = state.engine.failure() {
@@ -173,16 +209,11 @@ async fn handle(
             .await
             .map_err(|e| ApiError::internal(format!("tokenizer task failed: {e}")))??
     };
-    let id =
-        format!("{}-{:032x}", if endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" }, rand::random::<u128>());
+    let id = format!("{id_prefix}-{:032x}", rand::random::<u128>());
     let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let reply = Reply { state, request, prompts, id, created };
     let events = submit(&reply)?;
-    if reply.request.stream {
-        Ok(sse::response(reply, events))
-    } else {
-        whole(reply, events).await
-    }
+    Ok((reply, events))
 }
 
 /// Tokenizes each prompt and checks it, with the completion, against the context.
@@ -293,8 +324,18 @@ fn submit(reply: &Reply) -> Result<mpsc::UnboundedReceiver<ChoiceEvent>, ApiErro
     Ok(rx)
 }
 
-/// Collects every choice and answers with one JSON object.
-async fn whole(reply: Reply, mut events: mpsc::UnboundedReceiver<ChoiceEvent>) -> Result<Response, ApiError> {
+/// Every choice run to its end: texts (after the echoed prompt), log-probabilities, summaries.
+pub(super) struct Collected {
+    pub texts: Vec<String>,
+    pub logprobs: Vec<Vec<TokenLogprob>>,
+    pub summaries: Vec<Option<Summary>>,
+}
+
+/// Waits for every choice of `reply` to finish; the first engine error fails the request.
+pub(super) async fn collect(
+    reply: &Reply,
+    mut events: mpsc::UnboundedReceiver<ChoiceEvent>,
+) -> Result<Collected, ApiError> {
     let n = reply.choices();
     let mut texts: Vec<String> = (0..n).map(|i| reply.prompts[i / reply.request.n].text.clone()).collect();
     if !reply.request.echo {
@@ -310,6 +351,13 @@ async fn whole(reply: Reply, mut events: mpsc::UnboundedReceiver<ChoiceEvent>) -
             Err(e) => return Err(ApiError::from_engine(e, reply.state.shutting_down.load(Ordering::SeqCst))),
         }
     }
+    Ok(Collected { texts, logprobs, summaries })
+}
+
+/// Collects every choice and answers with one JSON object.
+async fn whole(reply: Reply, events: mpsc::UnboundedReceiver<ChoiceEvent>) -> Result<Response, ApiError> {
+    let n = reply.choices();
+    let Collected { texts, logprobs, summaries } = collect(&reply, events).await?;
     let mut choices = Vec::with_capacity(n);
     for (i, text) in texts.into_iter().enumerate() {
         let Some(summary) = &summaries[i] else {
@@ -321,11 +369,11 @@ async fn whole(reply: Reply, mut events: mpsc::UnboundedReceiver<ChoiceEvent>) -
             reply.logprobs(&logprobs[i], &mut offset)
         });
         let finish = summary.finish_reason.as_str();
-        choices.push(match reply.request.endpoint {
-            Endpoint::Chat => match reply.tool_call(&text, summary) {
-                Some(call) => json!({
+        let mut choice = match reply.request.endpoint {
+            Endpoint::Chat => match reply.tool_calls(&text, summary) {
+                Some(calls) => json!({
                     "index": i,
-                    "message": {"role": "assistant", "content": null, "tool_calls": [call]},
+                    "message": {"role": "assistant", "content": null, "tool_calls": calls},
                     "logprobs": lp,
                     "finish_reason": "tool_calls",
                 }),
@@ -337,15 +385,20 @@ async fn whole(reply: Reply, mut events: mpsc::UnboundedReceiver<ChoiceEvent>) -
                 }),
             },
             Endpoint::Completions => json!({"index": i, "text": text, "logprobs": lp, "finish_reason": finish}),
-        });
+        };
+        reply.add_token_ids(&mut choice, i, summary);
+        choices.push(choice);
     }
-    Ok(Json(json!({
+    let mut answer = json!({
         "id": reply.id,
         "object": reply.object(false),
         "created": reply.created,
         "model": reply.state.model_name,
         "choices": choices,
         "usage": reply.usage(&summaries),
-    }))
-    .into_response())
+    });
+    if let Some(ids) = reply.chat_prompt_token_ids() {
+        answer["prompt_token_ids"] = ids;
+    }
+    Ok(Json(answer).into_response())
 }

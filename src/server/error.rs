@@ -47,11 +47,22 @@ impl ApiError {
         self
     }
 
+    /// 404 for a `model` the server does not serve.
+    pub fn model_not_found(model: &str, served: &str) -> Self {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!("The model `{model}` does not exist; this server serves `{served}`."),
+            kind: "invalid_request_error",
+            param: Some("model".into()),
+            code: Some("model_not_found"),
+        }
+    }
+
     /// 401: the only thing an unauthenticated client learns.
     pub fn unauthorized() -> Self {
         ApiError {
             status: StatusCode::UNAUTHORIZED,
-            message: "Incorrect or missing API key: send `Authorization: Bearer <key>`.".into(),
+            message: "Incorrect or missing API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`.".into(),
             kind: "invalid_request_error",
             param: None,
             code: Some("invalid_api_key"),

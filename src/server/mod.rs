@@ -1,19 +1,27 @@
 //! `tulu serve`: an OpenAI-compatible HTTP API over an [`Engine`] (axum).
 //!
-//! Routes: `/v1/completions` and `/v1/chat/completions` (whole or SSE-streamed), `/v1/models`,
-//! `/health` (503 once the engine has failed; the server then exits with the failure) and
-//! `/metrics` (Prometheus text). Every error is an
-//! OpenAI-style JSON object ([`error::ApiError`]). With an API key, every route but `/health`
-//! answers 401 to a request without `Authorization: Bearer <key>`, so an unauthenticated client
-//! learns nothing, not even which routes exist. On SIGINT/SIGTERM the server stops accepting,
-//! lets the engine finish or abort running requests within the shutdown timeout, and returns.
+//! Routes: `/v1/completions` and `/v1/chat/completions` (whole or SSE-streamed), `/v1/responses`
+//! (OpenAI's Responses API, stateless), `/v1/messages` (Anthropic's Messages API), `/v1/models`,
+//! `/tokenize` and `/detokenize` (vLLM's shapes), `/health` (503 once the engine has failed;
+//! the server then exits with the failure) and `/metrics` (Prometheus text). Errors are
+//! OpenAI-style JSON objects ([`error::ApiError`]), Anthropic-style on `/v1/messages`. With an
+//! API key, every route but `/health` answers 401 to a request without `Authorization: Bearer
+//! <key>` (or Anthropic's `x-api-key: <key>`), so an unauthenticated client learns nothing, not
+//! even which routes exist. On SIGINT/SIGTERM the server stops accepting, lets the engine finish
+//! or abort running requests within the shutdown timeout, and returns.
 
 mod completions;
 pub mod error;
+mod fields;
+mod messages;
+pub mod messages_request;
 pub mod metrics;
 pub mod openai;
+mod responses;
+pub mod responses_request;
 mod sse;
 pub mod structured;
+mod tokenize;
 pub mod tools;
 
 use std::net::SocketAddr;
@@ -96,6 +104,10 @@ fn router_with_state(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/completions", post(completions::completions))
         .route("/v1/chat/completions", post(completions::chat_completions))
+        .route("/v1/messages", post(messages::messages))
+        .route("/v1/responses", post(responses::responses))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model))
         .route("/health", get(health))
@@ -185,16 +197,22 @@ async fn shutdown_signal() {
     }
 }
 
-/// With an API key, every route but `/health` requires `Authorization: Bearer <key>`.
+/// With an API key, every route but `/health` requires `Authorization: Bearer <key>` or
+/// `x-api-key: <key>`.
 async fn authenticate(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     let Some(key) = &state.api_key else { return next.run(request).await };
     if request.uri().path() == "/health" {
         return next.run(request).await;
     }
-    let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
-    let token = given.strip_prefix("Bearer ").unwrap_or("");
-    if constant_time_eq(token.as_bytes(), key.as_bytes()) {
+    let headers = request.headers();
+    let bearer = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let bearer = bearer.strip_prefix("Bearer ").unwrap_or("");
+    // Anthropic's clients send the key as `x-api-key`.
+    let x_api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok()).unwrap_or("");
+    if constant_time_eq(bearer.as_bytes(), key.as_bytes()) || constant_time_eq(x_api_key.as_bytes(), key.as_bytes()) {
         next.run(request).await
+    } else if request.uri().path() == "/v1/messages" {
+        messages::anthropic_error(&ApiError::unauthorized()).into_response()
     } else {
         ApiError::unauthorized().into_response()
     }

@@ -9,6 +9,7 @@
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
+use super::fields::{kind, Fields};
 use super::structured::{self, RequestConstraint};
 use super::tools::{self, Tools};
 use crate::runtime::sampler::SamplingParams;
@@ -113,6 +114,8 @@ pub struct ApiRequest {
     pub tools: Option<Tools>,
     /// Chat: the caller's chat template, in place of the model's.
     pub chat_template: Option<String>,
+    /// `return_token_ids` (vLLM's): answer with the prompt's and each choice's token ids.
+    pub return_token_ids: bool,
 }
 
 impl ApiRequest {
@@ -173,6 +176,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, ApiError> {
             Endpoint::Chat => f.string("chat_template")?.map(str::to_owned),
             Endpoint::Completions => None,
         },
+        return_token_ids: f.bool("return_token_ids")?.unwrap_or(false),
     })
 }
 
@@ -262,7 +266,7 @@ fn logprobs(f: &Fields, endpoint: Endpoint) -> Result<Option<usize>, ApiError> {
     }
 }
 
-fn sampling(f: &Fields) -> Result<SamplingOverrides, ApiError> {
+pub(crate) fn sampling(f: &Fields) -> Result<SamplingOverrides, ApiError> {
     let temperature = f.float("temperature")?;
     if let Some(t) = temperature {
         if !(0.0..=2.0).contains(&t) {
@@ -407,7 +411,7 @@ fn completion_prompts(v: &Value) -> Result<Vec<PromptInput>, ApiError> {
     Ok(prompts)
 }
 
-fn messages(v: &Value) -> Result<Vec<ChatMessage>, ApiError> {
+pub(crate) fn messages(v: &Value) -> Result<Vec<ChatMessage>, ApiError> {
     let Value::Array(items) = v else {
         return Err(ApiError::param("messages", format!("must be a list of messages, got {}", kind(v))));
     };
@@ -515,74 +519,6 @@ fn tool_calls(v: Option<&Value>, at: &dyn Fn(&str) -> String) -> Result<Vec<Tool
             Ok(ToolCall::function(id, name, arguments))
         })
         .collect()
-}
-
-/// A JSON object's fields, read with types checked and `null` treated as absent.
-struct Fields<'a>(&'a Map<String, Value>);
-
-impl Fields<'_> {
-    fn get(&self, name: &str) -> Option<&Value> {
-        self.0.get(name).filter(|v| !v.is_null())
-    }
-
-    fn require(&self, name: &str) -> Result<&Value, ApiError> {
-        self.get(name).ok_or_else(|| ApiError::param(name, "is required"))
-    }
-
-    fn float(&self, name: &str) -> Result<Option<f64>, ApiError> {
-        match self.get(name) {
-            None => Ok(None),
-            Some(Value::Number(x)) => x
-                .as_f64()
-                .filter(|x| x.is_finite())
-                .map(Some)
-                .ok_or_else(|| ApiError::param(name, "must be a finite number")),
-            Some(v) => Err(ApiError::param(name, format!("must be a number, got {}", kind(v)))),
-        }
-    }
-
-    fn int(&self, name: &str) -> Result<Option<i64>, ApiError> {
-        match self.get(name) {
-            None => Ok(None),
-            Some(Value::Number(x)) if x.is_i64() => Ok(x.as_i64()),
-            // Beyond i64: as good as infinite for every integer option here.
-            Some(Value::Number(x)) if x.is_u64() => Ok(Some(i64::MAX)),
-            Some(v) => Err(ApiError::param(name, format!("must be an integer, got {}", kind(v)))),
-        }
-    }
-
-    fn bool(&self, name: &str) -> Result<Option<bool>, ApiError> {
-        self.bool_named(name, name)
-    }
-
-    fn bool_named(&self, name: &str, param: &str) -> Result<Option<bool>, ApiError> {
-        match self.get(name) {
-            None => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(v) => Err(ApiError::param(param, format!("must be a boolean, got {}", kind(v)))),
-        }
-    }
-
-    fn string(&self, name: &str) -> Result<Option<&str>, ApiError> {
-        match self.get(name) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s)),
-            Some(v) => Err(ApiError::param(name, format!("must be a string, got {}", kind(v)))),
-        }
-    }
-}
-
-/// A JSON value's type, as error messages name it.
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(n) if n.is_f64() => "a float",
-        Value::Number(_) => "an integer",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
-    }
 }
 
 #[cfg(test)]

@@ -37,7 +37,14 @@ pub(super) fn response(reply: Reply, events: mpsc::UnboundedReceiver<ChoiceEvent
     for i in 0..n {
         let prompt = &stream.reply.prompts[i / stream.reply.request.n];
         match stream.reply.request.endpoint {
-            Endpoint::Chat => stream.push_choice(i, json!({"role": "assistant", "content": ""}), None, None),
+            Endpoint::Chat => {
+                let mut chunk = stream.choice_chunk(i, json!({"role": "assistant", "content": ""}), None, None);
+                if let (0, Some(ids)) = (i, stream.reply.chat_prompt_token_ids()) {
+                    // vLLM sends the prompt's ids on the first chunk.
+                    chunk["prompt_token_ids"] = ids;
+                }
+                stream.push(&chunk);
+            }
             Endpoint::Completions if stream.reply.request.echo => {
                 stream.offsets[i] = prompt.text.chars().count();
                 let text = prompt.text.clone();
@@ -104,22 +111,24 @@ impl ChunkStream {
                     let mut finish = summary.finish_reason.as_str();
                     if let Some(held) = self.held[i].take() {
                         // The whole answer was held back: a tool call, or text after all.
-                        let delta = match self.reply.tool_call(&held, &summary) {
-                            Some(mut call) => {
+                        let delta = match self.reply.tool_calls(&held, &summary) {
+                            Some(mut calls) => {
                                 finish = "tool_calls";
-                                call["index"] = json!(0);
-                                json!({"tool_calls": [call]})
+                                for (index, call) in calls.iter_mut().enumerate() {
+                                    call["index"] = json!(index);
+                                }
+                                json!({"tool_calls": calls})
                             }
                             None => json!({"content": held}),
                         };
                         self.push_choice(i, delta, lp, None);
-                        self.push_choice(i, json!({}), None, Some(finish));
+                        self.push_finish(i, json!({}), None, finish, &summary);
                     } else {
                         let delta = match self.reply.request.endpoint {
                             Endpoint::Chat => json!({}),
                             Endpoint::Completions => json!(""),
                         };
-                        self.push_choice(i, delta, lp, Some(finish));
+                        self.push_finish(i, delta, lp, finish, &summary);
                     }
                     self.summaries[i] = Some(summary);
                 }
@@ -157,12 +166,23 @@ impl ChunkStream {
 
     /// Queues a chunk for choice `i`: `delta` is the chat delta object or the completion text.
     fn push_choice(&mut self, i: usize, delta: Value, logprobs: Option<Value>, finish: Option<&str>) {
+        let chunk = self.choice_chunk(i, delta, logprobs, finish);
+        self.push(&chunk);
+    }
+
+    /// Choice `i`'s last chunk, with its token ids when asked for.
+    fn push_finish(&mut self, i: usize, delta: Value, logprobs: Option<Value>, finish: &str, summary: &Summary) {
+        let mut chunk = self.choice_chunk(i, delta, logprobs, Some(finish));
+        self.reply.add_token_ids(&mut chunk["choices"][0], i, summary);
+        self.push(&chunk);
+    }
+
+    fn choice_chunk(&self, i: usize, delta: Value, logprobs: Option<Value>, finish: Option<&str>) -> Value {
         let choice = match self.reply.request.endpoint {
             Endpoint::Chat => json!({"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}),
             Endpoint::Completions => json!({"index": i, "text": delta, "logprobs": logprobs, "finish_reason": finish}),
         };
-        let chunk = self.envelope(vec![choice]);
-        self.push(&chunk);
+        self.envelope(vec![choice])
     }
 
     fn envelope(&self, choices: Vec<Value>) -> Value {

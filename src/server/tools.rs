@@ -32,6 +32,8 @@ pub struct Tools {
     pub functions: Vec<(String, Value)>,
     /// `tool_choice`.
     pub choice: ToolChoice,
+    /// `parallel_tool_calls` (default true): whether one answer may hold several calls.
+    pub parallel: bool,
 }
 
 impl Tools {
@@ -68,6 +70,31 @@ impl Tools {
     /// arguments as OpenAI sends them (a JSON string).
     pub fn parse_call(&self, text: &str) -> Option<(String, String)> {
         let v: Value = serde_json::from_str(text.trim()).ok()?;
+        self.call_of(&v)
+    }
+
+    /// The tool calls `text` is, in Llama 3.1's forms: after an optional `<|python_tag|>`, one
+    /// or more call objects separated by whitespace or `;`. `None` unless the whole text is
+    /// calls of offered functions (then it is an answer). Without `parallel_tool_calls`, only
+    /// the first call is kept.
+    pub fn parse_calls(&self, text: &str) -> Option<Vec<(String, String)>> {
+        let text = text.trim();
+        let mut rest = text.strip_prefix("<|python_tag|>").unwrap_or(text).trim_start();
+        let mut calls = Vec::new();
+        while !rest.is_empty() {
+            let mut values = serde_json::Deserializer::from_str(rest).into_iter::<Value>();
+            let value = values.next()?.ok()?;
+            calls.push(self.call_of(&value)?);
+            rest = rest[values.byte_offset()..].trim_start();
+            rest = rest.strip_prefix(';').unwrap_or(rest).trim_start();
+        }
+        if !self.parallel {
+            calls.truncate(1);
+        }
+        (!calls.is_empty()).then_some(calls)
+    }
+
+    fn call_of(&self, v: &Value) -> Option<(String, String)> {
         let name = v.get("name")?.as_str()?;
         if !self.functions.iter().any(|(n, _)| n == name) {
             return None;
@@ -120,7 +147,12 @@ pub fn parse(obj: &Map<String, Value>) -> Result<Option<Tools>, ApiError> {
         functions.push((name, params));
     }
     let choice = tool_choice(obj.get("tool_choice"), &functions)?;
-    Ok(Some(Tools { list: Value::Array(list.clone()), functions, choice }))
+    let parallel = match obj.get("parallel_tool_calls") {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(ApiError::param("parallel_tool_calls", "must be a boolean")),
+    };
+    Ok(Some(Tools { list: Value::Array(list.clone()), functions, choice, parallel }))
 }
 
 fn no_tools(obj: &Map<String, Value>) -> Result<Option<Tools>, ApiError> {
@@ -182,6 +214,21 @@ mod tests {
         );
         assert_eq!(t.parse_call(r#"{"name": "other", "parameters": {}}"#), None);
         assert_eq!(t.parse_call("Paris is sunny."), None);
+        // Llama 3.1's forms: python_tag, several calls separated by `;` or whitespace.
+        let paris = ("get_weather".to_owned(), r#"{"city":"Paris"}"#.to_owned());
+        let lyon = ("get_weather".to_owned(), r#"{"city":"Lyon"}"#.to_owned());
+        let two = r#"<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}; {"name": "get_weather", "arguments": {"city": "Lyon"}}"#;
+        assert_eq!(t.parse_calls(two), Some(vec![paris.clone(), lyon.clone()]));
+        let newline = "{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\"}}\n{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Lyon\"}}";
+        assert_eq!(t.parse_calls(newline), Some(vec![paris.clone(), lyon]));
+        assert_eq!(t.parse_calls(r#"{"name": "get_weather", "parameters": {"city": "Paris"}} and more"#), None);
+        assert_eq!(
+            t.parse_calls(r#"{"name": "get_weather", "parameters": {}}; {"name": "nope", "parameters": {}}"#),
+            None
+        );
+        assert_eq!(t.parse_calls("   "), None);
+        let single = parsed(json!({"tools": weather(), "parallel_tool_calls": false})).expect("ok").expect("tools");
+        assert_eq!(single.parse_calls(two), Some(vec![paris]));
         assert!(!parsed(json!({"tools": weather(), "tool_choice": "none"})).expect("ok").expect("tools").active());
         assert_eq!(parsed(json!({"tools": []})).expect("ok"), None);
     }
@@ -199,6 +246,7 @@ mod tests {
                 "tool_choice.function.name",
             ),
             (json!({"tool_choice": "required"}), "tool_choice"),
+            (json!({"tools": weather(), "parallel_tool_calls": "yes"}), "parallel_tool_calls"),
         ];
         for (body, param) in cases {
             match parsed(body.clone()) {

@@ -180,3 +180,17 @@ pub fn python() -> PathBuf {
     assert!(out.status.success(), "scripts/python-venv failed: {}", String::from_utf8_lossy(&out.stderr));
     PathBuf::from(String::from_utf8(out.stdout).expect("UTF-8").trim())
 }
+
+/// `tulu generate`'s greedy output (stdout) for `prompt`, with the chat template if `chat`.
+pub fn cli_generate(prompt: &str, chat: bool, max_tokens: usize) -> String {
+    let model = super::smollm2_dir();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tulu"));
+    cmd.arg("generate").arg("--model").arg(&model).args(["--prompt", prompt, "--temperature", "0"]);
+    cmd.args(["--max-tokens", &max_tokens.to_string()]);
+    if chat {
+        cmd.arg("--chat");
+    }
+    let out = cmd.output().expect("run tulu generate");
+    assert!(out.status.success(), "tulu generate failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("UTF-8")
+}

@@ -1,0 +1,182 @@
+//! `tulu serve`'s other APIs end to end, on SmolLM2: OpenAI's Responses API and Anthropic's
+//! Messages API through their official Python clients (tests/sdk_apis.py), vLLM's token-id
+//! fields and `/tokenize` / `/detokenize` over raw HTTP, and each API's answer to bad requests.
+//!
+//! Tests take a lock and run one at a time: each starts its own server, and two CPU-bound
+//! servers on a 2-core machine would only slow each other down.
+
+mod common;
+
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
+
+use common::serve::{cli_generate, http, python, Server};
+use serde_json::{json, Value};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+const KEY: &str = "sk-tulu-apis";
+
+#[test]
+fn openai_responses_and_anthropic_messages_clients_match_tulu_generate() {
+    let _serial = serial();
+    let python = python();
+    let (question, max_tokens) = ("What is the capital of France?", 16);
+    let expected_chat = cli_generate(question, true, max_tokens);
+    assert!(!expected_chat.is_empty());
+    let server = Server::start(&["--api-key", KEY]);
+    let config = json!({
+        "base_url": server.url(),
+        "api_key": KEY,
+        "model": server.model,
+        "question": question,
+        "max_tokens": max_tokens,
+        "expected_chat": expected_chat,
+    });
+    let out = Command::new(python)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk_apis.py"))
+        .arg(config.to_string())
+        .output()
+        .expect("run the SDK checks");
+    let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "SDK checks failed:\n{log}");
+}
+
+#[test]
+fn token_ids_round_trip_through_tokenize_detokenize_and_generation() {
+    let _serial = serial();
+    let server = Server::start(&[]);
+    let question = "Name a color.";
+    let messages = json!([{"role": "user", "content": question}]);
+    let chat = json!({"model": server.model, "messages": messages, "temperature": 0, "max_tokens": 8,
+                      "return_token_ids": true, "logprobs": true});
+    let a = server.post("/v1/chat/completions", &chat);
+    assert_eq!(a.status, 200, "{}", a.body);
+    let a = a.json();
+    // The prompt's ids are /tokenize's for the same messages.
+    let t = server.post("/tokenize", &json!({"messages": messages}));
+    assert_eq!(t.status, 200, "{}", t.body);
+    let t = t.json();
+    assert_eq!(a["prompt_token_ids"], t["tokens"], "{a}\n{t}");
+    assert_eq!(t["count"].as_u64(), t["tokens"].as_array().map(|v| v.len() as u64));
+    assert_eq!(t["max_model_len"], 1024);
+    assert_eq!(a["usage"]["prompt_tokens"], t["count"]);
+    // The answer's ids are the logprob tokens', and decode to its text.
+    let ids = a["choices"][0]["token_ids"].as_array().expect("token_ids").clone();
+    assert_eq!(ids.len() as u64, a["usage"]["completion_tokens"].as_u64().expect("usage"));
+    let d = server.post("/detokenize", &json!({"tokens": ids})).json();
+    let text = a["choices"][0]["message"]["content"].as_str().expect("content");
+    assert!(d["prompt"].as_str().expect("prompt").starts_with(text), "{d} vs {text:?}");
+    let lp = a["choices"][0]["logprobs"]["content"].as_array().expect("logprobs");
+    for token in lp {
+        let bytes: Vec<u8> =
+            token["bytes"].as_array().expect("bytes").iter().map(|b| b.as_u64().unwrap_or(999) as u8).collect();
+        assert_eq!(bytes, token["token"].as_str().expect("token").as_bytes(), "{token}");
+    }
+    // Streamed: the prompt's ids on the first chunk, the choice's on its last.
+    let mut stream = chat.clone();
+    stream["stream"] = json!(true);
+    let r = http(&server.addr, "POST", "/v1/chat/completions", &[], stream.to_string().as_bytes());
+    let chunks: Vec<Value> =
+        r.events().iter().filter(|e| *e != "[DONE]").map(|e| serde_json::from_str(e).expect("JSON")).collect();
+    assert_eq!(chunks[0]["prompt_token_ids"], t["tokens"]);
+    let last = chunks.iter().rev().find(|c| !c["choices"][0]["finish_reason"].is_null()).expect("finish");
+    assert_eq!(last["choices"][0]["token_ids"].as_array(), Some(&ids), "{last}");
+    // Completions: both on the choice; /tokenize of the prompt agrees.
+    let c =
+        server.post("/v1/completions", &json!({"prompt": "Red, green and", "max_tokens": 4, "return_token_ids": true}));
+    let c = c.json();
+    let tp = server.post("/tokenize", &json!({"prompt": "Red, green and"})).json();
+    assert_eq!(c["choices"][0]["prompt_token_ids"], tp["tokens"], "{c}");
+    assert_eq!(c["choices"][0]["token_ids"].as_array().map(Vec::len), Some(4), "{c}");
+    // Without the flag, none of vLLM's fields.
+    let plain = server.post("/v1/completions", &json!({"prompt": "Red", "max_tokens": 2})).json();
+    assert!(plain["choices"][0].get("token_ids").is_none() && plain.get("prompt_token_ids").is_none(), "{plain}");
+    // return_token_strs gives each id's vocabulary string.
+    let s = server.post("/tokenize", &json!({"prompt": "Red", "return_token_strs": true})).json();
+    assert_eq!(s["token_strs"], json!(["Red"]), "{s}");
+}
+
+fn check_errors(server: &Server, path: &str, headers: &[(&str, &str)], cases: &[(Value, u16, &str)], anthropic: bool) {
+    for (body, status, param) in cases {
+        let r = http(&server.addr, "POST", path, headers, body.to_string().as_bytes());
+        assert_eq!(r.status, *status, "{path} {body}: {}", r.body);
+        let e = r.json();
+        if anthropic {
+            assert_eq!(e["type"], "error", "{e}");
+            let message = e["error"]["message"].as_str().expect("message");
+            assert!(message.contains(&format!("`{param}`")), "{path} {body}: {e}");
+            assert!(e["error"]["type"].is_string(), "{e}");
+        } else {
+            assert_eq!(e["error"]["param"], *param, "{path} {body}: {e}");
+            assert!(e["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{e}");
+        }
+    }
+}
+
+#[test]
+fn bad_requests_to_each_api_get_4xx_naming_the_field() {
+    let _serial = serial();
+    let server = Server::start(&["--api-key", KEY]);
+    let bearer = format!("Bearer {KEY}");
+    let auth = [("Authorization", bearer.as_str())];
+    let with = |base: &Value, extra: Value| {
+        let mut b = base.clone();
+        b.as_object_mut().expect("object").extend(extra.as_object().expect("object").clone());
+        b
+    };
+    let resp = json!({"model": "smollm2", "input": "hi", "max_output_tokens": 2});
+    let responses = [
+        (json!({"model": "smollm2"}), 400, "input"),
+        (with(&resp, json!({"input": []})), 400, "input"),
+        (with(&resp, json!({"previous_response_id": "resp_123"})), 400, "previous_response_id"),
+        (with(&resp, json!({"input": [{"role": "robot", "content": "x"}]})), 400, "input[0].role"),
+        (with(&resp, json!({"max_output_tokens": 0})), 400, "max_output_tokens"),
+        (with(&resp, json!({"temperature": 9})), 400, "temperature"),
+        (with(&resp, json!({"stream": "yes"})), 400, "stream"),
+        (
+            with(&resp, json!({"text": {"format": {"type": "json_schema", "name": "x", "schema": 3}}})),
+            400,
+            "text.format.schema",
+        ),
+        (with(&resp, json!({"tools": [{"type": "function", "name": "f"}]})), 400, "tools"),
+        (with(&resp, json!({"model": "gpt-5"})), 404, "model"),
+        (with(&resp, json!({"max_output_tokens": 5000})), 400, "max_output_tokens"),
+    ];
+    check_errors(&server, "/v1/responses", &auth, &responses, false);
+    let msg = json!({"model": "smollm2", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]});
+    let x_api_key = [("x-api-key", KEY)];
+    let messages = [
+        (json!({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}]}), 400, "max_tokens"),
+        (with(&msg, json!({"messages": []})), 400, "messages"),
+        (with(&msg, json!({"messages": [{"role": "system", "content": "x"}]})), 400, "messages[0].role"),
+        (with(&msg, json!({"temperature": 1.5})), 400, "temperature"),
+        (with(&msg, json!({"top_k": -1})), 400, "top_k"),
+        (with(&msg, json!({"stop_sequences": "x"})), 400, "stop_sequences"),
+        (with(&msg, json!({"system": 7})), 400, "system"),
+        (with(&msg, json!({"model": "claude-opus"})), 404, "model"),
+        (with(&msg, json!({"max_tokens": 5000})), 400, "max_tokens"),
+    ];
+    check_errors(&server, "/v1/messages", &x_api_key, &messages, true);
+    // Without a key, Anthropic's shape on its route, OpenAI's elsewhere.
+    let r = http(&server.addr, "POST", "/v1/messages", &[], msg.to_string().as_bytes());
+    assert_eq!((r.status, r.json()["error"]["type"].clone()), (401, json!("authentication_error")), "{}", r.body);
+    let r = http(&server.addr, "POST", "/v1/responses", &[("x-api-key", "wrong")], resp.to_string().as_bytes());
+    assert_eq!((r.status, r.json()["error"]["code"].clone()), (401, json!("invalid_api_key")), "{}", r.body);
+    let tokenize = [
+        (json!({}), 400, "prompt"),
+        (json!({"prompt": 5}), 400, "prompt"),
+        (json!({"messages": [{"role": "user"}]}), 400, "messages[0].content"),
+        (json!({"prompt": "x", "model": "gpt-5"}), 404, "model"),
+    ];
+    check_errors(&server, "/tokenize", &auth, &tokenize, false);
+    let detokenize = [(json!({}), 400, "tokens"), (json!({"tokens": [1, 99999999]}), 400, "tokens")];
+    check_errors(&server, "/detokenize", &auth, &detokenize, false);
+    // Every refused request harmed nothing: the server still answers.
+    let ok = http(&server.addr, "POST", "/v1/messages", &x_api_key, msg.to_string().as_bytes());
+    assert_eq!(ok.status, 200, "{}", ok.body);
+}
