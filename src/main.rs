@@ -143,7 +143,8 @@ enum Command {
         #[command(flatten)]
         sizing: cli::inspect::SizingArgs,
     },
-    /// Convert a GGUF file (llama architecture) into a Hugging Face safetensors directory.
+    /// Convert a GGUF file (llama architecture) into a model directory: the GGUF kept as stored
+    /// (default), or dequantized into Hugging Face safetensors.
     Convert {
         /// The GGUF file.
         #[arg(long)]
@@ -151,8 +152,9 @@ enum Command {
         /// The directory to create.
         #[arg(long)]
         out: PathBuf,
-        /// f32 (lossless for dequantized weights), bf16 or f16.
-        #[arg(long, default_value = "f32")]
+        /// keep (the GGUF's weights as stored, GGML blocks included, read in place), or f32
+        /// (lossless dequantization), bf16 or f16 safetensors.
+        #[arg(long, default_value = "keep")]
         dtype: String,
     },
     /// Write a random-weight checkpoint of a Llama-3.1 shape (for tests and benchmarks).
