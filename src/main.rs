@@ -55,8 +55,9 @@ pub struct ModelArgs {
     /// Run every step eagerly: no CUDA graphs for decode steps (debugging, or to compare).
     #[arg(long)]
     pub enforce_eager: bool,
-    /// Quantize the linear weights while loading: fp8 (e4m3, one scale per output row).
-    /// Embeddings, norms and lm_head stay as stored; FP8 checkpoints need no flag.
+    /// Quantize the linear weights while loading: fp8 (e4m3, one scale per output row), or on
+    /// the CPU q8_0 / q4_k (llama.cpp's GGML blocks). Embeddings, norms and lm_head stay as
+    /// stored; FP8 checkpoints need no flag.
     #[arg(long)]
     pub quantize: Option<tulu::quant::Quantize>,
 }
