@@ -29,14 +29,14 @@ pub struct BlockWeight {
 /// Checks that `cols` columns are whole blocks of `dtype`, naming `what` otherwise.
 pub fn check_width(what: &str, dtype: GgmlDType, cols: usize) -> Result<()> {
     let block = dtype.block_size();
-    if cols % block != 0 {
+    if !cols.is_multiple_of(block) {
         return Err(Error::Backend(format!(
             "{what}: {cols} columns are not whole {dtype:?} blocks of {block} (a row must be whole blocks)"
         )));
     }
     // candle's Q4_1, Q5_0 and Q5_1 dot products (like ggml's) take blocks in pairs.
     let paired = matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1);
-    if paired && (cols / block) % 2 != 0 {
+    if paired && !(cols / block).is_multiple_of(2) {
         return Err(Error::Backend(format!(
             "{what}: {cols} columns are an odd number of {dtype:?} blocks (its dot product takes blocks in pairs)"
         )));
