@@ -144,8 +144,8 @@ enum Command {
         #[command(flatten)]
         sizing: cli::inspect::SizingArgs,
     },
-    /// Convert a GGUF file (llama architecture) into a model directory: the GGUF kept as stored
-    /// (default), or dequantized into Hugging Face safetensors.
+    /// Convert a GGUF file (llama architecture) into a model directory: dequantized into Hugging
+    /// Face safetensors (default), or the GGUF kept as stored (`--dtype keep`).
     Convert {
         /// The GGUF file.
         #[arg(long)]
@@ -153,9 +153,10 @@ enum Command {
         /// The directory to create.
         #[arg(long)]
         out: PathBuf,
-        /// keep (the GGUF's weights as stored, GGML blocks included, read in place), or f32
-        /// (lossless dequantization), bf16 or f16 safetensors.
-        #[arg(long, default_value = "keep")]
+        /// f32 (lossless dequantization), bf16 or f16 safetensors, or keep (the GGUF's weights
+        /// as stored, GGML blocks included, read in place; not yet the default: GGUF blocks
+        /// decode slower than they should, see docs/performance.md).
+        #[arg(long, default_value = "f32")]
         dtype: String,
     },
     /// Write a random-weight checkpoint of a Llama-3.1 shape (for tests and benchmarks).
