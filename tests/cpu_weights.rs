@@ -109,10 +109,15 @@ const TOKENS: [u32; 12] = [72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 1
 #[test]
 fn dense_gguf_loads_as_its_conversion() {
     for dtype in [GgmlDType::F32, GgmlDType::F16] {
-        let (_tmp, gguf, f32_dir) = tiny(dtype);
+        let (tmp, gguf, f32_dir) = tiny(dtype);
         let direct = logits(&f32_dir, &gguf, &TOKENS);
         let converted = logits(&f32_dir, &f32_dir, &TOKENS);
         assert_eq!(direct, converted, "{dtype:?}");
+        // `tulu convert --dtype keep`: a directory holding the GGUF and its metadata files.
+        let kept = tmp.path().join("kept");
+        tulu::weights::gguf_store::keep_gguf(&gguf, &kept).unwrap();
+        assert!(kept.join("model.gguf").is_file() && !kept.join("model.safetensors").exists());
+        assert_eq!(logits(&kept, &kept, &TOKENS), converted, "{dtype:?} kept");
     }
 }
 
