@@ -87,8 +87,11 @@ fn classify(spec: &str) -> Result<Spec> {
     if path.is_dir() {
         return Ok(Spec::Local(path));
     }
+    if path.is_file() && path.extension().is_some_and(|x| x.eq_ignore_ascii_case("gguf")) {
+        return Ok(Spec::Local(crate::weights::gguf_store::model_dir(&path)?));
+    }
     if path.exists() {
-        return Err(hub_error(spec, "is a file; --model takes a model directory or a hub repo id"));
+        return Err(hub_error(spec, "is a file; --model takes a model directory, a .gguf file or a hub repo id"));
     }
     let (id, revision) = match spec.split_once('@') {
         Some((id, rev)) => (id, Some(rev)),

@@ -55,8 +55,9 @@ pub struct ModelArgs {
     /// Run every step eagerly: no CUDA graphs for decode steps (debugging, or to compare).
     #[arg(long)]
     pub enforce_eager: bool,
-    /// Quantize the linear weights while loading: fp8 (e4m3, one scale per output row).
-    /// Embeddings, norms and lm_head stay as stored; FP8 checkpoints need no flag.
+    /// Quantize the linear weights while loading: fp8 (e4m3, one scale per output row), or on
+    /// the CPU q8_0 / q4_k (llama.cpp's GGML blocks). Embeddings, norms and lm_head stay as
+    /// stored; FP8 checkpoints need no flag.
     #[arg(long)]
     pub quantize: Option<tulu::unstable::quant::Quantize>,
 }
@@ -143,7 +144,8 @@ enum Command {
         #[command(flatten)]
         sizing: cli::inspect::SizingArgs,
     },
-    /// Convert a GGUF file (llama architecture) into a Hugging Face safetensors directory.
+    /// Convert a GGUF file (llama architecture) into a model directory: dequantized into Hugging
+    /// Face safetensors (default), or the GGUF kept as stored (`--dtype keep`).
     Convert {
         /// The GGUF file.
         #[arg(long)]
@@ -151,7 +153,9 @@ enum Command {
         /// The directory to create.
         #[arg(long)]
         out: PathBuf,
-        /// f32 (lossless for dequantized weights), bf16 or f16.
+        /// f32 (lossless dequantization), bf16 or f16 safetensors, or keep (the GGUF's weights
+        /// as stored, GGML blocks included, read in place; not yet the default: GGUF blocks
+        /// decode slower than they should, see docs/performance.md).
         #[arg(long, default_value = "f32")]
         dtype: String,
     },

@@ -431,6 +431,7 @@ impl Source<'_> {
         linear: Option<Option<&Quantization>>,
     ) -> Result<B::Weight> {
         let bound = linear.flatten().and_then(Quantization::activation_bound);
+        let blocks = linear.flatten().and_then(Quantization::at_load_blocks);
         let at_load = |p: &Part| {
             let module = p.name.strip_suffix(".weight").unwrap_or(&p.name);
             linear.flatten().is_some_and(|q| q.quantizes_at_load(module))
@@ -449,9 +450,12 @@ impl Source<'_> {
                         Ok(s)
                     })
                     .collect::<Result<Vec<TensorSlice<'_>>>>()?;
-                let w = match slices.iter().any(|s| s.scale.is_some()) || parts.iter().any(at_load) {
-                    true => backend.load_fp8_weight(&slices, bound)?,
-                    false => backend.load_weight(&slices)?,
+                let w = match (slices.iter().any(|s| s.scale.is_some()) || parts.iter().any(at_load), blocks) {
+                    (true, Some(b)) if slices.iter().all(|s| s.scale.is_none()) => {
+                        backend.load_block_weight(&slices, b)?
+                    }
+                    (true, _) => backend.load_fp8_weight(&slices, bound)?,
+                    (false, _) => backend.load_weight(&slices)?,
                 };
                 // On the device now: its pages need not stay resident (WeightStore::release).
                 for p in parts {
@@ -467,9 +471,10 @@ impl Source<'_> {
                         ..RandomSlice::for_tensor(*seed, &p.name, &p.shape, p.rows.clone(), p.cols.clone())
                     })
                     .collect();
-                match parts.iter().any(at_load) {
-                    true => backend.random_fp8_weight(&slices, bound),
-                    false => backend.random_weight(&slices),
+                match (parts.iter().any(at_load), blocks) {
+                    (true, Some(b)) => backend.random_block_weight(&slices, b),
+                    (true, None) => backend.random_fp8_weight(&slices, bound),
+                    (false, _) => backend.random_weight(&slices),
                 }
             }
         }

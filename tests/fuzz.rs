@@ -11,6 +11,8 @@ mod mutate;
 
 use std::path::{Path, PathBuf};
 
+use tulu::unstable::backend::cpu::CpuBackend;
+use tulu::unstable::backend::Backend;
 use tulu::unstable::config::{GenerationConfig, ModelConfig};
 use tulu::unstable::parallel::frame::{self, FrameType};
 use tulu::unstable::parallel::handshake::Handshake;
@@ -104,6 +106,27 @@ fn fuzz_gguf() {
             std::fs::remove_dir_all(&out).unwrap();
         } else {
             assert!(!out.exists(), "a failed conversion left {}", out.display());
+        }
+    });
+}
+
+/// A GGUF read in place (`--model FILE.gguf`) opens or fails cleanly; when it opens, every
+/// tensor loads onto the CPU backend in its stored type (blocks included) and reads back as f32.
+#[test]
+fn fuzz_gguf_in_place() {
+    let dir = scratch();
+    let gguf = dir.path().join("model.gguf");
+    let cpu = CpuBackend::new();
+    harness::run("gguf_in_place", mutate::bytes, |bytes| {
+        std::fs::write(&gguf, bytes).unwrap();
+        if let Ok(store) = WeightStore::open(&gguf) {
+            for name in store.names() {
+                let t = store.get_any(name).unwrap();
+                let _ = cpu.load_weight(&[t.full()]);
+                let mut out = Vec::new();
+                t.extend_f32(0..t.len(), &mut out);
+                assert_eq!(out.len(), t.len());
+            }
         }
     });
 }
@@ -215,7 +238,9 @@ fn write_corpus() {
         "do_sample": true, "temperature": 0.6, "top_p": 0.9, "top_k": 50, "repetition_penalty": 1.1,
         "max_new_tokens": 2048});
     std::fs::write(corpus_dir("generation_config").join("llama31.json"), generation.to_string()).unwrap();
-    write_gguf(&corpus_dir("gguf").join("tiny.gguf"));
+    write_gguf(&corpus_dir("gguf").join("tiny.gguf"), 8, candle_core::quantized::GgmlDType::F32);
+    write_gguf(&corpus_dir("gguf_in_place").join("tiny.gguf"), 8, candle_core::quantized::GgmlDType::F32);
+    write_gguf(&corpus_dir("gguf_in_place").join("tiny-q4_1.gguf"), 32, candle_core::quantized::GgmlDType::Q4_1);
     let world = WorldSpec::from_nodes(2, 1, 1, 0, "127.0.0.1", 1).unwrap();
     let mut frames = Vec::new();
     frame::write_frame(
@@ -318,7 +343,7 @@ fn write_api_seeds() {
 
 /// A one-layer llama GGUF with a 260-token byte-level vocabulary: the smallest file
 /// `tulu convert` turns into a model.
-fn write_gguf(path: &Path) {
+fn write_gguf(path: &Path, hidden: usize, dtype: candle_core::quantized::GgmlDType) {
     use candle_core::quantized::{gguf_file::Value, GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
     let chars = tulu::unstable::weights::gguf_tokenizer::byte_to_char();
@@ -326,7 +351,7 @@ fn write_gguf(path: &Path) {
     for special in ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"] {
         tokens.push(Value::String(special.into()));
     }
-    let (vocab, hidden, ffn) = (tokens.len(), 8usize, 16usize);
+    let (vocab, ffn) = (tokens.len(), 2 * hidden);
     let metadata = [
         ("general.architecture", Value::String("llama".into())),
         ("llama.embedding_length", Value::U32(hidden as u32)),
@@ -346,7 +371,9 @@ fn write_gguf(path: &Path) {
     let tensor = |shape: &[usize]| {
         let n: usize = shape.iter().product();
         let values: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 200.0).collect();
-        QTensor::quantize(&Tensor::from_vec(values, shape, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap()
+        // Matrices in `dtype`, norms in f32 (as llama.cpp stores them).
+        let ty = if shape.len() == 2 { dtype } else { GgmlDType::F32 };
+        QTensor::quantize(&Tensor::from_vec(values, shape, &Device::Cpu).unwrap(), ty).unwrap()
     };
     let tensors = [
         ("token_embd.weight", tensor(&[vocab, hidden])),

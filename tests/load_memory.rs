@@ -1,5 +1,6 @@
-//! Loading a multi-GB checkpoint keeps host memory to the loaded weights plus at most one
-//! tensor of the file: each weight is read from the memory map straight into its destination,
+//! Loading a multi-GB checkpoint keeps host memory to the loaded weights, at their stored size
+//! (bf16 stays bf16 on the CPU), plus at most one tensor of the file: each weight is read from
+//! the memory map straight into its destination,
 //! and its mapped pages are dropped once it is there (`WeightStore::release`). A tensor-parallel
 //! rank reads only its slices. (One test in its own binary: the process's peak RSS is its own.)
 
@@ -15,16 +16,18 @@ use tulu::unstable::weights::gguf::OutDType;
 use tulu::unstable::weights::WeightStore;
 
 const GIB: u64 = 1 << 30;
+/// What loading may hold beyond the weights and one tensor: allocator slack, the RoPE tables.
+const SLACK: u64 = 256 << 20;
 
 /// Peak RSS growth while `shard` of the checkpoint loads onto the CPU, and the bytes its weights
-/// occupy there (f32).
+/// occupy there at bf16 (the norm vectors, kept in f32, are a few KB more).
 fn load_growth(dir: &Path, cfg: &ModelConfig, shard: Shard) -> (u64, u64) {
     let store = WeightStore::open(dir).unwrap();
     assert!(reset_peak_rss(), "/proc/self/clear_refs is not writable");
     let base = rss_bytes().unwrap();
     let model = Llama::load(&CpuBackend::new(), cfg, &store, 64, shard, |_| {}).unwrap();
     let growth = peak_rss_bytes().unwrap().saturating_sub(base);
-    (growth, model.resident_weight_elements() * 4)
+    (growth, model.resident_weight_elements() * 2)
 }
 
 #[test]
@@ -61,14 +64,14 @@ fn loading_keeps_peak_host_memory_to_the_weights_plus_one_tensor() {
             largest as f64 / 1e6
         );
         assert!(
-            overhead <= GIB + largest,
+            overhead <= SLACK + largest,
             "rank {} of {}: loading grew RSS by {growth} bytes for {weights} bytes of weights",
             shard.rank,
             shard.world
         );
         if shard.world > 1 {
-            // Rank 3 of 8 holds an eighth of every sharded tensor (f32 on the CPU: 2× the bf16 bytes).
-            assert!(weights < file_bytes * 2 / 8 + (64 << 20), "rank weights {weights} of {file_bytes}");
+            // Rank 3 of 8 holds an eighth of every sharded tensor.
+            assert!(weights < file_bytes / 8 + (64 << 20), "rank weights {weights} of {file_bytes}");
         }
     }
 }

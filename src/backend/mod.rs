@@ -13,6 +13,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::error::{Error, Result};
+use crate::quant::BlockType;
 use crate::runtime::batch::Batch;
 use crate::runtime::sampler::RowSampling;
 use crate::runtime::token_mask::TokenMasks;
@@ -204,6 +205,19 @@ pub trait Backend: Send + Sync + 'static {
         let _ = activation_bound;
         let w = Fp8Rows::from_random(parts)?;
         self.upload(&w.dequantize(), w.rows, w.cols)
+    }
+
+    /// Loads a linear weight made of `parts` quantized to GGML blocks of `block`
+    /// (`--quantize q8_0`). Only the CPU backend has block kernels; this default refuses.
+    fn load_block_weight(&self, parts: &[TensorSlice<'_>], block: BlockType) -> Result<Self::Weight> {
+        let _ = parts;
+        Err(Error::Backend(format!("--quantize {} runs on the CPU backend only ({})", block.name(), self.describe())))
+    }
+
+    /// [`Backend::random_weight`], quantized as [`Backend::load_block_weight`] quantizes.
+    fn random_block_weight(&self, parts: &[RandomSlice], block: BlockType) -> Result<Self::Weight> {
+        let _ = parts;
+        Err(Error::Backend(format!("--quantize {} runs on the CPU backend only ({})", block.name(), self.describe())))
     }
 
     /// Whether FP8 weights stay in e4m3 on this device (one byte an element plus an f32 scale

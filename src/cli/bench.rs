@@ -59,7 +59,7 @@ pub struct BenchArgs {
     /// With --serve: the numbers of concurrent clients to measure.
     #[arg(long, default_value = "1,8,32", value_delimiter = ',', requires = "serve")]
     pub concurrency: Vec<usize>,
-    /// Quantize the linear weights while loading (fp8), as `tulu generate --quantize`.
+    /// Quantize the linear weights while loading (fp8, q8_0, q4_k), as `tulu generate --quantize`.
     #[arg(long)]
     pub quantize: Option<tulu::unstable::quant::Quantize>,
 }
@@ -139,13 +139,18 @@ impl BenchArgs {
     }
 }
 
-/// Bytes of the `*.safetensors` files in `dir` (what loading reads).
+/// Bytes of the `*.safetensors` and `*.gguf` files in `dir`, or of the GGUF file `dir` names
+/// (what loading reads).
 fn checkpoint_bytes(dir: &Path) -> Result<u64> {
+    if dir.is_file() {
+        return Ok(std::fs::metadata(dir).map_err(|e| tulu::Error::io(dir, e))?.len());
+    }
     let entries = std::fs::read_dir(dir).map_err(|e| tulu::Error::io(dir, e))?;
     let mut total = 0;
     for e in entries.flatten() {
-        if e.path().extension().is_some_and(|x| x == "safetensors") {
-            total += e.metadata().map_err(|err| tulu::Error::io(e.path(), err))?.len();
+        if e.path().extension().is_some_and(|x| x == "safetensors" || x == "gguf") {
+            // Through the link a GGUF model directory holds.
+            total += std::fs::metadata(e.path()).map_err(|err| tulu::Error::io(e.path(), err))?.len();
         }
     }
     Ok(total)

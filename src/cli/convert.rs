@@ -16,8 +16,14 @@ fn out_dtype(name: &str) -> Result<OutDType> {
     }
 }
 
-/// `tulu convert`.
+/// `tulu convert`: `keep` writes the GGUF itself beside its config and tokenizer files (blocks
+/// stay blocks); a dtype dequantizes into safetensors.
 pub fn convert(gguf: &Path, out: &Path, dtype: &str) -> Result<()> {
+    if dtype == "keep" {
+        tulu::unstable::weights::gguf_store::keep_gguf(gguf, out)?;
+        eprintln!("wrote {} (weights kept as stored in the GGUF)", out.display());
+        return Ok(());
+    }
     let opts = ConvertOptions { dtype: out_dtype(dtype)?, progress: true };
     convert_gguf(gguf, out, &opts)?;
     eprintln!("wrote {}", out.display());

@@ -59,6 +59,37 @@ pub enum QuantMethod {
     /// A bf16/f16/f32 checkpoint quantized while loading (`--quantize fp8`): every linear weight
     /// but `lm_head` becomes e4m3 with per-row scales.
     AtLoad,
+    /// A bf16/f16/f32 checkpoint quantized to GGML blocks while loading (`--quantize q8_0`): every
+    /// linear weight but `lm_head` (the CPU backend only).
+    BlocksAtLoad(BlockType),
+}
+
+/// The GGML block types `--quantize` makes (llama.cpp's formats, through candle-core).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockType {
+    /// 32 int8 values and one f16 scale a block: 8.5 bits a weight.
+    Q8_0,
+    /// 256-value super-blocks of 4-bit values with 6-bit sub-block scales and minimums: 4.5 bits
+    /// a weight (rows must be whole 256-value blocks).
+    Q4K,
+}
+
+impl BlockType {
+    /// candle-core's name for the type.
+    pub fn ggml(self) -> candle_core::quantized::GgmlDType {
+        match self {
+            BlockType::Q8_0 => candle_core::quantized::GgmlDType::Q8_0,
+            BlockType::Q4K => candle_core::quantized::GgmlDType::Q4K,
+        }
+    }
+
+    /// The name `--quantize` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            BlockType::Q8_0 => "q8_0",
+            BlockType::Q4K => "q4_k",
+        }
+    }
 }
 
 /// One entry of an `ignore` / `modules_to_not_convert` list.
@@ -120,7 +151,17 @@ impl Quantization {
     /// Whether linear `module` is FP8 when quantized while loading: all but `lm_head` (and what
     /// the list keeps).
     pub fn quantizes_at_load(&self, module: &str) -> bool {
-        self.method == QuantMethod::AtLoad && module != "lm_head" && !self.keeps(module)
+        matches!(self.method, QuantMethod::AtLoad | QuantMethod::BlocksAtLoad(_))
+            && module != "lm_head"
+            && !self.keeps(module)
+    }
+
+    /// The block type linear weights are quantized to while loading (`--quantize q8_0`), if any.
+    pub fn at_load_blocks(&self) -> Option<BlockType> {
+        match self.method {
+            QuantMethod::BlocksAtLoad(b) => Some(b),
+            _ => None,
+        }
     }
 
     /// Whether linear `module` is expected in FP8: quantized while loading, or not kept by the
@@ -129,6 +170,7 @@ impl Quantization {
     pub fn linear_is_fp8(&self, module: &str) -> bool {
         match self.method {
             QuantMethod::AtLoad => self.quantizes_at_load(module),
+            QuantMethod::BlocksAtLoad(_) => false,
             _ => !self.keeps(module),
         }
     }
@@ -152,6 +194,7 @@ impl Quantization {
                 format!("fp8 e4m3 (fbgemm_fp8, row-wise weight scales, activation_scale_ub {activation_scale_ub})")
             }
             QuantMethod::AtLoad => "fp8 e4m3 (quantized while loading, per-row scales)".into(),
+            QuantMethod::BlocksAtLoad(b) => format!("{} blocks (quantized while loading)", b.name()),
         }
     }
 }
@@ -161,14 +204,21 @@ impl Quantization {
 pub enum Quantize {
     /// e4m3 weights with per-output-channel f32 scales.
     Fp8,
+    /// GGML blocks (the CPU backend): `q8_0` or `q4_k`.
+    Blocks(BlockType),
 }
 
 impl Quantize {
     /// Makes `cfg` load quantized: a checkpoint already in FP8 keeps its own scales; any other
-    /// gets [`Quantization::at_load`].
+    /// gets [`Quantization::at_load`] (or its block-type twin).
     pub fn apply(self, cfg: &mut crate::config::ModelConfig) {
         if cfg.quantization.is_none() {
-            cfg.quantization = Some(Quantization::at_load());
+            cfg.quantization = Some(match self {
+                Quantize::Fp8 => Quantization::at_load(),
+                Quantize::Blocks(b) => {
+                    Quantization { method: QuantMethod::BlocksAtLoad(b), keep: Vec::new(), raw: None }
+                }
+            });
         }
     }
 }
@@ -178,13 +228,18 @@ impl FromStr for Quantize {
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "fp8" => Ok(Quantize::Fp8),
-            other => Err(Error::request("quantize", format!("unknown method `{other}` (fp8)"))),
+            "q8_0" => Ok(Quantize::Blocks(BlockType::Q8_0)),
+            "q4_k" => Ok(Quantize::Blocks(BlockType::Q4K)),
+            other => Err(Error::request("quantize", format!("unknown method `{other}` (fp8, q8_0 or q4_k)"))),
         }
     }
 }
 
 impl fmt::Display for Quantize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("fp8")
+        match self {
+            Quantize::Fp8 => f.write_str("fp8"),
+            Quantize::Blocks(b) => f.write_str(b.name()),
+        }
     }
 }

@@ -64,7 +64,7 @@ pub fn scales_for<'a>(
     let strategy = match &quant.method {
         QuantMethod::CompressedTensors { weights, .. } => *weights,
         QuantMethod::Fbgemm { .. } => ScaleStrategy::Channel,
-        QuantMethod::AtLoad => {
+        QuantMethod::AtLoad | QuantMethod::BlocksAtLoad(_) => {
             return Err(fail("is stored in F8_E4M3 but config.json has no `quantization_config`".into()))
         }
     };

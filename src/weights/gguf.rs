@@ -35,20 +35,10 @@ pub struct ConvertOptions {
 /// (`model.safetensors`, `config.json`, `generation_config.json`, `tokenizer.json`,
 /// `tokenizer_config.json`). `out` must not exist or be empty; on error nothing is left there.
 pub fn convert_gguf(gguf: &Path, out: &Path, opts: &ConvertOptions) -> Result<()> {
-    let gerr = |message: String| Error::Gguf { file: gguf.to_path_buf(), message };
     let mut file = File::open(gguf).map_err(|e| Error::io(gguf, e))?;
-    let content = Content::read(&mut file).map_err(|e| gerr(format!("not a readable GGUF file: {e}")))?;
-    let meta = Meta { file: gguf, content: &content };
-
-    let arch = meta.string("general.architecture")?;
-    if arch != "llama" {
-        return Err(gerr(format!("`general.architecture` is `{arch}`; only `llama` models can be converted")));
-    }
-    let file_size = file.metadata().map_err(|e| Error::io(gguf, e))?.len();
-    let (mut cfg, tok) = read_model(&meta)?;
-    cfg.check_size(gguf).map_err(|e| gerr(format!("its metadata describes an impossible model: {e}")))?;
+    let opened = open_model(gguf, &mut file)?;
+    let (meta, mut cfg, tok, plan) = (opened.meta(), opened.cfg.clone(), &opened.tok, &opened.plan);
     cfg.torch_dtype = Some(opts.dtype.torch_name().into());
-    let plan = plan_tensors(&meta, &cfg, file_size)?;
 
     let staged = StagedDir::new(out)?;
     let dir = staged.path().to_path_buf();
@@ -64,7 +54,61 @@ pub fn convert_gguf(gguf: &Path, out: &Path, opts: &ConvertOptions) -> Result<()
         .collect();
     write_safetensors(&dir.join("model.safetensors"), tensors, &state)?;
     state.finish();
+    write_model_files(gguf, &dir, &cfg, tok)?;
+    staged.commit()
+}
 
+/// A GGUF's header read and checked: its metadata, the model and tokenizer it describes, and
+/// every tensor planned and checked against them and the file's size.
+pub(crate) struct OpenedGguf {
+    path: std::path::PathBuf,
+    content: Content,
+    pub(crate) cfg: ModelConfig,
+    tok: GgufTokenizer,
+    pub(crate) plan: Vec<PlannedTensor>,
+}
+
+impl OpenedGguf {
+    fn meta(&self) -> Meta<'_> {
+        Meta { file: &self.path, content: &self.content }
+    }
+
+    /// Where tensor data starts in the file.
+    pub(crate) fn data_offset(&self) -> u64 {
+        self.content.tensor_data_offset
+    }
+
+    /// The GGUF's record of `t`.
+    pub(crate) fn info(&self, t: &PlannedTensor) -> Result<&TensorInfo> {
+        tensor_info(&self.meta(), &t.gguf_name)
+    }
+
+    /// Writes `config.json`, `generation_config.json`, `tokenizer.json` and
+    /// `tokenizer_config.json` for the model into `dir`.
+    pub(crate) fn write_model_files(&self, dir: &Path) -> Result<()> {
+        write_model_files(&self.path, dir, &self.cfg, &self.tok)
+    }
+}
+
+/// Reads and checks the `llama` GGUF `gguf` (open as `file`) up to its tensor data.
+pub(crate) fn open_model(gguf: &Path, file: &mut File) -> Result<OpenedGguf> {
+    let gerr = |message: String| Error::Gguf { file: gguf.to_path_buf(), message };
+    let content = Content::read(file).map_err(|e| gerr(format!("not a readable GGUF file: {e}")))?;
+    let meta = Meta { file: gguf, content: &content };
+    let arch = meta.string("general.architecture")?;
+    if arch != "llama" {
+        return Err(gerr(format!("`general.architecture` is `{arch}`; only `llama` models can be read")));
+    }
+    let file_size = file.metadata().map_err(|e| Error::io(gguf, e))?.len();
+    let (cfg, tok) = read_model(&meta)?;
+    cfg.check_size(gguf).map_err(|e| gerr(format!("its metadata describes an impossible model: {e}")))?;
+    let plan = plan_tensors(&meta, &cfg, file_size)?;
+    Ok(OpenedGguf { path: gguf.to_path_buf(), content, cfg, tok, plan })
+}
+
+/// The model's config, generation config and tokenizer files, from the GGUF's metadata.
+fn write_model_files(gguf: &Path, dir: &Path, cfg: &ModelConfig, tok: &GgufTokenizer) -> Result<()> {
+    let gerr = |message: String| Error::Gguf { file: gguf.to_path_buf(), message };
     write_json(&dir.join("config.json"), &cfg.to_json())?;
     let mut generation = json!({ "eos_token_id": tok.stop_ids, "_from_model_config": false });
     if let Some(bos) = cfg.bos_token_id {
@@ -80,7 +124,7 @@ pub fn convert_gguf(gguf: &Path, out: &Path, opts: &ConvertOptions) -> Result<()
         cfg.max_position_embeddings,
     );
     write_json(&dir.join("tokenizer_config.json"), &tok_cfg)?;
-    staged.commit()
+    Ok(())
 }
 
 /// llama.cpp's q/k row permutation (from its HF converter), for tests and for checking
@@ -411,13 +455,13 @@ fn llama3_factor(s: &Llama3RopeScaling, freq: f64) -> f64 {
 }
 
 /// One tensor to convert: where it is in the GGUF and what it becomes.
-struct PlannedTensor {
+pub(crate) struct PlannedTensor {
     gguf_name: String,
-    hf_name: String,
+    pub(crate) hf_name: String,
     /// The HF (torch-order) shape, which is also candle's reading of the GGUF dims.
-    shape: Vec<usize>,
+    pub(crate) shape: Vec<usize>,
     /// Heads to un-permute over, for q and k.
-    unpermute_heads: Option<usize>,
+    pub(crate) unpermute_heads: Option<usize>,
 }
 
 /// Every tensor of the checkpoint, checked against `cfg` and the file's size before anything is

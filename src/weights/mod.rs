@@ -8,6 +8,7 @@
 
 pub mod fp8;
 pub mod gguf;
+pub mod gguf_store;
 pub mod gguf_tokenizer;
 pub mod random;
 
@@ -33,15 +34,34 @@ pub enum DType {
     BF16,
     /// FP8 e4m3 (`float8_e4m3fn`): meaningful only with the scales of [`fp8::RowScales`].
     F8E4M3,
+    /// A tensor of a GGUF file, as llama.cpp stored it: its GGML type (dense or blocks) and, for
+    /// q and k, the head count of llama.cpp's row permutation, undone as rows are read
+    /// ([`gguf_store`]).
+    Gguf {
+        /// The stored type.
+        ty: gguf_store::GgufType,
+        /// `Some(heads)` for a q or k matrix whose rows llama.cpp interleaved.
+        unpermute: Option<u16>,
+    },
 }
 
 impl DType {
-    /// Bytes per element.
+    /// Bytes per element (per block element count for GGUF blocks, whose bytes are counted
+    /// by [`DType::bytes_for`]).
     pub fn size(self) -> usize {
         match self {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
             DType::F8E4M3 => 1,
+            DType::Gguf { ty, .. } => ty.ggml().type_size(),
+        }
+    }
+
+    /// Bytes of `elements` consecutive elements (for GGUF blocks, `elements` is whole blocks).
+    pub fn bytes_for(self, elements: usize) -> usize {
+        match self {
+            DType::Gguf { ty, .. } => elements / ty.ggml().block_size() * ty.ggml().type_size(),
+            other => elements * other.size(),
         }
     }
 
@@ -52,6 +72,7 @@ impl DType {
             DType::F16 => "F16",
             DType::BF16 => "BF16",
             DType::F8E4M3 => "F8_E4M3",
+            DType::Gguf { ty, .. } => ty.name(),
         }
     }
 }
@@ -90,8 +111,17 @@ pub struct TensorRef<'a> {
 impl WeightStore {
     /// Opens the checkpoint in `dir`: `model.safetensors.index.json` and its shards, or
     /// `model.safetensors`, or else every `*.safetensors` file in the directory.
+    /// A GGUF file, or a directory holding one as [`gguf_store::GGUF_LINK`] and no safetensors,
+    /// opens as [`WeightStore::open_gguf`].
     pub fn open(dir: &Path) -> Result<Self> {
+        if dir.is_file() && dir.extension().is_some_and(|x| x.eq_ignore_ascii_case("gguf")) {
+            return Self::open_gguf(dir);
+        }
         let index = dir.join("model.safetensors.index.json");
+        let gguf = dir.join(gguf_store::GGUF_LINK);
+        if !index.exists() && !dir.join("model.safetensors").exists() && gguf.exists() {
+            return Self::open_gguf(&gguf);
+        }
         let paths = if index.exists() {
             shard_paths(dir, &index)?
         } else if dir.join("model.safetensors").exists() {
@@ -247,12 +277,16 @@ impl<'a> TensorSlice<'a> {
         (self.rows.len() + self.pad_rows, self.cols.len())
     }
 
-    /// The slice's stored bytes, one row at a time (padding rows excluded).
+    /// The slice's stored bytes, one row at a time (padding rows excluded; a GGUF slice's
+    /// columns are whole blocks).
     pub fn row_bytes(&self) -> impl Iterator<Item = &'a [u8]> + '_ {
-        let size = self.tensor.dtype.size();
-        let width = self.tensor.shape.get(1).copied().unwrap_or(self.tensor.shape[0]);
-        let bytes = self.tensor.bytes;
-        self.rows.clone().map(move |r| &bytes[(r * width + self.cols.start) * size..(r * width + self.cols.end) * size])
+        let t = self.tensor;
+        let width = t.shape.get(1).copied().unwrap_or(t.shape[0]);
+        let dtype = t.dtype;
+        self.rows.clone().map(move |r| {
+            let base = gguf_store::stored_row(dtype, r, t.shape) * width;
+            &t.bytes[dtype.bytes_for(base + self.cols.start)..dtype.bytes_for(base + self.cols.end)]
+        })
     }
 
     /// Appends the slice, converted to f32 and padded, to `out` (FP8 slices go through
@@ -330,6 +364,9 @@ impl TensorRef<'_> {
 
     /// Appends elements `[range]` (flat, row-major), converted to f32, to `out`.
     pub fn extend_f32(&self, range: Range<usize>, out: &mut Vec<f32>) {
+        if let DType::Gguf { .. } = self.dtype {
+            return gguf_store::extend_f32(self, range, out);
+        }
         let size = self.dtype.size();
         let bytes = &self.bytes[range.start * size..range.end * size];
         match self.dtype {
@@ -337,6 +374,7 @@ impl TensorRef<'_> {
             DType::F16 => out.extend(bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())),
             DType::BF16 => out.extend(bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())),
             DType::F8E4M3 => out.extend(bytes.iter().map(|&b| crate::quant::e4m3::to_f32(b))),
+            DType::Gguf { .. } => unreachable!("GGUF tensors are converted above"),
         }
     }
 }

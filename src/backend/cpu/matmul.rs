@@ -1,6 +1,8 @@
-//! `x · wᵀ` on the CPU, one kernel for every batch size.
+//! `x · wᵀ` on the CPU, one kernel for every batch size and every stored weight type.
 //!
-//! Every output element is computed by the same canonical dot product (eight f32 lanes
+//! Weights stay in the type they were stored in (f32, bf16 or f16, [`WeightElem`]): each
+//! element is widened to f32 as the dot product loads it, which is exact, so a bf16 weight gives
+//! bit for bit the f32 result of the same weight converted — at half the bytes read. Every output element is computed by the same canonical dot product (eight f32 lanes
 //! accumulated along `k` with fused multiply-adds, then summed in a fixed order), whatever the
 //! number of rows in `x` and whichever micro-kernel computes it. A sequence's logits therefore
 //! do not depend on what else is in its batch — continuous batching and preemption can rely on
@@ -8,13 +10,77 @@
 //! from memory once per call: decode streams the weights at memory bandwidth, and prefill
 //! reuses each cached block of weight rows for every token.
 
+use half::{bf16, f16};
 use rayon::prelude::*;
+
+/// A stored weight element that widens to f32 exactly.
+pub trait WeightElem: Copy + Send + Sync + 'static {
+    /// The element as f32 (exact).
+    fn to_f32(self) -> f32;
+    /// Eight elements from `p` as f32 lanes.
+    ///
+    /// # Safety
+    /// `p` must be valid for eight reads, and the CPU must have AVX2, FMA and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl WeightElem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+impl WeightElem for bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const bf16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // bf16 is the top half of an f32: widen each u16 to u32 and shift it into place.
+        let h = _mm_loadu_si128(p as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+    }
+}
+
+impl WeightElem for f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const f16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+}
+
+/// Whether the AVX2 kernels can run (F16C widens f16 weights; every AVX2 CPU has it).
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
+}
 
 /// Weight rows per parallel task: 32 rows of a 4096-wide matrix are 512 KiB, within L2.
 const ROWS_PER_TASK: usize = 32;
 
 /// `out[t][r] = dot(x[t], w[r])` for `x: n × k`, `w: m × k`; returns `n × m` row-major.
-pub fn matmul(x: &[f32], n: usize, w: &[f32], m: usize, k: usize) -> Vec<f32> {
+pub fn matmul<E: WeightElem>(x: &[f32], n: usize, w: &[E], m: usize, k: usize) -> Vec<f32> {
     debug_assert_eq!(x.len(), n * k);
     debug_assert_eq!(w.len(), m * k);
     let mut out = vec![0f32; n * m];
@@ -47,10 +113,10 @@ pub fn matmul(x: &[f32], n: usize, w: &[f32], m: usize, k: usize) -> Vec<f32> {
     out
 }
 
-fn tile_kernel(x: &[f32], n: usize, w: &[f32], rows: usize, k: usize, tile: &mut [f32]) {
+fn tile_kernel<E: WeightElem>(x: &[f32], n: usize, w: &[E], rows: usize, k: usize, tile: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2, FMA and F16C, checked just above.
         unsafe { avx2::tile(x, n, w, rows, k, tile) };
         return;
     }
@@ -62,22 +128,22 @@ fn tile_kernel(x: &[f32], n: usize, w: &[f32], rows: usize, k: usize, tile: &mut
 }
 
 /// The canonical dot product: eight lanes along `k`, a fixed-order lane sum, then the tail.
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub fn dot<E: WeightElem>(a: &[f32], b: &[E]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2, FMA and F16C, checked just above.
         return unsafe { avx2::dot(a, b) };
     }
     let mut acc = [0f32; 8];
     let chunks = a.len() / 8;
     for c in 0..chunks {
         for l in 0..8 {
-            acc[l] = a[c * 8 + l].mul_add(b[c * 8 + l], acc[l]);
+            acc[l] = a[c * 8 + l].mul_add(b[c * 8 + l].to_f32(), acc[l]);
         }
     }
     let mut s = lane_sum(&acc);
     for i in chunks * 8..a.len() {
-        s += a[i] * b[i];
+        s += a[i] * b[i].to_f32();
     }
     s
 }
@@ -90,28 +156,28 @@ fn lane_sum(l: &[f32; 8]) -> f32 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::lane_sum;
+    use super::{lane_sum, WeightElem};
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn finish(acc: __m256, a: &[f32], b: &[f32], from: usize) -> f32 {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn finish<E: WeightElem>(acc: __m256, a: &[f32], b: &[E], from: usize) -> f32 {
         let mut lanes = [0f32; 8];
         _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
         let mut s = lane_sum(&lanes);
         for i in from..a.len() {
-            s += a[i] * b[i];
+            s += a[i] * b[i].to_f32();
         }
         s
     }
 
     /// The canonical dot product with 8-lane FMAs.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot<E: WeightElem>(a: &[f32], b: &[E]) -> f32 {
         let k8 = a.len() / 8 * 8;
         let mut acc = _mm256_setzero_ps();
         let (pa, pb) = (a.as_ptr(), b.as_ptr());
         let mut i = 0;
         while i < k8 {
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc);
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), E::load8(pb.add(i)), acc);
             i += 8;
         }
         finish(acc, a, b, k8)
@@ -119,8 +185,8 @@ mod avx2 {
 
     /// Two x rows against four w rows at a time: eight independent accumulators keep both FMA
     /// ports busy, and each output's arithmetic is exactly [`dot`]'s.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile(x: &[f32], n: usize, w: &[f32], rows: usize, k: usize, tile: &mut [f32]) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn tile<E: WeightElem>(x: &[f32], n: usize, w: &[E], rows: usize, k: usize, tile: &mut [f32]) {
         let k8 = k / 8 * 8;
         let mut r = 0;
         while r + 4 <= rows {
@@ -135,7 +201,7 @@ mod avx2 {
                     let va = _mm256_loadu_ps(xa.as_ptr().add(i));
                     let vb = _mm256_loadu_ps(xb.as_ptr().add(i));
                     for j in 0..4 {
-                        let vw = _mm256_loadu_ps(wr[j].as_ptr().add(i));
+                        let vw = E::load8(wr[j].as_ptr().add(i));
                         acc[j] = _mm256_fmadd_ps(va, vw, acc[j]);
                         acc[4 + j] = _mm256_fmadd_ps(vb, vw, acc[4 + j]);
                     }
@@ -154,7 +220,7 @@ mod avx2 {
                 while i < k8 {
                     let va = _mm256_loadu_ps(xa.as_ptr().add(i));
                     for j in 0..4 {
-                        acc[j] = _mm256_fmadd_ps(va, _mm256_loadu_ps(wr[j].as_ptr().add(i)), acc[j]);
+                        acc[j] = _mm256_fmadd_ps(va, E::load8(wr[j].as_ptr().add(i)), acc[j]);
                     }
                     i += 8;
                 }
@@ -212,5 +278,38 @@ mod tests {
             let alone = matmul(&x[t * k..(t + 1) * k], 1, &w, m, k);
             assert_eq!(alone, batched[t * m..(t + 1) * m], "row {t}");
         }
+    }
+
+    /// Weights rounded to `E` and widened back: what a weight stored as `E` holds.
+    fn stored<E: WeightElem>(w: &[f32], to: impl Fn(f32) -> E) -> (Vec<E>, Vec<f32>) {
+        let e: Vec<E> = w.iter().map(|&v| to(v)).collect();
+        let f = e.iter().map(|v| v.to_f32()).collect();
+        (e, f)
+    }
+
+    /// A bf16 or f16 weight gives bit for bit the f32 kernel's result on the same values
+    /// widened (odd widths exercise the scalar tail, odd row counts the last partial tile), and
+    /// each row stays independent of its batch.
+    fn half_matches_f32<E: WeightElem + PartialEq + std::fmt::Debug>(to: impl Fn(f32) -> E + Copy) {
+        for (n, m, k) in [(1, 1, 1), (1, 37, 13), (2, 70, 64), (5, 33, 100), (17, 129, 71)] {
+            let x = data(n * k, 5);
+            let (w, wf) = stored(&data(m * k, 6), to);
+            let got = matmul(&x, n, &w, m, k);
+            assert_eq!(got, matmul(&x, n, &wf, m, k), "{n}×{m}×{k}");
+            for t in 0..n {
+                let alone = matmul(&x[t * k..(t + 1) * k], 1, &w, m, k);
+                assert_eq!(alone, got[t * m..(t + 1) * m], "{n}×{m}×{k} row {t}");
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_weights_give_the_f32_result_of_their_values() {
+        half_matches_f32(bf16::from_f32);
+    }
+
+    #[test]
+    fn f16_weights_give_the_f32_result_of_their_values() {
+        half_matches_f32(f16::from_f32);
     }
 }

@@ -2,18 +2,22 @@
 //! their f32 slices (rayon where it pays), so that no step allocates per op more than its
 //! outputs and every row's result is independent of the batch it is in.
 //!
-//! Everything computes in f32 whatever the stored dtype: weights are converted once at load.
-//! Matmuls (`matmul.rs`) split work by weight rows, so decode streams each weight once at memory
+//! Everything computes in f32; weight matrices stay in their stored type (f32, bf16, f16;
+//! `weight.rs`) and are widened inside the dot product. Matmuls (`matmul.rs`) split work by weight rows, so decode streams each weight once at memory
 //! bandwidth — what bounds batch-1 decode on a CPU.
 
-use candle_core::{Device as CDevice, Storage, Tensor};
 use rayon::prelude::*;
 
+pub mod blocks;
 mod matmul;
+mod weight;
 
+use self::blocks::{BlockPart, BlockWeight};
 use self::matmul::dot;
+pub use self::weight::CpuWeight;
 use super::{contract, AttnDims, Backend, KvCacheSpec};
 use crate::error::{Error, Result};
+use crate::quant::BlockType;
 use crate::runtime::batch::Batch;
 use crate::runtime::sampler::{sample_row, RowSampling};
 use crate::runtime::token_mask::TokenMasks;
@@ -47,34 +51,6 @@ impl CpuTensor {
 
     fn row(&self, r: usize) -> &[f32] {
         &self.data[r * self.cols..(r + 1) * self.cols]
-    }
-}
-
-/// A weight held as a contiguous f32 candle tensor (`rows × cols`; vectors have one row).
-pub struct CpuWeight {
-    tensor: Tensor,
-    rows: usize,
-    cols: usize,
-}
-
-impl CpuWeight {
-    fn shape(&self) -> contract::Shape {
-        (self.rows, self.cols)
-    }
-
-    fn from_vec(data: Vec<f32>, rows: usize, cols: usize) -> Result<Self> {
-        Ok(CpuWeight { tensor: Tensor::from_vec(data, (rows, cols), &CDevice::Cpu)?, rows, cols })
-    }
-
-    /// Runs `f` on the weight's values without copying them.
-    fn with_slice<R>(&self, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-        let (storage, layout) = self.tensor.storage_and_layout();
-        let (start, end) =
-            layout.contiguous_offsets().ok_or_else(|| Error::Backend("CPU weight is not contiguous".into()))?;
-        match &*storage {
-            Storage::Cpu(cpu) => Ok(f(&cpu.as_slice::<f32>()?[start..end])),
-            _ => Err(Error::Backend("CPU weight is not in host memory".into())),
-        }
     }
 }
 
@@ -145,11 +121,27 @@ impl Backend for CpuBackend {
 
     fn load_weight(&self, parts: &[TensorSlice<'_>]) -> Result<CpuWeight> {
         let (rows, cols) = fused_shape(parts)?;
+        CpuWeight::load(parts, rows, cols)
+    }
+
+    fn load_block_weight(&self, parts: &[TensorSlice<'_>], block: BlockType) -> Result<CpuWeight> {
+        let (rows, cols) = fused_shape(parts)?;
         let mut data = Vec::with_capacity(rows * cols);
         for p in parts {
             p.extend_f32(&mut data);
         }
-        CpuWeight::from_vec(data, rows, cols)
+        let what = parts.first().map_or("weight", |p| p.tensor.name);
+        let part = BlockPart::quantize(what, block.ggml(), data, rows, cols)?;
+        Ok(CpuWeight::from_blocks(BlockWeight::new(vec![part], cols), rows, cols))
+    }
+
+    fn random_block_weight(&self, parts: &[RandomSlice], block: BlockType) -> Result<CpuWeight> {
+        let (rows, cols) = random::fused_shape(parts)?;
+        let dense = self.random_weight(parts)?;
+        let data = dense.with_slice(<[f32]>::to_vec)?;
+        drop(dense);
+        let part = BlockPart::quantize("random weight", block.ggml(), data, rows, cols)?;
+        Ok(CpuWeight::from_blocks(BlockWeight::new(vec![part], cols), rows, cols))
     }
 
     fn random_weight(&self, parts: &[RandomSlice]) -> Result<CpuWeight> {
@@ -199,19 +191,19 @@ impl Backend for CpuBackend {
 
     fn embed(&self, table: &CpuWeight, ids: &[u32]) -> Result<CpuTensor> {
         let cols = table.cols;
-        let data = table.with_slice(|t| {
-            let mut out = Vec::with_capacity(ids.len() * cols);
-            for &id in ids {
-                let id = id as usize;
-                if id < table.rows {
-                    out.extend_from_slice(&t[id * cols..(id + 1) * cols]);
-                } else {
-                    out.resize(out.len() + cols, 0.0);
-                }
+        if let Some(b) = table.blocks() {
+            return CpuTensor::new(b.embed(ids, table.rows)?, ids.len(), cols);
+        }
+        let mut out = Vec::with_capacity(ids.len() * cols);
+        for &id in ids {
+            let id = id as usize;
+            if id < table.rows {
+                table.extend_row(id, &mut out)?;
+            } else {
+                out.resize(out.len() + cols, 0.0);
             }
-            out
-        })?;
-        CpuTensor::new(data, ids.len(), cols)
+        }
+        CpuTensor::new(out, ids.len(), cols)
     }
 
     fn rms_norm(&self, x: &CpuTensor, weight: &CpuWeight, eps: f32) -> Result<CpuTensor> {
@@ -231,7 +223,7 @@ impl Backend for CpuBackend {
 
     fn matmul(&self, x: &CpuTensor, w: &CpuWeight) -> Result<CpuTensor> {
         contract::matmul(x.shape(), w.shape())?;
-        let y = w.with_slice(|wd| matmul::matmul(&x.data, x.rows, wd, w.rows, w.cols))?;
+        let y = w.matmul(&x.data, x.rows)?;
         CpuTensor::new(y, x.rows, w.rows)
     }
 

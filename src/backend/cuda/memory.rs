@@ -285,6 +285,9 @@ impl Stager<'_> {
                 // FP8 weights load through `load_fp8_weight`; `fused_shape` refuses F8 parts
                 // without scales before any row gets here.
                 DType::F8E4M3 => return Err(Error::Backend("an F8_E4M3 tensor reached the bf16 loader".into())),
+                DType::Gguf { .. } => {
+                    return Err(Error::Backend("GGUF weights load on the CPU only (`tulu convert` them)".into()))
+                }
             }
             self.fill += n;
             bytes = rest;
