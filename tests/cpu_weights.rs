@@ -223,7 +223,7 @@ fn smollm2_quantized_to_q8_0_at_load_knows_the_capital_of_france() {
     opts.quantize = Some(tulu::unstable::quant::Quantize::Blocks(tulu::unstable::quant::BlockType::Q8_0));
     let engine = Engine::load(opts).unwrap();
     assert!(engine.config().quantization.is_some());
-    let msg = ChatMessage { role: "user".into(), content: "What is the capital of France?".into() };
+    let msg = ChatMessage::user("What is the capital of France?");
     let req = GenerateRequest::chat(vec![msg]).max_tokens(32).sampling(SamplingParams::greedy());
     let (text, _) = common::run(&engine, req);
     assert!(text.contains("Paris"), "answer: {text:?}");
@@ -258,7 +258,7 @@ fn batching_is_invariant_on_every_weight_type() {
     ];
     let reqs: Vec<GenerateRequest> = (0..4)
         .map(|i| {
-            let msg = ChatMessage { role: "user".into(), content: format!("Name {} colours of the sea.", i + 2) };
+            let msg = ChatMessage::user(format!("Name {} colours of the sea.", i + 2));
             GenerateRequest::chat(vec![msg]).max_tokens(3 + i).sampling(SamplingParams::greedy())
         })
         .collect();
