@@ -133,7 +133,6 @@ impl EngineOptions {
         KvPolicy::new(self.kv_cache_memory, self.gpu_memory_utilization)
     }
 
-    /// What every rank reserves for its steps.
     /// The description every rank opens from (rank 0's shard; other ranks take theirs), with
     /// RoPE tables for `context` positions.
     pub(crate) fn rank_plan(&self, context: usize) -> crate::ranks::RankPlan {
@@ -147,6 +146,7 @@ impl EngineOptions {
         }
     }
 
+    /// What every rank reserves for its steps.
     pub(crate) fn step_limits(&self) -> crate::backend::StepLimits {
         crate::backend::StepLimits {
             max_num_seqs: self.max_num_seqs,
