@@ -5,12 +5,13 @@
 //! dense checkpoint while it loads.
 
 mod common;
+#[path = "common/gguf.rs"]
+mod gguf;
 
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file::Value;
-use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::quantized::GgmlDType;
+use gguf::{write_tiny_gguf, TinyGguf};
 use tulu::unstable::backend::cpu::CpuBackend;
 use tulu::unstable::backend::Backend;
 use tulu::unstable::config::ModelConfig;
@@ -45,51 +46,8 @@ fn logits(config_dir: &Path, weights: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
 /// A one-layer `llama` GGUF (byte-level vocabulary, hidden 64, GQA 4:2) whose matrices are
 /// stored as `dtype` (norms in f32, as llama.cpp stores them).
 fn write_gguf(path: &Path, dtype: GgmlDType) {
-    let chars = tulu::unstable::weights::gguf_tokenizer::byte_to_char();
-    let mut tokens: Vec<Value> = chars.iter().map(|c| Value::String(c.to_string())).collect();
-    for special in ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"] {
-        tokens.push(Value::String(special.into()));
-    }
-    let (vocab, hidden, ffn, kv) = (tokens.len(), 64usize, 128usize, 32usize);
-    let metadata = [
-        ("general.architecture", Value::String("llama".into())),
-        ("llama.embedding_length", Value::U32(hidden as u32)),
-        ("llama.feed_forward_length", Value::U32(ffn as u32)),
-        ("llama.block_count", Value::U32(1)),
-        ("llama.attention.head_count", Value::U32(4)),
-        ("llama.attention.head_count_kv", Value::U32(2)),
-        ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
-        ("llama.context_length", Value::U32(256)),
-        ("llama.rope.freq_base", Value::F32(10_000.0)),
-        ("tokenizer.ggml.model", Value::String("gpt2".into())),
-        ("tokenizer.ggml.tokens", Value::Array(tokens)),
-        ("tokenizer.ggml.merges", Value::Array(Vec::new())),
-        ("tokenizer.ggml.bos_token_id", Value::U32(256)),
-        ("tokenizer.ggml.eos_token_id", Value::U32(258)),
-    ];
-    let tensor = |seed: usize, shape: &[usize], dtype: GgmlDType| {
-        let n: usize = shape.iter().product();
-        let values: Vec<f32> = (0..n).map(|i| (((i + seed) * 7919 % 1009) as f32 - 504.0) / 1500.0).collect();
-        QTensor::quantize(&Tensor::from_vec(values, shape, &Device::Cpu).unwrap(), dtype).unwrap()
-    };
-    let norm = |seed| tensor(seed, &[hidden], GgmlDType::F32);
-    let tensors = [
-        ("token_embd.weight", tensor(1, &[vocab, hidden], dtype)),
-        ("blk.0.attn_q.weight", tensor(2, &[hidden, hidden], dtype)),
-        ("blk.0.attn_k.weight", tensor(3, &[kv, hidden], dtype)),
-        ("blk.0.attn_v.weight", tensor(4, &[kv, hidden], dtype)),
-        ("blk.0.attn_output.weight", tensor(5, &[hidden, hidden], dtype)),
-        ("blk.0.ffn_gate.weight", tensor(6, &[ffn, hidden], dtype)),
-        ("blk.0.ffn_up.weight", tensor(7, &[ffn, hidden], dtype)),
-        ("blk.0.ffn_down.weight", tensor(8, &[hidden, ffn], dtype)),
-        ("blk.0.attn_norm.weight", norm(9)),
-        ("blk.0.ffn_norm.weight", norm(10)),
-        ("output_norm.weight", norm(11)),
-    ];
-    let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
-    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (*k, t)).collect();
-    let mut f = std::fs::File::create(path).unwrap();
-    candle_core::quantized::gguf_file::write(&mut f, &md, &ts).unwrap();
+    let shape = TinyGguf { hidden: 64, heads: 4, kv_heads: 2, context: 256, dtype };
+    write_tiny_gguf(path, &shape, |t, i| (((i + t) * 7919 % 1009) as f32 - 504.0) / 1500.0);
 }
 
 /// A tiny GGUF in `dtype`, and the same file converted to an f32 checkpoint.

@@ -4,6 +4,8 @@
 //! briefly; `TULU_FUZZ_SECS=300 cargo test --test fuzz` runs them for minutes (docs/fuzzing.md
 //! records such runs). `cargo test --test fuzz -- --ignored write_corpus` rewrites the seeds.
 
+#[path = "common/gguf.rs"]
+mod gguf;
 #[path = "fuzz/harness.rs"]
 mod harness;
 #[path = "fuzz/mutate.rs"]
@@ -344,54 +346,8 @@ fn write_api_seeds() {
 /// A one-layer llama GGUF with a 260-token byte-level vocabulary: the smallest file
 /// `tulu convert` turns into a model.
 fn write_gguf(path: &Path, hidden: usize, dtype: candle_core::quantized::GgmlDType) {
-    use candle_core::quantized::{gguf_file::Value, GgmlDType, QTensor};
-    use candle_core::{Device, Tensor};
-    let chars = tulu::unstable::weights::gguf_tokenizer::byte_to_char();
-    let mut tokens: Vec<Value> = chars.iter().map(|c| Value::String(c.to_string())).collect();
-    for special in ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"] {
-        tokens.push(Value::String(special.into()));
-    }
-    let (vocab, ffn) = (tokens.len(), 2 * hidden);
-    let metadata = [
-        ("general.architecture", Value::String("llama".into())),
-        ("llama.embedding_length", Value::U32(hidden as u32)),
-        ("llama.feed_forward_length", Value::U32(ffn as u32)),
-        ("llama.block_count", Value::U32(1)),
-        ("llama.attention.head_count", Value::U32(2)),
-        ("llama.attention.head_count_kv", Value::U32(1)),
-        ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
-        ("llama.context_length", Value::U32(64)),
-        ("llama.rope.freq_base", Value::F32(10_000.0)),
-        ("tokenizer.ggml.model", Value::String("gpt2".into())),
-        ("tokenizer.ggml.tokens", Value::Array(tokens)),
-        ("tokenizer.ggml.merges", Value::Array(Vec::new())),
-        ("tokenizer.ggml.bos_token_id", Value::U32(256)),
-        ("tokenizer.ggml.eos_token_id", Value::U32(258)),
-    ];
-    let tensor = |shape: &[usize]| {
-        let n: usize = shape.iter().product();
-        let values: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 200.0).collect();
-        // Matrices in `dtype`, norms in f32 (as llama.cpp stores them).
-        let ty = if shape.len() == 2 { dtype } else { GgmlDType::F32 };
-        QTensor::quantize(&Tensor::from_vec(values, shape, &Device::Cpu).unwrap(), ty).unwrap()
-    };
-    let tensors = [
-        ("token_embd.weight", tensor(&[vocab, hidden])),
-        ("blk.0.attn_q.weight", tensor(&[hidden, hidden])),
-        ("blk.0.attn_k.weight", tensor(&[hidden / 2, hidden])),
-        ("blk.0.attn_v.weight", tensor(&[hidden / 2, hidden])),
-        ("blk.0.attn_output.weight", tensor(&[hidden, hidden])),
-        ("blk.0.ffn_gate.weight", tensor(&[ffn, hidden])),
-        ("blk.0.ffn_up.weight", tensor(&[ffn, hidden])),
-        ("blk.0.ffn_down.weight", tensor(&[hidden, ffn])),
-        ("blk.0.attn_norm.weight", tensor(&[hidden])),
-        ("blk.0.ffn_norm.weight", tensor(&[hidden])),
-        ("output_norm.weight", tensor(&[hidden])),
-    ];
-    let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
-    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (*k, t)).collect();
-    let mut f = std::fs::File::create(path).unwrap();
-    candle_core::quantized::gguf_file::write(&mut f, &md, &ts).unwrap();
+    let shape = gguf::TinyGguf { hidden, heads: 2, kv_heads: 1, context: 64, dtype };
+    gguf::write_tiny_gguf(path, &shape, |_, i| ((i * 37 % 101) as f32 - 50.0) / 200.0);
     // The seed must convert: a corpus of failures would only fuzz the first check.
     let out = tempfile::tempdir().unwrap();
     convert_gguf(path, &out.path().join("m"), &ConvertOptions { dtype: OutDType::F32, progress: false }).unwrap();

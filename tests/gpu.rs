@@ -139,6 +139,7 @@ fn encode(data: &[f32], dtype: DType) -> Vec<u8> {
         DType::F16 => data.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
         DType::BF16 => data.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect(),
         DType::F8E4M3 => data.iter().map(|&x| float8::F8E4M3::from_f32(x).to_bits()).collect(),
+        DType::Gguf { .. } => panic!("GGML blocks are a CPU weight type, not a GPU test input"),
     }
 }
 
