@@ -25,9 +25,8 @@ fn request(prompt: &[u32], n: usize) -> GenerateRequest {
 /// A stream's end: its summary, or the error it ended with.
 fn outcome(stream: Generation) -> Result<Summary, Error> {
     for event in stream {
-        match event? {
-            Event::Done(s) => return Ok(s),
-            _ => {}
+        if let Event::Done(s) = event? {
+            return Ok(s);
         }
     }
     panic!("the stream ended without a summary or an error");

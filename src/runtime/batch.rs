@@ -49,6 +49,16 @@ impl Batch {
                 block_table.len()
             )));
         }
+        // Positions and slots are u32 on the device: checked before anything is pushed (a
+        // batch decoded from another rank's message must not overflow them).
+        let slot_fits = |pos: usize| {
+            let slot =
+                block_table[pos / self.block_size] as u64 * self.block_size as u64 + (pos % self.block_size) as u64;
+            u32::try_from(pos).is_ok() && u32::try_from(slot).is_ok()
+        };
+        if let Some(pos) = (cached..context_len).find(|&pos| !slot_fits(pos)) {
+            return Err(Error::Backend(format!("position {pos} or its KV slot does not fit 32 bits")));
+        }
         let start = self.token_ids.len();
         for (i, &t) in tokens.iter().enumerate() {
             let pos = cached + i;

@@ -31,7 +31,7 @@ pub fn encode(batch: &Batch, rows: &[usize]) -> Vec<u8> {
 
 /// The batch and rows `bytes` encode; a malformed message is an error naming what is wrong.
 pub fn decode(bytes: &[u8]) -> Result<(Batch, Vec<usize>)> {
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return Err(bad(format!("{} bytes are not whole words", bytes.len())));
     }
     let words: Vec<u32> = bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
@@ -126,5 +126,8 @@ mod tests {
         words.pop();
         assert!(decode(&as_bytes(&words)).unwrap_err().to_string().contains("sequence 1"));
         assert!(decode(&as_bytes(&[4, u32::MAX])).is_err());
+        // A block whose slots overflow 32 bits (found by the fuzzer: it panicked in Batch::push).
+        let huge_block = as_bytes(&[16, 0, 1, 0, 1, 7, 1, u32::MAX]);
+        assert!(decode(&huge_block).unwrap_err().to_string().contains("32 bits"));
     }
 }

@@ -175,7 +175,7 @@ mod tests {
             // The draft token drawn from q.
             let d = draw(&q, u()).unwrap();
             let target = vec![p.clone(), p.clone()];
-            let v = verify(&target, Some(&[q.clone()]), &[d], &mut u);
+            let v = verify(&target, Some(std::slice::from_ref(&q)), &[d], &mut u);
             with_draft_model[v.tokens[0] as usize] += 1;
             // A fixed guess (prompt lookup): token 0, unlikely under p.
             let v = verify(&target, None, &[0], &mut u);
