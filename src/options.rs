@@ -40,7 +40,7 @@ pub struct EngineOptions {
     /// Tensor-parallel ranks (in-process threads on the CPU backend).
     pub tp: usize,
     /// Ranks in separate processes (`WORLD_SIZE`, `RANK`, … or `--nnodes`): this process's place.
-    /// Rank 0 runs the engine; the others run [`run_rank`].
+    /// Rank 0 runs the engine; the others run [`crate::ranks::run_rank`].
     pub world: Option<WorldSpec>,
     /// How long a rank waits for its peers (joining, and every collective) before failing.
     pub dist_timeout: Duration,

@@ -1,8 +1,8 @@
 //! The rank execution layer: how the engine's steps reach the model's ranks. Every rank is a
 //! `RankRunner` (runner.rs) opened the same way from one [`RankPlan`]; a single rank, rank
 //! threads (threads.rs) and rank processes (processes.rs, with watchdog.rs) differ only in how
-//! a step gets to them ([`Ranks`]) and how they agree on the KV cache size. The request layer
-//! (engine/) sees only [`open`] and [`Ranks`].
+//! a step gets to them (the `Ranks` trait) and how they agree on the KV cache size. The request
+//! layer (engine/) sees only `open` and `Ranks`.
 
 use std::sync::Arc;
 
