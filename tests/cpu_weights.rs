@@ -13,35 +13,13 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::GgmlDType;
 use gguf::{write_tiny_gguf, TinyGguf};
 use tulu::unstable::backend::cpu::CpuBackend;
-use tulu::unstable::backend::Backend;
 use tulu::unstable::config::ModelConfig;
 use tulu::unstable::model::Llama;
 use tulu::unstable::parallel::sharding::Shard;
-use tulu::unstable::parallel::SingleRank;
-use tulu::unstable::runtime::batch::Batch;
-use tulu::unstable::runtime::block_manager::BlockManager;
 use tulu::unstable::weights::gguf::{convert_gguf, ConvertOptions, OutDType};
 use tulu::unstable::weights::gguf_store::model_dir;
 use tulu::unstable::weights::WeightStore;
 use tulu::{ChatMessage, Engine, EngineOptions, Error, GenerateRequest, SamplingParams};
-
-/// tulu's logits (CPU) for every position of `tokens` in one prefill, the weights read from
-/// `weights` (a directory or a GGUF file) and the config from `config_dir`.
-fn logits(config_dir: &Path, weights: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
-    let cfg = ModelConfig::from_file(&config_dir.join("config.json")).unwrap();
-    let store = WeightStore::open(weights).unwrap();
-    let backend = CpuBackend::new();
-    let model = Llama::load(&backend, &cfg, &store, 256, Shard::single(), |_| {}).unwrap();
-    let mut pool = BlockManager::new(32, 16, false);
-    let mut cache = backend.new_kv_cache(&model.kv_cache_spec(32, 16)).unwrap();
-    let mut table = Vec::new();
-    pool.grow(&mut table, tokens.len()).unwrap();
-    let mut batch = Batch::new(16);
-    batch.push(tokens, 0, &table).unwrap();
-    let rows: Vec<usize> = (0..tokens.len()).collect();
-    let out = model.forward(&backend, &batch, &mut cache, &rows, &SingleRank).unwrap();
-    out.chunks(cfg.vocab_size).map(<[f32]>::to_vec).collect()
-}
 
 /// A one-layer `llama` GGUF (byte-level vocabulary, hidden 64, GQA 4:2) whose matrices are
 /// stored as `dtype` (norms in f32, as llama.cpp stores them).
@@ -68,14 +46,14 @@ const TOKENS: [u32; 12] = [72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 1
 fn dense_gguf_loads_as_its_conversion() {
     for dtype in [GgmlDType::F32, GgmlDType::F16] {
         let (tmp, gguf, f32_dir) = tiny(dtype);
-        let direct = logits(&f32_dir, &gguf, &TOKENS);
-        let converted = logits(&f32_dir, &f32_dir, &TOKENS);
+        let direct = common::prefill_logits(&f32_dir, &gguf, &TOKENS);
+        let converted = common::prefill_logits(&f32_dir, &f32_dir, &TOKENS);
         assert_eq!(direct, converted, "{dtype:?}");
         // `tulu convert --dtype keep`: a directory holding the GGUF and its metadata files.
         let kept = tmp.path().join("kept");
         tulu::unstable::weights::gguf_store::keep_gguf(&gguf, &kept).unwrap();
         assert!(kept.join("model.gguf").is_file() && !kept.join("model.safetensors").exists());
-        assert_eq!(logits(&kept, &kept, &TOKENS), converted, "{dtype:?} kept");
+        assert_eq!(common::prefill_logits(&kept, &kept, &TOKENS), converted, "{dtype:?} kept");
     }
 }
 
@@ -85,8 +63,8 @@ fn dense_gguf_loads_as_its_conversion() {
 fn block_gguf_loads_close_to_its_conversion() {
     for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4_1] {
         let (_tmp, gguf, f32_dir) = tiny(dtype);
-        let direct = logits(&f32_dir, &gguf, &TOKENS);
-        let converted = logits(&f32_dir, &f32_dir, &TOKENS);
+        let direct = common::prefill_logits(&f32_dir, &gguf, &TOKENS);
+        let converted = common::prefill_logits(&f32_dir, &f32_dir, &TOKENS);
         for (pos, (d, c)) in direct.iter().zip(&converted).enumerate() {
             let e = common::rel_err(d, c);
             assert!(e < 3e-2, "{dtype:?} position {pos}: rel err {e}");
@@ -117,8 +95,8 @@ fn smollm2_gguf_in_place_tracks_its_f32_conversion() {
         .unwrap()
         .encode_prompt("The capital of France is Paris, and the capital of Italy is Rome. One, two, three, four")
         .unwrap();
-    let direct = logits(&dir, &gguf, &tokens);
-    let converted = logits(&dir, &common::smollm2_dir(), &tokens);
+    let direct = common::prefill_logits(&dir, &gguf, &tokens);
+    let converted = common::prefill_logits(&dir, &common::smollm2_dir(), &tokens);
     let argmax = |r: &[f32]| r.iter().enumerate().fold(0, |b, (i, &x)| if x > r[b] { i } else { b });
     let same = direct.iter().zip(&converted).filter(|(d, c)| argmax(d) == argmax(c)).count();
     let worst = direct.iter().zip(&converted).map(|(d, c)| common::rel_err(d, c)).fold(0f32, f32::max);

@@ -9,41 +9,16 @@ mod peer;
 
 use std::path::Path;
 
-use tulu::unstable::backend::cpu::CpuBackend;
-use tulu::unstable::backend::Backend;
 use tulu::unstable::config::ModelConfig;
-use tulu::unstable::model::Llama;
-use tulu::unstable::parallel::sharding::Shard;
-use tulu::unstable::parallel::SingleRank;
-use tulu::unstable::runtime::batch::Batch;
-use tulu::unstable::runtime::block_manager::BlockManager;
 use tulu::unstable::tokenizer::Tokenizer;
 use tulu::unstable::weights::gguf::OutDType;
-use tulu::unstable::weights::WeightStore;
 use tulu::{Engine, EngineOptions, Event, GenerateRequest, SamplingParams};
 
 use self::peer::PeerLlama;
 
-/// tulu's logits for every position of `tokens`, computed in one prefill step.
-fn tulu_logits_per_position(dir: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
-    let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
-    let store = WeightStore::open(dir).unwrap();
-    let backend = CpuBackend::new();
-    let model = Llama::load(&backend, &cfg, &store, 512, Shard::single(), |_| {}).unwrap();
-    let mut pool = BlockManager::new(64, 16, false);
-    let mut cache = backend.new_kv_cache(&model.kv_cache_spec(64, 16)).unwrap();
-    let mut table = Vec::new();
-    pool.grow(&mut table, tokens.len()).unwrap();
-    let mut batch = Batch::new(16);
-    batch.push(tokens, 0, &table).unwrap();
-    let rows: Vec<usize> = (0..tokens.len()).collect();
-    let logits = model.forward(&backend, &batch, &mut cache, &rows, &SingleRank).unwrap();
-    logits.chunks(cfg.vocab_size).map(<[f32]>::to_vec).collect()
-}
-
 fn compare_logits(dir: &Path, tokens: &[u32]) {
     let rows = Tokenizer::from_dir(dir).unwrap().vocab_size();
-    let ours = tulu_logits_per_position(dir, tokens);
+    let ours = common::prefill_logits(dir, dir, tokens);
     let theirs = PeerLlama::load(dir).unwrap().logits_per_position(tokens).unwrap();
     assert_eq!(ours.len(), theirs.len());
     for (pos, (a, b)) in ours.iter().zip(&theirs).enumerate() {

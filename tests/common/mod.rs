@@ -92,6 +92,29 @@ pub fn run_all(engine: &tulu::Engine, reqs: &[tulu::GenerateRequest]) -> Vec<(St
     engine.generate_all(reqs.to_vec()).expect("requests accepted").into_iter().map(finish).collect()
 }
 
+/// tulu's CPU logits for every position of `tokens` in one prefill step, the config read from
+/// `config_dir` and the weights from `weights` (a checkpoint directory or a GGUF file).
+pub fn prefill_logits(config_dir: &Path, weights: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
+    use tulu::unstable::backend::cpu::CpuBackend;
+    use tulu::unstable::parallel::sharding::Shard;
+    use tulu::unstable::parallel::SingleRank;
+    use tulu::unstable::runtime::block_manager::BlockManager;
+    use tulu::unstable::weights::WeightStore;
+    let cfg = ModelConfig::from_file(&config_dir.join("config.json")).unwrap();
+    let store = WeightStore::open(weights).unwrap();
+    let backend = CpuBackend::new();
+    let model = Llama::load(&backend, &cfg, &store, 512, Shard::single(), |_| {}).unwrap();
+    let mut pool = BlockManager::new(64, 16, false);
+    let mut cache = backend.new_kv_cache(&model.kv_cache_spec(64, 16)).unwrap();
+    let mut table = Vec::new();
+    pool.grow(&mut table, tokens.len()).unwrap();
+    let mut batch = Batch::new(16);
+    batch.push(tokens, 0, &table).unwrap();
+    let rows: Vec<usize> = (0..tokens.len()).collect();
+    let logits = model.forward(&backend, &batch, &mut cache, &rows, &SingleRank).unwrap();
+    logits.chunks(cfg.vocab_size).map(<[f32]>::to_vec).collect()
+}
+
 /// Reads a generation's stream to its end: the text and the summary.
 fn finish(stream: tulu::Generation) -> (String, tulu::Summary) {
     let mut text = String::new();
