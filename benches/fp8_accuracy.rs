@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use clap::Parser;
 use serde_json::json;
 use tulu::unstable::backend::cpu::CpuBackend;
-use tulu::unstable::backend::Backend;
+use tulu::unstable::backend::{Backend, Runtime};
 use tulu::unstable::config::ModelConfig;
 use tulu::unstable::model::Llama;
 use tulu::unstable::parallel::sharding::Shard;
@@ -81,7 +81,7 @@ fn text_prompts(tok: &Tokenizer, n: usize, len: usize) -> Result<Vec<Vec<u32>>> 
 }
 
 /// Every position's logits of `tokens`, one prefill.
-fn logits<B: Backend>(backend: &B, model: &Llama<B>, tokens: &[u32]) -> Result<Vec<f32>> {
+fn logits<B: Runtime>(backend: &B, model: &Llama<B>, tokens: &[u32]) -> Result<Vec<f32>> {
     let blocks = tokens.len().div_ceil(16);
     let mut cache = backend.new_kv_cache(&model.kv_cache_spec(blocks, 16))?;
     let table: Vec<u32> = (0..blocks as u32).collect();

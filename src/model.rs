@@ -10,7 +10,7 @@
 
 use std::ops::Range;
 
-use crate::backend::{AttnDims, Backend, KvCacheSpec, StepInputs, StepLimits};
+use crate::backend::{AttnDims, Backend, KvCacheSpec, Runtime, StepInputs, StepLimits};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::parallel::sharding::{Shard, ShardPlan};
@@ -190,7 +190,10 @@ impl<B: Backend> Llama<B> {
             head_dim: self.dims.head_dim,
         }
     }
+}
 
+/// Steps: framed by the backend's runtime (begin, run or replay, end).
+impl<B: Runtime> Llama<B> {
     /// Runs one step and returns the logits (`rows.len() × vocab_size`, row-major) of the
     /// step's token rows `rows`, usually [`Batch::last_rows`]. Every rank of a tensor-parallel
     /// group runs this with the same batch; `comm` combines their partial results.
@@ -376,9 +379,9 @@ impl<B: Backend> Llama<B> {
 }
 
 /// A step begun on a backend, ended when dropped (after everything that reads its tensors).
-struct StepScope<'a, B: Backend>(&'a B);
+struct StepScope<'a, B: Runtime>(&'a B);
 
-impl<B: Backend> Drop for StepScope<'_, B> {
+impl<B: Runtime> Drop for StepScope<'_, B> {
     fn drop(&mut self) {
         self.0.end_step();
     }

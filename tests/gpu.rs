@@ -31,7 +31,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tulu::unstable::backend::cpu::CpuBackend;
 use tulu::unstable::backend::cuda::{cuda_available, CudaBackend};
-use tulu::unstable::backend::{AttnDims, Backend, KvCacheSpec};
+use tulu::unstable::backend::{AttnDims, Backend, KvCacheSpec, Runtime};
 use tulu::unstable::config::ModelConfig;
 use tulu::unstable::model::Llama;
 use tulu::unstable::parallel::local::LocalGroup;

@@ -3,11 +3,21 @@
 //! A backend owns its tensors, weights and KV cache; the model only calls the operations below,
 //! each of which a CUDA backend implements as one (possibly fused) kernel launch. Activations
 //! are 2-D: one row per token of the step, sequences concatenated.
+//!
+//! A backend is three traits, one job each: [`Backend`], the operations (what the forward pass
+//! and the kernel tests call); [`Runtime`], the device runtime (reserving the step workspace,
+//! framing steps, graphs, device memory; what the model runner drives); [`Profiling`], the
+//! hooks `tulu bench` reads (launch counts, tuning choices, the read-bandwidth ceiling).
 
 pub mod contract;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+mod profiling;
+mod runtime;
+
+pub use self::profiling::Profiling;
+pub use self::runtime::{Runtime, StepInputs, StepLimits, StepShape};
 
 use std::fmt;
 use std::str::FromStr;
@@ -125,51 +135,6 @@ pub struct KvCacheSpec {
     pub head_dim: usize,
 }
 
-/// What a step hands the backend once, before its first op ([`Backend::begin_step`]).
-#[derive(Debug, Clone, Copy)]
-pub struct StepInputs<'a> {
-    /// The step's sequences, positions, slots and block tables.
-    pub batch: &'a Batch,
-    /// The embedding rows to look up: the batch's token ids, shifted into this rank's
-    /// vocabulary shard.
-    pub ids: &'a [u32],
-    /// The rows whose logits the step produces.
-    pub rows: &'a [usize],
-    /// Whether the step may run as a replayed graph: a decode step (one new token a sequence,
-    /// every row sampled) whose logits stay on the device, on a communicator that can be captured.
-    pub graphable: bool,
-}
-
-/// What a rank reserves at load for its steps ([`Backend::reserve`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct StepLimits {
-    /// Most sequences in one step (the largest decode batch).
-    pub max_num_seqs: usize,
-    /// Most token rows in one step.
-    pub max_num_batched_tokens: usize,
-    /// Whether decode steps run as CUDA graphs (`--enforce-eager` turns them off).
-    pub graphs: bool,
-}
-
-impl Default for StepLimits {
-    fn default() -> Self {
-        StepLimits { max_num_seqs: 64, max_num_batched_tokens: 2048, graphs: false }
-    }
-}
-
-/// What [`Backend::reserve`] sizes: the rank's model shape, per step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StepShape {
-    /// The limits the engine schedules within.
-    pub limits: StepLimits,
-    /// Longest context (RoPE positions).
-    pub max_positions: usize,
-    /// Token slots per KV block.
-    pub block_size: usize,
-    /// Bytes of device memory the largest step's activations need at once (the model's estimate).
-    pub workspace_bytes: usize,
-}
-
 /// The operations of the Llama forward pass, implemented once per device. Each checks its
 /// inputs with the one check of [`contract`] before touching memory, so both backends refuse
 /// the same inputs with the same errors.
@@ -234,64 +199,6 @@ pub trait Backend: Send + Sync + 'static {
     /// Bytes each stored weight, activation and KV cache element takes (the figure a step's
     /// memory traffic is counted in).
     fn element_bytes(&self) -> usize;
-
-    /// Measures the device's memory read bandwidth in bytes per second (the ceiling that
-    /// batch-1 decode is reported against), reading `bytes` bytes several times.
-    fn measure_read_bandwidth(&self, bytes: usize) -> Result<f64>;
-
-    /// Free and total bytes of the device's memory; `None` when the backend has none of its
-    /// own (the CPU: its caches are sized from `kv_cache_memory`).
-    fn device_memory(&self) -> Option<(u64, u64)> {
-        None
-    }
-
-    /// What the backend chose while running, for `tulu bench` (one JSON object per entry, e.g.
-    /// the kernel picked for each matmul shape and both timings); empty when it chose nothing.
-    fn tuning_report(&self) -> Vec<serde_json::Value> {
-        Vec::new()
-    }
-
-    /// Reserves what every step needs, once, at load, before the KV cache is sized from what
-    /// is left (CUDA: the step workspace and the persistent step buffers). The CPU needs nothing.
-    fn reserve(&self, shape: &StepShape) -> Result<()> {
-        let _ = shape;
-        Ok(())
-    }
-
-    /// Bytes [`Backend::reserve`] took, for the load line.
-    fn reserved_bytes(&self) -> usize {
-        0
-    }
-
-    /// Starts a step: the backend receives its batch once (CUDA uploads positions, slots,
-    /// block tables and work lists into persistent device buffers that every op of the step
-    /// reads). Every op until [`Backend::end_step`] belongs to this step.
-    fn begin_step(&self, step: &StepInputs<'_>) -> Result<()> {
-        let _ = step;
-        Ok(())
-    }
-
-    /// Ends the step [`Backend::begin_step`] started.
-    fn end_step(&self) {}
-
-    /// Runs the step's forward pass `body` and returns its logits. A backend with graphs
-    /// replays a captured graph of `body` instead, for a step it may replay (see
-    /// [`StepInputs::graphable`]); its logits may then have padding rows after the sampled ones.
-    fn run_step(&self, body: &mut dyn FnMut() -> Result<Self::Tensor>) -> Result<Self::Tensor> {
-        body()
-    }
-
-    /// The decode batch sizes the backend captures a graph for, after `reserve` (none: the CPU,
-    /// or graphs off).
-    fn graph_buckets(&self) -> Vec<usize> {
-        Vec::new()
-    }
-
-    /// Kernel launches (captured graphs count their kernels) since the backend was made;
-    /// `None` where nothing is launched (the CPU).
-    fn launches(&self) -> Option<u64> {
-        None
-    }
 
     /// Uploads a host f32 matrix (RoPE tables).
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Weight>;

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tulu::unstable::backend::cpu::CpuBackend;
-use tulu::unstable::backend::{Backend, Device, StepLimits, StepShape};
+use tulu::unstable::backend::{Backend, Device, Profiling, Runtime, StepLimits, StepShape};
 use tulu::unstable::config::ModelConfig;
 use tulu::unstable::model::Llama;
 use tulu::unstable::parallel::local::{LocalComm, LocalGroup};
@@ -52,7 +52,7 @@ const PROBE_SECS: f64 = 0.01;
 
 impl Probes {
     /// The read bandwidth (bytes/s) and GEMM peak (FLOP/s) of `backend`, with the sizes probed.
-    fn run<B: Backend>(&self, backend: &B) -> Result<(f64, usize, f64, usize)> {
+    fn run<B: Profiling>(&self, backend: &B) -> Result<(f64, usize, f64, usize)> {
         let (read, gemm) = match *self {
             Probes::Fixed { read_bytes, gemm_n } => ((read_bytes, read_bytes), (gemm_n, gemm_n)),
             Probes::Grow { read_bytes, gemm_n } => (read_bytes, gemm_n),
@@ -148,7 +148,7 @@ struct Timing {
     launches_per_step: Option<f64>,
 }
 
-fn run<B: Backend>(
+fn run<B: Runtime + Profiling>(
     args: &BenchArgs,
     full: &ModelConfig,
     cfg: &ModelConfig,
@@ -289,7 +289,13 @@ const WARM_UP: usize = 2;
 
 /// Prefill of every sequence, then `gen` decode steps of the whole batch (after `WARM_UP`
 /// untimed ones), with greedy tokens chosen on the device.
-fn time_case<B: Backend>(backend: &B, model: &Llama<B>, batch: usize, plen: usize, gen: usize) -> Result<Timing> {
+fn time_case<B: Runtime + Profiling>(
+    backend: &B,
+    model: &Llama<B>,
+    batch: usize,
+    plen: usize,
+    gen: usize,
+) -> Result<Timing> {
     let per_seq = (plen + gen + WARM_UP + 1).div_ceil(BLOCK);
     let mut cache = backend.new_kv_cache(&model.kv_cache_spec(per_seq * batch, BLOCK))?;
     let tables: Vec<Vec<u32>> =

@@ -15,7 +15,7 @@ pub use self::processes::{run_rank, Hello};
 pub use self::runner::RankPlan;
 use self::runner::{RankRunner, RankSpec};
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{Backend, Device};
+use crate::backend::{Device, Runtime};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::options::EngineOptions;
@@ -32,7 +32,7 @@ pub(crate) trait Ranks: Send {
 }
 
 /// A single rank runs in the engine's own thread.
-impl<B: Backend> Ranks for RankRunner<B> {
+impl<B: Runtime> Ranks for RankRunner<B> {
     fn step(&mut self, batch: &Batch, sampling: &StepSampling) -> Result<StepOutput> {
         RankRunner::step(self, batch, sampling)
     }
@@ -75,7 +75,7 @@ pub(crate) fn open(
 }
 
 /// One rank in this thread, on `backend`.
-fn single<B: Backend>(backend: B, spec: &RankSpec<'_>, bar: &indicatif::ProgressBar) -> Result<Opened> {
+fn single<B: Runtime>(backend: B, spec: &RankSpec<'_>, bar: &indicatif::ProgressBar) -> Result<Opened> {
     let runner = RankRunner::open(backend, Box::new(SingleRank), spec, &mut |n| Ok(n), |l| bar.set_position(l as u64))?;
     let (device, num_blocks) = (runner.describe(), runner.num_blocks());
     Ok(Opened { ranks: Box::new(runner), device, num_blocks })

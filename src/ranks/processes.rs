@@ -18,7 +18,7 @@ use super::runner::{RankPlan, RankRunner, RankSpec};
 use super::watchdog::Watchdog;
 use super::{Opened, Ranks};
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{Backend, Device};
+use crate::backend::{Device, Runtime};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::hub::{resolve_model, HubOptions};
@@ -32,13 +32,13 @@ use crate::runtime::sampler::{StepOutput, StepSampling};
 use crate::weights::WeightStore;
 
 /// Rank 0's side: its own rank, and the control star to the other ranks.
-struct RankProcesses<B: Backend> {
+struct RankProcesses<B: Runtime> {
     watchdog: Option<Watchdog>,
     runner: RankRunner<B>,
     control: Arc<TcpComm>,
 }
 
-impl<B: Backend> Ranks for RankProcesses<B> {
+impl<B: Runtime> Ranks for RankProcesses<B> {
     fn step(&mut self, batch: &Batch, sampling: &StepSampling) -> Result<StepOutput> {
         self.control.send_step(batch, &sampling.rows)?;
         let _armed = self.watchdog.as_ref().map(Watchdog::arm);
@@ -196,7 +196,7 @@ pub fn run_rank(opts: &EngineOptions) -> Result<()> {
 }
 
 /// A non-zero rank's life once opened: run each step rank 0 sends until it closes.
-fn serve_steps<B: Backend>(mut runner: RankRunner<B>, control: &TcpComm, watchdog: Option<&Watchdog>) -> Result<()> {
+fn serve_steps<B: Runtime>(mut runner: RankRunner<B>, control: &TcpComm, watchdog: Option<&Watchdog>) -> Result<()> {
     while let Some((batch, rows)) = control.recv_step()? {
         let sampling = StepSampling { rows, ..Default::default() };
         let _armed = watchdog.map(Watchdog::arm);

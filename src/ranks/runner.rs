@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Backend, StepLimits, StepShape};
+use crate::backend::{Runtime, StepLimits, StepShape};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::model::Llama;
@@ -49,7 +49,7 @@ pub(crate) struct RankSpec<'a> {
 pub(crate) type Agree<'a> = &'a mut dyn FnMut(u64) -> Result<u64>;
 
 /// One rank: backend, model shard, KV cache and communicator.
-pub(crate) struct RankRunner<B: Backend> {
+pub(crate) struct RankRunner<B: Runtime> {
     // Declared before the backend, so dropped before it (an NCCL communicator is torn down
     // while its device is still open).
     comm: Box<dyn Communicator<B>>,
@@ -59,7 +59,7 @@ pub(crate) struct RankRunner<B: Backend> {
     num_blocks: usize,
 }
 
-impl<B: Backend> RankRunner<B> {
+impl<B: Runtime> RankRunner<B> {
     /// Loads this rank's shard, measures how many KV blocks its policy gives it, agrees on the
     /// smallest count with the other ranks through `agree`, and allocates the cache.
     pub fn open(

@@ -15,7 +15,7 @@ use std::time::Duration;
 use super::runner::{RankPlan, RankRunner, RankSpec};
 use super::{Opened, Ranks};
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{Backend, Device};
+use crate::backend::{Device, Runtime};
 use crate::error::{Error, Result};
 use crate::parallel::local::LocalGroup;
 use crate::parallel::sharding::Shard;
@@ -173,7 +173,7 @@ impl RankThreads {
     /// waits until every rank has opened its runner: loaded (in parallel, each reading only its
     /// slices), measured, agreed on the smallest KV block count, allocated. Returns the ranks,
     /// rank 0's device and the block count.
-    fn spawn<B: Backend, C: Communicator<B> + 'static>(
+    fn spawn<B: Runtime, C: Communicator<B> + 'static>(
         spec: &RankSpec<'_>,
         store: &Arc<WeightStore>,
         setups: Vec<(C, OpenBackend<B>)>,

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use tulu::unstable::backend::Backend;
+use tulu::unstable::backend::{Backend, Runtime};
 use tulu::unstable::config::ModelConfig;
 use tulu::unstable::model::Llama;
 use tulu::unstable::parallel::Communicator;
@@ -131,7 +131,7 @@ fn finish(stream: tulu::Generation) -> (String, tulu::Summary) {
 /// Logits of every position of `tokens` (one prefill) from one thread per communicator in
 /// `comms`, rank `r` running the backend and model `open(r)` makes, as the engine runs its
 /// ranks; every rank must hold the same gathered logits. Returns rank 0's.
-pub fn ranks_logits<B: Backend, C: Communicator<B> + Send>(
+pub fn ranks_logits<B: Runtime, C: Communicator<B> + Send>(
     comms: Vec<C>,
     tokens: &[u32],
     open: impl Fn(usize) -> (B, Llama<B>) + Sync,

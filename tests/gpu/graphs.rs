@@ -5,7 +5,7 @@
 use super::model::tiny_vocab301;
 use super::*;
 use tulu::unstable::backend::cuda::CudaKvCache;
-use tulu::unstable::backend::{StepLimits, StepShape};
+use tulu::unstable::backend::{Profiling, Runtime, StepLimits, StepShape};
 
 const BLOCK: usize = 16;
 const CONTEXT: usize = 256;

@@ -4,7 +4,7 @@
 use super::*;
 
 /// Logits of `rows` for `steps` (prefill then decode) on one backend.
-fn model_logits<B: Backend>(b: &B, dir: &Path, steps: &[Vec<u32>]) -> Vec<Vec<f32>> {
+fn model_logits<B: Runtime>(b: &B, dir: &Path, steps: &[Vec<u32>]) -> Vec<Vec<f32>> {
     let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
     let store = WeightStore::open(dir).unwrap();
     let model = Llama::load(b, &cfg, &store, 256, Shard::single(), |_| {}).unwrap();
@@ -82,7 +82,7 @@ fn random_weights_match_cpu_bit_for_bit() {
 }
 
 /// Logits of every position of `tokens` from the random model of `cfg` on `b`.
-pub(super) fn random_model_logits<B: Backend>(b: &B, cfg: &ModelConfig, tokens: &[u32]) -> Vec<f32> {
+pub(super) fn random_model_logits<B: Runtime>(b: &B, cfg: &ModelConfig, tokens: &[u32]) -> Vec<f32> {
     let model = Llama::random(b, cfg, 5, 128, Shard::single(), |_| {}).unwrap();
     let mut cache = b.new_kv_cache(&model.kv_cache_spec(8, 16)).unwrap();
     let mut batch = Batch::new(16);

@@ -15,7 +15,7 @@ mod weight;
 use self::blocks::{BlockPart, BlockWeight};
 use self::matmul::dot;
 pub use self::weight::CpuWeight;
-use super::{contract, AttnDims, Backend, KvCacheSpec};
+use super::{contract, AttnDims, Backend, KvCacheSpec, Profiling, Runtime};
 use crate::error::{Error, Result};
 use crate::quant::BlockType;
 use crate::runtime::batch::Batch;
@@ -110,6 +110,27 @@ fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
+/// The CPU needs no runtime: nothing to reserve, steps need no framing, no graphs, no device
+/// memory of its own.
+impl Runtime for CpuBackend {}
+
+impl Profiling for CpuBackend {
+    fn measure_read_bandwidth(&self, bytes: usize) -> Result<f64> {
+        let words: Vec<u32> = (0..(bytes / 4).div_ceil(PROBE_LANES).max(1) * PROBE_LANES).map(|i| i as u32).collect();
+        // Small chunks (1 MiB), so that every thread stays busy to the end of each pass.
+        let chunk = (1 << 18).min(words.len());
+        let mut best = f64::INFINITY;
+        for _ in 0..5 {
+            let t = std::time::Instant::now();
+            let sum = words.par_chunks(chunk).map(sum_words).reduce(|| 0, u32::wrapping_add);
+            best = best.min(t.elapsed().as_secs_f64());
+            // Used, so that the reads cannot be optimised away.
+            std::hint::black_box(sum);
+        }
+        Ok((words.len() * 4) as f64 / best)
+    }
+}
+
 impl Backend for CpuBackend {
     type Tensor = CpuTensor;
     type Weight = CpuWeight;
@@ -163,21 +184,6 @@ impl Backend for CpuBackend {
 
     fn element_bytes(&self) -> usize {
         std::mem::size_of::<f32>()
-    }
-
-    fn measure_read_bandwidth(&self, bytes: usize) -> Result<f64> {
-        let words: Vec<u32> = (0..(bytes / 4).div_ceil(PROBE_LANES).max(1) * PROBE_LANES).map(|i| i as u32).collect();
-        // Small chunks (1 MiB), so that every thread stays busy to the end of each pass.
-        let chunk = (1 << 18).min(words.len());
-        let mut best = f64::INFINITY;
-        for _ in 0..5 {
-            let t = std::time::Instant::now();
-            let sum = words.par_chunks(chunk).map(sum_words).reduce(|| 0, u32::wrapping_add);
-            best = best.min(t.elapsed().as_secs_f64());
-            // Used, so that the reads cannot be optimised away.
-            std::hint::black_box(sum);
-        }
-        Ok((words.len() * 4) as f64 / best)
     }
 
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<CpuWeight> {

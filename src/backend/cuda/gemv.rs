@@ -7,7 +7,7 @@
 //! rest of the run: cuBLASLt's heuristics pick tiles for GEMMs, and on the skinny decode shapes
 //! a warp-per-row GEMV that keeps many 16-byte loads in flight reads closer to the bandwidth.
 //! `TULU_GEMV=on|off` (or [`CudaBackend::set_gemv_mode`]) forces one kernel; `tulu bench` prints
-//! the timings ([`Backend::tuning_report`](crate::backend::Backend::tuning_report)).
+//! the timings ([`Profiling::tuning_report`](crate::backend::Profiling::tuning_report)).
 
 use std::sync::atomic::Ordering;
 

@@ -54,7 +54,7 @@ use self::module::Kernels;
 use self::step::DeviceBatch;
 use self::workspace::Workspace;
 use super::contract;
-use super::{AttnDims, Backend, KvCacheSpec, StepInputs, StepShape};
+use super::{AttnDims, Backend, KvCacheSpec, Profiling, Runtime, StepInputs, StepShape};
 use crate::error::{Error, Result};
 use crate::runtime::batch::Batch;
 use crate::runtime::sampler::RowSampling;
@@ -300,6 +300,71 @@ fn cache_spec(cache: &CudaKvCache) -> KvCacheSpec {
     }
 }
 
+impl Runtime for CudaBackend {
+    fn device_memory(&self) -> Option<(u64, u64)> {
+        self.bind().ok()?;
+        self.memory_info().ok()
+    }
+
+    fn reserve(&self, shape: &StepShape) -> Result<()> {
+        self.bind()?;
+        self.reserve_impl(shape)
+    }
+
+    fn reserved_bytes(&self) -> usize {
+        let ws = self.workspace.lock().ok().and_then(|w| w.as_ref().map(|w| w.bytes())).unwrap_or(0);
+        let meta = self.meta.lock().ok().and_then(|m| m.as_ref().map(|m| 4 * m.len())).unwrap_or(0);
+        ws + meta
+    }
+
+    fn begin_step(&self, step: &StepInputs<'_>) -> Result<()> {
+        self.bind()?;
+        self.begin_step_impl(step)
+    }
+
+    fn end_step(&self) {
+        self.end_step_impl()
+    }
+
+    fn run_step(&self, body: &mut dyn FnMut() -> Result<CudaTensor>) -> Result<CudaTensor> {
+        self.bind()?;
+        self.run_step_impl(body)
+    }
+
+    fn graph_buckets(&self) -> Vec<usize> {
+        self.graphs.lock().ok().filter(|g| g.enabled).map(|g| g.buckets.clone()).unwrap_or_default()
+    }
+}
+
+impl Profiling for CudaBackend {
+    fn measure_read_bandwidth(&self, bytes: usize) -> Result<f64> {
+        self.bind()?;
+        self.measure_read_bandwidth_impl(bytes)
+    }
+
+    fn launches(&self) -> Option<u64> {
+        Some(self.launches.load(Ordering::Relaxed))
+    }
+
+    fn tuning_report(&self) -> Vec<serde_json::Value> {
+        self.gemv_choices()
+            .into_iter()
+            .map(|c| {
+                serde_json::json!({
+                    "case": "matmul_choice",
+                    "m": c.m,
+                    "n": c.n,
+                    "k": c.k,
+                    "gemv_us": (c.gemv_us * 100.0).round() / 100.0,
+                    "cublaslt_us": (c.blas_us * 100.0).round() / 100.0,
+                    "weight_mb": (c.n * c.k * 2) as f64 / 1e6,
+                    "chosen": if c.use_gemv() { "gemv" } else { "cublaslt" },
+                })
+            })
+            .collect()
+    }
+}
+
 impl Backend for CudaBackend {
     type Tensor = CudaTensor;
     type Weight = CudaWeight;
@@ -342,67 +407,6 @@ impl Backend for CudaBackend {
 
     fn stores_fp8(&self) -> bool {
         true
-    }
-
-    fn measure_read_bandwidth(&self, bytes: usize) -> Result<f64> {
-        self.bind()?;
-        self.measure_read_bandwidth_impl(bytes)
-    }
-
-    fn device_memory(&self) -> Option<(u64, u64)> {
-        self.bind().ok()?;
-        self.memory_info().ok()
-    }
-
-    fn reserve(&self, shape: &StepShape) -> Result<()> {
-        self.bind()?;
-        self.reserve_impl(shape)
-    }
-
-    fn reserved_bytes(&self) -> usize {
-        let ws = self.workspace.lock().ok().and_then(|w| w.as_ref().map(|w| w.bytes())).unwrap_or(0);
-        let meta = self.meta.lock().ok().and_then(|m| m.as_ref().map(|m| 4 * m.len())).unwrap_or(0);
-        ws + meta
-    }
-
-    fn begin_step(&self, step: &StepInputs<'_>) -> Result<()> {
-        self.bind()?;
-        self.begin_step_impl(step)
-    }
-
-    fn end_step(&self) {
-        self.end_step_impl()
-    }
-
-    fn run_step(&self, body: &mut dyn FnMut() -> Result<CudaTensor>) -> Result<CudaTensor> {
-        self.bind()?;
-        self.run_step_impl(body)
-    }
-
-    fn graph_buckets(&self) -> Vec<usize> {
-        self.graphs.lock().ok().filter(|g| g.enabled).map(|g| g.buckets.clone()).unwrap_or_default()
-    }
-
-    fn launches(&self) -> Option<u64> {
-        Some(self.launches.load(Ordering::Relaxed))
-    }
-
-    fn tuning_report(&self) -> Vec<serde_json::Value> {
-        self.gemv_choices()
-            .into_iter()
-            .map(|c| {
-                serde_json::json!({
-                    "case": "matmul_choice",
-                    "m": c.m,
-                    "n": c.n,
-                    "k": c.k,
-                    "gemv_us": (c.gemv_us * 100.0).round() / 100.0,
-                    "cublaslt_us": (c.blas_us * 100.0).round() / 100.0,
-                    "weight_mb": (c.n * c.k * 2) as f64 / 1e6,
-                    "chosen": if c.use_gemv() { "gemv" } else { "cublaslt" },
-                })
-            })
-            .collect()
     }
 
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaWeight> {

@@ -1,0 +1,99 @@
+//! The device runtime, apart from the operations: what a rank reserves at load, how a step
+//! starts, runs (eagerly or as a replayed graph) and ends, and how much memory the device has.
+//! The model runner (`Llama::step`, the rank runner of `src/ranks/`) drives it; the operations
+//! of [`Backend`] run inside the steps it frames.
+
+use super::Backend;
+use crate::error::Result;
+use crate::runtime::batch::Batch;
+
+/// What a step hands the backend once, before its first op ([`Runtime::begin_step`]).
+#[derive(Debug, Clone, Copy)]
+pub struct StepInputs<'a> {
+    /// The step's sequences, positions, slots and block tables.
+    pub batch: &'a Batch,
+    /// The embedding rows to look up: the batch's token ids, shifted into this rank's
+    /// vocabulary shard.
+    pub ids: &'a [u32],
+    /// The rows whose logits the step produces.
+    pub rows: &'a [usize],
+    /// Whether the step may run as a replayed graph: a decode step (one new token a sequence,
+    /// every row sampled) whose logits stay on the device, on a communicator that can be captured.
+    pub graphable: bool,
+}
+
+/// What a rank reserves at load for its steps ([`Runtime::reserve`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StepLimits {
+    /// Most sequences in one step (the largest decode batch).
+    pub max_num_seqs: usize,
+    /// Most token rows in one step.
+    pub max_num_batched_tokens: usize,
+    /// Whether decode steps run as CUDA graphs (`--enforce-eager` turns them off).
+    pub graphs: bool,
+}
+
+impl Default for StepLimits {
+    fn default() -> Self {
+        StepLimits { max_num_seqs: 64, max_num_batched_tokens: 2048, graphs: false }
+    }
+}
+
+/// What [`Runtime::reserve`] sizes: the rank's model shape, per step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepShape {
+    /// The limits the engine schedules within.
+    pub limits: StepLimits,
+    /// Longest context (RoPE positions).
+    pub max_positions: usize,
+    /// Token slots per KV block.
+    pub block_size: usize,
+    /// Bytes of device memory the largest step's activations need at once (the model's estimate).
+    pub workspace_bytes: usize,
+}
+
+/// The device runtime of a backend (module docs). Every method has the default of a device
+/// without one (the CPU): nothing to reserve, steps that need no framing, no graphs.
+pub trait Runtime: Backend {
+    /// Free and total bytes of the device's memory; `None` when the backend has none of its
+    /// own (the CPU: its caches are sized from `kv_cache_memory`).
+    fn device_memory(&self) -> Option<(u64, u64)> {
+        None
+    }
+
+    /// Reserves what every step needs, once, at load, before the KV cache is sized from what
+    /// is left (CUDA: the step workspace and the persistent step buffers). The CPU needs nothing.
+    fn reserve(&self, shape: &StepShape) -> Result<()> {
+        let _ = shape;
+        Ok(())
+    }
+
+    /// Bytes [`Runtime::reserve`] took, for the load line.
+    fn reserved_bytes(&self) -> usize {
+        0
+    }
+
+    /// Starts a step: the backend receives its batch once (CUDA uploads positions, slots,
+    /// block tables and work lists into persistent device buffers that every op of the step
+    /// reads). Every op until [`Runtime::end_step`] belongs to this step.
+    fn begin_step(&self, step: &StepInputs<'_>) -> Result<()> {
+        let _ = step;
+        Ok(())
+    }
+
+    /// Ends the step [`Runtime::begin_step`] started.
+    fn end_step(&self) {}
+
+    /// Runs the step's forward pass `body` and returns its logits. A backend with graphs
+    /// replays a captured graph of `body` instead, for a step it may replay (see
+    /// [`StepInputs::graphable`]); its logits may then have padding rows after the sampled ones.
+    fn run_step(&self, body: &mut dyn FnMut() -> Result<Self::Tensor>) -> Result<Self::Tensor> {
+        body()
+    }
+
+    /// The decode batch sizes the backend captures a graph for, after `reserve` (none: the CPU,
+    /// or graphs off).
+    fn graph_buckets(&self) -> Vec<usize> {
+        Vec::new()
+    }
+}
