@@ -51,7 +51,7 @@ use self::graphs::Graphs;
 pub use self::memory::{CudaKvCache, CudaTensor, CudaWeight};
 use self::memory::{Staging, WeightData};
 use self::module::Kernels;
-use self::step::DeviceBatch;
+use self::step::{DeviceBatch, StepMeta};
 use self::workspace::Workspace;
 use super::contract;
 use super::{AttnDims, Backend, KvCacheSpec, Profiling, Runtime, StepInputs, StepShape};
@@ -116,8 +116,8 @@ pub struct CudaBackend {
     staging: Mutex<Option<Staging>>,
     /// The active step's metadata (step.rs); `None` between steps.
     step: Mutex<Option<DeviceBatch>>,
-    /// The persistent buffer every step's metadata is uploaded into (step.rs).
-    meta: Mutex<Option<CudaSlice<u32>>>,
+    /// Where every step's metadata is uploaded: the persistent buffer (step.rs).
+    meta: Mutex<StepMeta>,
     /// The step workspace (workspace.rs), from `reserve`.
     workspace: Mutex<Option<Arc<Workspace>>>,
     /// Between `begin_step` and `end_step`: tensors come from the workspace.
@@ -131,10 +131,6 @@ pub struct CudaBackend {
     launches: AtomicU64,
     /// Longest context the model takes (sizes a graph's attention splits).
     max_context: AtomicUsize,
-    /// Tests only: upload each step's metadata into a new buffer (kept alive in `stale`), the
-    /// classic graph bug of a pointer that changes after capture (step.rs).
-    fresh_meta: AtomicBool,
-    stale: Mutex<Vec<workspace::Buf<u32>>>,
     /// Prefill-sized FP8 matmuls take cuBLASLt's FP8 GEMM (gemm_fp8.rs), and its workspace.
     fp8_gemm: AtomicBool,
     fp8_workspace: std::sync::OnceLock<CudaSlice<u8>>,
@@ -181,7 +177,7 @@ impl CudaBackend {
             poison: AtomicBool::new(false),
             staging: Mutex::new(None),
             step: Mutex::new(None),
-            meta: Mutex::new(None),
+            meta: Mutex::new(StepMeta::Persistent(None)),
             workspace: Mutex::new(None),
             in_step: AtomicBool::new(false),
             capturing: AtomicBool::new(false),
@@ -189,8 +185,6 @@ impl CudaBackend {
             graphs: Mutex::new(Graphs::default()),
             launches: AtomicU64::new(0),
             max_context: AtomicUsize::new(0),
-            fresh_meta: AtomicBool::new(false),
-            stale: Mutex::new(Vec::new()),
             fp8_gemm: AtomicBool::new(false),
             fp8_workspace: std::sync::OnceLock::new(),
             gemv_mode: AtomicU8::new(GemvMode::from_env() as u8),
@@ -277,9 +271,11 @@ impl CudaBackend {
             Some(Workspace::new(&self.stream, shape.workspace_bytes)?);
         {
             let mut meta = self.meta.lock().map_err(|_| Error::Backend("step buffer lock poisoned".into()))?;
-            *meta = None;
-            // SAFETY: every word a step reads is written by its upload first.
-            *meta = Some(unsafe { self.stream.alloc::<u32>(8 * rows + tables) }.cuda("allocating the step buffer")?);
+            if let StepMeta::Persistent(buf) = &mut *meta {
+                *buf = None;
+                // SAFETY: every word a step reads is written by its upload first.
+                *buf = Some(unsafe { self.stream.alloc::<u32>(8 * rows + tables) }.cuda("allocating the step buffer")?);
+            }
         }
         self.max_context.store(shape.max_positions, Ordering::Relaxed);
         let mut g = self.graphs.lock().map_err(|_| Error::Backend("graph table lock poisoned".into()))?;
@@ -313,7 +309,7 @@ impl Runtime for CudaBackend {
 
     fn reserved_bytes(&self) -> usize {
         let ws = self.workspace.lock().ok().and_then(|w| w.as_ref().map(|w| w.bytes())).unwrap_or(0);
-        let meta = self.meta.lock().ok().and_then(|m| m.as_ref().map(|m| 4 * m.len())).unwrap_or(0);
+        let meta = self.meta.lock().ok().map_or(0, |m| m.bytes());
         ws + meta
     }
 

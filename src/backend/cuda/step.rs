@@ -27,6 +27,27 @@ use crate::runtime::batch::Batch;
 /// The slot a padding row writes: none.
 pub(crate) const NO_SLOT: u32 = u32::MAX;
 
+/// Where each step's metadata is uploaded.
+pub(crate) enum StepMeta {
+    /// One buffer that persists from step to step (allocated by `reserve` or the first step,
+    /// grown only between steps), whose address captured graphs keep.
+    Persistent(Option<CudaSlice<u32>>),
+    /// Tests only (`debug_fresh_step_buffers`): a new buffer every step, each kept alive so that
+    /// a graph that captured an older one reads that step's stale metadata (which the test must
+    /// catch) rather than freed memory.
+    FreshEachStep(Vec<Buf<u32>>),
+}
+
+impl StepMeta {
+    /// Bytes of the persistent buffer (0 before it exists, or for fresh buffers).
+    pub fn bytes(&self) -> usize {
+        match self {
+            StepMeta::Persistent(m) => m.as_ref().map_or(0, |m| 4 * m.len()),
+            StepMeta::FreshEachStep(_) => 0,
+        }
+    }
+}
+
 /// A step's metadata on the device.
 pub(crate) struct DeviceBatch {
     /// The batch it was made from.
@@ -99,10 +120,7 @@ impl CudaBackend {
         let bucket = self.bucket_for(step);
         let rows = bucket.unwrap_or(n);
         let packed = Packed::new(step.batch, step.ids, rows, step.rows);
-        let meta = match self.fresh_meta.load(Ordering::Relaxed) {
-            false => self.step_meta(packed.words.len(), bucket.is_some())?,
-            true => self.fresh_step_meta(packed.words.len())?,
-        };
+        let meta = self.step_meta(packed.words.len(), bucket.is_some())?;
         let mut dst = self.view(meta, 0, packed.words.len());
         self.stream.memcpy_htod(&packed.words, &mut *dst).cuda("copying the step's metadata to the device")?;
         let mut device = self.view_batch(step.batch, &packed, extent, meta, None)?;
@@ -122,11 +140,23 @@ impl CudaBackend {
         self.in_step.store(false, Ordering::Relaxed);
     }
 
-    /// The persistent metadata buffer, grown to at least `words` (its address, and with it
-    /// every captured graph, changes only then: `begin_step` of a step that a graph could
-    /// replay never grows it past what `reserve` made room for).
+    /// The address `words` of this step's metadata go to: the persistent buffer, grown to at
+    /// least `words` (its address, and with it every captured graph, changes only then:
+    /// `begin_step` of a step that a graph could replay never grows it past what `reserve` made
+    /// room for).
     fn step_meta(&self, words: usize, padded: bool) -> Result<u64> {
         let mut meta = self.meta.lock().map_err(|_| Error::Backend("step buffer lock poisoned".into()))?;
+        let meta = match &mut *meta {
+            StepMeta::Persistent(meta) => meta,
+            StepMeta::FreshEachStep(stale) => {
+                // SAFETY: written by the step's upload before any kernel reads it.
+                let buf = unsafe { self.stream.alloc::<u32>(words.max(1)) }.cuda("allocating step metadata")?;
+                let buf = Buf::pool(buf);
+                let base = buf.device_ptr(&self.stream).0;
+                stale.push(buf);
+                return Ok(base);
+            }
+        };
         if meta.as_ref().is_none_or(|m: &CudaSlice<u32>| m.len() < words) {
             if padded && meta.is_some() {
                 return Err(Error::Backend(format!(
@@ -142,22 +172,18 @@ impl CudaBackend {
         Ok(meta.as_ref().map_or(0, |m| m.device_ptr(&self.stream).0))
     }
 
-    /// Tests only (`debug_fresh_step_buffers`): a new buffer for this step's metadata, kept
-    /// alive (so a graph that captured an older one reads that step's stale metadata, and a
-    /// test can catch it, rather than freed memory).
-    fn fresh_step_meta(&self, words: usize) -> Result<u64> {
-        // SAFETY: written by the step's upload before any kernel reads it.
-        let buf = Buf::pool(unsafe { self.stream.alloc::<u32>(words.max(1)) }.cuda("allocating step metadata")?);
-        let base = buf.device_ptr(&self.stream).0;
-        self.stale.lock().map_err(|_| Error::Backend("stale buffers lock poisoned".into()))?.push(buf);
-        Ok(base)
-    }
-
     /// Tests only: uploads every step's metadata into a fresh buffer instead of the persistent
-    /// one — the bug graphs must not have, for a test to show that it would be caught.
+    /// one — the bug graphs must not have, for a test to show that it would be caught. The
+    /// choice is the variant of the one metadata field (no flag a production step reads).
     #[doc(hidden)]
     pub fn debug_fresh_step_buffers(&self, on: bool) {
-        self.fresh_meta.store(on, Ordering::Relaxed);
+        if let Ok(mut meta) = self.meta.lock() {
+            match (&*meta, on) {
+                (StepMeta::Persistent(_), true) => *meta = StepMeta::FreshEachStep(Vec::new()),
+                (StepMeta::FreshEachStep(_), false) => *meta = StepMeta::Persistent(None),
+                _ => {}
+            }
+        }
     }
 
     /// A view of `len` words at word `offset` of the buffer at `base`.
