@@ -21,7 +21,7 @@ use crate::parallel::Communicator;
 use crate::quant::Quantization;
 use crate::rope::RopeTable;
 use crate::runtime::batch::Batch;
-use crate::runtime::sampler::{Sampled, StepOutput, StepSampling, NON_FINITE};
+use crate::runtime::sampler::{RowSampling, Sampled, StepOutput, StepSampling, NON_FINITE};
 use crate::weights::random::RandomSlice;
 use crate::weights::{fp8, DType, TensorSlice, WeightStore};
 
@@ -286,6 +286,60 @@ impl<B: Runtime> Llama<B> {
             for _ in 0..2 {
                 self.device_logits(backend, &batch, cache, &rows, comm, true)?;
             }
+        }
+        Ok(())
+    }
+
+    /// The steps whose measured workspace sizes the step workspace (vLLM's profile run), run
+    /// before the KV cache is sized, on a cache of their own that is freed after: the largest
+    /// prefill twice — `max_num_batched_tokens` rows of one sequence (the most keys), and over
+    /// `max_num_seqs` sequences (the most rows sampled: each sequence's last, not greedily, so
+    /// that the sampling scratch counts) — then a
+    /// decode step of each graph bucket (or of `max_num_seqs` rows without graphs) at the last
+    /// position of the context, where attention splits the keys the most. Each row writes a
+    /// slot of its own (racecheck). Every rank of a group runs this at the same time.
+    pub fn profile_steps(
+        &self,
+        backend: &B,
+        comm: &dyn Communicator<B>,
+        limits: &StepLimits,
+        block_size: usize,
+    ) -> Result<()> {
+        let tokens = limits.max_num_batched_tokens.min(self.max_positions).max(1);
+        let decode = limits.max_num_seqs.max(1);
+        let num_blocks = (tokens.div_ceil(block_size) + decode).max(decode);
+        let mut cache = backend.new_kv_cache(&self.kv_cache_spec(num_blocks, block_size))?;
+        let sampled = RowSampling { temperature: 1.0, uniform: 0.5, ..RowSampling::greedy() };
+        let valid = self.cfg.vocab_size.min(self.plan.vocab_rows_per_rank * comm.world_size());
+        let mut splits = vec![1];
+        splits.extend(Some(decode.min(tokens)).filter(|&n| n > 1));
+        for seqs in splits {
+            let mut batch = Batch::new(block_size);
+            let mut next_block = 0u32;
+            for s in 0..seqs {
+                let len = tokens / seqs + usize::from(s < tokens % seqs);
+                let blocks = len.div_ceil(block_size) as u32;
+                batch.push(&vec![0; len], 0, &(next_block..next_block + blocks).collect::<Vec<_>>())?;
+                next_block += blocks;
+            }
+            let rows = batch.last_rows();
+            let (scope, logits) = self.device_logits(backend, &batch, &mut cache, &rows, comm, false)?;
+            if comm.rank() == 0 {
+                backend.sample(&logits, &vec![sampled.clone(); rows.len()], valid, None)?;
+            }
+            drop(logits);
+            drop(scope);
+        }
+        let graphable = comm.capturable() && !backend.graph_buckets().is_empty();
+        let sizes = if graphable { backend.graph_buckets() } else { vec![decode] };
+        let context = self.max_positions.div_ceil(block_size);
+        for b in sizes {
+            let mut batch = Batch::new(block_size);
+            for i in 0..b {
+                batch.push(&[0], self.max_positions - 1, &vec![(i % num_blocks) as u32; context])?;
+            }
+            let rows = batch.last_rows();
+            self.device_logits(backend, &batch, &mut cache, &rows, comm, graphable)?;
         }
         Ok(())
     }

@@ -73,6 +73,14 @@ pub trait Runtime: Backend {
         0
     }
 
+    /// Shrinks the step workspace [`Runtime::reserve`] made to what the steps run since needed
+    /// at most (the profile steps of `Llama::profile_steps`, as vLLM sizes its activations from
+    /// a profile run), so that the KV cache sized next gets the rest; returns the workspace's
+    /// bytes (0 without one: the CPU). Drops captured graphs (they address the old workspace).
+    fn fit_workspace(&self) -> Result<usize> {
+        Ok(0)
+    }
+
     /// Starts a step: the backend receives its batch once (CUDA uploads positions, slots,
     /// block tables and work lists into persistent device buffers that every op of the step
     /// reads). Every op until [`Runtime::end_step`] belongs to this step.

@@ -209,6 +209,30 @@ fn fp8_gemm_decode_steps_are_captured_and_replay_bit_for_bit() {
     assert_eq!(backend.workspace_overflows(), 0, "the step workspace held the FP8 GEMM's scratch");
 }
 
+/// The step workspace fitted to the measured peak of the profile steps (what a rank does when
+/// its KV cache takes what device memory leaves): smaller than the formula's bound, yet it holds
+/// the whole schedule — prefills, decode graphs captured and replayed bit for bit — without one
+/// allocation from the pool.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn a_workspace_fitted_to_the_measured_peak_holds_every_step() {
+    gpu();
+    let dir = tiny_vocab301();
+    let (backend, model, cache) = open(0, 0, 1, &dir);
+    let bound = backend.workspace_usage().0;
+    model.profile_steps(&backend, &SingleRank, &LIMITS, BLOCK).unwrap();
+    let fitted = backend.fit_workspace().unwrap();
+    eprintln!("step workspace: formula {bound} bytes, measured peak {fitted}");
+    assert!(fitted > 0 && fitted < bound, "fitted {fitted} of {bound} bytes");
+    assert_eq!(backend.workspace_usage().0, fitted, "the workspace is the fitted one");
+    let mut rank = Rank { backend: &backend, model: &model, cache, comm: &SingleRank };
+    if let Some(why) = run_schedule(&mut rank, 301) {
+        panic!("a graph replay differs from its eager step: {why}");
+    }
+    assert_eq!(backend.graph_stats().0, vec![1, 4, 8], "every bucket the schedule used is captured");
+    assert_eq!(backend.workspace_overflows(), 0, "the fitted workspace held every step");
+}
+
 /// The classic graph bug, made on purpose: each step's metadata goes to a new buffer, so a
 /// replay reads the metadata of the step it was captured in. The comparison must catch it.
 #[test]

@@ -313,6 +313,11 @@ impl Runtime for CudaBackend {
         ws + meta
     }
 
+    fn fit_workspace(&self) -> Result<usize> {
+        self.bind()?;
+        self.fit_workspace_impl()
+    }
+
     fn begin_step(&self, step: &StepInputs<'_>) -> Result<()> {
         self.bind()?;
         self.begin_step_impl(step)

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
-use super::CudaResultExt;
+use super::{CudaBackend, CudaResultExt};
 use crate::error::{Error, Result};
 
 /// Alignment of every carve: what cudaMalloc guarantees, so kernels' 16-byte loads stay aligned.
@@ -30,6 +30,10 @@ struct FreeList {
     /// Bytes in use now, and the most ever in use.
     used: usize,
     peak: usize,
+    /// The end of the highest carve so far: a region of this size gives the same carves (and
+    /// addresses) to the same sequence of allocations, which `peak` alone, blind to holes,
+    /// does not promise.
+    high: usize,
 }
 
 impl FreeList {
@@ -46,6 +50,7 @@ impl FreeList {
         }
         self.used += bytes;
         self.peak = self.peak.max(self.used);
+        self.high = self.high.max(off + bytes);
         Some(off)
     }
 
@@ -83,7 +88,7 @@ impl Workspace {
         let region = unsafe { stream.alloc::<u8>(bytes) }
             .cuda(&format!("allocating the step workspace ({:.1} MiB)", bytes as f64 / (1 << 20) as f64))?;
         let base = region.device_ptr(stream).0;
-        let free = Mutex::new(FreeList { ranges: vec![(0, bytes)], used: 0, peak: 0 });
+        let free = Mutex::new(FreeList { ranges: vec![(0, bytes)], used: 0, peak: 0, high: 0 });
         Ok(Arc::new(Workspace { _region: region, base, bytes, free }))
     }
 
@@ -95,6 +100,11 @@ impl Workspace {
     /// Most bytes ever in use at once.
     pub fn peak(&self) -> usize {
         self.free.lock().map_or(0, |f| f.peak)
+    }
+
+    /// The end of the highest carve so far: the size that holds the steps run so far.
+    pub fn high_water(&self) -> usize {
+        self.free.lock().map_or(0, |f| f.high)
     }
 
     /// Bytes in use now.
@@ -187,6 +197,28 @@ impl<T> Drop for Buf<T> {
     }
 }
 
+impl CudaBackend {
+    /// `fit_workspace`: a new workspace of the old one's high-water mark, when that is smaller.
+    pub(crate) fn fit_workspace_impl(&self) -> Result<usize> {
+        let mut ws = self.workspace.lock().map_err(|_| Error::Backend("workspace lock poisoned".into()))?;
+        let Some((bytes, high)) = ws.as_ref().map(|w| (w.bytes(), w.high_water())) else {
+            return Ok(0);
+        };
+        let fitted = high.div_ceil(ALIGN).max(1) * ALIGN;
+        if fitted >= bytes {
+            return Ok(bytes);
+        }
+        // Captured graphs address the old region; no step tensor is alive between steps.
+        self.drop_graphs("the step workspace was fitted to its measured peak");
+        *ws = None;
+        // The old region is freed before the new one is made, and before device memory is read.
+        self.synchronize()?;
+        *ws = Some(Workspace::new(&self.stream, fitted)?);
+        tracing::debug!("step workspace fitted to its measured peak: {} of {} bytes", fitted, bytes);
+        Ok(fitted)
+    }
+}
+
 /// A workspace that cannot hold what a graph capture needs is an error naming the sizes.
 pub(crate) fn full(ws: &Workspace, bytes: usize) -> Error {
     Error::Backend(format!(
@@ -203,7 +235,7 @@ mod tests {
 
     #[test]
     fn first_fit_reuses_the_lowest_hole_and_coalesces() {
-        let mut f = FreeList { ranges: vec![(0, 16 * ALIGN)], used: 0, peak: 0 };
+        let mut f = FreeList { ranges: vec![(0, 16 * ALIGN)], used: 0, peak: 0, high: 0 };
         let a = f.carve(1).unwrap();
         let b = f.carve(2 * ALIGN).unwrap();
         let c = f.carve(ALIGN + 1).unwrap();
@@ -217,7 +249,7 @@ mod tests {
         f.release(a, 1);
         f.release(c, ALIGN + 1);
         assert_eq!(f.ranges, vec![(0, 16 * ALIGN)], "every release merges back into one range");
-        assert_eq!((f.used, f.peak), (0, 5 * ALIGN));
+        assert_eq!((f.used, f.peak, f.high), (0, 5 * ALIGN, 5 * ALIGN));
         assert_eq!(f.carve(17 * ALIGN), None);
     }
 }
