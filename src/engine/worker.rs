@@ -18,8 +18,9 @@ use super::Shared;
 use crate::error::{Error, Result};
 use crate::grammar::TokenMatcher;
 use crate::ranks::Ranks;
-use crate::runtime::sampler::{Sampled, Sampler, StepOutput};
+use crate::runtime::sampler::{Sampled, Sampler, StepOutput, NON_FINITE};
 use crate::runtime::scheduler::{Scheduler, SeqId, Step};
+use crate::runtime::speculative::verify_sampled;
 use crate::runtime::token_mask::{LateMasks, MaskFill, TokenMasks};
 
 pub(super) enum Command {
@@ -107,6 +108,9 @@ impl Worker {
         let sampler =
             Sampler::new(sub.sampling.clone(), shared.tokenizer.vocab_size()).with_grammar(sub.grammar.take());
         self.scheduler.add(sub.id, sub.prompt.clone(), sampler, sub.logprobs.is_some());
+        if !sub.speculative {
+            self.scheduler.disable_speculation(sub.id);
+        }
         requests.insert(sub.id, RequestOutput::new(sub, &shared.tokenizer));
     }
 
@@ -165,7 +169,8 @@ impl Worker {
     }
 
     /// Hands each sampled token to its request's output state; a request whose token cannot be
-    /// taken fails alone.
+    /// taken fails alone. A speculating sequence's rows are verified first: it emits the draft
+    /// tokens its samples confirm and the sample that ends the draft.
     fn postprocess(
         &mut self,
         step: &Step,
@@ -181,31 +186,89 @@ impl Worker {
             )));
         }
         self.scheduler.complete(step);
-        let vocab = self.shared.config.vocab_size;
-        for (i, (&id, sampled)) in step.sampled.iter().zip(out.tokens).enumerate() {
-            let Some(request) = requests.get_mut(&id) else { continue };
-            let logits = out.logits.as_deref().and_then(|l| l.get(i * vocab..(i + 1) * vocab));
-            let dead_end = dead_ends.get(i).cloned().flatten();
-            let accepted = match sampled {
-                _ if dead_end.is_some() => Err(grammar_error(dead_end.unwrap_or_default(), request.generated())),
-                Sampled::Token(token) => match self.scheduler.push_token(id, token) {
-                    Ok(()) => request.accept(token, logits, &self.shared),
-                    Err(e) => Err(grammar_error(e, request.generated())),
-                },
-                Sampled::NonFinite { rank } => {
-                    let position = step.sampling.rows.get(i).and_then(|&r| step.batch.positions.get(r));
-                    Err(Error::NonFiniteLogits { position: position.map_or(0, |&p| p as usize), rank })
+        let drafts: HashMap<SeqId, &[u32]> =
+            step.entries.iter().zip(&step.drafts).map(|(e, d)| (e.0, d.as_slice())).collect();
+        let mut i = 0;
+        while i < step.sampled.len() {
+            let id = step.sampled[i];
+            let draft = drafts.get(&id).copied().unwrap_or(&[]);
+            let rows = i..i + draft.len() + 1;
+            let emitted = match draft {
+                [] => 1,
+                _ => {
+                    let picks: Vec<u32> = out.tokens[rows.clone()]
+                        .iter()
+                        .map(|t| match t {
+                            Sampled::Token(t) => *t,
+                            Sampled::NonFinite { .. } => NON_FINITE,
+                        })
+                        .collect();
+                    let verdict = verify_sampled(&picks, draft);
+                    self.note_speculation(id, draft.len(), verdict.accepted, requests);
+                    verdict.tokens.len()
                 }
             };
-            match accepted {
-                // Free the sequence and publish the gauges before the summary goes out, so that
-                // a client that has its answer sees the engine's state without it.
-                Ok(true) => self.end(id, None, requests),
-                Ok(false) => request.flush(),
-                Err(e) => self.end(id, Some(e), requests),
+            for row in rows.start..rows.start + emitted {
+                if !self.take_token(step, &out, row, dead_ends, requests) {
+                    break;
+                }
             }
+            if !draft.is_empty() {
+                self.scheduler.settle_draft(id, emitted);
+            }
+            i = rows.end;
         }
         Ok(())
+    }
+
+    /// Hands sampled row `i` of the step to its request; returns whether the request goes on.
+    fn take_token(
+        &mut self,
+        step: &Step,
+        out: &StepOutput,
+        i: usize,
+        dead_ends: &[Option<String>],
+        requests: &mut Requests,
+    ) -> bool {
+        let id = step.sampled[i];
+        let Some(request) = requests.get_mut(&id) else { return false };
+        let vocab = self.shared.config.vocab_size;
+        let logits = out.logits.as_deref().and_then(|l| l.get(i * vocab..(i + 1) * vocab));
+        let dead_end = dead_ends.get(i).cloned().flatten();
+        let accepted = match out.tokens[i] {
+            _ if dead_end.is_some() => Err(grammar_error(dead_end.unwrap_or_default(), request.generated())),
+            Sampled::Token(token) => match self.scheduler.push_token(id, token) {
+                Ok(()) => request.accept(token, logits, &self.shared),
+                Err(e) => Err(grammar_error(e, request.generated())),
+            },
+            Sampled::NonFinite { rank } => {
+                let position = step.sampling.rows.get(i).and_then(|&r| step.batch.positions.get(r));
+                Err(Error::NonFiniteLogits { position: position.map_or(0, |&p| p as usize), rank })
+            }
+        };
+        match accepted {
+            // Free the sequence and publish the gauges before the summary goes out, so that
+            // a client that has its answer sees the engine's state without it.
+            Ok(true) => self.end(id, None, requests),
+            Ok(false) => {
+                request.flush();
+                return true;
+            }
+            Err(e) => self.end(id, Some(e), requests),
+        }
+        false
+    }
+
+    /// Counts one verified draft: in the engine's metrics and the request's summary.
+    fn note_speculation(&self, id: SeqId, drafted: usize, accepted: usize, requests: &mut Requests) {
+        if let Ok(mut m) = self.shared.metrics.lock() {
+            m.spec_verified_drafts += 1;
+            m.spec_draft_tokens += drafted as u64;
+            m.spec_accepted_tokens += accepted as u64;
+        }
+        if let Some(r) = requests.get_mut(&id) {
+            r.note_speculation(drafted, accepted);
+        }
     }
 
     /// Ends a request: frees its sequence and counts it, then sends what is left of its stream:

@@ -320,20 +320,68 @@ impl Sampler {
     /// `history` (prompt and output so far, which only grows from call to call) when the
     /// repetition penalty is on.
     pub fn next_row(&mut self, history: &[u32]) -> RowSampling {
-        let mut penalized = Vec::new();
-        if self.params.repetition_penalty != 1.0 {
-            if history.len() < self.absorbed {
-                // Not the history it saw grow: start over.
-                (self.seen, self.absorbed) = (Vec::new(), 0);
-            }
-            for &t in &history[self.absorbed..] {
-                if let Err(at) = self.seen.binary_search(&t) {
-                    self.seen.insert(at, t);
+        let penalized = self.absorb(history);
+        let uniform = self.draw(&mut None);
+        self.row(uniform, penalized)
+    }
+
+    /// The [`RowSampling`]s of a speculative step's `draft.len() + 1` rows after `history`: row
+    /// `i` sees `draft[..i]` as history and takes the `i`-th next draw of the generator, which
+    /// does not advance — [`Sampler::advance`] then moves it past the tokens the step emits,
+    /// so that every emitted token took the draw it takes without speculation.
+    pub fn draft_rows(&mut self, history: &[u32], draft: &[u32]) -> Vec<RowSampling> {
+        let seen = self.absorb(history);
+        let mut ahead = Some(self.rng.clone());
+        let mut penalized = seen;
+        let mut rows = Vec::with_capacity(draft.len() + 1);
+        for i in 0..=draft.len() {
+            if i > 0 && self.params.repetition_penalty != 1.0 {
+                if let Err(at) = penalized.binary_search(&draft[i - 1]) {
+                    penalized.insert(at, draft[i - 1]);
                 }
             }
-            self.absorbed = history.len();
-            penalized = self.seen.clone();
+            let uniform = self.draw(&mut ahead);
+            rows.push(self.row(uniform, penalized.clone()));
         }
+        rows
+    }
+
+    /// Moves the generator past `emitted` draws (the tokens a speculative step emitted).
+    pub fn advance(&mut self, emitted: usize) {
+        for _ in 0..emitted {
+            self.draw(&mut None);
+        }
+    }
+
+    /// The distinct tokens of `history` when the repetition penalty is on (else none), kept
+    /// incrementally.
+    fn absorb(&mut self, history: &[u32]) -> Vec<u32> {
+        if self.params.repetition_penalty == 1.0 {
+            return Vec::new();
+        }
+        if history.len() < self.absorbed {
+            // Not the history it saw grow: start over.
+            (self.seen, self.absorbed) = (Vec::new(), 0);
+        }
+        for &t in &history[self.absorbed..] {
+            if let Err(at) = self.seen.binary_search(&t) {
+                self.seen.insert(at, t);
+            }
+        }
+        self.absorbed = history.len();
+        self.seen.clone()
+    }
+
+    /// The next draw in `[0, 1)` from `ahead` when given, else from the generator; greedy
+    /// sampling draws nothing.
+    fn draw(&mut self, ahead: &mut Option<StdRng>) -> f32 {
+        if self.params.temperature == 0.0 {
+            return 0.0;
+        }
+        ahead.as_mut().unwrap_or(&mut self.rng).random::<f32>()
+    }
+
+    fn row(&self, uniform: f32, penalized: Vec<u32>) -> RowSampling {
         let p = &self.params;
         RowSampling {
             temperature: p.temperature,
@@ -341,7 +389,7 @@ impl Sampler {
             top_p: p.top_p,
             min_p: p.min_p,
             repetition_penalty: p.repetition_penalty,
-            uniform: if p.temperature == 0.0 { 0.0 } else { self.rng.random::<f32>() },
+            uniform,
             penalized,
         }
     }
@@ -558,6 +606,25 @@ mod tests {
 
     /// The penalised ids grow with the history step by step and always equal its distinct
     /// tokens sorted, as a full sort of the history gives them.
+    /// A speculative step's rows take the draws (and penalised ids) plain steps take, and
+    /// `advance` leaves the generator where plain steps leave it.
+    #[test]
+    fn draft_rows_take_the_draws_of_plain_steps() {
+        let params = SamplingParams { temperature: 0.9, repetition_penalty: 1.3, seed: Some(5), ..Default::default() };
+        let mut spec = Sampler::new(params.clone(), 100);
+        let rows = spec.draft_rows(&[1, 2, 3], &[7, 8]);
+        let mut plain = Sampler::new(params.clone(), 100);
+        let plain_rows: Vec<RowSampling> =
+            [&[1, 2, 3][..], &[1, 2, 3, 7], &[1, 2, 3, 7, 8]].iter().map(|h| plain.next_row(h)).collect();
+        assert_eq!(rows, plain_rows);
+        // The step emitted two tokens (7, then 5 instead of 8): two draws are used up.
+        spec.advance(2);
+        let mut plain = Sampler::new(params, 100);
+        plain.next_row(&[1, 2, 3]);
+        plain.next_row(&[1, 2, 3, 7]);
+        assert_eq!(spec.next_row(&[1, 2, 3, 7, 5]), plain.next_row(&[1, 2, 3, 7, 5]));
+    }
+
     #[test]
     fn penalized_ids_follow_a_growing_history() {
         let params = SamplingParams { repetition_penalty: 1.3, seed: Some(1), ..SamplingParams::greedy() };
