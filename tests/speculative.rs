@@ -96,3 +96,23 @@ fn batched_and_preempted_outputs_are_unchanged() {
     assert!(m.preemptions > 0, "the cache was large enough that nothing was preempted: {m:?}");
     assert!(m.spec_accepted_tokens > 0, "{m:?}");
 }
+
+/// A JSON-schema constraint holds on every speculative row (each masked after its draft
+/// prefix) and the output equals the constrained output without speculation.
+#[test]
+fn constrained_output_is_unchanged() {
+    let engine = engine(Some(Speculation::ngram(4)), None);
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {"words": {"type": "array", "items": {"type": "string"}, "maxItems": 12}},
+        "required": ["words"]
+    });
+    let ask = format!("List the words of this text as JSON: {TEXT}");
+    let req = GenerateRequest::chat(vec![ChatMessage::user(ask)])
+        .sampling(SamplingParams::greedy())
+        .max_tokens(80)
+        .constrain(tulu::Constraint::JsonSchema(schema));
+    let (on, off) = both(&engine, &[req]);
+    assert_same_tokens(&on, &off);
+    assert!(on[0].draft_tokens > 0, "nothing was proposed: {:?}", on[0]);
+}

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod bench_model;
 pub mod bench_serve;
+pub mod bench_spec;
 pub mod convert;
 pub mod generate;
 pub mod inspect;

@@ -131,17 +131,26 @@ impl Worker {
     /// samples; returns, per sampled row, why its grammar cannot go on (a dead end), if so.
     fn run_step(&mut self, step: &mut Step) -> Result<(StepOutput, Vec<Option<String>>)> {
         let Worker { scheduler, ranks, shared } = self;
-        let Some(grammars) = scheduler.grammars(&step.sampled) else {
+        // One grammar per sampling sequence, with its draft: its rows are consecutive.
+        let mut ids = step.sampled.clone();
+        ids.dedup();
+        let Some(grammars) = scheduler.grammars(&ids) else {
             return Ok((ranks.step(&step.batch, &step.sampling)?, Vec::new()));
         };
-        let rows = grammars.len();
+        let drafts: HashMap<SeqId, &Vec<u32>> = step.entries.iter().map(|e| e.0).zip(&step.drafts).collect();
+        let groups: Vec<(Option<&mut TokenMatcher>, Vec<u32>)> = grammars
+            .into_iter()
+            .zip(&ids)
+            .map(|(g, id)| (g, drafts.get(id).map_or_else(Vec::new, |d| d.to_vec())))
+            .collect();
+        let rows = step.sampled.len();
         let (late, fill) = LateMasks::pending();
         step.sampling.masks = late;
         let width = shared.config.vocab_size;
         std::thread::scope(|s| {
             let masking = std::thread::Builder::new()
                 .name("tulu-masks".into())
-                .spawn_scoped(s, move || compute_masks(grammars, width, fill))
+                .spawn_scoped(s, move || compute_masks(groups, rows, width, fill))
                 .map_err(|e| Error::Backend(format!("cannot start the token-mask thread: {e}")))?;
             let out = ranks.step(&step.batch, &step.sampling);
             let dead_ends =
@@ -320,24 +329,34 @@ impl Worker {
 /// Fills every constrained row's mask (the others allow every column) and delivers them;
 /// returns each row's dead end, if it has one. A row at a dead end allows every column, so the
 /// step still samples it, and the worker then ends its request instead of taking the token.
-fn compute_masks(grammars: Vec<Option<&mut TokenMatcher>>, width: usize, fill: MaskFill) -> Vec<Option<String>> {
+/// `groups` holds each sampling sequence's grammar and draft, in row order: a sequence with a
+/// draft of `k` tokens owns `k + 1` consecutive rows, masked after each draft prefix.
+fn compute_masks(
+    groups: Vec<(Option<&mut TokenMatcher>, Vec<u32>)>,
+    rows: usize,
+    width: usize,
+    fill: MaskFill,
+) -> Vec<Option<String>> {
     use rayon::prelude::*;
-    let mut masks = TokenMasks::allow_all(grammars.len(), width);
+    let mut masks = TokenMasks::allow_all(rows, width);
     let words = masks.words;
-    let dead_ends = masks
-        .bits
-        .par_chunks_mut(words)
-        .zip(grammars.into_par_iter())
-        .map(|(row, grammar)| {
-            let dead_end = grammar?.fill_mask(row).err();
-            if dead_end.is_some() {
-                row.fill(u32::MAX);
-            }
-            dead_end
+    let mut parts = Vec::with_capacity(groups.len());
+    let mut rest = masks.bits.as_mut_slice();
+    for (grammar, draft) in groups {
+        let n = ((draft.len() + 1) * words).min(rest.len());
+        let (mine, tail) = std::mem::take(&mut rest).split_at_mut(n);
+        parts.push((mine, grammar, draft));
+        rest = tail;
+    }
+    let dead_ends: Vec<Vec<Option<String>>> = parts
+        .into_par_iter()
+        .map(|(mine, grammar, draft)| match grammar {
+            Some(g) => g.fill_draft_masks(&draft, mine, words),
+            None => vec![None; draft.len() + 1],
         })
         .collect();
     fill.fill(masks);
-    dead_ends
+    dead_ends.into_iter().flatten().collect()
 }
 
 fn grammar_error(why: String, generated: usize) -> Error {

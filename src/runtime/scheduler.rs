@@ -250,7 +250,7 @@ impl Scheduler {
     /// context, when blocks for it are free without preempting anyone (else none).
     fn draft(&mut self, id: SeqId, spec: Speculation, budget: usize) -> Result<Vec<u32>> {
         let seq = self.seqs.get_mut(&id).ok_or_else(|| Error::Backend("sequence vanished".into()))?;
-        if !seq.speculate || seq.sampler.has_grammar() {
+        if !seq.speculate {
             return Ok(Vec::new());
         }
         let room = budget.min(self.cfg.max_positions.saturating_sub(seq.computed)).saturating_sub(1);
