@@ -25,7 +25,13 @@ fn flag(args: &[String], name: &str, default: usize) -> usize {
 /// `seqs` sequences whose prompts of `context` tokens are already in the cache.
 fn per_step(seqs: usize, context: usize, steps: usize, sampling: &SamplingParams) -> f64 {
     let blocks = seqs * (context + steps + BLOCK).div_ceil(BLOCK);
-    let cfg = SchedulerConfig { max_num_seqs: seqs, max_num_batched_tokens: 65_536, sampled_columns: VOCAB };
+    let cfg = SchedulerConfig {
+        max_num_seqs: seqs,
+        max_num_batched_tokens: 65_536,
+        sampled_columns: VOCAB,
+        max_positions: usize::MAX,
+        speculation: None,
+    };
     let mut sched = Scheduler::new(cfg, BlockManager::new(blocks, BLOCK, true));
     for id in 0..seqs as u64 {
         // Distinct prompts (no sharing), as a server with unrelated requests sees them.

@@ -60,6 +60,20 @@ pub struct ModelArgs {
     /// stored; FP8 checkpoints need no flag.
     #[arg(long)]
     pub quantize: Option<tulu::unstable::quant::Quantize>,
+    /// Speculative decoding: `ngram` proposes the tokens that followed the latest earlier
+    /// occurrence of the last few tokens (prompt lookup), and one step verifies them all. The
+    /// output is the same as without it; off by default.
+    #[arg(long, value_parser = ["ngram"])]
+    pub speculative: Option<String>,
+    /// Draft tokens proposed per step and sequence, 1 to 16 (with --speculative; default 4).
+    #[arg(long)]
+    pub num_speculative_tokens: Option<usize>,
+    /// Shortest n-gram matched (with --speculative ngram; default 2).
+    #[arg(long)]
+    pub ngram_min: Option<usize>,
+    /// Longest n-gram matched (with --speculative ngram; default 4).
+    #[arg(long)]
+    pub ngram_max: Option<usize>,
 }
 
 /// Sampling flags: any one given overrides the model's generation_config defaults. Numbers may

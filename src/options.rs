@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::parallel::kv_policy::KvPolicy;
 use crate::parallel::rendezvous::WorldSpec;
 use crate::runtime::scheduler::SchedulerConfig;
+use crate::runtime::speculative::Speculation;
 
 /// How to load and serve a model.
 #[derive(Debug, Clone)]
@@ -56,6 +57,8 @@ pub struct EngineOptions {
     /// Quantize a bf16 checkpoint's linear weights while loading (`--quantize fp8`); an FP8
     /// checkpoint is FP8 without it.
     pub quantize: Option<crate::quant::Quantize>,
+    /// Speculative decoding (`--speculative ngram`): off by default.
+    pub speculation: Option<Speculation>,
 }
 
 impl EngineOptions {
@@ -80,6 +83,7 @@ impl EngineOptions {
             enforce_eager: false,
             share_gpus: false,
             quantize: None,
+            speculation: None,
         }
     }
 
@@ -117,7 +121,7 @@ impl EngineOptions {
         if !(self.gpu_memory_utilization > 0.0 && self.gpu_memory_utilization <= 1.0) {
             return Err(Error::request("gpu_memory_utilization", "must be in (0, 1]"));
         }
-        Ok(())
+        self.speculation.as_ref().map_or(Ok(()), Speculation::validate)
     }
 
     /// The context the engine aims for: `max_context`, else the model's capped at 8192.
@@ -155,12 +159,15 @@ impl EngineOptions {
         }
     }
 
-    /// The scheduler's limits, sampling the first `sampled_columns` logits (the tokenizer's).
-    pub(crate) fn scheduler_config(&self, sampled_columns: usize) -> SchedulerConfig {
+    /// The scheduler's limits, sampling the first `sampled_columns` logits (the tokenizer's)
+    /// of sequences of at most `context` positions.
+    pub(crate) fn scheduler_config(&self, sampled_columns: usize, context: usize) -> SchedulerConfig {
         SchedulerConfig {
             max_num_seqs: self.max_num_seqs,
             max_num_batched_tokens: self.max_num_batched_tokens,
             sampled_columns,
+            max_positions: context,
+            speculation: self.speculation,
         }
     }
 }

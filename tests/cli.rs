@@ -286,6 +286,26 @@ fn bad_requests_are_clear_errors() {
         ("non-UTF-8 prompt file", vec!["--prompt-file", &latin1_s], vec!["prompt-file", "UTF-8"]),
         ("missing prompt file", vec!["--prompt-file", "/nonexistent/prompt.txt"], vec!["/nonexistent/prompt.txt"]),
         ("unknown device", vec!["--device", "tpu"], vec!["tpu"]),
+        (
+            "no draft tokens",
+            vec!["--speculative", "ngram", "--num-speculative-tokens", "0"],
+            vec!["--num-speculative-tokens", "got 0"],
+        ),
+        (
+            "too many draft tokens",
+            vec!["--speculative", "ngram", "--num-speculative-tokens", "99"],
+            vec!["--num-speculative-tokens", "got 99"],
+        ),
+        (
+            "draft tokens without speculation",
+            vec!["--num-speculative-tokens", "3"],
+            vec!["--num-speculative-tokens", "--speculative"],
+        ),
+        (
+            "n-gram range upside down",
+            vec!["--speculative", "ngram", "--ngram-min", "3", "--ngram-max", "2"],
+            vec!["--ngram-max"],
+        ),
     ];
     for (case, extra, needles) in cases {
         // Later flags win in clap for repeated single-value options.

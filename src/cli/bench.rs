@@ -62,6 +62,13 @@ pub struct BenchArgs {
     /// Quantize the linear weights while loading (fp8, q8_0, q4_k), as `tulu generate --quantize`.
     #[arg(long)]
     pub quantize: Option<tulu::unstable::quant::Quantize>,
+    /// Time decode with and without speculative decoding (`ngram`: prompt lookup) on
+    /// input-grounded chat tasks, in one run on one engine (see bench_spec.rs).
+    #[arg(long, value_parser = ["ngram"], conflicts_with_all = ["serve", "random_weights"])]
+    pub speculative: Option<String>,
+    /// With --speculative: draft tokens per step.
+    #[arg(long, default_value_t = 4, requires = "speculative")]
+    pub num_speculative_tokens: usize,
 }
 
 fn tulu_once(engine: &Engine, prompt: &[u32], gen_len: usize) -> Result<Summary> {
@@ -86,6 +93,9 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let dir = args.model_dir()?;
     if args.serve {
         return super::bench_serve::bench_serve(args, dir);
+    }
+    if args.speculative.is_some() {
+        return super::bench_spec::bench_speculative(args, dir);
     }
     let device: Device = args.device.parse()?;
     let model = dir.to_string_lossy().into_owned();

@@ -55,6 +55,7 @@ fn request(engine: &Engine, prompt: Prompt, args: &SamplingArgs) -> Result<Gener
         logprobs: None,
         constraint,
         constraint_param: param.map(str::to_owned),
+        speculative: true,
     })
 }
 
@@ -99,8 +100,17 @@ fn stream(engine: &Engine, req: GenerateRequest) -> Result<(String, Summary)> {
 }
 
 fn report(s: &Summary) {
+    let speculation = match s.acceptance_rate() {
+        Some(rate) => format!(
+            ", draft acceptance: {:.1}% ({} of {} draft tokens)",
+            100.0 * rate,
+            s.accepted_draft_tokens,
+            s.draft_tokens
+        ),
+        None => String::new(),
+    };
     eprintln!(
-        "\nprompt tokens: {} ({} from the prefix cache), prefill: {:.1} tok/s, generated tokens: {}, decode: {:.1} tok/s, finish: {}",
+        "\nprompt tokens: {} ({} from the prefix cache), prefill: {:.1} tok/s, generated tokens: {}, decode: {:.1} tok/s, finish: {}{speculation}",
         s.prompt_tokens,
         s.cached_prompt_tokens,
         s.prefill_tok_per_sec(),

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod bench_model;
 pub mod bench_serve;
+pub mod bench_spec;
 pub mod convert;
 pub mod generate;
 pub mod inspect;
@@ -28,6 +29,7 @@ pub fn engine_options(args: &ModelArgs) -> Result<EngineOptions> {
     opts.dist_token = args.dist_token.clone();
     opts.enforce_eager = args.enforce_eager;
     opts.quantize = args.quantize;
+    opts.speculation = speculation(args)?;
     opts.world = match WorldSpec::from_vars(|k| std::env::var(k).ok())? {
         Some(spec) => Some(spec),
         None if args.nnodes > 1 => {
@@ -36,6 +38,29 @@ pub fn engine_options(args: &ModelArgs) -> Result<EngineOptions> {
         None => None,
     };
     Ok(opts)
+}
+
+/// The speculative-decoding flags, checked (an error names the flag).
+pub fn speculation(args: &ModelArgs) -> Result<Option<tulu::Speculation>> {
+    let tuned = [
+        ("--num-speculative-tokens", args.num_speculative_tokens),
+        ("--ngram-min", args.ngram_min),
+        ("--ngram-max", args.ngram_max),
+    ];
+    let Some(_ngram) = &args.speculative else {
+        return match tuned.iter().find(|(_, v)| v.is_some()) {
+            Some((flag, _)) => Err(Error::request(*flag, "needs --speculative ngram")),
+            None => Ok(None),
+        };
+    };
+    let mut spec = tulu::Speculation::ngram(args.num_speculative_tokens.unwrap_or(4));
+    spec.ngram.min_n = args.ngram_min.unwrap_or(spec.ngram.min_n);
+    spec.ngram.max_n = args.ngram_max.unwrap_or(spec.ngram.max_n.max(spec.ngram.min_n));
+    spec.validate().map_err(|e| match e {
+        Error::Request { param, message } => Error::request(format!("--{}", param.replace('_', "-")), message),
+        other => other,
+    })?;
+    Ok(Some(spec))
 }
 
 /// In a multi-process world, a rank other than 0 only computes the steps rank 0 sends: this runs

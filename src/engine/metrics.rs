@@ -69,10 +69,28 @@ pub struct Metrics {
     pub requests_failed: u64,
     /// Sequences preempted for lack of KV blocks.
     pub preemptions: u64,
+    /// Drafts verified (speculative decoding: one per speculating sequence and step).
+    pub spec_verified_drafts: u64,
+    /// Draft tokens proposed in them.
+    pub spec_draft_tokens: u64,
+    /// Draft tokens accepted.
+    pub spec_accepted_tokens: u64,
     /// Time from submission to first token.
     pub time_to_first_token: Histogram,
     /// Time between consecutive tokens of a sequence.
     pub inter_token_latency: Histogram,
+}
+
+impl Metrics {
+    /// The fraction of draft tokens accepted (speculative decoding), if any were proposed.
+    pub fn acceptance_rate(&self) -> Option<f64> {
+        (self.spec_draft_tokens > 0).then(|| self.spec_accepted_tokens as f64 / self.spec_draft_tokens as f64)
+    }
+
+    /// Draft tokens accepted per verified draft, if any.
+    pub fn mean_accepted_length(&self) -> Option<f64> {
+        (self.spec_verified_drafts > 0).then(|| self.spec_accepted_tokens as f64 / self.spec_verified_drafts as f64)
+    }
 }
 
 impl Default for Metrics {
@@ -89,6 +107,9 @@ impl Default for Metrics {
             requests_finished: 0,
             requests_failed: 0,
             preemptions: 0,
+            spec_verified_drafts: 0,
+            spec_draft_tokens: 0,
+            spec_accepted_tokens: 0,
             time_to_first_token: Histogram::new(&LATENCY_BOUNDS),
             inter_token_latency: Histogram::new(&LATENCY_BOUNDS),
         }

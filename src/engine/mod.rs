@@ -141,7 +141,7 @@ impl Engine {
         let context_len = fit_context(wanted, opened.num_blocks, opts.block_size)?;
         let shared = Arc::new(Shared::new(config, generation_config, tokenizer, context_len, &opened, &opts));
         let blocks = BlockManager::new(opened.num_blocks, opts.block_size, opts.prefix_caching);
-        let scheduler = Scheduler::new(opts.scheduler_config(shared.tokenizer.vocab_size()), blocks);
+        let scheduler = Scheduler::new(opts.scheduler_config(shared.tokenizer.vocab_size(), context_len), blocks);
         let (commands, worker) = Worker::spawn(shared.clone(), opened.ranks, scheduler)?;
         Ok(Engine {
             dir,
@@ -314,6 +314,7 @@ impl Engine {
             ignore_eos: request.ignore_eos,
             logprobs: request.logprobs,
             grammar,
+            speculative: request.speculative,
             events: tx,
             submitted: Instant::now(),
         };

@@ -26,6 +26,8 @@ pub(super) struct Submission {
     /// The grammar its tokens must follow (structured outputs); moves to its sampler at
     /// admission.
     pub grammar: Option<TokenMatcher>,
+    /// Whether it may speculate.
+    pub speculative: bool,
     pub events: tmpsc::UnboundedSender<Result<Event>>,
     pub submitted: Instant,
 }
@@ -45,6 +47,9 @@ pub(super) struct RequestOutput<'t> {
     last_token: Option<Instant>,
     cached_prompt_tokens: usize,
     finished: Option<FinishReason>,
+    /// Draft tokens proposed for it and accepted (speculative decoding).
+    draft_tokens: usize,
+    accepted_draft_tokens: usize,
 }
 
 impl<'t> RequestOutput<'t> {
@@ -63,6 +68,8 @@ impl<'t> RequestOutput<'t> {
             last_token: None,
             cached_prompt_tokens: 0,
             finished: None,
+            draft_tokens: 0,
+            accepted_draft_tokens: 0,
         }
     }
 
@@ -192,7 +199,15 @@ impl<'t> RequestOutput<'t> {
             decode_secs: (last - first).as_secs_f64(),
             time_to_first_token: (first - submitted).as_secs_f64(),
             finish_reason,
+            draft_tokens: self.draft_tokens,
+            accepted_draft_tokens: self.accepted_draft_tokens,
         }
+    }
+
+    /// Counts a verified draft of `drafted` tokens, `accepted` of them kept.
+    pub fn note_speculation(&mut self, drafted: usize, accepted: usize) {
+        self.draft_tokens += drafted;
+        self.accepted_draft_tokens += accepted;
     }
 
     /// Ends the stream with `error` (the last event its client receives).

@@ -47,6 +47,9 @@ pub struct GenerateRequest {
     /// The request parameter an invalid `constraint` is reported under (the server's own field
     /// names); `None`: the constraint's own ([`Constraint::param`]).
     pub constraint_param: Option<String>,
+    /// Whether this request may speculate when the engine has speculative decoding on (the
+    /// default); `false` opts it out. Its output is the same either way.
+    pub speculative: bool,
 }
 
 impl GenerateRequest {
@@ -75,6 +78,7 @@ impl GenerateRequest {
             logprobs: None,
             constraint: None,
             constraint_param: None,
+            speculative: true,
         }
     }
 
@@ -93,6 +97,12 @@ impl GenerateRequest {
     /// Constrains the generated text (structured outputs).
     pub fn constrain(mut self, constraint: Constraint) -> Self {
         self.constraint = Some(constraint);
+        self
+    }
+
+    /// Lets this request speculate (the default) or opts it out.
+    pub fn speculative(mut self, on: bool) -> Self {
+        self.speculative = on;
         self
     }
 
@@ -140,12 +150,21 @@ pub struct Summary {
     pub time_to_first_token: f64,
     /// Why it ended.
     pub finish_reason: FinishReason,
+    /// Draft tokens proposed for it (speculative decoding; 0 without).
+    pub draft_tokens: usize,
+    /// Draft tokens accepted.
+    pub accepted_draft_tokens: usize,
 }
 
 impl Summary {
     /// Prompt tokens per second of prefill.
     pub fn prefill_tok_per_sec(&self) -> f64 {
         self.prompt_tokens as f64 / self.prefill_secs.max(1e-9)
+    }
+
+    /// The fraction of its draft tokens accepted, if any were proposed.
+    pub fn acceptance_rate(&self) -> Option<f64> {
+        (self.draft_tokens > 0).then(|| self.accepted_draft_tokens as f64 / self.draft_tokens as f64)
     }
 
     /// Generated tokens per second after the first.

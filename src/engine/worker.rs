@@ -18,8 +18,9 @@ use super::Shared;
 use crate::error::{Error, Result};
 use crate::grammar::TokenMatcher;
 use crate::ranks::Ranks;
-use crate::runtime::sampler::{Sampled, Sampler, StepOutput};
+use crate::runtime::sampler::{Sampled, Sampler, StepOutput, NON_FINITE};
 use crate::runtime::scheduler::{Scheduler, SeqId, Step};
+use crate::runtime::speculative::verify_sampled;
 use crate::runtime::token_mask::{LateMasks, MaskFill, TokenMasks};
 
 pub(super) enum Command {
@@ -107,6 +108,9 @@ impl Worker {
         let sampler =
             Sampler::new(sub.sampling.clone(), shared.tokenizer.vocab_size()).with_grammar(sub.grammar.take());
         self.scheduler.add(sub.id, sub.prompt.clone(), sampler, sub.logprobs.is_some());
+        if !sub.speculative {
+            self.scheduler.disable_speculation(sub.id);
+        }
         requests.insert(sub.id, RequestOutput::new(sub, &shared.tokenizer));
     }
 
@@ -127,17 +131,26 @@ impl Worker {
     /// samples; returns, per sampled row, why its grammar cannot go on (a dead end), if so.
     fn run_step(&mut self, step: &mut Step) -> Result<(StepOutput, Vec<Option<String>>)> {
         let Worker { scheduler, ranks, shared } = self;
-        let Some(grammars) = scheduler.grammars(&step.sampled) else {
+        // One grammar per sampling sequence, with its draft: its rows are consecutive.
+        let mut ids = step.sampled.clone();
+        ids.dedup();
+        let Some(grammars) = scheduler.grammars(&ids) else {
             return Ok((ranks.step(&step.batch, &step.sampling)?, Vec::new()));
         };
-        let rows = grammars.len();
+        let drafts: HashMap<SeqId, &Vec<u32>> = step.entries.iter().map(|e| e.0).zip(&step.drafts).collect();
+        let groups: Vec<(Option<&mut TokenMatcher>, Vec<u32>)> = grammars
+            .into_iter()
+            .zip(&ids)
+            .map(|(g, id)| (g, drafts.get(id).map_or_else(Vec::new, |d| d.to_vec())))
+            .collect();
+        let rows = step.sampled.len();
         let (late, fill) = LateMasks::pending();
         step.sampling.masks = late;
         let width = shared.config.vocab_size;
         std::thread::scope(|s| {
             let masking = std::thread::Builder::new()
                 .name("tulu-masks".into())
-                .spawn_scoped(s, move || compute_masks(grammars, width, fill))
+                .spawn_scoped(s, move || compute_masks(groups, rows, width, fill))
                 .map_err(|e| Error::Backend(format!("cannot start the token-mask thread: {e}")))?;
             let out = ranks.step(&step.batch, &step.sampling);
             let dead_ends =
@@ -165,7 +178,8 @@ impl Worker {
     }
 
     /// Hands each sampled token to its request's output state; a request whose token cannot be
-    /// taken fails alone.
+    /// taken fails alone. A speculating sequence's rows are verified first: it emits the draft
+    /// tokens its samples confirm and the sample that ends the draft.
     fn postprocess(
         &mut self,
         step: &Step,
@@ -181,31 +195,89 @@ impl Worker {
             )));
         }
         self.scheduler.complete(step);
-        let vocab = self.shared.config.vocab_size;
-        for (i, (&id, sampled)) in step.sampled.iter().zip(out.tokens).enumerate() {
-            let Some(request) = requests.get_mut(&id) else { continue };
-            let logits = out.logits.as_deref().and_then(|l| l.get(i * vocab..(i + 1) * vocab));
-            let dead_end = dead_ends.get(i).cloned().flatten();
-            let accepted = match sampled {
-                _ if dead_end.is_some() => Err(grammar_error(dead_end.unwrap_or_default(), request.generated())),
-                Sampled::Token(token) => match self.scheduler.push_token(id, token) {
-                    Ok(()) => request.accept(token, logits, &self.shared),
-                    Err(e) => Err(grammar_error(e, request.generated())),
-                },
-                Sampled::NonFinite { rank } => {
-                    let position = step.sampling.rows.get(i).and_then(|&r| step.batch.positions.get(r));
-                    Err(Error::NonFiniteLogits { position: position.map_or(0, |&p| p as usize), rank })
+        let drafts: HashMap<SeqId, &[u32]> =
+            step.entries.iter().zip(&step.drafts).map(|(e, d)| (e.0, d.as_slice())).collect();
+        let mut i = 0;
+        while i < step.sampled.len() {
+            let id = step.sampled[i];
+            let draft = drafts.get(&id).copied().unwrap_or(&[]);
+            let rows = i..i + draft.len() + 1;
+            let emitted = match draft {
+                [] => 1,
+                _ => {
+                    let picks: Vec<u32> = out.tokens[rows.clone()]
+                        .iter()
+                        .map(|t| match t {
+                            Sampled::Token(t) => *t,
+                            Sampled::NonFinite { .. } => NON_FINITE,
+                        })
+                        .collect();
+                    let verdict = verify_sampled(&picks, draft);
+                    self.note_speculation(id, draft.len(), verdict.accepted, requests);
+                    verdict.tokens.len()
                 }
             };
-            match accepted {
-                // Free the sequence and publish the gauges before the summary goes out, so that
-                // a client that has its answer sees the engine's state without it.
-                Ok(true) => self.end(id, None, requests),
-                Ok(false) => request.flush(),
-                Err(e) => self.end(id, Some(e), requests),
+            for row in rows.start..rows.start + emitted {
+                if !self.take_token(step, &out, row, dead_ends, requests) {
+                    break;
+                }
             }
+            if !draft.is_empty() {
+                self.scheduler.settle_draft(id, emitted);
+            }
+            i = rows.end;
         }
         Ok(())
+    }
+
+    /// Hands sampled row `i` of the step to its request; returns whether the request goes on.
+    fn take_token(
+        &mut self,
+        step: &Step,
+        out: &StepOutput,
+        i: usize,
+        dead_ends: &[Option<String>],
+        requests: &mut Requests,
+    ) -> bool {
+        let id = step.sampled[i];
+        let Some(request) = requests.get_mut(&id) else { return false };
+        let vocab = self.shared.config.vocab_size;
+        let logits = out.logits.as_deref().and_then(|l| l.get(i * vocab..(i + 1) * vocab));
+        let dead_end = dead_ends.get(i).cloned().flatten();
+        let accepted = match out.tokens[i] {
+            _ if dead_end.is_some() => Err(grammar_error(dead_end.unwrap_or_default(), request.generated())),
+            Sampled::Token(token) => match self.scheduler.push_token(id, token) {
+                Ok(()) => request.accept(token, logits, &self.shared),
+                Err(e) => Err(grammar_error(e, request.generated())),
+            },
+            Sampled::NonFinite { rank } => {
+                let position = step.sampling.rows.get(i).and_then(|&r| step.batch.positions.get(r));
+                Err(Error::NonFiniteLogits { position: position.map_or(0, |&p| p as usize), rank })
+            }
+        };
+        match accepted {
+            // Free the sequence and publish the gauges before the summary goes out, so that
+            // a client that has its answer sees the engine's state without it.
+            Ok(true) => self.end(id, None, requests),
+            Ok(false) => {
+                request.flush();
+                return true;
+            }
+            Err(e) => self.end(id, Some(e), requests),
+        }
+        false
+    }
+
+    /// Counts one verified draft: in the engine's metrics and the request's summary.
+    fn note_speculation(&self, id: SeqId, drafted: usize, accepted: usize, requests: &mut Requests) {
+        if let Ok(mut m) = self.shared.metrics.lock() {
+            m.spec_verified_drafts += 1;
+            m.spec_draft_tokens += drafted as u64;
+            m.spec_accepted_tokens += accepted as u64;
+        }
+        if let Some(r) = requests.get_mut(&id) {
+            r.note_speculation(drafted, accepted);
+        }
     }
 
     /// Ends a request: frees its sequence and counts it, then sends what is left of its stream:
@@ -257,24 +329,34 @@ impl Worker {
 /// Fills every constrained row's mask (the others allow every column) and delivers them;
 /// returns each row's dead end, if it has one. A row at a dead end allows every column, so the
 /// step still samples it, and the worker then ends its request instead of taking the token.
-fn compute_masks(grammars: Vec<Option<&mut TokenMatcher>>, width: usize, fill: MaskFill) -> Vec<Option<String>> {
+/// `groups` holds each sampling sequence's grammar and draft, in row order: a sequence with a
+/// draft of `k` tokens owns `k + 1` consecutive rows, masked after each draft prefix.
+fn compute_masks(
+    groups: Vec<(Option<&mut TokenMatcher>, Vec<u32>)>,
+    rows: usize,
+    width: usize,
+    fill: MaskFill,
+) -> Vec<Option<String>> {
     use rayon::prelude::*;
-    let mut masks = TokenMasks::allow_all(grammars.len(), width);
+    let mut masks = TokenMasks::allow_all(rows, width);
     let words = masks.words;
-    let dead_ends = masks
-        .bits
-        .par_chunks_mut(words)
-        .zip(grammars.into_par_iter())
-        .map(|(row, grammar)| {
-            let dead_end = grammar?.fill_mask(row).err();
-            if dead_end.is_some() {
-                row.fill(u32::MAX);
-            }
-            dead_end
+    let mut parts = Vec::with_capacity(groups.len());
+    let mut rest = masks.bits.as_mut_slice();
+    for (grammar, draft) in groups {
+        let n = ((draft.len() + 1) * words).min(rest.len());
+        let (mine, tail) = std::mem::take(&mut rest).split_at_mut(n);
+        parts.push((mine, grammar, draft));
+        rest = tail;
+    }
+    let dead_ends: Vec<Vec<Option<String>>> = parts
+        .into_par_iter()
+        .map(|(mine, grammar, draft)| match grammar {
+            Some(g) => g.fill_draft_masks(&draft, mine, words),
+            None => vec![None; draft.len() + 1],
         })
         .collect();
     fill.fill(masks);
-    dead_ends
+    dead_ends.into_iter().flatten().collect()
 }
 
 fn grammar_error(why: String, generated: usize) -> Error {

@@ -187,6 +187,38 @@ impl TokenMatcher {
             .map_err(|e| format!("token {token} breaks the grammar: {}", first_line(&e.to_string())))
     }
 
+    /// The masks of a speculative step's rows (`draft.len() + 1` of them, `words` words each,
+    /// in `out`): row `i` after `draft[..i]`. Rows after the first draft token the grammar
+    /// refuses (or an EOS) allow every token: verification stops at that row, so they are never
+    /// used. The grammar is left as it was. Returns each row's dead end, if it has one.
+    pub fn fill_draft_masks(&mut self, draft: &[u32], out: &mut [u32], words: usize) -> Vec<Option<String>> {
+        let mut dead_ends = vec![None; draft.len() + 1];
+        let mut fed = 0;
+        for (i, row) in out.chunks_mut(words).enumerate().take(draft.len() + 1) {
+            if fed < i {
+                row.fill(u32::MAX);
+                continue;
+            }
+            if let Err(why) = self.fill_mask(row) {
+                row.fill(u32::MAX);
+                dead_ends[i] = Some(why);
+                continue;
+            }
+            let next = draft.get(i).copied();
+            let allowed = next.is_some_and(|t| row.get(t as usize / 32).is_some_and(|w| w >> (t % 32) & 1 == 1));
+            if let Some(t) = next.filter(|t| allowed && !self.eos.contains(t)) {
+                if self.matcher.consume_token(t).is_ok() {
+                    fed += 1;
+                }
+            }
+        }
+        if fed > 0 {
+            // Back to the state before the draft: what the step emits is committed later.
+            let _ = self.matcher.rollback(fed);
+        }
+        dead_ends
+    }
+
     /// Whether the grammar is complete (only EOS may follow).
     pub fn is_complete(&self) -> bool {
         self.matcher.is_stopped()

@@ -11,12 +11,19 @@
 //! [`Scheduler::schedule`] emits the whole [`Step`]: the batch, the rows to sample (the last row
 //! of every sequence whose tokens are all computed after the step: decided here, once) and each
 //! row's sampling, drawn from the sequence's own seeded [`Sampler`].
+//!
+//! With speculative decoding on, a decoding sequence feeds its last token and a draft of up to
+//! `k` proposed tokens, and all `k + 1` rows are sampled; the worker keeps the draft while it
+//! matches the samples ([`super::speculative::verify_sampled`]) and tells the scheduler how
+//! many fed tokens to keep ([`Scheduler::settle_draft`]): the K/V written for the rest lies past
+//! the sequence's context, unread, and is overwritten by the tokens that follow.
 
 use std::collections::{HashMap, VecDeque};
 
 use super::batch::Batch;
 use super::block_manager::BlockManager;
 use super::sampler::{Sampler, StepSampling};
+use super::speculative::Speculation;
 use crate::error::{Error, Result};
 use crate::grammar::TokenMatcher;
 
@@ -38,6 +45,8 @@ pub struct Sequence {
     pub sampler: Sampler,
     /// Whether its sampled rows' logits must come back to the host (log-probabilities).
     pub want_logits: bool,
+    /// Whether it may speculate (when speculation is on).
+    pub speculate: bool,
 }
 
 /// Limits of one step.
@@ -49,6 +58,10 @@ pub struct SchedulerConfig {
     pub max_num_batched_tokens: usize,
     /// Logits columns that may be sampled (the tokenizer's vocabulary).
     pub sampled_columns: usize,
+    /// Positions a sequence may reach (the served context): no draft runs past it.
+    pub max_positions: usize,
+    /// Speculative decoding, when on.
+    pub speculation: Option<Speculation>,
 }
 
 /// One step, as the scheduler emits it.
@@ -62,6 +75,9 @@ pub struct Step {
     pub sampled: Vec<SeqId>,
     /// Sequences in the step and how many of their tokens each computes, in batch order.
     pub entries: Vec<(SeqId, usize)>,
+    /// Each entry's draft (speculative decoding; empty when it does not speculate): the entry
+    /// feeds its last token and these, and samples every one of its rows.
+    pub drafts: Vec<Vec<u32>>,
     /// Sequences moved from waiting to running, with how many of their tokens the prefix cache
     /// already held.
     pub admitted: Vec<(SeqId, usize)>,
@@ -96,8 +112,16 @@ impl Scheduler {
 
     /// Queues a new sequence with its sampler; `want_logits` asks for its sampled rows' logits.
     pub fn add(&mut self, id: SeqId, tokens: Vec<u32>, sampler: Sampler, want_logits: bool) {
-        self.seqs.insert(id, Sequence { id, tokens, computed: 0, block_table: Vec::new(), sampler, want_logits });
+        let seq = Sequence { id, tokens, computed: 0, block_table: Vec::new(), sampler, want_logits, speculate: true };
+        self.seqs.insert(id, seq);
         self.waiting.push_back(id);
+    }
+
+    /// Keeps the sequence `id` from speculating (a request's opt-out).
+    pub fn disable_speculation(&mut self, id: SeqId) {
+        if let Some(s) = self.seqs.get_mut(&id) {
+            s.speculate = false;
+        }
     }
 
     /// The sequence `id`, while it is known.
@@ -178,6 +202,7 @@ impl Scheduler {
 
     /// The running sequences' next tokens, oldest first, preempting the newest when blocks run out.
     fn serve_running(&mut self, step: &mut Step, budget: &mut usize) -> Result<()> {
+        let speculation = self.cfg.speculation.filter(|s| self.running.len() <= s.max_batch);
         let mut i = 0;
         'running: while i < self.running.len() && *budget > 0 {
             let id = self.running[i];
@@ -185,6 +210,17 @@ impl Scheduler {
                 Some(s) => (s.tokens.len() - s.computed, s.computed),
                 None => return Err(Error::Backend(format!("scheduler lost sequence {id}"))),
             };
+            let draft = match speculation {
+                Some(spec) if want == 1 => self.draft(id, spec, *budget)?,
+                _ => Vec::new(),
+            };
+            if !draft.is_empty() {
+                step.entries.push((id, 1 + draft.len()));
+                step.drafts.push(draft.clone());
+                *budget -= 1 + draft.len();
+                i += 1;
+                continue;
+            }
             let n = want.min(*budget);
             loop {
                 let seq = self.seqs.get_mut(&id).ok_or_else(|| Error::Backend("sequence vanished".into()))?;
@@ -194,16 +230,36 @@ impl Scheduler {
                 let Some(&victim) = self.running.last() else { break 'running };
                 self.preempt(victim);
                 step.preempted.push(victim);
-                step.entries.retain(|e| e.0 != victim);
+                if let Some(at) = step.entries.iter().position(|e| e.0 == victim) {
+                    step.entries.remove(at);
+                    step.drafts.remove(at);
+                }
                 if victim == id {
                     continue 'running;
                 }
             }
             step.entries.push((id, n));
+            step.drafts.push(Vec::new());
             *budget -= n;
             i += 1;
         }
         Ok(())
+    }
+
+    /// A decoding sequence's draft for this step: the proposal, cut to the token budget and the
+    /// context, when blocks for it are free without preempting anyone (else none).
+    fn draft(&mut self, id: SeqId, spec: Speculation, budget: usize) -> Result<Vec<u32>> {
+        let seq = self.seqs.get_mut(&id).ok_or_else(|| Error::Backend("sequence vanished".into()))?;
+        if !seq.speculate {
+            return Ok(Vec::new());
+        }
+        let room = budget.min(self.cfg.max_positions.saturating_sub(seq.computed)).saturating_sub(1);
+        let mut draft = spec.ngram.propose(&seq.tokens);
+        draft.truncate(room);
+        if !draft.is_empty() && self.blocks.grow(&mut seq.block_table, seq.computed + 1 + draft.len()).is_err() {
+            draft.clear();
+        }
+        Ok(draft)
     }
 
     /// Waiting sequences admitted while the budget, `max_num_seqs` and the KV pool allow.
@@ -247,6 +303,7 @@ impl Scheduler {
             self.waiting.pop_front();
             self.running.push(id);
             step.entries.push((id, n));
+            step.drafts.push(Vec::new());
             *budget -= n;
         }
         Ok(())
@@ -257,8 +314,18 @@ impl Scheduler {
     fn assemble(&mut self, step: &mut Step) -> Result<()> {
         step.batch = Batch::new(self.blocks.block_size());
         step.sampling = StepSampling { valid: self.cfg.sampled_columns, ..StepSampling::default() };
-        for &(id, n) in &step.entries {
+        for (&(id, n), draft) in step.entries.iter().zip(&step.drafts) {
             let s = self.seqs.get_mut(&id).ok_or_else(|| Error::Backend(format!("unknown sequence {id}")))?;
+            if !draft.is_empty() {
+                let fed: Vec<u32> = s.tokens[s.computed..].iter().chain(draft).copied().collect();
+                step.batch.push(&fed, s.computed, &s.block_table)?;
+                let first = step.batch.num_tokens() - n;
+                step.sampling.rows.extend(first..first + n);
+                step.sampling.per_row.extend(s.sampler.draft_rows(&s.tokens, draft));
+                step.sampling.want_logits |= s.want_logits;
+                step.sampled.extend(std::iter::repeat_n(id, n));
+                continue;
+            }
             step.batch.push(&s.tokens[s.computed..s.computed + n], s.computed, &s.block_table)?;
             if s.computed + n == s.tokens.len() {
                 step.sampling.rows.push(step.batch.num_tokens() - 1);
@@ -270,13 +337,30 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Records a step as run: its tokens' K/V are in the cache.
+    /// Records a step as run: its tokens' K/V are in the cache. Entries with a draft wait for
+    /// [`Scheduler::settle_draft`].
     pub fn complete(&mut self, step: &Step) {
-        for &(id, n) in &step.entries {
-            if let Some(s) = self.seqs.get_mut(&id) {
-                s.computed += n;
-                self.blocks.commit_full_blocks(&s.tokens, &s.block_table, s.computed);
+        for (&(id, n), draft) in step.entries.iter().zip(&step.drafts) {
+            if draft.is_empty() {
+                self.advance(id, n);
             }
+        }
+    }
+
+    /// Records a speculating sequence's step once its emitted tokens are pushed: `emitted` of
+    /// the tokens it fed (its last token and the kept draft) stay in the cache, and its
+    /// generator moves past the `emitted` draws the step used.
+    pub fn settle_draft(&mut self, id: SeqId, emitted: usize) {
+        if let Some(s) = self.seqs.get_mut(&id) {
+            s.sampler.advance(emitted);
+        }
+        self.advance(id, emitted);
+    }
+
+    fn advance(&mut self, id: SeqId, computed: usize) {
+        if let Some(s) = self.seqs.get_mut(&id) {
+            s.computed += computed;
+            self.blocks.commit_full_blocks(&s.tokens, &s.block_table, s.computed);
         }
     }
 }
@@ -287,7 +371,13 @@ mod tests {
     use crate::runtime::sampler::SamplingParams;
 
     fn sched(blocks: usize, max_seqs: usize, budget: usize) -> Scheduler {
-        let cfg = SchedulerConfig { max_num_seqs: max_seqs, max_num_batched_tokens: budget, sampled_columns: 1000 };
+        let cfg = SchedulerConfig {
+            max_num_seqs: max_seqs,
+            max_num_batched_tokens: budget,
+            sampled_columns: 1000,
+            max_positions: usize::MAX,
+            speculation: None,
+        };
         Scheduler::new(cfg, BlockManager::new(blocks, 4, true))
     }
 
@@ -390,6 +480,43 @@ mod tests {
         let (t1, t2, t3) = (table(1), table(2), table(3));
         assert_eq!((t2[0], t3[0]), (t1[0], t1[0]), "the first block is shared");
         assert!(t2[1] != t1[1] && t3[1] != t1[1] && t2[1] != t3[1], "{t1:?} {t2:?} {t3:?}");
+    }
+
+    /// A decoding sequence with a recurring n-gram feeds its last token and the draft, samples
+    /// every row, and keeps only what `settle_draft` says; a draft never passes the context.
+    #[test]
+    fn a_speculating_sequence_feeds_its_draft_and_keeps_what_is_settled() {
+        let spec = Speculation::ngram(3);
+        let cfg = SchedulerConfig {
+            max_num_seqs: 8,
+            max_num_batched_tokens: 100,
+            sampled_columns: 1000,
+            max_positions: 12,
+            speculation: Some(spec),
+        };
+        let mut s = Scheduler::new(cfg, BlockManager::new(16, 4, true));
+        add(&mut s, 1, vec![5, 6, 7, 8, 5, 6]);
+        let p = s.schedule().unwrap();
+        assert_eq!(run(&mut s, &p), vec![1], "a prompt step does not speculate");
+        s.push_token(1, 7).expect("no grammar");
+        // "5 6 7" recurs: the draft is what followed it, "8 5 6".
+        let p = s.schedule().unwrap();
+        assert_eq!((p.entries.clone(), p.drafts.clone()), (vec![(1, 4)], vec![vec![8, 5, 6]]));
+        assert_eq!(p.batch.token_ids, vec![7, 8, 5, 6]);
+        assert_eq!(p.batch.positions, vec![6, 7, 8, 9]);
+        assert_eq!((p.sampling.rows.clone(), p.sampled.clone()), (vec![0, 1, 2, 3], vec![1; 4]));
+        s.complete(&p);
+        assert_eq!(s.get(1).unwrap().computed, 6, "a draft entry waits for settle_draft");
+        // Two draft tokens kept, then a correction: 7 8 5 stay computed.
+        for t in [8, 5, 9] {
+            s.push_token(1, t).expect("no grammar");
+        }
+        s.settle_draft(1, 3);
+        assert_eq!(s.get(1).unwrap().computed, 9);
+        // Ten tokens, nine computed: a draft may only take position 11 of 12.
+        let p = s.schedule().unwrap();
+        assert!(p.drafts[0].len() <= 1, "{:?}", p.drafts);
+        assert_eq!(p.batch.positions.last().copied(), Some(9 + p.drafts[0].len() as u32));
     }
 
     /// A sequence that alone does not fit the pool is refused (only it), never a hang, and the

@@ -299,6 +299,7 @@ fn submit(reply: &Reply) -> Result<mpsc::UnboundedReceiver<ChoiceEvent>, ApiErro
                 logprobs: req.logprobs,
                 constraint: req.constraint.as_ref().map(|c| c.constraint.clone()),
                 constraint_param: req.constraint.as_ref().map(|c| c.param.clone()),
+                speculative: true,
             });
         }
     }

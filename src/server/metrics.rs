@@ -38,6 +38,31 @@ pub fn render(m: &Metrics, model: &str) -> String {
     one("tulu_request_finished_total", "counter", "Requests finished, for any reason.", m.requests_finished as f64);
     one("tulu_request_failed_total", "counter", "Requests that ended with an error.", m.requests_failed as f64);
     one("tulu_num_preemptions_total", "counter", "Sequences preempted for lack of KV blocks.", m.preemptions as f64);
+    one(
+        "tulu_spec_decode_num_drafts_total",
+        "counter",
+        "Drafts verified (speculative decoding: one per speculating sequence and step).",
+        m.spec_verified_drafts as f64,
+    );
+    one("tulu_spec_decode_num_draft_tokens_total", "counter", "Draft tokens proposed.", m.spec_draft_tokens as f64);
+    one(
+        "tulu_spec_decode_num_accepted_tokens_total",
+        "counter",
+        "Draft tokens accepted.",
+        m.spec_accepted_tokens as f64,
+    );
+    one(
+        "tulu_spec_decode_acceptance_rate",
+        "gauge",
+        "Draft tokens accepted over proposed since start (0 before any draft).",
+        m.acceptance_rate().unwrap_or(0.0),
+    );
+    one(
+        "tulu_spec_decode_mean_accepted_length",
+        "gauge",
+        "Draft tokens accepted per verified draft since start (0 before any draft).",
+        m.mean_accepted_length().unwrap_or(0.0),
+    );
     histogram(
         &mut out,
         "tulu_time_to_first_token_seconds",
