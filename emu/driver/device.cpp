@@ -79,6 +79,12 @@ Config read_config() {
         }
     }
     if (const char* s = getenv("TULU_EMU_SANITIZE_IMAGES")) c.sanitize_images = s;
+    if (const char* s = getenv("TULU_EMU_PROFILE"); s && *s) {
+        // Counting runs in the instrumented images, like the checks.
+        c.profile_path = s;
+        c.sanitize |= TULU_EMU_PROFILE;
+    }
+    if (const char* s = getenv("TULU_EMU_PROFILE_LAUNCHES")) c.profile_launches = !strcmp(s, "1");
     return c;
 }
 

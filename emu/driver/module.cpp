@@ -273,6 +273,7 @@ void run_launch(const Launch& L) {
     std::string error;
     std::atomic<bool> failed{false};
     LaunchWrites writes;
+    LaunchProfile* profile = profile_begin();
     parallel_for(total, [&](size_t b) {
         if (failed.load(std::memory_order_relaxed)) return;
         char* stacks = thread_stacks();
@@ -299,6 +300,8 @@ void run_launch(const Launch& L) {
         job.sanitize = config().sanitize;
         job.launch = &writes;
         job.global_writes = record_writes;
+        job.profile_launch = profile;
+        job.profile = profile ? profile_block : nullptr;
         r.kernel = k->name;
         r.block[0] = job.block_idx.x;
         r.block[1] = job.block_idx.y;
@@ -317,6 +320,7 @@ void run_launch(const Launch& L) {
             error = std::string("kernel `") + k->name + "`" + where + msg;
         }
     });
+    profile_end(profile, k, seq, L.grid, L.block);
     if (failed) poison_context(L.ctx, CUDA_ERROR_LAUNCH_FAILED, error);
 }
 

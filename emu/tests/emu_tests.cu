@@ -152,3 +152,28 @@ extern "C" __global__ void big_static(float* out) {
     __syncthreads();
     out[threadIdx.x] = big[threadIdx.x] + s[threadIdx.x];
 }
+
+// ---------------------------------------------------------------------------------------------
+// Access patterns for the profiler (TULU_EMU_PROFILE; tests/cuda_emu/profiler.rs).
+
+// Thread i reads in[i * stride] and its neighbour's in[(i ^ 1) * stride] (which the neighbour
+// reads too: L2 serves the second touch, DRAM the first) and writes out[i]: stride 1 is coalesced (4 sectors per warp request of 4-byte loads), stride 8 puts
+// each lane in a sector of its own (32 per request).
+extern "C" __global__ void strided_copy(const float* in, float* out, int stride) {
+    const unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+    const float a = in[i * stride];
+    const float b = in[(i ^ 1) * stride];
+    out[i] = a + b;
+}
+
+// A warp reads one column of a 32 x (32 + pad) float tile in shared memory, lane l row l: with
+// pad 0 every lane hits one bank (32 wavefronts per request), with pad 1 each its own (1). The
+// atomicAdd at the end is one atomic per thread.
+extern "C" __global__ void column_read(float* out, int pad) {
+    __shared__ float tile[32 * 33];
+    const unsigned lane = threadIdx.x & 31;
+    for (unsigned c = 0; c < 32; c++) tile[lane * (32 + pad) + c] = (float)(lane + c);
+    __syncwarp();
+    const float v = tile[lane * (32 + pad)];
+    atomicAdd(out, v);
+}
