@@ -8,8 +8,7 @@
 //! Counts, not time: they hold on any machine. Under the emulator only (`scripts/test` runs it):
 //! `scripts/cuda-emu cargo test --features cuda,nccl --test gpu_profile -- --include-ignored`.
 //! The test runs itself again as a child with `TULU_EMU_PROFILE` set (the profiler needs the
-//! instrumented images: `scripts/cuda-emu` builds them when its environment asks for them, so
-//! the test builds them itself with `make -C emu sanitize` when they are missing).
+//! instrumented images, which the test has `scripts/cuda-emu build` bring up to date first).
 #![cfg(feature = "cuda")]
 
 use std::collections::HashMap;
@@ -127,12 +126,21 @@ fn key_tile_read_lines() -> Vec<String> {
     vec![format!("attention.cu:{line}"), format!("attention.cu:{}", line + 1)]
 }
 
-/// Runs the child under the profiler and returns the profile's text.
-fn profile() -> String {
+/// Runs `test` again as a child under the profiler (with `env`) and returns the profile's text.
+fn profile(test: &str, env: &[(&str, &str)]) -> String {
+    // The instrumented images of this checkout's kernels (scripts/cuda-emu builds them only when
+    // its own environment asks for a profile; make rebuilds what changed).
+    let built = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cuda-emu"))
+        .arg("build")
+        .env("TULU_EMU_PROFILE", "build")
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "building the instrumented images: {}", String::from_utf8_lossy(&built.stderr));
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("profile.tsv");
     let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "kernels_meet_their_memory_budgets", "--include-ignored", "--nocapture"])
+        .args(["--exact", test, "--include-ignored", "--nocapture"])
+        .envs(env.iter().copied())
         .env("TULU_PROFILE_CHILD", &file)
         .env("TULU_EMU_PROFILE", &file)
         .env("TULU_EMU_PROFILE_LAUNCHES", "1")
@@ -163,7 +171,7 @@ fn kernels_meet_their_memory_budgets() {
         child(Path::new(&file));
         return;
     }
-    let text = profile();
+    let text = profile("kernels_meet_their_memory_budgets", &[]);
     let (steps, instrs) = parse(&text);
     let mut failures = Vec::new();
     for step in ["prefill", "decode"] {
@@ -204,4 +212,119 @@ fn kernels_meet_their_memory_budgets() {
         failures.push(format!("a decode step moves {dram} DRAM bytes, {ratio:.3}x the {must} it must (> 1.05x)"));
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The Llama-3.1-8B shape with `layers` layers.
+fn llama_8b(layers: usize) -> ModelConfig {
+    let mut cfg = ModelConfig::preset("llama-3.1-8b").unwrap();
+    cfg.num_hidden_layers = layers;
+    cfg
+}
+
+/// Context of each sequence in the 8B decode steps (its KV is read; its values do not matter
+/// to the counts, so no prefill writes it).
+const CONTEXT_8B: usize = 128;
+
+/// In the child: one decode step of batch 1 and of batch 8 of the 8B shape at 1 and 2 layers.
+fn child_8b(file: &Path) {
+    let b = CudaBackend::new(0).unwrap();
+    let eb = b.element_bytes() as u64;
+    for layers in [1, 2] {
+        let cfg = llama_8b(layers);
+        let model = Llama::random(&b, &cfg, 7, CONTEXT_8B + 1, Shard::single(), |_| {}).unwrap();
+        let per_seq = (CONTEXT_8B + 1).div_ceil(BLOCK);
+        let mut cache = b.new_kv_cache(&model.kv_cache_spec(8 * per_seq, BLOCK)).unwrap();
+        let weights = rank_weight_bytes(
+            &cfg,
+            &ShardPlan::new(&cfg, Shard::single()).unwrap(),
+            &ElementBytes { dense: eb, fp8: None },
+            false,
+        );
+        mark(file, "start", 0);
+        for batch_size in [1usize, 8] {
+            let mut batch = Batch::new(BLOCK);
+            for s in 0..batch_size {
+                let table: Vec<u32> = ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect();
+                batch.push(&[5 + s as u32], CONTEXT_8B, &table).unwrap();
+            }
+            let rows: Vec<usize> = (0..batch_size).collect();
+            model.forward(&b, &batch, &mut cache, &rows, &SingleRank).unwrap();
+            let kv = model.kv_elements_per_token() * eb * (CONTEXT_8B as u64 + 1) * batch_size as u64;
+            let must = weights + kv + (cfg.hidden_size as u64 * eb + cfg.vocab_size as u64 * 4) * batch_size as u64;
+            mark(file, &format!("l{layers}_b{batch_size}"), must);
+        }
+    }
+}
+
+/// Predicted H100 microseconds of a step's launches: (eager, graph-replayed), the DRAM part
+/// the same. The profile's prediction is eager (4.7 us a launch); a graph node is taken at
+/// 1.5 us (emu/driver/profile.cpp says why).
+fn predicted_us(launches: &[Row]) -> (f64, f64) {
+    let eager: f64 = launches.iter().map(|l| l["predicted_h100_us"].parse::<f64>().unwrap()).sum();
+    (eager, eager - launches.len() as f64 * (4.7 - 1.5))
+}
+
+/// The predicted decode speed of Llama-3.1-8B (32 layers) on an H100 at batch 1 and 8, from
+/// the counts of 1- and 2-layer models of its shape (a layer is their difference), and the
+/// 8B shape's DRAM budget. Not in CI (minutes, 3 GB of emulated device memory): run it with
+/// `scripts/cuda-emu cargo test --features cuda,nccl --test gpu_profile -- --include-ignored
+/// --nocapture llama_8b` (docs/performance.md has its figures).
+#[test]
+#[ignore = "runs under scripts/cuda-emu; minutes"]
+fn llama_8b_decode_prediction() {
+    if let Some(file) = std::env::var_os("TULU_PROFILE_CHILD") {
+        child_8b(Path::new(&file));
+        return;
+    }
+    let text = profile("llama_8b_decode_prediction", &[("TULU_EMU_PROFILE_SKIP", "random_")]);
+    let (steps, _) = parse(&text);
+    for batch in [1, 8] {
+        let (must1, one) = &steps[&format!("l1_b{batch}")];
+        let (must2, two) = &steps[&format!("l2_b{batch}")];
+        let dram =
+            |ls: &[Row]| -> u64 { ls.iter().map(|l| num(l, "dram_read_bytes") + num(l, "dram_write_bytes")).sum() };
+        for (layers, must, ls) in [(1, must1, one), (2, must2, two)] {
+            let ratio = dram(ls) as f64 / *must as f64;
+            eprintln!(
+                "8B shape, {layers} layer(s), batch {batch}: {} launches, {} DRAM bytes, {ratio:.3}x what it must move",
+                ls.len(),
+                dram(ls)
+            );
+            assert!(ratio <= 1.05, "the 8B shape's decode step moves {ratio:.3}x the bytes it must (> 1.05x)");
+        }
+        let (e1, g1) = predicted_us(one);
+        let (e2, g2) = predicted_us(two);
+        let full = |a: f64, b: f64| a + (b - a) * 31.0;
+        let (eager, graph) = (full(e1, e2), full(g1, g2));
+        let tok = |us: f64| batch as f64 / (us * 1e-6);
+        eprintln!(
+            "PREDICTION (not a measurement) Llama-3.1-8B bf16 on an H100, batch {batch}, context {CONTEXT_8B}: \
+             {eager:.0} us a step eager = {:.1} tok/s ({:.2}x gpt-fast's 159.7), {graph:.0} us under graphs = {:.1} tok/s ({:.2}x)",
+            tok(eager),
+            tok(eager) / 159.7,
+            tok(graph),
+            tok(graph) / 159.7
+        );
+        // Per kernel in the 2-layer step: the table of docs/performance.md.
+        let mut per: std::collections::BTreeMap<String, (u64, u64, u64, u64, u64, u64, f64)> = Default::default();
+        for l in two.iter() {
+            let e = per.entry(l["kernel"].clone()).or_default();
+            e.0 += 1;
+            e.1 += num(l, "ld_sectors");
+            e.2 += num(l, "ld_requests");
+            e.3 += num(l, "sh_wavefronts");
+            e.4 += num(l, "sh_requests");
+            e.5 += num(l, "dram_read_bytes") + num(l, "dram_write_bytes");
+            e.6 += l["predicted_h100_us"].parse::<f64>().unwrap();
+        }
+        eprintln!("| kernel | launches | sectors/request | wavefronts/request | DRAM MB | predicted us (eager) |");
+        for (k, (n, sec, req, wav, shreq, bytes, us)) in per {
+            eprintln!(
+                "| {k} | {n} | {:.2} | {:.2} | {:.2} | {us:.1} |",
+                sec as f64 / req.max(1) as f64,
+                wav as f64 / shreq.max(1) as f64,
+                bytes as f64 / 1e6
+            );
+        }
+    }
 }

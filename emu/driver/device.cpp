@@ -85,6 +85,16 @@ Config read_config() {
         c.sanitize |= TULU_EMU_PROFILE;
     }
     if (const char* s = getenv("TULU_EMU_PROFILE_LAUNCHES")) c.profile_launches = !strcmp(s, "1");
+    if (const char* s = getenv("TULU_EMU_PROFILE_SKIP")) {
+        // Comma-separated kernel name prefixes (e.g. `random_` for weight initialization).
+        std::string list = s;
+        for (size_t at = 0; at < list.size();) {
+            size_t end = list.find(',', at);
+            if (end == std::string::npos) end = list.size();
+            if (end > at) c.profile_skip.push_back(list.substr(at, end - at));
+            at = end + 1;
+        }
+    }
     return c;
 }
 

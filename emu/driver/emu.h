@@ -67,6 +67,7 @@ struct Config {
     std::string sanitize_images;  // TULU_EMU_SANITIZE_IMAGES: directories of instrumented images
     std::string profile_path;     // TULU_EMU_PROFILE: the profile's file (empty: no profiling)
     bool profile_launches = false;  // TULU_EMU_PROFILE_LAUNCHES=1: a line per launch too
+    std::vector<std::string> profile_skip;  // TULU_EMU_PROFILE_SKIP: kernel name prefixes not counted
 };
 const Config& config();
 
@@ -209,13 +210,16 @@ unsigned max_threads_for(const KernelResources& r);
 // The profiler (profile.cpp; TULU_EMU_PROFILE).
 
 struct LaunchProfile;
-/// A launch's profile, or null when not profiling.
-LaunchProfile* profile_begin();
+/// A launch's profile, or null when not profiling it.
+LaunchProfile* profile_begin(const char* kernel);
 /// A block's counts (tulu_emu_profile_fn, called from the image at the block's end).
 void profile_block(void* launch, const tulu_emu_profile_pc* pcs, size_t npcs, const unsigned long* read,
                    size_t nread, const unsigned long* written, size_t nwritten);
 /// The launch ended: its totals, line and prediction (takes ownership of `p`; null: nothing).
 void profile_end(LaunchProfile* p, const tulu_emu_kernel* k, uint64_t seq, tulu_emu_dim3 grid, tulu_emu_dim3 block);
+/// The tulu_emu_sanitize bits a launch of `kernel` runs with (without TULU_EMU_PROFILE for the
+/// kernels TULU_EMU_PROFILE_SKIP names).
+unsigned launch_checks(const char* kernel);
 /// Set while this thread runs a node of a replayed graph (the launch cost the prediction adds).
 bool& in_graph_replay();
 

@@ -273,7 +273,8 @@ void run_launch(const Launch& L) {
     std::string error;
     std::atomic<bool> failed{false};
     LaunchWrites writes;
-    LaunchProfile* profile = profile_begin();
+    LaunchProfile* profile = profile_begin(k->name);
+    const unsigned checks = launch_checks(k->name);
     parallel_for(total, [&](size_t b) {
         if (failed.load(std::memory_order_relaxed)) return;
         char* stacks = thread_stacks();
@@ -297,7 +298,7 @@ void run_launch(const Launch& L) {
         job.current_thread = &r.thread;
         job.error = msg;
         job.error_len = sizeof msg;
-        job.sanitize = config().sanitize;
+        job.sanitize = checks;
         job.launch = &writes;
         job.global_writes = record_writes;
         job.profile_launch = profile;

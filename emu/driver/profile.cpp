@@ -146,7 +146,16 @@ struct LaunchProfile {
 
 bool& in_graph_replay() { return graph_replay; }
 
-LaunchProfile* profile_begin() { return config().profile_path.empty() ? nullptr : new LaunchProfile; }
+unsigned launch_checks(const char* kernel) {
+    const Config& c = config();
+    for (const std::string& prefix : c.profile_skip)
+        if (!strncmp(kernel, prefix.c_str(), prefix.size())) return c.sanitize & ~TULU_EMU_PROFILE;
+    return c.sanitize;
+}
+
+LaunchProfile* profile_begin(const char* kernel) {
+    return (launch_checks(kernel) & TULU_EMU_PROFILE) ? new LaunchProfile : nullptr;
+}
 
 void profile_block(void* launch, const tulu_emu_profile_pc* pcs, size_t npcs, const unsigned long* read,
                    size_t nread, const unsigned long* written, size_t nwritten) {
