@@ -87,7 +87,10 @@ fn num(r: &Row, col: &str) -> u64 {
 
 /// The launch lines of each step (between its marker and the previous one), and the
 /// instruction lines of the exit summary.
-fn parse(text: &str) -> (HashMap<String, (u64, Vec<Row>)>, Vec<Row>) {
+/// Each step's bytes it must move and launch lines, by the step's name.
+type Steps = HashMap<String, (u64, Vec<Row>)>;
+
+fn parse(text: &str) -> (Steps, Vec<Row>) {
     let header = |tag: &str| -> Vec<String> {
         text.lines()
             .find_map(|l| l.strip_prefix(&format!("# {tag}\t")))
@@ -305,26 +308,43 @@ fn llama_8b_decode_prediction() {
             tok(graph),
             tok(graph) / 159.7
         );
-        // Per kernel in the 2-layer step: the table of docs/performance.md.
-        let mut per: std::collections::BTreeMap<String, (u64, u64, u64, u64, u64, u64, f64)> = Default::default();
-        for l in two.iter() {
-            let e = per.entry(l["kernel"].clone()).or_default();
-            e.0 += 1;
-            e.1 += num(l, "ld_sectors");
-            e.2 += num(l, "ld_requests");
-            e.3 += num(l, "sh_wavefronts");
-            e.4 += num(l, "sh_requests");
-            e.5 += num(l, "dram_read_bytes") + num(l, "dram_write_bytes");
-            e.6 += l["predicted_h100_us"].parse::<f64>().unwrap();
-        }
-        eprintln!("| kernel | launches | sectors/request | wavefronts/request | DRAM MB | predicted us (eager) |");
-        for (k, (n, sec, req, wav, shreq, bytes, us)) in per {
-            eprintln!(
-                "| {k} | {n} | {:.2} | {:.2} | {:.2} | {us:.1} |",
-                sec as f64 / req.max(1) as f64,
-                wav as f64 / shreq.max(1) as f64,
-                bytes as f64 / 1e6
-            );
-        }
+        print_kernel_table(two);
+    }
+}
+
+/// Per kernel, a step's launches, sectors per global load request, wavefronts per shared
+/// request, DRAM MB and predicted us: the table of docs/performance.md.
+fn print_kernel_table(launches: &[Row]) {
+    #[derive(Default)]
+    struct Sums {
+        launches: u64,
+        sectors: u64,
+        requests: u64,
+        wavefronts: u64,
+        shared_requests: u64,
+        dram: u64,
+        us: f64,
+    }
+    let mut per: std::collections::BTreeMap<String, Sums> = Default::default();
+    for l in launches {
+        let e = per.entry(l["kernel"].clone()).or_default();
+        e.launches += 1;
+        e.sectors += num(l, "ld_sectors");
+        e.requests += num(l, "ld_requests");
+        e.wavefronts += num(l, "sh_wavefronts");
+        e.shared_requests += num(l, "sh_requests");
+        e.dram += num(l, "dram_read_bytes") + num(l, "dram_write_bytes");
+        e.us += l["predicted_h100_us"].parse::<f64>().unwrap();
+    }
+    eprintln!("| kernel | launches | sectors/request | wavefronts/request | DRAM MB | predicted us (eager) |");
+    for (k, e) in per {
+        eprintln!(
+            "| {k} | {} | {:.2} | {:.2} | {:.2} | {:.1} |",
+            e.launches,
+            e.sectors as f64 / e.requests.max(1) as f64,
+            e.wavefronts as f64 / e.shared_requests.max(1) as f64,
+            e.dram as f64 / 1e6,
+            e.us
+        );
     }
 }
