@@ -156,13 +156,15 @@ extern "C" __global__ void big_static(float* out) {
 // ---------------------------------------------------------------------------------------------
 // Access patterns for the profiler (TULU_EMU_PROFILE; tests/cuda_emu/profiler.rs).
 
-// Thread i reads in[i * stride] and its neighbour's in[(i ^ 1) * stride] (which the neighbour
-// reads too: L2 serves the second touch, DRAM the first) and writes out[i]: stride 1 is coalesced (4 sectors per warp request of 4-byte loads), stride 8 puts
+// Thread i reads in[i * stride] and the same thread's of the next block, in[j * stride] (which
+// that block reads too: the launch's second touch of a sector is L2's, the first DRAM's), and
+// writes out[i]: stride 1 is coalesced (4 sectors per warp request of 4-byte loads), stride 8 puts
 // each lane in a sector of its own (32 per request).
 extern "C" __global__ void strided_copy(const float* in, float* out, int stride) {
     const unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
     const float a = in[i * stride];
-    const float b = in[(i ^ 1) * stride];
+    const unsigned j = (i + blockDim.x) % (blockDim.x * gridDim.x);
+    const float b = in[j * stride];
     out[i] = a + b;
 }
 

@@ -84,7 +84,7 @@ fn profiler_counts_sectors_per_request_and_first_touch_dram_bytes() {
     let p = profiled(TEST, "strided_copy:1");
     assert_eq!((p.get("ld_requests"), p.get("ld_sectors"), p.get("ld_ideal")), (32, 128, 128));
     assert_eq!((p.get("st_requests"), p.get("st_sectors"), p.get("st_ideal")), (16, 64, 64));
-    // The second read of each element hits L2: DRAM reads the 2 KiB once.
+    // Each element is read by two blocks; the launch touches DRAM once: the 2 KiB once.
     assert_eq!((p.get("dram_read_bytes"), p.get("dram_write_bytes")), (2048, 2048));
     // Stride 8 floats: each lane a sector of its own, 8x the ideal, and 8x the DRAM bytes.
     let p = profiled(TEST, "strided_copy:8");
