@@ -73,8 +73,13 @@ Config read_config() {
         if (!strcmp(s, "memcheck")) c.sanitize = TULU_EMU_MEMCHECK;
         else if (!strcmp(s, "racecheck")) c.sanitize = TULU_EMU_RACECHECK;
         else if (!strcmp(s, "all")) c.sanitize = TULU_EMU_MEMCHECK | TULU_EMU_RACECHECK;
+        else if (!strcmp(s, "strict")) {
+            // `all`, and two blocks writing the same global bytes is a race even with equal values.
+            c.sanitize = TULU_EMU_MEMCHECK | TULU_EMU_RACECHECK;
+            c.strict_global_race = true;
+        }
         else if (*s && strcmp(s, "0") && strcmp(s, "none")) {
-            report("TULU_EMU_SANITIZE=%s: expected memcheck, racecheck or all", s);
+            report("TULU_EMU_SANITIZE=%s: expected memcheck, racecheck, all or strict", s);
             exit(2);  // a check asked for and silently not made would pass everything
         }
     }

@@ -65,6 +65,7 @@ struct Config {
     bool memory_pools = true;
     unsigned sanitize = 0;  // tulu_emu_sanitize bits (TULU_EMU_SANITIZE=memcheck|racecheck|all)
     std::string sanitize_images;  // TULU_EMU_SANITIZE_IMAGES: directories of instrumented images
+    bool strict_global_race = false;  // TULU_EMU_SANITIZE=strict: equal values written twice race too
     std::string profile_path;     // TULU_EMU_PROFILE: the profile's file (empty: no profiling)
     bool profile_launches = false;  // TULU_EMU_PROFILE_LAUNCHES=1: a line per launch too
     std::vector<std::string> profile_skip;  // TULU_EMU_PROFILE_SKIP: kernel name prefixes not counted

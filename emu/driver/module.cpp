@@ -232,7 +232,8 @@ int record_writes(void* launch, unsigned block, const tulu_emu_write_range* r, s
             const LaunchWrites::Range& o = it->second;
             if (o.hi <= r[i].lo || o.block == block) continue;
             const unsigned long lo = std::max(r[i].lo, it->first), hi = std::min(r[i].hi, o.hi);
-            if (!memcmp(o.bytes.data() + (lo - it->first), (const void*)lo, hi - lo)) continue;  // same values
+            if (!config().strict_global_race && !memcmp(o.bytes.data() + (lo - it->first), (const void*)lo, hi - lo))
+                continue;  // same values
             *mine = r[i];
             *other = tulu_emu_write_range{it->first, o.hi, o.pc};
             *other_block = o.block;

@@ -18,8 +18,8 @@
 // completed between them. Shuffles, ballots and votes exchange registers and order no memory
 // (CUDA's memory model; lanes are scheduled independently since Volta), so they count for
 // nothing. Global memory: each block's written bytes go to the driver, which reports two
-// blocks of one launch writing the same bytes with different values (atomics excepted: they
-// are not instrumented).
+// blocks of one launch writing the same bytes with different values, or whatever the values
+// under TULU_EMU_SANITIZE=strict (atomics excepted: they are not instrumented).
 #include "sanitize.h"
 
 #include "profile.h"
@@ -317,7 +317,7 @@ std::string describe(const Block* bl, const Sanitizer* s) {
             const unsigned o = f.other_block;
             snprintf(buf, sizeof buf,
                      "racecheck: this block and block (%u,%u,%u) of the launch both write global bytes "
-                     "[0x%zx, 0x%zx), different values, without atomics: this block at %s, the other at %s",
+                     "[0x%zx, 0x%zx) without atomics: this block at %s, the other at %s",
                      o % g.x, o / g.x % g.y, o / (g.x * g.y), (size_t)f.addr, (size_t)f.hi, at.c_str(),
                      where(f.other_pc).c_str());
             break;
