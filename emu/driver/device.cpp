@@ -73,12 +73,33 @@ Config read_config() {
         if (!strcmp(s, "memcheck")) c.sanitize = TULU_EMU_MEMCHECK;
         else if (!strcmp(s, "racecheck")) c.sanitize = TULU_EMU_RACECHECK;
         else if (!strcmp(s, "all")) c.sanitize = TULU_EMU_MEMCHECK | TULU_EMU_RACECHECK;
+        else if (!strcmp(s, "strict")) {
+            // `all`, and two blocks writing the same global bytes is a race even with equal values.
+            c.sanitize = TULU_EMU_MEMCHECK | TULU_EMU_RACECHECK;
+            c.strict_global_race = true;
+        }
         else if (*s && strcmp(s, "0") && strcmp(s, "none")) {
-            report("TULU_EMU_SANITIZE=%s: expected memcheck, racecheck or all", s);
+            report("TULU_EMU_SANITIZE=%s: expected memcheck, racecheck, all or strict", s);
             exit(2);  // a check asked for and silently not made would pass everything
         }
     }
     if (const char* s = getenv("TULU_EMU_SANITIZE_IMAGES")) c.sanitize_images = s;
+    if (const char* s = getenv("TULU_EMU_PROFILE"); s && *s) {
+        // Counting runs in the instrumented images, like the checks.
+        c.profile_path = s;
+        c.sanitize |= TULU_EMU_PROFILE;
+    }
+    if (const char* s = getenv("TULU_EMU_PROFILE_LAUNCHES")) c.profile_launches = !strcmp(s, "1");
+    if (const char* s = getenv("TULU_EMU_PROFILE_SKIP")) {
+        // Comma-separated kernel name prefixes (e.g. `random_` for weight initialization).
+        std::string list = s;
+        for (size_t at = 0; at < list.size();) {
+            size_t end = list.find(',', at);
+            if (end == std::string::npos) end = list.size();
+            if (end > at) c.profile_skip.push_back(list.substr(at, end - at));
+            at = end + 1;
+        }
+    }
     return c;
 }
 

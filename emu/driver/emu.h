@@ -16,6 +16,8 @@
 #include <thread>
 #include <vector>
 
+#include "tulu_emu_abi.h"
+
 #define EMU_EXPORT extern "C" __attribute__((visibility("default")))
 
 // CUresult values used here (cudarc transmutes the raw value into its enum: only values that
@@ -63,6 +65,10 @@ struct Config {
     bool memory_pools = true;
     unsigned sanitize = 0;  // tulu_emu_sanitize bits (TULU_EMU_SANITIZE=memcheck|racecheck|all)
     std::string sanitize_images;  // TULU_EMU_SANITIZE_IMAGES: directories of instrumented images
+    bool strict_global_race = false;  // TULU_EMU_SANITIZE=strict: equal values written twice race too
+    std::string profile_path;     // TULU_EMU_PROFILE: the profile's file (empty: no profiling)
+    bool profile_launches = false;  // TULU_EMU_PROFILE_LAUNCHES=1: a line per launch too
+    std::vector<std::string> profile_skip;  // TULU_EMU_PROFILE_SKIP: kernel name prefixes not counted
 };
 const Config& config();
 
@@ -200,6 +206,23 @@ const KernelResources* kernel_resources(const char* kernel);
 /// The most threads a block of the kernel may have: its launch bounds, and its registers
 /// (allocated per warp in units of 256, 65,536 per block).
 unsigned max_threads_for(const KernelResources& r);
+
+// ---------------------------------------------------------------------------------------------
+// The profiler (profile.cpp; TULU_EMU_PROFILE).
+
+struct LaunchProfile;
+/// A launch's profile, or null when not profiling it.
+LaunchProfile* profile_begin(const char* kernel);
+/// A block's counts (tulu_emu_profile_fn, called from the image at the block's end).
+void profile_block(void* launch, const tulu_emu_profile_pc* pcs, size_t npcs, const unsigned long* read,
+                   size_t nread, const unsigned long* written, size_t nwritten);
+/// The launch ended: its totals, line and prediction (takes ownership of `p`; null: nothing).
+void profile_end(LaunchProfile* p, const tulu_emu_kernel* k, uint64_t seq, tulu_emu_dim3 grid, tulu_emu_dim3 block);
+/// The tulu_emu_sanitize bits a launch of `kernel` runs with (without TULU_EMU_PROFILE for the
+/// kernels TULU_EMU_PROFILE_SKIP names).
+unsigned launch_checks(const char* kernel);
+/// Set while this thread runs a node of a replayed graph (the launch cost the prediction adds).
+bool& in_graph_replay();
 
 // ---------------------------------------------------------------------------------------------
 // Worker pool (pool.cpp): thread blocks and GEMM tiles run here, the caller taking part.

@@ -232,7 +232,8 @@ int record_writes(void* launch, unsigned block, const tulu_emu_write_range* r, s
             const LaunchWrites::Range& o = it->second;
             if (o.hi <= r[i].lo || o.block == block) continue;
             const unsigned long lo = std::max(r[i].lo, it->first), hi = std::min(r[i].hi, o.hi);
-            if (!memcmp(o.bytes.data() + (lo - it->first), (const void*)lo, hi - lo)) continue;  // same values
+            if (!config().strict_global_race && !memcmp(o.bytes.data() + (lo - it->first), (const void*)lo, hi - lo))
+                continue;  // same values
             *mine = r[i];
             *other = tulu_emu_write_range{it->first, o.hi, o.pc};
             *other_block = o.block;
@@ -273,6 +274,8 @@ void run_launch(const Launch& L) {
     std::string error;
     std::atomic<bool> failed{false};
     LaunchWrites writes;
+    LaunchProfile* profile = profile_begin(k->name);
+    const unsigned checks = launch_checks(k->name);
     parallel_for(total, [&](size_t b) {
         if (failed.load(std::memory_order_relaxed)) return;
         char* stacks = thread_stacks();
@@ -296,9 +299,11 @@ void run_launch(const Launch& L) {
         job.current_thread = &r.thread;
         job.error = msg;
         job.error_len = sizeof msg;
-        job.sanitize = config().sanitize;
+        job.sanitize = checks;
         job.launch = &writes;
         job.global_writes = record_writes;
+        job.profile_launch = profile;
+        job.profile = profile ? profile_block : nullptr;
         r.kernel = k->name;
         r.block[0] = job.block_idx.x;
         r.block[1] = job.block_idx.y;
@@ -317,6 +322,7 @@ void run_launch(const Launch& L) {
             error = std::string("kernel `") + k->name + "`" + where + msg;
         }
     });
+    profile_end(profile, k, seq, L.grid, L.block);
     if (failed) poison_context(L.ctx, CUDA_ERROR_LAUNCH_FAILED, error);
 }
 

@@ -417,6 +417,12 @@ EMU_EXPORT CUresult cuGraphLaunch(void* exec, void* stream) {
     if (!s) return CUDA_ERROR_INVALID_CONTEXT;
     for (const Op& node : ((GraphExec*)exec)->nodes) {
         Op op = node;
+        // The profiler's predicted launch cost is a graph node's, not an eager launch's.
+        op.run = [run = node.run] {
+            in_graph_replay() = true;
+            run();
+            in_graph_replay() = false;
+        };
         if (CUresult e = submit(s, std::move(op))) return e;
     }
     return CUDA_SUCCESS;

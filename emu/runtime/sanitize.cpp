@@ -18,9 +18,11 @@
 // completed between them. Shuffles, ballots and votes exchange registers and order no memory
 // (CUDA's memory model; lanes are scheduled independently since Volta), so they count for
 // nothing. Global memory: each block's written bytes go to the driver, which reports two
-// blocks of one launch writing the same bytes with different values (atomics excepted: they
-// are not instrumented).
+// blocks of one launch writing the same bytes with different values, or whatever the values
+// under TULU_EMU_SANITIZE=strict (atomics excepted: they are not instrumented).
 #include "sanitize.h"
+
+#include "profile.h"
 
 #include <dlfcn.h>
 #include <link.h>
@@ -81,6 +83,10 @@ struct Sanitizer {
     Finding first;
     unsigned long findings = 0;
     std::vector<GlobalWrite> writes;
+    Profile* prof = nullptr;  // TULU_EMU_PROFILE: this block's counts (profile.cpp), else null
+    // What the profiler does not count: the fibers (their coordinates), the parameters' values
+    // and the array of pointers to them.
+    uintptr_t fibers_lo = 0, fibers_span = 0, params_lo = 0, params_span = 0, param_ptrs_lo = 0, param_ptrs_span = 0;
 };
 
 namespace {
@@ -211,6 +217,17 @@ __attribute__((always_inline)) inline void on_access(uintptr_t a, unsigned size,
     Sanitizer* s = f->block->san;
     if (!s || a - s->stack_lo < s->stack_span) return;  // not checking, or the fiber's locals
     const uint32_t pc = (uint32_t)((uintptr_t)ret - 1 - s->base);
+    if (s->prof) {
+        // The emulator's own memory that kernel code reads: the block's and the fiber's
+        // coordinates (blockIdx, threadIdx, ...) and the launch's parameters. Not GPU traffic.
+        if (a - (uintptr_t)&f->block->coords < sizeof(BlockCoords) || a - s->fibers_lo < s->fibers_span ||
+            a - s->params_lo < s->params_span || a - s->param_ptrs_lo < s->param_ptrs_span)
+            return;
+        const bool sh = a - s->tls_lo < s->tls_span;
+        prof_access(s->prof, f->linear, a, size,
+                    sh ? TULU_EMU_KIND_SHARED : write ? TULU_EMU_KIND_STORE : TULU_EMU_KIND_LOAD, pc);
+        if (!(s->mode & (TULU_EMU_MEMCHECK | TULU_EMU_RACECHECK))) return;
+    }
     const bool shared = memcheck(s, f->linear, a, size, write, pc);
     if (!(s->mode & TULU_EMU_RACECHECK)) return;
     if (shared)
@@ -300,7 +317,7 @@ std::string describe(const Block* bl, const Sanitizer* s) {
             const unsigned o = f.other_block;
             snprintf(buf, sizeof buf,
                      "racecheck: this block and block (%u,%u,%u) of the launch both write global bytes "
-                     "[0x%zx, 0x%zx), different values, without atomics: this block at %s, the other at %s",
+                     "[0x%zx, 0x%zx) without atomics: this block at %s, the other at %s",
                      o % g.x, o / g.x % g.y, o / (g.x * g.y), (size_t)f.addr, (size_t)f.hi, at.c_str(),
                      where(f.other_pc).c_str());
             break;
@@ -350,11 +367,26 @@ void san_begin(Block* bl) {
     s->findings = 0;
     s->first = Finding{};
     s->writes.clear();
+    s->prof = (s->mode & TULU_EMU_PROFILE) ? prof_begin() : nullptr;
+    s->fibers_lo = (uintptr_t)bl->fibers.data();
+    s->fibers_span = bl->fibers.size() * sizeof(Fiber);
+    const int np = job->kernel->nparams;
+    s->param_ptrs_lo = (uintptr_t)job->params;
+    s->param_ptrs_span = np > 0 ? np * sizeof(void*) : 0;
+    s->params_lo = s->params_span = 0;
+    if (np > 0) {
+        // The driver keeps the values in one buffer, in order (module.cpp).
+        s->params_lo = (uintptr_t)job->params[0];
+        s->params_span = (uintptr_t)job->params[np - 1] + job->kernel->sizes[np - 1] - s->params_lo;
+    }
     bl->san = s;
 }
 
 void san_barrier(Block* bl) {
-    if (Sanitizer* s = bl->san) s->B = ++s->E;
+    if (Sanitizer* s = bl->san) {
+        s->B = ++s->E;
+        if (s->prof) prof_barrier(s->prof);
+    }
 }
 
 void san_syncwarp(Block* bl, unsigned warp, unsigned mask) {
@@ -392,6 +424,7 @@ void san_end(Block* bl) {
         }
     }
     s->writes.clear();
+    if (s->prof && !bl->failed) prof_end(s->prof, job);
     // A memcheck finding stopped the block (bl->failed, no message yet); any other failure's
     // message (a deadlock, a divergence) comes first.
     if (s->findings && !job->error[0]) {
@@ -406,7 +439,11 @@ void atomic_access(const void* p, unsigned size, void* pc) {
     Fiber* f = self();
     Sanitizer* s = f->block->san;
     if (!s || (uintptr_t)p - s->stack_lo < s->stack_span) return;
-    memcheck(s, f->linear, (uintptr_t)p, size, true, (uint32_t)((uintptr_t)pc - 1 - s->base));
+    const uint32_t at = (uint32_t)((uintptr_t)pc - 1 - s->base);
+    if (s->prof)
+        prof_access(s->prof, f->linear, (uintptr_t)p, size,
+                    (uintptr_t)p - s->tls_lo < s->tls_span ? TULU_EMU_KIND_SHARED : TULU_EMU_KIND_ATOMIC, at);
+    memcheck(s, f->linear, (uintptr_t)p, size, true, at);
 }
 
 }  // namespace tulu_emu

@@ -152,3 +152,30 @@ extern "C" __global__ void big_static(float* out) {
     __syncthreads();
     out[threadIdx.x] = big[threadIdx.x] + s[threadIdx.x];
 }
+
+// ---------------------------------------------------------------------------------------------
+// Access patterns for the profiler (TULU_EMU_PROFILE; tests/cuda_emu/profiler.rs).
+
+// Thread i reads in[i * stride] and the same thread's of the next block, in[j * stride] (which
+// that block reads too: the launch's second touch of a sector is L2's, the first DRAM's), and
+// writes out[i]: stride 1 is coalesced (4 sectors per warp request of 4-byte loads), stride 8 puts
+// each lane in a sector of its own (32 per request).
+extern "C" __global__ void strided_copy(const float* in, float* out, int stride) {
+    const unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+    const float a = in[i * stride];
+    const unsigned j = (i + blockDim.x) % (blockDim.x * gridDim.x);
+    const float b = in[j * stride];
+    out[i] = a + b;
+}
+
+// A warp reads one column of a 32 x (32 + pad) float tile in shared memory, lane l row l: with
+// pad 0 every lane hits one bank (32 wavefronts per request), with pad 1 each its own (1). The
+// atomicAdd at the end is one atomic per thread.
+extern "C" __global__ void column_read(float* out, int pad) {
+    __shared__ float tile[32 * 33];
+    const unsigned lane = threadIdx.x & 31;
+    for (unsigned c = 0; c < 32; c++) tile[lane * (32 + pad) + c] = (float)(lane + c);
+    __syncwarp();
+    const float v = tile[lane * (32 + pad)];
+    atomicAdd(out, v);
+}

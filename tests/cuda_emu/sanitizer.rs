@@ -130,7 +130,13 @@ fn racecheck_finds_two_blocks_writing_different_values_to_the_same_global_bytes(
     let (result, stderr) = sanitized(TEST, "racecheck", "overlapping_rows:1:8:32:0");
     assert!(result.contains("CUDA_ERROR_LAUNCH_FAILED"), "{result}");
     assert!(stderr.contains("of the launch both write global bytes ["), "{stderr}");
-    assert!(stderr.contains("), different values, without atomics: this block at emu_tests.cu:"), "{stderr}");
+    assert!(stderr.contains(") without atomics: this block at emu_tests.cu:"), "{stderr}");
+    // Strict: the same values written by two blocks are a race too.
+    let (result, stderr) = sanitized(TEST, "strict", "overlapping_rows:2:8:32:0");
+    assert!(result.contains("CUDA_ERROR_LAUNCH_FAILED"), "{result}");
+    assert!(stderr.contains("of the launch both write global bytes ["), "{stderr}");
+    let (result, stderr) = sanitized(TEST, "strict", "overlapping_rows:0:8:32:0");
+    assert_eq!(result, "ok", "{stderr}");
 }
 
 #[test]
@@ -142,7 +148,7 @@ fn an_unknown_sanitizer_setting_stops_the_process() {
     }
     let (result, stderr) = sanitized(TEST, "memchek", "store_vec4:4:1:32:0");
     assert!(result.is_empty(), "{result}");
-    assert!(stderr.contains("TULU_EMU_SANITIZE=memchek: expected memcheck, racecheck or all"), "{stderr}");
+    assert!(stderr.contains("TULU_EMU_SANITIZE=memchek: expected memcheck, racecheck, all or strict"), "{stderr}");
 }
 
 #[test]
