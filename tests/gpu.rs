@@ -155,3 +155,5 @@ mod fp8;
 mod fused;
 #[path = "gpu/graphs.rs"]
 mod graphs;
+#[path = "gpu/speculative.rs"]
+mod speculative;

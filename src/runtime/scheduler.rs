@@ -47,6 +47,9 @@ pub struct Sequence {
     pub want_logits: bool,
     /// Whether it may speculate (when speculation is on).
     pub speculate: bool,
+    /// Speculation's back-off: drafts rejected whole in a row, and steps left without one.
+    spec_misses: u32,
+    spec_pause: u32,
 }
 
 /// Limits of one step.
@@ -112,7 +115,17 @@ impl Scheduler {
 
     /// Queues a new sequence with its sampler; `want_logits` asks for its sampled rows' logits.
     pub fn add(&mut self, id: SeqId, tokens: Vec<u32>, sampler: Sampler, want_logits: bool) {
-        let seq = Sequence { id, tokens, computed: 0, block_table: Vec::new(), sampler, want_logits, speculate: true };
+        let seq = Sequence {
+            id,
+            tokens,
+            computed: 0,
+            block_table: Vec::new(),
+            sampler,
+            want_logits,
+            speculate: true,
+            spec_misses: 0,
+            spec_pause: 0,
+        };
         self.seqs.insert(id, seq);
         self.waiting.push_back(id);
     }
@@ -253,6 +266,10 @@ impl Scheduler {
         if !seq.speculate {
             return Ok(Vec::new());
         }
+        if seq.spec_pause > 0 {
+            seq.spec_pause -= 1;
+            return Ok(Vec::new());
+        }
         let room = budget.min(self.cfg.max_positions.saturating_sub(seq.computed)).saturating_sub(1);
         let mut draft = spec.ngram.propose(&seq.tokens);
         draft.truncate(room);
@@ -350,9 +367,20 @@ impl Scheduler {
     /// Records a speculating sequence's step once its emitted tokens are pushed: `emitted` of
     /// the tokens it fed (its last token and the kept draft) stay in the cache, and its
     /// generator moves past the `emitted` draws the step used.
+    ///
+    /// A draft rejected whole pauses the sequence's speculation for 2, 4, … up to 16 steps
+    /// (reset by any accepted token): on text that does not repeat its context, a verify step's
+    /// extra rows cost more than they save where rows are not free (the CPU; a GPU at large
+    /// batch), and this bounds that cost without changing any output.
     pub fn settle_draft(&mut self, id: SeqId, emitted: usize) {
         if let Some(s) = self.seqs.get_mut(&id) {
             s.sampler.advance(emitted);
+            if emitted > 1 {
+                s.spec_misses = 0;
+            } else {
+                s.spec_misses = (s.spec_misses + 1).min(4);
+                s.spec_pause = 1 << s.spec_misses;
+            }
         }
         self.advance(id, emitted);
     }
@@ -517,6 +545,38 @@ mod tests {
         let p = s.schedule().unwrap();
         assert!(p.drafts[0].len() <= 1, "{:?}", p.drafts);
         assert_eq!(p.batch.positions.last().copied(), Some(9 + p.drafts[0].len() as u32));
+    }
+
+    /// A draft rejected whole pauses the sequence's speculation for two steps (then four, …);
+    /// an accepted token resets it.
+    #[test]
+    fn a_draft_rejected_whole_pauses_speculation() {
+        let mut spec = Speculation::ngram(2);
+        spec.ngram.min_n = 1;
+        let cfg = SchedulerConfig {
+            max_num_seqs: 8,
+            max_num_batched_tokens: 100,
+            sampled_columns: 1000,
+            max_positions: 1000,
+            speculation: Some(spec),
+        };
+        let mut s = Scheduler::new(cfg, BlockManager::new(64, 4, true));
+        add(&mut s, 1, vec![1, 2, 3, 1, 2]);
+        let p = s.schedule().unwrap();
+        run(&mut s, &p);
+        s.push_token(1, 3).expect("no grammar");
+        let mut drafted = Vec::new();
+        for _ in 0..4 {
+            let p = s.schedule().unwrap();
+            s.complete(&p);
+            drafted.push(!p.drafts[0].is_empty());
+            // Every token the same: "3" always recurs, so there is always a proposal.
+            s.push_token(1, 3).expect("no grammar");
+            if !p.drafts[0].is_empty() {
+                s.settle_draft(1, 1);
+            }
+        }
+        assert_eq!(drafted, vec![true, false, false, true]);
     }
 
     /// A sequence that alone does not fit the pool is refused (only it), never a hang, and the

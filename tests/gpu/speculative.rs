@@ -1,0 +1,44 @@
+//! Speculative decoding on the GPU: verify steps (several rows of a sequence through the paged
+//! cache, every row sampled on the device) give the tokens plain decode steps give.
+
+use super::*;
+
+use tulu::{Device, Engine, EngineOptions, GenerateRequest, SamplingParams, Speculation, Summary};
+
+/// Greedy and seeded requests on a repetitive prompt, batched, with and without prompt lookup
+/// on one CUDA engine (decode graphs on for the plain steps): the same tokens, and drafts kept.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn speculative_tokens_equal_plain_decode_on_the_gpu() {
+    gpu();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tiny-bf16");
+    let cfg = ModelConfig::preset("tiny").unwrap();
+    synth_checkpoint(&cfg, &dir, &SynthOptions { dtype: OutDType::Bf16, ..Default::default() }).unwrap();
+    let mut opts = EngineOptions::new(dir.to_string_lossy()).device(Device::Cuda(0));
+    opts.max_num_seqs = 4;
+    opts.kv_cache_memory = Some(64 << 20);
+    opts.speculation = Some(Speculation::ngram(3));
+    let engine = Engine::load(opts).unwrap();
+    // A phrase said three times: its continuation is what prompt lookup proposes.
+    let phrase: Vec<u32> = (0..9).map(|i| (i * 37 + 11) % 290).collect();
+    let prompt: Vec<u32> = phrase.iter().cycle().take(27).copied().collect();
+    let seeded = SamplingParams { temperature: 0.9, seed: Some(3), ..Default::default() };
+    let reqs: Vec<GenerateRequest> = [SamplingParams::greedy(), seeded]
+        .into_iter()
+        .map(|s| {
+            let mut r = GenerateRequest::tokens(prompt.clone()).sampling(s).max_tokens(24);
+            r.ignore_eos = true;
+            r
+        })
+        .collect();
+    let run = |reqs: Vec<GenerateRequest>| -> Vec<Summary> {
+        common::run_all(&engine, &reqs).into_iter().map(|(_, s)| s).collect()
+    };
+    let on = run(reqs.clone());
+    let off = run(reqs.into_iter().map(|r| r.speculative(false)).collect());
+    for (i, (a, b)) in on.iter().zip(&off).enumerate() {
+        assert_eq!(a.tokens, b.tokens, "request {i}: speculation changed the tokens");
+    }
+    assert!(on[0].accepted_draft_tokens > 0, "no draft kept: {:?}", on[0]);
+}
