@@ -61,8 +61,8 @@ fn ldmatrix_and_mma_fragments_follow_the_ptx_tables_on_every_lane() {
     let val = |bits: usize| half::bf16::from_bits(bits as u16).to_f32() as usize;
     for lane in 0..32 {
         let o = &out[lane * 16..lane * 16 + 16];
-        for i in 0..4 {
-            let got = halves(o[i]).map(val);
+        for (i, &word) in o[..4].iter().enumerate() {
+            let got = halves(word).map(val);
             let want = a_owner(lane, i).map(|(r, c)| 16 * r + c);
             assert_eq!(got, want, "lane {lane} A register {i}: elements {got:?}, the ISA says {want:?}");
         }
