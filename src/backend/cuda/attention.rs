@@ -315,9 +315,9 @@ mod tests {
         // Its prefill: tensor cores, 16 rows of 4 query heads per block.
         let p = plan(false, dims(32, 8, 128)).unwrap();
         assert_eq!((p.kind, p.rows_per_tile, p.nq_max), (Kind::PrefillMma, 16, 64));
-        // Head dim 96 or 128 query heads per kv head: the CUDA-core prefill kernel.
+        // Head dims other than 64 and 128: the CUDA-core prefill kernel.
         assert_eq!(plan(false, dims(12, 3, 96)).unwrap().kind, Kind::Prefill);
-        assert_eq!(plan(false, dims(128, 1, 128)).unwrap().kind, Kind::Prefill);
+        assert_eq!(plan(false, dims(8, 2, 8)).unwrap().kind, Kind::Prefill);
     }
 
     #[test]
