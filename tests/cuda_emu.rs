@@ -17,6 +17,8 @@ use cudarc::nvrtc::Ptx;
 
 #[path = "cuda_emu/cublaslt.rs"]
 mod cublaslt;
+#[path = "cuda_emu/mma.rs"]
+mod mma;
 #[path = "cuda_emu/profiler.rs"]
 mod profiler;
 #[path = "cuda_emu/resources.rs"]

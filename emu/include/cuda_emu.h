@@ -311,3 +311,4 @@ TULU_EMU_ATOMIC T atomicMin(T* p, T v) {
 }
 
 #include "cuda_emu_bf16.h"
+#include "cuda_emu_mma.h"

@@ -423,6 +423,26 @@ fn rope_write_kv_and_attention_match_cpu() {
     }
 }
 
+/// Prefill and chunked prefill on the tensor-core kernel (kernels/attention_mma.cu) at the GQA
+/// ratios and paging the main test leaves out: 16 and 2 query heads per kv head, blocks of 8 and
+/// 32 slots, prompts that are multiples of no tile, chunks after cached keys; and a prompt long
+/// enough (75 tiles × 4 kv heads ≥ 2 blocks per emulated SM) that the keys are not split, the
+/// path where the kernel writes `out` itself rather than partials for the combine.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn prefill_attention_on_tensor_cores_matches_cpu() {
+    let (cpu, gpu) = (CpuBackend::new(), gpu());
+    let mut rng = rng("attention-mma");
+    let cases = [
+        AttnCase { heads: 32, kv_heads: 2, head_dim: 64, block_size: 8, steps: vec![vec![37, 100], vec![23, 9]] },
+        AttnCase { heads: 8, kv_heads: 4, head_dim: 128, block_size: 32, steps: vec![vec![95, 3], vec![40, 1]] },
+        AttnCase { heads: 32, kv_heads: 4, head_dim: 128, block_size: 16, steps: vec![vec![600], vec![5]] },
+    ];
+    for case in &cases {
+        run_attention_case(&cpu, &gpu, &mut rng, case);
+    }
+}
+
 /// A non-finite key or value reaches exactly the rows that attend to it, as on the CPU: never an
 /// earlier row of the same tile (a masked key's weight is 0, but 0 · NaN is NaN), and never
 /// vanishes (a NaN softmax sum must not become an output of 0, nor a split dropped when splits

@@ -1,11 +1,14 @@
-//! Paged causal attention: launchers of `kernels/attention.cu` (decode, prefill, combine).
+//! Paged causal attention: launchers of `kernels/attention.cu` (decode, prefill, combine) and
+//! `kernels/attention_mma.cu` (prefill on tensor cores).
 //!
 //! The host cuts the step into work items — tiles of up to `rows_per_tile` consecutive rows of
 //! one sequence — and the keys into splits; a kernel block takes one (work item, kv head,
 //! split). A step in which every sequence feeds one token (decode) uses the 128-thread decode
-//! kernel with one row per tile; any other step the 256-thread prefill kernel with tiles of
-//! rows. Splits are added when the tiles alone would leave SMs idle (decode, long contexts),
-//! and then `attention_combine_bf16` merges them.
+//! kernel with one row per tile; any other step the tensor-core kernel of
+//! `kernels/attention_mma.cu` (128 threads, tiles of up to 64 query vectors) at head dims 64 and
+//! 128, else the 256-thread prefill kernel with tiles of rows. Splits are added when the tiles
+//! alone would leave SMs idle (decode, long contexts), and then `attention_combine_bf16` merges
+//! them (the partial outputs of both prefill kernels have one format).
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
@@ -37,10 +40,26 @@ impl Work {
     }
 }
 
+/// Keys per tile of the tensor-core kernel (`MMA_BK` in attention_mma.cu).
+const MMA_BK: usize = 32;
+/// Query vectors per block of the tensor-core kernel: 16 per warp, 4 warps.
+const MMA_QUERIES: usize = 64;
+
+/// Which kernel runs an attention call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// `attention_decode_bf16`: CUDA cores, one row per block, many key splits.
+    Decode,
+    /// `attention_prefill_bf16`: CUDA cores, tiles of rows; any head dim that is a multiple of 8.
+    Prefill,
+    /// `attention_prefill_mma_bf16_{64,128}`: tensor cores.
+    PrefillMma,
+}
+
 /// How one attention call is launched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Plan {
-    decode: bool,
+    kind: Kind,
     threads: usize,
     rows_per_tile: usize,
     /// Query vectors per block: rows_per_tile × heads per kv head.
@@ -67,17 +86,39 @@ fn not_implemented(what: String) -> Error {
     Error::Backend(format!("attention: {what} not implemented yet"))
 }
 
+/// Bytes of the tensor-core kernel's dynamic shared memory: K and V tiles of `MMA_BK` rows of
+/// hd + 8 bf16 in two stages, then two u32 masks (attention_mma.cu).
+fn mma_smem_bytes(hd: usize) -> usize {
+    2 * 2 * MMA_BK * (hd + 8) * 2 + 2 * 4
+}
+
 fn plan(decode_step: bool, dims: AttnDims) -> Result<Plan> {
     let (hd, group) = (dims.head_dim, dims.heads / dims.kv_heads);
     if hd == 0 || !hd.is_multiple_of(8) {
         return Err(not_implemented(format!("head_dim {hd} (a multiple of 8 is needed for 16-byte loads) is")));
     }
-    let (decode, threads, rows_per_tile) = if decode_step && group * hd <= 128 * ACC {
-        (true, 128, 1)
+    // Prefill and mixed steps go to tensor cores where the mma kernel is built for the shape
+    // (head dims 64 and 128, at most 64 query heads per kv head): QKᵀ and PV there are matrix
+    // products of 16+ rows, ~16x the FLOP rate of the CUDA-core kernel. A decode-only step keeps
+    // the CUDA-core decode kernel: with one row per sequence an m16 mma would waste 15/16 of its
+    // rows (G/16 used at most), and decode is bound by reading the cache, which its key splits
+    // spread over every SM.
+    if !decode_step && (hd == 64 || hd == 128) && group <= MMA_QUERIES {
+        let rows_per_tile = MMA_QUERIES / group;
+        return Ok(Plan {
+            kind: Kind::PrefillMma,
+            threads: 128,
+            rows_per_tile,
+            nq_max: rows_per_tile * group,
+            tk: MMA_BK,
+        });
+    }
+    let (kind, threads, rows_per_tile) = if decode_step && group * hd <= 128 * ACC {
+        (Kind::Decode, 128, 1)
     } else {
         // As many rows as fit the accumulators, at most 64 query vectors (the score tile).
         let nq = (64usize).min(256 * ACC / hd);
-        (false, 256, (nq / group).max(1))
+        (Kind::Prefill, 256, (nq / group).max(1))
     };
     let nq_max = rows_per_tile * group;
     if nq_max * hd > threads * ACC {
@@ -92,7 +133,17 @@ fn plan(decode_step: bool, dims: AttnDims) -> Result<Plan> {
         }
         tk /= 2;
     }
-    Ok(Plan { decode, threads, rows_per_tile, nq_max, tk })
+    Ok(Plan { kind, threads, rows_per_tile, nq_max, tk })
+}
+
+impl Plan {
+    /// Dynamic shared memory of the plan's kernel at head dim `hd`.
+    fn smem_bytes(&self, hd: usize) -> usize {
+        match self.kind {
+            Kind::PrefillMma => mma_smem_bytes(hd),
+            Kind::Decode | Kind::Prefill => smem_bytes(self.nq_max, hd, self.tk),
+        }
+    }
 }
 
 impl CudaBackend {
@@ -176,7 +227,7 @@ impl CudaBackend {
         let cfg = LaunchConfig {
             grid_dim: (grid(work.count, "attention tiles")?, grid(kv_heads, "kv heads")?, grid(splits, "splits")?),
             block_dim: (plan.threads as u32, 1, 1),
-            shared_mem_bytes: smem_bytes(plan.nq_max, dims.head_dim, plan.tk) as u32,
+            shared_mem_bytes: plan.smem_bytes(dims.head_dim) as u32,
         };
         let scale_log2 = ((dims.head_dim as f64).sqrt().recip() * std::f64::consts::LOG2_E) as f32;
         let args = [
@@ -188,7 +239,12 @@ impl CudaBackend {
             int(plan.tk, "tk")?,
             int(split_len, "split_len")?,
         ];
-        let kernel = if plan.decode { &self.kernels.attention_decode } else { &self.kernels.attention_prefill };
+        let kernel = match (plan.kind, dims.head_dim) {
+            (Kind::Decode, _) => &self.kernels.attention_decode,
+            (Kind::Prefill, _) => &self.kernels.attention_prefill,
+            (Kind::PrefillMma, 64) => &self.kernels.attention_prefill_mma_64,
+            (Kind::PrefillMma, _) => &self.kernels.attention_prefill_mma_128,
+        };
         let mut launch = self.stream.launch_builder(kernel);
         launch
             .arg(&*q.data)
@@ -243,14 +299,25 @@ mod tests {
         {
             for decode in [true, false] {
                 let p = plan(decode, dims(heads, kv, hd)).unwrap();
-                assert!(p.nq_max * hd <= p.threads * ACC, "{p:?}");
-                assert!(smem_bytes(p.nq_max, hd, p.tk) <= SMEM_LIMIT, "{p:?}");
+                if p.kind == Kind::PrefillMma {
+                    assert!(!decode && (hd == 64 || hd == 128) && p.nq_max <= MMA_QUERIES, "{p:?}");
+                    assert_eq!((p.threads, p.tk), (128, MMA_BK), "{p:?}");
+                } else {
+                    assert!(p.nq_max * hd <= p.threads * ACC, "{p:?}");
+                }
+                assert!(p.smem_bytes(hd) <= SMEM_LIMIT, "{p:?}");
                 assert!(p.tk >= 8 && p.rows_per_tile >= 1);
             }
         }
         // Llama-3.1-8B decode: the decode kernel, one row, all 4 query heads of a kv head.
         let p = plan(true, dims(32, 8, 128)).unwrap();
-        assert_eq!((p.decode, p.rows_per_tile, p.nq_max, p.tk), (true, 1, 4, 64));
+        assert_eq!((p.kind, p.rows_per_tile, p.nq_max, p.tk), (Kind::Decode, 1, 4, 64));
+        // Its prefill: tensor cores, 16 rows of 4 query heads per block.
+        let p = plan(false, dims(32, 8, 128)).unwrap();
+        assert_eq!((p.kind, p.rows_per_tile, p.nq_max), (Kind::PrefillMma, 16, 64));
+        // Head dims other than 64 and 128: the CUDA-core prefill kernel.
+        assert_eq!(plan(false, dims(12, 3, 96)).unwrap().kind, Kind::Prefill);
+        assert_eq!(plan(false, dims(8, 2, 8)).unwrap().kind, Kind::Prefill);
     }
 
     #[test]

@@ -53,6 +53,9 @@ pub(crate) struct Kernels {
     pub attention_decode: CudaFunction,
     pub attention_prefill: CudaFunction,
     pub attention_combine: CudaFunction,
+    /// `attention_prefill_mma_bf16_64` and `_128` (kernels/attention_mma.cu).
+    pub attention_prefill_mma_64: CudaFunction,
+    pub attention_prefill_mma_128: CudaFunction,
     /// Where each family came from, for `describe()` and logs.
     pub sources: Vec<(String, String)>,
 }
@@ -114,6 +117,8 @@ impl Kernels {
             attention_decode: f("attention", "attention_decode_bf16")?,
             attention_prefill: f("attention", "attention_prefill_bf16")?,
             attention_combine: f("attention", "attention_combine_bf16")?,
+            attention_prefill_mma_64: f("attention_mma", "attention_prefill_mma_bf16_64")?,
+            attention_prefill_mma_128: f("attention_mma", "attention_prefill_mma_bf16_128")?,
             sources: Vec::new(),
         };
         let mut sources: Vec<(String, String)> =
