@@ -10,6 +10,7 @@ use rayon::prelude::*;
 
 pub mod blocks;
 mod matmul;
+mod qdot;
 mod weight;
 
 use self::blocks::{BlockPart, BlockWeight};
