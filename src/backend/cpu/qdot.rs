@@ -88,11 +88,12 @@ const ROWS_PER_TASK: usize = 16;
 /// `out[t][r] = Σ_c x[t][c]·w[r][c]` for `x: n × k` and `w`: `m` rows of `k / 32` blocks of
 /// `kind` as stored (`bytes`); returns `n × m` row-major.
 pub fn matmul(kind: QKind, bytes: &[u8], m: usize, k: usize, x: &[f32], n: usize) -> Vec<f32> {
-    matmul_with(dot_fn(kind), kind, bytes, m, k, x, n)
+    matmul_with(kernels(kind), kind, bytes, m, k, x, n)
 }
 
-/// [`matmul`] with the dot-product kernel `dot` (the tests run the scalar ones too).
-fn matmul_with(dot: DotFn, kind: QKind, bytes: &[u8], m: usize, k: usize, x: &[f32], n: usize) -> Vec<f32> {
+/// [`matmul`] with the kernels `ks` (the tests run the scalar ones too).
+fn matmul_with(ks: Kernels, kind: QKind, bytes: &[u8], m: usize, k: usize, x: &[f32], n: usize) -> Vec<f32> {
+    let Kernels { one: dot, four: dot4 } = ks;
     let row_bytes = k / BLOCK * kind.block_bytes();
     debug_assert_eq!(bytes.len(), m * row_bytes);
     debug_assert_eq!(x.len(), n * k);
@@ -106,7 +107,7 @@ fn matmul_with(dot: DotFn, kind: QKind, bytes: &[u8], m: usize, k: usize, x: &[f
         let a = acts.row(0);
         out.par_chunks_mut(per).enumerate().for_each(|(i, o)| {
             for (j, y) in o.iter_mut().enumerate() {
-                // SAFETY: `dot_fn` picked a kernel the CPU supports; the row is whole blocks.
+                // SAFETY: `kernels` picked kernels the CPU supports; the row is whole blocks.
                 *y = unsafe { dot(wrow(i * per + j), a) };
             }
         });
@@ -117,12 +118,26 @@ fn matmul_with(dot: DotFn, kind: QKind, bytes: &[u8], m: usize, k: usize, x: &[f
         .into_par_iter()
         .map(|task| {
             let rows = task * ROWS_PER_TASK..((task + 1) * ROWS_PER_TASK).min(m);
-            let mut tile = vec![f32::NAN; n * rows.len()];
-            for t in 0..n {
+            let width = rows.len();
+            let mut tile = vec![f32::NAN; n * width];
+            // Four tokens at a time share each weight block's load and decoding.
+            let mut t = 0;
+            while t + 4 <= n {
+                let a = [acts.row(t), acts.row(t + 1), acts.row(t + 2), acts.row(t + 3)];
+                for (j, r) in rows.clone().enumerate() {
+                    // SAFETY: as above; `dot4` is `dot`'s four-token form.
+                    let y = unsafe { dot4(dot, wrow(r), a) };
+                    for (i, v) in y.into_iter().enumerate() {
+                        tile[(t + i) * width + j] = v;
+                    }
+                }
+                t += 4;
+            }
+            for t in t..n {
                 let a = acts.row(t);
                 for (j, r) in rows.clone().enumerate() {
                     // SAFETY: as above.
-                    tile[t * rows.len() + j] = unsafe { dot(wrow(r), a) };
+                    tile[t * width + j] = unsafe { dot(wrow(r), a) };
                 }
             }
             tile
@@ -141,25 +156,44 @@ fn matmul_with(dot: DotFn, kind: QKind, bytes: &[u8], m: usize, k: usize, x: &[f
 /// A dot product of one weight row (as stored) with one quantized activation row.
 type DotFn = unsafe fn(&[u8], ActRow<'_>) -> f32;
 
-/// The fastest kernel this CPU runs for `kind` (`TULU_QDOT_SCALAR=1` forces the scalar ones).
-fn dot_fn(kind: QKind) -> DotFn {
-    #[cfg(target_arch = "x86_64")]
-    if avx2_available() {
-        return match kind {
-            QKind::Q8_0 => avx2::dot_q8_0,
-            QKind::Q4_0 => avx2::dot_q4_0,
-            QKind::Q4_1 => avx2::dot_q4_1,
-        };
-    }
-    scalar_fn(kind)
+/// A block type's kernels: one dot product, and four (one weight row, four tokens).
+#[derive(Clone, Copy)]
+struct Kernels {
+    one: DotFn,
+    four: Dot4Fn,
 }
 
-fn scalar_fn(kind: QKind) -> DotFn {
-    match kind {
+/// Four dot products of one weight row with four activation rows, each computed exactly as the
+/// single one is (so a token's result does not depend on its neighbours); the first argument is
+/// the single kernel, which the portable version calls four times.
+type Dot4Fn = unsafe fn(DotFn, &[u8], [ActRow<'_>; 4]) -> [f32; 4];
+
+/// The fastest kernels this CPU runs for `kind` (`TULU_QDOT_SCALAR=1` forces the scalar ones).
+fn kernels(kind: QKind) -> Kernels {
+    #[cfg(target_arch = "x86_64")]
+    if avx2_available() {
+        let (one, four): (DotFn, Dot4Fn) = match kind {
+            QKind::Q8_0 => (avx2::dot_q8_0, avx2::dot4_q8_0),
+            QKind::Q4_0 => (avx2::dot_q4_0, avx2::dot4_q4_0),
+            QKind::Q4_1 => (avx2::dot_q4_1, avx2::dot4_q4_1),
+        };
+        return Kernels { one, four };
+    }
+    scalar_kernels(kind)
+}
+
+/// The portable kernels.
+fn scalar_kernels(kind: QKind) -> Kernels {
+    let one: DotFn = match kind {
         QKind::Q8_0 => scalar::dot_q8_0,
         QKind::Q4_0 => scalar::dot_q4_0,
         QKind::Q4_1 => scalar::dot_q4_1,
-    }
+    };
+    Kernels { one, four: each_of_four }
+}
+
+unsafe fn each_of_four(dot: DotFn, w: &[u8], a: [ActRow<'_>; 4]) -> [f32; 4] {
+    [dot(w, a[0]), dot(w, a[1]), dot(w, a[2]), dot(w, a[3])]
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -304,6 +338,68 @@ mod avx2 {
             offsets += f16_at(blk.add(2)) * a.s[b];
         }
         hsum(acc) + offsets
+    }
+
+    /// The x block of token `t` at block `b`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn xblock(a: &ActRow<'_>, b: usize) -> __m256i {
+        _mm256_loadu_si256(a.q.as_ptr().add(b * BLOCK) as *const __m256i)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn hsum4(acc: [__m256; 4]) -> [f32; 4] {
+        [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
+    }
+
+    /// [`dot_q8_0`] for four tokens.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot4_q8_0(_: super::DotFn, w: &[u8], a: [ActRow<'_>; 4]) -> [f32; 4] {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for b in 0..a[0].d.len() {
+            let blk = w.as_ptr().add(b * 34);
+            let qw = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+            let dw = f16_at(blk);
+            for t in 0..4 {
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dw * a[t].d[b]), dot_i8(qw, xblock(&a[t], b)), acc[t]);
+            }
+        }
+        hsum4(acc)
+    }
+
+    /// [`dot_q4_0`] for four tokens.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot4_q4_0(_: super::DotFn, w: &[u8], a: [ActRow<'_>; 4]) -> [f32; 4] {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for b in 0..a[0].d.len() {
+            let blk = w.as_ptr().add(b * 18);
+            let qw = _mm256_sub_epi8(nibbles(blk.add(2)), _mm256_set1_epi8(8));
+            let dw = f16_at(blk);
+            for t in 0..4 {
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dw * a[t].d[b]), dot_i8(qw, xblock(&a[t], b)), acc[t]);
+            }
+        }
+        hsum4(acc)
+    }
+
+    /// [`dot_q4_1`] for four tokens.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot4_q4_1(_: super::DotFn, w: &[u8], a: [ActRow<'_>; 4]) -> [f32; 4] {
+        let (mut acc, mut offsets) = ([_mm256_setzero_ps(); 4], [0f32; 4]);
+        let ones = _mm256_set1_epi16(1);
+        for b in 0..a[0].d.len() {
+            let blk = w.as_ptr().add(b * 20);
+            let qw = nibbles(blk.add(4));
+            let (dw, mw) = (f16_at(blk), f16_at(blk.add(2)));
+            for t in 0..4 {
+                let p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(qw, xblock(&a[t], b)), ones);
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dw * a[t].d[b]), _mm256_cvtepi32_ps(p32), acc[t]);
+                offsets[t] += mw * a[t].s[b];
+            }
+        }
+        let sums = hsum4(acc);
+        [sums[0] + offsets[0], sums[1] + offsets[1], sums[2] + offsets[2], sums[3] + offsets[3]]
     }
 }
 

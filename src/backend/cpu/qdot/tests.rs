@@ -37,7 +37,7 @@ fn bound(x: &[f32], w: &[f32]) -> f32 {
 }
 
 /// `kernel`'s matmul of `kind` against the f64 dot products of the dequantized weights.
-fn check(kernel: DotFn, label: &str, kind: QKind, dtype: GgmlDType, rng: &mut impl Rng) {
+fn check(kernel: Kernels, label: &str, kind: QKind, dtype: GgmlDType, rng: &mut impl Rng) {
     for (m, blocks_a_row) in [(1, 1), (37, 3), (70, 5), (33, 18)] {
         let k = blocks_a_row * BLOCK;
         let (bytes, deq) = blocks(dtype, m, k, rng);
@@ -68,8 +68,8 @@ fn each_kernel_matches_dequantize_then_f32() {
     eprintln!("seed {seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     for (kind, dtype) in KINDS {
-        check(dot_fn(kind), "fastest", kind, dtype, &mut rng);
-        check(scalar_fn(kind), "scalar", kind, dtype, &mut rng);
+        check(kernels(kind), "fastest", kind, dtype, &mut rng);
+        check(scalar_kernels(kind), "scalar", kind, dtype, &mut rng);
     }
 }
 
@@ -84,8 +84,8 @@ fn simd_and_scalar_kernels_agree() {
     for (kind, dtype) in KINDS {
         let (bytes, _) = blocks(dtype, m, k, &mut rng);
         let x = random(n * k, &mut rng);
-        let fast = matmul_with(dot_fn(kind), kind, &bytes, m, k, &x, n);
-        let slow = matmul_with(scalar_fn(kind), kind, &bytes, m, k, &x, n);
+        let fast = matmul_with(kernels(kind), kind, &bytes, m, k, &x, n);
+        let slow = matmul_with(scalar_kernels(kind), kind, &bytes, m, k, &x, n);
         for (i, (f, s)) in fast.iter().zip(&slow).enumerate() {
             assert!((f - s).abs() <= 1e-5 * (1.0 + s.abs()), "{kind:?} [{i}]: {f} vs {s}");
         }
