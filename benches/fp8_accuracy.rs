@@ -24,7 +24,7 @@ use tulu::unstable::config::ModelConfig;
 use tulu::unstable::model::Llama;
 use tulu::unstable::parallel::sharding::Shard;
 use tulu::unstable::parallel::SingleRank;
-use tulu::unstable::quant::Quantization;
+use tulu::unstable::quant::Quantize;
 use tulu::unstable::runtime::batch::Batch;
 use tulu::unstable::tokenizer::Tokenizer;
 use tulu::unstable::weights::WeightStore;
@@ -48,6 +48,10 @@ struct Args {
     /// The FP8 model on cuda:0, prefill through the FP8 GEMM (activations quantized per token).
     #[arg(long)]
     w8a8: bool,
+    /// What the weights are quantized to while loading: fp8 (the default), q8_0 or q4_k (GGML
+    /// blocks on the CPU, computed by integer dot products against 8-bit activations).
+    #[arg(long, default_value = "fp8")]
+    quantize: Quantize,
     /// cargo passes `--bench` to every bench target.
     #[arg(long, hide = true)]
     bench: bool,
@@ -121,7 +125,7 @@ fn run(args: &Args) -> Result<()> {
         (None, None) => return Err(Error::request("model", "give --model DIR or --preset NAME")),
     };
     let mut quantized = cfg.clone();
-    quantized.quantization = Some(Quantization::at_load());
+    args.quantize.apply(&mut quantized);
     let max_context = args.len + 1;
     let dense = load(&backend, &cfg, store.as_ref(), max_context)?;
     let reference: Vec<Vec<f32>> = prompts.iter().map(|p| logits(&backend, &dense, p)).collect::<Result<_>>()?;
@@ -130,7 +134,7 @@ fn run(args: &Args) -> Result<()> {
     } else {
         let fp8 = load(&backend, &quantized, store.as_ref(), max_context)?;
         let l = prompts.iter().map(|p| logits(&backend, &fp8, p)).collect::<Result<_>>()?;
-        (l, "weight-only on the CPU")
+        (l, if args.quantize == Quantize::Fp8 { "weight-only on the CPU" } else { "GGML blocks on the CPU" })
     };
     report(&name, mode, cfg.vocab_size, &reference, &quantized_logits);
     Ok(())

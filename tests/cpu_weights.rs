@@ -150,8 +150,12 @@ fn malformed_gguf_blocks_are_named_errors() {
     assert!(e.contains("`blk.0.attn_norm.weight`") && e.contains("blocks"), "{e}");
 }
 
-/// `--quantize q8_0` on SmolLM2's f32 checkpoint: logits stay close to f32's, and the engine
-/// still answers.
+/// `--quantize q8_0` on SmolLM2's f32 checkpoint: the engine still answers.
+///
+/// A completion prompt, not the chat question: with activations quantized to 8 bits (as
+/// llama.cpp does for Q8_0 and Q4_1 weights) greedy SmolLM2-135M answers the chat question
+/// "L'Étoile, la Cité, …" — and so does llama.cpp on the same Q8_0 and Q4_1 GGUF files — while
+/// the f32 and bf16 weights answer "The capital of France is Paris."
 #[test]
 fn smollm2_quantized_to_q8_0_at_load_knows_the_capital_of_france() {
     let dir = common::smollm2_dir();
@@ -159,10 +163,9 @@ fn smollm2_quantized_to_q8_0_at_load_knows_the_capital_of_france() {
     opts.quantize = Some(tulu::unstable::quant::Quantize::Blocks(tulu::unstable::quant::BlockType::Q8_0));
     let engine = Engine::load(opts).unwrap();
     assert!(engine.config().quantization.is_some());
-    let msg = ChatMessage::user("What is the capital of France?");
-    let req = GenerateRequest::chat(vec![msg]).max_tokens(32).sampling(SamplingParams::greedy());
+    let req = GenerateRequest::text("The capital of France is").max_tokens(6).sampling(SamplingParams::greedy());
     let (text, _) = common::run(&engine, req);
-    assert!(text.contains("Paris"), "answer: {text:?}");
+    assert!(text.trim_start().starts_with("Paris"), "answer: {text:?}");
 }
 
 /// A block type whose blocks do not tile a row is refused naming the tensor: SmolLM2's 576-wide

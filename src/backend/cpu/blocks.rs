@@ -1,9 +1,10 @@
-//! Weights in GGML blocks (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, …) on the CPU, through candle-core's
-//! `quantized` module: its kernels quantize each activation row to 8 bits per block (Q8_0, or
-//! Q8_K for the k-quants) and take integer dot products against the stored blocks, as llama.cpp
-//! does. A fused weight (q/k/v, gate/up) whose parts share a block type is one block matrix; parts
-//! of different types (a `Q4_K_M` file mixes Q4_K and Q6_K) stay separate and their outputs are
-//! placed side by side.
+//! Weights in GGML blocks (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, …) on the CPU. Q8_0, Q4_0 and Q4_1
+//! go through our own kernels (`qdot.rs`; candle-core's decoded SmolLM2 4–14× slower on this
+//! backend, docs/performance.md), the other types through candle-core's `quantized` module. Both
+//! quantize each activation row to 8 bits per block (Q8_0, or Q8_K for the k-quants) and take
+//! integer dot products against the stored blocks, as llama.cpp does. A fused weight (q/k/v,
+//! gate/up) whose parts share a block type is one block matrix; parts of different types (a
+//! `Q4_K_M` file mixes Q4_K and Q6_K) stay separate and their outputs are placed side by side.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device as CDevice, Tensor};
 
+use super::qdot::{self, QKind};
 use crate::error::{Error, Result};
 use crate::weights::gguf_store::with_aligned;
 
@@ -34,8 +36,8 @@ pub fn check_width(what: &str, dtype: GgmlDType, cols: usize) -> Result<()> {
             "{what}: {cols} columns are not whole {dtype:?} blocks of {block} (a row must be whole blocks)"
         )));
     }
-    // candle's Q4_1, Q5_0 and Q5_1 dot products (like ggml's) take blocks in pairs.
-    let paired = matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1);
+    // candle's Q5_0 and Q5_1 dot products (like ggml's) take blocks in pairs (our Q4_1 does not).
+    let paired = matches!(dtype, GgmlDType::Q5_0 | GgmlDType::Q5_1);
     if paired && !(cols / block).is_multiple_of(2) {
         return Err(Error::Backend(format!(
             "{what}: {cols} columns are an odd number of {dtype:?} blocks (its dot product takes blocks in pairs)"
@@ -70,6 +72,32 @@ impl BlockPart {
     pub fn dtype(&self) -> GgmlDType {
         self.q.dtype()
     }
+
+    /// The kernel of our own for this block type, unless `TULU_QDOT=candle` asks for candle's
+    /// (to compare the two in one build; candle's Q4_1 takes blocks in pairs, so an odd number
+    /// of blocks a row stays on ours).
+    fn own_kernel(&self, cols: usize) -> Option<QKind> {
+        static CANDLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let unpaired = self.dtype() == GgmlDType::Q4_1 && !(cols / 32).is_multiple_of(2);
+        if !unpaired && *CANDLE.get_or_init(|| std::env::var("TULU_QDOT").is_ok_and(|v| v == "candle")) {
+            return None;
+        }
+        match self.dtype() {
+            GgmlDType::Q8_0 => Some(QKind::Q8_0),
+            GgmlDType::Q4_0 => Some(QKind::Q4_0),
+            GgmlDType::Q4_1 => Some(QKind::Q4_1),
+            _ => None,
+        }
+    }
+
+    /// `x · selfᵀ` for `x: n × cols`; returns `n × rows` row-major.
+    fn matmul(&self, x: &[f32], n: usize, cols: usize) -> Result<Vec<f32>> {
+        if let Some(kind) = self.own_kernel(cols) {
+            return Ok(qdot::matmul(kind, &self.q.data()?, self.rows, cols, x, n));
+        }
+        let xt = Tensor::from_slice(x, (n, cols), &CDevice::Cpu)?;
+        Ok(xt.apply_op1_no_bwd(&*self.q)?.flatten_all()?.to_vec1::<f32>()?)
+    }
 }
 
 impl BlockWeight {
@@ -91,15 +119,10 @@ impl BlockWeight {
 
     /// `x · selfᵀ` for `x: n × cols`; returns `n × rows` row-major.
     pub fn matmul(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
-        let xt = Tensor::from_slice(x, (n, self.cols), &CDevice::Cpu)?;
-        let outs: Vec<Vec<f32>> = self
-            .parts
-            .iter()
-            .map(|p| Ok(xt.apply_op1_no_bwd(&*p.q)?.flatten_all()?.to_vec1::<f32>()?))
-            .collect::<Result<_>>()?;
-        if let [only] = outs.as_slice() {
-            return Ok(only.clone());
+        if let [only] = self.parts.as_slice() {
+            return only.matmul(x, n, self.cols);
         }
+        let outs: Vec<Vec<f32>> = self.parts.iter().map(|p| p.matmul(x, n, self.cols)).collect::<Result<_>>()?;
         let m: usize = self.parts.iter().map(|p| p.rows).sum();
         let mut out = Vec::with_capacity(n * m);
         for t in 0..n {
@@ -202,8 +225,8 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         eprintln!("seed {seed}");
         for dtype in TYPES {
-            // An odd number of blocks a row, except where the type takes blocks in pairs.
-            let blocks = if dtype == GgmlDType::Q4_1 { 6 } else { 3 };
+            // An odd number of blocks a row (the last one unpaired).
+            let blocks = 3;
             let (m, k) = (37, dtype.block_size() * blocks);
             let part = BlockPart::quantize("w", dtype, random(m * k, &mut rng), m, k).unwrap();
             assert_eq!(part.dtype(), dtype);
@@ -232,7 +255,7 @@ mod tests {
         assert!(e.to_string().contains("blk.0.attn_q.weight") && e.to_string().contains("whole"), "{e}");
         let e = BlockPart::from_bytes("blk.0.attn_q.weight", GgmlDType::Q8_0, &[0; 33], 1, 32).err().unwrap();
         assert!(e.to_string().contains("33 bytes") && e.to_string().contains("34"), "{e}");
-        let e = BlockPart::from_bytes("blk.0.attn_q.weight", GgmlDType::Q4_1, &[0; 20], 1, 32).err().unwrap();
+        let e = BlockPart::from_bytes("blk.0.attn_q.weight", GgmlDType::Q5_0, &[0; 22], 1, 32).err().unwrap();
         assert!(e.to_string().contains("odd number"), "{e}");
         let ok = BlockPart::from_bytes("blk.0.attn_q.weight", GgmlDType::Q8_0, &[0; 68], 2, 32).unwrap();
         assert_eq!(ok.dtype(), GgmlDType::Q8_0);

@@ -10,6 +10,7 @@ use rayon::prelude::*;
 
 pub mod blocks;
 mod matmul;
+mod qdot;
 mod weight;
 
 use self::blocks::{BlockPart, BlockWeight};
@@ -102,6 +103,23 @@ fn sum_words_lanes(words: &[u32]) -> u32 {
     acc.iter().fold(0u32, |s, &a| s.wrapping_add(a))
 }
 
+/// The values of random `parts` stacked (`rows × cols`, row-major).
+fn random_values(parts: &[RandomSlice], rows: usize, cols: usize) -> Vec<f32> {
+    let mut data = vec![0f32; rows * cols];
+    let mut rest = data.as_mut_slice();
+    for p in parts {
+        let (mine, tail) = rest.split_at_mut(p.shape().0 * cols);
+        // Padding rows stay zero: only the first `rows.len()` rows are generated.
+        mine.par_chunks_mut(cols.max(1)).zip(p.rows.clone().into_par_iter()).for_each(|(out, r)| {
+            for (o, c) in out.iter_mut().zip(p.cols.clone()) {
+                *o = p.value(r, c);
+            }
+        });
+        rest = tail;
+    }
+    data
+}
+
 fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
     let scale = 1.0 / (ms + eps).sqrt();
@@ -158,26 +176,18 @@ impl Backend for CpuBackend {
 
     fn random_block_weight(&self, parts: &[RandomSlice], block: BlockType) -> Result<CpuWeight> {
         let (rows, cols) = random::fused_shape(parts)?;
-        let dense = self.random_weight(parts)?;
-        let data = dense.with_slice(<[f32]>::to_vec)?;
-        drop(dense);
+        let data = random_values(parts, rows, cols);
         let part = BlockPart::quantize("random weight", block.ggml(), data, rows, cols)?;
         Ok(CpuWeight::from_blocks(BlockWeight::new(vec![part], cols), rows, cols))
     }
 
     fn random_weight(&self, parts: &[RandomSlice]) -> Result<CpuWeight> {
         let (rows, cols) = random::fused_shape(parts)?;
-        let mut data = vec![0f32; rows * cols];
-        let mut rest = data.as_mut_slice();
-        for p in parts {
-            let (mine, tail) = rest.split_at_mut(p.shape().0 * cols);
-            // Padding rows stay zero: only the first `rows.len()` rows are generated.
-            mine.par_chunks_mut(cols.max(1)).zip(p.rows.clone().into_par_iter()).for_each(|(out, r)| {
-                for (o, c) in out.iter_mut().zip(p.cols.clone()) {
-                    *o = p.value(r, c);
-                }
-            });
-            rest = tail;
+        let data = random_values(parts, rows, cols);
+        // `TULU_CPU_RANDOM_DTYPE=bf16` keeps random matrices in bf16, as a bf16 checkpoint is
+        // kept (`tulu bench --random-weights` at bf16; vectors stay f32, as when loading).
+        if rows > 1 && std::env::var("TULU_CPU_RANDOM_DTYPE").is_ok_and(|v| v == "bf16") {
+            return CpuWeight::from_vec(data.into_iter().map(half::bf16::from_f32).collect(), rows, cols);
         }
         CpuWeight::from_vec(data, rows, cols)
     }
