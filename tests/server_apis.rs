@@ -180,3 +180,57 @@ fn bad_requests_to_each_api_get_4xx_naming_the_field() {
     let ok = http(&server.addr, "POST", "/v1/messages", &x_api_key, msg.to_string().as_bytes());
     assert_eq!(ok.status, 200, "{}", ok.body);
 }
+
+#[test]
+fn streamed_tool_call_arguments_arrive_as_incremental_deltas() {
+    let _serial = serial();
+    let server = Server::start(&[]);
+    let template = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/chat/llama31_chat_template.jinja"
+    ))
+    .expect("the Llama 3.1 template");
+    let two = r#"<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}; {"name": "get_time", "parameters": {"city": "Lyon"}}"#;
+    let function =
+        |name: &str| json!({"type": "function", "function": {"name": name, "parameters": {"type": "object"}}});
+    let body = json!({"model": server.model, "messages": [{"role": "user", "content": "Weather in Paris?"}],
+        "tools": [function("get_weather"), function("get_time")], "tool_choice": "auto", "temperature": 0,
+        "max_tokens": 80, "chat_template": template, "guided_choice": [two], "stream": true});
+    let r = http(&server.addr, "POST", "/v1/chat/completions", &[], body.to_string().as_bytes());
+    let chunks: Vec<Value> =
+        r.events().iter().filter(|e| *e != "[DONE]").map(|e| serde_json::from_str(e).expect("JSON")).collect();
+    // OpenAI's shape: a call's first delta has its id, type and name; later ones only append
+    // `function.arguments`, under the call's index.
+    let mut calls: Vec<(String, String)> = Vec::new();
+    let mut pieces = vec![0; 2];
+    for delta in
+        chunks.iter().flat_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array().cloned().unwrap_or_default())
+    {
+        let index = delta["index"].as_u64().expect("index") as usize;
+        let args = delta["function"]["arguments"].as_str().expect("arguments");
+        if let Some(name) = delta["function"]["name"].as_str() {
+            assert!(delta["id"].is_string() && delta["type"] == "function" && index == calls.len(), "{delta}");
+            calls.push((name.to_owned(), args.to_owned()));
+        } else {
+            assert!(delta.get("id").is_none() && index + 1 == calls.len(), "{delta}");
+            calls[index].1.push_str(args);
+        }
+        pieces[index] += 1;
+    }
+    let parsed: Vec<(String, Value)> =
+        calls.iter().map(|(n, a)| (n.clone(), serde_json::from_str(a).expect("arguments are JSON"))).collect();
+    assert_eq!(
+        parsed,
+        vec![
+            ("get_weather".into(), json!({"city": "Paris", "unit": "celsius"})),
+            ("get_time".into(), json!({"city": "Lyon"}))
+        ]
+    );
+    // Token by token: the first call's arguments (a dozen tokens) come in several deltas.
+    assert!(pieces[0] >= 4, "{pieces:?} deltas per call: arguments were not streamed");
+    let finishes: Vec<&Value> =
+        chunks.iter().map(|c| &c["choices"][0]["finish_reason"]).filter(|f| !f.is_null()).collect();
+    assert_eq!(finishes, [&json!("tool_calls")]);
+    let content: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(content, "");
+}

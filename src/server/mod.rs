@@ -22,6 +22,7 @@ pub mod responses_request;
 mod sse;
 pub mod structured;
 mod tokenize;
+pub mod tool_stream;
 pub mod tools;
 
 use std::net::SocketAddr;
