@@ -143,7 +143,7 @@ fn bad_requests_to_each_api_get_4xx_naming_the_field() {
             400,
             "text.format.schema",
         ),
-        (with(&resp, json!({"tools": [{"type": "function", "name": "f"}]})), 400, "tools"),
+        (with(&resp, json!({"tools": [{"type": "web_search"}]})), 400, "tools[0].type"),
         (with(&resp, json!({"model": "gpt-5"})), 404, "model"),
         (with(&resp, json!({"max_output_tokens": 5000})), 400, "max_output_tokens"),
     ];
@@ -233,4 +233,35 @@ fn streamed_tool_call_arguments_arrive_as_incremental_deltas() {
     assert_eq!(finishes, [&json!("tool_calls")]);
     let content: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
     assert_eq!(content, "");
+}
+
+#[test]
+fn responses_function_tools_give_function_call_items() {
+    let _serial = serial();
+    let server = Server::start(&[]);
+    let template = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/chat/llama31_chat_template.jinja"
+    ))
+    .expect("the Llama 3.1 template");
+    let weather = json!({"type": "function", "name": "get_weather", "parameters": {"type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"], "additionalProperties": false}});
+    let body = json!({"model": server.model, "input": "Weather in Paris?", "tools": [weather],
+        "tool_choice": {"type": "function", "name": "get_weather"}, "temperature": 0, "max_output_tokens": 60,
+        "chat_template": template});
+    let r = server.post("/v1/responses", &body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = r.json();
+    let item = &r["output"][0];
+    assert_eq!(item["type"], "function_call", "{r}");
+    assert_eq!(item["name"], "get_weather", "{r}");
+    assert!(item["call_id"].as_str().is_some_and(|c| c.starts_with("call_")), "{item}");
+    let args: Value = serde_json::from_str(item["arguments"].as_str().expect("arguments")).expect("JSON arguments");
+    assert!(args["city"].is_string(), "{args}");
+    assert_eq!(r["tools"], json!([weather]), "{r}");
+    // Without a tool section in the template: a 400 naming `tools`, as on chat.
+    let plain = json!({"model": server.model, "input": "Hi", "tools": [weather], "max_output_tokens": 4});
+    let e = server.post("/v1/responses", &plain);
+    assert_eq!(e.status, 400, "{}", e.body);
+    assert_eq!(e.json()["error"]["param"], "tools", "{}", e.body);
 }

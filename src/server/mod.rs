@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod openai;
 mod responses;
 pub mod responses_request;
+mod responses_tools;
 mod sse;
 pub mod structured;
 mod tokenize;
