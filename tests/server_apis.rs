@@ -265,3 +265,41 @@ fn responses_function_tools_give_function_call_items() {
     assert_eq!(e.status, 400, "{}", e.body);
     assert_eq!(e.json()["error"]["param"], "tools", "{}", e.body);
 }
+
+#[test]
+fn messages_tools_give_tool_use_blocks() {
+    let _serial = serial();
+    let server = Server::start(&[]);
+    let template = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/chat/llama31_chat_template.jinja"
+    ))
+    .expect("the Llama 3.1 template");
+    let weather = json!({"name": "get_weather", "description": "Weather in a city", "input_schema": {"type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"], "additionalProperties": false}});
+    let body = json!({"model": server.model, "max_tokens": 60, "temperature": 0, "chat_template": template,
+        "messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [weather],
+        "tool_choice": {"type": "tool", "name": "get_weather"}});
+    let r = server.post("/v1/messages", &body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = r.json();
+    assert_eq!(r["stop_reason"], "tool_use", "{r}");
+    let block = &r["content"][0];
+    assert_eq!((block["type"].as_str(), block["name"].as_str()), (Some("tool_use"), Some("get_weather")), "{r}");
+    assert!(block["input"]["city"].is_string() && block["id"].is_string(), "{block}");
+    // The call and its result, sent back, render through the template into a next turn.
+    let mut next = body.clone();
+    next["tool_choice"] = json!({"type": "none"});
+    next["max_tokens"] = json!(4);
+    next["messages"] = json!([{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": [block]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": block["id"], "content": "sunny"}]}]);
+    let n = server.post("/v1/messages", &next);
+    assert_eq!(n.status, 200, "{}", n.body);
+    assert_eq!(n.json()["content"][0]["type"], "text", "{}", n.body);
+    // Errors name the field, in Anthropic's shape.
+    let mut bad = body.clone();
+    bad["tools"] = json!([{"name": "f", "input_schema": 3}]);
+    let e = server.post("/v1/messages", &bad);
+    assert_eq!(e.status, 400, "{}", e.body);
+    assert!(e.body.contains("tools[0].input_schema"), "{}", e.body);
+}

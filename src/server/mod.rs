@@ -15,6 +15,7 @@ pub mod error;
 mod fields;
 mod messages;
 pub mod messages_request;
+mod messages_tools;
 pub mod metrics;
 pub mod openai;
 mod responses;
