@@ -25,7 +25,7 @@ pub enum Step {
 enum State {
     /// Before a call object (the start, or after a finished call).
     Between,
-    /// Inside call `index`'s arguments object.
+    /// Inside the current call's arguments object, `depth` brackets deep.
     Arguments { depth: usize, in_string: bool, escaped: bool },
     /// After the arguments object, before the call's closing `}`.
     Closing,
@@ -50,6 +50,12 @@ enum Header {
     NoMatch,
     /// The function's name, and the byte offset just past the arguments' `{`.
     Match(String, usize),
+}
+
+impl Default for ToolStream {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl ToolStream {
