@@ -120,6 +120,17 @@ TOOLS = [
 ]
 
 
+def accumulate(chunks):
+    """The (name, arguments) of each streamed call, as OpenAI's clients add up the deltas: the
+    first delta of an index carries the name, every later one appends arguments text."""
+    calls = {}
+    for ch in chunks:
+        for d in (ch.choices[0].delta.tool_calls or []) if ch.choices else []:
+            name, args = calls.get(d.index, (None, ""))
+            calls[d.index] = (name or d.function.name, args + (d.function.arguments or ""))
+    return [calls[i] for i in sorted(calls)]
+
+
 def tool_calls(client, model, template):
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
 
@@ -137,12 +148,14 @@ def tool_calls(client, model, template):
         assert name is None or call.function.name == name, call
         schema = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}[call.function.name]
         jsonschema.validate(json.loads(call.function.arguments), schema)
-        # Streamed: the same call, as a tool_calls delta, and the same finish.
+        # Streamed: the same call, its arguments in several deltas the client adds up, and the
+        # same finish.
         chunks = list(ask(tool_choice=choice, stream=True))
         deltas = [d for ch in chunks if ch.choices for d in (ch.choices[0].delta.tool_calls or [])]
-        assert len(deltas) == 1 and deltas[0].index == 0, deltas
-        assert deltas[0].function.name == call.function.name, (deltas, call)
-        assert json.loads(deltas[0].function.arguments) == json.loads(call.function.arguments), (deltas, call)
+        assert len(deltas) > 2 and {d.index for d in deltas} == {0}, deltas
+        streamed = accumulate(chunks)
+        assert [n for n, _ in streamed] == [call.function.name], (streamed, call)
+        assert json.loads(streamed[0][1]) == json.loads(call.function.arguments), (streamed, call)
         finishes = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
         assert finishes == ["tool_calls"], finishes
         assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == ""
@@ -169,8 +182,18 @@ def tool_calls(client, model, template):
     assert names == expected, names
     assert len({t.id for t in c.message.tool_calls}) == 2, c.message.tool_calls
     chunks = list(forced(stream=True))
-    deltas = [d for ch in chunks if ch.choices for d in (ch.choices[0].delta.tool_calls or [])]
-    assert [(d.index, d.function.name) for d in deltas] == [(0, "get_weather"), (1, "get_time")], deltas
+    streamed = [(n, json.loads(a)) for n, a in accumulate(chunks)]
+    assert streamed == expected, streamed
+    # Incremental: the openai SDK's own stream helper adds up the arguments deltas.
+    with client.chat.completions.stream(
+        model=model, messages=messages, tools=TOOLS, tool_choice="auto", temperature=0, max_tokens=80,
+        extra_body={"chat_template": template, "guided_choice": [two]},
+    ) as s:
+        kinds = [e.type for e in s]
+        final = s.get_final_completion()
+    assert kinds.count("tool_calls.function.arguments.delta") > 4, kinds
+    calls = final.choices[0].message.tool_calls
+    assert [(t.function.name, json.loads(t.function.arguments)) for t in calls] == expected, calls
     c = forced(parallel_tool_calls=False).choices[0]
     assert [t.function.name for t in c.message.tool_calls] == ["get_weather"], c.message
     # none: the tools are not shown, and the answer is text.

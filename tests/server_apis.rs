@@ -143,7 +143,7 @@ fn bad_requests_to_each_api_get_4xx_naming_the_field() {
             400,
             "text.format.schema",
         ),
-        (with(&resp, json!({"tools": [{"type": "function", "name": "f"}]})), 400, "tools"),
+        (with(&resp, json!({"tools": [{"type": "web_search"}]})), 400, "tools[0].type"),
         (with(&resp, json!({"model": "gpt-5"})), 404, "model"),
         (with(&resp, json!({"max_output_tokens": 5000})), 400, "max_output_tokens"),
     ];
@@ -179,4 +179,127 @@ fn bad_requests_to_each_api_get_4xx_naming_the_field() {
     // Every refused request harmed nothing: the server still answers.
     let ok = http(&server.addr, "POST", "/v1/messages", &x_api_key, msg.to_string().as_bytes());
     assert_eq!(ok.status, 200, "{}", ok.body);
+}
+
+#[test]
+fn streamed_tool_call_arguments_arrive_as_incremental_deltas() {
+    let _serial = serial();
+    let server = Server::start(&[]);
+    let template = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/chat/llama31_chat_template.jinja"
+    ))
+    .expect("the Llama 3.1 template");
+    let two = r#"<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}; {"name": "get_time", "parameters": {"city": "Lyon"}}"#;
+    let function =
+        |name: &str| json!({"type": "function", "function": {"name": name, "parameters": {"type": "object"}}});
+    let body = json!({"model": server.model, "messages": [{"role": "user", "content": "Weather in Paris?"}],
+        "tools": [function("get_weather"), function("get_time")], "tool_choice": "auto", "temperature": 0,
+        "max_tokens": 80, "chat_template": template, "guided_choice": [two], "stream": true});
+    let r = http(&server.addr, "POST", "/v1/chat/completions", &[], body.to_string().as_bytes());
+    let chunks: Vec<Value> =
+        r.events().iter().filter(|e| *e != "[DONE]").map(|e| serde_json::from_str(e).expect("JSON")).collect();
+    // OpenAI's shape: a call's first delta has its id, type and name; later ones only append
+    // `function.arguments`, under the call's index.
+    let mut calls: Vec<(String, String)> = Vec::new();
+    let mut pieces = vec![0; 2];
+    for delta in
+        chunks.iter().flat_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array().cloned().unwrap_or_default())
+    {
+        let index = delta["index"].as_u64().expect("index") as usize;
+        let args = delta["function"]["arguments"].as_str().expect("arguments");
+        if let Some(name) = delta["function"]["name"].as_str() {
+            assert!(delta["id"].is_string() && delta["type"] == "function" && index == calls.len(), "{delta}");
+            calls.push((name.to_owned(), args.to_owned()));
+        } else {
+            assert!(delta.get("id").is_none() && index + 1 == calls.len(), "{delta}");
+            calls[index].1.push_str(args);
+        }
+        pieces[index] += 1;
+    }
+    let parsed: Vec<(String, Value)> =
+        calls.iter().map(|(n, a)| (n.clone(), serde_json::from_str(a).expect("arguments are JSON"))).collect();
+    assert_eq!(
+        parsed,
+        vec![
+            ("get_weather".into(), json!({"city": "Paris", "unit": "celsius"})),
+            ("get_time".into(), json!({"city": "Lyon"}))
+        ]
+    );
+    // Token by token: the first call's arguments (a dozen tokens) come in several deltas.
+    assert!(pieces[0] >= 4, "{pieces:?} deltas per call: arguments were not streamed");
+    let finishes: Vec<&Value> =
+        chunks.iter().map(|c| &c["choices"][0]["finish_reason"]).filter(|f| !f.is_null()).collect();
+    assert_eq!(finishes, [&json!("tool_calls")]);
+    let content: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(content, "");
+}
+
+#[test]
+fn responses_function_tools_give_function_call_items() {
+    let _serial = serial();
+    let server = Server::start(&[]);
+    let template = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/chat/llama31_chat_template.jinja"
+    ))
+    .expect("the Llama 3.1 template");
+    let weather = json!({"type": "function", "name": "get_weather", "parameters": {"type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"], "additionalProperties": false}});
+    let body = json!({"model": server.model, "input": "Weather in Paris?", "tools": [weather],
+        "tool_choice": {"type": "function", "name": "get_weather"}, "temperature": 0, "max_output_tokens": 60,
+        "chat_template": template});
+    let r = server.post("/v1/responses", &body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = r.json();
+    let item = &r["output"][0];
+    assert_eq!(item["type"], "function_call", "{r}");
+    assert_eq!(item["name"], "get_weather", "{r}");
+    assert!(item["call_id"].as_str().is_some_and(|c| c.starts_with("call_")), "{item}");
+    let args: Value = serde_json::from_str(item["arguments"].as_str().expect("arguments")).expect("JSON arguments");
+    assert!(args["city"].is_string(), "{args}");
+    assert_eq!(r["tools"], json!([weather]), "{r}");
+    // Without a tool section in the template: a 400 naming `tools`, as on chat.
+    let plain = json!({"model": server.model, "input": "Hi", "tools": [weather], "max_output_tokens": 4});
+    let e = server.post("/v1/responses", &plain);
+    assert_eq!(e.status, 400, "{}", e.body);
+    assert_eq!(e.json()["error"]["param"], "tools", "{}", e.body);
+}
+
+#[test]
+fn messages_tools_give_tool_use_blocks() {
+    let _serial = serial();
+    let server = Server::start(&[]);
+    let template = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/chat/llama31_chat_template.jinja"
+    ))
+    .expect("the Llama 3.1 template");
+    let weather = json!({"name": "get_weather", "description": "Weather in a city", "input_schema": {"type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"], "additionalProperties": false}});
+    let body = json!({"model": server.model, "max_tokens": 60, "temperature": 0, "chat_template": template,
+        "messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [weather],
+        "tool_choice": {"type": "tool", "name": "get_weather"}});
+    let r = server.post("/v1/messages", &body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = r.json();
+    assert_eq!(r["stop_reason"], "tool_use", "{r}");
+    let block = &r["content"][0];
+    assert_eq!((block["type"].as_str(), block["name"].as_str()), (Some("tool_use"), Some("get_weather")), "{r}");
+    assert!(block["input"]["city"].is_string() && block["id"].is_string(), "{block}");
+    // The call and its result, sent back, render through the template into a next turn.
+    let mut next = body.clone();
+    next["tool_choice"] = json!({"type": "none"});
+    next["max_tokens"] = json!(4);
+    next["messages"] = json!([{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": [block]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": block["id"], "content": "sunny"}]}]);
+    let n = server.post("/v1/messages", &next);
+    assert_eq!(n.status, 200, "{}", n.body);
+    assert_eq!(n.json()["content"][0]["type"], "text", "{}", n.body);
+    // Errors name the field, in Anthropic's shape.
+    let mut bad = body.clone();
+    bad["tools"] = json!([{"name": "f", "input_schema": 3}]);
+    let e = server.post("/v1/messages", &bad);
+    assert_eq!(e.status, 400, "{}", e.body);
+    assert!(e.body.contains("tools[0].input_schema"), "{}", e.body);
 }

@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use super::completions::{self, ChoiceEvent, Collected, Reply};
 use super::error::ApiError;
 use super::messages_request;
+use super::messages_tools;
 use super::AppState;
 use crate::engine::{Event, FinishReason, Summary};
 
@@ -39,13 +40,27 @@ async fn handle(state: Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Re
     let summary = summaries.into_iter().next().flatten();
     let summary = summary.ok_or_else(|| ApiError::internal("the message ended without finishing"))?;
     let text = texts.into_iter().next().unwrap_or_default();
-    let (stop_reason, stop_sequence) = stop_reason(&reply, &text, &summary);
+    let (mut stop_reason, stop_sequence) = stop_reason(&reply, &text, &summary);
+    let content = match reply.tool_calls(&text, &summary) {
+        Some(calls) => {
+            stop_reason = "tool_use";
+            let block = |c: &Value| {
+                let f = &c["function"];
+                messages_tools::tool_use_block(
+                    f["name"].as_str().unwrap_or_default(),
+                    f["arguments"].as_str().unwrap_or_default(),
+                )
+            };
+            calls.iter().map(block).collect()
+        }
+        None => vec![json!({"type": "text", "text": text})],
+    };
     Ok(Json(json!({
         "id": reply.id,
         "type": "message",
         "role": "assistant",
         "model": reply.state.model_name,
-        "content": [{"type": "text", "text": text}],
+        "content": content,
         "stop_reason": stop_reason,
         "stop_sequence": stop_sequence,
         "usage": usage(&reply, Some(&summary)),

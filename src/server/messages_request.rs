@@ -3,14 +3,17 @@
 //! required, `messages` alternating content of `text`, `tool_use` and `tool_result` blocks,
 //! `system` a string or text blocks, `temperature` in [0, 1], `top_p` in (0, 1], `top_k` ≥ 0,
 //! `stop_sequences` non-empty strings. Unknown fields (`metadata`, `service_tier`, ...) are
-//! ignored; `tools` and enabled `thinking` are refused naming the field, since tulu cannot
-//! honour them on this API yet.
+//! ignored; client `tools` are read by `messages_tools.rs` (not when streaming: a 400 naming
+//! `stream`); server tools and enabled `thinking` are refused naming the field. vLLM's
+//! `chat_template` is accepted, as on chat.
 
 use serde_json::Value;
 
 use super::error::ApiError;
 use super::fields::{kind, Fields};
+use super::messages_tools;
 use super::openai::{ApiRequest, Endpoint, PromptInput, SamplingOverrides};
+use super::tools::Tools;
 use crate::tokenizer::{ChatMessage, ToolCall};
 
 /// Parses and validates a `/v1/messages` body.
@@ -27,10 +30,10 @@ pub fn parse(body: &[u8]) -> Result<ApiRequest, ApiError> {
         Some(m) if m < 1 => return Err(ApiError::param("max_tokens", format!("must be at least 1, got {m}"))),
         Some(m) => m as u64,
     };
-    match f.get("tools") {
-        None => {}
-        Some(Value::Array(t)) if t.is_empty() => {}
-        Some(_) => return Err(ApiError::param("tools", "are not supported on /v1/messages yet")),
+    let tools = messages_tools::parse(obj)?;
+    let stream = f.bool("stream")?.unwrap_or(false);
+    if stream && tools.as_ref().is_some_and(Tools::active) {
+        return Err(ApiError::param("stream", "with `tools` is not supported on /v1/messages yet"));
     }
     if f.get("thinking").and_then(|t| t.get("type")).and_then(Value::as_str) == Some("enabled") {
         return Err(ApiError::param("thinking", "is not supported (this model does not think aloud)"));
@@ -42,7 +45,7 @@ pub fn parse(body: &[u8]) -> Result<ApiRequest, ApiError> {
         model: Some(model.to_owned()),
         prompts: vec![PromptInput::Chat(messages)],
         n: 1,
-        stream: f.bool("stream")?.unwrap_or(false),
+        stream,
         include_usage: false,
         max_tokens: Some(max_tokens),
         max_tokens_param: "max_tokens",
@@ -51,9 +54,9 @@ pub fn parse(body: &[u8]) -> Result<ApiRequest, ApiError> {
         logprobs: None,
         echo: false,
         ignore_eos: false,
-        constraint: None,
-        tools: None,
-        chat_template: None,
+        constraint: tools.as_ref().and_then(Tools::constraint),
+        tools,
+        chat_template: f.string("chat_template")?.map(str::to_owned),
         return_token_ids: false,
     })
 }

@@ -15,13 +15,16 @@ pub mod error;
 mod fields;
 mod messages;
 pub mod messages_request;
+mod messages_tools;
 pub mod metrics;
 pub mod openai;
 mod responses;
 pub mod responses_request;
+mod responses_tools;
 mod sse;
 pub mod structured;
 mod tokenize;
+pub mod tool_stream;
 pub mod tools;
 
 use std::net::SocketAddr;

@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use super::completions::{self, ChoiceEvent, Collected, Reply};
 use super::error::ApiError;
 use super::responses_request::{self, ResponsesRequest};
+use super::responses_tools;
 use super::AppState;
 use crate::engine::{Event, FinishReason, Summary};
 
@@ -74,7 +75,20 @@ impl Answer {
                     FinishReason::Length => ("incomplete", json!({"reason": "max_output_tokens"})),
                     _ => ("completed", Value::Null),
                 };
-                (status, incomplete, json!([self.message(Some(text))]), self.usage(summary))
+                let output = match self.reply.tool_calls(text, summary) {
+                    Some(calls) => calls
+                        .iter()
+                        .map(|c| {
+                            let f = &c["function"];
+                            responses_tools::function_call_item(
+                                f["name"].as_str().unwrap_or_default(),
+                                f["arguments"].as_str().unwrap_or_default(),
+                            )
+                        })
+                        .collect(),
+                    None => vec![self.message(Some(text))],
+                };
+                (status, incomplete, Value::Array(output), self.usage(summary))
             }
         };
         json!({
@@ -95,8 +109,8 @@ impl Answer {
             "store": false,
             "temperature": req.sampling.temperature,
             "text": self.request.text,
-            "tool_choice": "auto",
-            "tools": [],
+            "tool_choice": self.request.tool_choice,
+            "tools": self.request.tools,
             "top_p": req.sampling.top_p,
             "truncation": "disabled",
             "usage": usage,

@@ -2,15 +2,18 @@
 //! the engine runs. Stateless: nothing is stored, so `store` is accepted but each response says
 //! `"store": false`, and `previous_response_id` is a 400 naming it (the client must send the
 //! conversation in `input`). Unknown fields are ignored, as OpenAI's other endpoints on this
-//! server do; known options tulu cannot honour (tools, `top_logprobs`, background mode) are
-//! refused naming the field.
+//! server do; known options tulu cannot honour (tools other than functions, `tools` when
+//! streaming, `top_logprobs`, background mode) are refused naming the field. vLLM's
+//! `chat_template` is accepted, as on chat.
 
 use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
 use super::fields::{kind, Fields};
 use super::openai::{self, ApiRequest, Endpoint, PromptInput};
+use super::responses_tools;
 use super::structured;
+use super::tools::Tools;
 use crate::tokenizer::{ChatMessage, ToolCall};
 
 /// A parsed `/v1/responses` request: the chat request plus what the response echoes back.
@@ -24,6 +27,10 @@ pub struct ResponsesRequest {
     pub metadata: Value,
     /// `text`, echoed (`{"format": {"type": "text"}}` when absent).
     pub text: Value,
+    /// `tools`, echoed (`[]` when absent).
+    pub tools: Value,
+    /// `tool_choice`, echoed (`"auto"` when absent).
+    pub tool_choice: Value,
 }
 
 /// Parses and validates a `/v1/responses` body.
@@ -47,10 +54,10 @@ pub fn parse(body: &[u8]) -> Result<ResponsesRequest, ApiError> {
         return Err(ApiError::param("background", "is not supported (only false)"));
     }
     f.bool("store")?;
-    match f.get("tools") {
-        None => {}
-        Some(Value::Array(t)) if t.is_empty() => {}
-        Some(_) => return Err(ApiError::param("tools", "are not supported on /v1/responses yet")),
+    let tools = responses_tools::parse(obj)?;
+    let stream = f.bool("stream")?.unwrap_or(false);
+    if stream && tools.as_ref().is_some_and(Tools::active) {
+        return Err(ApiError::param("stream", "with `tools` is not supported on /v1/responses yet"));
     }
     if let Some(k) = f.int("top_logprobs")? {
         if k != 0 {
@@ -65,6 +72,15 @@ pub fn parse(body: &[u8]) -> Result<ResponsesRequest, ApiError> {
         m => m.map(|m| m as u64),
     };
     let (constraint, text) = text_format(&f)?;
+    let constraint = match (constraint, tools.as_ref().and_then(Tools::constraint)) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::param(
+                "tool_choice",
+                "`required` or a named function cannot be combined with `text.format`",
+            ))
+        }
+        (c, t) => c.or(t),
+    };
     let metadata = match f.get("metadata") {
         None => json!({}),
         Some(m @ Value::Object(_)) => m.clone(),
@@ -75,7 +91,7 @@ pub fn parse(body: &[u8]) -> Result<ResponsesRequest, ApiError> {
         model: f.string("model")?.map(str::to_owned),
         prompts: vec![PromptInput::Chat(messages)],
         n: 1,
-        stream: f.bool("stream")?.unwrap_or(false),
+        stream,
         include_usage: false,
         max_tokens,
         max_tokens_param: "max_output_tokens",
@@ -85,11 +101,13 @@ pub fn parse(body: &[u8]) -> Result<ResponsesRequest, ApiError> {
         echo: false,
         ignore_eos: false,
         constraint,
-        tools: None,
-        chat_template: None,
+        tools,
+        chat_template: f.string("chat_template")?.map(str::to_owned),
         return_token_ids: false,
     };
-    Ok(ResponsesRequest { chat, instructions, metadata, text })
+    let echo = |key: &str, default: Value| f.get(key).filter(|v| !v.is_null()).cloned().unwrap_or(default);
+    let (tools, tool_choice) = (echo("tools", json!([])), echo("tool_choice", json!("auto")));
+    Ok(ResponsesRequest { chat, instructions, metadata, text, tools, tool_choice })
 }
 
 /// `input`: a string (one user message) or a list of items — messages (`role` + `content`,
@@ -264,7 +282,8 @@ mod tests {
             (json!({"input": "x", "temperature": 3}), "temperature"),
             (json!({"input": "x", "text": {"format": {"type": "yaml"}}}), "text.format.type"),
             (json!({"input": "x", "text": {"format": {"type": "json_schema", "name": "x"}}}), "text.format"),
-            (json!({"input": "x", "tools": [{"type": "function", "name": "f"}]}), "tools"),
+            (json!({"input": "x", "tools": [{"type": "web_search"}]}), "tools[0].type"),
+            (json!({"input": "x", "tools": [{"type": "function", "name": "f"}], "stream": true}), "stream"),
         ];
         for (body, expected) in cases {
             assert_eq!(param(body.clone()).as_deref().map(|p| p.starts_with(expected)), Some(true), "{body}");

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use super::completions::{ChoiceEvent, Reply};
 use super::error::ApiError;
 use super::openai::Endpoint;
+use super::tool_stream::{Step, ToolStream};
 use crate::engine::{Event, Summary, TokenLogprob};
 
 /// The streaming response for `reply`, fed by `events`.
@@ -29,7 +30,9 @@ pub(super) fn response(reply: Reply, events: mpsc::UnboundedReceiver<ChoiceEvent
         pending: vec![Vec::new(); n],
         offsets: vec![0; n],
         summaries: vec![None; n],
-        held: vec![(reply.request.endpoint == Endpoint::Chat && reply.holds_back("")).then(String::new); n],
+        held: (0..n)
+            .map(|_| (reply.request.endpoint == Endpoint::Chat && reply.holds_back("")).then(ToolStream::new))
+            .collect(),
         finished: false,
         reply,
     };
@@ -70,9 +73,9 @@ struct ChunkStream {
     /// Completions' `text_offset` so far, per choice.
     offsets: Vec<usize>,
     summaries: Vec<Option<Summary>>,
-    /// Per chat choice, the text held back while it may be a tool call (`None` once released,
-    /// or when no tools are offered).
-    held: Vec<Option<String>>,
+    /// Per chat choice, the text read while it may be a tool call, whose calls stream as they
+    /// are written (`None` once released as text, or when no tools are offered).
+    held: Vec<Option<ToolStream>>,
     finished: bool,
 }
 
@@ -90,11 +93,19 @@ impl ChunkStream {
                 Some((i, Ok(Event::Text(text)))) => {
                     let text = match self.held[i].as_mut() {
                         Some(held) => {
-                            held.push_str(&text);
-                            if self.reply.holds_back(held) {
+                            let step = match self.reply.request.tools.as_ref() {
+                                Some(tools) => held.push(&text, tools),
+                                None => Step::Hold,
+                            };
+                            if let Step::Deltas(calls) = step {
+                                let lp = self.take_logprobs(i);
+                                self.push_choice(i, json!({"tool_calls": calls}), lp, None);
                                 continue;
                             }
-                            self.held[i].take().unwrap_or_default()
+                            if held.started() || self.reply.holds_back(held.text()) {
+                                continue;
+                            }
+                            self.held[i].take().map(|h| h.text().to_owned()).unwrap_or_default()
                         }
                         None => text,
                     };
@@ -109,8 +120,17 @@ impl ChunkStream {
                 Some((i, Ok(Event::Done(summary)))) => {
                     let lp = self.take_logprobs(i);
                     let mut finish = summary.finish_reason.as_str();
-                    if let Some(held) = self.held[i].take() {
+                    let streamed = self.held[i].as_ref().is_some_and(ToolStream::started);
+                    if streamed {
+                        // The calls went out as they were written.
+                        self.held[i] = None;
+                        if summary.finish_reason == crate::engine::FinishReason::Stop {
+                            finish = "tool_calls";
+                        }
+                        self.push_finish(i, json!({}), lp, finish, &summary);
+                    } else if let Some(held) = self.held[i].take() {
                         // The whole answer was held back: a tool call, or text after all.
+                        let held = held.text().to_owned();
                         let delta = match self.reply.tool_calls(&held, &summary) {
                             Some(mut calls) => {
                                 finish = "tool_calls";
