@@ -138,10 +138,10 @@ pub fn verify(
 }
 
 /// Verification of a proposer without a distribution (prompt lookup) by the target's own
-/// draws: `sampled[i]` is the token the target's sampler picks at draft position `i` (`draft.len()
-/// + 1` of them, each row with its own draw and the draft before it as context). Draft tokens
-/// are kept while each equals the target's pick; the first pick that differs, or the bonus pick
-/// after a fully kept draft, ends the step.
+/// draws: `sampled[i]` is the token the target's sampler picks at draft position `i`
+/// (`draft.len() + 1` of them, each row with its own draw and the draft before it as context).
+/// Draft tokens are kept while each equals the target's pick; the first pick that differs, or
+/// the bonus pick after a fully kept draft, ends the step.
 ///
 /// This is [`verify`]'s rule for `q = δ(d)`: the pick equals `d` with probability `p(d)`, and a
 /// pick that differs is distributed as `p` without `d`, normalised — the residual. For a greedy
