@@ -185,11 +185,7 @@ fn bad_requests_to_each_api_get_4xx_naming_the_field() {
 fn streamed_tool_call_arguments_arrive_as_incremental_deltas() {
     let _serial = serial();
     let server = Server::start(&[]);
-    let template = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/chat/llama31_chat_template.jinja"
-    ))
-    .expect("the Llama 3.1 template");
+    let template = llama31_template();
     let two = r#"<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}; {"name": "get_time", "parameters": {"city": "Lyon"}}"#;
     let function =
         |name: &str| json!({"type": "function", "function": {"name": name, "parameters": {"type": "object"}}});
@@ -239,11 +235,7 @@ fn streamed_tool_call_arguments_arrive_as_incremental_deltas() {
 fn responses_function_tools_give_function_call_items() {
     let _serial = serial();
     let server = Server::start(&[]);
-    let template = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/chat/llama31_chat_template.jinja"
-    ))
-    .expect("the Llama 3.1 template");
+    let template = llama31_template();
     let weather = json!({"type": "function", "name": "get_weather", "parameters": {"type": "object",
         "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"], "additionalProperties": false}});
     let body = json!({"model": server.model, "input": "Weather in Paris?", "tools": [weather],
@@ -270,11 +262,7 @@ fn responses_function_tools_give_function_call_items() {
 fn messages_tools_give_tool_use_blocks() {
     let _serial = serial();
     let server = Server::start(&[]);
-    let template = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/chat/llama31_chat_template.jinja"
-    ))
-    .expect("the Llama 3.1 template");
+    let template = llama31_template();
     let weather = json!({"name": "get_weather", "description": "Weather in a city", "input_schema": {"type": "object",
         "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"], "additionalProperties": false}});
     let body = json!({"model": server.model, "max_tokens": 60, "temperature": 0, "chat_template": template,
@@ -302,4 +290,10 @@ fn messages_tools_give_tool_use_blocks() {
     let e = server.post("/v1/messages", &bad);
     assert_eq!(e.status, 400, "{}", e.body);
     assert!(e.body.contains("tools[0].input_schema"), "{}", e.body);
+}
+
+/// The Llama 3.1 chat template (it has a tool section), as a request's `chat_template`.
+fn llama31_template() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/chat/llama31_chat_template.jinja"))
+        .expect("the Llama 3.1 template")
 }

@@ -195,8 +195,14 @@ impl Worker {
             )));
         }
         self.scheduler.complete(step);
-        let drafts: HashMap<SeqId, &[u32]> =
-            step.entries.iter().zip(&step.drafts).map(|(e, d)| (e.0, d.as_slice())).collect();
+        // Only speculating entries: a step without drafts builds (and allocates) nothing.
+        let drafts: HashMap<SeqId, &[u32]> = step
+            .entries
+            .iter()
+            .zip(&step.drafts)
+            .filter(|(_, d)| !d.is_empty())
+            .map(|(e, d)| (e.0, d.as_slice()))
+            .collect();
         let mut i = 0;
         while i < step.sampled.len() {
             let id = step.sampled[i];
