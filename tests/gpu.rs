@@ -71,6 +71,12 @@ fn random(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
 
 /// Fails unless every element is within `tol * (|reference| + 4 rms(reference))`; NaN fails.
 fn assert_close(what: &str, ours: &[f32], reference: &[f32], tol: f32) {
+    assert_close_floor(what, ours, reference, tol, 0.0);
+}
+
+/// [`assert_close`] with an absolute floor added to every element's tolerance: for outputs whose
+/// rounding error scales with an input's magnitude rather than the output's own (attention).
+fn assert_close_floor(what: &str, ours: &[f32], reference: &[f32], tol: f32, floor: f32) {
     assert_eq!(ours.len(), reference.len(), "{what}: lengths differ");
     if let Some(i) = ours.iter().position(|x| !x.is_finite()) {
         panic!("{what}: element {i} is {} (unwritten or overflowed; reference {})", ours[i], reference[i]);
@@ -79,12 +85,12 @@ fn assert_close(what: &str, ours: &[f32], reference: &[f32], tol: f32) {
     let (i, ratio) = ours
         .iter()
         .zip(reference)
-        .map(|(a, b)| (a - b).abs() / (tol * (b.abs() + 4.0 * rms)).max(f32::MIN_POSITIVE))
+        .map(|(a, b)| (a - b).abs() / (tol * (b.abs() + 4.0 * rms) + floor).max(f32::MIN_POSITIVE))
         .enumerate()
         .fold((0, 0f32), |best, (i, r)| if r > best.1 { (i, r) } else { best });
     assert!(
         ratio <= 1.0,
-        "{what}: element {i} is {} vs {} (error {:.2e}, {ratio:.2}x the tolerance {tol:.0e} * (|ref| + 4 * rms {rms:.3e}))",
+        "{what}: element {i} is {} vs {} (error {:.2e}, {ratio:.2}x the tolerance {tol:.0e} * (|ref| + 4 * rms {rms:.3e}) + {floor:.1e})",
         ours[i],
         reference[i],
         (ours[i] - reference[i]).abs()

@@ -380,7 +380,13 @@ fn run_attention_case(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut StdRng, cas
         assert_close(&format!("rope q: {what}"), &gpu.to_host(&gq).unwrap(), &cpu.to_host(&cq).unwrap(), OP_TOL);
         let c = cpu.to_host(&cpu.attention(&cq, 1, &ccache, &batch, dims).unwrap()).unwrap();
         let g = gpu.to_host(&gpu.attention(&gq, 1, &gcache, &batch, dims).unwrap()).unwrap();
-        assert_close(&format!("attention: {what}"), &g, &c, OP_TOL);
+        // The GPU rounds q and k after rope and (tensor-core prefill, as FlashAttention-2) the
+        // probabilities P to bf16 where the CPU keeps f32: each moves an output by up to about
+        // 2^-9 · max|v| wherever the output's own magnitude is (a row of 23 keys measured 9e-3
+        // at |ref| 0.016, v in ±2), so the floor is 2^-7 · max|v|. A wrong mask, tile or
+        // rescale errs by tenths.
+        let vmax = qkv.iter().map(|x| x.abs()).fold(0f32, f32::max);
+        assert_close_floor(&format!("attention: {what}"), &g, &c, OP_TOL, vmax / 128.0);
     }
 }
 
