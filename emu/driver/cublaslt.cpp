@@ -375,14 +375,20 @@ EMU_EXPORT int cublasLtMatmul(void* handle, void* desc, const void* alpha, const
             return CUBLAS_STATUS_INVALID_VALUE;
         }
     }
+    // For the profiler: what the operands span, each read or written once (cuBLASLt's tiles
+    // reuse them through L2), and the multiply-adds.
+    const unsigned long long read = span(g->a) + span(g->b) + (g->beta != 0.f ? span(g->c) : 0);
+    const unsigned long long written = span(g->dl);
+    const double flops = 2.0 * m * n * k * g->a.batch;
     Op op;
     op.what = "cublasLtMatmul";
-    op.run = [g] {
+    op.run = [g, m, n, k, read, written, flops] {
         touch((CUdeviceptr)g->A);
         touch((CUdeviceptr)g->B);
         touch((CUdeviceptr)g->D);
         if (g->beta != 0.f) touch((CUdeviceptr)g->C);
         run_gemm(*g);
+        profile_library_call("cublasLtMatmul", m, n, k, read, written, flops);
     };
     return submit(s, std::move(op)) == CUDA_SUCCESS ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_EXECUTION_FAILED;
 }

@@ -218,6 +218,11 @@ void profile_block(void* launch, const tulu_emu_profile_pc* pcs, size_t npcs, co
                    size_t nread, const unsigned long* written, size_t nwritten);
 /// The launch ended: its totals, line and prediction (takes ownership of `p`; null: nothing).
 void profile_end(LaunchProfile* p, const tulu_emu_kernel* k, uint64_t seq, tulu_emu_dim3 grid, tulu_emu_dim3 block);
+/// A cuBLASLt call ended: its line and totals under the kernel name `name`, with the bytes its
+/// operands span (read: A, B and C; written: D) and its FLOPs; `mnk` goes in the line's grid
+/// column. Nothing when not profiling.
+void profile_library_call(const char* name, uint64_t m, uint64_t n, uint64_t k, unsigned long long read_bytes,
+                          unsigned long long written_bytes, double flops);
 /// The tulu_emu_sanitize bits a launch of `kernel` runs with (without TULU_EMU_PROFILE for the
 /// kernels TULU_EMU_PROFILE_SKIP names).
 unsigned launch_checks(const char* kernel);

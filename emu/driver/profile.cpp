@@ -9,7 +9,11 @@
 // 3.1 TB/s (the read bandwidth measured on an H100 SXM; 3.35 TB/s is the datasheet figure) plus a
 // launch cost — 4.7 us for an eager launch (measured with tulu's own decode step on an H100) and
 // 1.5 us for a kernel node of a replayed CUDA graph (an assumption until `scripts/gpu-checks`
-// calibrates it). Compute time is not modelled: decode kernels are bound by memory.
+// calibrates it). Compute time is not modelled for tulu's kernels: decode kernels are bound by
+// memory. cuBLASLt calls (prefill's GEMMs, which no instrumented image runs) are lines too: the
+// bytes their operands span at 3.1 TB/s or their FLOPs at 796 TFLOP/s (bf16 8192^3 through
+// cuBLASLt, measured on an H100; FP8 is predicted at the same rate, conservatively), whichever
+// is longer, plus the launch cost.
 #include <dlfcn.h>
 #include <stdio.h>
 #include <string.h>
@@ -31,6 +35,7 @@ namespace {
 constexpr double kDramBytesPerUs = 3.1e6;  // 3.1 TB/s
 constexpr double kEagerLaunchUs = 4.7;
 constexpr double kGraphLaunchUs = 1.5;
+constexpr double kGemmFlopsPerUs = 796e6;  // 796 TFLOP/s
 
 // A set of sectors as bitmaps of 2 MiB pages (65,536 sectors each): cheap for a launch that
 // reads gigabytes of weights.
@@ -116,6 +121,23 @@ FILE* open_profile() {
     return f;
 }
 
+// One `launch` line (TULU_EMU_PROFILE_LAUNCHES=1), its header before the first; totals_mu held.
+void write_launch_line(const char* kernel, uint64_t seq, const char* grid, const char* block, bool graph,
+                       const Counts& c, unsigned long long rd, unsigned long long wr, double us) {
+    if (!config().profile_launches) return;
+    FILE* f = open_profile();
+    if (!f) return;
+    static bool header = false;
+    if (!header)
+        fprintf(f, "# launch\tseq\tkernel\tgrid\tblock\tgraph\t%s\tdram_read_bytes\tdram_write_bytes\t"
+                   "predicted_h100_us\n", kCountsHeader);
+    header = true;
+    fprintf(f, "launch\t%llu\t%s\t%s\t%s\t%d", (unsigned long long)seq, kernel, grid, block, graph ? 1 : 0);
+    print_counts(f, c);
+    fprintf(f, "\t%llu\t%llu\t%.3f\n", rd, wr, us);
+    fclose(f);
+}
+
 // At exit: the per-kernel and per-instruction tables.
 void write_summary() {
     std::lock_guard<std::mutex> g(totals_mu);
@@ -183,20 +205,10 @@ void profile_end(LaunchProfile* p, const tulu_emu_kernel* k, uint64_t seq, tulu_
     static std::once_flag once;
     std::call_once(once, [] { atexit(write_summary); });
     std::lock_guard<std::mutex> g(totals_mu);
-    if (config().profile_launches) {
-        if (FILE* f = open_profile()) {
-            static bool header = false;
-            if (!header)
-                fprintf(f, "# launch\tseq\tkernel\tgrid\tblock\tgraph\t%s\tdram_read_bytes\tdram_write_bytes\t"
-                           "predicted_h100_us\n", kCountsHeader);
-            header = true;
-            fprintf(f, "launch\t%llu\t%s\t%u,%u,%u\t%u,%u,%u\t%d", (unsigned long long)seq, k->name, grid.x, grid.y,
-                    grid.z, block.x, block.y, block.z, graph ? 1 : 0);
-            print_counts(f, c);
-            fprintf(f, "\t%llu\t%llu\t%.3f\n", rd, wr, us);
-            fclose(f);
-        }
-    }
+    char g_dims[64], b_dims[64];
+    snprintf(g_dims, sizeof g_dims, "%u,%u,%u", grid.x, grid.y, grid.z);
+    snprintf(b_dims, sizeof b_dims, "%u,%u,%u", block.x, block.y, block.z);
+    write_launch_line(k->name, seq, g_dims, b_dims, graph, c, rd, wr, us);
     KernelTotals& t = totals[k->name];
     if (t.image.empty()) {
         Dl_info d{};
@@ -214,6 +226,25 @@ void profile_end(LaunchProfile* p, const tulu_emu_kernel* k, uint64_t seq, tulu_
         y.ideal += x.ideal;
         y.bytes += x.bytes;
     }
+}
+
+void profile_library_call(const char* name, uint64_t m, uint64_t n, uint64_t k, unsigned long long read_bytes,
+                          unsigned long long written_bytes, double flops) {
+    if (!(config().sanitize & TULU_EMU_PROFILE)) return;
+    const bool graph = graph_replay;
+    const double memory_us = (double)(read_bytes + written_bytes) / kDramBytesPerUs;
+    const double us = (graph ? kGraphLaunchUs : kEagerLaunchUs) + std::max(memory_us, flops / kGemmFlopsPerUs);
+    static std::once_flag once;
+    std::call_once(once, [] { atexit(write_summary); });
+    std::lock_guard<std::mutex> g(totals_mu);
+    char mnk[96];
+    snprintf(mnk, sizeof mnk, "%llu,%llu,%llu", (unsigned long long)m, (unsigned long long)n, (unsigned long long)k);
+    write_launch_line(name, 0, mnk, "0,0,0", graph, Counts{}, read_bytes, written_bytes, us);
+    KernelTotals& t = totals[name];
+    t.launches++;
+    t.dram_read += read_bytes;
+    t.dram_written += written_bytes;
+    t.predicted_us += us;
 }
 
 }  // namespace emu

@@ -28,6 +28,7 @@ use tulu::unstable::weights::random::RandomSlice;
 use tulu::{Error, Result};
 
 use super::bench::{round, BenchArgs};
+use super::bench_predict::{full_model_row, step_fields, Case, Predicted, Profile};
 
 /// KV block size of the benchmark's caches.
 const BLOCK: usize = 16;
@@ -146,6 +147,9 @@ struct Timing {
     mean_context: f64,
     /// Kernel launches (and collectives) per timed decode step, where the backend counts them.
     launches_per_step: Option<f64>,
+    /// Under the emulator's profiler: the predicted H100 time of a timed decode step and of
+    /// one sequence's prefill.
+    predicted: Option<(Predicted, Predicted)>,
 }
 
 fn run<B: Runtime + Profiling>(
@@ -160,6 +164,10 @@ where
     LocalComm: Communicator<B>,
 {
     let backend = open()?;
+    let profile = Profile::from_env()?;
+    // Under the profiler with fewer layers than the shape has: the whole model's prediction
+    // takes a one-layer model's steps too (a layer is the difference).
+    let predict_full = profile.is_some() && (2..full.num_hidden_layers).contains(&cfg.num_hidden_layers);
     let eb = backend.element_bytes() as f64;
     let (read_bw, read_bytes, gemm_peak, gemm_n) = probes.run(&backend)?;
     println!(
@@ -178,7 +186,7 @@ where
     let model = Llama::random(&backend, cfg, args.seed, max_positions, shard, |_| {})?;
     let init_s = started.elapsed().as_secs_f64();
     // A one-layer model of the same shard: the difference of the two step times is the layers'.
-    let one_layer = if args.rank_shard {
+    let one_layer = if args.rank_shard || predict_full {
         let one = ModelConfig { num_hidden_layers: 1, ..cfg.clone() };
         Some(Llama::random(&backend, &one, args.seed, max_positions, shard, |_| {})?)
     } else {
@@ -209,15 +217,13 @@ where
                 workspace_bytes: model.workspace_bytes(&limits(graphs), backend.element_bytes()),
             };
             backend.reserve(&shape)?;
-            let t = time_case(&backend, &model, batch, plen, args.gen_len)?;
+            let t = time_case(&backend, &model, batch, plen, args.gen_len, profile.as_ref())?;
             let weights = step_weights;
             let kv = model.kv_elements_per_token() as f64 * eb * t.mean_context * batch as f64;
             let step_bytes = weights + kv;
             let achieved = step_bytes / t.step_s;
             let prefill_rate = model.prefill_flops(plen) / t.prefill_s;
-            println!(
-                "{}",
-                json!({
+            let mut row = json!({
                     "case": "decode",
                     "device": backend.describe(),
                     "model": args.preset.clone().unwrap_or_else(|| "config.json".into()),
@@ -240,10 +246,31 @@ where
                     "prefill_tflops": round(prefill_rate / 1e12),
                     "fraction_of_gemm_peak": round(prefill_rate / gemm_peak),
                     "init_s": round(init_s),
-                })
-            );
-            if let Some(one) = one_layer.as_ref().filter(|_| !graphs) {
-                let t1 = time_case(&backend, one, batch, plen, args.gen_len)?;
+            });
+            if let (Some((step, prefill)), Some(map)) = (t.predicted, row.as_object_mut()) {
+                map.extend(step_fields(batch, step, prefill).as_object().cloned().unwrap_or_default());
+            }
+            println!("{row}");
+            let t1 = match one_layer.as_ref() {
+                Some(one) if !graphs || predict_full => {
+                    Some(time_case(&backend, one, batch, plen, args.gen_len, profile.as_ref())?)
+                }
+                _ => None,
+            };
+            if let (true, Some((one, many))) = (predict_full, t1.as_ref().and_then(|t1| t1.predicted.zip(t.predicted)))
+            {
+                let case = Case {
+                    model: args.preset.as_deref().unwrap_or("config.json"),
+                    layers: cfg.num_hidden_layers,
+                    full_layers: full.num_hidden_layers,
+                    tp: shard.world,
+                    batch,
+                    prompt_len: plen,
+                    cuda_graphs: graphs,
+                };
+                println!("{}", full_model_row(&case, one.0, many.0, PUBLISHED_ALL_REDUCE[1].1));
+            }
+            if let Some(t1) = t1.filter(|_| args.rank_shard && !graphs) {
                 let layer_s = ((t.step_s - t1.step_s) / (cfg.num_hidden_layers - 1) as f64).max(0.0);
                 let layer_kv = kv / cfg.num_hidden_layers as f64;
                 let floor = (layer_bytes + layer_kv) / read_bw;
@@ -295,6 +322,7 @@ fn time_case<B: Runtime + Profiling>(
     batch: usize,
     plen: usize,
     gen: usize,
+    profile: Option<&Profile>,
 ) -> Result<Timing> {
     let per_seq = (plen + gen + WARM_UP + 1).div_ceil(BLOCK);
     let mut cache = backend.new_kv_cache(&model.kv_cache_spec(per_seq * batch, BLOCK))?;
@@ -327,15 +355,19 @@ fn time_case<B: Runtime + Profiling>(
         step(&b, cache)?.first().copied().ok_or_else(|| Error::Backend("a step sampled no token".into()))
     };
     prefill(&tables[0], &mut cache)?; // warm-up; rewritten below
+    let mark = profile.map(Profile::mark);
     let started = Instant::now();
     let mut next = tables.iter().map(|t| prefill(t, &mut cache)).collect::<Result<Vec<u32>>>()?;
     let prefill_s = started.elapsed().as_secs_f64() / batch as f64;
+    let predicted_prefill = profile.zip(mark.as_ref()).map(|(p, m)| p.since(m)).transpose()?;
+    let mut mark = None;
     let mut started = Instant::now();
     let mut launches = backend.launches();
     for i in 0..gen + WARM_UP {
         if i == WARM_UP {
             started = Instant::now();
             launches = backend.launches();
+            mark = profile.map(Profile::mark);
         }
         let mut b = Batch::new(BLOCK);
         for (table, &token) in tables.iter().zip(&next) {
@@ -347,7 +379,9 @@ fn time_case<B: Runtime + Profiling>(
     let launches_per_step = launches.zip(backend.launches()).map(|(a, b)| (b - a) as f64 / gen as f64);
     // Timed steps i = WARM_UP..WARM_UP + gen attend over plen + i + 1 tokens.
     let mean_context = plen as f64 + 1.0 + WARM_UP as f64 + (gen as f64 - 1.0) / 2.0;
-    Ok(Timing { prefill_s, step_s, mean_context, launches_per_step })
+    let predicted_step = profile.zip(mark.as_ref()).map(|(p, m)| p.since(m)).transpose()?;
+    let predicted = predicted_step.zip(predicted_prefill).map(|(s, p)| (s.per(gen), p.per(batch)));
+    Ok(Timing { prefill_s, step_s, mean_context, launches_per_step, predicted })
 }
 
 /// bf16 (or f32 on the CPU) GEMM throughput of `n × n · n × n`, in FLOP/s.

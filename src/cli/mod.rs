@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_model;
+pub mod bench_predict;
 pub mod bench_serve;
 pub mod bench_spec;
 pub mod convert;
