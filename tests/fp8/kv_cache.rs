@@ -301,3 +301,24 @@ fn bad_kv_scales_name_the_tensor() {
         other => panic!("{other:?}"),
     }
 }
+
+/// The library option end to end, through the engine (scheduler, chunked prefill, decode):
+/// SmolLM2 with an e4m3 cache still answers the question, and the same KV memory holds four
+/// times the blocks of the CPU's f32 cache (one byte an element against four).
+#[test]
+fn smollm2_with_an_fp8_kv_cache_knows_the_capital_of_france() {
+    let load = |dtype: tulu::KvCacheDtype| {
+        let mut opts = tulu::EngineOptions::new(super::common::smollm2_dir().to_string_lossy());
+        opts.kv_cache_dtype = dtype;
+        opts.kv_cache_memory = Some(64 << 20);
+        tulu::Engine::load(opts).unwrap()
+    };
+    let f32_blocks = load(tulu::KvCacheDtype::Auto).metrics().kv_blocks_total;
+    let engine = load(tulu::KvCacheDtype::Fp8);
+    assert_eq!(engine.config().kv_cache, KvDtype::Fp8);
+    assert_eq!(engine.metrics().kv_blocks_total, 4 * f32_blocks);
+    let msg = tulu::ChatMessage::new("user", "What is the capital of France?");
+    let req = tulu::GenerateRequest::chat(vec![msg]).max_tokens(32).sampling(tulu::SamplingParams::greedy());
+    let (text, _) = super::common::run(&engine, req);
+    assert!(text.contains("Paris"), "answer: {text:?}");
+}
