@@ -4,6 +4,7 @@
 //! errors naming the tensor or field.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -13,6 +14,7 @@ use tulu::unstable::backend::cpu::{CpuBackend, CpuTensor};
 use tulu::unstable::backend::{AttnDims, Backend, KvCacheSpec};
 use tulu::unstable::config::ModelConfig;
 use tulu::unstable::model::Llama;
+use tulu::unstable::parallel::local::LocalGroup;
 use tulu::unstable::parallel::sharding::Shard;
 use tulu::unstable::parallel::SingleRank;
 use tulu::unstable::quant::kv::{KvDtype, KvFormat, KvScale};
@@ -35,6 +37,18 @@ fn kv_logits(dir: &Path, kv: KvDtype) -> Vec<f32> {
     super::common::ranks_logits(vec![SingleRank], &tokens(), |_| {
         let backend = CpuBackend::new();
         let model = Llama::load(&backend, &cfg, &store, 64, Shard::single(), |_| {}).unwrap();
+        (backend, model)
+    })
+}
+
+/// [`kv_logits`] with an e4m3 cache on `tp` ranks (each caching its own KV heads).
+fn fp8_logits_at(dir: &Path, tp: usize) -> Vec<f32> {
+    let cfg = ModelConfig { kv_cache: KvDtype::Fp8, ..ModelConfig::from_file(&dir.join("config.json")).unwrap() };
+    let store = WeightStore::open(dir).unwrap();
+    let comms = LocalGroup::new(tp, Duration::from_secs(60)).communicators();
+    super::common::ranks_logits(comms, &tokens(), |rank| {
+        let backend = CpuBackend::new();
+        let model = Llama::load(&backend, &cfg, &store, 64, Shard { rank, world: tp }, |_| {}).unwrap();
         (backend, model)
     })
 }
@@ -239,6 +253,11 @@ fn scales_apply_once() {
     for dir in [vllm, output, legacy] {
         assert_eq!(kv_logits(&dir, KvDtype::Fp8), reference, "{}", dir.display());
     }
+    // At tp 2 each rank caches its KV heads with the same scales: the keys and values are the
+    // same numbers (q/k/v are split by heads, not summed), so only o_proj's and down's sums
+    // change order.
+    let vllm = tmp.path().join("vllm");
+    assert_close(&fp8_logits_at(&vllm, 2), &reference, 1e-4, 1e-4, "tp 2");
     // The f32 cache reads no scales.
     let scaled = tmp.path().join("vllm");
     assert_eq!(kv_logits(&scaled, KvDtype::Model), kv_logits(&source(), KvDtype::Model));
