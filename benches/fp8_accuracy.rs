@@ -9,6 +9,10 @@
 //! emulation of CUDA: `scripts/cuda-emu cargo bench --features cuda,nccl --bench fp8_accuracy --
 //! --w8a8 ...`.
 //!
+//! `--kv-cache-dtype fp8` gives the compared model an e4m3 KV cache (per-layer scales from the
+//! checkpoint, else 1.0); with `--kv-only` its weights stay as stored, so the figures are what the
+//! FP8 KV cache alone costs against the f32 cache.
+//!
 //! Prints one JSON line: every position's next-token logits compared (relative RMS error, the
 //! largest error, how many logits stay within the first-order noise estimate), and the greedy
 //! agreement rate — how often the argmax is the same — with the largest bf16 margin (top-1 minus
@@ -24,6 +28,7 @@ use tulu::unstable::config::ModelConfig;
 use tulu::unstable::model::Llama;
 use tulu::unstable::parallel::sharding::Shard;
 use tulu::unstable::parallel::SingleRank;
+use tulu::unstable::quant::kv::KvCacheDtype;
 use tulu::unstable::quant::Quantize;
 use tulu::unstable::runtime::batch::Batch;
 use tulu::unstable::tokenizer::Tokenizer;
@@ -52,6 +57,13 @@ struct Args {
     /// blocks on the CPU, computed by integer dot products against 8-bit activations).
     #[arg(long, default_value = "fp8")]
     quantize: Quantize,
+    /// What the compared model's KV cache stores: auto (the checkpoint's), bf16 (the CPU's f32),
+    /// or fp8 (e4m3).
+    #[arg(long, default_value = "auto")]
+    kv_cache_dtype: KvCacheDtype,
+    /// Leave the compared model's weights as stored (compare the KV cache alone).
+    #[arg(long, conflicts_with = "w8a8")]
+    kv_only: bool,
     /// cargo passes `--bench` to every bench target.
     #[arg(long, hide = true)]
     bench: bool,
@@ -125,7 +137,10 @@ fn run(args: &Args) -> Result<()> {
         (None, None) => return Err(Error::request("model", "give --model DIR or --preset NAME")),
     };
     let mut quantized = cfg.clone();
-    args.quantize.apply(&mut quantized);
+    if !args.kv_only {
+        args.quantize.apply(&mut quantized);
+    }
+    args.kv_cache_dtype.apply(&mut quantized);
     let max_context = args.len + 1;
     let dense = load(&backend, &cfg, store.as_ref(), max_context)?;
     let reference: Vec<Vec<f32>> = prompts.iter().map(|p| logits(&backend, &dense, p)).collect::<Result<_>>()?;
@@ -134,9 +149,15 @@ fn run(args: &Args) -> Result<()> {
     } else {
         let fp8 = load(&backend, &quantized, store.as_ref(), max_context)?;
         let l = prompts.iter().map(|p| logits(&backend, &fp8, p)).collect::<Result<_>>()?;
-        (l, if args.quantize == Quantize::Fp8 { "weight-only on the CPU" } else { "GGML blocks on the CPU" })
+        let mode = match (args.kv_only, args.quantize == Quantize::Fp8) {
+            (true, _) => "weights as stored on the CPU",
+            (false, true) => "weight-only on the CPU",
+            (false, false) => "GGML blocks on the CPU",
+        };
+        (l, mode)
     };
-    report(&name, mode, cfg.vocab_size, &reference, &quantized_logits);
+    let mode = format!("{mode}, KV cache {}", quantized.kv_cache.name());
+    report(&name, &mode, cfg.vocab_size, &reference, &quantized_logits);
     Ok(())
 }
 

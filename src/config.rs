@@ -57,6 +57,9 @@ pub struct ModelConfig {
     pub torch_dtype: Option<String>,
     /// FP8 weights: the checkpoint's `quantization_config`, or `--quantize fp8`.
     pub quantization: Option<crate::quant::Quantization>,
+    /// What the KV cache stores: e4m3 when `quantization_config.kv_cache_scheme` says so or
+    /// `--kv-cache-dtype fp8` asks for it ([`crate::quant::kv`]), else the model's type.
+    pub kv_cache: crate::quant::kv::KvDtype,
 }
 
 /// The sampling defaults and EOS ids of `generation_config.json`.
@@ -223,6 +226,8 @@ impl ModelConfig {
         if head_dim % 2 != 0 {
             return Err(f.err("head_dim", format!("RoPE needs an even head dimension, found {head_dim}")));
         }
+        // The KV scheme first: a quantization_config that only quantizes the KV cache is read as such.
+        let kv_cache = crate::quant::kv::checkpoint_dtype(obj.get("quantization_config"), file)?;
         let cfg = ModelConfig {
             hidden_size,
             intermediate_size: f.positive("intermediate_size")?,
@@ -240,6 +245,7 @@ impl ModelConfig {
             max_position_embeddings: f.positive("max_position_embeddings")?,
             torch_dtype: f.str_opt("torch_dtype")?.map(str::to_owned),
             quantization: crate::quant::config::parse(obj.get("quantization_config"), file)?,
+            kv_cache,
         };
         cfg.check_size(file)?;
         if let Some(dtype) = &cfg.torch_dtype {
@@ -382,6 +388,7 @@ impl ModelConfig {
             max_position_embeddings: 131_072,
             torch_dtype: Some("bfloat16".into()),
             quantization: None,
+            kv_cache: crate::quant::kv::KvDtype::Model,
         };
         Ok(match name {
             "tiny" => ModelConfig {

@@ -40,6 +40,7 @@ pub use error::{Error, Result};
 pub use grammar::Constraint;
 pub use options::EngineOptions;
 pub use parallel::rendezvous::WorldSpec;
+pub use quant::kv::KvCacheDtype;
 pub use quant::Quantize;
 pub use runtime::sampler::SamplingParams;
 pub use runtime::speculative::{NgramProposer, Speculation};

@@ -60,6 +60,11 @@ pub struct ModelArgs {
     /// stored; FP8 checkpoints need no flag.
     #[arg(long)]
     pub quantize: Option<tulu::unstable::quant::Quantize>,
+    /// What the KV cache stores: auto (e4m3 when the checkpoint's quantization_config has a
+    /// kv_cache_scheme, else the model's type), bf16, or fp8 (alias fp8_e4m3: one byte an
+    /// element, per-layer k_scale/v_scale from the checkpoint, 1.0 where it has none).
+    #[arg(long, default_value = "auto")]
+    pub kv_cache_dtype: tulu::unstable::quant::kv::KvCacheDtype,
     /// Speculative decoding: `ngram` proposes the tokens that followed the latest earlier
     /// occurrence of the last few tokens (prompt lookup), and one step verifies them all. The
     /// output is the same as without it; off by default.

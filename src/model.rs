@@ -18,6 +18,7 @@ use crate::parallel::sizing::{
     head_weight_elements, kv_bytes_per_token, layer_weight_elements, rank_weight_elements, workspace_bytes,
 };
 use crate::parallel::Communicator;
+use crate::quant::kv::{self, KvDtype, KvFormat, KvScale};
 use crate::quant::Quantization;
 use crate::rope::RopeTable;
 use crate::runtime::batch::Batch;
@@ -47,6 +48,8 @@ pub struct Llama<B: Backend> {
     sin: B::Weight,
     max_positions: usize,
     plan: ShardPlan,
+    /// What the KV cache stores, with its per-layer scales when e4m3.
+    kv: KvFormat,
 }
 
 impl<B: Backend> Llama<B> {
@@ -118,6 +121,11 @@ impl<B: Backend> Llama<B> {
         }
         let lm_head = if cfg.tie_word_embeddings { None } else { Some(linear(&[vocab("lm_head.weight")])?) };
         let rope = RopeTable::new(cfg, max_positions);
+        let kv_format = match (cfg.kv_cache, source) {
+            (KvDtype::Model, _) => KvFormat::Model,
+            (KvDtype::Fp8, Source::Checkpoint(store)) => KvFormat::Fp8(kv::load_scales(cfg, store)?),
+            (KvDtype::Fp8, Source::Random(_)) => KvFormat::Fp8(vec![KvScale::ONE; cfg.num_hidden_layers].into()),
+        };
         Ok(Llama {
             cfg: cfg.clone(),
             dims: AttnDims { heads: plan.heads, kv_heads: plan.kv_heads, head_dim: cfg.head_dim },
@@ -129,6 +137,7 @@ impl<B: Backend> Llama<B> {
             sin: backend.upload(&rope.sin, max_positions, rope.half)?,
             max_positions,
             plan,
+            kv: kv_format,
         })
     }
 
@@ -147,7 +156,13 @@ impl<B: Backend> Llama<B> {
 
     /// KV cache elements one cached token takes on this rank, over all layers (K and V).
     pub fn kv_elements_per_token(&self) -> u64 {
-        kv_bytes_per_token(&self.cfg, self.dims.kv_heads, 1)
+        (self.cfg.num_hidden_layers * 2 * self.dims.kv_heads * self.dims.head_dim) as u64
+    }
+
+    /// KV cache bytes one cached token takes on this rank on a backend whose activation
+    /// element is `element_bytes` (an FP8 cache: one byte an element).
+    pub fn kv_bytes_per_token(&self, element_bytes: usize) -> u64 {
+        kv_bytes_per_token(&self.cfg, self.dims.kv_heads, element_bytes as u64)
     }
 
     /// Floating-point operations of a `tokens`-token prefill on this rank: every layer's GEMMs
@@ -188,6 +203,7 @@ impl<B: Backend> Llama<B> {
             block_size,
             kv_heads: self.dims.kv_heads,
             head_dim: self.dims.head_dim,
+            kv: self.kv.clone(),
         }
     }
 }

@@ -7,6 +7,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::parallel::kv_policy::KvPolicy;
 use crate::parallel::rendezvous::WorldSpec;
+use crate::quant::kv::KvCacheDtype;
 use crate::runtime::scheduler::SchedulerConfig;
 use crate::runtime::speculative::Speculation;
 
@@ -59,6 +60,9 @@ pub struct EngineOptions {
     pub quantize: Option<crate::quant::Quantize>,
     /// Speculative decoding (`--speculative ngram`): off by default.
     pub speculation: Option<Speculation>,
+    /// What the KV cache stores (`--kv-cache-dtype`): `auto` (the default) is e4m3 when the
+    /// checkpoint's `quantization_config` has a `kv_cache_scheme`, else the model's type.
+    pub kv_cache_dtype: KvCacheDtype,
 }
 
 impl EngineOptions {
@@ -84,6 +88,7 @@ impl EngineOptions {
             share_gpus: false,
             quantize: None,
             speculation: None,
+            kv_cache_dtype: KvCacheDtype::Auto,
         }
     }
 
@@ -103,6 +108,15 @@ impl EngineOptions {
     pub fn progress(mut self, on: bool) -> Self {
         self.progress = on;
         self
+    }
+
+    /// Applies the load-time choices (`quantize`, `kv_cache_dtype`) to the checkpoint's `config`,
+    /// the same on every rank.
+    pub(crate) fn apply_to(&self, config: &mut ModelConfig) {
+        if let Some(q) = self.quantize {
+            q.apply(config);
+        }
+        self.kv_cache_dtype.apply(config);
     }
 
     /// Checks every option's range, naming the first one out of it.

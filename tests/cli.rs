@@ -394,6 +394,18 @@ fn inspect_sizes_tulu3_405b_from_its_config_alone() {
     for needle in needles {
         assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
     }
+    // An e4m3 KV cache (one byte an element) holds twice the tokens in the same budget.
+    let fp8_kv = ["inspect", "--model", cfg, "--tp", "8", "--gpu-mem", "80GiB", "--quantize", "fp8"];
+    let out = tulu(&[&fp8_kv[..], &["--kv-cache-dtype", "fp8"]].concat());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for needle in ["kv cache per token per rank: 32256 bytes", "kv budget per rank: 22.93 GiB → 763164 tokens"] {
+        assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
+    }
+    let out = tulu(&[&fp8_kv[..], &["--kv-cache-dtype", "int4"]].concat());
+    // clap's usage error (exit 2) carries tulu's message naming the flag and the choices.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("--kv-cache-dtype") && stderr.contains("fp8_e4m3"), "{stderr}");
     let out = tulu(&["inspect", "--model", cfg, "--tp", "3", "--gpu-mem", "80GiB"]);
     expect_failure(&out, "tp 3", &["tp", "valid: 1, 2, 4, 8"]);
 }

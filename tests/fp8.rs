@@ -2,11 +2,13 @@
 //! checkpoint layout loads and gives its dequantized twin's logits bit for bit, at tp 1 and 2
 //! (q/k/v and gate/up fused with their parts' different scales, rows sliced with their scales);
 //! `--quantize fp8` gives an independent per-row quantization's logits; bad FP8 input is a
-//! clear error naming the tensor or field.
+//! clear error naming the tensor or field. The FP8 KV cache's tests are in `fp8/kv_cache.rs`.
 
 mod common;
 #[path = "common/fp8.rs"]
 mod fp8_layouts;
+#[path = "fp8/kv_cache.rs"]
+mod kv_cache;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

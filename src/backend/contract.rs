@@ -211,7 +211,7 @@ mod tests {
     use super::*;
 
     fn spec() -> KvCacheSpec {
-        KvCacheSpec { layers: 2, num_blocks: 4, block_size: 4, kv_heads: 2, head_dim: 8 }
+        KvCacheSpec { layers: 2, num_blocks: 4, block_size: 4, kv_heads: 2, head_dim: 8, kv: Default::default() }
     }
 
     const DIMS: AttnDims = AttnDims { heads: 4, kv_heads: 2, head_dim: 8 };

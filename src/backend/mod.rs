@@ -120,8 +120,9 @@ impl AttnDims {
     }
 }
 
-/// Shape of a paged KV cache: `num_blocks` blocks of `block_size` token slots per layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Shape of a paged KV cache: `num_blocks` blocks of `block_size` token slots per layer, and
+/// what each element is stored as.
+#[derive(Debug, Clone, PartialEq)]
 pub struct KvCacheSpec {
     /// Decoder layers.
     pub layers: usize,
@@ -133,6 +134,8 @@ pub struct KvCacheSpec {
     pub kv_heads: usize,
     /// Width of one head.
     pub head_dim: usize,
+    /// The element stored: the model's, or e4m3 with per-layer scales.
+    pub kv: crate::quant::kv::KvFormat,
 }
 
 /// The operations of the Llama forward pass, implemented once per device. Each checks its

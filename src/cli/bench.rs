@@ -62,6 +62,9 @@ pub struct BenchArgs {
     /// Quantize the linear weights while loading (fp8, q8_0, q4_k), as `tulu generate --quantize`.
     #[arg(long)]
     pub quantize: Option<tulu::unstable::quant::Quantize>,
+    /// What the KV cache stores (auto, bf16, fp8), as `tulu generate --kv-cache-dtype`.
+    #[arg(long, default_value = "auto")]
+    pub kv_cache_dtype: tulu::unstable::quant::kv::KvCacheDtype,
     /// Time decode with and without speculative decoding (`ngram`: prompt lookup) on
     /// input-grounded chat tasks, in one run on one engine (see bench_spec.rs).
     #[arg(long, value_parser = ["ngram"], conflicts_with_all = ["serve", "random_weights"])]
@@ -103,6 +106,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     // Every repetition must pay for its prompt: no prefix cache hits between them.
     opts.prefix_caching = false;
     opts.quantize = args.quantize;
+    opts.kv_cache_dtype = args.kv_cache_dtype;
     let started = Instant::now();
     let engine = Engine::load(opts)?;
     let load_s = started.elapsed().as_secs_f64();

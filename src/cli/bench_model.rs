@@ -89,6 +89,7 @@ pub fn bench_model(args: &BenchArgs) -> Result<()> {
     if let Some(q) = args.quantize {
         q.apply(&mut full);
     }
+    args.kv_cache_dtype.apply(&mut full);
     let mut cfg = full.clone();
     if let Some(layers) = args.layers {
         if layers == 0 {
@@ -219,7 +220,7 @@ where
             backend.reserve(&shape)?;
             let t = time_case(&backend, &model, batch, plen, args.gen_len, profile.as_ref())?;
             let weights = step_weights;
-            let kv = model.kv_elements_per_token() as f64 * eb * t.mean_context * batch as f64;
+            let kv = model.kv_bytes_per_token(backend.element_bytes()) as f64 * t.mean_context * batch as f64;
             let step_bytes = weights + kv;
             let achieved = step_bytes / t.step_s;
             let prefill_rate = model.prefill_flops(plen) / t.prefill_s;

@@ -36,10 +36,12 @@ pub fn bench_serve(args: &BenchArgs, dir: &Path) -> Result<()> {
         return Err(Error::request("concurrency", "must be at least 1"));
     }
     // Size the context and KV pool for the largest N at once: no preemption, no wasted memory.
-    let config = ModelConfig::from_file(&dir.join("config.json"))?;
+    let mut config = ModelConfig::from_file(&dir.join("config.json"))?;
+    args.kv_cache_dtype.apply(&mut config);
     let context = (prompt_len + gen_len).next_multiple_of(16) + 16;
     let mut opts = EngineOptions::new(dir.to_string_lossy().into_owned()).device(device).max_context(context);
     opts.max_num_seqs = max_n;
+    opts.kv_cache_dtype = args.kv_cache_dtype;
     opts.kv_cache_memory = Some(config.kv_bytes_per_token(4) * (max_n * context) as u64);
     let engine = Engine::load(opts)?;
     // Warm-up: first-touch of weights and KV pages is not part of any figure.

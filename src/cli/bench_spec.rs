@@ -51,6 +51,7 @@ pub fn bench_speculative(args: &BenchArgs, dir: &Path) -> Result<()> {
     let device: Device = args.device.parse()?;
     let mut opts = EngineOptions::new(dir.to_string_lossy().into_owned()).device(device);
     opts.quantize = args.quantize;
+    opts.kv_cache_dtype = args.kv_cache_dtype;
     let spec = Speculation::ngram(args.num_speculative_tokens);
     spec.validate()?;
     opts.speculation = Some(spec);

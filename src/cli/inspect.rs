@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use tulu::unstable::config::ModelConfig;
 use tulu::unstable::hub::{resolve_model, HubOptions};
 use tulu::unstable::parallel::sizing::{parse_bytes, size_rank, smallest_fitting_tp};
+use tulu::unstable::quant::kv::{KvCacheDtype, KvDtype};
 use tulu::unstable::weights::WeightStore;
 use tulu::{Error, Result};
 
@@ -26,6 +27,9 @@ pub struct SizingArgs {
     /// Size the model as loaded with --quantize (fp8: linear weights in e4m3).
     #[arg(long)]
     pub quantize: Option<tulu::unstable::quant::Quantize>,
+    /// Size the KV cache as loaded with --kv-cache-dtype (auto, bf16, fp8); the plan shows both.
+    #[arg(long, default_value = "auto")]
+    pub kv_cache_dtype: KvCacheDtype,
 }
 
 fn gib(bytes: u64) -> String {
@@ -46,6 +50,7 @@ pub fn inspect(model: &str, sizing: &SizingArgs) -> Result<()> {
     if let Some(q) = sizing.quantize {
         q.apply(&mut cfg);
     }
+    sizing.kv_cache_dtype.apply(&mut cfg);
     println!("model: {}", dir.display());
     println!("architecture: LlamaForCausalLM");
     println!(
@@ -59,7 +64,13 @@ pub fn inspect(model: &str, sizing: &SizingArgs) -> Result<()> {
     let scaling = cfg.rope_scaling.map_or("none".to_string(), |s| format!("llama3 (factor {})", s.factor));
     println!("  rope theta {}, scaling {scaling}, max positions {}", cfg.rope_theta, cfg.max_position_embeddings);
     println!("parameters: {} ({:.2} B)", cfg.parameter_count(), cfg.parameter_count() as f64 / 1e9);
-    println!("kv cache per token: {} bytes in bf16", cfg.kv_bytes_per_token(2));
+    let [bf16, fp8] = [KvDtype::Model, KvDtype::Fp8].map(|d| ModelConfig { kv_cache: d, ..cfg.clone() });
+    println!(
+        "kv cache per token: {} bytes in bf16, {} in fp8; this load: {}",
+        bf16.kv_bytes_per_token(2),
+        fp8.kv_bytes_per_token(2),
+        cfg.kv_cache.name()
+    );
     if let Some(q) = &cfg.quantization {
         println!("quantization: {}", q.describe());
     }
@@ -91,16 +102,35 @@ fn plan(cfg: &ModelConfig, mem: &str, a: &SizingArgs) -> Result<()> {
     }
     let context = a.max_context.unwrap_or(8192).min(cfg.max_position_embeddings as u64);
     let s = size_rank(cfg, a.tp, gpu, a.gpu_memory_utilization, 2, context)?;
-    let weights = if cfg.quantization.is_some() {
-        "fp8 linear weights, bf16 embeddings, norms and KV"
-    } else {
-        "bf16 weights and KV"
+    let weights = match (cfg.quantization.is_some(), cfg.kv_cache) {
+        (true, KvDtype::Model) => "fp8 linear weights, bf16 embeddings, norms and KV",
+        (true, KvDtype::Fp8) => "fp8 linear weights and KV, bf16 embeddings and norms",
+        (false, KvDtype::Model) => "bf16 weights and KV",
+        (false, KvDtype::Fp8) => "bf16 weights, fp8 KV",
     };
     println!("plan: tp {} on GPUs of {mem} at {:.0}% ({weights})", a.tp, a.gpu_memory_utilization * 100.0);
     println!("  weights per rank: {} ({} bytes)", gib(s.weight_bytes), s.weight_bytes);
     println!("  step workspace per rank: {} (the engine's default step limits)", gib(s.workspace_bytes));
-    println!("  kv cache per token per rank: {} bytes", s.kv_bytes_per_token);
+    println!("  kv cache per token per rank: {} bytes ({})", s.kv_bytes_per_token, cfg.kv_cache.name());
     println!("  kv budget per rank: {} → {} tokens", gib(s.kv_budget), s.kv_tokens);
+    println!("  kv tokens per rank by cache dtype:");
+    for dtype in [KvDtype::Model, KvDtype::Fp8] {
+        let other = size_rank(
+            &ModelConfig { kv_cache: dtype, ..cfg.clone() },
+            a.tp,
+            gpu,
+            a.gpu_memory_utilization,
+            2,
+            context,
+        )?;
+        println!(
+            "    {:<11} {:>7} bytes/token  {:>10} tokens  {:>6} sequences of {context}",
+            dtype.name(),
+            other.kv_bytes_per_token,
+            other.kv_tokens,
+            other.concurrent_sequences
+        );
+    }
     println!(
         "  longest context: {} tokens; concurrent sequences of {context} tokens: {}",
         s.max_context, s.concurrent_sequences

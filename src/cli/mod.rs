@@ -30,6 +30,7 @@ pub fn engine_options(args: &ModelArgs) -> Result<EngineOptions> {
     opts.dist_token = args.dist_token.clone();
     opts.enforce_eager = args.enforce_eager;
     opts.quantize = args.quantize;
+    opts.kv_cache_dtype = args.kv_cache_dtype;
     opts.speculation = speculation(args)?;
     opts.world = match WorldSpec::from_vars(|k| std::env::var(k).ok())? {
         Some(spec) => Some(spec),

@@ -132,9 +132,7 @@ impl Engine {
         opts.validate()?;
         let dir = resolve_model(&opts.model, &HubOptions { progress: opts.progress, config_only: false })?;
         let (mut config, generation_config, tokenizer) = read_model(&dir)?;
-        if let Some(q) = opts.quantize {
-            q.apply(&mut config);
-        }
+        opts.apply_to(&mut config);
         let wanted = opts.wanted_context(&config);
         // Load → measure → agree → allocate, on every rank.
         let opened = ranks::open(&opts, &config, Arc::new(WeightStore::open(&dir)?), wanted)?;

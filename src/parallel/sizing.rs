@@ -19,9 +19,10 @@ pub fn kv_budget(total: u64, fraction: f64, resident: u64) -> u64 {
 }
 
 /// KV cache bytes one cached token takes over all layers (K and V) on a rank holding
-/// `kv_heads` KV heads, at `bytes_per_elem`: the one formula.
+/// `kv_heads` KV heads, on a device whose activation element takes `bytes_per_elem`: the one
+/// formula. An FP8 cache (`cfg.kv_cache`) counts one byte an element whatever the device.
 pub fn kv_bytes_per_token(cfg: &ModelConfig, kv_heads: usize, bytes_per_elem: u64) -> u64 {
-    (cfg.num_hidden_layers * 2 * kv_heads * cfg.head_dim) as u64 * bytes_per_elem
+    (cfg.num_hidden_layers * 2 * kv_heads * cfg.head_dim) as u64 * cfg.kv_cache.element_bytes(bytes_per_elem)
 }
 
 /// Bytes of a rank's step workspace for steps within `limits`: the largest step's activations
@@ -147,7 +148,8 @@ pub fn rank_parameters(cfg: &ModelConfig, tp: usize) -> Result<u64> {
 }
 
 /// Sizes one rank of `cfg` at `tp` on a GPU of `gpu_bytes`, using `utilization` of it, with
-/// weights and KV in `bytes_per_elem` (2 for bf16), for sequences of `context` tokens.
+/// weights and KV in `bytes_per_elem` (2 for bf16; an FP8 cache, `cfg.kv_cache`, in 1), for
+/// sequences of `context` tokens.
 pub fn size_rank(
     cfg: &ModelConfig,
     tp: usize,
@@ -272,6 +274,21 @@ mod tests {
         cfg.quantization = crate::quant::config::parse(Some(&v), std::path::Path::new("config.json")).unwrap();
         let fb = size_rank(&cfg, 8, 80 << 30, 0.9, 2, 8192).unwrap();
         assert!(fb.fits() && fb.weight_bytes > s.weight_bytes);
+    }
+
+    /// An e4m3 cache counts one byte an element: half the bytes per token, and (same weights,
+    /// same workspace) twice the tokens of the bf16 cache, within a token of rounding.
+    #[test]
+    fn an_fp8_kv_cache_holds_twice_the_tokens() {
+        let mut cfg = tulu3_405b();
+        cfg.quantization = Some(crate::quant::Quantization::at_load());
+        let bf16 = size_rank(&cfg, 8, 80 << 30, 0.9, 2, 8192).unwrap();
+        cfg.kv_cache = crate::quant::kv::KvDtype::Fp8;
+        assert_eq!(cfg.kv_bytes_per_token(2), 126 * 8 * 128 * 2);
+        let fp8 = size_rank(&cfg, 8, 80 << 30, 0.9, 2, 8192).unwrap();
+        assert_eq!(fp8.kv_bytes_per_token, 126 * 128 * 2);
+        assert_eq!(fp8.kv_budget, bf16.kv_budget);
+        assert!(fp8.kv_tokens.abs_diff(2 * bf16.kv_tokens) <= 1, "{} vs {}", fp8.kv_tokens, bf16.kv_tokens);
     }
 
     #[test]

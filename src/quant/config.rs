@@ -27,6 +27,13 @@ pub fn parse(value: Option<&Value>, file: &Path) -> Result<Option<Quantization>>
         Some(other) => return Err(Error::config(file, FIELD, format!("expected an object, found {other}"))),
     };
     let err = |field: &str, message: String| Error::config(file, format!("{FIELD}.{field}"), message);
+    // A checkpoint that quantizes only its KV cache (a `kv_cache_scheme`, no weight groups, as
+    // llm-compressor writes one) has unquantized weights; the scheme is `super::kv`'s.
+    let kv_only = obj.get("kv_cache_scheme").is_some_and(|v| !v.is_null())
+        && obj.get("config_groups").and_then(Value::as_object).is_none_or(|g| g.is_empty());
+    if kv_only {
+        return Ok(None);
+    }
     let method =
         obj.get("quant_method").and_then(Value::as_str).ok_or_else(|| err("quant_method", "missing".into()))?;
     let (method, keep) = match method {
@@ -50,9 +57,7 @@ fn compressed_tensors(obj: &Map<String, Value>, err: &ErrFn) -> Result<(QuantMet
         Some(other) => return Err(err("format", format!("`{other}` is not supported (float-quantized)"))),
         None => return Err(err("format", "missing (float-quantized)".into())),
     }
-    if obj.get("kv_cache_scheme").is_some_and(|v| !v.is_null()) {
-        return Err(err("kv_cache_scheme", "a quantized KV cache is not supported".into()));
-    }
+    // `kv_cache_scheme` is the KV cache's, read by `super::kv::checkpoint_dtype`.
     let groups = obj
         .get("config_groups")
         .and_then(Value::as_object)

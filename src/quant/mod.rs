@@ -1,4 +1,5 @@
-//! FP8 (e4m3) weights: which checkpoints hold them, and which modules.
+//! FP8 (e4m3) weights: which checkpoints hold them, and which modules; and the FP8 KV cache
+//! ([`kv`]).
 //!
 //! A checkpoint says it is quantized in `config.json`'s `quantization_config` ([`config`]); a
 //! bf16 checkpoint can also be quantized while it loads (`--quantize fp8`,
@@ -9,6 +10,7 @@
 
 pub mod config;
 pub mod e4m3;
+pub mod kv;
 
 use std::fmt;
 use std::str::FromStr;

@@ -143,9 +143,7 @@ pub fn run_rank(opts: &EngineOptions) -> Result<()> {
     }
     let dir = resolve_model(&opts.model, &HubOptions { progress: false, config_only: false })?;
     let mut config = ModelConfig::from_file(&dir.join("config.json"))?;
-    if let Some(q) = opts.quantize {
-        q.apply(&mut config);
-    }
+    opts.apply_to(&mut config);
     let store = WeightStore::open(&dir)?;
     let handshake = Handshake::new(&config, world, opts.dist_token.as_deref())?;
     let control = Arc::new(TcpComm::connect(world, &handshake, opts.dist_timeout)?);

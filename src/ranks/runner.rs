@@ -77,7 +77,7 @@ impl<B: Runtime> RankRunner<B> {
             block_size: spec.plan.block_size,
             workspace_bytes: model.workspace_bytes(&spec.plan.steps, backend.element_bytes()),
         })?;
-        let bytes_per_token = model.kv_elements_per_token() * backend.element_bytes() as u64;
+        let bytes_per_token = model.kv_bytes_per_token(backend.element_bytes());
         let memory = if spec.plan.own_device { backend.device_memory() } else { None };
         let mine = spec.plan.kv.blocks(bytes_per_token, memory, spec.plan.block_size, spec.plan.max_positions);
         let num_blocks = usize::try_from(agree(mine)?).unwrap_or(usize::MAX);

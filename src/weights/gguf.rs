@@ -347,6 +347,7 @@ fn read_model(meta: &Meta) -> Result<(ModelConfig, GgufTokenizer)> {
         max_position_embeddings: meta.usize("llama.context_length")?,
         torch_dtype: None,
         quantization: None,
+        kv_cache: crate::quant::kv::KvDtype::Model,
     };
     Ok((cfg, tok))
 }

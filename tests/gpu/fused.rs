@@ -66,7 +66,8 @@ fn qkv_gemv_with_rope_and_kv_write_matches_the_pair_and_the_cpu() {
         let sin: Vec<f32> = (0..max_pos * hd / 2).map(|j| angle(j / (hd / 2), j % (hd / 2)).sin()).collect();
         let (gc, gs) = (gpu.upload(&cos, max_pos, hd / 2).unwrap(), gpu.upload(&sin, max_pos, hd / 2).unwrap());
         let (cc, cs) = (cpu.upload(&cos, max_pos, hd / 2).unwrap(), cpu.upload(&sin, max_pos, hd / 2).unwrap());
-        let spec = KvCacheSpec { layers: 2, num_blocks: 40, block_size: 16, kv_heads, head_dim: hd };
+        let spec =
+            KvCacheSpec { layers: 2, num_blocks: 40, block_size: 16, kv_heads, head_dim: hd, kv: Default::default() };
         let (mut fused_cache, mut pair_cache) = (gpu.new_kv_cache(&spec).unwrap(), gpu.new_kv_cache(&spec).unwrap());
         let mut cpu_cache = cpu.new_kv_cache(&spec).unwrap();
         for m in [1, 3, 8, 9] {

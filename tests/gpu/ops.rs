@@ -355,6 +355,7 @@ fn run_attention_case(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut StdRng, cas
         block_size: case.block_size,
         kv_heads: case.kv_heads,
         head_dim: case.head_dim,
+        kv: Default::default(),
     };
     let (mut ccache, mut gcache) = (cpu.new_kv_cache(&spec).unwrap(), gpu.new_kv_cache(&spec).unwrap());
     let width = dims.q_dim() + 2 * dims.kv_dim();
@@ -461,7 +462,8 @@ fn attention_confines_non_finite_keys_to_the_rows_that_see_them() {
     let width = dims.q_dim() + 2 * dims.kv_dim();
     let bs = 16;
     let table: Vec<u32> = (0..130).collect();
-    let spec = KvCacheSpec { layers: 1, num_blocks: 130, block_size: bs, kv_heads: 1, head_dim: 64 };
+    let spec =
+        KvCacheSpec { layers: 1, num_blocks: 130, block_size: bs, kv_heads: 1, head_dim: 64, kv: Default::default() };
     let (mut ccache, mut gcache) = (cpu.new_kv_cache(&spec).unwrap(), gpu.new_kv_cache(&spec).unwrap());
     let zeros = vec![0f32; 2048 * 32];
     let ones = vec![1f32; 2048 * 32];
@@ -512,7 +514,8 @@ fn attention_confines_non_finite_keys_to_the_rows_that_see_them() {
 fn attention_rejects_a_batch_outside_the_cache() {
     let gpu = gpu();
     let dims = AttnDims { heads: 4, kv_heads: 1, head_dim: 64 };
-    let spec = KvCacheSpec { layers: 1, num_blocks: 2, block_size: 16, kv_heads: 1, head_dim: 64 };
+    let spec =
+        KvCacheSpec { layers: 1, num_blocks: 2, block_size: 16, kv_heads: 1, head_dim: 64, kv: Default::default() };
     let mut cache = gpu.new_kv_cache(&spec).unwrap();
     let mut batch = Batch::new(16);
     batch.push(&[0; 4], 0, &[5]).unwrap(); // block 5 of a 2-block cache

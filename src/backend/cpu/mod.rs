@@ -9,11 +9,13 @@
 use rayon::prelude::*;
 
 pub mod blocks;
+mod kv_cache;
 mod matmul;
 mod qdot;
 mod weight;
 
 use self::blocks::{BlockPart, BlockWeight};
+pub use self::kv_cache::CpuKvCache;
 use self::matmul::dot;
 pub use self::weight::CpuWeight;
 use super::{contract, AttnDims, Backend, KvCacheSpec, Profiling, Runtime};
@@ -53,13 +55,6 @@ impl CpuTensor {
     fn row(&self, r: usize) -> &[f32] {
         &self.data[r * self.cols..(r + 1) * self.cols]
     }
-}
-
-/// The paged KV cache: per layer, K and V of `num_blocks · block_size` slots of `kv_dim` values.
-pub struct CpuKvCache {
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
-    spec: KvCacheSpec,
 }
 
 /// The CPU backend.
@@ -201,8 +196,7 @@ impl Backend for CpuBackend {
     }
 
     fn new_kv_cache(&self, spec: &KvCacheSpec) -> Result<CpuKvCache> {
-        let len = spec.num_blocks * spec.block_size * spec.kv_heads * spec.head_dim;
-        Ok(CpuKvCache { k: vec![vec![0.0; len]; spec.layers], v: vec![vec![0.0; len]; spec.layers], spec: *spec })
+        CpuKvCache::new(spec)
     }
 
     fn embed(&self, table: &CpuWeight, ids: &[u32]) -> Result<CpuTensor> {
@@ -258,9 +252,9 @@ impl Backend for CpuBackend {
         let (q_dim, kv_dim, hd) = (dims.q_dim(), dims.kv_dim(), dims.head_dim);
         let half = hd / 2;
         let mut q = Vec::with_capacity(qkv.rows * q_dim);
+        let mut k = vec![0.0; kv_dim];
         cos.with_slice(|cos| {
             sin.with_slice(|sin| {
-                let (kc, vc) = (&mut cache.k[layer], &mut cache.v[layer]);
                 for r in 0..qkv.rows {
                     let pos = batch.positions[r] as usize;
                     let (c, s) = (&cos[pos * half..(pos + 1) * half], &sin[pos * half..(pos + 1) * half]);
@@ -270,13 +264,11 @@ impl Backend for CpuBackend {
                     for head in q[start..].chunks_exact_mut(hd) {
                         rotate_half(head, c, s);
                     }
-                    let slot = batch.slots[r] as usize * kv_dim;
-                    let k = &mut kc[slot..slot + kv_dim];
                     k.copy_from_slice(&row[q_dim..q_dim + kv_dim]);
                     for head in k.chunks_exact_mut(hd) {
                         rotate_half(head, c, s);
                     }
-                    vc[slot..slot + kv_dim].copy_from_slice(&row[q_dim + kv_dim..]);
+                    cache.write(layer, batch.slots[r] as usize * kv_dim, &k, &row[q_dim + kv_dim..]);
                 }
             })
         })??;
@@ -295,7 +287,6 @@ impl Backend for CpuBackend {
         let (hd, kv_dim) = (dims.head_dim, dims.kv_dim());
         let group = dims.heads / dims.kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
-        let (kc, vc) = (&cache.k[layer], &cache.v[layer]);
         // The sequence each row belongs to.
         let mut row_seq = vec![0usize; q.rows];
         for (i, s) in batch.seqs.iter().enumerate() {
@@ -308,10 +299,12 @@ impl Backend for CpuBackend {
             let pos = batch.positions[r] as usize;
             let qh = &q.data[r * dims.q_dim() + h * hd..][..hd];
             let koff = (h / group) * hd;
+            // Decoded keys and values of an FP8 cache (an f32 cache lends its own slices).
+            let mut buf = vec![0.0f32; hd];
             let mut scores: Vec<f32> = (0..=pos)
                 .map(|p| {
                     let slot = batch.slot(seq, p) * kv_dim + koff;
-                    dot(qh, &kc[slot..slot + hd]) * scale
+                    dot(qh, cache.keys(layer, slot, &mut buf)) * scale
                 })
                 .collect();
             let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -322,7 +315,7 @@ impl Backend for CpuBackend {
             }
             for (p, &w) in scores.iter().enumerate() {
                 let slot = batch.slot(seq, p) * kv_dim + koff;
-                for (acc, v) in o.iter_mut().zip(&vc[slot..slot + hd]) {
+                for (acc, v) in o.iter_mut().zip(cache.values(layer, slot, &mut buf)) {
                     *acc += w * v;
                 }
             }
@@ -391,7 +384,8 @@ mod tests {
     fn a_batch_outside_the_cache_is_an_error() {
         let cpu = CpuBackend::new();
         let dims = AttnDims { heads: 4, kv_heads: 1, head_dim: 64 };
-        let spec = KvCacheSpec { layers: 1, num_blocks: 2, block_size: 16, kv_heads: 1, head_dim: 64 };
+        let spec =
+            KvCacheSpec { layers: 1, num_blocks: 2, block_size: 16, kv_heads: 1, head_dim: 64, kv: Default::default() };
         let mut cache = cpu.new_kv_cache(&spec).unwrap();
         let mut batch = Batch::new(16);
         batch.push(&[0; 4], 0, &[5]).unwrap();

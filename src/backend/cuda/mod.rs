@@ -293,6 +293,7 @@ fn cache_spec(cache: &CudaKvCache) -> KvCacheSpec {
         block_size: cache.block_size,
         kv_heads: cache.kv_heads,
         head_dim: cache.head_dim,
+        kv: crate::quant::kv::KvFormat::Model,
     }
 }
 
@@ -427,6 +428,13 @@ impl Backend for CudaBackend {
         }
         if spec.num_blocks * spec.block_size > u32::MAX as usize {
             return Err(Error::Backend("new_kv_cache: more slots than u32 slot ids address".into()));
+        }
+        if spec.kv != crate::quant::kv::KvFormat::Model {
+            return Err(Error::Backend(
+                "--kv-cache-dtype fp8 runs on the CPU backend only so far (the CUDA kernels read a bf16 cache); \
+                 use --kv-cache-dtype bf16"
+                    .into(),
+            ));
         }
         let mut k = Vec::with_capacity(spec.layers);
         let mut v = Vec::with_capacity(spec.layers);
