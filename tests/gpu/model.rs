@@ -67,8 +67,8 @@ fn random_weights_match_cpu_bit_for_bit() {
     ];
     let rows: Vec<u32> = (0..(37 + 50 + 3)).collect();
     // Embedding every row reads the weight back as an activation (bf16 on both sides).
-    let g = gpu.to_host(&gpu.embed(&gpu.random_weight(&parts).unwrap(), &rows).unwrap()).unwrap();
-    let c = cpu.to_host(&cpu.embed(&cpu.random_weight(&parts).unwrap(), &rows).unwrap()).unwrap();
+    let g = gpu.to_host(&gpu.embed(&gpu.random_weight(&parts).unwrap(), &gpu.ids_step(&rows, &[])).unwrap()).unwrap();
+    let c = cpu.to_host(&cpu.embed(&cpu.random_weight(&parts).unwrap(), &cpu.ids_step(&rows, &[])).unwrap()).unwrap();
     assert_eq!(g, c, "random weights differ between the GPU and the CPU");
     assert!(g[87 * 65..].iter().all(|&x| x == 0.0), "padding rows must be zero");
 

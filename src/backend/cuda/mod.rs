@@ -51,12 +51,12 @@ use self::graphs::Graphs;
 pub use self::memory::{CudaKvCache, CudaTensor, CudaWeight};
 use self::memory::{Staging, WeightData};
 use self::module::Kernels;
-use self::step::{DeviceBatch, StepMeta};
+pub use self::step::CudaStep;
+use self::step::StepMeta;
 use self::workspace::Workspace;
 use super::contract;
 use super::{AttnDims, Backend, KvCacheSpec, Profiling, Runtime, StepInputs, StepShape};
 use crate::error::{Error, Result};
-use crate::runtime::batch::Batch;
 use crate::runtime::sampler::RowSampling;
 use crate::runtime::token_mask::TokenMasks;
 use crate::weights::random::RandomSlice;
@@ -114,8 +114,6 @@ pub struct CudaBackend {
     /// Fill every new output with NaN before its kernel runs (tests).
     poison: AtomicBool,
     staging: Mutex<Option<Staging>>,
-    /// The active step's metadata (step.rs); `None` between steps.
-    step: Mutex<Option<DeviceBatch>>,
     /// Where every step's metadata is uploaded: the persistent buffer (step.rs).
     meta: Mutex<StepMeta>,
     /// The step workspace (workspace.rs), from `reserve`.
@@ -176,7 +174,6 @@ impl CudaBackend {
             name,
             poison: AtomicBool::new(false),
             staging: Mutex::new(None),
-            step: Mutex::new(None),
             meta: Mutex::new(StepMeta::Persistent(None)),
             workspace: Mutex::new(None),
             in_step: AtomicBool::new(false),
@@ -318,18 +315,18 @@ impl Runtime for CudaBackend {
         self.fit_workspace_impl()
     }
 
-    fn begin_step(&self, step: &StepInputs<'_>) -> Result<()> {
+    fn begin_step(&self, inputs: &StepInputs<'_>) -> Result<CudaStep> {
         self.bind()?;
-        self.begin_step_impl(step)
+        self.make_step(inputs, true)
     }
 
-    fn end_step(&self) {
-        self.end_step_impl()
+    fn end_step(&self, step: CudaStep) {
+        self.end_step_impl(step)
     }
 
-    fn run_step(&self, body: &mut dyn FnMut() -> Result<CudaTensor>) -> Result<CudaTensor> {
+    fn run_step(&self, step: &CudaStep, body: &mut dyn FnMut() -> Result<CudaTensor>) -> Result<CudaTensor> {
         self.bind()?;
-        self.run_step_impl(body)
+        self.run_step_impl(step, body)
     }
 
     fn graph_buckets(&self) -> Vec<usize> {
@@ -370,6 +367,12 @@ impl Backend for CudaBackend {
     type Tensor = CudaTensor;
     type Weight = CudaWeight;
     type KvCache = CudaKvCache;
+    type Step = CudaStep;
+
+    fn step_for(&self, inputs: &StepInputs<'_>) -> Result<CudaStep> {
+        self.bind()?;
+        self.make_step(inputs, false)
+    }
 
     fn describe(&self) -> String {
         let overridden = self.kernels.overridden();
@@ -452,9 +455,9 @@ impl Backend for CudaBackend {
         })
     }
 
-    fn embed(&self, table: &CudaWeight, ids: &[u32]) -> Result<CudaTensor> {
+    fn embed(&self, table: &CudaWeight, step: &CudaStep) -> Result<CudaTensor> {
         self.bind()?;
-        self.embed_impl(table, ids)
+        step.with(|b| self.embed_impl(table, b))
     }
 
     fn rms_norm(&self, x: &CudaTensor, weight: &CudaWeight, eps: f32) -> Result<CudaTensor> {
@@ -488,11 +491,11 @@ impl Backend for CudaBackend {
         sin: &CudaWeight,
         layer: usize,
         cache: &mut CudaKvCache,
-        batch: &Batch,
+        step: &CudaStep,
         dims: AttnDims,
     ) -> Result<CudaTensor> {
         self.bind()?;
-        self.with_batch(batch, |b| {
+        step.with(|b| {
             contract::rope_write_kv(qkv.shape(), cos.shape(), sin.shape(), &b.extent, dims, &cache_spec(cache), layer)?;
             self.rope_write_kv_impl(qkv, cos, sin, layer, cache, b, dims)
         })
@@ -506,12 +509,12 @@ impl Backend for CudaBackend {
         sin: &CudaWeight,
         layer: usize,
         cache: &mut CudaKvCache,
-        batch: &Batch,
+        step: &CudaStep,
         dims: AttnDims,
     ) -> Result<CudaTensor> {
         contract::matmul(x.shape(), qkv.shape())?;
         self.bind()?;
-        self.with_batch(batch, |b| {
+        step.with(|b| {
             let y = (x.rows, qkv.rows);
             contract::rope_write_kv(y, cos.shape(), sin.shape(), &b.extent, dims, &cache_spec(cache), layer)?;
             self.matmul_rope_write_kv_impl(x, qkv, cos, sin, layer, cache, b, dims)
@@ -523,11 +526,11 @@ impl Backend for CudaBackend {
         q: &CudaTensor,
         layer: usize,
         cache: &CudaKvCache,
-        batch: &Batch,
+        step: &CudaStep,
         dims: AttnDims,
     ) -> Result<CudaTensor> {
         self.bind()?;
-        self.with_batch(batch, |b| {
+        step.with(|b| {
             contract::attention(q.shape(), &b.extent, dims, &cache_spec(cache), layer)?;
             self.attention_impl(q, layer, cache, b, dims)
         })
@@ -546,22 +549,30 @@ impl Backend for CudaBackend {
         self.matmul_silu_mul_impl(x, gate_up)
     }
 
-    fn gather_rows(&self, x: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {
-        contract::gather_rows(x.shape(), rows)?;
+    fn gather_rows(&self, x: &CudaTensor, step: &CudaStep) -> Result<CudaTensor> {
         self.bind()?;
-        self.gather_rows_impl(x, rows)
+        step.with(|b| {
+            contract::gather_rows(x.shape(), &b.gather_rows)?;
+            self.gather_rows_impl(x, b)
+        })
     }
 
     fn sample(
         &self,
         logits: &CudaTensor,
+        step: &CudaStep,
         per_row: &[RowSampling],
         valid: usize,
         masks: Option<&TokenMasks>,
     ) -> Result<Vec<u32>> {
         // A padded decode step's logits have its padding rows after the sampled ones.
-        let padding = self.step_padding();
-        let rows = if padding > 0 && logits.rows == per_row.len() + padding { per_row.len() } else { logits.rows };
+        let rows = logits.rows.checked_sub(step.padding()).ok_or_else(|| {
+            Error::Backend(format!(
+                "sample: {} logits rows for a step with {} padding rows",
+                logits.rows,
+                step.padding()
+            ))
+        })?;
         contract::sample((rows, logits.cols), per_row.len(), valid, masks.map(|m| (m.rows(), m.words)))?;
         self.sample_impl(logits, per_row, valid, masks)
     }

@@ -13,6 +13,7 @@
 //! are never sampled.
 
 use std::sync::atomic::Ordering;
+use std::sync::Mutex;
 
 use cudarc::driver::{CudaSlice, DevicePtr};
 
@@ -56,22 +57,56 @@ pub(crate) struct DeviceBatch {
     pub rows: usize,
     /// The decode bucket this step is padded to (its graph), if any.
     pub bucket: Option<usize>,
-    /// Embedding ids per activation row (only from `begin_step`).
-    pub ids: Option<Buf<u32>>,
+    /// Embedding ids per activation row.
+    pub ids: Buf<u32>,
     pub positions: Buf<u32>,
     pub slots: Buf<u32>,
     /// Every sequence's block table, concatenated.
     pub block_tables: Buf<u32>,
     /// Where each sequence's table starts in `block_tables`.
     pub table_offsets: Vec<u32>,
-    /// The rows `begin_step` was told to gather, and their device copy (padded like the rows).
-    pub gather: Option<(Vec<usize>, Buf<u32>)>,
-    /// What the contract checks against the cache each op uses (`contract::batch`, once).
+    /// The rows the step gathers (`StepInputs::rows`), for the contract.
+    pub gather_rows: Vec<usize>,
+    /// Their device copy, padded like the activation rows.
+    pub gather: Buf<u32>,
+    /// Rows `gather` holds: the step's rows, then a padded step's padding rows.
+    pub gather_count: usize,
+    /// What the contract checks against the cache each op uses (`contract::step`, once).
     pub extent: BatchExtent,
     /// Attention work items per rows-per-tile (see attention.rs); decode steps get theirs here.
     pub work: Vec<(usize, Work)>,
-    /// The buffer the arrays above view, when it is this batch's own (ops called outside a step).
+    /// The buffer the arrays above view, when it is this step's own (`step_for`).
     _owner: Option<Buf<u32>>,
+}
+
+/// The CUDA backend's [`crate::backend::Backend::Step`]: one step's metadata on the device,
+/// made by `begin_step` (in the persistent buffer, padded to the step's graph bucket) or by
+/// `step_for` (in a buffer of its own, never padded), and given to every op of the step.
+pub struct CudaStep {
+    /// Behind a lock because attention adds the work list of a prefill tile size on first use.
+    device: Mutex<DeviceBatch>,
+    /// The decode bucket the step is padded to (its graph), if any.
+    bucket: Option<usize>,
+    /// Logits rows past the sampled ones: a padded step's padding rows.
+    padding: usize,
+}
+
+impl CudaStep {
+    /// Runs `f` with the step's device metadata.
+    pub(crate) fn with<R>(&self, f: impl FnOnce(&mut DeviceBatch) -> Result<R>) -> Result<R> {
+        let mut device = self.device.lock().map_err(|_| Error::Backend("step state lock poisoned".into()))?;
+        f(&mut device)
+    }
+
+    /// The decode bucket the step is padded to (its graph), if any.
+    pub(crate) fn bucket(&self) -> Option<usize> {
+        self.bucket
+    }
+
+    /// Rows of the step's gathered activations (and logits) past the rows it samples.
+    pub(crate) fn padding(&self) -> usize {
+        self.padding
+    }
 }
 
 /// The host side of one step's metadata, laid out as the module docs say.
@@ -110,33 +145,38 @@ impl Packed {
 }
 
 impl CudaBackend {
-    /// `begin_step`: checks the batch, decides its padding, uploads its metadata once.
-    pub(crate) fn begin_step_impl(&self, step: &StepInputs<'_>) -> Result<()> {
-        let extent = contract::batch(step.batch)?;
-        let n = step.batch.num_tokens();
-        if step.ids.len() != n {
-            return Err(Error::Backend(format!("begin_step: {} ids for {n} rows", step.ids.len())));
-        }
-        let bucket = self.bucket_for(step);
-        let rows = bucket.unwrap_or(n);
-        let packed = Packed::new(step.batch, step.ids, rows, step.rows);
-        let meta = self.step_meta(packed.words.len(), bucket.is_some())?;
-        let mut dst = self.view(meta, 0, packed.words.len());
-        self.stream.memcpy_htod(&packed.words, &mut *dst).cuda("copying the step's metadata to the device")?;
-        let mut device = self.view_batch(step.batch, &packed, extent, meta, None)?;
+    /// `begin_step` (`runtime` true: into the persistent buffer, padded to the step's graph
+    /// bucket, its tensors carved from the workspace until `end_step`) and `step_for` (false:
+    /// into a buffer of the step's own): checks the inputs, uploads the metadata in one copy.
+    pub(crate) fn make_step(&self, inputs: &StepInputs<'_>, runtime: bool) -> Result<CudaStep> {
+        let extent = contract::step(inputs)?;
+        let bucket = if runtime { self.bucket_for(inputs) } else { None };
+        let rows = bucket.unwrap_or(extent.tokens);
+        let packed = Packed::new(inputs.batch, inputs.ids, rows, inputs.rows);
+        let (base, owner) = if runtime {
+            let base = self.step_meta(packed.words.len(), bucket.is_some())?;
+            let mut dst = self.view(base, 0, packed.words.len());
+            self.stream.memcpy_htod(&packed.words, &mut *dst).cuda("copying the step's metadata to the device")?;
+            (base, None)
+        } else {
+            let owner = self.upload_u32(&packed.words)?;
+            let base = owner.device_ptr(&self.stream).0;
+            (base, Some(owner))
+        };
+        let mut device = self.view_batch(inputs.batch, &packed, extent, base, owner)?;
         device.bucket = bucket;
-        device.gather = Some((step.rows.to_vec(), self.view(meta, 7 * rows, packed.gather_len)));
-        let mut guard = self.step.lock().map_err(|_| Error::Backend("step state lock poisoned".into()))?;
-        *guard = Some(device);
-        self.in_step.store(true, Ordering::Relaxed);
-        Ok(())
+        device.gather_rows = inputs.rows.to_vec();
+        device.gather_count = if bucket.is_some() { rows } else { inputs.rows.len() };
+        let padding = device.gather_count - inputs.rows.len();
+        if runtime {
+            self.in_step.store(true, Ordering::Relaxed);
+        }
+        Ok(CudaStep { device: Mutex::new(device), bucket, padding })
     }
 
-    /// `end_step`: forgets the step (its buffers stay for the next).
-    pub(crate) fn end_step_impl(&self) {
-        if let Ok(mut g) = self.step.lock() {
-            *g = None;
-        }
+    /// `end_step`: forgets the step (the persistent buffer stays for the next).
+    pub(crate) fn end_step_impl(&self, step: CudaStep) {
+        drop(step);
         self.in_step.store(false, Ordering::Relaxed);
     }
 
@@ -208,7 +248,7 @@ impl CudaBackend {
             host: batch.clone(),
             rows,
             bucket: None,
-            ids: Some(self.view(base, 0, rows)),
+            ids: self.view(base, 0, rows),
             positions: self.view(base, rows, rows),
             slots: self.view(base, 2 * rows, rows),
             block_tables: self.view(
@@ -217,64 +257,12 @@ impl CudaBackend {
                 packed.words.len() - 7 * rows - packed.gather_len,
             ),
             table_offsets: packed.table_offsets.clone(),
-            gather: None,
+            gather_rows: Vec::new(),
+            gather: self.view(base, 7 * rows, packed.gather_len),
+            gather_count: packed.gather_len,
             extent: BatchExtent { tokens: rows, ..extent },
             work: if packed.decode { vec![(1, decode_work)] } else { Vec::new() },
             _owner: owner,
         })
-    }
-
-    /// Runs `f` with the step's metadata: the active step's, or — for an op called outside a
-    /// step (tests of single ops) — `batch`'s, uploaded for this call.
-    pub(crate) fn with_batch<R>(&self, batch: &Batch, f: impl FnOnce(&mut DeviceBatch) -> Result<R>) -> Result<R> {
-        let mut guard = self.step.lock().map_err(|_| Error::Backend("step state lock poisoned".into()))?;
-        if let Some(active) = guard.as_mut() {
-            if active.host.num_tokens() != batch.num_tokens() || active.host.seqs.len() != batch.seqs.len() {
-                return Err(Error::Backend("an op's batch is not the step's (begin_step was given another)".into()));
-            }
-            return f(active);
-        }
-        drop(guard);
-        let extent = contract::batch(batch)?;
-        let packed = Packed::new(batch, &batch.token_ids, batch.num_tokens(), &[]);
-        let owner = self.upload_u32(&packed.words)?;
-        let base = owner.device_ptr(&self.stream).0;
-        let mut device = self.view_batch(batch, &packed, extent, base, Some(owner))?;
-        f(&mut device)
-    }
-
-    /// The active step's embedding ids and rows, when `ids` are the ones it was begun with.
-    pub(crate) fn step_ids<R>(
-        &self,
-        ids: &[u32],
-        f: impl FnOnce(Option<(&Buf<u32>, usize)>) -> Result<R>,
-    ) -> Result<R> {
-        let guard = self.step.lock().map_err(|_| Error::Backend("step state lock poisoned".into()))?;
-        match guard.as_ref() {
-            Some(d) if d.host.num_tokens() == ids.len() => f(d.ids.as_ref().map(|b| (b, d.rows))),
-            _ => f(None),
-        }
-    }
-
-    /// The active step's gather indices and their count, when `rows` are the ones it was
-    /// begun with.
-    pub(crate) fn step_gather<R>(
-        &self,
-        rows: &[usize],
-        f: impl FnOnce(Option<(&Buf<u32>, usize)>) -> Result<R>,
-    ) -> Result<R> {
-        let guard = self.step.lock().map_err(|_| Error::Backend("step state lock poisoned".into()))?;
-        match guard.as_ref().and_then(|d| d.gather.as_ref().map(|g| (d, g))) {
-            Some((d, (host, dev))) if host == rows => {
-                let count = if d.bucket.is_some() { d.rows } else { rows.len() };
-                f(Some((dev, count)))
-            }
-            _ => f(None),
-        }
-    }
-
-    /// Rows of the active step's activations past the batch's (a padded decode step), else 0.
-    pub(crate) fn step_padding(&self) -> usize {
-        self.step.lock().ok().and_then(|g| g.as_ref().map(|d| d.rows - d.host.num_tokens())).unwrap_or(0)
     }
 }
