@@ -381,8 +381,16 @@ impl<B: Runtime> Llama<B> {
         // ranks is the full lookup.
         let first = self.plan.vocab_rows.start as u32;
         let local: Vec<u32> = batch.token_ids.iter().map(|&t| t.wrapping_sub(first)).collect();
-        let scope =
-            StepScope { backend, step: Some(backend.begin_step(&StepInputs { batch, ids: &local, rows, graphable })?) };
+        let scope = StepScope {
+            backend,
+            step: Some(backend.begin_step(&StepInputs {
+                batch,
+                ids: &local,
+                rows,
+                dims: Some(self.dims),
+                graphable,
+            })?),
+        };
         let step = scope.step();
         let logits = backend.run_step(step, &mut || self.forward_pass(backend, step, cache, comm))?;
         Ok((scope, logits))

@@ -141,9 +141,11 @@ fn tensor<B: Backend>(b: &B, data: &[f32], rows: usize, cols: usize) -> B::Tenso
 /// Steps for ops called on their own: the kernel tests build the step of each batch
 /// explicitly, as the model runner does (`begin_step`), only unpadded.
 trait TestSteps: Backend {
-    /// The step of `batch`: its token ids, gathering each sequence's last row.
-    fn step_of(&self, batch: &Batch) -> Self::Step {
-        let inputs = StepInputs { batch, ids: &batch.token_ids, rows: &batch.last_rows(), graphable: false };
+    /// The step of `batch` for attention at `dims`: its token ids, gathering each sequence's
+    /// last row.
+    fn step_of(&self, batch: &Batch, dims: AttnDims) -> Self::Step {
+        let rows = batch.last_rows();
+        let inputs = StepInputs { batch, ids: &batch.token_ids, rows: &rows, dims: Some(dims), graphable: false };
         self.step_for(&inputs).expect("step_for")
     }
 

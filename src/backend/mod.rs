@@ -170,7 +170,7 @@ pub trait Backend: Send + Sync + 'static {
         if !ids.is_empty() {
             batch.push(ids, 0, &[0])?;
         }
-        self.step_for(&StepInputs { batch: &batch, ids, rows, graphable: false })
+        self.step_for(&StepInputs { batch: &batch, ids, rows, dims: None, graphable: false })
     }
 
     /// Uploads one weight made of `parts` concatenated along rows (all with the same number of

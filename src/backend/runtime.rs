@@ -3,7 +3,7 @@
 //! The model runner (`Llama::step`, the rank runner of `src/ranks/`) drives it; the operations
 //! of [`Backend`] run inside the steps it frames.
 
-use super::Backend;
+use super::{AttnDims, Backend};
 use crate::error::Result;
 use crate::runtime::batch::Batch;
 
@@ -17,6 +17,9 @@ pub struct StepInputs<'a> {
     pub ids: &'a [u32],
     /// The rows whose logits the step produces.
     pub rows: &'a [usize],
+    /// The attention geometry of the model the step runs (`None`: a step without attention,
+    /// e.g. an embedding alone): CUDA cuts the step's attention work list for it up front.
+    pub dims: Option<AttnDims>,
     /// Whether the step may run as a replayed graph: a decode step (one new token a sequence,
     /// every row sampled) whose logits stay on the device, on a communicator that can be captured.
     pub graphable: bool,

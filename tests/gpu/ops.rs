@@ -379,11 +379,11 @@ fn run_attention_case(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut StdRng, cas
         );
         let qkv = random(rng, rows * width, 2.0);
         let (cq, gq) = (tensor(cpu, &qkv, rows, width), tensor(gpu, &qkv, rows, width));
-        let cq = cpu.rope_write_kv(&cq, &ccos, &csin, 1, &mut ccache, &cpu.step_of(&batch), dims).unwrap();
-        let gq = gpu.rope_write_kv(&gq, &gcos, &gsin, 1, &mut gcache, &gpu.step_of(&batch), dims).unwrap();
+        let cq = cpu.rope_write_kv(&cq, &ccos, &csin, 1, &mut ccache, &cpu.step_of(&batch, dims), dims).unwrap();
+        let gq = gpu.rope_write_kv(&gq, &gcos, &gsin, 1, &mut gcache, &gpu.step_of(&batch, dims), dims).unwrap();
         assert_close(&format!("rope q: {what}"), &gpu.to_host(&gq).unwrap(), &cpu.to_host(&cq).unwrap(), OP_TOL);
-        let c = cpu.to_host(&cpu.attention(&cq, 1, &ccache, &cpu.step_of(&batch), dims).unwrap()).unwrap();
-        let g = gpu.to_host(&gpu.attention(&gq, 1, &gcache, &gpu.step_of(&batch), dims).unwrap()).unwrap();
+        let c = cpu.to_host(&cpu.attention(&cq, 1, &ccache, &cpu.step_of(&batch, dims), dims).unwrap()).unwrap();
+        let g = gpu.to_host(&gpu.attention(&gq, 1, &gcache, &gpu.step_of(&batch, dims), dims).unwrap()).unwrap();
         // The GPU rounds q and k after rope and (tensor-core prefill, as FlashAttention-2) the
         // probabilities P to bf16 where the CPU keeps f32: each moves an output by up to about
         // 2^-9 · max|v| wherever the output's own magnitude is (a row of 23 keys measured 9e-3
@@ -488,15 +488,15 @@ fn attention_confines_non_finite_keys_to_the_rows_that_see_them() {
             let mut fb = Batch::new(bs);
             fb.push(&vec![1; first - 70], 70, &table[..126]).unwrap();
             let (cf, gf) = (tensor(&cpu, &fill, first - 70, width), tensor(&gpu, &fill, first - 70, width));
-            cpu.rope_write_kv(&cf, &cc, &cs, 0, &mut ccache, &cpu.step_of(&fb), dims).unwrap();
-            gpu.rope_write_kv(&gf, &gc, &gs, 0, &mut gcache, &gpu.step_of(&fb), dims).unwrap();
+            cpu.rope_write_kv(&cf, &cc, &cs, 0, &mut ccache, &cpu.step_of(&fb, dims), dims).unwrap();
+            gpu.rope_write_kv(&gf, &gc, &gs, 0, &mut gcache, &gpu.step_of(&fb, dims), dims).unwrap();
             batch.push(&[1], first, &table[..126]).unwrap();
         }
         let (cq, gq) = (tensor(&cpu, &data, rows, width), tensor(&gpu, &data, rows, width));
-        let cq = cpu.rope_write_kv(&cq, &cc, &cs, 0, &mut ccache, &cpu.step_of(&batch), dims).unwrap();
-        let gq = gpu.rope_write_kv(&gq, &gc, &gs, 0, &mut gcache, &gpu.step_of(&batch), dims).unwrap();
-        let c = cpu.to_host(&cpu.attention(&cq, 0, &ccache, &cpu.step_of(&batch), dims).unwrap()).unwrap();
-        let g = gpu.to_host(&gpu.attention(&gq, 0, &gcache, &gpu.step_of(&batch), dims).unwrap()).unwrap();
+        let cq = cpu.rope_write_kv(&cq, &cc, &cs, 0, &mut ccache, &cpu.step_of(&batch, dims), dims).unwrap();
+        let gq = gpu.rope_write_kv(&gq, &gc, &gs, 0, &mut gcache, &gpu.step_of(&batch, dims), dims).unwrap();
+        let c = cpu.to_host(&cpu.attention(&cq, 0, &ccache, &cpu.step_of(&batch, dims), dims).unwrap()).unwrap();
+        let g = gpu.to_host(&gpu.attention(&gq, 0, &gcache, &gpu.step_of(&batch, dims), dims).unwrap()).unwrap();
         let q = dims.q_dim();
         for r in 0..rows {
             let (cr, gr) = (&c[r * q..(r + 1) * q], &g[r * q..(r + 1) * q]);
@@ -522,6 +522,6 @@ fn attention_rejects_a_batch_outside_the_cache() {
     batch.push(&[0; 4], 0, &[5]).unwrap(); // block 5 of a 2-block cache
     let qkv = gpu.tensor_from_host(&vec![0.0; 4 * 6 * 64], 4, 6 * 64).unwrap();
     let t = gpu.upload(&vec![0.0; 8 * 32], 8, 32).unwrap();
-    let e = gpu.rope_write_kv(&qkv, &t, &t, 0, &mut cache, &gpu.step_of(&batch), dims).err().expect("must fail");
+    let e = gpu.rope_write_kv(&qkv, &t, &t, 0, &mut cache, &gpu.step_of(&batch, dims), dims).err().expect("must fail");
     assert!(e.to_string().contains("outside the cache"), "{e}");
 }

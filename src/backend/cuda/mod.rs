@@ -457,7 +457,7 @@ impl Backend for CudaBackend {
 
     fn embed(&self, table: &CudaWeight, step: &CudaStep) -> Result<CudaTensor> {
         self.bind()?;
-        step.with(|b| self.embed_impl(table, b))
+        self.embed_impl(table, step.device())
     }
 
     fn rms_norm(&self, x: &CudaTensor, weight: &CudaWeight, eps: f32) -> Result<CudaTensor> {
@@ -495,10 +495,9 @@ impl Backend for CudaBackend {
         dims: AttnDims,
     ) -> Result<CudaTensor> {
         self.bind()?;
-        step.with(|b| {
-            contract::rope_write_kv(qkv.shape(), cos.shape(), sin.shape(), &b.extent, dims, &cache_spec(cache), layer)?;
-            self.rope_write_kv_impl(qkv, cos, sin, layer, cache, b, dims)
-        })
+        let b = step.device();
+        contract::rope_write_kv(qkv.shape(), cos.shape(), sin.shape(), &b.extent, dims, &cache_spec(cache), layer)?;
+        self.rope_write_kv_impl(qkv, cos, sin, layer, cache, b, dims)
     }
 
     fn matmul_rope_write_kv(
@@ -514,11 +513,10 @@ impl Backend for CudaBackend {
     ) -> Result<CudaTensor> {
         contract::matmul(x.shape(), qkv.shape())?;
         self.bind()?;
-        step.with(|b| {
-            let y = (x.rows, qkv.rows);
-            contract::rope_write_kv(y, cos.shape(), sin.shape(), &b.extent, dims, &cache_spec(cache), layer)?;
-            self.matmul_rope_write_kv_impl(x, qkv, cos, sin, layer, cache, b, dims)
-        })
+        let b = step.device();
+        let y = (x.rows, qkv.rows);
+        contract::rope_write_kv(y, cos.shape(), sin.shape(), &b.extent, dims, &cache_spec(cache), layer)?;
+        self.matmul_rope_write_kv_impl(x, qkv, cos, sin, layer, cache, b, dims)
     }
 
     fn attention(
@@ -530,10 +528,9 @@ impl Backend for CudaBackend {
         dims: AttnDims,
     ) -> Result<CudaTensor> {
         self.bind()?;
-        step.with(|b| {
-            contract::attention(q.shape(), &b.extent, dims, &cache_spec(cache), layer)?;
-            self.attention_impl(q, layer, cache, b, dims)
-        })
+        let b = step.device();
+        contract::attention(q.shape(), &b.extent, dims, &cache_spec(cache), layer)?;
+        self.attention_impl(q, layer, cache, b, dims)
     }
 
     fn silu_mul(&self, gate_up: &CudaTensor) -> Result<CudaTensor> {
@@ -551,10 +548,9 @@ impl Backend for CudaBackend {
 
     fn gather_rows(&self, x: &CudaTensor, step: &CudaStep) -> Result<CudaTensor> {
         self.bind()?;
-        step.with(|b| {
-            contract::gather_rows(x.shape(), &b.gather_rows)?;
-            self.gather_rows_impl(x, b)
-        })
+        let b = step.device();
+        contract::gather_rows(x.shape(), &b.gather_rows)?;
+        self.gather_rows_impl(x, b)
     }
 
     fn sample(

@@ -11,13 +11,17 @@
 //! `G` is `P` for a padded step. Padding rows look up token 0 at position 0, write no KV slot
 //! (slot `u32::MAX`, which rope.cu skips), attend to nothing (a work item of zero rows) and
 //! are never sampled.
+//!
+//! `work` holds the step's attention work items (attention.rs), made here from the attention
+//! geometry the step was begun with: a decode step's one item a row (padding rows' items of
+//! zero rows), another step's tiles of the plan's rows, at most `P` of them. So every upload of a
+//! step is this one copy, made before its forward pass runs (or is captured as a graph).
 
 use std::sync::atomic::Ordering;
-use std::sync::Mutex;
 
 use cudarc::driver::{CudaSlice, DevicePtr};
 
-use super::attention::Work;
+use super::attention::{self, Work};
 use super::workspace::Buf;
 use super::{CudaBackend, CudaResultExt};
 use crate::backend::contract::{self, BatchExtent};
@@ -63,8 +67,6 @@ pub(crate) struct DeviceBatch {
     pub slots: Buf<u32>,
     /// Every sequence's block table, concatenated.
     pub block_tables: Buf<u32>,
-    /// Where each sequence's table starts in `block_tables`.
-    pub table_offsets: Vec<u32>,
     /// The rows the step gathers (`StepInputs::rows`), for the contract.
     pub gather_rows: Vec<usize>,
     /// Their device copy, padded like the activation rows.
@@ -73,8 +75,9 @@ pub(crate) struct DeviceBatch {
     pub gather_count: usize,
     /// What the contract checks against the cache each op uses (`contract::step`, once).
     pub extent: BatchExtent,
-    /// Attention work items per rows-per-tile (see attention.rs); decode steps get theirs here.
-    pub work: Vec<(usize, Work)>,
+    /// The attention work items and the rows per tile they were cut for (attention.rs), when
+    /// the step was begun with attention geometry (`StepInputs::dims`) the kernels support.
+    pub work: Option<(usize, Work)>,
     /// The buffer the arrays above view, when it is this step's own (`step_for`).
     _owner: Option<Buf<u32>>,
 }
@@ -83,8 +86,7 @@ pub(crate) struct DeviceBatch {
 /// made by `begin_step` (in the persistent buffer, padded to the step's graph bucket) or by
 /// `step_for` (in a buffer of its own, never padded), and given to every op of the step.
 pub struct CudaStep {
-    /// Behind a lock because attention adds the work list of a prefill tile size on first use.
-    device: Mutex<DeviceBatch>,
+    device: DeviceBatch,
     /// The decode bucket the step is padded to (its graph), if any.
     bucket: Option<usize>,
     /// Logits rows past the sampled ones: a padded step's padding rows.
@@ -92,10 +94,9 @@ pub struct CudaStep {
 }
 
 impl CudaStep {
-    /// Runs `f` with the step's device metadata.
-    pub(crate) fn with<R>(&self, f: impl FnOnce(&mut DeviceBatch) -> Result<R>) -> Result<R> {
-        let mut device = self.device.lock().map_err(|_| Error::Backend("step state lock poisoned".into()))?;
-        f(&mut device)
+    /// The step's device metadata.
+    pub(crate) fn device(&self) -> &DeviceBatch {
+        &self.device
     }
 
     /// The decode bucket the step is padded to (its graph), if any.
@@ -114,13 +115,14 @@ struct Packed {
     words: Vec<u32>,
     rows: usize,
     gather_len: usize,
-    table_offsets: Vec<u32>,
-    decode: bool,
+    /// Rows per tile, items and longest key range of the attention work list, if any.
+    work: Option<(usize, usize, usize)>,
 }
 
 impl Packed {
-    /// Lays out `batch` with `rows ≥ batch rows` activation rows and `gather` rows to gather.
-    fn new(batch: &Batch, ids: &[u32], rows: usize, gather: &[usize]) -> Self {
+    /// Lays out `batch` with `rows ≥ batch rows` activation rows and `gather` rows to gather;
+    /// `tile` is the attention plan's rows per tile (none: a step without attention).
+    fn new(batch: &Batch, ids: &[u32], rows: usize, gather: &[usize], tile: Option<usize>) -> Self {
         let n = batch.num_tokens();
         let decode = !batch.seqs.is_empty() && batch.seqs.iter().all(|s| s.rows.len() == 1);
         let gather_len = if rows > n { rows } else { gather.len() };
@@ -130,18 +132,40 @@ impl Packed {
             table_offsets.push(tables.len() as u32);
             tables.extend_from_slice(&s.block_table);
         }
-        let mut w = Vec::with_capacity(7 * rows + gather_len + tables.len());
+        let mut w = Vec::with_capacity(8 * rows + gather_len + tables.len());
         w.extend(ids.iter().copied().chain(std::iter::repeat(0)).take(rows));
         w.extend(batch.positions.iter().copied().chain(std::iter::repeat(0)).take(rows));
         w.extend(batch.slots.iter().copied().chain(std::iter::repeat(NO_SLOT)).take(rows));
-        // Decode: one work item a row, `[row, 1, table, position + 1]`; padding rows none.
-        let items = batch.seqs.iter().zip(&table_offsets).enumerate().filter(|_| decode);
-        let items = items.map(|(r, (s, &table))| [r as u32, 1, table, s.context_len as u32]);
-        w.extend(items.chain(std::iter::repeat([0; 4])).take(rows).flatten());
+        let items = tile.map(|t| work_items(batch, &table_offsets, decode, t)).unwrap_or_default();
+        let max_keys = items.chunks(4).map(|i| i[3] as usize).max().unwrap_or(0);
+        let work = tile.map(|t| match decode && t == 1 {
+            // Every row's item, padding rows' included: the count a graph was captured with.
+            true => (t, rows, batch.positions.iter().max().map_or(0, |&p| p as usize + 1)),
+            false => (t, items.len() / 4, max_keys),
+        });
+        w.extend(items.into_iter().chain(std::iter::repeat(0)).take(4 * rows));
         w.extend(gather.iter().map(|&r| r as u32).chain(gather.len() as u32..).take(gather_len));
         w.extend_from_slice(&tables);
-        Packed { words: w, rows, gather_len, table_offsets, decode }
+        Packed { words: w, rows, gather_len, work }
     }
+}
+
+/// The attention work items of `batch` for tiles of `tile` rows: `[row_start, n_rows,
+/// table_offset, kmax]` each, tiles of consecutive rows of one sequence (a decode step's rows
+/// are one tile each, `kmax` its context).
+fn work_items(batch: &Batch, table_offsets: &[u32], decode: bool, tile: usize) -> Vec<u32> {
+    let mut items = Vec::new();
+    for (s, seq) in batch.seqs.iter().enumerate() {
+        let tile = if decode { 1 } else { tile.max(1) };
+        let mut start = seq.rows.start;
+        while start < seq.rows.end {
+            let end = (start + tile).min(seq.rows.end);
+            let kmax = batch.positions[start..end].iter().max().map_or(0, |&p| p + 1);
+            items.extend([start as u32, (end - start) as u32, table_offsets[s], kmax]);
+            start = end;
+        }
+    }
+    items
 }
 
 impl CudaBackend {
@@ -152,7 +176,8 @@ impl CudaBackend {
         let extent = contract::step(inputs)?;
         let bucket = if runtime { self.bucket_for(inputs) } else { None };
         let rows = bucket.unwrap_or(extent.tokens);
-        let packed = Packed::new(inputs.batch, inputs.ids, rows, inputs.rows);
+        let tile = inputs.dims.and_then(|d| attention::rows_per_tile(&inputs.batch.seqs, d));
+        let packed = Packed::new(inputs.batch, inputs.ids, rows, inputs.rows, tile);
         let (base, owner) = if runtime {
             let base = self.step_meta(packed.words.len(), bucket.is_some())?;
             let mut dst = self.view(base, 0, packed.words.len());
@@ -171,7 +196,7 @@ impl CudaBackend {
         if runtime {
             self.in_step.store(true, Ordering::Relaxed);
         }
-        Ok(CudaStep { device: Mutex::new(device), bucket, padding })
+        Ok(CudaStep { device, bucket, padding })
     }
 
     /// `end_step`: forgets the step (the persistent buffer stays for the next).
@@ -243,7 +268,9 @@ impl CudaBackend {
         owner: Option<Buf<u32>>,
     ) -> Result<DeviceBatch> {
         let rows = packed.rows;
-        let decode_work = Work::new(self.view(base, 3 * rows, 4 * rows), rows, extent.max_position + 1);
+        let work = packed
+            .work
+            .map(|(tile, count, max_keys)| (tile, Work::new(self.view(base, 3 * rows, 4 * count), count, max_keys)));
         Ok(DeviceBatch {
             host: batch.clone(),
             rows,
@@ -256,12 +283,11 @@ impl CudaBackend {
                 7 * rows + packed.gather_len,
                 packed.words.len() - 7 * rows - packed.gather_len,
             ),
-            table_offsets: packed.table_offsets.clone(),
             gather_rows: Vec::new(),
             gather: self.view(base, 7 * rows, packed.gather_len),
             gather_count: packed.gather_len,
             extent: BatchExtent { tokens: rows, ..extent },
-            work: if packed.decode { vec![(1, decode_work)] } else { Vec::new() },
+            work,
             _owner: owner,
         })
     }
