@@ -111,8 +111,8 @@ pub struct CudaBackend {
     /// Streaming multiprocessors, for sizing grids.
     sm_count: usize,
     name: String,
-    /// Fill every new output with NaN before its kernel runs (tests).
-    poison: AtomicBool,
+    /// Fill every new output with NaN before its kernel runs (tests; fixed at construction).
+    poison: bool,
     staging: Mutex<Option<Staging>>,
     /// Where every step's metadata is uploaded: the persistent buffer (step.rs).
     meta: Mutex<StepMeta>,
@@ -138,10 +138,28 @@ pub struct CudaBackend {
     gemv_choices: Mutex<HashMap<(usize, usize, usize), GemvChoice>>,
 }
 
+/// Checks a test turns on when it makes a backend ([`CudaBackend::with_debug`]); fixed for the
+/// backend's life, so no step of a production backend reads a switch a test could flip. Both
+/// off by default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CudaDebug {
+    /// Fill every output (and the KV cache) with NaN before the kernel that writes it, so that
+    /// an element a kernel forgets shows up.
+    pub poison: bool,
+    /// Upload every step's metadata into a fresh buffer instead of the persistent one — the bug
+    /// graphs must not have, for a test to show that it would be caught (step.rs).
+    pub fresh_step_buffers: bool,
+}
+
 impl CudaBackend {
     /// Opens CUDA device `ordinal` and loads the kernels; fails with a clear reason on a
     /// machine without the driver, the device, cuBLASLt, or with kernels that do not load.
     pub fn new(ordinal: usize) -> Result<Self> {
+        Self::with_debug(ordinal, CudaDebug::default())
+    }
+
+    /// [`CudaBackend::new`] with the test checks of `debug`.
+    pub fn with_debug(ordinal: usize, debug: CudaDebug) -> Result<Self> {
         let dev = |message: String| Error::Device { device: format!("cuda:{ordinal}"), message };
         cuda_available().map_err(dev)?;
         let count = CudaContext::device_count().map_err(|e| dev(e.to_string()))?;
@@ -172,9 +190,12 @@ impl CudaBackend {
             kernels,
             sm_count,
             name,
-            poison: AtomicBool::new(false),
+            poison: debug.poison,
             staging: Mutex::new(None),
-            meta: Mutex::new(StepMeta::Persistent(None)),
+            meta: Mutex::new(match debug.fresh_step_buffers {
+                true => StepMeta::FreshEachStep(Vec::new()),
+                false => StepMeta::Persistent(None),
+            }),
             workspace: Mutex::new(None),
             in_step: AtomicBool::new(false),
             capturing: AtomicBool::new(false),
@@ -189,12 +210,6 @@ impl CudaBackend {
         };
         backend.set_fp8_gemm(std::env::var("TULU_FP8_GEMM").map_or(true, |v| v != "0"));
         Ok(backend)
-    }
-
-    /// Fills every output (and the KV cache) with NaN before the kernel that writes it, so that
-    /// an element a kernel forgets shows up in tests. Off by default.
-    pub fn poison_outputs(&self, on: bool) {
-        self.poison.store(on, Ordering::Relaxed);
     }
 
     /// Free and total device memory in bytes (sizes the KV cache after the weights are loaded).
@@ -436,7 +451,7 @@ impl Backend for CudaBackend {
         for _ in 0..spec.layers {
             // Poisoned in tests (attention must never read a slot nobody wrote), zeroed otherwise.
             let alloc = || -> Result<CudaSlice<half::bf16>> {
-                if self.poison.load(Ordering::Relaxed) {
+                if self.poison {
                     self.alloc_bf16(len)
                 } else {
                     self.stream.alloc_zeros(len).cuda("allocating the KV cache")

@@ -37,7 +37,7 @@ pub(crate) enum StepMeta {
     /// One buffer that persists from step to step (allocated by `reserve` or the first step,
     /// grown only between steps), whose address captured graphs keep.
     Persistent(Option<CudaSlice<u32>>),
-    /// Tests only (`debug_fresh_step_buffers`): a new buffer every step, each kept alive so that
+    /// Tests only (`CudaDebug::fresh_step_buffers`): a new buffer every step, each kept alive so that
     /// a graph that captured an older one reads that step's stale metadata (which the test must
     /// catch) rather than freed memory.
     FreshEachStep(Vec<Buf<u32>>),
@@ -235,20 +235,6 @@ impl CudaBackend {
             *meta = Some(unsafe { self.stream.alloc::<u32>(len) }.cuda("allocating the step metadata buffer")?);
         }
         Ok(meta.as_ref().map_or(0, |m| m.device_ptr(&self.stream).0))
-    }
-
-    /// Tests only: uploads every step's metadata into a fresh buffer instead of the persistent
-    /// one — the bug graphs must not have, for a test to show that it would be caught. The
-    /// choice is the variant of the one metadata field (no flag a production step reads).
-    #[doc(hidden)]
-    pub fn debug_fresh_step_buffers(&self, on: bool) {
-        if let Ok(mut meta) = self.meta.lock() {
-            match (&*meta, on) {
-                (StepMeta::Persistent(_), true) => *meta = StepMeta::FreshEachStep(Vec::new()),
-                (StepMeta::FreshEachStep(_), false) => *meta = StepMeta::Persistent(None),
-                _ => {}
-            }
-        }
     }
 
     /// A view of `len` words at word `offset` of the buffer at `base`.
