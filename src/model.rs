@@ -238,7 +238,7 @@ impl<B: Runtime> Llama<B> {
         comm: &dyn Communicator<B>,
     ) -> Result<StepOutput> {
         let graphable = comm.capturable();
-        let (_scope, logits) = self.device_logits(backend, batch, cache, &sampling.rows, comm, graphable)?;
+        let (step, logits) = self.device_logits(backend, batch, cache, &sampling.rows, comm, graphable)?;
         if comm.rank() != 0 {
             return Ok(StepOutput::default());
         }
@@ -254,7 +254,7 @@ impl<B: Runtime> Llama<B> {
         let valid = sampling.valid.min(self.cfg.vocab_size).min(width);
         // The host computed the constrained rows' masks while the forward pass ran.
         let masks = sampling.masks.wait()?;
-        let ids = backend.sample(&logits, &sampling.per_row, valid, masks.as_ref())?;
+        let ids = backend.sample(&logits, step.step(), &sampling.per_row, valid, masks.as_ref())?;
         let flagged = ids.contains(&NON_FINITE);
         let logits = match sampling.want_logits || flagged {
             true => Some(self.host_logits(backend, &logits, comm.world_size(), sampling.rows.len())?),
@@ -339,12 +339,12 @@ impl<B: Runtime> Llama<B> {
                 next_block += blocks;
             }
             let rows = batch.last_rows();
-            let (scope, logits) = self.device_logits(backend, &batch, &mut cache, &rows, comm, false)?;
+            let (step, logits) = self.device_logits(backend, &batch, &mut cache, &rows, comm, false)?;
             if comm.rank() == 0 {
-                backend.sample(&logits, &vec![sampled.clone(); rows.len()], valid, None)?;
+                backend.sample(&logits, step.step(), &vec![sampled.clone(); rows.len()], valid, None)?;
             }
             drop(logits);
-            drop(scope);
+            drop(step);
         }
         let graphable = comm.capturable() && !backend.graph_buckets().is_empty();
         let sizes = if graphable { backend.graph_buckets() } else { vec![decode] };
@@ -397,30 +397,38 @@ impl<B: Runtime> Llama<B> {
         // ranks is the full lookup.
         let first = self.plan.vocab_rows.start as u32;
         let local: Vec<u32> = batch.token_ids.iter().map(|&t| t.wrapping_sub(first)).collect();
-        backend.begin_step(&StepInputs { batch, ids: &local, rows, graphable })?;
-        let scope = StepScope(backend);
-        let logits = backend.run_step(&mut || self.forward_pass(backend, batch, cache, rows, comm, &local))?;
+        let scope = StepScope {
+            backend,
+            step: Some(backend.begin_step(&StepInputs {
+                batch,
+                ids: &local,
+                rows,
+                dims: Some(self.dims),
+                graphable,
+            })?),
+        };
+        let step = scope.step();
+        let logits = backend.run_step(step, &mut || self.forward_pass(backend, step, cache, comm))?;
         Ok((scope, logits))
     }
 
-    /// Embedding, every layer, the final norm and the lm_head of `rows`: the step's forward pass.
+    /// Embedding, every layer, the final norm and the lm_head of the step's rows: the step's
+    /// forward pass.
     fn forward_pass(
         &self,
         backend: &B,
-        batch: &Batch,
+        step: &B::Step,
         cache: &mut B::KvCache,
-        rows: &[usize],
         comm: &dyn Communicator<B>,
-        ids: &[u32],
     ) -> Result<B::Tensor> {
         let eps = self.cfg.rms_norm_eps as f32;
-        let mut x = backend.embed(&self.embed, ids)?;
+        let mut x = backend.embed(&self.embed, step)?;
         comm.all_reduce_sum(backend, &mut x)?;
         let mut normed = backend.rms_norm(&x, &self.layers[0].input_norm, eps)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let q =
-                backend.matmul_rope_write_kv(&normed, &layer.qkv, &self.cos, &self.sin, l, cache, batch, self.dims)?;
-            let attn = backend.attention(&q, l, cache, batch, self.dims)?;
+                backend.matmul_rope_write_kv(&normed, &layer.qkv, &self.cos, &self.sin, l, cache, step, self.dims)?;
+            let attn = backend.attention(&q, l, cache, step, self.dims)?;
             let mut attn_out = backend.matmul(&attn, &layer.o_proj)?;
             comm.all_reduce_sum(backend, &mut attn_out)?;
             let h_normed = backend.add_rms_norm(&mut x, &attn_out, &layer.post_norm, eps)?;
@@ -429,7 +437,7 @@ impl<B: Runtime> Llama<B> {
             let next_norm = self.layers.get(l + 1).map_or(&self.norm, |n| &n.input_norm);
             normed = backend.add_rms_norm(&mut x, &mlp_out, next_norm, eps)?;
         }
-        let last = backend.gather_rows(&normed, rows)?;
+        let last = backend.gather_rows(&normed, step)?;
         let logits = backend.matmul(&last, self.lm_head.as_ref().unwrap_or(&self.embed))?;
         comm.all_gather_cols(backend, logits)
     }
@@ -449,11 +457,24 @@ impl<B: Runtime> Llama<B> {
 }
 
 /// A step begun on a backend, ended when dropped (after everything that reads its tensors).
-struct StepScope<'a, B: Runtime>(&'a B);
+struct StepScope<'a, B: Runtime> {
+    backend: &'a B,
+    /// Always `Some` until the drop hands it to `end_step`.
+    step: Option<B::Step>,
+}
+
+impl<B: Runtime> StepScope<'_, B> {
+    /// The step every op of the step is given.
+    fn step(&self) -> &B::Step {
+        self.step.as_ref().expect("a step scope holds its step until dropped")
+    }
+}
 
 impl<B: Runtime> Drop for StepScope<'_, B> {
     fn drop(&mut self) {
-        self.0.end_step();
+        if let Some(step) = self.step.take() {
+            self.backend.end_step(step);
+        }
     }
 }
 

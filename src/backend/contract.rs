@@ -3,7 +3,7 @@
 //! same errors (never a slice panic on one and an error on the other, never an out-of-bounds
 //! kernel). Shapes are `(rows, cols)`; a weight vector is one row.
 
-use super::{AttnDims, KvCacheSpec};
+use super::{AttnDims, KvCacheSpec, StepInputs};
 use crate::error::{Error, Result};
 use crate::runtime::batch::Batch;
 
@@ -73,6 +73,16 @@ pub fn batch(b: &Batch) -> Result<BatchExtent> {
         max_block: b.seqs.iter().flat_map(|s| &s.block_table).max().map_or(0, |&x| x as usize),
         max_slot: b.slots.iter().max().map_or(0, |&x| x as usize),
     })
+}
+
+/// Checks a step's inputs ([`batch`], and one embedding id per row) and returns its batch's
+/// extent; `begin_step` and `step_for` of every backend call it once per step.
+pub fn step(inputs: &StepInputs<'_>) -> Result<BatchExtent> {
+    let extent = batch(inputs.batch)?;
+    if inputs.ids.len() != extent.tokens {
+        return Err(fail("begin_step", format!("{} ids for {} rows", inputs.ids.len(), extent.tokens)));
+    }
+    Ok(extent)
 }
 
 /// Checks that a batch of extent `e` fits `cache` (its block size, block ids and slots) and

@@ -141,6 +141,11 @@ pub struct KvCacheSpec {
 /// The operations of the Llama forward pass, implemented once per device. Each checks its
 /// inputs with the one check of [`contract`] before touching memory, so both backends refuse
 /// the same inputs with the same errors.
+///
+/// The ops that read the step's batch (embedding ids, positions, slots, block tables, the rows
+/// to gather and sample) take the step itself, [`Backend::Step`], made once per step by
+/// [`Runtime::begin_step`] (the model runner) or by [`Backend::step_for`] (an op called on its
+/// own: kernel tests, benchmarks). No op infers which step it belongs to.
 pub trait Backend: Send + Sync + 'static {
     /// Activations: `rows × cols`, one row per token.
     type Tensor: Send + Sync;
@@ -148,9 +153,28 @@ pub trait Backend: Send + Sync + 'static {
     type Weight: Send + Sync;
     /// The paged KV cache of all layers.
     type KvCache: Send + Sync;
+    /// One step's context: its batch and the rows it gathers, as the device reads them (CUDA:
+    /// the metadata uploaded once, the graph bucket it is padded to; the CPU: the host batch).
+    type Step;
 
     /// A short description of the device, for logs.
     fn describe(&self) -> String;
+
+    /// The step of `inputs` for ops called outside a model step (kernel tests, benchmarks):
+    /// checked and uploaded like [`Runtime::begin_step`]'s, but never padded for a graph, and
+    /// its tensors are not carved from the step workspace.
+    fn step_for(&self, inputs: &StepInputs<'_>) -> Result<Self::Step>;
+
+    /// [`Backend::step_for`] a step with no batch at hand: one sequence feeding `ids` at
+    /// positions `0..ids.len()` (one block), gathering `rows` — what [`Backend::embed`],
+    /// [`Backend::gather_rows`] and [`Backend::sample`] need when called on their own.
+    fn step_of_ids(&self, ids: &[u32], rows: &[usize]) -> Result<Self::Step> {
+        let mut batch = Batch::new(ids.len().max(1));
+        if !ids.is_empty() {
+            batch.push(ids, 0, &[0])?;
+        }
+        self.step_for(&StepInputs { batch: &batch, ids, rows, dims: None, graphable: false })
+    }
 
     /// Uploads one weight made of `parts` concatenated along rows (all with the same number of
     /// columns; a 1-D tensor is one row). Fusing q/k/v and gate/up is this concatenation, and a
@@ -209,9 +233,11 @@ pub trait Backend: Send + Sync + 'static {
     /// Allocates the KV cache.
     fn new_kv_cache(&self, spec: &KvCacheSpec) -> Result<Self::KvCache>;
 
-    /// Rows `ids` of the embedding table; ids past its rows give zero rows (a vocab-parallel
-    /// rank looks up only the ids in its shard, and the ranks' results are summed).
-    fn embed(&self, table: &Self::Weight, ids: &[u32]) -> Result<Self::Tensor>;
+    /// Rows of the embedding table for the step's ids ([`StepInputs::ids`]), one per activation
+    /// row of the step (a step padded for a graph looks up id 0 for its padding rows); ids past
+    /// the table's rows give zero rows (a vocab-parallel rank looks up only the ids in its
+    /// shard, and the ranks' results are summed).
+    fn embed(&self, table: &Self::Weight, step: &Self::Step) -> Result<Self::Tensor>;
 
     /// `rms_norm(x) * weight`, accumulated in f32.
     fn rms_norm(&self, x: &Self::Tensor, weight: &Self::Weight, eps: f32) -> Result<Self::Tensor>;
@@ -238,7 +264,7 @@ pub trait Backend: Send + Sync + 'static {
         sin: &Self::Weight,
         layer: usize,
         cache: &mut Self::KvCache,
-        batch: &Batch,
+        step: &Self::Step,
         dims: AttnDims,
     ) -> Result<Self::Tensor>;
 
@@ -254,11 +280,11 @@ pub trait Backend: Send + Sync + 'static {
         sin: &Self::Weight,
         layer: usize,
         cache: &mut Self::KvCache,
-        batch: &Batch,
+        step: &Self::Step,
         dims: AttnDims,
     ) -> Result<Self::Tensor> {
         let qkv = self.matmul(x, qkv)?;
-        self.rope_write_kv(&qkv, cos, sin, layer, cache, batch, dims)
+        self.rope_write_kv(&qkv, cos, sin, layer, cache, step, dims)
     }
 
     /// Causal attention of each token's query over its sequence's cached keys and values
@@ -268,7 +294,7 @@ pub trait Backend: Send + Sync + 'static {
         q: &Self::Tensor,
         layer: usize,
         cache: &Self::KvCache,
-        batch: &Batch,
+        step: &Self::Step,
         dims: AttnDims,
     ) -> Result<Self::Tensor>;
 
@@ -282,18 +308,22 @@ pub trait Backend: Send + Sync + 'static {
         self.silu_mul(&self.matmul(x, gate_up)?)
     }
 
-    /// The given rows of `x`, in order.
-    fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
+    /// The step's rows ([`StepInputs::rows`]) of `x`, in order (and, in a step padded for a
+    /// graph, its padding rows after them).
+    fn gather_rows(&self, x: &Self::Tensor, step: &Self::Step) -> Result<Self::Tensor>;
 
     /// Picks one token per row of `logits` with `per_row[r]`, by the rule of
     /// [`crate::runtime::sampler::sample_row`], never a column at or past `valid` (vocab
     /// padding); only the ids cross to the host. A row whose first `valid` logits are not all
     /// finite gets [`crate::runtime::sampler::NON_FINITE`] (the device flags it; no extra copy).
     /// With `masks` (structured outputs), row `r` takes only the columns of `masks.row(r)`:
-    /// the others are not candidates (never picked, never checked).
+    /// the others are not candidates (never picked, never checked). `logits` are the step's
+    /// gathered rows: the padding rows of a step padded for a graph follow the sampled ones, and
+    /// the step says how many there are.
     fn sample(
         &self,
         logits: &Self::Tensor,
+        step: &Self::Step,
         per_row: &[RowSampling],
         valid: usize,
         masks: Option<&TokenMasks>,

@@ -3,7 +3,7 @@
 //! The model runner (`Llama::step`, the rank runner of `src/ranks/`) drives it; the operations
 //! of [`Backend`] run inside the steps it frames.
 
-use super::Backend;
+use super::{AttnDims, Backend};
 use crate::error::Result;
 use crate::runtime::batch::Batch;
 
@@ -17,6 +17,9 @@ pub struct StepInputs<'a> {
     pub ids: &'a [u32],
     /// The rows whose logits the step produces.
     pub rows: &'a [usize],
+    /// The attention geometry of the model the step runs (`None`: a step without attention,
+    /// e.g. an embedding alone): CUDA cuts the step's attention work list for it up front.
+    pub dims: Option<AttnDims>,
     /// Whether the step may run as a replayed graph: a decode step (one new token a sequence,
     /// every row sampled) whose logits stay on the device, on a communicator that can be captured.
     pub graphable: bool,
@@ -81,21 +84,26 @@ pub trait Runtime: Backend {
         Ok(0)
     }
 
-    /// Starts a step: the backend receives its batch once (CUDA uploads positions, slots,
-    /// block tables and work lists into persistent device buffers that every op of the step
-    /// reads). Every op until [`Runtime::end_step`] belongs to this step.
-    fn begin_step(&self, step: &StepInputs<'_>) -> Result<()> {
-        let _ = step;
-        Ok(())
+    /// Starts a step: checks its batch and makes the [`Backend::Step`] that every op of the
+    /// step is given (CUDA uploads ids, positions, slots, block tables and work lists once,
+    /// into persistent device buffers, and pads a decode step to its graph bucket). Until
+    /// [`Runtime::end_step`], the step's tensors come from the step workspace. The CPU's step
+    /// is [`Backend::step_for`]'s.
+    fn begin_step(&self, inputs: &StepInputs<'_>) -> Result<Self::Step> {
+        self.step_for(inputs)
     }
 
-    /// Ends the step [`Runtime::begin_step`] started.
-    fn end_step(&self) {}
+    /// Ends the step [`Runtime::begin_step`] started (after everything that reads its tensors).
+    fn end_step(&self, step: Self::Step) {
+        drop(step);
+    }
 
     /// Runs the step's forward pass `body` and returns its logits. A backend with graphs
-    /// replays a captured graph of `body` instead, for a step it may replay (see
-    /// [`StepInputs::graphable`]); its logits may then have padding rows after the sampled ones.
-    fn run_step(&self, body: &mut dyn FnMut() -> Result<Self::Tensor>) -> Result<Self::Tensor> {
+    /// replays a captured graph of `body` instead, for a step `begin_step` padded to a graph
+    /// bucket (see [`StepInputs::graphable`]); its logits then have padding rows after the
+    /// sampled ones.
+    fn run_step(&self, step: &Self::Step, body: &mut dyn FnMut() -> Result<Self::Tensor>) -> Result<Self::Tensor> {
+        let _ = step;
         body()
     }
 

@@ -392,8 +392,9 @@ fn time_case<B: Runtime + Profiling>(
 /// bf16 (or f32 on the CPU) GEMM throughput of `n × n · n × n`, in FLOP/s.
 fn gemm_peak<B: Backend>(backend: &B, n: usize) -> Result<f64> {
     let w = backend.random_weight(&[RandomSlice::for_tensor(1, "probe.weight", &[n, n], 0..n, 0..n)])?;
-    let x = backend.embed(&w, &(0..n as u32).collect::<Vec<_>>())?;
-    let sync = |y: &B::Tensor| backend.to_host(&backend.gather_rows(y, &[0])?);
+    let step = backend.step_of_ids(&(0..n as u32).collect::<Vec<_>>(), &[0])?;
+    let x = backend.embed(&w, &step)?;
+    let sync = |y: &B::Tensor| backend.to_host(&backend.gather_rows(y, &step)?);
     sync(&backend.matmul(&x, &w)?)?;
     let reps = 5;
     let started = Instant::now();
@@ -422,16 +423,17 @@ where
                     let timed = || -> Result<f64> {
                         let b = open()?;
                         let table = RandomSlice::for_tensor(2, "probe.weight", &[rows, cols], 0..rows, 0..cols);
-                        let mut x = b.embed(&b.random_weight(&[table])?, &(0..rows as u32).collect::<Vec<_>>())?;
+                        let step = b.step_of_ids(&(0..rows as u32).collect::<Vec<_>>(), &[0])?;
+                        let mut x = b.embed(&b.random_weight(&[table])?, &step)?;
                         for _ in 0..5 {
                             comm.all_reduce_sum(&b, &mut x)?;
                         }
-                        b.to_host(&b.gather_rows(&x, &[0])?)?;
+                        b.to_host(&b.gather_rows(&x, &step)?)?;
                         let (n, started) = (50, Instant::now());
                         for _ in 0..n {
                             comm.all_reduce_sum(&b, &mut x)?;
                         }
-                        b.to_host(&b.gather_rows(&x, &[0])?)?;
+                        b.to_host(&b.gather_rows(&x, &step)?)?;
                         Ok(started.elapsed().as_secs_f64() / n as f64)
                     };
                     // A failing rank must not leave its peers waiting at the next collective.

@@ -29,7 +29,7 @@ fn matmul_rows(m: usize) -> String {
     let (w, x) = (values(N * K, 1), values(m * K, 2));
     let gw = load(&gpu, &w, N);
     let table = load(&gpu, &x, m);
-    let gx = gpu.embed(&table, &(0..m as u32).collect::<Vec<_>>()).unwrap();
+    let gx = gpu.embed(&table, &gpu.step_of_ids(&(0..m as u32).collect::<Vec<_>>(), &[]).unwrap()).unwrap();
     match gpu.matmul(&gx, &gw).and_then(|y| gpu.to_host(&y)) {
         Ok(y) => {
             for (i, got) in y.iter().enumerate() {

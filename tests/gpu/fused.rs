@@ -83,26 +83,41 @@ fn qkv_gemv_with_rope_and_kv_write_matches_the_pair_and_the_cpu() {
             let xp = random(&mut rng, rows * k, 1.0);
             for cache in [&mut fused_cache, &mut pair_cache] {
                 let y = gpu.matmul(&tensor(&gpu, &xp, rows, k), &gw).unwrap();
-                gpu.rope_write_kv(&y, &gc, &gs, 1, cache, &pre, dims).unwrap();
+                gpu.rope_write_kv(&y, &gc, &gs, 1, cache, &gpu.step_of(&pre, dims), dims).unwrap();
             }
             let y = cpu.matmul(&tensor(&cpu, &xp, rows, k), &cw).unwrap();
-            cpu.rope_write_kv(&y, &cc, &cs, 1, &mut cpu_cache, &pre, dims).unwrap();
+            cpu.rope_write_kv(&y, &cc, &cs, 1, &mut cpu_cache, &cpu.step_of(&pre, dims), dims).unwrap();
 
             let x = random(&mut rng, m * k, 1.0);
             let what = format!("heads {heads}/{kv_heads} hd {hd} k {k}, {m} rows, fp8 {fp8}");
             let gx = tensor(&gpu, &x, m, k);
-            let fq = gpu.matmul_rope_write_kv(&gx, &gw, &gc, &gs, 1, &mut fused_cache, &batch, dims).unwrap();
-            let pq = gpu.rope_write_kv(&gpu.matmul(&gx, &gw).unwrap(), &gc, &gs, 1, &mut pair_cache, &batch, dims);
+            let fq = gpu
+                .matmul_rope_write_kv(&gx, &gw, &gc, &gs, 1, &mut fused_cache, &gpu.step_of(&batch, dims), dims)
+                .unwrap();
+            let pq = gpu.rope_write_kv(
+                &gpu.matmul(&gx, &gw).unwrap(),
+                &gc,
+                &gs,
+                1,
+                &mut pair_cache,
+                &gpu.step_of(&batch, dims),
+                dims,
+            );
             let pq = pq.unwrap();
             let cx = tensor(&cpu, &x, m, k);
-            let cq = cpu.matmul_rope_write_kv(&cx, &cw, &cc, &cs, 1, &mut cpu_cache, &batch, dims).unwrap();
+            let cq = cpu
+                .matmul_rope_write_kv(&cx, &cw, &cc, &cs, 1, &mut cpu_cache, &cpu.step_of(&batch, dims), dims)
+                .unwrap();
             let (fqh, pqh) = (gpu.to_host(&fq).unwrap(), gpu.to_host(&pq).unwrap());
             assert_eq!(bits(&fqh), bits(&pqh), "q: {what}");
             assert_close(&format!("q: {what}"), &fqh, &cpu.to_host(&cq).unwrap(), OP_TOL);
-            let fa = gpu.to_host(&gpu.attention(&fq, 1, &fused_cache, &batch, dims).unwrap()).unwrap();
-            let pa = gpu.to_host(&gpu.attention(&pq, 1, &pair_cache, &batch, dims).unwrap()).unwrap();
+            let fa =
+                gpu.to_host(&gpu.attention(&fq, 1, &fused_cache, &gpu.step_of(&batch, dims), dims).unwrap()).unwrap();
+            let pa =
+                gpu.to_host(&gpu.attention(&pq, 1, &pair_cache, &gpu.step_of(&batch, dims), dims).unwrap()).unwrap();
             assert_eq!(bits(&fa), bits(&pa), "attention over the cache: {what}");
-            let ca = cpu.to_host(&cpu.attention(&cq, 1, &cpu_cache, &batch, dims).unwrap()).unwrap();
+            let ca =
+                cpu.to_host(&cpu.attention(&cq, 1, &cpu_cache, &cpu.step_of(&batch, dims), dims).unwrap()).unwrap();
             assert_close(&format!("attention: {what}"), &fa, &ca, OP_TOL);
         }
     }

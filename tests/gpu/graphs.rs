@@ -105,10 +105,11 @@ fn run_schedule<C: Communicator<CudaBackend>>(rank: &mut Rank<'_, C>, vocab: usi
 /// A backend with graphs reserved, the tiny model's rank `rank` of `world` and a cache with
 /// room for the schedule.
 fn open(device: usize, rank: usize, world: usize, dir: &Path) -> (CudaBackend, Llama<CudaBackend>, CudaKvCache) {
-    open_with(device, rank, world, dir, LIMITS, None)
+    open_with(device, rank, world, dir, LIMITS, None, POISON)
 }
 
-/// [`open`] with other step limits, and the model quantized while loading when `quantize`.
+/// [`open`] with other step limits, the model quantized while loading when `quantize`, and the
+/// test checks of `debug`.
 fn open_with(
     device: usize,
     rank: usize,
@@ -116,9 +117,9 @@ fn open_with(
     dir: &Path,
     limits: StepLimits,
     quantize: Option<tulu::unstable::quant::Quantize>,
+    debug: CudaDebug,
 ) -> (CudaBackend, Llama<CudaBackend>, CudaKvCache) {
-    let backend = CudaBackend::new(device).unwrap();
-    backend.poison_outputs(true);
+    let backend = CudaBackend::with_debug(device, debug).unwrap();
     let mut cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
     if let Some(q) = quantize {
         q.apply(&mut cfg);
@@ -185,7 +186,7 @@ fn fp8_gemm_decode_steps_are_captured_and_replay_bit_for_bit() {
     gpu();
     let dir = tiny_vocab301();
     let limits = StepLimits { max_num_seqs: 16, ..LIMITS };
-    let (backend, model, cache) = open_with(0, 0, 1, &dir, limits, Some(tulu::unstable::quant::Quantize::Fp8));
+    let (backend, model, cache) = open_with(0, 0, 1, &dir, limits, Some(tulu::unstable::quant::Quantize::Fp8), POISON);
     let mut rank = Rank { backend: &backend, model: &model, cache, comm: &SingleRank };
     let mut seqs: Vec<Seq> = (0..10)
         .map(|k| Seq {
@@ -240,8 +241,8 @@ fn a_workspace_fitted_to_the_measured_peak_holds_every_step() {
 fn a_pointer_captured_stale_is_caught() {
     gpu();
     let dir = tiny_vocab301();
-    let (backend, model, cache) = open(0, 0, 1, &dir);
-    backend.debug_fresh_step_buffers(true);
+    let stale = CudaDebug { fresh_step_buffers: true, ..POISON };
+    let (backend, model, cache) = open_with(0, 0, 1, &dir, LIMITS, None, stale);
     let mut rank = Rank { backend: &backend, model: &model, cache, comm: &SingleRank };
     let why = run_schedule(&mut rank, 301).expect("a replay reading stale step metadata went unnoticed");
     eprintln!("caught, as it must be: {why}");

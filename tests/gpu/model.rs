@@ -67,8 +67,8 @@ fn random_weights_match_cpu_bit_for_bit() {
     ];
     let rows: Vec<u32> = (0..(37 + 50 + 3)).collect();
     // Embedding every row reads the weight back as an activation (bf16 on both sides).
-    let g = gpu.to_host(&gpu.embed(&gpu.random_weight(&parts).unwrap(), &rows).unwrap()).unwrap();
-    let c = cpu.to_host(&cpu.embed(&cpu.random_weight(&parts).unwrap(), &rows).unwrap()).unwrap();
+    let g = gpu.to_host(&gpu.embed(&gpu.random_weight(&parts).unwrap(), &gpu.ids_step(&rows, &[])).unwrap()).unwrap();
+    let c = cpu.to_host(&cpu.embed(&cpu.random_weight(&parts).unwrap(), &cpu.ids_step(&rows, &[])).unwrap()).unwrap();
     assert_eq!(g, c, "random weights differ between the GPU and the CPU");
     assert!(g[87 * 65..].iter().all(|&x| x == 0.0), "padding rows must be zero");
 
@@ -102,8 +102,8 @@ fn loading_onto_the_gpu_keeps_host_memory_flat() {
         eprintln!("skipped: the emulator's device memory is host memory, so loading grows RSS by design");
         return;
     }
-    let gpu = gpu();
-    gpu.poison_outputs(false);
+    gpu();
+    let gpu = CudaBackend::new(0).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("8b-2-layers");
     let mut cfg = ModelConfig::preset("llama-3.1-8b").unwrap();
@@ -141,8 +141,7 @@ fn cuda_tp_logits<C: Communicator<CudaBackend> + Send>(
     let store = WeightStore::open(dir).unwrap();
     let world = comms.len();
     common::ranks_logits(comms, tokens, |rank| {
-        let backend = CudaBackend::new(device(rank)).unwrap();
-        backend.poison_outputs(true);
+        let backend = CudaBackend::with_debug(device(rank), POISON).unwrap();
         let model = Llama::load(&backend, &cfg, &store, 128, Shard { rank, world }, |_| {}).unwrap();
         (backend, model)
     })

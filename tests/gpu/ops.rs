@@ -20,8 +20,8 @@ fn load_weight_streams_every_dtype_slice_and_padding() {
         let parts = [first, t.slice(0..rows, 7..2007)];
         let (cw, gw) = (cpu.load_weight(&parts).unwrap(), gpu.load_weight(&parts).unwrap());
         let ids: Vec<u32> = (0..(1497 + 5 + rows) as u32).collect();
-        let c = cpu.to_host(&cpu.embed(&cw, &ids).unwrap()).unwrap();
-        let g = gpu.to_host(&gpu.embed(&gw, &ids).unwrap()).unwrap();
+        let c = cpu.to_host(&cpu.embed(&cw, &cpu.ids_step(&ids, &[])).unwrap()).unwrap();
+        let g = gpu.to_host(&gpu.embed(&gw, &gpu.ids_step(&ids, &[])).unwrap()).unwrap();
         assert_close(&format!("load_weight {dtype:?}"), &g, &c, OP_TOL);
         let mismatched = [t.slice(0..2, 0..10), t.slice(0..2, 0..11)];
         assert!(gpu.load_weight(&mismatched).is_err(), "parts of different widths must not fuse");
@@ -91,20 +91,24 @@ fn elementwise_embedding_and_gather_match_cpu() {
         let (cx, gx) = (tensor(&cpu, &x, rows, cols), tensor(&gpu, &x, rows, cols));
 
         let pick = [rows - 1, 0, rows / 2, rows - 1];
-        let c = cpu.to_host(&cpu.gather_rows(&cx, &pick).unwrap()).unwrap();
-        let g = gpu.to_host(&gpu.gather_rows(&gx, &pick).unwrap()).unwrap();
+        let ids = vec![0; rows];
+        let c = cpu.to_host(&cpu.gather_rows(&cx, &cpu.ids_step(&ids, &pick)).unwrap()).unwrap();
+        let g = gpu.to_host(&gpu.gather_rows(&gx, &gpu.ids_step(&ids, &pick)).unwrap()).unwrap();
         assert_close(&format!("gather_rows {rows}×{cols}"), &g, &c, OP_TOL);
-        assert!(gpu.gather_rows(&gx, &[rows]).is_err(), "gather_rows past the end must fail");
+        let past = gpu.ids_step(&ids, &[rows]);
+        assert!(gpu.gather_rows(&gx, &past).is_err(), "gather_rows past the end must fail");
     }
     for &(vocab, cols) in &[(300, 64), (1000, 4096), (17, 24)] {
         let table = random(&mut rng, vocab * cols, 1.0);
         let ids: Vec<u32> = (0..11).map(|_| rng.random_range(0..vocab as u32)).chain([0, vocab as u32 - 1]).collect();
-        let c = cpu.to_host(&cpu.embed(&weight(&cpu, &table, &[vocab, cols]), &ids).unwrap()).unwrap();
+        let ct = weight(&cpu, &table, &[vocab, cols]);
+        let c = cpu.to_host(&cpu.embed(&ct, &cpu.ids_step(&ids, &[])).unwrap()).unwrap();
         let gt = weight(&gpu, &table, &[vocab, cols]);
-        let g = gpu.to_host(&gpu.embed(&gt, &ids).unwrap()).unwrap();
+        let g = gpu.to_host(&gpu.embed(&gt, &gpu.ids_step(&ids, &[])).unwrap()).unwrap();
         assert_close(&format!("embed {vocab}×{cols}"), &g, &c, OP_TOL);
         // Ids past the table (another vocab-parallel rank's) give zero rows.
-        let g = gpu.to_host(&gpu.embed(&gt, &[vocab as u32, 0, u32::MAX]).unwrap()).unwrap();
+        let past = gpu.ids_step(&[vocab as u32, 0, u32::MAX], &[]);
+        let g = gpu.to_host(&gpu.embed(&gt, &past).unwrap()).unwrap();
         assert!(g[..cols].iter().chain(&g[2 * cols..]).all(|&x| x == 0.0), "embed {vocab}×{cols}: id past the table");
         assert_close(&format!("embed {vocab}×{cols} row 0"), &g[cols..2 * cols], &table[..cols], OP_TOL);
     }
@@ -169,7 +173,7 @@ fn sample_matches_the_host_sampler() {
             let host = gpu.to_host(&t).unwrap();
             let per_row: Vec<RowSampling> =
                 (0..rows).map(|_| RowSampling { uniform: rng.random::<f32>(), ..setting.clone() }).collect();
-            let ids = gpu.sample(&t, &per_row, valid, None).unwrap();
+            let ids = gpu.sample(&t, &gpu.rows_step(rows), &per_row, valid, None).unwrap();
             for (r, (&id, s)) in ids.iter().zip(&per_row).enumerate() {
                 assert!((id as usize) < valid, "{s:?}: row {r} picked padded column {id}");
                 let want = sample_row(&host[r * cols..(r + 1) * cols], valid, s, None);
@@ -209,7 +213,7 @@ fn sample_flags_non_finite_rows() {
     for s in
         [RowSampling::greedy(), RowSampling { temperature: 0.9, top_p: 0.8, uniform: 0.3, ..RowSampling::greedy() }]
     {
-        let ids = gpu.sample(&t, &vec![s.clone(); rows], valid, None).unwrap();
+        let ids = gpu.sample(&t, &gpu.rows_step(rows), &vec![s.clone(); rows], valid, None).unwrap();
         let want: Vec<u32> =
             (0..rows).map(|r| sample_row(&logits[r * cols..(r + 1) * cols], valid, &s, None)).collect();
         assert_eq!((ids[0], ids[1]), (NON_FINITE, NON_FINITE), "{s:?}");
@@ -255,7 +259,7 @@ fn sample_follows_token_masks() {
     for trial in 0..8 {
         let s =
             if trial == 0 { RowSampling::greedy() } else { RowSampling { uniform: rng.random(), ..sampled.clone() } };
-        let ids = gpu.sample(&t, &vec![s.clone(); rows], valid, Some(&masks)).unwrap();
+        let ids = gpu.sample(&t, &gpu.rows_step(rows), &vec![s.clone(); rows], valid, Some(&masks)).unwrap();
         for (r, &id) in ids.iter().enumerate() {
             let want = sample_row(&host[r * cols..(r + 1) * cols], valid, &s, masks.row(r));
             assert_eq!(id == NON_FINITE, r == 4, "{s:?} row {r}: {id}");
@@ -376,11 +380,11 @@ fn run_attention_case(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut StdRng, cas
         );
         let qkv = random(rng, rows * width, 2.0);
         let (cq, gq) = (tensor(cpu, &qkv, rows, width), tensor(gpu, &qkv, rows, width));
-        let cq = cpu.rope_write_kv(&cq, &ccos, &csin, 1, &mut ccache, &batch, dims).unwrap();
-        let gq = gpu.rope_write_kv(&gq, &gcos, &gsin, 1, &mut gcache, &batch, dims).unwrap();
+        let cq = cpu.rope_write_kv(&cq, &ccos, &csin, 1, &mut ccache, &cpu.step_of(&batch, dims), dims).unwrap();
+        let gq = gpu.rope_write_kv(&gq, &gcos, &gsin, 1, &mut gcache, &gpu.step_of(&batch, dims), dims).unwrap();
         assert_close(&format!("rope q: {what}"), &gpu.to_host(&gq).unwrap(), &cpu.to_host(&cq).unwrap(), OP_TOL);
-        let c = cpu.to_host(&cpu.attention(&cq, 1, &ccache, &batch, dims).unwrap()).unwrap();
-        let g = gpu.to_host(&gpu.attention(&gq, 1, &gcache, &batch, dims).unwrap()).unwrap();
+        let c = cpu.to_host(&cpu.attention(&cq, 1, &ccache, &cpu.step_of(&batch, dims), dims).unwrap()).unwrap();
+        let g = gpu.to_host(&gpu.attention(&gq, 1, &gcache, &gpu.step_of(&batch, dims), dims).unwrap()).unwrap();
         // The GPU rounds q and k after rope and (tensor-core prefill, as FlashAttention-2) the
         // probabilities P to bf16 where the CPU keeps f32: each moves an output by up to about
         // 2^-9 · max|v| wherever the output's own magnitude is (a row of 23 keys measured 9e-3
@@ -486,15 +490,15 @@ fn attention_confines_non_finite_keys_to_the_rows_that_see_them() {
             let mut fb = Batch::new(bs);
             fb.push(&vec![1; first - 70], 70, &table[..126]).unwrap();
             let (cf, gf) = (tensor(&cpu, &fill, first - 70, width), tensor(&gpu, &fill, first - 70, width));
-            cpu.rope_write_kv(&cf, &cc, &cs, 0, &mut ccache, &fb, dims).unwrap();
-            gpu.rope_write_kv(&gf, &gc, &gs, 0, &mut gcache, &fb, dims).unwrap();
+            cpu.rope_write_kv(&cf, &cc, &cs, 0, &mut ccache, &cpu.step_of(&fb, dims), dims).unwrap();
+            gpu.rope_write_kv(&gf, &gc, &gs, 0, &mut gcache, &gpu.step_of(&fb, dims), dims).unwrap();
             batch.push(&[1], first, &table[..126]).unwrap();
         }
         let (cq, gq) = (tensor(&cpu, &data, rows, width), tensor(&gpu, &data, rows, width));
-        let cq = cpu.rope_write_kv(&cq, &cc, &cs, 0, &mut ccache, &batch, dims).unwrap();
-        let gq = gpu.rope_write_kv(&gq, &gc, &gs, 0, &mut gcache, &batch, dims).unwrap();
-        let c = cpu.to_host(&cpu.attention(&cq, 0, &ccache, &batch, dims).unwrap()).unwrap();
-        let g = gpu.to_host(&gpu.attention(&gq, 0, &gcache, &batch, dims).unwrap()).unwrap();
+        let cq = cpu.rope_write_kv(&cq, &cc, &cs, 0, &mut ccache, &cpu.step_of(&batch, dims), dims).unwrap();
+        let gq = gpu.rope_write_kv(&gq, &gc, &gs, 0, &mut gcache, &gpu.step_of(&batch, dims), dims).unwrap();
+        let c = cpu.to_host(&cpu.attention(&cq, 0, &ccache, &cpu.step_of(&batch, dims), dims).unwrap()).unwrap();
+        let g = gpu.to_host(&gpu.attention(&gq, 0, &gcache, &gpu.step_of(&batch, dims), dims).unwrap()).unwrap();
         let q = dims.q_dim();
         for r in 0..rows {
             let (cr, gr) = (&c[r * q..(r + 1) * q], &g[r * q..(r + 1) * q]);
@@ -521,6 +525,6 @@ fn attention_rejects_a_batch_outside_the_cache() {
     batch.push(&[0; 4], 0, &[5]).unwrap(); // block 5 of a 2-block cache
     let qkv = gpu.tensor_from_host(&vec![0.0; 4 * 6 * 64], 4, 6 * 64).unwrap();
     let t = gpu.upload(&vec![0.0; 8 * 32], 8, 32).unwrap();
-    let e = gpu.rope_write_kv(&qkv, &t, &t, 0, &mut cache, &batch, dims).err().expect("must fail");
+    let e = gpu.rope_write_kv(&qkv, &t, &t, 0, &mut cache, &gpu.step_of(&batch, dims), dims).err().expect("must fail");
     assert!(e.to_string().contains("outside the cache"), "{e}");
 }

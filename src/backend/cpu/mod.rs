@@ -18,7 +18,7 @@ use self::blocks::{BlockPart, BlockWeight};
 pub use self::kv_cache::CpuKvCache;
 use self::matmul::dot;
 pub use self::weight::CpuWeight;
-use super::{contract, AttnDims, Backend, KvCacheSpec, Profiling, Runtime};
+use super::{contract, AttnDims, Backend, KvCacheSpec, Profiling, Runtime, StepInputs};
 use crate::error::{Error, Result};
 use crate::quant::BlockType;
 use crate::runtime::batch::Batch;
@@ -60,6 +60,15 @@ impl CpuTensor {
 /// The CPU backend.
 #[derive(Debug, Clone, Default)]
 pub struct CpuBackend;
+
+/// A step on the CPU: its inputs, owned, and its batch's extent (checked once).
+#[derive(Debug, Clone)]
+pub struct CpuStep {
+    batch: Batch,
+    ids: Vec<u32>,
+    rows: Vec<usize>,
+    extent: contract::BatchExtent,
+}
 
 impl CpuBackend {
     /// The CPU backend, using rayon's global pool.
@@ -148,9 +157,15 @@ impl Backend for CpuBackend {
     type Tensor = CpuTensor;
     type Weight = CpuWeight;
     type KvCache = CpuKvCache;
+    type Step = CpuStep;
 
     fn describe(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn step_for(&self, inputs: &StepInputs<'_>) -> Result<CpuStep> {
+        let extent = contract::step(inputs)?;
+        Ok(CpuStep { batch: inputs.batch.clone(), ids: inputs.ids.to_vec(), rows: inputs.rows.to_vec(), extent })
     }
 
     fn load_weight(&self, parts: &[TensorSlice<'_>]) -> Result<CpuWeight> {
@@ -199,8 +214,8 @@ impl Backend for CpuBackend {
         CpuKvCache::new(spec)
     }
 
-    fn embed(&self, table: &CpuWeight, ids: &[u32]) -> Result<CpuTensor> {
-        let cols = table.cols;
+    fn embed(&self, table: &CpuWeight, step: &CpuStep) -> Result<CpuTensor> {
+        let (cols, ids) = (table.cols, &step.ids);
         if let Some(b) = table.blocks() {
             return CpuTensor::new(b.embed(ids, table.rows)?, ids.len(), cols);
         }
@@ -244,11 +259,11 @@ impl Backend for CpuBackend {
         sin: &CpuWeight,
         layer: usize,
         cache: &mut CpuKvCache,
-        batch: &Batch,
+        step: &CpuStep,
         dims: AttnDims,
     ) -> Result<CpuTensor> {
-        let extent = contract::batch(batch)?;
-        contract::rope_write_kv(qkv.shape(), cos.shape(), sin.shape(), &extent, dims, &cache.spec, layer)?;
+        let batch = &step.batch;
+        contract::rope_write_kv(qkv.shape(), cos.shape(), sin.shape(), &step.extent, dims, &cache.spec, layer)?;
         let (q_dim, kv_dim, hd) = (dims.q_dim(), dims.kv_dim(), dims.head_dim);
         let half = hd / 2;
         let mut q = Vec::with_capacity(qkv.rows * q_dim);
@@ -280,10 +295,11 @@ impl Backend for CpuBackend {
         q: &CpuTensor,
         layer: usize,
         cache: &CpuKvCache,
-        batch: &Batch,
+        step: &CpuStep,
         dims: AttnDims,
     ) -> Result<CpuTensor> {
-        contract::attention(q.shape(), &contract::batch(batch)?, dims, &cache.spec, layer)?;
+        let batch = &step.batch;
+        contract::attention(q.shape(), &step.extent, dims, &cache.spec, layer)?;
         let (hd, kv_dim) = (dims.head_dim, dims.kv_dim());
         let group = dims.heads / dims.kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
@@ -337,7 +353,8 @@ impl Backend for CpuBackend {
         CpuTensor::new(out, gate_up.rows, inter)
     }
 
-    fn gather_rows(&self, x: &CpuTensor, rows: &[usize]) -> Result<CpuTensor> {
+    fn gather_rows(&self, x: &CpuTensor, step: &CpuStep) -> Result<CpuTensor> {
+        let rows = &step.rows;
         contract::gather_rows(x.shape(), rows)?;
         let mut data = Vec::with_capacity(rows.len() * x.cols);
         for &r in rows {
@@ -349,6 +366,7 @@ impl Backend for CpuBackend {
     fn sample(
         &self,
         logits: &CpuTensor,
+        _step: &CpuStep,
         per_row: &[RowSampling],
         valid: usize,
         masks: Option<&TokenMasks>,
@@ -391,15 +409,21 @@ mod tests {
         batch.push(&[0; 4], 0, &[5]).unwrap();
         let qkv = CpuTensor::new(vec![0.0; 4 * 6 * 64], 4, 6 * 64).unwrap();
         let table = cpu.upload(&[0.0; 8 * 32], 8, 32).unwrap();
-        let e = cpu.rope_write_kv(&qkv, &table, &table, 0, &mut cache, &batch, dims).expect_err("must fail");
+        let step = |batch: &Batch| {
+            let ids = vec![0; batch.num_tokens()];
+            cpu.step_for(&StepInputs { batch, ids: &ids, rows: &[], dims: Some(dims), graphable: false }).unwrap()
+        };
+        let outside = step(&batch);
+        let e = cpu.rope_write_kv(&qkv, &table, &table, 0, &mut cache, &outside, dims).expect_err("must fail");
         assert!(e.to_string().contains("outside the cache"), "{e}");
         let q = CpuTensor::new(vec![0.0; 4 * 4 * 64], 4, 4 * 64).unwrap();
-        let e = cpu.attention(&q, 0, &cache, &batch, dims).expect_err("must fail");
+        let e = cpu.attention(&q, 0, &cache, &outside, dims).expect_err("must fail");
         assert!(e.to_string().contains("outside the cache"), "{e}");
         // Inside the cache, the same calls work.
         let mut batch = Batch::new(16);
         batch.push(&[0; 4], 0, &[1]).unwrap();
-        cpu.rope_write_kv(&qkv, &table, &table, 0, &mut cache, &batch, dims).unwrap();
-        cpu.attention(&q, 0, &cache, &batch, dims).unwrap();
+        let inside = step(&batch);
+        cpu.rope_write_kv(&qkv, &table, &table, 0, &mut cache, &inside, dims).unwrap();
+        cpu.attention(&q, 0, &cache, &inside, dims).unwrap();
     }
 }

@@ -17,6 +17,7 @@ use super::workspace::Buf;
 use super::{grid, int, CudaBackend, CudaKvCache, CudaResultExt, CudaTensor};
 use crate::backend::AttnDims;
 use crate::error::{Error, Result};
+use crate::runtime::batch::SeqInput;
 
 /// Accumulators per thread in the kernel (`ACC` in attention.cu).
 const ACC: usize = 16;
@@ -25,7 +26,8 @@ const SMEM_LIMIT: usize = 48 * 1024;
 /// Most splits of the keys: bounds the partial-result buffer and the combine's work.
 const MAX_SPLITS: usize = 64;
 
-/// A step's work items on the device: `[row_start, n_rows, table_offset, kmax]` each.
+/// A step's work items on the device: `[row_start, n_rows, table_offset, kmax]` each (made
+/// by `begin_step`, step.rs).
 pub(crate) struct Work {
     items: Buf<u32>,
     count: usize,
@@ -146,37 +148,26 @@ impl Plan {
     }
 }
 
-impl CudaBackend {
-    /// The index in `batch.work` of the step's work items for tiles of `rows_per_tile` rows,
-    /// built once per batch.
-    fn work(&self, batch: &mut DeviceBatch, rows_per_tile: usize) -> Result<usize> {
-        if let Some(i) = batch.work.iter().position(|(r, _)| *r == rows_per_tile) {
-            return Ok(i);
-        }
-        let mut items = Vec::new();
-        let mut max_keys = 0;
-        for (s, seq) in batch.host.seqs.iter().enumerate() {
-            let mut start = seq.rows.start;
-            while start < seq.rows.end {
-                let end = (start + rows_per_tile).min(seq.rows.end);
-                let kmax = batch.host.positions[start..end].iter().max().map_or(0, |&p| p as usize + 1);
-                max_keys = max_keys.max(kmax);
-                items.extend([start as u32, (end - start) as u32, batch.table_offsets[s], kmax as u32]);
-                start = end;
-            }
-        }
-        let work = Work { count: items.len() / 4, items: self.upload_u32(&items)?, max_keys };
-        batch.work.push((rows_per_tile, work));
-        Ok(batch.work.len() - 1)
-    }
+/// Rows per work-item tile of the attention plan for a step of `seqs` at `dims` (what
+/// `begin_step` cuts the step's work list for), or `None` when no kernel takes the shape
+/// (attention then says so).
+pub(crate) fn rows_per_tile(seqs: &[SeqInput], dims: AttnDims) -> Option<usize> {
+    plan(is_decode(seqs), dims).ok().map(|p| p.rows_per_tile)
+}
 
+/// Whether every sequence of the step feeds one token (the decode kernel's steps).
+fn is_decode(seqs: &[SeqInput]) -> bool {
+    seqs.iter().all(|s| s.rows.len() == 1)
+}
+
+impl CudaBackend {
     /// The caller has checked q's shape and that the batch fits the cache (`contract::attention`).
     pub(crate) fn attention_impl(
         &self,
         q: &CudaTensor,
         layer: usize,
         cache: &CudaKvCache,
-        batch: &mut DeviceBatch,
+        batch: &DeviceBatch,
         dims: AttnDims,
     ) -> Result<CudaTensor> {
         let rows = batch.rows;
@@ -184,13 +175,17 @@ impl CudaBackend {
         if rows == 0 {
             return Ok(out);
         }
-        let decode_step = batch.host.seqs.iter().all(|s| s.rows.len() == 1);
-        let plan = plan(decode_step, dims)?;
+        let plan = plan(is_decode(&batch.host.seqs), dims)?;
         let block_size = batch.host.block_size;
         let (sm_count, kv_heads) = (self.sm_count, dims.kv_heads);
-        let index = self.work(batch, plan.rows_per_tile)?;
-        let batch = &*batch;
-        let work = &batch.work[index].1;
+        let work = match &batch.work {
+            Some((tile, work)) if *tile == plan.rows_per_tile => work,
+            _ => {
+                return Err(Error::Backend(format!(
+                    "attention: the step was begun without this attention's geometry ({dims:?})"
+                )))
+            }
+        };
 
         // Split the keys only when the tiles leave SMs idle (two blocks per SM wanted), and
         // never below two key tiles per split. A step padded for a graph must not depend on

@@ -2,6 +2,7 @@
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
+use super::step::DeviceBatch;
 use super::{grid, int, CudaBackend, CudaResultExt, CudaTensor};
 use crate::error::Result;
 
@@ -31,37 +32,23 @@ impl CudaBackend {
         Ok(out)
     }
 
-    /// `contract::gather_rows` checked every row. Inside a step begun with these rows, the
-    /// indices come from the step's device buffer (a padded step gathers its padding rows too).
-    pub(crate) fn gather_rows_impl(&self, x: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {
-        self.step_gather(rows, |step| {
-            let count = step.map_or(rows.len(), |(_, n)| n);
-            let mut out = self.alloc_tensor(count, x.cols)?;
-            if count == 0 || x.cols == 0 {
-                return Ok(out);
-            }
-            let uploaded;
-            let idx = match step {
-                Some((dev, _)) => dev,
-                None => {
-                    let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-                    uploaded = self.upload_u32(&idx)?;
-                    &uploaded
-                }
-            };
-            let cfg = LaunchConfig {
-                grid_dim: (grid(count, "rows")?, 1, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let cols = int(x.cols, "cols")?;
-            let mut launch = self.stream.launch_builder(&self.kernels.gather_rows);
-            launch.arg(&*x.data).arg(&**idx).arg(&mut *out.data).arg(&cols);
-            // SAFETY: argument types and order match gather_rows_bf16; every index was checked
-            // (a padded step's padding indices are rows of the padded activations).
-            unsafe { launch.launch(cfg) }.cuda("launching gather_rows_bf16")?;
-            self.count_launch();
-            Ok(out)
-        })
+    /// `contract::gather_rows` checked every row. The indices are the step's, on the device (a
+    /// padded step gathers its padding rows too).
+    pub(crate) fn gather_rows_impl(&self, x: &CudaTensor, step: &DeviceBatch) -> Result<CudaTensor> {
+        let count = step.gather_count;
+        let mut out = self.alloc_tensor(count, x.cols)?;
+        if count == 0 || x.cols == 0 {
+            return Ok(out);
+        }
+        let cfg =
+            LaunchConfig { grid_dim: (grid(count, "rows")?, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let cols = int(x.cols, "cols")?;
+        let mut launch = self.stream.launch_builder(&self.kernels.gather_rows);
+        launch.arg(&*x.data).arg(&*step.gather).arg(&mut *out.data).arg(&cols);
+        // SAFETY: argument types and order match gather_rows_bf16; every index was checked
+        // (a padded step's padding indices are rows of the padded activations).
+        unsafe { launch.launch(cfg) }.cuda("launching gather_rows_bf16")?;
+        self.count_launch();
+        Ok(out)
     }
 }

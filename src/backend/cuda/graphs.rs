@@ -19,6 +19,7 @@ use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaGraph, DevicePtr};
 
 use super::memory::CudaTensor;
+use super::step::CudaStep;
 use super::workspace::Buf;
 use super::{CudaBackend, CudaResultExt};
 use crate::backend::StepInputs;
@@ -103,9 +104,12 @@ impl CudaBackend {
     }
 
     /// The backend's `run_step` (module docs).
-    pub(crate) fn run_step_impl(&self, body: &mut dyn FnMut() -> Result<CudaTensor>) -> Result<CudaTensor> {
-        let bucket = self.step.lock().ok().and_then(|s| s.as_ref().and_then(|d| d.bucket));
-        let Some(b) = bucket else { return body() };
+    pub(crate) fn run_step_impl(
+        &self,
+        step: &CudaStep,
+        body: &mut dyn FnMut() -> Result<CudaTensor>,
+    ) -> Result<CudaTensor> {
+        let Some(b) = step.bucket() else { return body() };
         let lock = || self.graphs.lock().map_err(|_| Error::Backend("graph table lock poisoned".into()));
         {
             let mut g = lock()?;

@@ -139,7 +139,7 @@ impl CudaBackend {
 
     /// Fills `n` elements of `buf` with all-ones bytes (NaN for floats) when poisoning is on.
     fn poison_buf<T>(&self, buf: &mut CudaSlice<T>, n: usize) -> Result<()> {
-        if self.poison.load(Ordering::Relaxed) {
+        if self.poison {
             let bytes = n.max(1) * std::mem::size_of::<T>();
             let (ptr, _record) = buf.device_ptr_mut(&self.stream);
             // SAFETY: `ptr` addresses at least `bytes` bytes owned by `buf`, on `self.stream`.

@@ -51,12 +51,12 @@ use self::graphs::Graphs;
 pub use self::memory::{CudaKvCache, CudaTensor, CudaWeight};
 use self::memory::{Staging, WeightData};
 use self::module::Kernels;
-use self::step::{DeviceBatch, StepMeta};
+pub use self::step::CudaStep;
+use self::step::StepMeta;
 use self::workspace::Workspace;
 use super::contract;
 use super::{AttnDims, Backend, KvCacheSpec, Profiling, Runtime, StepInputs, StepShape};
 use crate::error::{Error, Result};
-use crate::runtime::batch::Batch;
 use crate::runtime::sampler::RowSampling;
 use crate::runtime::token_mask::TokenMasks;
 use crate::weights::random::RandomSlice;
@@ -111,11 +111,9 @@ pub struct CudaBackend {
     /// Streaming multiprocessors, for sizing grids.
     sm_count: usize,
     name: String,
-    /// Fill every new output with NaN before its kernel runs (tests).
-    poison: AtomicBool,
+    /// Fill every new output with NaN before its kernel runs (tests; fixed at construction).
+    poison: bool,
     staging: Mutex<Option<Staging>>,
-    /// The active step's metadata (step.rs); `None` between steps.
-    step: Mutex<Option<DeviceBatch>>,
     /// Where every step's metadata is uploaded: the persistent buffer (step.rs).
     meta: Mutex<StepMeta>,
     /// The step workspace (workspace.rs), from `reserve`.
@@ -140,10 +138,28 @@ pub struct CudaBackend {
     gemv_choices: Mutex<HashMap<(usize, usize, usize), GemvChoice>>,
 }
 
+/// Checks a test turns on when it makes a backend ([`CudaBackend::with_debug`]); fixed for the
+/// backend's life, so no step of a production backend reads a switch a test could flip. Both
+/// off by default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CudaDebug {
+    /// Fill every output (and the KV cache) with NaN before the kernel that writes it, so that
+    /// an element a kernel forgets shows up.
+    pub poison: bool,
+    /// Upload every step's metadata into a fresh buffer instead of the persistent one — the bug
+    /// graphs must not have, for a test to show that it would be caught (step.rs).
+    pub fresh_step_buffers: bool,
+}
+
 impl CudaBackend {
     /// Opens CUDA device `ordinal` and loads the kernels; fails with a clear reason on a
     /// machine without the driver, the device, cuBLASLt, or with kernels that do not load.
     pub fn new(ordinal: usize) -> Result<Self> {
+        Self::with_debug(ordinal, CudaDebug::default())
+    }
+
+    /// [`CudaBackend::new`] with the test checks of `debug`.
+    pub fn with_debug(ordinal: usize, debug: CudaDebug) -> Result<Self> {
         let dev = |message: String| Error::Device { device: format!("cuda:{ordinal}"), message };
         cuda_available().map_err(dev)?;
         let count = CudaContext::device_count().map_err(|e| dev(e.to_string()))?;
@@ -174,10 +190,12 @@ impl CudaBackend {
             kernels,
             sm_count,
             name,
-            poison: AtomicBool::new(false),
+            poison: debug.poison,
             staging: Mutex::new(None),
-            step: Mutex::new(None),
-            meta: Mutex::new(StepMeta::Persistent(None)),
+            meta: Mutex::new(match debug.fresh_step_buffers {
+                true => StepMeta::FreshEachStep(Vec::new()),
+                false => StepMeta::Persistent(None),
+            }),
             workspace: Mutex::new(None),
             in_step: AtomicBool::new(false),
             capturing: AtomicBool::new(false),
@@ -192,12 +210,6 @@ impl CudaBackend {
         };
         backend.set_fp8_gemm(std::env::var("TULU_FP8_GEMM").map_or(true, |v| v != "0"));
         Ok(backend)
-    }
-
-    /// Fills every output (and the KV cache) with NaN before the kernel that writes it, so that
-    /// an element a kernel forgets shows up in tests. Off by default.
-    pub fn poison_outputs(&self, on: bool) {
-        self.poison.store(on, Ordering::Relaxed);
     }
 
     /// Free and total device memory in bytes (sizes the KV cache after the weights are loaded).
@@ -319,18 +331,18 @@ impl Runtime for CudaBackend {
         self.fit_workspace_impl()
     }
 
-    fn begin_step(&self, step: &StepInputs<'_>) -> Result<()> {
+    fn begin_step(&self, inputs: &StepInputs<'_>) -> Result<CudaStep> {
         self.bind()?;
-        self.begin_step_impl(step)
+        self.make_step(inputs, true)
     }
 
-    fn end_step(&self) {
-        self.end_step_impl()
+    fn end_step(&self, step: CudaStep) {
+        self.end_step_impl(step)
     }
 
-    fn run_step(&self, body: &mut dyn FnMut() -> Result<CudaTensor>) -> Result<CudaTensor> {
+    fn run_step(&self, step: &CudaStep, body: &mut dyn FnMut() -> Result<CudaTensor>) -> Result<CudaTensor> {
         self.bind()?;
-        self.run_step_impl(body)
+        self.run_step_impl(step, body)
     }
 
     fn graph_buckets(&self) -> Vec<usize> {
@@ -371,6 +383,12 @@ impl Backend for CudaBackend {
     type Tensor = CudaTensor;
     type Weight = CudaWeight;
     type KvCache = CudaKvCache;
+    type Step = CudaStep;
+
+    fn step_for(&self, inputs: &StepInputs<'_>) -> Result<CudaStep> {
+        self.bind()?;
+        self.make_step(inputs, false)
+    }
 
     fn describe(&self) -> String {
         let overridden = self.kernels.overridden();
@@ -441,7 +459,7 @@ impl Backend for CudaBackend {
         for _ in 0..spec.layers {
             // Poisoned in tests (attention must never read a slot nobody wrote), zeroed otherwise.
             let alloc = || -> Result<CudaSlice<half::bf16>> {
-                if self.poison.load(Ordering::Relaxed) {
+                if self.poison {
                     self.alloc_bf16(len)
                 } else {
                     self.stream.alloc_zeros(len).cuda("allocating the KV cache")
@@ -460,9 +478,9 @@ impl Backend for CudaBackend {
         })
     }
 
-    fn embed(&self, table: &CudaWeight, ids: &[u32]) -> Result<CudaTensor> {
+    fn embed(&self, table: &CudaWeight, step: &CudaStep) -> Result<CudaTensor> {
         self.bind()?;
-        self.embed_impl(table, ids)
+        self.embed_impl(table, step.device())
     }
 
     fn rms_norm(&self, x: &CudaTensor, weight: &CudaWeight, eps: f32) -> Result<CudaTensor> {
@@ -496,14 +514,13 @@ impl Backend for CudaBackend {
         sin: &CudaWeight,
         layer: usize,
         cache: &mut CudaKvCache,
-        batch: &Batch,
+        step: &CudaStep,
         dims: AttnDims,
     ) -> Result<CudaTensor> {
         self.bind()?;
-        self.with_batch(batch, |b| {
-            contract::rope_write_kv(qkv.shape(), cos.shape(), sin.shape(), &b.extent, dims, &cache_spec(cache), layer)?;
-            self.rope_write_kv_impl(qkv, cos, sin, layer, cache, b, dims)
-        })
+        let b = step.device();
+        contract::rope_write_kv(qkv.shape(), cos.shape(), sin.shape(), &b.extent, dims, &cache_spec(cache), layer)?;
+        self.rope_write_kv_impl(qkv, cos, sin, layer, cache, b, dims)
     }
 
     fn matmul_rope_write_kv(
@@ -514,16 +531,15 @@ impl Backend for CudaBackend {
         sin: &CudaWeight,
         layer: usize,
         cache: &mut CudaKvCache,
-        batch: &Batch,
+        step: &CudaStep,
         dims: AttnDims,
     ) -> Result<CudaTensor> {
         contract::matmul(x.shape(), qkv.shape())?;
         self.bind()?;
-        self.with_batch(batch, |b| {
-            let y = (x.rows, qkv.rows);
-            contract::rope_write_kv(y, cos.shape(), sin.shape(), &b.extent, dims, &cache_spec(cache), layer)?;
-            self.matmul_rope_write_kv_impl(x, qkv, cos, sin, layer, cache, b, dims)
-        })
+        let b = step.device();
+        let y = (x.rows, qkv.rows);
+        contract::rope_write_kv(y, cos.shape(), sin.shape(), &b.extent, dims, &cache_spec(cache), layer)?;
+        self.matmul_rope_write_kv_impl(x, qkv, cos, sin, layer, cache, b, dims)
     }
 
     fn attention(
@@ -531,14 +547,13 @@ impl Backend for CudaBackend {
         q: &CudaTensor,
         layer: usize,
         cache: &CudaKvCache,
-        batch: &Batch,
+        step: &CudaStep,
         dims: AttnDims,
     ) -> Result<CudaTensor> {
         self.bind()?;
-        self.with_batch(batch, |b| {
-            contract::attention(q.shape(), &b.extent, dims, &cache_spec(cache), layer)?;
-            self.attention_impl(q, layer, cache, b, dims)
-        })
+        let b = step.device();
+        contract::attention(q.shape(), &b.extent, dims, &cache_spec(cache), layer)?;
+        self.attention_impl(q, layer, cache, b, dims)
     }
 
     fn silu_mul(&self, gate_up: &CudaTensor) -> Result<CudaTensor> {
@@ -554,22 +569,29 @@ impl Backend for CudaBackend {
         self.matmul_silu_mul_impl(x, gate_up)
     }
 
-    fn gather_rows(&self, x: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {
-        contract::gather_rows(x.shape(), rows)?;
+    fn gather_rows(&self, x: &CudaTensor, step: &CudaStep) -> Result<CudaTensor> {
         self.bind()?;
-        self.gather_rows_impl(x, rows)
+        let b = step.device();
+        contract::gather_rows(x.shape(), &b.gather_rows)?;
+        self.gather_rows_impl(x, b)
     }
 
     fn sample(
         &self,
         logits: &CudaTensor,
+        step: &CudaStep,
         per_row: &[RowSampling],
         valid: usize,
         masks: Option<&TokenMasks>,
     ) -> Result<Vec<u32>> {
         // A padded decode step's logits have its padding rows after the sampled ones.
-        let padding = self.step_padding();
-        let rows = if padding > 0 && logits.rows == per_row.len() + padding { per_row.len() } else { logits.rows };
+        let rows = logits.rows.checked_sub(step.padding()).ok_or_else(|| {
+            Error::Backend(format!(
+                "sample: {} logits rows for a step with {} padding rows",
+                logits.rows,
+                step.padding()
+            ))
+        })?;
         contract::sample((rows, logits.cols), per_row.len(), valid, masks.map(|m| (m.rows(), m.words)))?;
         self.sample_impl(logits, per_row, valid, masks)
     }

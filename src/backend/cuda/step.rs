@@ -11,12 +11,17 @@
 //! `G` is `P` for a padded step. Padding rows look up token 0 at position 0, write no KV slot
 //! (slot `u32::MAX`, which rope.cu skips), attend to nothing (a work item of zero rows) and
 //! are never sampled.
+//!
+//! `work` holds the step's attention work items (attention.rs), made here from the attention
+//! geometry the step was begun with: a decode step's one item a row (padding rows' items of
+//! zero rows), another step's tiles of the plan's rows, at most `P` of them. So every upload of a
+//! step is this one copy, made before its forward pass runs (or is captured as a graph).
 
 use std::sync::atomic::Ordering;
 
 use cudarc::driver::{CudaSlice, DevicePtr};
 
-use super::attention::Work;
+use super::attention::{self, Work};
 use super::workspace::Buf;
 use super::{CudaBackend, CudaResultExt};
 use crate::backend::contract::{self, BatchExtent};
@@ -32,7 +37,7 @@ pub(crate) enum StepMeta {
     /// One buffer that persists from step to step (allocated by `reserve` or the first step,
     /// grown only between steps), whose address captured graphs keep.
     Persistent(Option<CudaSlice<u32>>),
-    /// Tests only (`debug_fresh_step_buffers`): a new buffer every step, each kept alive so that
+    /// Tests only (`CudaDebug::fresh_step_buffers`): a new buffer every step, each kept alive so that
     /// a graph that captured an older one reads that step's stale metadata (which the test must
     /// catch) rather than freed memory.
     FreshEachStep(Vec<Buf<u32>>),
@@ -56,22 +61,53 @@ pub(crate) struct DeviceBatch {
     pub rows: usize,
     /// The decode bucket this step is padded to (its graph), if any.
     pub bucket: Option<usize>,
-    /// Embedding ids per activation row (only from `begin_step`).
-    pub ids: Option<Buf<u32>>,
+    /// Embedding ids per activation row.
+    pub ids: Buf<u32>,
     pub positions: Buf<u32>,
     pub slots: Buf<u32>,
     /// Every sequence's block table, concatenated.
     pub block_tables: Buf<u32>,
-    /// Where each sequence's table starts in `block_tables`.
-    pub table_offsets: Vec<u32>,
-    /// The rows `begin_step` was told to gather, and their device copy (padded like the rows).
-    pub gather: Option<(Vec<usize>, Buf<u32>)>,
-    /// What the contract checks against the cache each op uses (`contract::batch`, once).
+    /// The rows the step gathers (`StepInputs::rows`), for the contract.
+    pub gather_rows: Vec<usize>,
+    /// Their device copy, padded like the activation rows.
+    pub gather: Buf<u32>,
+    /// Rows `gather` holds: the step's rows, then a padded step's padding rows.
+    pub gather_count: usize,
+    /// What the contract checks against the cache each op uses (`contract::step`, once).
     pub extent: BatchExtent,
-    /// Attention work items per rows-per-tile (see attention.rs); decode steps get theirs here.
-    pub work: Vec<(usize, Work)>,
-    /// The buffer the arrays above view, when it is this batch's own (ops called outside a step).
+    /// The attention work items and the rows per tile they were cut for (attention.rs), when
+    /// the step was begun with attention geometry (`StepInputs::dims`) the kernels support.
+    pub work: Option<(usize, Work)>,
+    /// The buffer the arrays above view, when it is this step's own (`step_for`).
     _owner: Option<Buf<u32>>,
+}
+
+/// The CUDA backend's [`crate::backend::Backend::Step`]: one step's metadata on the device,
+/// made by `begin_step` (in the persistent buffer, padded to the step's graph bucket) or by
+/// `step_for` (in a buffer of its own, never padded), and given to every op of the step.
+pub struct CudaStep {
+    device: DeviceBatch,
+    /// The decode bucket the step is padded to (its graph), if any.
+    bucket: Option<usize>,
+    /// Logits rows past the sampled ones: a padded step's padding rows.
+    padding: usize,
+}
+
+impl CudaStep {
+    /// The step's device metadata.
+    pub(crate) fn device(&self) -> &DeviceBatch {
+        &self.device
+    }
+
+    /// The decode bucket the step is padded to (its graph), if any.
+    pub(crate) fn bucket(&self) -> Option<usize> {
+        self.bucket
+    }
+
+    /// Rows of the step's gathered activations (and logits) past the rows it samples.
+    pub(crate) fn padding(&self) -> usize {
+        self.padding
+    }
 }
 
 /// The host side of one step's metadata, laid out as the module docs say.
@@ -79,13 +115,14 @@ struct Packed {
     words: Vec<u32>,
     rows: usize,
     gather_len: usize,
-    table_offsets: Vec<u32>,
-    decode: bool,
+    /// Rows per tile, items and longest key range of the attention work list, if any.
+    work: Option<(usize, usize, usize)>,
 }
 
 impl Packed {
-    /// Lays out `batch` with `rows ≥ batch rows` activation rows and `gather` rows to gather.
-    fn new(batch: &Batch, ids: &[u32], rows: usize, gather: &[usize]) -> Self {
+    /// Lays out `batch` with `rows ≥ batch rows` activation rows and `gather` rows to gather;
+    /// `tile` is the attention plan's rows per tile (none: a step without attention).
+    fn new(batch: &Batch, ids: &[u32], rows: usize, gather: &[usize], tile: Option<usize>) -> Self {
         let n = batch.num_tokens();
         let decode = !batch.seqs.is_empty() && batch.seqs.iter().all(|s| s.rows.len() == 1);
         let gather_len = if rows > n { rows } else { gather.len() };
@@ -95,48 +132,76 @@ impl Packed {
             table_offsets.push(tables.len() as u32);
             tables.extend_from_slice(&s.block_table);
         }
-        let mut w = Vec::with_capacity(7 * rows + gather_len + tables.len());
+        let mut w = Vec::with_capacity(8 * rows + gather_len + tables.len());
         w.extend(ids.iter().copied().chain(std::iter::repeat(0)).take(rows));
         w.extend(batch.positions.iter().copied().chain(std::iter::repeat(0)).take(rows));
         w.extend(batch.slots.iter().copied().chain(std::iter::repeat(NO_SLOT)).take(rows));
-        // Decode: one work item a row, `[row, 1, table, position + 1]`; padding rows none.
-        let items = batch.seqs.iter().zip(&table_offsets).enumerate().filter(|_| decode);
-        let items = items.map(|(r, (s, &table))| [r as u32, 1, table, s.context_len as u32]);
-        w.extend(items.chain(std::iter::repeat([0; 4])).take(rows).flatten());
+        let items = tile.map(|t| work_items(batch, &table_offsets, decode, t)).unwrap_or_default();
+        let max_keys = items.chunks(4).map(|i| i[3] as usize).max().unwrap_or(0);
+        let work = tile.map(|t| match decode && t == 1 {
+            // Every row's item, padding rows' included: the count a graph was captured with.
+            true => (t, rows, batch.positions.iter().max().map_or(0, |&p| p as usize + 1)),
+            false => (t, items.len() / 4, max_keys),
+        });
+        w.extend(items.into_iter().chain(std::iter::repeat(0)).take(4 * rows));
         w.extend(gather.iter().map(|&r| r as u32).chain(gather.len() as u32..).take(gather_len));
         w.extend_from_slice(&tables);
-        Packed { words: w, rows, gather_len, table_offsets, decode }
+        Packed { words: w, rows, gather_len, work }
     }
 }
 
-impl CudaBackend {
-    /// `begin_step`: checks the batch, decides its padding, uploads its metadata once.
-    pub(crate) fn begin_step_impl(&self, step: &StepInputs<'_>) -> Result<()> {
-        let extent = contract::batch(step.batch)?;
-        let n = step.batch.num_tokens();
-        if step.ids.len() != n {
-            return Err(Error::Backend(format!("begin_step: {} ids for {n} rows", step.ids.len())));
+/// The attention work items of `batch` for tiles of `tile` rows: `[row_start, n_rows,
+/// table_offset, kmax]` each, tiles of consecutive rows of one sequence (a decode step's rows
+/// are one tile each, `kmax` its context).
+fn work_items(batch: &Batch, table_offsets: &[u32], decode: bool, tile: usize) -> Vec<u32> {
+    let mut items = Vec::new();
+    for (s, seq) in batch.seqs.iter().enumerate() {
+        let tile = if decode { 1 } else { tile.max(1) };
+        let mut start = seq.rows.start;
+        while start < seq.rows.end {
+            let end = (start + tile).min(seq.rows.end);
+            let kmax = batch.positions[start..end].iter().max().map_or(0, |&p| p + 1);
+            items.extend([start as u32, (end - start) as u32, table_offsets[s], kmax]);
+            start = end;
         }
-        let bucket = self.bucket_for(step);
-        let rows = bucket.unwrap_or(n);
-        let packed = Packed::new(step.batch, step.ids, rows, step.rows);
-        let meta = self.step_meta(packed.words.len(), bucket.is_some())?;
-        let mut dst = self.view(meta, 0, packed.words.len());
-        self.stream.memcpy_htod(&packed.words, &mut *dst).cuda("copying the step's metadata to the device")?;
-        let mut device = self.view_batch(step.batch, &packed, extent, meta, None)?;
+    }
+    items
+}
+
+impl CudaBackend {
+    /// `begin_step` (`runtime` true: into the persistent buffer, padded to the step's graph
+    /// bucket, its tensors carved from the workspace until `end_step`) and `step_for` (false:
+    /// into a buffer of the step's own): checks the inputs, uploads the metadata in one copy.
+    pub(crate) fn make_step(&self, inputs: &StepInputs<'_>, runtime: bool) -> Result<CudaStep> {
+        let extent = contract::step(inputs)?;
+        let bucket = if runtime { self.bucket_for(inputs) } else { None };
+        let rows = bucket.unwrap_or(extent.tokens);
+        let tile = inputs.dims.and_then(|d| attention::rows_per_tile(&inputs.batch.seqs, d));
+        let packed = Packed::new(inputs.batch, inputs.ids, rows, inputs.rows, tile);
+        let (base, owner) = if runtime {
+            let base = self.step_meta(packed.words.len(), bucket.is_some())?;
+            let mut dst = self.view(base, 0, packed.words.len());
+            self.stream.memcpy_htod(&packed.words, &mut *dst).cuda("copying the step's metadata to the device")?;
+            (base, None)
+        } else {
+            let owner = self.upload_u32(&packed.words)?;
+            let base = owner.device_ptr(&self.stream).0;
+            (base, Some(owner))
+        };
+        let mut device = self.view_batch(inputs.batch, &packed, extent, base, owner)?;
         device.bucket = bucket;
-        device.gather = Some((step.rows.to_vec(), self.view(meta, 7 * rows, packed.gather_len)));
-        let mut guard = self.step.lock().map_err(|_| Error::Backend("step state lock poisoned".into()))?;
-        *guard = Some(device);
-        self.in_step.store(true, Ordering::Relaxed);
-        Ok(())
+        device.gather_rows = inputs.rows.to_vec();
+        device.gather_count = if bucket.is_some() { rows } else { inputs.rows.len() };
+        let padding = device.gather_count - inputs.rows.len();
+        if runtime {
+            self.in_step.store(true, Ordering::Relaxed);
+        }
+        Ok(CudaStep { device, bucket, padding })
     }
 
-    /// `end_step`: forgets the step (its buffers stay for the next).
-    pub(crate) fn end_step_impl(&self) {
-        if let Ok(mut g) = self.step.lock() {
-            *g = None;
-        }
+    /// `end_step`: forgets the step (the persistent buffer stays for the next).
+    pub(crate) fn end_step_impl(&self, step: CudaStep) {
+        drop(step);
         self.in_step.store(false, Ordering::Relaxed);
     }
 
@@ -172,20 +237,6 @@ impl CudaBackend {
         Ok(meta.as_ref().map_or(0, |m| m.device_ptr(&self.stream).0))
     }
 
-    /// Tests only: uploads every step's metadata into a fresh buffer instead of the persistent
-    /// one — the bug graphs must not have, for a test to show that it would be caught. The
-    /// choice is the variant of the one metadata field (no flag a production step reads).
-    #[doc(hidden)]
-    pub fn debug_fresh_step_buffers(&self, on: bool) {
-        if let Ok(mut meta) = self.meta.lock() {
-            match (&*meta, on) {
-                (StepMeta::Persistent(_), true) => *meta = StepMeta::FreshEachStep(Vec::new()),
-                (StepMeta::FreshEachStep(_), false) => *meta = StepMeta::Persistent(None),
-                _ => {}
-            }
-        }
-    }
-
     /// A view of `len` words at word `offset` of the buffer at `base`.
     fn view(&self, base: u64, offset: usize, len: usize) -> Buf<u32> {
         // SAFETY: the metadata buffer holds the packed step (offset + len words at most); it
@@ -203,12 +254,14 @@ impl CudaBackend {
         owner: Option<Buf<u32>>,
     ) -> Result<DeviceBatch> {
         let rows = packed.rows;
-        let decode_work = Work::new(self.view(base, 3 * rows, 4 * rows), rows, extent.max_position + 1);
+        let work = packed
+            .work
+            .map(|(tile, count, max_keys)| (tile, Work::new(self.view(base, 3 * rows, 4 * count), count, max_keys)));
         Ok(DeviceBatch {
             host: batch.clone(),
             rows,
             bucket: None,
-            ids: Some(self.view(base, 0, rows)),
+            ids: self.view(base, 0, rows),
             positions: self.view(base, rows, rows),
             slots: self.view(base, 2 * rows, rows),
             block_tables: self.view(
@@ -216,65 +269,12 @@ impl CudaBackend {
                 7 * rows + packed.gather_len,
                 packed.words.len() - 7 * rows - packed.gather_len,
             ),
-            table_offsets: packed.table_offsets.clone(),
-            gather: None,
+            gather_rows: Vec::new(),
+            gather: self.view(base, 7 * rows, packed.gather_len),
+            gather_count: packed.gather_len,
             extent: BatchExtent { tokens: rows, ..extent },
-            work: if packed.decode { vec![(1, decode_work)] } else { Vec::new() },
+            work,
             _owner: owner,
         })
-    }
-
-    /// Runs `f` with the step's metadata: the active step's, or — for an op called outside a
-    /// step (tests of single ops) — `batch`'s, uploaded for this call.
-    pub(crate) fn with_batch<R>(&self, batch: &Batch, f: impl FnOnce(&mut DeviceBatch) -> Result<R>) -> Result<R> {
-        let mut guard = self.step.lock().map_err(|_| Error::Backend("step state lock poisoned".into()))?;
-        if let Some(active) = guard.as_mut() {
-            if active.host.num_tokens() != batch.num_tokens() || active.host.seqs.len() != batch.seqs.len() {
-                return Err(Error::Backend("an op's batch is not the step's (begin_step was given another)".into()));
-            }
-            return f(active);
-        }
-        drop(guard);
-        let extent = contract::batch(batch)?;
-        let packed = Packed::new(batch, &batch.token_ids, batch.num_tokens(), &[]);
-        let owner = self.upload_u32(&packed.words)?;
-        let base = owner.device_ptr(&self.stream).0;
-        let mut device = self.view_batch(batch, &packed, extent, base, Some(owner))?;
-        f(&mut device)
-    }
-
-    /// The active step's embedding ids and rows, when `ids` are the ones it was begun with.
-    pub(crate) fn step_ids<R>(
-        &self,
-        ids: &[u32],
-        f: impl FnOnce(Option<(&Buf<u32>, usize)>) -> Result<R>,
-    ) -> Result<R> {
-        let guard = self.step.lock().map_err(|_| Error::Backend("step state lock poisoned".into()))?;
-        match guard.as_ref() {
-            Some(d) if d.host.num_tokens() == ids.len() => f(d.ids.as_ref().map(|b| (b, d.rows))),
-            _ => f(None),
-        }
-    }
-
-    /// The active step's gather indices and their count, when `rows` are the ones it was
-    /// begun with.
-    pub(crate) fn step_gather<R>(
-        &self,
-        rows: &[usize],
-        f: impl FnOnce(Option<(&Buf<u32>, usize)>) -> Result<R>,
-    ) -> Result<R> {
-        let guard = self.step.lock().map_err(|_| Error::Backend("step state lock poisoned".into()))?;
-        match guard.as_ref().and_then(|d| d.gather.as_ref().map(|g| (d, g))) {
-            Some((d, (host, dev))) if host == rows => {
-                let count = if d.bucket.is_some() { d.rows } else { rows.len() };
-                f(Some((dev, count)))
-            }
-            _ => f(None),
-        }
-    }
-
-    /// Rows of the active step's activations past the batch's (a padded decode step), else 0.
-    pub(crate) fn step_padding(&self) -> usize {
-        self.step.lock().ok().and_then(|g| g.as_ref().map(|d| d.rows - d.host.num_tokens())).unwrap_or(0)
     }
 }
