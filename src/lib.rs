@@ -42,5 +42,5 @@ pub use options::EngineOptions;
 pub use parallel::rendezvous::WorldSpec;
 pub use quant::Quantize;
 pub use runtime::sampler::SamplingParams;
-pub use runtime::speculative::{NgramProposer, Speculation};
+pub use runtime::speculative::{NgramProposer, Proposer, Speculation};
 pub use tokenizer::{ChatMessage, FunctionCall, Tokenizer, ToolCall};
