@@ -43,5 +43,5 @@ pub use parallel::rendezvous::WorldSpec;
 pub use quant::kv::KvCacheDtype;
 pub use quant::Quantize;
 pub use runtime::sampler::SamplingParams;
-pub use runtime::speculative::{NgramProposer, Speculation};
+pub use runtime::speculative::{NgramProposer, Proposer, Speculation};
 pub use tokenizer::{ChatMessage, FunctionCall, Tokenizer, ToolCall};

@@ -70,7 +70,8 @@ pub struct ModelArgs {
     /// output is the same as without it; off by default.
     #[arg(long, value_parser = ["ngram"])]
     pub speculative: Option<String>,
-    /// Draft tokens proposed per step and sequence, 1 to 16 (with --speculative; default 4).
+    /// Draft tokens proposed per step and sequence, 1 to 16 (with --speculative or
+    /// --draft-model; default 4).
     #[arg(long)]
     pub num_speculative_tokens: Option<usize>,
     /// Shortest n-gram matched (with --speculative ngram; default 2).
@@ -79,6 +80,11 @@ pub struct ModelArgs {
     /// Longest n-gram matched (with --speculative ngram; default 4).
     #[arg(long)]
     pub ngram_max: Option<usize>,
+    /// Speculative decoding with a draft model: a smaller checkpoint (directory or repo id) with
+    /// the same tokenizer, run on the same device with its own KV cache, proposes the tokens the
+    /// model verifies. The output is the same as without it.
+    #[arg(long, value_name = "DIR_OR_REPO")]
+    pub draft_model: Option<String>,
 }
 
 /// Sampling flags: any one given overrides the model's generation_config defaults. Numbers may

@@ -58,7 +58,8 @@ pub struct EngineOptions {
     /// Quantize a bf16 checkpoint's linear weights while loading (`--quantize fp8`); an FP8
     /// checkpoint is FP8 without it.
     pub quantize: Option<crate::quant::Quantize>,
-    /// Speculative decoding (`--speculative ngram`): off by default.
+    /// Speculative decoding (`--speculative ngram`, or a draft model: `--draft-model`): off by
+    /// default.
     pub speculation: Option<Speculation>,
     /// What the KV cache stores (`--kv-cache-dtype`): `auto` (the default) is e4m3 when the
     /// checkpoint's `quantization_config` has a `kv_cache_scheme`, else the model's type.
@@ -181,7 +182,7 @@ impl EngineOptions {
             max_num_batched_tokens: self.max_num_batched_tokens,
             sampled_columns,
             max_positions: context,
-            speculation: self.speculation,
+            speculation: self.speculation.clone(),
         }
     }
 }

@@ -140,3 +140,102 @@ fn tensor_parallel_speculation_matches_tp1() {
     assert_eq!(on.tokens, off.tokens, "tp 2 with speculation against tp 1 without");
     assert!(on.draft_tokens > 0, "nothing was proposed: {on:?}");
 }
+
+/// The tiny preset's target and its drafts: the target itself, and the target cut to its first
+/// layer with 16 more (padding) vocabulary rows — random weights depend only on the tensor and
+/// the element's place, so that draft shares the target's embedding and first layer and agrees
+/// with it only sometimes. Both drafts carry the target's tokenizer.json, byte for byte.
+fn tiny_target_and_drafts() -> (std::path::PathBuf, std::path::PathBuf) {
+    use tulu::unstable::weights::gguf::OutDType;
+    let cfg = tulu::ModelConfig::preset("tiny").unwrap();
+    let target = common::synth_dir("tiny-spec-target-f32", &cfg, OutDType::F32, None);
+    let mut weak = cfg.clone();
+    weak.num_hidden_layers = 1;
+    weak.vocab_size += 16;
+    let draft = common::synth_dir("tiny-spec-draft-f32", &weak, OutDType::F32, Some(target.join("tokenizer.json")));
+    (target, draft)
+}
+
+/// A prompt of token ids and a request for it that runs to `max_tokens`.
+fn tokens_request(sampling: SamplingParams, max_tokens: usize, salt: u32) -> GenerateRequest {
+    let prompt: Vec<u32> = (0..20).map(|i| (i * 37 + 11 + salt * 53) % 290).collect();
+    let mut req = GenerateRequest::tokens(prompt).sampling(sampling).max_tokens(max_tokens);
+    req.ignore_eos = true;
+    req
+}
+
+fn draft_engine(target: &std::path::Path, draft: &std::path::Path, tp: usize, kv: Option<u64>) -> Engine {
+    let mut opts = EngineOptions::new(target.to_string_lossy().into_owned());
+    opts.speculation = Some(Speculation::draft(draft.to_string_lossy(), 4));
+    opts.tp = tp;
+    opts.kv_cache_memory = kv;
+    Engine::load(opts).expect("target and draft load")
+}
+
+/// With a draft model, greedy and seeded sampled outputs equal plain decode: with the target
+/// itself as its draft (every draft token kept) and with a weaker draft of another vocabulary
+/// size (drafts rejected too), several requests batched together.
+#[test]
+fn draft_model_outputs_equal_plain_decode() {
+    let (target, weak) = tiny_target_and_drafts();
+    let seeded = SamplingParams { temperature: 0.9, top_k: 50, seed: Some(5), ..Default::default() };
+    let reqs: Vec<GenerateRequest> = (0..4)
+        .map(|i| tokens_request(if i % 2 == 0 { SamplingParams::greedy() } else { seeded.clone() }, 32, i))
+        .collect();
+    // The target as its own draft: greedy drafts are the target's argmax, all kept.
+    let engine = draft_engine(&target, &target, 1, None);
+    let (on, off) = both(&engine, &reqs);
+    assert_same_tokens(&on, &off);
+    let greedy = &on[0];
+    assert!(greedy.draft_tokens > 0, "nothing was proposed: {greedy:?}");
+    assert_eq!(greedy.accepted_draft_tokens, greedy.draft_tokens, "the target rejected its own argmax");
+    drop(engine);
+    // A weaker draft: some drafts rejected, the output still the target's.
+    let engine = draft_engine(&target, &weak, 1, None);
+    let (on, off) = both(&engine, &reqs);
+    assert_same_tokens(&on, &off);
+    let m = engine.metrics();
+    assert!(m.spec_draft_tokens > m.spec_accepted_tokens, "no draft token was rejected: {m:?}");
+}
+
+/// A KV cache small enough that sequences are preempted (their draft state dropped and rebuilt)
+/// and a tensor-parallel target (tp 2; the draft on rank 0's device): outputs equal plain decode.
+#[test]
+fn draft_model_under_preemption_and_tensor_parallelism() {
+    let (target, weak) = tiny_target_and_drafts();
+    let cfg = tulu::ModelConfig::from_file(&target.join("config.json")).unwrap();
+    let draft_cfg = tulu::ModelConfig::from_file(&weak.join("config.json")).unwrap();
+    // 10 blocks of 16 tokens for each model: six sequences of 20 + 40 tokens cannot all fit.
+    let per_token = cfg.kv_bytes_per_token(4) + draft_cfg.kv_bytes_per_token(4);
+    let engine = draft_engine(&target, &weak, 1, Some(10 * 16 * per_token));
+    let reqs: Vec<GenerateRequest> = (0..6).map(|i| tokens_request(SamplingParams::greedy(), 40, i)).collect();
+    let (on, off) = both(&engine, &reqs);
+    assert_same_tokens(&on, &off);
+    let m = engine.metrics();
+    assert!(m.preemptions > 0, "nothing was preempted: {m:?}");
+    assert!(m.spec_draft_tokens > 0, "{m:?}");
+    drop(engine);
+    let engine = draft_engine(&target, &target, 2, None);
+    let on = common::run(&engine, tokens_request(SamplingParams::greedy(), 24, 9)).1;
+    let plain = Engine::load(EngineOptions::new(target.to_string_lossy().into_owned())).unwrap();
+    let off = common::run(&plain, tokens_request(SamplingParams::greedy(), 24, 9)).1;
+    assert_eq!(on.tokens, off.tokens, "tp 2 with a draft against tp 1 without");
+    assert!(on.accepted_draft_tokens > 0, "{on:?}");
+}
+
+/// A draft whose tokenizer is not the target's is refused before any weight loads, naming both
+/// tokenizer files.
+#[test]
+fn a_draft_with_another_tokenizer_is_refused_naming_both_files() {
+    use tulu::unstable::weights::gguf::OutDType;
+    let (target, _) = tiny_target_and_drafts();
+    let mut other = tulu::ModelConfig::preset("tiny").unwrap();
+    other.eos_token_ids = vec![3];
+    let other = common::synth_dir("tiny-spec-other-tokenizer-f32", &other, OutDType::F32, None);
+    let mut opts = EngineOptions::new(target.to_string_lossy().into_owned());
+    opts.speculation = Some(Speculation::draft(other.to_string_lossy(), 4));
+    let err = Engine::load(opts).err().expect("a draft with another tokenizer is refused").to_string();
+    for file in [target.join("tokenizer.json"), other.join("tokenizer.json")] {
+        assert!(err.contains(&*file.to_string_lossy()), "{file:?} not named: {err}");
+    }
+}

@@ -65,13 +65,17 @@ pub struct BenchArgs {
     /// What the KV cache stores (auto, bf16, fp8), as `tulu generate --kv-cache-dtype`.
     #[arg(long, default_value = "auto")]
     pub kv_cache_dtype: tulu::unstable::quant::kv::KvCacheDtype,
-    /// Time decode with and without speculative decoding (`ngram`: prompt lookup) on
-    /// input-grounded chat tasks, in one run on one engine (see bench_spec.rs).
-    #[arg(long, value_parser = ["ngram"], conflicts_with_all = ["serve", "random_weights"])]
+    /// Time decode with and without speculative decoding (`ngram`: prompt lookup; `draft`: the
+    /// model of --draft-model) on input-grounded chat tasks, in one run on one engine (see
+    /// bench_spec.rs).
+    #[arg(long, value_parser = ["ngram", "draft"], conflicts_with_all = ["serve", "random_weights"])]
     pub speculative: Option<String>,
     /// With --speculative: draft tokens per step.
     #[arg(long, default_value_t = 4, requires = "speculative")]
     pub num_speculative_tokens: usize,
+    /// With --speculative draft: the draft model (a directory or repo id with the same tokenizer).
+    #[arg(long, value_name = "DIR_OR_REPO", requires = "speculative")]
+    pub draft_model: Option<String>,
 }
 
 fn tulu_once(engine: &Engine, prompt: &[u32], gen_len: usize) -> Result<Summary> {

@@ -1,4 +1,4 @@
-//! `tulu bench --speculative ngram`: batch-1 decode speed with and without speculative decoding
+//! `tulu bench --speculative ngram|draft`: batch-1 decode speed with and without speculative decoding
 //! on input-grounded chat tasks (repeat or edit a given text, where prompt lookup finds most of
 //! the answer), in one run on one engine: each repetition runs the task with speculation and
 //! then opted out, so both see the same machine. One JSON line per task: tok/s both ways, the
@@ -46,15 +46,24 @@ fn run(engine: &Engine, ask: &str, gen_len: usize, speculative: bool) -> Result<
     Err(tulu::Error::Backend("generation ended without a summary".into()))
 }
 
-/// `tulu bench --speculative ngram`.
+/// `tulu bench --speculative ngram|draft`.
 pub fn bench_speculative(args: &BenchArgs, dir: &Path) -> Result<()> {
     let device: Device = args.device.parse()?;
     let mut opts = EngineOptions::new(dir.to_string_lossy().into_owned()).device(device);
     opts.quantize = args.quantize;
     opts.kv_cache_dtype = args.kv_cache_dtype;
-    let spec = Speculation::ngram(args.num_speculative_tokens);
+    let k = args.num_speculative_tokens;
+    let spec = match (args.speculative.as_deref(), &args.draft_model) {
+        (Some("draft"), Some(model)) => Speculation::draft(model.clone(), k),
+        (Some("draft"), None) => {
+            return Err(tulu::Error::request("--draft-model", "is needed with --speculative draft"))
+        }
+        (_, Some(_)) => return Err(tulu::Error::request("--draft-model", "needs --speculative draft")),
+        _ => Speculation::ngram(k),
+    };
     spec.validate()?;
-    opts.speculation = Some(spec);
+    let method = if spec.draft_model().is_some() { "draft" } else { "ngram" };
+    opts.speculation = Some(spec.clone());
     let engine = Engine::load(opts)?;
     for (task, ask) in tasks() {
         let (mut on_best, mut off_best) = (0f64, 0f64);
@@ -76,8 +85,9 @@ pub fn bench_speculative(args: &BenchArgs, dir: &Path) -> Result<()> {
             "device": engine.device(),
             "model": dir,
             "task": task,
-            "method": "ngram",
-            "num_speculative_tokens": spec.ngram.k,
+            "method": method,
+            "draft_model": spec.draft_model(),
+            "num_speculative_tokens": spec.k(),
             "gen_len": on_tokens.len(),
             "decode_tok_s": round(on_best),
             "decode_tok_s_without": round(off_best),

@@ -44,20 +44,38 @@ pub fn engine_options(args: &ModelArgs) -> Result<EngineOptions> {
 
 /// The speculative-decoding flags, checked (an error names the flag).
 pub fn speculation(args: &ModelArgs) -> Result<Option<tulu::Speculation>> {
-    let tuned = [
-        ("--num-speculative-tokens", args.num_speculative_tokens),
-        ("--ngram-min", args.ngram_min),
-        ("--ngram-max", args.ngram_max),
-    ];
-    let Some(_ngram) = &args.speculative else {
-        return match tuned.iter().find(|(_, v)| v.is_some()) {
-            Some((flag, _)) => Err(Error::request(*flag, "needs --speculative ngram")),
-            None => Ok(None),
-        };
+    let k = args.num_speculative_tokens.unwrap_or(4);
+    let spec = match (&args.speculative, &args.draft_model) {
+        (Some(_), Some(_)) => {
+            return Err(Error::request("--draft-model", "cannot be used with --speculative ngram: choose one proposer"))
+        }
+        (None, Some(model)) => {
+            if let Some(flag) = [("--ngram-min", args.ngram_min), ("--ngram-max", args.ngram_max)]
+                .iter()
+                .find_map(|(f, v)| v.map(|_| *f))
+            {
+                return Err(Error::request(flag, "needs --speculative ngram (not --draft-model)"));
+            }
+            tulu::Speculation::draft(model.clone(), k)
+        }
+        (Some(_ngram), None) => {
+            let mut ngram = tulu::NgramProposer { min_n: 2, max_n: 4, k };
+            ngram.min_n = args.ngram_min.unwrap_or(ngram.min_n);
+            ngram.max_n = args.ngram_max.unwrap_or(ngram.max_n.max(ngram.min_n));
+            tulu::Speculation { proposer: tulu::Proposer::Ngram(ngram), ..tulu::Speculation::ngram(k) }
+        }
+        (None, None) => {
+            let tuned = [
+                ("--num-speculative-tokens", args.num_speculative_tokens),
+                ("--ngram-min", args.ngram_min),
+                ("--ngram-max", args.ngram_max),
+            ];
+            return match tuned.iter().find(|(_, v)| v.is_some()) {
+                Some((flag, _)) => Err(Error::request(*flag, "needs --speculative ngram or --draft-model")),
+                None => Ok(None),
+            };
+        }
     };
-    let mut spec = tulu::Speculation::ngram(args.num_speculative_tokens.unwrap_or(4));
-    spec.ngram.min_n = args.ngram_min.unwrap_or(spec.ngram.min_n);
-    spec.ngram.max_n = args.ngram_max.unwrap_or(spec.ngram.max_n.max(spec.ngram.min_n));
     spec.validate().map_err(|e| match e {
         Error::Request { param, message } => Error::request(format!("--{}", param.replace('_', "-")), message),
         other => other,

@@ -10,6 +10,7 @@
 //! request ends only that request; a failure of the ranks fails the engine
 //! ([`Engine::failure`]).
 
+mod draft;
 pub mod metrics;
 mod output;
 mod request;
@@ -26,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc as tmpsc;
 
+use self::draft::DraftCheckpoint;
 pub use self::metrics::{Histogram, Metrics};
 use self::output::Submission;
 pub use self::request::{synthetic_prompt, Event, FinishReason, GenerateRequest, Prompt, Summary, TokenLogprob};
@@ -133,14 +135,26 @@ impl Engine {
         let dir = resolve_model(&opts.model, &HubOptions { progress: opts.progress, config_only: false })?;
         let (mut config, generation_config, tokenizer) = read_model(&dir)?;
         opts.apply_to(&mut config);
-        let wanted = opts.wanted_context(&config);
+        // A draft model is read and checked (its tokenizer) before any weight is loaded.
+        let draft_model = opts.speculation.as_ref().and_then(|s| s.draft_model());
+        let draft = draft_model.map(|m| DraftCheckpoint::read(m, &opts, &dir, &tokenizer)).transpose()?;
+        let mut wanted = opts.wanted_context(&config);
+        let (target_kv, draft_kv) = match &draft {
+            Some(d) => {
+                wanted = wanted.min(d.max_positions());
+                split_kv_memory(&opts, &config, d)?
+            }
+            None => (opts.kv_cache_memory, None),
+        };
         // Load → measure → agree → allocate, on every rank.
-        let opened = ranks::open(&opts, &config, Arc::new(WeightStore::open(&dir)?), wanted)?;
+        let target_opts = EngineOptions { kv_cache_memory: target_kv, ..opts.clone() };
+        let opened = ranks::open(&target_opts, &config, Arc::new(WeightStore::open(&dir)?), wanted)?;
         let context_len = fit_context(wanted, opened.num_blocks, opts.block_size)?;
+        let draft = draft.map(|d| d.open(&opts, draft_kv, context_len, tokenizer.vocab_size())).transpose()?;
         let shared = Arc::new(Shared::new(config, generation_config, tokenizer, context_len, &opened, &opts));
         let blocks = BlockManager::new(opened.num_blocks, opts.block_size, opts.prefix_caching);
         let scheduler = Scheduler::new(opts.scheduler_config(shared.tokenizer.vocab_size(), context_len), blocks);
-        let (commands, worker) = Worker::spawn(shared.clone(), opened.ranks, scheduler)?;
+        let (commands, worker) = Worker::spawn(shared.clone(), opened.ranks, draft, scheduler)?;
         Ok(Engine {
             dir,
             shared,
@@ -355,6 +369,33 @@ fn read_model(dir: &Path) -> Result<(ModelConfig, GenerationConfig, Tokenizer)> 
         ));
     }
     Ok((config, generation_config, tokenizer))
+}
+
+/// How `--kv-cache-memory` is split between the target and a draft model: in proportion to
+/// their KV bytes per token (the target's per rank), so that both caches hold the same number of
+/// tokens. Without a byte count, a rank without device memory of its own (the CPU) gives each
+/// model its default of full contexts; on a GPU the split of a device fraction is not
+/// implemented, and the error asks for `--kv-cache-memory`.
+fn split_kv_memory(
+    opts: &EngineOptions,
+    config: &ModelConfig,
+    draft: &DraftCheckpoint,
+) -> Result<(Option<u64>, Option<u64>)> {
+    let Some(bytes) = opts.kv_cache_memory else {
+        if matches!(opts.device.resolve()?, crate::backend::Device::Cuda(_)) {
+            return Err(Error::request(
+                "kv_cache_memory",
+                "is needed with a draft model on a GPU: the two KV caches split a byte budget \
+                 (splitting --gpu-memory-utilization's is not implemented)",
+            ));
+        }
+        return Ok((None, None));
+    };
+    let kv_heads = (config.num_key_value_heads / opts.tp.max(1)).max(1);
+    let target = crate::parallel::sizing::kv_bytes_per_token(config, kv_heads, 1);
+    let mine = draft.kv_elements_per_token();
+    let target_bytes = (bytes as u128 * target as u128 / (target + mine).max(1) as u128) as u64;
+    Ok((Some(target_bytes), Some(bytes - target_bytes)))
 }
 
 /// The context the engine serves: `wanted`, lowered (with a warning) to what `num_blocks` of

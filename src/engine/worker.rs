@@ -13,6 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
+use super::draft::DraftModel;
 use super::output::{RequestOutput, Submission};
 use super::Shared;
 use crate::error::{Error, Result};
@@ -34,6 +35,8 @@ type Requests<'t> = HashMap<SeqId, RequestOutput<'t>>;
 pub(super) struct Worker {
     shared: Arc<Shared>,
     ranks: Box<dyn Ranks>,
+    /// The draft model, when one proposes (`--draft-model`).
+    draft: Option<DraftModel>,
     scheduler: Scheduler,
 }
 
@@ -42,10 +45,11 @@ impl Worker {
     pub fn spawn(
         shared: Arc<Shared>,
         ranks: Box<dyn Ranks>,
+        draft: Option<DraftModel>,
         scheduler: Scheduler,
     ) -> Result<(mpsc::Sender<Command>, std::thread::JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel();
-        let worker = Worker { shared: shared.clone(), ranks, scheduler };
+        let worker = Worker { shared: shared.clone(), ranks, draft, scheduler };
         let handle = std::thread::Builder::new()
             .name("tulu-engine".into())
             .spawn(move || worker.run(rx, &shared))
@@ -117,6 +121,13 @@ impl Worker {
     /// One step: schedule → run → postprocess. An error returned here is engine-fatal; errors
     /// of single requests are handled inside.
     fn step(&mut self, requests: &mut Requests) -> Result<()> {
+        if let Some(draft) = &mut self.draft {
+            let wants = self.scheduler.draft_wants();
+            if !wants.is_empty() {
+                let proposals = draft.propose(&wants)?;
+                self.scheduler.set_proposals(proposals);
+            }
+        }
         let mut step = self.scheduler.schedule()?;
         self.note_scheduled(&mut step, requests);
         if step.is_empty() {
@@ -130,7 +141,7 @@ impl Worker {
     /// thread computes their token masks meanwhile and rank 0 takes them just before it
     /// samples; returns, per sampled row, why its grammar cannot go on (a dead end), if so.
     fn run_step(&mut self, step: &mut Step) -> Result<(StepOutput, Vec<Option<String>>)> {
-        let Worker { scheduler, ranks, shared } = self;
+        let Worker { scheduler, ranks, shared, .. } = self;
         // One grammar per sampling sequence, with its draft: its rows are consecutive.
         let mut ids = step.sampled.clone();
         ids.dedup();
@@ -164,6 +175,10 @@ impl Worker {
         if !step.preempted.is_empty() {
             if let Ok(mut m) = self.shared.metrics.lock() {
                 m.preemptions += step.preempted.len() as u64;
+            }
+            // A preempted sequence is recomputed from scratch: so is its draft state.
+            if let Some(d) = &mut self.draft {
+                step.preempted.iter().for_each(|&id| d.forget(id));
             }
         }
         let now = Instant::now();
@@ -290,6 +305,9 @@ impl Worker {
     /// its summary when it finished, `error` when it failed, nothing when it was abandoned.
     fn end(&mut self, id: SeqId, error: Option<Error>, requests: &mut Requests) {
         self.scheduler.remove(id);
+        if let Some(d) = &mut self.draft {
+            d.forget(id);
+        }
         let Some(mut request) = requests.remove(&id) else { return };
         if !request.was_admitted() {
             self.shared.queued.fetch_sub(1, Ordering::SeqCst);

@@ -23,7 +23,7 @@ use std::collections::{HashMap, VecDeque};
 use super::batch::Batch;
 use super::block_manager::BlockManager;
 use super::sampler::{Sampler, StepSampling};
-use super::speculative::Speculation;
+use super::speculative::{Proposer, Speculation};
 use crate::error::{Error, Result};
 use crate::grammar::TokenMatcher;
 
@@ -53,7 +53,7 @@ pub struct Sequence {
 }
 
 /// Limits of one step.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct SchedulerConfig {
     /// Most sequences running at once.
     pub max_num_seqs: usize,
@@ -105,12 +105,32 @@ pub struct Scheduler {
     seqs: HashMap<SeqId, Sequence>,
     waiting: VecDeque<SeqId>,
     running: Vec<SeqId>,
+    /// A draft model's proposals for the next step, by sequence (see [`Scheduler::set_proposals`]).
+    proposals: HashMap<SeqId, Vec<u32>>,
+}
+
+/// A decoding sequence a draft model may propose for in the next step.
+#[derive(Debug, Clone, Copy)]
+pub struct DraftWant<'a> {
+    /// The sequence.
+    pub id: SeqId,
+    /// Its prompt and generated tokens.
+    pub tokens: &'a [u32],
+    /// Most tokens the step can take from a proposal (`k`, cut by the context).
+    pub k: usize,
 }
 
 impl Scheduler {
     /// A scheduler over `blocks`.
     pub fn new(cfg: SchedulerConfig, blocks: BlockManager) -> Self {
-        Scheduler { cfg, blocks, seqs: HashMap::new(), waiting: VecDeque::new(), running: Vec::new() }
+        Scheduler {
+            cfg,
+            blocks,
+            seqs: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            proposals: HashMap::new(),
+        }
     }
 
     /// Queues a new sequence with its sampler; `want_logits` asks for its sampled rows' logits.
@@ -208,14 +228,45 @@ impl Scheduler {
         let mut step = Step::default();
         let mut budget = self.cfg.max_num_batched_tokens;
         self.serve_running(&mut step, &mut budget)?;
+        // A proposal not taken (the sequence was preempted, or out of budget) is stale next step.
+        self.proposals.clear();
         self.admit_waiting(&mut step, &mut budget)?;
         self.assemble(&mut step)?;
         Ok(step)
     }
 
+    /// The sequences a draft model should propose for before the next [`Scheduler::schedule`]:
+    /// with a draft model as the proposer, every running sequence that will decode and may
+    /// speculate (not opted out, not paused), in a step small enough to speculate; none
+    /// otherwise.
+    pub fn draft_wants(&self) -> Vec<DraftWant<'_>> {
+        let Some(spec) = &self.cfg.speculation else { return Vec::new() };
+        let Proposer::Draft { k, .. } = spec.proposer else { return Vec::new() };
+        if self.running.len() > spec.max_batch {
+            return Vec::new();
+        }
+        self.running
+            .iter()
+            .filter_map(|id| self.seqs.get(id))
+            .filter(|s| s.tokens.len() == s.computed + 1 && s.speculate && s.spec_pause == 0)
+            .map(|s| {
+                let room = self.cfg.max_num_batched_tokens.min(self.cfg.max_positions.saturating_sub(s.computed));
+                DraftWant { id: s.id, tokens: &s.tokens, k: k.min(room.saturating_sub(1)) }
+            })
+            .filter(|w| w.k > 0)
+            .collect()
+    }
+
+    /// Hands the next step a draft model's proposals (by sequence): [`Scheduler::schedule`] uses
+    /// each as the sequence's draft, cut to the budget and context as prompt lookup's are, and
+    /// drops the rest.
+    pub fn set_proposals(&mut self, proposals: HashMap<SeqId, Vec<u32>>) {
+        self.proposals = proposals;
+    }
+
     /// The running sequences' next tokens, oldest first, preempting the newest when blocks run out.
     fn serve_running(&mut self, step: &mut Step, budget: &mut usize) -> Result<()> {
-        let speculation = self.cfg.speculation.filter(|s| self.running.len() <= s.max_batch);
+        let speculating = self.cfg.speculation.as_ref().is_some_and(|s| self.running.len() <= s.max_batch);
         let mut i = 0;
         'running: while i < self.running.len() && *budget > 0 {
             let id = self.running[i];
@@ -223,9 +274,9 @@ impl Scheduler {
                 Some(s) => (s.tokens.len() - s.computed, s.computed),
                 None => return Err(Error::Backend(format!("scheduler lost sequence {id}"))),
             };
-            let draft = match speculation {
-                Some(spec) if want == 1 => self.draft(id, spec, *budget)?,
-                _ => Vec::new(),
+            let draft = match speculating && want == 1 {
+                true => self.draft(id, *budget)?,
+                false => Vec::new(),
             };
             if !draft.is_empty() {
                 step.entries.push((id, 1 + draft.len()));
@@ -261,7 +312,7 @@ impl Scheduler {
 
     /// A decoding sequence's draft for this step: the proposal, cut to the token budget and the
     /// context, when blocks for it are free without preempting anyone (else none).
-    fn draft(&mut self, id: SeqId, spec: Speculation, budget: usize) -> Result<Vec<u32>> {
+    fn draft(&mut self, id: SeqId, budget: usize) -> Result<Vec<u32>> {
         let seq = self.seqs.get_mut(&id).ok_or_else(|| Error::Backend("sequence vanished".into()))?;
         if !seq.speculate {
             return Ok(Vec::new());
@@ -271,7 +322,10 @@ impl Scheduler {
             return Ok(Vec::new());
         }
         let room = budget.min(self.cfg.max_positions.saturating_sub(seq.computed)).saturating_sub(1);
-        let mut draft = spec.ngram.propose(&seq.tokens);
+        let mut draft = match self.cfg.speculation.as_ref().map(|s| &s.proposer) {
+            Some(Proposer::Ngram(ngram)) => ngram.propose(&seq.tokens),
+            _ => self.proposals.remove(&id).unwrap_or_default(),
+        };
         draft.truncate(room);
         if !draft.is_empty() && self.blocks.grow(&mut seq.block_table, seq.computed + 1 + draft.len()).is_err() {
             draft.clear();
@@ -514,13 +568,12 @@ mod tests {
     /// every row, and keeps only what `settle_draft` says; a draft never passes the context.
     #[test]
     fn a_speculating_sequence_feeds_its_draft_and_keeps_what_is_settled() {
-        let spec = Speculation::ngram(3);
         let cfg = SchedulerConfig {
             max_num_seqs: 8,
             max_num_batched_tokens: 100,
             sampled_columns: 1000,
             max_positions: 12,
-            speculation: Some(spec),
+            speculation: Some(Speculation::ngram(3)),
         };
         let mut s = Scheduler::new(cfg, BlockManager::new(16, 4, true));
         add(&mut s, 1, vec![5, 6, 7, 8, 5, 6]);
@@ -551,8 +604,10 @@ mod tests {
     /// an accepted token resets it.
     #[test]
     fn a_draft_rejected_whole_pauses_speculation() {
-        let mut spec = Speculation::ngram(2);
-        spec.ngram.min_n = 1;
+        let spec = Speculation {
+            proposer: Proposer::Ngram(crate::runtime::speculative::NgramProposer { min_n: 1, max_n: 4, k: 2 }),
+            max_batch: 8,
+        };
         let cfg = SchedulerConfig {
             max_num_seqs: 8,
             max_num_batched_tokens: 100,

@@ -1,8 +1,9 @@
 //! Speculative decoding's host-side rules: the settings, the prompt-lookup proposer, and the
 //! acceptance rules that keep the output distribution exactly the target's.
 //!
-//! The scheduler asks the proposer for a draft of up to `k` tokens for each decoding sequence,
-//! feeds the last token and the draft as `k + 1` rows of one step, and every row is sampled by
+//! The scheduler asks the proposer for a draft of up to `k` tokens for each decoding sequence
+//! (prompt lookup here; a draft model's proposals are computed by the engine before the step
+//! and handed to the scheduler), feeds the last token and the draft as `k + 1` rows of one step, and every row is sampled by
 //! the backend's ordinary sampler with the sequence's own parameters (see [`verify_sampled`]).
 //!
 //! Acceptance follows Leviathan et al. (2023) and Chen et al. (2023): draft token `d` drawn from
@@ -17,38 +18,94 @@
 /// Most draft tokens a step may propose per sequence (`--num-speculative-tokens`).
 pub const MAX_SPECULATIVE_TOKENS: usize = 16;
 
-/// Speculative decoding's settings (`--speculative ngram`): prompt lookup proposing up to
-/// `ngram.k` tokens per decoding sequence and step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Speculative decoding's settings: who proposes the drafts (`--speculative ngram` or
+/// `--draft-model`), and in which steps.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Speculation {
-    /// The proposer: n-gram lengths matched and tokens proposed.
-    pub ngram: NgramProposer,
+    /// Who proposes each step's draft tokens.
+    pub proposer: Proposer,
     /// Speculate only in steps where at most this many sequences run: each draft token is one
     /// more row of the step, nearly free while a step is bound by reading the weights (small
     /// batches) and a real cost once it is bound by compute (large ones).
     pub max_batch: usize,
 }
 
+/// Who proposes the draft tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Proposer {
+    /// Prompt lookup (`--speculative ngram`): no second model.
+    Ngram(NgramProposer),
+    /// A draft model (`--draft-model`): a smaller checkpoint with the target's tokenizer, run
+    /// for `k` autoregressive decode steps per round with its own KV cache, proposing its
+    /// argmax at each (the engine's `draft.rs`).
+    Draft {
+        /// A local model directory or a Hugging Face repo id.
+        model: String,
+        /// Most tokens proposed per sequence and step.
+        k: usize,
+    },
+}
+
 impl Speculation {
     /// Prompt lookup proposing up to `k` tokens, matching 2- to 4-grams, in steps of at most
     /// 8 sequences.
     pub fn ngram(k: usize) -> Self {
-        Speculation { ngram: NgramProposer { min_n: 2, max_n: 4, k }, max_batch: 8 }
+        Speculation { proposer: Proposer::Ngram(NgramProposer { min_n: 2, max_n: 4, k }), max_batch: 8 }
+    }
+
+    /// The draft model `model` (a directory or repo id) proposing up to `k` tokens, in steps of
+    /// at most 8 sequences.
+    pub fn draft(model: impl Into<String>, k: usize) -> Self {
+        Speculation { proposer: Proposer::Draft { model: model.into(), k }, max_batch: 8 }
+    }
+
+    /// Most tokens proposed per sequence and step.
+    pub fn k(&self) -> usize {
+        match &self.proposer {
+            Proposer::Ngram(n) => n.k,
+            Proposer::Draft { k, .. } => *k,
+        }
+    }
+
+    /// The prompt-lookup proposer, when it is the one.
+    pub fn ngram_proposer(&self) -> Option<&NgramProposer> {
+        match &self.proposer {
+            Proposer::Ngram(n) => Some(n),
+            Proposer::Draft { .. } => None,
+        }
+    }
+
+    /// The draft model's directory or repo id, when one proposes.
+    pub fn draft_model(&self) -> Option<&str> {
+        match &self.proposer {
+            Proposer::Draft { model, .. } => Some(model),
+            Proposer::Ngram(_) => None,
+        }
     }
 
     /// Checks every setting's range, naming the first one out of it (the CLI's flag names).
     pub fn validate(&self) -> crate::error::Result<()> {
         use crate::error::Error;
-        let NgramProposer { min_n, max_n, k } = self.ngram;
+        let k = self.k();
         if !(1..=MAX_SPECULATIVE_TOKENS).contains(&k) {
             let why = format!("must be between 1 and {MAX_SPECULATIVE_TOKENS}, got {k}");
             return Err(Error::request("num_speculative_tokens", why));
         }
-        if min_n == 0 {
-            return Err(Error::request("ngram_min", "must be at least 1"));
-        }
-        if max_n < min_n {
-            return Err(Error::request("ngram_max", format!("must be at least ngram_min ({min_n}), got {max_n}")));
+        match &self.proposer {
+            Proposer::Ngram(NgramProposer { min_n, max_n, .. }) => {
+                if *min_n == 0 {
+                    return Err(Error::request("ngram_min", "must be at least 1"));
+                }
+                if max_n < min_n {
+                    let why = format!("must be at least ngram_min ({min_n}), got {max_n}");
+                    return Err(Error::request("ngram_max", why));
+                }
+            }
+            Proposer::Draft { model, .. } if model.is_empty() => {
+                return Err(Error::request("draft_model", "is empty"));
+            }
+            Proposer::Draft { .. } => {}
         }
         if self.max_batch == 0 {
             return Err(Error::request("speculative_max_batch", "must be at least 1"));

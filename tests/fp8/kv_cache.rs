@@ -11,7 +11,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use safetensors::Dtype;
 use tulu::unstable::backend::cpu::{CpuBackend, CpuTensor};
-use tulu::unstable::backend::{AttnDims, Backend, KvCacheSpec};
+use tulu::unstable::backend::{AttnDims, Backend, KvCacheSpec, StepInputs};
 use tulu::unstable::config::ModelConfig;
 use tulu::unstable::model::Llama;
 use tulu::unstable::parallel::local::LocalGroup;
@@ -137,11 +137,14 @@ fn fp8_attention_stays_within_its_rounding_bound() {
         let x = CpuTensor::new(data, rows, width).unwrap();
         let mut batch = Batch::new(bs);
         batch.push(&vec![1; rows], first, &table[..(first + rows).div_ceil(bs)]).unwrap();
-        let q = cpu.rope_write_kv(&x, &cos, &sin, 0, &mut f32_cache, &batch, dims).unwrap();
-        let q8 = cpu.rope_write_kv(&x, &cos, &sin, 0, &mut fp8_cache, &batch, dims).unwrap();
+        let last = batch.last_rows();
+        let step = StepInputs { batch: &batch, ids: &batch.token_ids, rows: &last, dims: Some(dims), graphable: false };
+        let step = cpu.step_for(&step).unwrap();
+        let q = cpu.rope_write_kv(&x, &cos, &sin, 0, &mut f32_cache, &step, dims).unwrap();
+        let q8 = cpu.rope_write_kv(&x, &cos, &sin, 0, &mut fp8_cache, &step, dims).unwrap();
         assert_eq!(q, q8, "the queries do not depend on the cache");
-        let want = cpu.attention(&q, 0, &f32_cache, &batch, dims).unwrap().data;
-        let got = cpu.attention(&q, 0, &fp8_cache, &batch, dims).unwrap().data;
+        let want = cpu.attention(&q, 0, &f32_cache, &step, dims).unwrap().data;
+        let got = cpu.attention(&q, 0, &fp8_cache, &step, dims).unwrap().data;
         q_out.push((first, rows, q.data, want, got));
     }
     let (hd, kv_dim, group) = (dims.head_dim, dims.kv_dim(), dims.heads / dims.kv_heads);

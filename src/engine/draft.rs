@@ -1,0 +1,297 @@
+//! The draft model of speculative decoding (`--draft-model`): a second, smaller checkpoint with
+//! the target's tokenizer, on the same device with its own KV cache, that proposes each
+//! speculating sequence's draft before the target's step.
+//!
+//! Each round, for the sequences the scheduler names ([`DraftWant`]), the draft first catches up
+//! on the tokens its cache lacks (the prompt on the first round; afterwards the target's
+//! correction or bonus token, and any draft tokens the target rejected, recomputed), sampling the
+//! last row; then it runs `k − 1` more batched decode steps, each feeding the token it just
+//! proposed. It proposes its argmax at every step (its logits past the tokenizer's vocabulary,
+//! padding rows of either model, are never picked): the target verifies every draft token by
+//! its own sampling (`verify_sampled`, the point-mass rule), so the output is the target's
+//! exactly, whatever the draft proposes; greedy drafts are what a greedy target accepts.
+//!
+//! Rollback needs no message from the verifier: a sequence's draft state remembers which tokens
+//! its cache holds, and each round keeps the longest prefix they share with the sequence's tokens
+//! (the accepted draft tokens stay; rejected ones lie past it and are overwritten). The draft's
+//! blocks come from a pool of its own, without prefix caching; a sequence that finishes, fails or
+//! is preempted has its draft state dropped ([`DraftModel::forget`]).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::hub::{resolve_model, HubOptions};
+use crate::options::EngineOptions;
+use crate::ranks::{self, Ranks};
+use crate::runtime::batch::Batch;
+use crate::runtime::block_manager::BlockManager;
+use crate::runtime::sampler::{RowSampling, Sampled, StepSampling};
+use crate::runtime::scheduler::{DraftWant, SeqId};
+use crate::tokenizer::Tokenizer;
+use crate::weights::WeightStore;
+
+/// A draft checkpoint, read and checked against the target, not yet loaded.
+pub(super) struct DraftCheckpoint {
+    dir: PathBuf,
+    config: ModelConfig,
+}
+
+impl DraftCheckpoint {
+    /// Resolves `model` and reads its config and tokenizer; the tokenizer must be the target's
+    /// (`target_dir`'s), else an error naming both files.
+    pub fn read(model: &str, opts: &EngineOptions, target_dir: &Path, target: &Tokenizer) -> Result<Self> {
+        let dir = resolve_model(model, &HubOptions { progress: opts.progress, config_only: false })?;
+        let (mut config, _, tokenizer) = super::read_model(&dir)?;
+        same_vocabulary(target, &target_dir.join("tokenizer.json"), &tokenizer, &dir.join("tokenizer.json"))?;
+        opts.apply_to(&mut config);
+        Ok(DraftCheckpoint { dir, config })
+    }
+
+    /// Longest context the draft's RoPE tables may cover.
+    pub fn max_positions(&self) -> usize {
+        self.config.max_position_embeddings
+    }
+
+    /// The draft's KV bytes per token, per byte of element (for splitting a byte budget).
+    pub fn kv_elements_per_token(&self) -> u64 {
+        self.config.kv_bytes_per_token(1)
+    }
+
+    /// Loads the draft on `opts`' device as one rank (rank 0's device under tensor parallelism)
+    /// with `kv_cache_memory` bytes of KV cache (or the policy's default for the device), RoPE
+    /// tables for `context` positions, and the target's step limits.
+    pub fn open(
+        self,
+        opts: &EngineOptions,
+        kv_cache_memory: Option<u64>,
+        context: usize,
+        sampled_columns: usize,
+    ) -> Result<DraftModel> {
+        let mut draft_opts = opts.clone();
+        draft_opts.model = self.dir.to_string_lossy().into_owned();
+        draft_opts.tp = 1;
+        draft_opts.world = None;
+        draft_opts.speculation = None;
+        draft_opts.kv_cache_memory = kv_cache_memory;
+        let store = Arc::new(WeightStore::open(&self.dir)?);
+        let opened = ranks::open(&draft_opts, &self.config, store, context)?;
+        tracing::info!(
+            draft = %self.dir.display(),
+            kv_blocks = opened.num_blocks,
+            "draft model loaded on {}",
+            opened.device
+        );
+        Ok(DraftModel {
+            ranks: opened.ranks,
+            blocks: BlockManager::new(opened.num_blocks, opts.block_size, false),
+            seqs: HashMap::new(),
+            sampled_columns,
+            max_tokens: opts.max_num_batched_tokens,
+            max_seqs: opts.max_num_seqs,
+        })
+    }
+}
+
+/// The draft's tokenizer must map every token to the id the target's does: its proposals are
+/// token ids the target verifies.
+fn same_vocabulary(target: &Tokenizer, target_file: &Path, draft: &Tokenizer, draft_file: &Path) -> Result<()> {
+    let (t, d) = (target.inner().get_vocab(true), draft.inner().get_vocab(true));
+    if t == d {
+        return Ok(());
+    }
+    let why = match t.len() != d.len() {
+        true => format!("{} tokens against the target's {}", d.len(), t.len()),
+        false => {
+            let mut differing: Vec<(&String, &u32)> = t.iter().filter(|(k, v)| d.get(*k) != Some(v)).collect();
+            differing.sort_by_key(|(_, &v)| v);
+            match differing.first() {
+                Some((token, id)) => format!("token {token:?} is id {id} in the target's and {:?} here", d.get(*token)),
+                None => "the vocabularies differ".into(),
+            }
+        }
+    };
+    Err(Error::Tokenizer {
+        file: draft_file.to_path_buf(),
+        message: format!(
+            "the draft model's tokenizer is not the target model's ({}): {why}; a draft must share the \
+             target's vocabulary",
+            target_file.display()
+        ),
+    })
+}
+
+/// What the draft's cache holds for one sequence.
+#[derive(Debug, Default)]
+struct DraftSeq {
+    block_table: Vec<u32>,
+    /// The tokens whose K/V the draft's cache holds, in order (prompt, output, proposals fed).
+    cached: Vec<u32>,
+}
+
+/// One sequence's round: what it feeds next and what it has proposed.
+struct Round {
+    id: SeqId,
+    k: usize,
+    pending: Vec<u32>,
+    proposal: Vec<u32>,
+    done: bool,
+}
+
+/// The loaded draft model: its ranks (one), its block pool, and each sequence's draft state.
+pub(super) struct DraftModel {
+    ranks: Box<dyn Ranks>,
+    blocks: BlockManager,
+    seqs: HashMap<SeqId, DraftSeq>,
+    /// Columns that may be proposed: the tokenizer's vocabulary, shared by both models.
+    sampled_columns: usize,
+    max_tokens: usize,
+    max_seqs: usize,
+}
+
+impl DraftModel {
+    /// Up to `want.k` proposed tokens for every sequence of `wants` that the draft's cache has
+    /// room for. An error is engine-fatal (the draft's device failed).
+    pub fn propose(&mut self, wants: &[DraftWant<'_>]) -> Result<HashMap<SeqId, Vec<u32>>> {
+        let mut rounds = Vec::with_capacity(wants.len());
+        for want in wants.iter().take(self.max_seqs) {
+            if let Some(round) = self.prepare(want, wants) {
+                rounds.push(round);
+            }
+        }
+        // Catch up (chunked under the step's token budget); each sequence's last row proposes.
+        while rounds.iter().any(|r| !r.pending.is_empty()) {
+            self.catch_up(&mut rounds)?;
+        }
+        // Then one batched decode step per further token.
+        while rounds.iter().any(|r| !r.done && r.proposal.len() < r.k) {
+            self.decode(&mut rounds)?;
+        }
+        Ok(rounds.into_iter().filter(|r| !r.proposal.is_empty()).map(|r| (r.id, r.proposal)).collect())
+    }
+
+    /// Drops a sequence's draft state (finished, failed or preempted), freeing its blocks.
+    pub fn forget(&mut self, id: SeqId) {
+        if let Some(mut s) = self.seqs.remove(&id) {
+            self.blocks.release(&mut s.block_table);
+        }
+    }
+
+    /// Rolls the sequence's draft cache back to what it shares with its tokens and makes room
+    /// for this round; `None` when the pool has no room even after dropping the states of
+    /// sequences not proposing now.
+    fn prepare(&mut self, want: &DraftWant<'_>, all: &[DraftWant<'_>]) -> Option<Round> {
+        let state = self.seqs.entry(want.id).or_default();
+        // The last token is always fed: its logits propose the first draft token.
+        let keep = common_prefix(&state.cached, want.tokens).min(want.tokens.len() - 1);
+        state.cached.truncate(keep);
+        // Positions of the tokens fed this round: the sequence's, then k − 1 proposals.
+        let slots = want.tokens.len() + want.k - 1;
+        let mut table = std::mem::take(&mut state.block_table);
+        if self.blocks.grow(&mut table, slots).is_err() {
+            let idle: Vec<SeqId> =
+                self.seqs.keys().copied().filter(|id| *id != want.id && all.iter().all(|w| w.id != *id)).collect();
+            for id in idle {
+                self.forget(id);
+            }
+            if self.blocks.grow(&mut table, slots).is_err() {
+                self.blocks.release(&mut table);
+                self.seqs.remove(&want.id);
+                return None;
+            }
+        }
+        let state = self.seqs.entry(want.id).or_default();
+        state.block_table = table;
+        let pending = want.tokens[state.cached.len()..].to_vec();
+        Some(Round { id: want.id, k: want.k, pending, proposal: Vec::new(), done: false })
+    }
+
+    /// One step of catch-up: each sequence feeds as much of its pending tokens as the budget
+    /// allows; a sequence whose pending tokens are all fed proposes its first token.
+    fn catch_up(&mut self, rounds: &mut [Round]) -> Result<()> {
+        let mut budget = self.max_tokens;
+        let mut fed: Vec<(usize, Vec<u32>, bool)> = Vec::new();
+        for (i, r) in rounds.iter_mut().enumerate() {
+            if r.pending.is_empty() || budget == 0 {
+                continue;
+            }
+            let n = r.pending.len().min(budget);
+            budget -= n;
+            let chunk: Vec<u32> = r.pending.drain(..n).collect();
+            fed.push((i, chunk, r.pending.is_empty()));
+        }
+        let feeds: Vec<(usize, &[u32], bool)> = fed.iter().map(|(i, c, s)| (*i, c.as_slice(), *s)).collect();
+        self.run(rounds, &feeds)
+    }
+
+    /// One batched decode step: every sequence still proposing feeds its latest proposal.
+    fn decode(&mut self, rounds: &mut [Round]) -> Result<()> {
+        let last: Vec<(usize, [u32; 1])> = rounds
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !r.done && r.proposal.len() < r.k)
+            .filter_map(|(i, r)| r.proposal.last().map(|&t| (i, [t])))
+            .collect();
+        let feeds: Vec<(usize, &[u32], bool)> = last.iter().map(|(i, t)| (*i, t.as_slice(), true)).collect();
+        self.run(rounds, &feeds)
+    }
+
+    /// Runs one draft step feeding `feeds` (round index, tokens, whether its last row proposes)
+    /// and appends each proposing row's argmax to its round's proposal.
+    fn run(&mut self, rounds: &mut [Round], feeds: &[(usize, &[u32], bool)]) -> Result<()> {
+        if feeds.is_empty() {
+            // Nothing can move (a token budget of 0): end the round rather than spin.
+            for r in rounds.iter_mut() {
+                r.pending.clear();
+                r.done = true;
+            }
+            return Ok(());
+        }
+        let mut batch = Batch::new(self.blocks.block_size());
+        let mut sampling = StepSampling { valid: self.sampled_columns, ..StepSampling::default() };
+        let mut proposing = Vec::new();
+        for &(i, tokens, propose) in feeds {
+            let state = self.seqs.get(&rounds[i].id).ok_or_else(|| Error::Backend("draft state vanished".into()))?;
+            batch.push(tokens, state.cached.len(), &state.block_table)?;
+            if propose {
+                sampling.rows.push(batch.num_tokens() - 1);
+                sampling.per_row.push(RowSampling::greedy());
+                proposing.push(i);
+            }
+        }
+        let out = self.ranks.step(&batch, &sampling)?;
+        for &(i, tokens, _) in feeds {
+            if let Some(state) = self.seqs.get_mut(&rounds[i].id) {
+                state.cached.extend_from_slice(tokens);
+            }
+        }
+        for (&i, sampled) in proposing.iter().zip(&out.tokens) {
+            match *sampled {
+                Sampled::Token(t) => rounds[i].proposal.push(t),
+                // Non-finite draft logits: this sequence proposes what it has (the target's own
+                // step reports its own logits).
+                Sampled::NonFinite { .. } => rounds[i].done = true,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How many leading tokens `a` and `b` share.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_common_prefix_is_what_both_hold() {
+        assert_eq!(common_prefix(&[1, 2, 3, 9], &[1, 2, 3, 4, 5]), 3);
+        assert_eq!(common_prefix(&[], &[1]), 0);
+        assert_eq!(common_prefix(&[1, 2], &[1, 2]), 2);
+    }
+}
