@@ -86,6 +86,8 @@ impl BlockPart {
             GgmlDType::Q8_0 => Some(QKind::Q8_0),
             GgmlDType::Q4_0 => Some(QKind::Q4_0),
             GgmlDType::Q4_1 => Some(QKind::Q4_1),
+            GgmlDType::Q4K => Some(QKind::Q4K),
+            GgmlDType::Q6K => Some(QKind::Q6K),
             _ => None,
         }
     }
