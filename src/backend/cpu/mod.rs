@@ -12,6 +12,7 @@ pub mod blocks;
 mod matmul;
 mod qdot;
 mod weight;
+mod workers;
 
 use self::blocks::{BlockPart, BlockWeight};
 use self::matmul::dot;

@@ -120,13 +120,12 @@ fn matmul_with(ks: Kernels, kind: QKind, bytes: &[u8], m: usize, k: usize, x: &[
     // Poisoned, so that an output no task wrote shows as NaN (the tests compare every one).
     let mut out = vec![f32::NAN; n * m];
     if n == 1 {
-        // Decode: one even, contiguous range of rows per thread.
-        let per = m.div_ceil(rayon::current_num_threads().max(1)).max(1);
+        // Decode: one even, contiguous range of rows per thread (the persistent workers').
         let a = acts.row(0);
-        out.par_chunks_mut(per).enumerate().for_each(|(i, o)| {
+        super::workers::for_each_even_chunk(&mut out, &|start, o| {
             for (j, y) in o.iter_mut().enumerate() {
                 // SAFETY: `kernels` picked kernels the CPU supports; the row is whole blocks.
-                *y = unsafe { dot(wrow(i * per + j), a) };
+                *y = unsafe { dot(wrow(start + j), a) };
             }
         });
         return out;
