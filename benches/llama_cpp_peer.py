@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """llama.cpp (through llama-cpp-python) on the same GGUF and threads as `tulu bench`.
 
-    python benches/llama_cpp_peer.py quantize IN.gguf OUT.gguf f32|bf16|q8_0|q4_0
+    python benches/llama_cpp_peer.py quantize IN.gguf OUT.gguf f32|bf16|q8_0|q4_0|q4_k_m
     python benches/llama_cpp_peer.py bench MODEL.gguf [--threads 2] [--prompt-len 128] [--gen-len 64] [--repeat 3]
 
 `quantize` re-types every tensor with llama.cpp's own quantizer (requantizing from the source
@@ -23,6 +23,7 @@ FTYPES = {
     "bf16": llama_cpp.LLAMA_FTYPE_MOSTLY_BF16,
     "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
     "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
+    "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
 }
 
 

@@ -1,10 +1,11 @@
-//! Weights in GGML blocks (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, …) on the CPU. Q8_0, Q4_0 and Q4_1
-//! go through our own kernels (`qdot.rs`; candle-core's decoded SmolLM2 4–14× slower on this
-//! backend, docs/performance.md), the other types through candle-core's `quantized` module. Both
-//! quantize each activation row to 8 bits per block (Q8_0, or Q8_K for the k-quants) and take
-//! integer dot products against the stored blocks, as llama.cpp does. A fused weight (q/k/v,
-//! gate/up) whose parts share a block type is one block matrix; parts of different types (a
-//! `Q4_K_M` file mixes Q4_K and Q6_K) stay separate and their outputs are placed side by side.
+//! Weights in GGML blocks (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, …) on the CPU. Q8_0, Q4_0, Q4_1, Q4_K
+//! and Q6_K go through our own kernels (`qdot.rs`; candle-core's decoded SmolLM2 4–14× slower on
+//! this backend for Q8_0/Q4_1, docs/performance.md; for Q4_K/Q6_K the comparison is open there),
+//! the other types through candle-core's `quantized` module. Both quantize each activation row to
+//! 8 bits per block (blocks of 32 in ours, Q8_K for candle's k-quants) and take integer dot
+//! products against the stored blocks, as llama.cpp does. A fused weight (q/k/v, gate/up) whose
+//! parts share a block type is one block matrix; parts of different types (a `Q4_K_M` file mixes
+//! Q4_K and Q6_K) stay separate and their outputs are placed side by side.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -86,6 +87,8 @@ impl BlockPart {
             GgmlDType::Q8_0 => Some(QKind::Q8_0),
             GgmlDType::Q4_0 => Some(QKind::Q4_0),
             GgmlDType::Q4_1 => Some(QKind::Q4_1),
+            GgmlDType::Q4K => Some(QKind::Q4K),
+            GgmlDType::Q6K => Some(QKind::Q6K),
             _ => None,
         }
     }

@@ -84,6 +84,14 @@ pub fn matmul<E: WeightElem>(x: &[f32], n: usize, w: &[E], m: usize, k: usize) -
     debug_assert_eq!(x.len(), n * k);
     debug_assert_eq!(w.len(), m * k);
     let mut out = vec![0f32; n * m];
+    if n == 1 && super::workers::enabled() {
+        // Decode on the persistent workers: one even, contiguous range of rows each, written
+        // in place.
+        super::workers::for_each_even_chunk(&mut out, &|start, rows| {
+            tile_kernel(x, 1, &w[start * k..(start + rows.len()) * k], rows.len(), k, rows);
+        });
+        return out;
+    }
     if n == 1 {
         // Decode: each task's tile is a contiguous run of the output row; write it in place.
         out.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(task, tile)| {

@@ -13,6 +13,7 @@ mod kv_cache;
 mod matmul;
 mod qdot;
 mod weight;
+mod workers;
 
 use self::blocks::{BlockPart, BlockWeight};
 pub use self::kv_cache::CpuKvCache;

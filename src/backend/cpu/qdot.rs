@@ -1,5 +1,6 @@
 //! Our own `x · wᵀ` for the GGML block types whose candle-core path is slow on this backend:
-//! Q8_0, Q4_0 and Q4_1 (docs/performance.md, "CPU weights", says by how much and why).
+//! Q8_0, Q4_0, Q4_1, and the k-quants Q4_K and Q6_K (`kquants.rs`; docs/performance.md, "CPU
+//! weights", says by how much and why).
 //!
 //! As llama.cpp does: each activation row is quantized once per matmul to 8-bit blocks of 32
 //! ([`Acts`]: one scale per block, and the block's sum for Q4_1's offset term), then every
@@ -21,9 +22,15 @@ pub enum QKind {
     Q4_0,
     /// 32 × 4 bits, an f16 scale and an f16 minimum: `w = d·q + m`.
     Q4_1,
+    /// 256 × 4 bits in 8 sub-blocks of 32, each with a 6-bit scale and minimum under two f16
+    /// super-scales: `w = d·sc·q − dmin·m`.
+    Q4K,
+    /// 256 × 6 bits in 16 sub-blocks of 16, each with an 8-bit scale under an f16 super-scale:
+    /// `w = d·sc·(q − 32)`.
+    Q6K,
 }
 
-/// Values per block, in every type here and in the quantized activations.
+/// Values per block of the quantized activations, and of the 32-value weight types.
 pub const BLOCK: usize = 32;
 
 impl QKind {
@@ -33,6 +40,16 @@ impl QKind {
             QKind::Q8_0 => 34,
             QKind::Q4_0 => 18,
             QKind::Q4_1 => 20,
+            QKind::Q4K => 144,
+            QKind::Q6K => 210,
+        }
+    }
+
+    /// Values one block holds.
+    pub fn block_values(self) -> usize {
+        match self {
+            QKind::Q4K | QKind::Q6K => 256,
+            _ => BLOCK,
         }
     }
 }
@@ -94,7 +111,8 @@ pub fn matmul(kind: QKind, bytes: &[u8], m: usize, k: usize, x: &[f32], n: usize
 /// [`matmul`] with the kernels `ks` (the tests run the scalar ones too).
 fn matmul_with(ks: Kernels, kind: QKind, bytes: &[u8], m: usize, k: usize, x: &[f32], n: usize) -> Vec<f32> {
     let Kernels { one: dot, four: dot4 } = ks;
-    let row_bytes = k / BLOCK * kind.block_bytes();
+    debug_assert!(k.is_multiple_of(kind.block_values()));
+    let row_bytes = k / kind.block_values() * kind.block_bytes();
     debug_assert_eq!(bytes.len(), m * row_bytes);
     debug_assert_eq!(x.len(), n * k);
     let acts = Acts::quantize(x, k);
@@ -102,13 +120,12 @@ fn matmul_with(ks: Kernels, kind: QKind, bytes: &[u8], m: usize, k: usize, x: &[
     // Poisoned, so that an output no task wrote shows as NaN (the tests compare every one).
     let mut out = vec![f32::NAN; n * m];
     if n == 1 {
-        // Decode: one even, contiguous range of rows per thread.
-        let per = m.div_ceil(rayon::current_num_threads().max(1)).max(1);
+        // Decode: one even, contiguous range of rows per thread (the persistent workers').
         let a = acts.row(0);
-        out.par_chunks_mut(per).enumerate().for_each(|(i, o)| {
+        super::workers::for_each_even_chunk(&mut out, &|start, o| {
             for (j, y) in o.iter_mut().enumerate() {
                 // SAFETY: `kernels` picked kernels the CPU supports; the row is whole blocks.
-                *y = unsafe { dot(wrow(i * per + j), a) };
+                *y = unsafe { dot(wrow(start + j), a) };
             }
         });
         return out;
@@ -176,6 +193,8 @@ fn kernels(kind: QKind) -> Kernels {
             QKind::Q8_0 => (avx2::dot_q8_0, avx2::dot4_q8_0),
             QKind::Q4_0 => (avx2::dot_q4_0, avx2::dot4_q4_0),
             QKind::Q4_1 => (avx2::dot_q4_1, avx2::dot4_q4_1),
+            QKind::Q4K => (kquants::avx2::dot_q4k, kquants::avx2::dot4_q4k),
+            QKind::Q6K => (kquants::avx2::dot_q6k, kquants::avx2::dot4_q6k),
         };
         return Kernels { one, four };
     }
@@ -188,6 +207,8 @@ fn scalar_kernels(kind: QKind) -> Kernels {
         QKind::Q8_0 => scalar::dot_q8_0,
         QKind::Q4_0 => scalar::dot_q4_0,
         QKind::Q4_1 => scalar::dot_q4_1,
+        QKind::Q4K => kquants::scalar::dot_q4k,
+        QKind::Q6K => kquants::scalar::dot_q6k,
     };
     Kernels { one, four: each_of_four }
 }
@@ -266,7 +287,7 @@ mod avx2 {
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn f16_at(p: *const u8) -> f32 {
+    pub(super) unsafe fn f16_at(p: *const u8) -> f32 {
         let bits = u16::from_le_bytes([*p, *p.add(1)]);
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
     }
@@ -274,7 +295,7 @@ mod avx2 {
     /// The eight lanes summed in a fixed order.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(super) unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
@@ -403,5 +424,6 @@ mod avx2 {
     }
 }
 
+mod kquants;
 #[cfg(test)]
 mod tests;

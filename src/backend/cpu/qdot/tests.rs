@@ -8,8 +8,13 @@ use rand::{Rng, SeedableRng};
 
 use super::*;
 
-const KINDS: [(QKind, GgmlDType); 3] =
-    [(QKind::Q8_0, GgmlDType::Q8_0), (QKind::Q4_0, GgmlDType::Q4_0), (QKind::Q4_1, GgmlDType::Q4_1)];
+const KINDS: [(QKind, GgmlDType); 5] = [
+    (QKind::Q8_0, GgmlDType::Q8_0),
+    (QKind::Q4_0, GgmlDType::Q4_0),
+    (QKind::Q4_1, GgmlDType::Q4_1),
+    (QKind::Q4K, GgmlDType::Q4K),
+    (QKind::Q6K, GgmlDType::Q6K),
+];
 
 fn random(len: usize, rng: &mut impl Rng) -> Vec<f32> {
     (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
@@ -38,10 +43,13 @@ fn bound(x: &[f32], w: &[f32]) -> f32 {
 
 /// `kernel`'s matmul of `kind` against the f64 dot products of the dequantized weights.
 fn check(kernel: Kernels, label: &str, kind: QKind, dtype: GgmlDType, rng: &mut impl Rng) {
-    for (m, blocks_a_row) in [(1, 1), (37, 3), (70, 5), (33, 18)] {
-        let k = blocks_a_row * BLOCK;
+    // Fewer blocks a row for the 256-value types, whose blocks are 8 times as wide.
+    let shapes: &[(usize, usize)] =
+        if kind.block_values() == BLOCK { &[(1, 1), (37, 3), (70, 5), (33, 18)] } else { &[(1, 1), (37, 3), (19, 2)] };
+    for &(m, blocks_a_row) in shapes {
+        let k = blocks_a_row * kind.block_values();
         let (bytes, deq) = blocks(dtype, m, k, rng);
-        for n in [1, 2, 5] {
+        for n in [1, 2, 5, 9] {
             let x = random(n * k, rng);
             // The output starts poisoned (NaN): an output the kernel skipped fails below.
             let got = matmul_with(kernel, kind, &bytes, m, k, &x, n);
@@ -80,8 +88,8 @@ fn simd_and_scalar_kernels_agree() {
     let seed = rand::random::<u64>();
     eprintln!("seed {seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let (m, k, n) = (29, 7 * BLOCK, 3);
     for (kind, dtype) in KINDS {
+        let (m, k, n) = (29, 7 * kind.block_values(), 3);
         let (bytes, _) = blocks(dtype, m, k, &mut rng);
         let x = random(n * k, &mut rng);
         let fast = matmul_with(kernels(kind), kind, &bytes, m, k, &x, n);
