@@ -2,8 +2,9 @@
 Python clients (run by tests/server_apis.rs).
 
 Usage: python sdk_apis.py CONFIG_JSON
-CONFIG_JSON holds base_url, api_key, model, question, max_tokens, and the greedy answer
-`tulu generate --chat` printed for the question (expected_chat). Every check is an assert; the
+CONFIG_JSON holds base_url, api_key, model, question, max_tokens, the greedy answer
+`tulu generate --chat` printed for the question (expected_chat), and a chat template with a tool
+section (chat_template: Llama 3.1's, as SmolLM2's own has none). Every check is an assert; the
 first failure exits non-zero with a message tests/server_apis.rs shows.
 """
 
@@ -104,10 +105,74 @@ def messages(cfg: dict) -> None:
         assert "`temperature`" in e.body["error"]["message"], e.body
 
 
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 12}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+
+
+def streamed_tools(cfg: dict) -> None:
+    """A named tool's call streamed through each client's stream helper: the arguments arrive in
+    several deltas that add up to the final call."""
+    question = "Weather in Paris?"
+    extra = {"chat_template": cfg["chat_template"]}
+    client = OpenAI(base_url=cfg["base_url"] + "/v1", api_key=cfg["api_key"], max_retries=0, timeout=120)
+    tool = {"type": "function", "name": "get_weather", "parameters": WEATHER, "strict": True}
+    with client.responses.stream(
+        model=cfg["model"],
+        input=question,
+        tools=[tool],
+        tool_choice={"type": "function", "name": "get_weather"},
+        temperature=0,
+        max_output_tokens=60,
+        extra_body=extra,
+    ) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    call = final.output[0]
+    assert call.type == "function_call" and call.name == "get_weather", final.output
+    assert call.call_id.startswith("call_") and call.status == "completed", call
+    assert len(deltas) >= 3 and "".join(deltas) == call.arguments, (deltas, call.arguments)
+    # The SDK parses a strict tool's arguments itself.
+    assert isinstance(call.parsed_arguments["city"], str), call
+    assert events[-1].type == "response.completed", [e.type for e in events]
+
+    claude = anthropic.Anthropic(base_url=cfg["base_url"], api_key=cfg["api_key"], max_retries=0, timeout=120)
+    with claude.messages.stream(
+        model=cfg["model"],
+        max_tokens=60,
+        messages=[{"role": "user", "content": question}],
+        tools=[{"name": "get_weather", "description": "Weather in a city", "input_schema": WEATHER}],
+        tool_choice={"type": "tool", "name": "get_weather"},
+        extra_body={"temperature": 0, **extra},
+    ) as stream:
+        partial = [e.partial_json for e in stream if e.type == "input_json"]
+        message = stream.get_final_message()
+    block = message.content[0]
+    assert block.type == "tool_use" and block.name == "get_weather", message.content
+    assert message.stop_reason == "tool_use", message
+    assert isinstance(block.input["city"], str) and block.id.startswith("toolu_"), block
+    assert len(partial) >= 3 and json.loads("".join(partial)) == block.input, (partial, block.input)
+    # The same greedy call, whole, is the same call.
+    whole = claude.messages.create(
+        model=cfg["model"],
+        max_tokens=60,
+        messages=[{"role": "user", "content": question}],
+        tools=[{"name": "get_weather", "description": "Weather in a city", "input_schema": WEATHER}],
+        tool_choice={"type": "tool", "name": "get_weather"},
+        extra_body={"temperature": 0, **extra},
+    )
+    assert whole.content[0].input == block.input, (whole.content, block)
+
+
 def main() -> None:
     cfg = json.loads(sys.argv[1])
     responses(cfg)
     messages(cfg)
+    streamed_tools(cfg)
     print("ok")
 
 

@@ -1,5 +1,6 @@
 //! `tulu serve`'s other APIs end to end, on SmolLM2: OpenAI's Responses API and Anthropic's
-//! Messages API through their official Python clients (tests/sdk_apis.py), vLLM's token-id
+//! Messages API through their official Python clients (tests/sdk_apis.py, tool calls streamed
+//! through their stream helpers included), vLLM's token-id
 //! fields and `/tokenize` / `/detokenize` over raw HTTP, and each API's answer to bad requests.
 //!
 //! Tests take a lock and run one at a time: each starts its own server, and two CPU-bound
@@ -36,6 +37,7 @@ fn openai_responses_and_anthropic_messages_clients_match_tulu_generate() {
         "question": question,
         "max_tokens": max_tokens,
         "expected_chat": expected_chat,
+        "chat_template": llama31_template(),
     });
     let out = Command::new(python)
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk_apis.py"))
@@ -229,6 +231,119 @@ fn streamed_tool_call_arguments_arrive_as_incremental_deltas() {
     assert_eq!(finishes, [&json!("tool_calls")]);
     let content: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
     assert_eq!(content, "");
+
+    // Text the model writes after its call is the message's content, streamed or not.
+    let after = r#"{"name": "get_time", "parameters": {"city": "Lyon"}} It is noon there."#;
+    let mut body = body.clone();
+    body["guided_choice"] = json!([after]);
+    let r = http(&server.addr, "POST", "/v1/chat/completions", &[], body.to_string().as_bytes());
+    let chunks: Vec<Value> =
+        r.events().iter().filter(|e| *e != "[DONE]").map(|e| serde_json::from_str(e).expect("JSON")).collect();
+    let content: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    let names: Vec<&str> = chunks
+        .iter()
+        .flat_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array().into_iter().flatten())
+        .filter_map(|d| d["function"]["name"].as_str())
+        .collect();
+    assert_eq!((content.as_str(), names), ("It is noon there.", vec!["get_time"]), "{}", r.body);
+    body["stream"] = json!(false);
+    let whole = server.post("/v1/chat/completions", &body).json();
+    let message = &whole["choices"][0]["message"];
+    assert_eq!(message["content"], "It is noon there.", "{whole}");
+    assert_eq!(message["tool_calls"][0]["function"]["name"], "get_time", "{whole}");
+    assert_eq!(whole["choices"][0]["finish_reason"], "tool_calls", "{whole}");
+}
+
+/// The `data` of each typed server-sent event (`event: <type>` then `data: {...}`).
+fn typed_events(body: &str) -> Vec<Value> {
+    body.split("\n\n")
+        .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
+        .map(|d| serde_json::from_str(d).unwrap_or_else(|e| panic!("{e}: {d}")))
+        .collect()
+}
+
+/// The events' `type`s.
+fn kinds(events: &[Value]) -> Vec<&str> {
+    events.iter().map(|e| e["type"].as_str().unwrap_or("?")).collect()
+}
+
+#[test]
+fn responses_and_messages_stream_tool_calls_as_they_are_written() {
+    let _serial = serial();
+    let server = Server::start(&[]);
+    let template = llama31_template();
+    let schema = json!({"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+        "required": ["city"], "additionalProperties": false});
+    // Responses: a function_call item, its arguments as deltas, then done events.
+    let tool = json!({"type": "function", "name": "get_weather", "parameters": schema});
+    let body = json!({"model": server.model, "input": "Weather in Paris?", "tools": [tool], "stream": true,
+        "tool_choice": {"type": "function", "name": "get_weather"}, "temperature": 0, "max_output_tokens": 60,
+        "chat_template": template});
+    let r = http(&server.addr, "POST", "/v1/responses", &[], body.to_string().as_bytes());
+    assert_eq!(r.status, 200, "{}", r.body);
+    let events = typed_events(&r.body);
+    let k = kinds(&events);
+    assert_eq!(k[..3], ["response.created", "response.in_progress", "response.output_item.added"], "{k:?}");
+    let item = &events[2]["item"];
+    assert_eq!((item["type"].as_str(), item["name"].as_str()), (Some("function_call"), Some("get_weather")), "{item}");
+    assert_eq!((item["arguments"].as_str(), item["status"].as_str()), (Some(""), Some("in_progress")), "{item}");
+    let deltas: Vec<&str> = events
+        .iter()
+        .filter(|e| e["type"] == "response.function_call_arguments.delta")
+        .map(|e| {
+            assert_eq!((&e["item_id"], &e["output_index"]), (&item["id"], &json!(0)), "{e}");
+            e["delta"].as_str().expect("delta")
+        })
+        .collect();
+    assert!(deltas.len() >= 3, "{deltas:?}: the arguments were not streamed");
+    let arguments = deltas.concat();
+    let args: Value = serde_json::from_str(&arguments).expect("the deltas add up to JSON");
+    assert!(args["city"].is_string(), "{args}");
+    let n = k.len();
+    assert_eq!(
+        k[n - 3..],
+        ["response.function_call_arguments.done", "response.output_item.done", "response.completed"],
+        "{k:?}"
+    );
+    assert_eq!(events[n - 3]["arguments"], json!(arguments));
+    let output = &events[n - 1]["response"]["output"];
+    assert_eq!((output[0]["arguments"].as_str(), output[0]["status"].as_str()), (Some(&*arguments), Some("completed")));
+    assert_eq!(output.as_array().map(Vec::len), Some(1), "{output}");
+    assert!(!k.contains(&"response.output_text.delta"), "{k:?}");
+    let sequence: Vec<u64> = events.iter().filter_map(|e| e["sequence_number"].as_u64()).collect();
+    assert_eq!(sequence, (0..n as u64).collect::<Vec<_>>());
+
+    // Messages: a tool_use block, its input as input_json_delta pieces.
+    let tool = json!({"name": "get_weather", "input_schema": schema});
+    let body = json!({"model": server.model, "max_tokens": 60, "temperature": 0, "chat_template": template,
+        "messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [tool], "stream": true,
+        "tool_choice": {"type": "tool", "name": "get_weather"}});
+    let r = http(&server.addr, "POST", "/v1/messages", &[], body.to_string().as_bytes());
+    assert_eq!(r.status, 200, "{}", r.body);
+    let events = typed_events(&r.body);
+    let k = kinds(&events);
+    assert_eq!(k[..3], ["message_start", "ping", "content_block_start"], "{k:?}");
+    let block = &events[2]["content_block"];
+    assert_eq!((block["type"].as_str(), block["name"].as_str()), (Some("tool_use"), Some("get_weather")), "{block}");
+    assert_eq!((&events[2]["index"], &block["input"]), (&json!(0), &json!({})), "{block}");
+    let partial: Vec<&str> = events
+        .iter()
+        .filter(|e| e["type"] == "content_block_delta")
+        .map(|e| {
+            assert_eq!((&e["index"], &e["delta"]["type"]), (&json!(0), &json!("input_json_delta")), "{e}");
+            e["delta"]["partial_json"].as_str().expect("partial_json")
+        })
+        .collect();
+    assert!(partial.len() >= 3, "{partial:?}: the input was not streamed");
+    let input: Value = serde_json::from_str(&partial.concat()).expect("the pieces add up to JSON");
+    let n = k.len();
+    assert_eq!(k[n - 3..], ["content_block_stop", "message_delta", "message_stop"], "{k:?}");
+    assert_eq!(events[n - 2]["delta"]["stop_reason"], "tool_use", "{}", events[n - 2]);
+    // The same greedy call, whole.
+    let mut whole = body.clone();
+    whole["stream"] = json!(false);
+    let w = server.post("/v1/messages", &whole).json();
+    assert_eq!(w["content"][0]["input"], input, "{w}");
 }
 
 #[test]

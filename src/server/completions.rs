@@ -104,15 +104,15 @@ impl Reply {
         }
     }
 
-    /// The `tool_calls` entries a finished chat answer `text` is, when tools were offered and
-    /// it is calls of them (Llama 3.1's JSON forms, several with `parallel_tool_calls`).
-    pub fn tool_calls(&self, text: &str, summary: &Summary) -> Option<Vec<Value>> {
+    /// The tool calls a finished chat answer `text` starts with, when tools were offered and
+    /// it ended on its own (Llama 3.1's JSON forms, several with `parallel_tool_calls`): each
+    /// call's name and arguments (JSON text), and the text written after the calls.
+    pub fn tool_calls(&self, text: &str, summary: &Summary) -> Option<(Vec<(String, String)>, String)> {
         let tools = self.request.tools.as_ref().filter(|t| t.active())?;
         if summary.finish_reason != crate::engine::FinishReason::Stop {
             return None;
         }
-        let calls = tools.parse_calls(text)?;
-        Some(calls.iter().map(|(name, arguments)| super::tools::call_json(name, arguments)).collect())
+        tools.parse_calls(text)
     }
 
     /// Whether a chat answer's text is held back while streaming, because it may be a tool
@@ -372,9 +372,14 @@ async fn whole(reply: Reply, events: mpsc::UnboundedReceiver<ChoiceEvent>) -> Re
         let finish = summary.finish_reason.as_str();
         let mut choice = match reply.request.endpoint {
             Endpoint::Chat => match reply.tool_calls(&text, summary) {
-                Some(calls) => json!({
+                Some((calls, after)) => json!({
                     "index": i,
-                    "message": {"role": "assistant", "content": null, "tool_calls": calls},
+                    "message": {
+                        "role": "assistant",
+                        // The text the model wrote after its calls, if any.
+                        "content": (!after.is_empty()).then_some(after),
+                        "tool_calls": calls.iter().map(|(n, a)| super::tools::call_json(n, a)).collect::<Vec<_>>(),
+                    },
                     "logprobs": lp,
                     "finish_reason": "tool_calls",
                 }),

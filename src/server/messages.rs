@@ -1,9 +1,11 @@
 //! `POST /v1/messages`: Anthropic's Messages API over the chat path, whole or streamed as its
 //! events (`message_start`, `content_block_start`, `ping`, `content_block_delta`,
-//! `content_block_stop`, `message_delta`, `message_stop`). Errors are Anthropic-shaped:
+//! `content_block_stop`, `message_delta`, `message_stop`; with tools, `tool_use` blocks whose
+//! input streams as `input_json_delta`s). Errors are Anthropic-shaped:
 //! `{"type": "error", "error": {"type": "invalid_request_error", "message": "`field` ..."}}`,
 //! the message naming the field (Anthropic's errors have no `param`).
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -17,10 +19,12 @@ use axum::Json;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+use super::answer_stream::AnswerStream;
 use super::completions::{self, ChoiceEvent, Collected, Reply};
 use super::error::ApiError;
 use super::messages_request;
 use super::messages_tools;
+use super::tool_stream::Piece;
 use super::AppState;
 use crate::engine::{Event, FinishReason, Summary};
 
@@ -42,16 +46,14 @@ async fn handle(state: Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Re
     let text = texts.into_iter().next().unwrap_or_default();
     let (mut stop_reason, stop_sequence) = stop_reason(&reply, &text, &summary);
     let content = match reply.tool_calls(&text, &summary) {
-        Some(calls) => {
+        Some((calls, after)) => {
             stop_reason = "tool_use";
-            let block = |c: &Value| {
-                let f = &c["function"];
-                messages_tools::tool_use_block(
-                    f["name"].as_str().unwrap_or_default(),
-                    f["arguments"].as_str().unwrap_or_default(),
-                )
-            };
-            calls.iter().map(block).collect()
+            let mut blocks: Vec<Value> = calls.iter().map(|(n, a)| messages_tools::tool_use_block(n, a)).collect();
+            // The text the model wrote after its calls.
+            if !after.is_empty() {
+                blocks.push(json!({"type": "text", "text": after}));
+            }
+            blocks
         }
         None => vec![json!({"type": "text", "text": text})],
     };
@@ -119,9 +121,22 @@ fn usage(reply: &Reply, summary: Option<&Summary>) -> Value {
     })
 }
 
-/// The streamed message. Dropping the body (a client gone) aborts the engine request.
+/// The streamed message: a content block per piece of the answer (`text` with `text_delta`s,
+/// `tool_use` with `input_json_delta`s as the call's arguments are written). Dropping the body
+/// (a client gone) aborts the engine request.
 fn stream(reply: Reply, events: mpsc::UnboundedReceiver<ChoiceEvent>) -> Response {
-    let start = Events { reply, events, text: String::new(), queue: Vec::new(), started: false, finished: false };
+    let pieces = AnswerStream::new(&reply);
+    let start = Events {
+        reply,
+        events,
+        pieces,
+        text: String::new(),
+        queue: VecDeque::new(),
+        blocks: 0,
+        open: None,
+        started: false,
+        finished: false,
+    };
     let body = futures_util::stream::unfold(start, |mut s| async move {
         s.next().await.map(|bytes| (Ok::<Bytes, Infallible>(bytes), s))
     });
@@ -129,13 +144,24 @@ fn stream(reply: Reply, events: mpsc::UnboundedReceiver<ChoiceEvent>) -> Respons
         .into_response()
 }
 
+/// The kind of the content block being written.
+#[derive(PartialEq)]
+enum Block {
+    Text,
+    ToolUse,
+}
+
 struct Events {
     reply: Reply,
     events: mpsc::UnboundedReceiver<ChoiceEvent>,
+    pieces: AnswerStream,
     /// The text so far (to tell which stop sequence ended it).
     text: String,
-    /// Encoded events not yet sent, in reverse order.
-    queue: Vec<Bytes>,
+    /// Encoded events not yet sent.
+    queue: VecDeque<Bytes>,
+    /// Content blocks started.
+    blocks: usize,
+    open: Option<Block>,
     started: bool,
     finished: bool,
 }
@@ -148,14 +174,15 @@ impl Events {
                 "id": self.reply.id, "type": "message", "role": "assistant", "model": self.reply.state.model_name,
                 "content": [], "stop_reason": null, "stop_sequence": null, "usage": usage(&self.reply, None),
             });
-            self.queue = vec![
-                event("ping", json!({})),
-                event("content_block_start", json!({"index": 0, "content_block": {"type": "text", "text": ""}})),
-                event("message_start", json!({"message": message})),
-            ];
+            self.push(event("message_start", json!({"message": message})));
+            // An answer that may be a tool call waits to be known before its first block.
+            if !self.pieces.holding() {
+                self.start(Block::Text, json!({"type": "text", "text": ""}));
+            }
+            self.push(event("ping", json!({})));
         }
         loop {
-            if let Some(bytes) = self.queue.pop() {
+            if let Some(bytes) = self.queue.pop_front() {
                 return Some(bytes);
             }
             if self.finished {
@@ -163,37 +190,87 @@ impl Events {
             }
             match self.events.recv().await {
                 Some((_, Ok(Event::Text(delta)))) => {
-                    self.text.push_str(&delta);
-                    let delta = json!({"index": 0, "delta": {"type": "text_delta", "text": delta}});
-                    self.queue.push(event("content_block_delta", delta));
+                    let pieces = self.pieces.push(&self.reply, delta);
+                    self.apply(pieces);
                 }
                 Some((_, Ok(Event::Logprobs(_)))) => {}
-                Some((_, Ok(Event::Done(summary)))) => {
-                    let (stop_reason, stop_sequence) = stop_reason(&self.reply, &self.text, &summary);
-                    let usage = usage(&self.reply, Some(&summary));
-                    self.queue = vec![
-                        event("message_stop", json!({})),
-                        event(
-                            "message_delta",
-                            json!({"delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence}, "usage": usage}),
-                        ),
-                        event("content_block_stop", json!({"index": 0})),
-                    ];
-                    self.finished = true;
-                }
+                Some((_, Ok(Event::Done(summary)))) => self.done(&summary),
                 Some((_, Err(e))) => {
                     let shutting_down = self.reply.state.shutting_down.load(Ordering::SeqCst);
                     let body = anthropic_error_body(&ApiError::from_engine(e, shutting_down));
-                    self.queue = vec![error_event(&body)];
+                    self.push(error_event(&body));
                     self.finished = true;
                 }
                 None => {
                     let e = ApiError::internal("the message ended without finishing");
-                    self.queue = vec![error_event(&anthropic_error_body(&e))];
+                    self.push(error_event(&anthropic_error_body(&e)));
                     self.finished = true;
                 }
             }
         }
+    }
+
+    /// Sends `pieces` as events, starting and stopping blocks as they change kind.
+    fn apply(&mut self, pieces: Vec<Piece>) {
+        for piece in pieces {
+            match piece {
+                Piece::Text(delta) => {
+                    if self.open != Some(Block::Text) {
+                        self.stop();
+                        self.start(Block::Text, json!({"type": "text", "text": ""}));
+                    }
+                    self.text.push_str(&delta);
+                    let delta = json!({"index": self.blocks - 1, "delta": {"type": "text_delta", "text": delta}});
+                    self.push(event("content_block_delta", delta));
+                }
+                Piece::Call(name) => {
+                    self.stop();
+                    let id = messages_tools::tool_use_id();
+                    self.start(Block::ToolUse, json!({"type": "tool_use", "id": id, "name": name, "input": {}}));
+                }
+                Piece::Arguments(json) => {
+                    let delta =
+                        json!({"index": self.blocks - 1, "delta": {"type": "input_json_delta", "partial_json": json}});
+                    self.push(event("content_block_delta", delta));
+                }
+            }
+        }
+    }
+
+    /// The answer's end: its last pieces, the open block stopped (an empty text block when
+    /// there was no content at all), the stop reason and usage.
+    fn done(&mut self, summary: &Summary) {
+        let pieces = self.pieces.finish(&self.reply, summary);
+        self.apply(pieces);
+        if self.blocks == 0 {
+            self.start(Block::Text, json!({"type": "text", "text": ""}));
+        }
+        self.stop();
+        let (mut stop_reason, mut stop_sequence) = stop_reason(&self.reply, &self.text, summary);
+        if self.pieces.called() && summary.finish_reason == FinishReason::Stop {
+            (stop_reason, stop_sequence) = ("tool_use", None);
+        }
+        let usage = usage(&self.reply, Some(summary));
+        let delta = json!({"delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence}, "usage": usage});
+        self.push(event("message_delta", delta));
+        self.push(event("message_stop", json!({})));
+        self.finished = true;
+    }
+
+    fn start(&mut self, kind: Block, block: Value) {
+        self.push(event("content_block_start", json!({"index": self.blocks, "content_block": block})));
+        self.blocks += 1;
+        self.open = Some(kind);
+    }
+
+    fn stop(&mut self) {
+        if self.open.take().is_some() {
+            self.push(event("content_block_stop", json!({"index": self.blocks - 1})));
+        }
+    }
+
+    fn push(&mut self, bytes: Bytes) {
+        self.queue.push_back(bytes);
     }
 }
 

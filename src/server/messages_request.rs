@@ -3,8 +3,7 @@
 //! required, `messages` alternating content of `text`, `tool_use` and `tool_result` blocks,
 //! `system` a string or text blocks, `temperature` in [0, 1], `top_p` in (0, 1], `top_k` ≥ 0,
 //! `stop_sequences` non-empty strings. Unknown fields (`metadata`, `service_tier`, ...) are
-//! ignored; client `tools` are read by `messages_tools.rs` (not when streaming: a 400 naming
-//! `stream`); server tools and enabled `thinking` are refused naming the field. vLLM's
+//! ignored; client `tools` are read by `messages_tools.rs`; server tools and enabled `thinking` are refused naming the field. vLLM's
 //! `chat_template` is accepted, as on chat.
 
 use serde_json::Value;
@@ -32,9 +31,6 @@ pub fn parse(body: &[u8]) -> Result<ApiRequest, ApiError> {
     };
     let tools = messages_tools::parse(obj)?;
     let stream = f.bool("stream")?.unwrap_or(false);
-    if stream && tools.as_ref().is_some_and(Tools::active) {
-        return Err(ApiError::param("stream", "with `tools` is not supported on /v1/messages yet"));
-    }
     if f.get("thinking").and_then(|t| t.get("type")).and_then(Value::as_str) == Some("enabled") {
         return Err(ApiError::param("thinking", "is not supported (this model does not think aloud)"));
     }

@@ -78,7 +78,12 @@ fn chat_tool(tool: &Value, i: usize) -> Result<Value, ApiError> {
 /// The `tool_use` content block of one call (`arguments`: the call's JSON object as text).
 pub fn tool_use_block(name: &str, arguments: &str) -> Value {
     let input: Value = serde_json::from_str(arguments).unwrap_or_else(|_| json!({}));
-    json!({"type": "tool_use", "id": format!("toolu_{:024x}", rand::random::<u128>() >> 32), "name": name, "input": input})
+    json!({"type": "tool_use", "id": tool_use_id(), "name": name, "input": input})
+}
+
+/// A fresh `tool_use` block id.
+pub fn tool_use_id() -> String {
+    format!("toolu_{:024x}", rand::random::<u128>() >> 32)
 }
 
 #[cfg(test)]

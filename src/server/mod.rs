@@ -10,6 +10,7 @@
 //! even which routes exist. On SIGINT/SIGTERM the server stops accepting, lets the engine finish
 //! or abort running requests within the shutdown timeout, and returns.
 
+mod answer_stream;
 mod completions;
 pub mod error;
 mod fields;

@@ -2,9 +2,11 @@
 //! typed server-sent events (`response.created`, `response.in_progress`,
 //! `response.output_item.added`, `response.content_part.added`, `response.output_text.delta`,
 //! `response.output_text.done`, `response.content_part.done`, `response.output_item.done`,
-//! `response.completed`). Errors before the stream are OpenAI-shaped JSON; an engine error
+//! `response.completed`; with tools, `function_call` items whose arguments stream as
+//! `response.function_call_arguments.delta` / `.done`). Errors before the stream are OpenAI-shaped JSON; an engine error
 //! after it began is an `error` event. Stateless: see [`super::responses_request`].
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -18,10 +20,12 @@ use axum::Json;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+use super::answer_stream::AnswerStream;
 use super::completions::{self, ChoiceEvent, Collected, Reply};
 use super::error::ApiError;
 use super::responses_request::{self, ResponsesRequest};
 use super::responses_tools;
+use super::tool_stream::Piece;
 use super::AppState;
 use crate::engine::{Event, FinishReason, Summary};
 
@@ -42,7 +46,8 @@ async fn handle(state: Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Re
         let summary = summaries.into_iter().next().flatten();
         let summary = summary.ok_or_else(|| ApiError::internal("the response ended without finishing"))?;
         let text = texts.into_iter().next().unwrap_or_default();
-        Ok(Json(answer.response(Some((&text, &summary)))).into_response())
+        let output = answer.output(&text, &summary);
+        Ok(Json(answer.response(Some((output, &summary)))).into_response())
     }
 }
 
@@ -65,28 +70,31 @@ impl Answer {
         })
     }
 
-    /// The response object: in progress (`None`) or finished with its text and summary.
-    fn response(&self, done: Option<(&str, &Summary)>) -> Value {
+    /// The output items of a finished answer `text`: its calls as `function_call` items, then
+    /// its text (all of it, or what the model wrote after its calls) as a message.
+    fn output(&self, text: &str, summary: &Summary) -> Vec<Value> {
+        match self.reply.tool_calls(text, summary) {
+            Some((calls, after)) => {
+                let mut items: Vec<Value> =
+                    calls.iter().map(|(n, a)| responses_tools::function_call_item(n, a, "completed")).collect();
+                if !after.is_empty() {
+                    items.push(self.message(Some(&after)));
+                }
+                items
+            }
+            None => vec![self.message(Some(text))],
+        }
+    }
+
+    /// The response object: in progress (`None`) or finished with its output items and summary.
+    fn response(&self, done: Option<(Vec<Value>, &Summary)>) -> Value {
         let req = &self.reply.request;
         let (status, incomplete, output, usage) = match done {
             None => ("in_progress", Value::Null, json!([]), Value::Null),
-            Some((text, summary)) => {
+            Some((output, summary)) => {
                 let (status, incomplete) = match summary.finish_reason {
                     FinishReason::Length => ("incomplete", json!({"reason": "max_output_tokens"})),
                     _ => ("completed", Value::Null),
-                };
-                let output = match self.reply.tool_calls(text, summary) {
-                    Some(calls) => calls
-                        .iter()
-                        .map(|c| {
-                            let f = &c["function"];
-                            responses_tools::function_call_item(
-                                f["name"].as_str().unwrap_or_default(),
-                                f["arguments"].as_str().unwrap_or_default(),
-                            )
-                        })
-                        .collect(),
-                    None => vec![self.message(Some(text))],
                 };
                 (status, incomplete, Value::Array(output), self.usage(summary))
             }
@@ -104,7 +112,7 @@ impl Answer {
             "metadata": self.request.metadata,
             "model": self.reply.state.model_name,
             "output": output,
-            "parallel_tool_calls": true,
+            "parallel_tool_calls": req.tools.as_ref().is_none_or(|t| t.parallel),
             "previous_response_id": null,
             "store": false,
             "temperature": req.sampling.temperature,
@@ -135,9 +143,21 @@ fn output_text(text: &str) -> Value {
 }
 
 /// The streamed response: typed events, each `event: <type>` + `data: {...}` with a
-/// `sequence_number`. Dropping the body (a client gone) aborts the engine request, as on chat.
+/// `sequence_number`. Output items open and close as the answer's pieces come: a `message`
+/// with its `output_text` part, or a `function_call` whose `arguments` stream as deltas.
+/// Dropping the body (a client gone) aborts the engine request, as on chat.
 fn stream(answer: Answer, events: mpsc::UnboundedReceiver<ChoiceEvent>) -> Response {
-    let start = Events { answer, events, text: String::new(), sequence: 0, queue: Vec::new(), finished: false };
+    let pieces = AnswerStream::new(&answer.reply);
+    let start = Events {
+        answer,
+        events,
+        pieces,
+        sequence: 0,
+        queue: VecDeque::new(),
+        items: Vec::new(),
+        open: None,
+        finished: false,
+    };
     let body = futures_util::stream::unfold(start, |mut s| async move {
         s.next().await.map(|bytes| (Ok::<Bytes, Infallible>(bytes), s))
     });
@@ -145,14 +165,24 @@ fn stream(answer: Answer, events: mpsc::UnboundedReceiver<ChoiceEvent>) -> Respo
         .into_response()
 }
 
+/// The output item being written.
+enum Open {
+    /// The message, with its text so far.
+    Message(String),
+    /// A `function_call` item, its `arguments` so far included.
+    Call(Value),
+}
+
 struct Events {
     answer: Answer,
     events: mpsc::UnboundedReceiver<ChoiceEvent>,
-    /// The text so far.
-    text: String,
+    pieces: AnswerStream,
     sequence: u64,
-    /// Encoded events not yet sent, in reverse order.
-    queue: Vec<Bytes>,
+    /// Encoded events not yet sent.
+    queue: VecDeque<Bytes>,
+    /// The finished output items.
+    items: Vec<Value>,
+    open: Option<Open>,
     finished: bool,
 }
 
@@ -162,77 +192,136 @@ impl Events {
             self.opening();
         }
         loop {
-            if let Some(bytes) = self.queue.pop() {
+            if let Some(bytes) = self.queue.pop_front() {
                 return Some(bytes);
             }
             if self.finished {
                 return None;
             }
-            let mut batch = Vec::new();
             match self.events.recv().await {
                 Some((_, Ok(Event::Text(delta)))) => {
-                    self.text.push_str(&delta);
-                    batch.push(self.part_event("response.output_text.delta", json!({"delta": delta, "logprobs": []})));
+                    let pieces = self.pieces.push(&self.answer.reply, delta);
+                    self.apply(pieces);
                 }
                 Some((_, Ok(Event::Logprobs(_)))) => {}
-                Some((_, Ok(Event::Done(summary)))) => {
-                    let text = std::mem::take(&mut self.text);
-                    batch.push(self.part_event("response.output_text.done", json!({"text": text, "logprobs": []})));
-                    batch.push(self.part_event("response.content_part.done", json!({"part": output_text(&text)})));
-                    let item = self.answer.message(Some(&text));
-                    batch.push(self.event("response.output_item.done", json!({"output_index": 0, "item": item})));
-                    let kind = match summary.finish_reason {
-                        FinishReason::Length => "response.incomplete",
-                        _ => "response.completed",
-                    };
-                    let response = self.answer.response(Some((&text, &summary)));
-                    batch.push(self.event(kind, json!({"response": response})));
-                    self.finished = true;
-                }
+                Some((_, Ok(Event::Done(summary)))) => self.done(&summary),
                 Some((_, Err(e))) => {
                     let shutting_down = self.answer.reply.state.shutting_down.load(Ordering::SeqCst);
                     let error = ApiError::from_engine(e, shutting_down);
                     let fields = json!({"code": error.code, "message": error.message, "param": error.param});
-                    batch.push(self.event("error", fields));
+                    self.event("error", fields);
                     self.finished = true;
                 }
                 None => {
                     let error = json!({"code": null, "message": "the response ended without finishing", "param": null});
-                    batch.push(self.event("error", error));
+                    self.event("error", error);
                     self.finished = true;
                 }
             }
-            batch.reverse();
-            self.queue = batch;
         }
     }
 
-    /// The events before any text: created, in progress, the message item and its text part.
+    /// The events before any text: created, in progress, and (unless the answer may be a tool
+    /// call, which is held back until it is known) the message item and its text part.
     fn opening(&mut self) {
         let response = self.answer.response(None);
-        let mut batch = vec![
-            self.event("response.created", json!({"response": response})),
-            self.event("response.in_progress", json!({"response": response})),
-        ];
-        let item = self.answer.message(None);
-        batch.push(self.event("response.output_item.added", json!({"output_index": 0, "item": item})));
-        batch.push(self.part_event("response.content_part.added", json!({"part": output_text("")})));
-        batch.reverse();
-        self.queue = batch;
+        self.event("response.created", json!({"response": response}));
+        self.event("response.in_progress", json!({"response": response}));
+        if !self.pieces.holding() {
+            self.open_message();
+        }
     }
 
-    /// An event about the message's (only) text part.
-    fn part_event(&mut self, kind: &str, mut fields: Value) -> Bytes {
+    /// Sends `pieces` as events, opening and closing items as they change kind.
+    fn apply(&mut self, pieces: Vec<Piece>) {
+        for piece in pieces {
+            match piece {
+                Piece::Text(delta) => {
+                    if !matches!(self.open, Some(Open::Message(_))) {
+                        self.close();
+                        self.open_message();
+                    }
+                    if let Some(Open::Message(text)) = self.open.as_mut() {
+                        text.push_str(&delta);
+                    }
+                    self.part_event("response.output_text.delta", json!({"delta": delta, "logprobs": []}));
+                }
+                Piece::Call(name) => {
+                    self.close();
+                    let item = responses_tools::function_call_item(&name, "", "in_progress");
+                    self.event("response.output_item.added", json!({"output_index": self.items.len(), "item": item}));
+                    self.open = Some(Open::Call(item));
+                }
+                Piece::Arguments(delta) => {
+                    let Some(Open::Call(item)) = self.open.as_mut() else { continue };
+                    let arguments = format!("{}{delta}", item["arguments"].as_str().unwrap_or_default());
+                    item["arguments"] = json!(arguments);
+                    let fields = json!({"item_id": item["id"], "output_index": self.items.len(), "delta": delta});
+                    self.event("response.function_call_arguments.delta", fields);
+                }
+            }
+        }
+    }
+
+    /// The answer's end: its last pieces, the open item closed (an empty message when there
+    /// was no output at all), and the finished response.
+    fn done(&mut self, summary: &Summary) {
+        let pieces = self.pieces.finish(&self.answer.reply, summary);
+        self.apply(pieces);
+        if self.items.is_empty() && self.open.is_none() {
+            self.open_message();
+        }
+        self.close();
+        let kind = match summary.finish_reason {
+            FinishReason::Length => "response.incomplete",
+            _ => "response.completed",
+        };
+        let response = self.answer.response(Some((self.items.clone(), summary)));
+        self.event(kind, json!({"response": response}));
+        self.finished = true;
+    }
+
+    fn open_message(&mut self) {
+        let item = self.answer.message(None);
+        self.event("response.output_item.added", json!({"output_index": self.items.len(), "item": item}));
+        self.part_event("response.content_part.added", json!({"part": output_text("")}));
+        self.open = Some(Open::Message(String::new()));
+    }
+
+    /// Closes the open item: its `done` events, and it joins the finished items.
+    fn close(&mut self) {
+        let index = self.items.len();
+        let item = match self.open.take() {
+            None => return,
+            Some(Open::Message(text)) => {
+                self.part_event("response.output_text.done", json!({"text": text, "logprobs": []}));
+                self.part_event("response.content_part.done", json!({"part": output_text(&text)}));
+                self.answer.message(Some(&text))
+            }
+            Some(Open::Call(mut item)) => {
+                item["status"] = json!("completed");
+                let fields = json!({"item_id": item["id"], "output_index": index, "name": item["name"],
+                                    "arguments": item["arguments"]});
+                self.event("response.function_call_arguments.done", fields);
+                item
+            }
+        };
+        self.event("response.output_item.done", json!({"output_index": index, "item": item}));
+        self.items.push(item);
+    }
+
+    /// An event about the open message's (only) text part.
+    fn part_event(&mut self, kind: &str, mut fields: Value) {
         fields["item_id"] = json!(self.answer.message_id);
-        fields["output_index"] = json!(0);
+        fields["output_index"] = json!(self.items.len());
         fields["content_index"] = json!(0);
         self.event(kind, fields)
     }
 
-    fn event(&mut self, kind: &str, mut fields: Value) -> Bytes {
+    fn event(&mut self, kind: &str, mut fields: Value) {
         fields["type"] = json!(kind);
         fields["sequence_number"] = json!(self.sequence);
         self.sequence += 1;
-        Bytes::from(format!("event: {kind}\ndata: {fields}\n\n"))
+        self.queue.push_back(Bytes::from(format!("event: {kind}\ndata: {fields}\n\n")));
     }
 }

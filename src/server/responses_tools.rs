@@ -68,8 +68,9 @@ fn chat_tool(tool: &Value, i: usize) -> Result<Value, ApiError> {
     Ok(json!({"type": "function", "function": function}))
 }
 
-/// The `function_call` output item of one call.
-pub fn function_call_item(name: &str, arguments: &str) -> Value {
+/// The `function_call` output item of one call, with a fresh id; `status`: `in_progress`
+/// (streaming, arguments to come) or `completed`.
+pub fn function_call_item(name: &str, arguments: &str, status: &str) -> Value {
     let id = format!("{:032x}", rand::random::<u128>());
     json!({
         "type": "function_call",
@@ -77,7 +78,7 @@ pub fn function_call_item(name: &str, arguments: &str) -> Value {
         "call_id": format!("call_{id}"),
         "name": name,
         "arguments": arguments,
-        "status": "completed",
+        "status": status,
     })
 }
 

@@ -15,10 +15,11 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+use super::answer_stream::AnswerStream;
 use super::completions::{ChoiceEvent, Reply};
 use super::error::ApiError;
 use super::openai::Endpoint;
-use super::tool_stream::{Step, ToolStream};
+use super::tool_stream::Piece;
 use crate::engine::{Event, Summary, TokenLogprob};
 
 /// The streaming response for `reply`, fed by `events`.
@@ -30,9 +31,8 @@ pub(super) fn response(reply: Reply, events: mpsc::UnboundedReceiver<ChoiceEvent
         pending: vec![Vec::new(); n],
         offsets: vec![0; n],
         summaries: vec![None; n],
-        held: (0..n)
-            .map(|_| (reply.request.endpoint == Endpoint::Chat && reply.holds_back("")).then(ToolStream::new))
-            .collect(),
+        answers: (0..n).map(|_| AnswerStream::new(&reply)).collect(),
+        calls_started: vec![0; n],
         finished: false,
         reply,
     };
@@ -73,9 +73,10 @@ struct ChunkStream {
     /// Completions' `text_offset` so far, per choice.
     offsets: Vec<usize>,
     summaries: Vec<Option<Summary>>,
-    /// Per chat choice, the text read while it may be a tool call, whose calls stream as they
-    /// are written (`None` once released as text, or when no tools are offered).
-    held: Vec<Option<ToolStream>>,
+    /// Per choice, its answer's pieces (text, or tool calls as they are written).
+    answers: Vec<AnswerStream>,
+    /// Per choice, the tool calls started (the next call's index).
+    calls_started: Vec<usize>,
     finished: bool,
 }
 
@@ -91,65 +92,28 @@ impl ChunkStream {
             }
             match self.events.recv().await {
                 Some((i, Ok(Event::Text(text)))) => {
-                    let text = match self.held[i].as_mut() {
-                        Some(held) => {
-                            let step = match self.reply.request.tools.as_ref() {
-                                Some(tools) => held.push(&text, tools),
-                                None => Step::Hold,
-                            };
-                            if let Step::Deltas(calls) = step {
-                                let lp = self.take_logprobs(i);
-                                self.push_choice(i, json!({"tool_calls": calls}), lp, None);
-                                continue;
-                            }
-                            if held.started() || self.reply.holds_back(held.text()) {
-                                continue;
-                            }
-                            self.held[i].take().map(|h| h.text().to_owned()).unwrap_or_default()
-                        }
-                        None => text,
-                    };
-                    let lp = self.take_logprobs(i);
-                    let delta = match self.reply.request.endpoint {
-                        Endpoint::Chat => json!({"content": text}),
-                        Endpoint::Completions => json!(text),
-                    };
-                    self.push_choice(i, delta, lp, None);
+                    let pieces = self.answers[i].push(&self.reply, text);
+                    if !pieces.is_empty() {
+                        let lp = self.take_logprobs(i);
+                        self.push_pieces(i, pieces, lp);
+                    }
                 }
                 Some((i, Ok(Event::Logprobs(l)))) => self.pending[i].extend(l),
                 Some((i, Ok(Event::Done(summary)))) => {
-                    let lp = self.take_logprobs(i);
-                    let mut finish = summary.finish_reason.as_str();
-                    let streamed = self.held[i].as_ref().is_some_and(ToolStream::started);
-                    if streamed {
-                        // The calls went out as they were written.
-                        self.held[i] = None;
-                        if summary.finish_reason == crate::engine::FinishReason::Stop {
-                            finish = "tool_calls";
-                        }
-                        self.push_finish(i, json!({}), lp, finish, &summary);
-                    } else if let Some(held) = self.held[i].take() {
-                        // The whole answer was held back: a tool call, or text after all.
-                        let held = held.text().to_owned();
-                        let delta = match self.reply.tool_calls(&held, &summary) {
-                            Some(mut calls) => {
-                                finish = "tool_calls";
-                                for (index, call) in calls.iter_mut().enumerate() {
-                                    call["index"] = json!(index);
-                                }
-                                json!({"tool_calls": calls})
-                            }
-                            None => json!({"content": held}),
-                        };
-                        self.push_choice(i, delta, lp, None);
-                        self.push_finish(i, json!({}), None, finish, &summary);
-                    } else {
-                        let delta = match self.reply.request.endpoint {
-                            Endpoint::Chat => json!({}),
-                            Endpoint::Completions => json!(""),
-                        };
-                        self.push_finish(i, delta, lp, finish, &summary);
+                    let mut lp = self.take_logprobs(i);
+                    let pieces = self.answers[i].finish(&self.reply, &summary);
+                    if !pieces.is_empty() {
+                        self.push_pieces(i, pieces, lp.take());
                     }
+                    let mut finish = summary.finish_reason.as_str();
+                    if self.answers[i].called() && summary.finish_reason == crate::engine::FinishReason::Stop {
+                        finish = "tool_calls";
+                    }
+                    let delta = match self.reply.request.endpoint {
+                        Endpoint::Chat => json!({}),
+                        Endpoint::Completions => json!(""),
+                    };
+                    self.push_finish(i, delta, lp, finish, &summary);
                     self.summaries[i] = Some(summary);
                 }
                 Some((_, Err(e))) => {
@@ -172,6 +136,52 @@ impl ChunkStream {
                     self.finished = true;
                 }
             }
+        }
+    }
+
+    /// Queues choice `i`'s pieces: text as `content` (chat) or `text`, calls as `tool_calls`
+    /// deltas (a call's first carries its index, id, type and name; later ones add to its
+    /// `function.arguments`). `logprobs` go on the first chunk.
+    fn push_pieces(&mut self, i: usize, pieces: Vec<Piece>, mut logprobs: Option<Value>) {
+        let mut calls: Vec<Value> = Vec::new();
+        for piece in pieces {
+            match piece {
+                Piece::Call(name) => {
+                    calls.push(json!({
+                        "index": self.calls_started[i],
+                        "id": format!("chatcmpl-tool-{:032x}", rand::random::<u128>()),
+                        "type": "function",
+                        "function": {"name": name, "arguments": ""},
+                    }));
+                    self.calls_started[i] += 1;
+                }
+                Piece::Arguments(a) => {
+                    let index = self.calls_started[i].saturating_sub(1);
+                    match calls.last_mut().filter(|c| c["index"] == json!(index)) {
+                        Some(c) => {
+                            let joined = format!("{}{a}", c["function"]["arguments"].as_str().unwrap_or_default());
+                            c["function"]["arguments"] = json!(joined);
+                        }
+                        None => calls.push(json!({"index": index, "function": {"arguments": a}})),
+                    }
+                }
+                Piece::Text(text) => {
+                    self.flush_calls(i, &mut calls, &mut logprobs);
+                    let delta = match self.reply.request.endpoint {
+                        Endpoint::Chat => json!({"content": text}),
+                        Endpoint::Completions => json!(text),
+                    };
+                    self.push_choice(i, delta, logprobs.take(), None);
+                }
+            }
+        }
+        self.flush_calls(i, &mut calls, &mut logprobs);
+    }
+
+    fn flush_calls(&mut self, i: usize, calls: &mut Vec<Value>, logprobs: &mut Option<Value>) {
+        if !calls.is_empty() {
+            let calls = std::mem::take(calls);
+            self.push_choice(i, json!({"tool_calls": calls}), logprobs.take(), None);
         }
     }
 

@@ -1,24 +1,27 @@
-//! Streaming tool calls as OpenAI does: once a call object of Llama 3.1's form
+//! Streaming tool calls as they are written: once a call object of Llama 3.1's form
 //! (`{"name": "f", "parameters": {...}}`, after an optional `<|python_tag|>`, several separated
-//! by `;` or whitespace) has shown its function's name and the `{` of its arguments, the first
-//! delta carries the call's id, type and name, and every later piece of the arguments object is
-//! sent as a `function.arguments` delta as the model writes it.
+//! by `;` or whitespace) has shown its function's name and the `{` of its arguments, the call
+//! starts ([`Piece::Call`]) and every later piece of the arguments object follows
+//! ([`Piece::Arguments`]) as the model writes it. Each API shapes the pieces its own way (chat's
+//! `tool_calls` deltas, Responses' `function_call` items, Anthropic's `tool_use` blocks).
 //!
-//! Text that is not of that form (keys in another order, an unknown function) is held back to
-//! the end and parsed whole, as before. Once a call has been sent it cannot be taken back: text
-//! the model writes after its calls is dropped.
-
-use serde_json::{json, Value};
+//! Text that does not start as such a call (keys in another order, an unknown function) is held
+//! back to the end and parsed whole. Text the model writes after its calls streams as
+//! [`Piece::Text`], as [`super::tools::Tools::parse_calls`] splits a whole answer. A second
+//! call without `parallel_tool_calls` is read and dropped (only the first call counts, as when
+//! parsed whole); so is whatever follows an unexpected key after a call's arguments.
 
 use super::tools::Tools;
 
-/// What the caller does with the text seen so far.
-#[derive(Debug, PartialEq)]
-pub enum Step {
-    /// Nothing to send yet.
-    Hold,
-    /// These `tool_calls` delta entries are to be sent.
-    Deltas(Vec<Value>),
+/// A piece of a streamed answer, in the order written.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Piece {
+    /// A call of this function starts; its arguments follow.
+    Call(String),
+    /// More of the current call's arguments (JSON text).
+    Arguments(String),
+    /// Free text after the calls.
+    Text(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -29,8 +32,12 @@ enum State {
     Arguments { depth: usize, in_string: bool, escaped: bool },
     /// After the arguments object, before the call's closing `}`.
     Closing,
-    /// The text is not streamable as calls: held to the end (no call sent yet) or dropped.
-    Done,
+    /// After the calls: free text, streamed.
+    Text,
+    /// The text is not streamable as calls (no call sent): held to the end.
+    Held,
+    /// After an unexpected key in a call: the rest is dropped.
+    Dropped,
 }
 
 /// One chat choice's tool-call streamer.
@@ -40,8 +47,10 @@ pub struct ToolStream {
     /// Bytes of `text` already read.
     at: usize,
     state: State,
-    /// Calls sent so far.
+    /// Calls sent so far (the current one included).
     calls: usize,
+    /// Whether the call being read is dropped (a second one without `parallel_tool_calls`).
+    silent: bool,
 }
 
 /// How a call object's start matched.
@@ -61,7 +70,7 @@ impl Default for ToolStream {
 impl ToolStream {
     /// An empty streamer.
     pub fn new() -> Self {
-        Self { text: String::new(), at: 0, state: State::Between, calls: 0 }
+        Self { text: String::new(), at: 0, state: State::Between, calls: 0, silent: false }
     }
 
     /// Whether any call has been sent.
@@ -74,13 +83,20 @@ impl ToolStream {
         &self.text
     }
 
-    /// Adds the model's next text and returns what to send.
-    pub fn push(&mut self, piece: &str, tools: &Tools) -> Step {
+    /// Adds the model's next text and returns the pieces it completes.
+    pub fn push(&mut self, piece: &str, tools: &Tools) -> Vec<Piece> {
         self.text.push_str(piece);
-        let mut deltas = Vec::new();
+        let mut out = Vec::new();
         loop {
             match self.state {
-                State::Done => break,
+                State::Held | State::Dropped => break,
+                State::Text => {
+                    if self.at < self.text.len() {
+                        out.push(Piece::Text(self.text[self.at..].to_owned()));
+                        self.at = self.text.len();
+                    }
+                    break;
+                }
                 State::Between => {
                     let rest = &self.text[self.at..];
                     let skipped = skip_separators(rest, self.calls == 0);
@@ -88,23 +104,17 @@ impl ToolStream {
                     if skipped.is_empty() || "<|python_tag|>".starts_with(skipped) && self.calls == 0 {
                         break;
                     }
-                    if self.calls > 0 && !tools.parallel {
-                        self.state = State::Done;
-                        break;
-                    }
                     match header(skipped, tools) {
                         Header::Incomplete => break,
-                        Header::NoMatch => {
-                            self.state = State::Done;
-                            break;
-                        }
+                        Header::NoMatch if self.calls == 0 => self.state = State::Held,
+                        Header::NoMatch => self.state = State::Text,
                         Header::Match(name, len) => {
-                            deltas.push(json!({
-                                "index": self.calls,
-                                "id": format!("chatcmpl-tool-{:032x}", rand::random::<u128>()),
-                                "type": "function",
-                                "function": {"name": name, "arguments": "{"},
-                            }));
+                            self.silent = self.calls > 0 && !tools.parallel;
+                            if !self.silent {
+                                self.calls += 1;
+                                out.push(Piece::Call(name));
+                                out.push(Piece::Arguments("{".into()));
+                            }
                             self.at += len;
                             self.state = State::Arguments { depth: 1, in_string: false, escaped: false };
                         }
@@ -113,9 +123,8 @@ impl ToolStream {
                 State::Arguments { .. } => {
                     let start = self.at;
                     self.scan_arguments();
-                    if self.at > start {
-                        let piece = &self.text[start..self.at];
-                        deltas.push(json!({"index": self.calls, "function": {"arguments": piece}}));
+                    if self.at > start && !self.silent {
+                        out.push(Piece::Arguments(self.text[start..self.at].to_owned()));
                     }
                     if !matches!(self.state, State::Closing) {
                         break;
@@ -129,25 +138,32 @@ impl ToolStream {
                         None => break,
                         Some('}') => {
                             self.at += 1;
-                            self.calls += 1;
+                            self.silent = false;
                             self.state = State::Between;
                         }
-                        Some(_) => {
-                            // Another key after the arguments: the call as sent stands.
-                            self.calls += 1;
-                            self.state = State::Done;
-                        }
+                        // Another key after the arguments: the call as sent stands.
+                        Some(_) => self.state = State::Dropped,
                     }
                 }
             }
         }
-        if deltas.is_empty() {
-            Step::Hold
-        } else {
-            Step::Deltas(merge(deltas))
-        }
+        merge(out)
     }
 
+    /// The pieces left at the end of the answer: text after the calls that was waiting to be
+    /// told from the start of another call.
+    pub fn finish(&mut self) -> Vec<Piece> {
+        if self.state != State::Between || self.calls == 0 {
+            return Vec::new();
+        }
+        let rest = skip_separators(&self.text[self.at..], false).to_owned();
+        self.at = self.text.len();
+        if rest.is_empty() {
+            Vec::new()
+        } else {
+            vec![Piece::Text(rest)]
+        }
+    }
     /// Reads the arguments object as far as the text goes, ending in `Closing` at its `}`.
     fn scan_arguments(&mut self) {
         let State::Arguments { mut depth, mut in_string, mut escaped } = self.state else { return };
@@ -178,19 +194,13 @@ impl ToolStream {
     }
 }
 
-/// Joins the argument pieces of one step into one delta per call.
-fn merge(deltas: Vec<Value>) -> Vec<Value> {
-    let mut out: Vec<Value> = Vec::new();
-    for d in deltas {
-        if let Some(last) = out.last_mut().filter(|l| l["index"] == d["index"]) {
-            let joined = format!(
-                "{}{}",
-                last["function"]["arguments"].as_str().unwrap_or_default(),
-                d["function"]["arguments"].as_str().unwrap_or_default()
-            );
-            last["function"]["arguments"] = json!(joined);
-        } else {
-            out.push(d);
+/// Joins neighbouring pieces of arguments and of text.
+fn merge(pieces: Vec<Piece>) -> Vec<Piece> {
+    let mut out: Vec<Piece> = Vec::new();
+    for p in pieces {
+        match (out.last_mut(), p) {
+            (Some(Piece::Arguments(a)), Piece::Arguments(b)) | (Some(Piece::Text(a)), Piece::Text(b)) => a.push_str(&b),
+            (_, p) => out.push(p),
         }
     }
     out
@@ -273,6 +283,8 @@ fn string_end(body: &str) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     fn tools(parallel: bool) -> Tools {
@@ -282,49 +294,78 @@ mod tests {
         super::super::tools::parse(body.as_object().expect("object")).expect("ok").expect("tools")
     }
 
-    /// Feeds `text` in pieces of `size` chars; returns the (index, name, arguments) calls the
-    /// deltas add up to, and how many deltas carried arguments text.
-    fn stream(text: &str, size: usize, parallel: bool) -> (Vec<(u64, String, String)>, usize) {
+    /// What a stream added up to: the (name, arguments) calls and the text after them.
+    #[derive(Debug, Default, PartialEq)]
+    struct Streamed {
+        calls: Vec<(String, String)>,
+        text: String,
+        /// Pieces of arguments sent.
+        argument_pieces: usize,
+    }
+
+    /// Feeds `text` in pieces of `size` chars, then finishes.
+    fn stream(text: &str, size: usize, parallel: bool) -> Streamed {
         let tools = tools(parallel);
         let mut s = ToolStream::new();
-        let mut calls: Vec<(u64, String, String)> = Vec::new();
-        let mut pieces = 0;
+        let mut out = Streamed::default();
         let chars: Vec<char> = text.chars().collect();
+        let mut pieces = Vec::new();
         for chunk in chars.chunks(size) {
-            if let Step::Deltas(ds) = s.push(&chunk.iter().collect::<String>(), &tools) {
-                for d in ds {
-                    let index = d["index"].as_u64().expect("index");
-                    let args = d["function"]["arguments"].as_str().expect("arguments");
-                    pieces += 1;
-                    match d["function"]["name"].as_str() {
-                        Some(name) => {
-                            assert!(d["id"].is_string() && d["type"] == "function", "{d}");
-                            calls.push((index, name.into(), args.into()));
-                        }
-                        None => calls.last_mut().expect("a call started").2.push_str(args),
-                    }
+            pieces.extend(s.push(&chunk.iter().collect::<String>(), &tools));
+        }
+        pieces.extend(s.finish());
+        for p in pieces {
+            match p {
+                Piece::Call(name) => out.calls.push((name, String::new())),
+                Piece::Arguments(a) => {
+                    assert!(out.text.is_empty(), "arguments after text");
+                    out.calls.last_mut().expect("a call started").1.push_str(&a);
+                    out.argument_pieces += 1;
                 }
+                Piece::Text(t) => out.text.push_str(&t),
             }
         }
-        (calls, pieces)
+        out
     }
 
     #[test]
     fn arguments_arrive_piece_by_piece_and_add_up() {
         let two = r#"<|python_tag|>{"name": "get_weather", "parameters": {"city": "Pa}ris\"{", "n": [1, {"a": 2}]}}; {"name": "get_time", "arguments": {"city": "Lyon"}}"#;
+        let want = vec![
+            ("get_weather".to_owned(), r#"{"city": "Pa}ris\"{", "n": [1, {"a": 2}]}"#.to_owned()),
+            ("get_time".to_owned(), r#"{"city": "Lyon"}"#.to_owned()),
+        ];
         for size in [1, 2, 3, 7, 1000] {
-            let (calls, pieces) = stream(two, size, true);
-            let want = vec![
-                (0, "get_weather".to_owned(), r#"{"city": "Pa}ris\"{", "n": [1, {"a": 2}]}"#.to_owned()),
-                (1, "get_time".to_owned(), r#"{"city": "Lyon"}"#.to_owned()),
-            ];
-            assert_eq!(calls, want, "pieces of {size}");
+            let s = stream(two, size, true);
+            assert_eq!((&s.calls, s.text.as_str()), (&want, ""), "pieces of {size}");
             if size == 1 {
-                assert!(pieces > 20, "{pieces} deltas: arguments must stream");
+                assert!(s.argument_pieces > 20, "{} pieces: arguments must stream", s.argument_pieces);
             }
         }
-        let (calls, _) = stream(two, 1, false);
-        assert_eq!(calls.len(), 1);
+        // Without parallel calls, the second is read and dropped.
+        let s = stream(&format!("{two} Done."), 1, false);
+        assert_eq!((&s.calls[..], s.text.as_str()), (&want[..1], "Done."));
+    }
+
+    #[test]
+    fn text_after_the_calls_streams_as_text() {
+        let call = r#"{"name": "get_time", "parameters": {"city": "Lyon"}}"#;
+        let lyon = vec![("get_time".to_owned(), r#"{"city": "Lyon"}"#.to_owned())];
+        for (after, text) in [
+            ("\n\nIt is noon in Lyon.", "It is noon in Lyon."),
+            ("; {\"name\": \"nope\", \"parameters\": {}}", "{\"name\": \"nope\", \"parameters\": {}}"),
+            // Cut off while it might still have been a call: text all the same.
+            (" {\"na", "{\"na"),
+            ("  \n", ""),
+        ] {
+            for size in [1, 4, 1000] {
+                let s = stream(&format!("{call}{after}"), size, true);
+                assert_eq!((&s.calls, s.text.as_str()), (&lyon, text), "{after:?} in pieces of {size}");
+            }
+        }
+        // An unexpected key after the arguments: the call stands, the rest is dropped.
+        let s = stream(r#"{"name": "get_time", "parameters": {}, "id": 1} text"#, 1, true);
+        assert_eq!((s.calls.len(), s.text.as_str()), (1, ""));
     }
 
     #[test]
@@ -338,8 +379,9 @@ mod tests {
             let tools = tools(true);
             let mut s = ToolStream::new();
             for c in text.chars() {
-                assert_eq!(s.push(&c.to_string(), &tools), Step::Hold, "{text}");
+                assert_eq!(s.push(&c.to_string(), &tools), vec![], "{text}");
             }
+            assert_eq!(s.finish(), vec![]);
             assert!(!s.started() && s.text() == text);
         }
     }

@@ -73,25 +73,26 @@ impl Tools {
         self.call_of(&v)
     }
 
-    /// The tool calls `text` is, in Llama 3.1's forms: after an optional `<|python_tag|>`, one
-    /// or more call objects separated by whitespace or `;`. `None` unless the whole text is
-    /// calls of offered functions (then it is an answer). Without `parallel_tool_calls`, only
-    /// the first call is kept.
-    pub fn parse_calls(&self, text: &str) -> Option<Vec<(String, String)>> {
+    /// The tool calls `text` starts with, in Llama 3.1's forms: after an optional
+    /// `<|python_tag|>`, one or more call objects of offered functions separated by whitespace
+    /// or `;`; and the text the model wrote after them (trimmed, often empty). `None` unless the
+    /// text starts with a call (then it is an answer). Without `parallel_tool_calls`, only the
+    /// first call is kept.
+    pub fn parse_calls(&self, text: &str) -> Option<(Vec<(String, String)>, String)> {
         let text = text.trim();
         let mut rest = text.strip_prefix("<|python_tag|>").unwrap_or(text).trim_start();
         let mut calls = Vec::new();
         while !rest.is_empty() {
             let mut values = serde_json::Deserializer::from_str(rest).into_iter::<Value>();
-            let value = values.next()?.ok()?;
-            calls.push(self.call_of(&value)?);
-            rest = rest[values.byte_offset()..].trim_start();
-            rest = rest.strip_prefix(';').unwrap_or(rest).trim_start();
+            let Some(call) = values.next().and_then(|v| v.ok()).and_then(|v| self.call_of(&v)) else { break };
+            calls.push(call);
+            let after = rest[values.byte_offset()..].trim_start();
+            rest = after.strip_prefix(';').unwrap_or(after).trim_start();
         }
         if !self.parallel {
             calls.truncate(1);
         }
-        (!calls.is_empty()).then_some(calls)
+        (!calls.is_empty()).then(|| (calls, rest.to_owned()))
     }
 
     fn call_of(&self, v: &Value) -> Option<(String, String)> {
@@ -217,18 +218,20 @@ mod tests {
         // Llama 3.1's forms: python_tag, several calls separated by `;` or whitespace.
         let paris = ("get_weather".to_owned(), r#"{"city":"Paris"}"#.to_owned());
         let lyon = ("get_weather".to_owned(), r#"{"city":"Lyon"}"#.to_owned());
+        let calls = |text: &str| t.parse_calls(text);
         let two = r#"<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}; {"name": "get_weather", "arguments": {"city": "Lyon"}}"#;
-        assert_eq!(t.parse_calls(two), Some(vec![paris.clone(), lyon.clone()]));
+        assert_eq!(calls(two), Some((vec![paris.clone(), lyon.clone()], String::new())));
         let newline = "{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\"}}\n{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Lyon\"}}";
-        assert_eq!(t.parse_calls(newline), Some(vec![paris.clone(), lyon]));
-        assert_eq!(t.parse_calls(r#"{"name": "get_weather", "parameters": {"city": "Paris"}} and more"#), None);
-        assert_eq!(
-            t.parse_calls(r#"{"name": "get_weather", "parameters": {}}; {"name": "nope", "parameters": {}}"#),
-            None
-        );
-        assert_eq!(t.parse_calls("   "), None);
+        assert_eq!(calls(newline), Some((vec![paris.clone(), lyon], String::new())));
+        // Text after the calls is kept beside them, as streaming sends it.
+        let more = r#"{"name": "get_weather", "parameters": {"city": "Paris"}} and more"#;
+        assert_eq!(calls(more), Some((vec![paris.clone()], "and more".into())));
+        let nope = r#"{"name": "get_weather", "parameters": {"city": "Paris"}}; {"name": "nope", "parameters": {}}"#;
+        assert_eq!(calls(nope), Some((vec![paris.clone()], r#"{"name": "nope", "parameters": {}}"#.into())));
+        assert_eq!(calls(r#"Sure: {"name": "get_weather", "parameters": {}}"#), None);
+        assert_eq!(calls("   "), None);
         let single = parsed(json!({"tools": weather(), "parallel_tool_calls": false})).expect("ok").expect("tools");
-        assert_eq!(single.parse_calls(two), Some(vec![paris]));
+        assert_eq!(single.parse_calls(two), Some((vec![paris], String::new())));
         assert!(!parsed(json!({"tools": weather(), "tool_choice": "none"})).expect("ok").expect("tools").active());
         assert_eq!(parsed(json!({"tools": []})).expect("ok"), None);
     }
