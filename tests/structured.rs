@@ -134,6 +134,37 @@ fn a_constraint_that_does_not_compile_names_its_parameter() {
 }
 
 #[test]
+fn an_answer_that_breaks_a_keyword_checked_after_generation_is_an_error_naming_it() {
+    let engine = engine(&common::smollm2_dir(), None);
+    // The grammar cannot enforce `uniqueItems`, and the only arrays it allows repeat an item:
+    // whatever the model picks, the finished answer breaks the schema.
+    let schema = json!({"type": "array", "items": {"const": 1}, "minItems": 2, "maxItems": 2, "uniqueItems": true});
+    let req = ask("Two numbers as a JSON list.").constrain(Constraint::JsonSchema(schema)).max_tokens(20);
+    let mut text = String::new();
+    let mut failure = None;
+    for ev in engine.generate(req).expect("a relaxed schema is accepted") {
+        match ev {
+            Ok(tulu::Event::Text(t)) => text.push_str(&t),
+            Ok(_) => {}
+            Err(e) => failure = Some(e),
+        }
+    }
+    match failure {
+        Some(Error::Grammar { message }) => {
+            assert!(message.contains("`uniqueItems` (at `/uniqueItems`)"), "{message}");
+            let v: serde_json::Value = serde_json::from_str(&text).expect("the text so far is the JSON");
+            assert_eq!(v, json!([1, 1]));
+        }
+        other => panic!("{text:?}: {other:?}"),
+    }
+    // With at most one item no answer breaks it: the same engine answers.
+    let ok = json!({"type": "array", "items": {"const": 1}, "maxItems": 1, "uniqueItems": true});
+    let (text, _) = common::run(&engine, ask("A JSON list.").constrain(Constraint::JsonSchema(ok)).max_tokens(20));
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert!(v == json!([1]) || v == json!([]), "{v}");
+}
+
+#[test]
 fn openai_client_gets_valid_structured_outputs_from_tulu_serve() {
     let python = common::serve::python();
     let server = common::serve::Server::start(&[]);

@@ -8,12 +8,15 @@
 //! when the request is validated, so a constraint that does not compile is a request error
 //! naming its parameter, and the step loop only computes masks and commits tokens.
 
+mod json_schema;
 mod vocabulary;
 
 use std::sync::{Arc, OnceLock};
 
 use llguidance::api::TopLevelGrammar;
 use llguidance::toktrie::TokEnv;
+
+use json_schema::PostCheck;
 use llguidance::{Matcher, ParserFactory};
 
 use crate::error::{Error, Result};
@@ -55,7 +58,7 @@ impl Constraint {
                 if !schema.is_object() && !schema.is_boolean() {
                     return Err("a JSON schema must be an object (or a boolean)".into());
                 }
-                TopLevelGrammar::from_json_schema(schema.clone())
+                json_schema::grammar(schema)
             }
             Constraint::JsonObject => TopLevelGrammar::from_json_schema(serde_json::json!({"type": "object"})),
             Constraint::Regex(rx) => TopLevelGrammar::from_regex(rx),
@@ -122,11 +125,20 @@ fn compile(factory: &ParserFactory, constraint: &Constraint, param: &str, eos: &
     let parser = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| factory.create_parser(grammar)))
         .map_err(|_| Error::request(param, "cannot be compiled (the grammar compiler failed on it)"))?
         .map_err(|e| Error::request(param, format!("cannot be compiled: {}", first_line(&e.to_string()))))?;
-    let matcher = Matcher::new(Ok(parser));
+    let mut matcher = Matcher::new(Ok(parser));
     if let Some(e) = matcher.get_error() {
         return Err(Error::request(param, format!("cannot be compiled: {}", first_line(&e))));
     }
-    Ok(TokenMatcher { matcher, eos: eos.to_vec(), width: factory.tok_env().tok_trie().vocab_size() })
+    let (relaxed, check) = match constraint {
+        Constraint::JsonSchema(schema) => {
+            let relaxed = json_schema::relaxations(&matcher.grammar_warnings());
+            let check = PostCheck::for_schema(schema, &relaxed).map_err(|m| Error::request(param, m))?;
+            (relaxed, check.map(|c| PostChecked { check: Arc::new(c), env: factory.tok_env().clone(), tokens: vec![] }))
+        }
+        _ => (vec![], None),
+    };
+    let width = factory.tok_env().tok_trie().vocab_size();
+    Ok(TokenMatcher { matcher, eos: eos.to_vec(), width, relaxed, check })
 }
 
 fn first_line(s: &str) -> &str {
@@ -139,6 +151,16 @@ pub struct TokenMatcher {
     matcher: Matcher,
     eos: Vec<u32>,
     width: usize,
+    relaxed: Vec<String>,
+    check: Option<PostChecked>,
+}
+
+/// A relaxed JSON schema's check, and the tokens of the answer it checks at the end.
+#[derive(Clone)]
+struct PostChecked {
+    check: Arc<PostCheck>,
+    env: TokEnv,
+    tokens: Vec<u32>,
 }
 
 impl std::fmt::Debug for TokenMatcher {
@@ -177,14 +199,29 @@ impl TokenMatcher {
     }
 
     /// Follows the sampled `token`. An EOS token ends the generation and is not fed to the
-    /// grammar; any other token the mask did not allow is an error.
+    /// grammar; any other token the mask did not allow is an error. When the grammar is a
+    /// relaxed JSON schema, the EOS that finishes the answer is an error if the answer breaks
+    /// the schema (naming the keyword).
     pub fn commit(&mut self, token: u32) -> std::result::Result<(), String> {
         if self.eos.contains(&token) {
-            return Ok(());
+            return match &self.check {
+                Some(c) => c.check.check(&c.env.tok_trie().decode(&c.tokens)),
+                None => Ok(()),
+            };
         }
         self.matcher
             .consume_token(token)
-            .map_err(|e| format!("token {token} breaks the grammar: {}", first_line(&e.to_string())))
+            .map_err(|e| format!("token {token} breaks the grammar: {}", first_line(&e.to_string())))?;
+        if let Some(c) = &mut self.check {
+            c.tokens.push(token);
+        }
+        Ok(())
+    }
+
+    /// What the grammar leaves to the check after generation (a JSON schema's keywords that
+    /// llguidance cannot enforce, one note each); empty when the grammar is exact.
+    pub fn relaxed(&self) -> &[String] {
+        &self.relaxed
     }
 
     /// The masks of a speculative step's rows (`draft.len() + 1` of them, `words` words each,
@@ -225,5 +262,7 @@ impl TokenMatcher {
     }
 }
 
+#[cfg(test)]
+mod json_schema_tests;
 #[cfg(test)]
 mod tests;
