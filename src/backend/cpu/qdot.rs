@@ -364,7 +364,7 @@ mod avx2 {
     /// The x block of token `t` at block `b`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn xblock(a: &ActRow<'_>, b: usize) -> __m256i {
+    pub(super) unsafe fn xblock(a: &ActRow<'_>, b: usize) -> __m256i {
         _mm256_loadu_si256(a.q.as_ptr().add(b * BLOCK) as *const __m256i)
     }
 

@@ -86,16 +86,9 @@ pub mod scalar {
 pub mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::super::avx2::{f16_at, hsum};
+    use super::super::avx2::{f16_at, hsum, xblock};
     use super::super::DotFn;
     use super::*;
-
-    /// The x block `b` of a row.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn xblock(a: &ActRow<'_>, b: usize) -> __m256i {
-        _mm256_loadu_si256(a.q.as_ptr().add(b * BLOCK) as *const __m256i)
-    }
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
