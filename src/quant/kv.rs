@@ -196,8 +196,9 @@ fn scale_value(store: &WeightStore, name: &str) -> Result<f32> {
     }
 }
 
-/// Every layer's KV scales from `store`, by the first of its names it holds (`self_attn.k_scale`/`v_scale`, `k_proj`/`v_proj.output_scale`, legacy `kv_scale`); a layer
-/// with none gets [`KvScale::ONE`].
+/// Every layer's KV scales from `store`, by the first of its names it holds
+/// (`self_attn.k_scale`/`v_scale`, `k_proj`/`v_proj.output_scale`, legacy `kv_scale`); a
+/// layer with none gets [`KvScale::ONE`].
 pub fn load_scales(cfg: &ModelConfig, store: &WeightStore) -> Result<Arc<[KvScale]>> {
     let mut scales = Vec::with_capacity(cfg.num_hidden_layers);
     for l in 0..cfg.num_hidden_layers {
