@@ -42,6 +42,13 @@ fn shape() -> ModelConfig {
     cfg
 }
 
+/// The bytes of every weight of an unsharded dense model of `cfg` at `eb` bytes an element:
+/// what a decode step must read once.
+fn weight_bytes(cfg: &ModelConfig, eb: u64) -> u64 {
+    let plan = ShardPlan::new(cfg, Shard::single()).unwrap();
+    rank_weight_bytes(cfg, &plan, &ElementBytes { dense: eb, fp8: None }, false)
+}
+
 /// Appends a step marker to the profile (the driver appends launch lines as launches end).
 fn mark(file: &Path, step: &str, must_read: u64) {
     let mut f = std::fs::OpenOptions::new().create(true).append(true).open(file).unwrap();
@@ -57,12 +64,7 @@ fn child(file: &Path) {
     let mut cache = b.new_kv_cache(&model.kv_cache_spec(blocks.len(), BLOCK)).unwrap();
     let prompt: Vec<u32> = (0..PROMPT as u32).map(|i| (i * 7919 + 13) % cfg.vocab_size as u32).collect();
     let eb = b.element_bytes() as u64;
-    let weights = rank_weight_bytes(
-        &cfg,
-        &ShardPlan::new(&cfg, Shard::single()).unwrap(),
-        &ElementBytes { dense: eb, fp8: None },
-        false,
-    );
+    let weights = weight_bytes(&cfg, eb);
     mark(file, "start", 0);
     let mut batch = Batch::new(BLOCK);
     batch.push(&prompt, 0, &blocks).unwrap();
@@ -261,12 +263,7 @@ fn child_8b(file: &Path) {
         let model = Llama::random(&b, &cfg, 7, CONTEXT_8B + 1, Shard::single(), |_| {}).unwrap();
         let per_seq = (CONTEXT_8B + 1).div_ceil(BLOCK);
         let mut cache = b.new_kv_cache(&model.kv_cache_spec(8 * per_seq, BLOCK)).unwrap();
-        let weights = rank_weight_bytes(
-            &cfg,
-            &ShardPlan::new(&cfg, Shard::single()).unwrap(),
-            &ElementBytes { dense: eb, fp8: None },
-            false,
-        );
+        let weights = weight_bytes(&cfg, eb);
         mark(file, "start", 0);
         for batch_size in [1usize, 8] {
             let mut batch = Batch::new(BLOCK);

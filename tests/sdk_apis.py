@@ -141,14 +141,15 @@ def streamed_tools(cfg: dict) -> None:
     assert events[-1].type == "response.completed", [e.type for e in events]
 
     claude = anthropic.Anthropic(base_url=cfg["base_url"], api_key=cfg["api_key"], max_retries=0, timeout=120)
-    with claude.messages.stream(
+    request = dict(
         model=cfg["model"],
         max_tokens=60,
         messages=[{"role": "user", "content": question}],
         tools=[{"name": "get_weather", "description": "Weather in a city", "input_schema": WEATHER}],
         tool_choice={"type": "tool", "name": "get_weather"},
         extra_body={"temperature": 0, **extra},
-    ) as stream:
+    )
+    with claude.messages.stream(**request) as stream:
         partial = [e.partial_json for e in stream if e.type == "input_json"]
         message = stream.get_final_message()
     block = message.content[0]
@@ -157,14 +158,7 @@ def streamed_tools(cfg: dict) -> None:
     assert isinstance(block.input["city"], str) and block.id.startswith("toolu_"), block
     assert len(partial) >= 3 and json.loads("".join(partial)) == block.input, (partial, block.input)
     # The same greedy call, whole, is the same call.
-    whole = claude.messages.create(
-        model=cfg["model"],
-        max_tokens=60,
-        messages=[{"role": "user", "content": question}],
-        tools=[{"name": "get_weather", "description": "Weather in a city", "input_schema": WEATHER}],
-        tool_choice={"type": "tool", "name": "get_weather"},
-        extra_body={"temperature": 0, **extra},
-    )
+    whole = claude.messages.create(**request)
     assert whole.content[0].input == block.input, (whole.content, block)
 
 
