@@ -35,6 +35,9 @@ struct Layer<B: Backend> {
     down: B::Weight,
 }
 
+/// The next [`Llama`]'s id (0 is kept for steps outside a model).
+static NEXT_MODEL_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// A Llama model resident on a backend.
 pub struct Llama<B: Backend> {
     cfg: ModelConfig,
@@ -50,6 +53,8 @@ pub struct Llama<B: Backend> {
     plan: ShardPlan,
     /// What the KV cache stores, with its per-layer scales when e4m3.
     kv: KvFormat,
+    /// This instance, for the backend's graphs ([`StepInputs::model`]).
+    id: u64,
 }
 
 impl<B: Backend> Llama<B> {
@@ -138,6 +143,7 @@ impl<B: Backend> Llama<B> {
             max_positions,
             plan,
             kv: kv_format,
+            id: NEXT_MODEL_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
 
@@ -405,6 +411,7 @@ impl<B: Runtime> Llama<B> {
                 rows,
                 dims: Some(self.dims),
                 graphable,
+                model: self.id,
             })?),
         };
         let step = scope.step();

@@ -147,7 +147,8 @@ trait TestSteps: Backend {
     /// last row.
     fn step_of(&self, batch: &Batch, dims: AttnDims) -> Self::Step {
         let rows = batch.last_rows();
-        let inputs = StepInputs { batch, ids: &batch.token_ids, rows: &rows, dims: Some(dims), graphable: false };
+        let inputs =
+            StepInputs { batch, ids: &batch.token_ids, rows: &rows, dims: Some(dims), graphable: false, model: 0 };
         self.step_for(&inputs).expect("step_for")
     }
 

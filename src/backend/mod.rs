@@ -173,7 +173,7 @@ pub trait Backend: Send + Sync + 'static {
         if !ids.is_empty() {
             batch.push(ids, 0, &[0])?;
         }
-        self.step_for(&StepInputs { batch: &batch, ids, rows, dims: None, graphable: false })
+        self.step_for(&StepInputs { batch: &batch, ids, rows, dims: None, graphable: false, model: 0 })
     }
 
     /// Uploads one weight made of `parts` concatenated along rows (all with the same number of

@@ -23,6 +23,9 @@ pub struct StepInputs<'a> {
     /// Whether the step may run as a replayed graph: a decode step (one new token a sequence,
     /// every row sampled) whose logits stay on the device, on a communicator that can be captured.
     pub graphable: bool,
+    /// Which model instance runs the step (0: none, a standalone op). A replayed graph bakes in
+    /// one model's weights, so graphs are kept per model and bucket.
+    pub model: u64,
 }
 
 /// What a rank reserves at load for its steps ([`Runtime::reserve`]).

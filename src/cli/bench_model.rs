@@ -254,10 +254,7 @@ where
             println!("{row}");
             let t1 = match one_layer.as_ref() {
                 Some(one) if !graphs || predict_full => {
-                    // Reserving again drops the graphs captured from `model`: a bucket's graph
-                    // replays the kernels (and weights) it was captured with, whatever model
-                    // runs the next step on this backend.
-                    backend.reserve(&shape)?;
+                    // `one` captures graphs of its own (the backend keeps them per model).
                     Some(time_case(&backend, one, batch, plen, args.gen_len, profile.as_ref())?)
                 }
                 _ => None,

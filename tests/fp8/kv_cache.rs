@@ -138,7 +138,14 @@ fn fp8_attention_stays_within_its_rounding_bound() {
         let mut batch = Batch::new(bs);
         batch.push(&vec![1; rows], first, &table[..(first + rows).div_ceil(bs)]).unwrap();
         let last = batch.last_rows();
-        let step = StepInputs { batch: &batch, ids: &batch.token_ids, rows: &last, dims: Some(dims), graphable: false };
+        let step = StepInputs {
+            batch: &batch,
+            ids: &batch.token_ids,
+            rows: &last,
+            dims: Some(dims),
+            graphable: false,
+            model: 0,
+        };
         let step = cpu.step_for(&step).unwrap();
         let q = cpu.rope_write_kv(&x, &cos, &sin, 0, &mut f32_cache, &step, dims).unwrap();
         let q8 = cpu.rope_write_kv(&x, &cos, &sin, 0, &mut fp8_cache, &step, dims).unwrap();

@@ -120,12 +120,7 @@ fn open_with(
     debug: CudaDebug,
 ) -> (CudaBackend, Llama<CudaBackend>, CudaKvCache) {
     let backend = CudaBackend::with_debug(device, debug).unwrap();
-    let mut cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
-    if let Some(q) = quantize {
-        q.apply(&mut cfg);
-    }
-    let store = WeightStore::open(dir).unwrap();
-    let model = Llama::load(&backend, &cfg, &store, CONTEXT, Shard { rank, world }, |_| {}).unwrap();
+    let model = load(&backend, dir, quantize, Shard { rank, world });
     let shape = StepShape {
         limits,
         max_positions: CONTEXT,
@@ -135,6 +130,21 @@ fn open_with(
     backend.reserve(&shape).unwrap();
     let cache = backend.new_kv_cache(&model.kv_cache_spec(6 * CONTEXT / BLOCK, BLOCK)).unwrap();
     (backend, model, cache)
+}
+
+/// The checkpoint in `dir` (quantized while loading when `quantize`) as rank `shard` on `backend`.
+fn load(
+    backend: &CudaBackend,
+    dir: &Path,
+    quantize: Option<tulu::unstable::quant::Quantize>,
+    shard: Shard,
+) -> Llama<CudaBackend> {
+    let mut cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    if let Some(q) = quantize {
+        q.apply(&mut cfg);
+    }
+    let store = WeightStore::open(dir).unwrap();
+    Llama::load(backend, &cfg, &store, CONTEXT, shard, |_| {}).unwrap()
 }
 
 #[test]
@@ -208,6 +218,33 @@ fn fp8_gemm_decode_steps_are_captured_and_replay_bit_for_bit() {
     assert_eq!(captured, vec![16], "the 10-row bucket (16) is captured");
     assert_eq!(replays, 2, "a capture is replayed at once, then once more");
     assert_eq!(backend.workspace_overflows(), 0, "the step workspace held the FP8 GEMM's scratch");
+}
+
+/// Two models on one backend — the tiny model and its FP8-quantized twin, both caches made
+/// before either runs — take turns: each captures and replays graphs of its own, and the first
+/// replays its graphs again after the second ran. Were graphs keyed by bucket alone, the
+/// second model's decode steps would replay the first's graphs (its weights and its cache).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn two_models_on_one_backend_replay_their_own_graphs() {
+    gpu();
+    let dir = tiny_vocab301();
+    let (backend, first, first_cache) = open(0, 0, 1, &dir);
+    let second = load(&backend, &dir, Some(tulu::unstable::quant::Quantize::Fp8), Shard::single());
+    let second_cache = backend.new_kv_cache(&second.kv_cache_spec(6 * CONTEXT / BLOCK, BLOCK)).unwrap();
+    let mut first = Rank { backend: &backend, model: &first, cache: first_cache, comm: &SingleRank };
+    let mut second = Rank { backend: &backend, model: &second, cache: second_cache, comm: &SingleRank };
+    let mut replays = Vec::new();
+    for (name, is_first) in [("first", true), ("second", false), ("first again", true)] {
+        let rank = if is_first { &mut first } else { &mut second };
+        if let Some(why) = run_schedule(rank, 301) {
+            panic!("{name} model: a graph replay differs from its eager step: {why}");
+        }
+        replays.push(backend.graph_stats().1);
+    }
+    // Each model's first schedule replays 10 times (see above); the first model's second one
+    // replays every decode step (13): its graphs outlived the second model's.
+    assert_eq!(replays, vec![10, 20, 33], "replays after each schedule");
 }
 
 /// The step workspace fitted to the measured peak of the profile steps (what a rank does when

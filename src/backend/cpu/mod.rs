@@ -412,7 +412,8 @@ mod tests {
         let table = cpu.upload(&[0.0; 8 * 32], 8, 32).unwrap();
         let step = |batch: &Batch| {
             let ids = vec![0; batch.num_tokens()];
-            cpu.step_for(&StepInputs { batch, ids: &ids, rows: &[], dims: Some(dims), graphable: false }).unwrap()
+            cpu.step_for(&StepInputs { batch, ids: &ids, rows: &[], dims: Some(dims), graphable: false, model: 0 })
+                .unwrap()
         };
         let outside = step(&batch);
         let e = cpu.rope_write_kv(&qkv, &table, &table, 0, &mut cache, &outside, dims).expect_err("must fail");

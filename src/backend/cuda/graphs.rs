@@ -1,4 +1,4 @@
-//! The decode step as a CUDA graph, one per batch-size bucket.
+//! The decode step as a CUDA graph, one per model and batch-size bucket.
 //!
 //! A decode step of `n` sequences is padded to the smallest bucket `b ≥ n` (1, 2, 4, 8, then
 //! steps of 16 up to `--max-num-seqs`), so that a handful of graphs cover every batch size.
@@ -8,7 +8,9 @@
 //! fixed addresses: the step's metadata in the persistent buffer of step.rs (its layout fixed
 //! by the bucket), its activations in the workspace (workspace.rs: the same sequence of
 //! allocations gives the same addresses), and its logits stay allocated for as long as the
-//! graph lives. Prefill and mixed steps, steps that want host logits, and steps on a
+//! graph lives; its model's weights and KV cache are where they were, so graphs are kept per
+//! model (two on one backend each capture their own) and dropped when a KV cache is made. Prefill
+//! and mixed steps, steps that want host logits, and steps on a
 //! communicator that stages through the host run eagerly. A capture that fails (an op that
 //! cannot be captured) leaves its bucket eager, with a warning.
 
@@ -40,6 +42,11 @@ struct Graph(CudaGraph);
 // SAFETY: see above; the graph is only launched and dropped with the `graphs` mutex held.
 unsafe impl Send for Graph {}
 
+/// A graph's model ([`crate::backend::StepInputs::model`]) and bucket: a graph bakes in the
+/// addresses of its model's weights, so two models on one backend (a bench's two sizes, a test's
+/// two checkpoints) each capture their own.
+type GraphKey = (u64, usize);
+
 /// One captured decode step.
 struct Captured {
     graph: Graph,
@@ -55,11 +62,11 @@ pub(crate) struct Graphs {
     /// Whether decode steps are padded and replayed at all (`reserve` with graphs on).
     pub enabled: bool,
     pub buckets: Vec<usize>,
-    /// Buckets whose first (eager) step has run.
-    warm: BTreeSet<usize>,
-    /// Buckets whose capture failed: eager from then on.
-    failed: BTreeSet<usize>,
-    captured: BTreeMap<usize, Captured>,
+    /// Graphs (model, bucket) whose first (eager) step has run.
+    warm: BTreeSet<GraphKey>,
+    /// Graphs whose capture failed: eager from then on.
+    failed: BTreeSet<GraphKey>,
+    captured: BTreeMap<GraphKey, Captured>,
     /// Replays so far (tests, bench).
     pub replays: u64,
     /// Whether padded steps replay graphs; off, they run the same padded step eagerly (tests
@@ -98,9 +105,14 @@ impl CudaBackend {
         }
     }
 
-    /// Decode graphs captured so far and replays run (tests, bench).
+    /// The buckets of the decode graphs captured so far (of every model, each bucket once) and
+    /// the replays run (tests, bench).
     pub fn graph_stats(&self) -> (Vec<usize>, u64) {
-        self.graphs.lock().map(|g| (g.captured.keys().copied().collect(), g.replays)).unwrap_or_default()
+        let stats = |g: &Graphs| {
+            let buckets: BTreeSet<usize> = g.captured.keys().map(|&(_, b)| b).collect();
+            (buckets.into_iter().collect(), g.replays)
+        };
+        self.graphs.lock().map(|g| stats(&g)).unwrap_or_default()
     }
 
     /// The backend's `run_step` (module docs).
@@ -109,7 +121,7 @@ impl CudaBackend {
         step: &CudaStep,
         body: &mut dyn FnMut() -> Result<CudaTensor>,
     ) -> Result<CudaTensor> {
-        let Some(b) = step.bucket() else { return body() };
+        let Some(key) = step.graph_key() else { return body() };
         let lock = || self.graphs.lock().map_err(|_| Error::Backend("graph table lock poisoned".into()));
         {
             let mut g = lock()?;
@@ -117,12 +129,12 @@ impl CudaBackend {
                 drop(g);
                 return body();
             }
-            if let Some(c) = g.captured.get(&b) {
+            if let Some(c) = g.captured.get(&key) {
                 let view = self.replay(c)?;
                 g.replays += 1;
                 return Ok(view);
             }
-            if g.failed.contains(&b) || g.warm.insert(b) {
+            if g.failed.contains(&key) || g.warm.insert(key) {
                 drop(g);
                 return body();
             }
@@ -132,12 +144,12 @@ impl CudaBackend {
                 let view = self.replay(&c)?;
                 let mut g = lock()?;
                 g.replays += 1;
-                g.captured.insert(b, c);
+                g.captured.insert(key, c);
                 Ok(view)
             }
             Err(e) => {
-                tracing::warn!("decode steps of {b} rows run eagerly: capturing their graph failed: {e}");
-                lock()?.failed.insert(b);
+                tracing::warn!("decode steps of {} rows run eagerly: capturing their graph failed: {e}", key.1);
+                lock()?.failed.insert(key);
                 body()
             }
         }

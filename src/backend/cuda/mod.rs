@@ -468,6 +468,8 @@ impl Backend for CudaBackend {
             k.push(alloc()?);
             v.push(alloc()?);
         }
+        // A graph captured against another cache would replay into that one's memory.
+        self.drop_graphs("a KV cache was made");
         Ok(CudaKvCache {
             k,
             v,

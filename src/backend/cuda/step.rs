@@ -89,6 +89,8 @@ pub struct CudaStep {
     device: DeviceBatch,
     /// The decode bucket the step is padded to (its graph), if any.
     bucket: Option<usize>,
+    /// The model the step runs ([`StepInputs::model`]): graphs are kept per model and bucket.
+    model: u64,
     /// Logits rows past the sampled ones: a padded step's padding rows.
     padding: usize,
 }
@@ -99,9 +101,9 @@ impl CudaStep {
         &self.device
     }
 
-    /// The decode bucket the step is padded to (its graph), if any.
-    pub(crate) fn bucket(&self) -> Option<usize> {
-        self.bucket
+    /// The graph this step runs as: its model and bucket, when it is padded to one.
+    pub(crate) fn graph_key(&self) -> Option<(u64, usize)> {
+        self.bucket.map(|b| (self.model, b))
     }
 
     /// Rows of the step's gathered activations (and logits) past the rows it samples.
@@ -196,7 +198,7 @@ impl CudaBackend {
         if runtime {
             self.in_step.store(true, Ordering::Relaxed);
         }
-        Ok(CudaStep { device, bucket, padding })
+        Ok(CudaStep { device, bucket, model: inputs.model, padding })
     }
 
     /// `end_step`: forgets the step (the persistent buffer stays for the next).
