@@ -1,5 +1,6 @@
 //! Speculative decoding on the GPU: verify steps (several rows of a sequence through the paged
-//! cache, every row sampled on the device) give the tokens plain decode steps give.
+//! cache, every row sampled on the device) give the tokens plain decode steps give, with prompt
+//! lookup and with a draft model on the same device.
 
 use super::*;
 
@@ -41,4 +42,46 @@ fn speculative_tokens_equal_plain_decode_on_the_gpu() {
         assert_eq!(a.tokens, b.tokens, "request {i}: speculation changed the tokens");
     }
     assert!(on[0].accepted_draft_tokens > 0, "no draft kept: {:?}", on[0]);
+}
+
+/// A draft model on the GPU (its own backend and KV cache on the target's device): greedy and
+/// seeded requests, batched, give the tokens plain decode gives — with a one-layer draft of a
+/// padded vocabulary that the target sometimes rejects, so rollback in both caches runs.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn draft_model_tokens_equal_plain_decode_on_the_gpu() {
+    gpu();
+    let cfg = ModelConfig::preset("tiny").unwrap();
+    let target = common::synth_dir("tiny-gpu-spec-target-bf16", &cfg, OutDType::Bf16, None);
+    let mut weak = cfg.clone();
+    weak.num_hidden_layers = 1;
+    weak.vocab_size += 16;
+    let draft =
+        common::synth_dir("tiny-gpu-spec-draft-bf16", &weak, OutDType::Bf16, Some(target.join("tokenizer.json")));
+    let mut opts = EngineOptions::new(target.to_string_lossy()).device(Device::Cuda(0));
+    opts.max_num_seqs = 4;
+    opts.kv_cache_memory = Some(64 << 20);
+    opts.speculation = Some(Speculation::draft(draft.to_string_lossy(), 3));
+    let engine = Engine::load(opts).unwrap();
+    let seeded = SamplingParams { temperature: 0.9, seed: Some(7), ..Default::default() };
+    let reqs: Vec<GenerateRequest> = (0..4u32)
+        .map(|i| {
+            let prompt: Vec<u32> = (0..20).map(|t| (t * 37 + 11 + i * 53) % 290).collect();
+            let sampling = if i % 2 == 0 { SamplingParams::greedy() } else { seeded.clone() };
+            let mut r = GenerateRequest::tokens(prompt).sampling(sampling).max_tokens(20);
+            r.ignore_eos = true;
+            r
+        })
+        .collect();
+    let run = |reqs: Vec<GenerateRequest>| -> Vec<Summary> {
+        common::run_all(&engine, &reqs).into_iter().map(|(_, s)| s).collect()
+    };
+    let on = run(reqs.clone());
+    let off = run(reqs.into_iter().map(|r| r.speculative(false)).collect());
+    for (i, (a, b)) in on.iter().zip(&off).enumerate() {
+        assert_eq!(a.tokens, b.tokens, "request {i}: the draft model changed the tokens");
+    }
+    let m = engine.metrics();
+    assert!(m.spec_draft_tokens > 0, "nothing was proposed: {m:?}");
+    assert!(m.spec_draft_tokens > m.spec_accepted_tokens, "no draft token was rejected: {m:?}");
 }
