@@ -343,6 +343,79 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::sampler::StepOutput;
+
+    const VOCAB: u32 = 97;
+
+    /// The next token after `context` in the fake model: a hash of the whole context, so that
+    /// any token its cache holds wrongly changes what it proposes.
+    fn next(context: &[u32]) -> u32 {
+        context.iter().fold(7u64, |h, &t| (h * 31 + t as u64 + 1) % VOCAB as u64) as u32
+    }
+
+    /// A "model" whose KV cache holds the token written at each slot, and whose pick at a
+    /// sampled row is [`next`] of the tokens its cache holds at the row's positions.
+    struct CacheModel(HashMap<u32, u32>);
+
+    impl Ranks for CacheModel {
+        fn step(&mut self, batch: &Batch, sampling: &StepSampling) -> Result<StepOutput> {
+            for (&slot, &t) in batch.slots.iter().zip(&batch.token_ids) {
+                self.0.insert(slot, t);
+            }
+            let bs = batch.block_size;
+            let mut tokens = Vec::new();
+            for &row in &sampling.rows {
+                let seq = batch.seqs.iter().find(|s| s.rows.contains(&row)).expect("a row of a sequence");
+                let context: Vec<u32> = (0..=batch.positions[row] as usize)
+                    .map(|pos| self.0[&(seq.block_table[pos / bs] * bs as u32 + (pos % bs) as u32)])
+                    .collect();
+                tokens.push(Sampled::Token(next(&context)));
+            }
+            Ok(StepOutput { tokens, logits: None })
+        }
+    }
+
+    /// What a draft that sees exactly `tokens` proposes: `k` tokens, each after the ones before.
+    fn expected(tokens: &[u32], k: usize) -> Vec<u32> {
+        let mut context = tokens.to_vec();
+        for _ in 0..k {
+            context.push(next(&context));
+        }
+        context[tokens.len()..].to_vec()
+    }
+
+    fn want(tokens: &[u32]) -> DraftWant<'_> {
+        DraftWant { id: 1, tokens, k: 3, sampling: None }
+    }
+
+    /// Tokens the target rejected lie in the draft's cache after its round; the next round
+    /// must not read them: it keeps only what the cache shares with the sequence's tokens and
+    /// recomputes the rest. Rounds: a draft rejected whole, then two plain steps (the cache
+    /// holds two stale tokens before the sequence's last), then a draft kept in part.
+    #[test]
+    fn a_round_never_reads_a_rejected_token_from_the_draft_cache() {
+        let mut draft = DraftModel {
+            ranks: Box::new(CacheModel(HashMap::new())),
+            blocks: BlockManager::new(32, 4, false),
+            seqs: HashMap::new(),
+            sampled_columns: VOCAB as usize,
+            max_tokens: 64,
+            max_seqs: 8,
+        };
+        let mut tokens: Vec<u32> = vec![1, 2, 3, 4, 5];
+        let first = draft.propose(&[want(&tokens)]).unwrap().remove(&1).unwrap();
+        assert_eq!(first, Proposal { tokens: expected(&tokens, 3), q: Vec::new() });
+        // Rejected whole: the target's correction, then two tokens of plain steps.
+        tokens.extend([(first.tokens[0] + 1) % VOCAB, 11, 12]);
+        let second = draft.propose(&[want(&tokens)]).unwrap().remove(&1).unwrap();
+        assert_eq!(second.tokens, expected(&tokens, 3), "after a draft rejected whole");
+        // The first token kept, the second corrected.
+        tokens.extend([second.tokens[0], (second.tokens[1] + 1) % VOCAB]);
+        let third = draft.propose(&[want(&tokens)]).unwrap().remove(&1).unwrap();
+        assert_eq!(third.tokens, expected(&tokens, 3), "after a draft kept in part");
+        draft.forget(1);
+        assert_eq!(draft.blocks.free_blocks(), 32, "forget frees the draft's blocks");
+    }
 
     #[test]
     fn the_common_prefix_is_what_both_hold() {
