@@ -82,7 +82,8 @@ pub struct ModelArgs {
     pub ngram_max: Option<usize>,
     /// Speculative decoding with a draft model: a smaller checkpoint (directory or repo id) with
     /// the same tokenizer, run on the same device with its own KV cache, proposes the tokens the
-    /// model verifies. The output is the same as without it.
+    /// model verifies. Greedy output is the same as without it; sampled output has the same
+    /// distribution (drafts sampled from the draft's distribution q, kept with min(1, p/q)).
     #[arg(long, value_name = "DIR_OR_REPO")]
     pub draft_model: Option<String>,
 }

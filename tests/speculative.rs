@@ -1,6 +1,8 @@
 //! Speculative decoding by prompt lookup changes how fast tokens come, never which: greedy and
 //! seeded sampled outputs equal the outputs without it, alone, batched with other requests and
-//! under preemption, and the engine counts what it proposed and kept.
+//! under preemption, and the engine counts what it proposed and kept. A draft model's greedy
+//! outputs equal plain decode too; its sampled outputs are distributed as plain sampling's
+//! (`min(1, p/q)`), and a seeded one is reproducible.
 
 mod common;
 
@@ -172,16 +174,13 @@ fn draft_engine(target: &std::path::Path, draft: &std::path::Path, tp: usize, kv
     Engine::load(opts).expect("target and draft load")
 }
 
-/// With a draft model, greedy and seeded sampled outputs equal plain decode: with the target
-/// itself as its draft (every draft token kept) and with a weaker draft of another vocabulary
-/// size (drafts rejected too), several requests batched together.
+/// With a draft model, greedy outputs equal plain decode: with the target itself as its draft
+/// (every draft token kept) and with a weaker draft of another vocabulary size (drafts rejected
+/// too), several requests batched together.
 #[test]
-fn draft_model_outputs_equal_plain_decode() {
+fn draft_model_greedy_outputs_equal_plain_decode() {
     let (target, weak) = tiny_target_and_drafts();
-    let seeded = SamplingParams { temperature: 0.9, top_k: 50, seed: Some(5), ..Default::default() };
-    let reqs: Vec<GenerateRequest> = (0..4)
-        .map(|i| tokens_request(if i % 2 == 0 { SamplingParams::greedy() } else { seeded.clone() }, 32, i))
-        .collect();
+    let reqs: Vec<GenerateRequest> = (0..3).map(|i| tokens_request(SamplingParams::greedy(), 32, i)).collect();
     // The target as its own draft: greedy drafts are the target's argmax, all kept.
     let engine = draft_engine(&target, &target, 1, None);
     let (on, off) = both(&engine, &reqs);
@@ -196,6 +195,67 @@ fn draft_model_outputs_equal_plain_decode() {
     assert_same_tokens(&on, &off);
     let m = engine.metrics();
     assert!(m.spec_draft_tokens > m.spec_accepted_tokens, "no draft token was rejected: {m:?}");
+}
+
+/// A sampled request's draft is drawn from the draft model's distribution `q` and kept by
+/// `min(1, p/q)`: with the target itself as its draft (p = q) every draft token is kept (the
+/// point-mass rule would keep a draw only with probability Σ p²); and a seeded request's
+/// output is reproducible, alone or batched with other requests (its draws are keyed by seed
+/// and position).
+#[test]
+fn draft_model_sampling_keeps_what_p_equals_and_is_reproducible() {
+    let (target, weak) = tiny_target_and_drafts();
+    let seeded =
+        SamplingParams { temperature: 0.8, top_k: 50, repetition_penalty: 1.1, seed: Some(5), ..Default::default() };
+    let engine = draft_engine(&target, &target, 1, None);
+    let s = common::run(&engine, tokens_request(seeded.clone(), 32, 0)).1;
+    assert!(s.draft_tokens > 0, "nothing was proposed: {s:?}");
+    // p and q are computed by two forward passes of different shapes: allow for rounding.
+    assert!(s.accepted_draft_tokens * 100 >= s.draft_tokens * 98, "the target rejected its own draws: {s:?}");
+    drop(engine);
+    let engine = draft_engine(&target, &weak, 1, None);
+    let alone = common::run(&engine, tokens_request(seeded.clone(), 32, 0)).1;
+    let again = common::run(&engine, tokens_request(seeded.clone(), 32, 0)).1;
+    let other = SamplingParams { seed: Some(6), ..seeded.clone() };
+    let batch =
+        [tokens_request(other, 32, 1), tokens_request(seeded, 32, 0), tokens_request(SamplingParams::greedy(), 20, 2)];
+    let batched = common::run_all(&engine, &batch).remove(1).1;
+    assert_eq!(alone.tokens, again.tokens, "the same seed gave another output");
+    assert_eq!(alone.tokens, batched.tokens, "batching neighbours changed a seeded output");
+    assert!(alone.draft_tokens > alone.accepted_draft_tokens, "no draft was rejected: {alone:?}");
+}
+
+/// The output of sampled requests verified by `min(1, p/q)` is distributed as plain sampling's:
+/// the first three tokens of 1,500 seeded requests with a weak draft (top-k 3, so that at most
+/// 27 outcomes) against 1,500 without speculation, by a two-sample chi-square test; the 0.1 %
+/// critical value with 26 degrees of freedom is 54.1.
+#[test]
+fn draft_model_sampling_is_distributed_as_plain_sampling() {
+    let (target, weak) = tiny_target_and_drafts();
+    let mut opts = EngineOptions::new(target.to_string_lossy().into_owned());
+    // Speculate in every step, however many sequences run.
+    opts.speculation = Some(Speculation { max_batch: usize::MAX, ..Speculation::draft(weak.to_string_lossy(), 3) });
+    let engine = Engine::load(opts).expect("target and draft load");
+    let n = 1500;
+    let reqs: Vec<GenerateRequest> = (0..n)
+        .map(|seed| {
+            let sampling = SamplingParams { temperature: 1.0, top_k: 3, seed: Some(seed), ..Default::default() };
+            tokens_request(sampling, 3, 0)
+        })
+        .collect();
+    let (on, off) = both(&engine, &reqs);
+    let mut counts: std::collections::BTreeMap<Vec<u32>, (u64, u64)> = Default::default();
+    for s in &on {
+        counts.entry(s.tokens.clone()).or_default().0 += 1;
+    }
+    for s in &off {
+        counts.entry(s.tokens.clone()).or_default().1 += 1;
+    }
+    let x: f64 = counts.values().map(|&(a, b)| (a as f64 - b as f64).powi(2) / (a + b) as f64).sum();
+    assert!(counts.len() <= 27, "{} outcomes", counts.len());
+    assert!(x < 54.1, "chi-square {x:.1} over {} outcomes: {counts:?}", counts.len());
+    let m = engine.metrics();
+    assert!(m.spec_draft_tokens > m.spec_accepted_tokens && m.spec_accepted_tokens > 0, "{m:?}");
 }
 
 /// A KV cache small enough that sequences are preempted (their draft state dropped and rebuilt)

@@ -6,10 +6,14 @@
 //! on the tokens its cache lacks (the prompt on the first round; afterwards the target's
 //! correction or bonus token, and any draft tokens the target rejected, recomputed), sampling the
 //! last row; then it runs `k − 1` more batched decode steps, each feeding the token it just
-//! proposed. It proposes its argmax at every step (its logits past the tokenizer's vocabulary,
-//! padding rows of either model, are never picked): the target verifies every draft token by
-//! its own sampling (`verify_sampled`, the point-mass rule), so the output is the target's
-//! exactly, whatever the draft proposes; greedy drafts are what a greedy target accepts.
+//! proposed. For a greedy sequence it proposes its argmax (the target keeps it exactly while it
+//! is the target's argmax: `verify_sampled`, the point-mass rule). For a sampled one it samples
+//! each proposal from its own distribution `q` after the sequence's transforms (temperature,
+//! top-k/p, min-p, repetition penalty over the history and the proposals before it; no grammar
+//! mask, which only costs acceptance), with draws keyed by the sequence's seed and position
+//! ([`DraftSampling`]), and hands back each proposal's `q` row over the shared vocabulary for
+//! the target's `min(1, p/q)` test (`verify`). Logits past the tokenizer's vocabulary, padding
+//! rows of either model, are never picked.
 //!
 //! Rollback needs no message from the verifier: a sequence's draft state remembers which tokens
 //! its cache holds, and each round keeps the longest prefix they share with the sequence's tokens
@@ -28,7 +32,7 @@ use crate::options::EngineOptions;
 use crate::ranks::{self, Ranks};
 use crate::runtime::batch::Batch;
 use crate::runtime::block_manager::BlockManager;
-use crate::runtime::sampler::{RowSampling, Sampled, StepSampling};
+use crate::runtime::sampler::{row_probs, sample_row, DraftSampling, RowSampling, Sampled, StepSampling};
 use crate::runtime::scheduler::{DraftWant, SeqId};
 use crate::tokenizer::Tokenizer;
 use crate::weights::WeightStore;
@@ -138,6 +142,22 @@ struct Round {
     pending: Vec<u32>,
     proposal: Vec<u32>,
     done: bool,
+    /// How a sampled sequence's proposals are drawn (`None`: greedy, the argmax).
+    sampling: Option<DraftSampling>,
+    /// The sequence's tokens (for a sampled sequence: its penalty and its draws' positions).
+    history: Vec<u32>,
+    /// Each proposal's distribution, over the shared vocabulary (sampled sequences).
+    q: Vec<Vec<f32>>,
+}
+
+/// A draft model's proposal for one sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Proposal {
+    /// The proposed tokens.
+    pub tokens: Vec<u32>,
+    /// The distribution each was drawn from (one row per token, over the shared vocabulary),
+    /// empty for a greedy sequence (its tokens are the draft's argmax).
+    pub q: Vec<Vec<f32>>,
 }
 
 /// The loaded draft model: its ranks (one), its block pool, and each sequence's draft state.
@@ -154,7 +174,7 @@ pub(super) struct DraftModel {
 impl DraftModel {
     /// Up to `want.k` proposed tokens for every sequence of `wants` that the draft's cache has
     /// room for. An error is engine-fatal (the draft's device failed).
-    pub fn propose(&mut self, wants: &[DraftWant<'_>]) -> Result<HashMap<SeqId, Vec<u32>>> {
+    pub fn propose(&mut self, wants: &[DraftWant<'_>]) -> Result<HashMap<SeqId, Proposal>> {
         let mut rounds = Vec::with_capacity(wants.len());
         for want in wants.iter().take(self.max_seqs) {
             if let Some(round) = self.prepare(want, wants) {
@@ -169,7 +189,11 @@ impl DraftModel {
         while rounds.iter().any(|r| !r.done && r.proposal.len() < r.k) {
             self.decode(&mut rounds)?;
         }
-        Ok(rounds.into_iter().filter(|r| !r.proposal.is_empty()).map(|r| (r.id, r.proposal)).collect())
+        Ok(rounds
+            .into_iter()
+            .filter(|r| !r.proposal.is_empty())
+            .map(|r| (r.id, Proposal { tokens: r.proposal, q: r.q }))
+            .collect())
     }
 
     /// Drops a sequence's draft state (finished, failed or preempted), freeing its blocks.
@@ -205,7 +229,17 @@ impl DraftModel {
         let state = self.seqs.entry(want.id).or_default();
         state.block_table = table;
         let pending = want.tokens[state.cached.len()..].to_vec();
-        Some(Round { id: want.id, k: want.k, pending, proposal: Vec::new(), done: false })
+        let history = if want.sampling.is_some() { want.tokens.to_vec() } else { Vec::new() };
+        Some(Round {
+            id: want.id,
+            k: want.k,
+            pending,
+            proposal: Vec::new(),
+            done: false,
+            sampling: want.sampling.clone(),
+            history,
+            q: Vec::new(),
+        })
     }
 
     /// One step of catch-up: each sequence feeds as much of its pending tokens as the budget
@@ -239,7 +273,9 @@ impl DraftModel {
     }
 
     /// Runs one draft step feeding `feeds` (round index, tokens, whether its last row proposes)
-    /// and appends each proposing row's argmax to its round's proposal.
+    /// and appends each proposing row's token to its round's proposal: the argmax, or for a
+    /// sampled sequence a draw from `q` (sampled on the host from the row's logits, by the
+    /// sampler's own rule, so that the token is exactly a draw from the `q` it keeps).
     fn run(&mut self, rounds: &mut [Round], feeds: &[(usize, &[u32], bool)]) -> Result<()> {
         if feeds.is_empty() {
             // Nothing can move (a token budget of 0): end the round rather than spin.
@@ -256,8 +292,11 @@ impl DraftModel {
             let state = self.seqs.get(&rounds[i].id).ok_or_else(|| Error::Backend("draft state vanished".into()))?;
             batch.push(tokens, state.cached.len(), &state.block_table)?;
             if propose {
+                let r = &rounds[i];
+                let row = r.sampling.as_ref().map_or_else(RowSampling::greedy, |s| s.row(&r.history, &r.proposal));
+                sampling.want_logits |= r.sampling.is_some();
                 sampling.rows.push(batch.num_tokens() - 1);
-                sampling.per_row.push(RowSampling::greedy());
+                sampling.per_row.push(row);
                 proposing.push(i);
             }
         }
@@ -267,12 +306,29 @@ impl DraftModel {
                 state.cached.extend_from_slice(tokens);
             }
         }
-        for (&i, sampled) in proposing.iter().zip(&out.tokens) {
-            match *sampled {
-                Sampled::Token(t) => rounds[i].proposal.push(t),
+        let width = out.logits.as_ref().map_or(0, |l| l.len() / proposing.len().max(1));
+        for (j, (&i, sampled)) in proposing.iter().zip(&out.tokens).enumerate() {
+            let r = &mut rounds[i];
+            let logits = out.logits.as_deref().and_then(|l| l.get(j * width..(j + 1) * width));
+            let picked = match (&r.sampling, logits) {
+                (Some(_), Some(row)) => {
+                    let s = &sampling.per_row[j];
+                    row_probs(row, self.sampled_columns, s, None).map(|q| {
+                        r.q.push(q);
+                        sample_row(row, self.sampled_columns, s, None)
+                    })
+                }
+                (Some(_), None) => return Err(Error::Backend("the draft's step returned no logits".into())),
+                (None, _) => match *sampled {
+                    Sampled::Token(t) => Some(t),
+                    Sampled::NonFinite { .. } => None,
+                },
+            };
+            match picked {
+                Some(t) => r.proposal.push(t),
                 // Non-finite draft logits: this sequence proposes what it has (the target's own
                 // step reports its own logits).
-                Sampled::NonFinite { .. } => rounds[i].done = true,
+                None => r.done = true,
             }
         }
         Ok(())
@@ -287,6 +343,79 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::sampler::StepOutput;
+
+    const VOCAB: u32 = 97;
+
+    /// The next token after `context` in the fake model: a hash of the whole context, so that
+    /// any token its cache holds wrongly changes what it proposes.
+    fn next(context: &[u32]) -> u32 {
+        context.iter().fold(7u64, |h, &t| (h * 31 + t as u64 + 1) % VOCAB as u64) as u32
+    }
+
+    /// A "model" whose KV cache holds the token written at each slot, and whose pick at a
+    /// sampled row is [`next`] of the tokens its cache holds at the row's positions.
+    struct CacheModel(HashMap<u32, u32>);
+
+    impl Ranks for CacheModel {
+        fn step(&mut self, batch: &Batch, sampling: &StepSampling) -> Result<StepOutput> {
+            for (&slot, &t) in batch.slots.iter().zip(&batch.token_ids) {
+                self.0.insert(slot, t);
+            }
+            let bs = batch.block_size;
+            let mut tokens = Vec::new();
+            for &row in &sampling.rows {
+                let seq = batch.seqs.iter().find(|s| s.rows.contains(&row)).expect("a row of a sequence");
+                let context: Vec<u32> = (0..=batch.positions[row] as usize)
+                    .map(|pos| self.0[&(seq.block_table[pos / bs] * bs as u32 + (pos % bs) as u32)])
+                    .collect();
+                tokens.push(Sampled::Token(next(&context)));
+            }
+            Ok(StepOutput { tokens, logits: None })
+        }
+    }
+
+    /// What a draft that sees exactly `tokens` proposes: `k` tokens, each after the ones before.
+    fn expected(tokens: &[u32], k: usize) -> Vec<u32> {
+        let mut context = tokens.to_vec();
+        for _ in 0..k {
+            context.push(next(&context));
+        }
+        context[tokens.len()..].to_vec()
+    }
+
+    fn want(tokens: &[u32]) -> DraftWant<'_> {
+        DraftWant { id: 1, tokens, k: 3, sampling: None }
+    }
+
+    /// Tokens the target rejected lie in the draft's cache after its round; the next round
+    /// must not read them: it keeps only what the cache shares with the sequence's tokens and
+    /// recomputes the rest. Rounds: a draft rejected whole, then two plain steps (the cache
+    /// holds two stale tokens before the sequence's last), then a draft kept in part.
+    #[test]
+    fn a_round_never_reads_a_rejected_token_from_the_draft_cache() {
+        let mut draft = DraftModel {
+            ranks: Box::new(CacheModel(HashMap::new())),
+            blocks: BlockManager::new(32, 4, false),
+            seqs: HashMap::new(),
+            sampled_columns: VOCAB as usize,
+            max_tokens: 64,
+            max_seqs: 8,
+        };
+        let mut tokens: Vec<u32> = vec![1, 2, 3, 4, 5];
+        let first = draft.propose(&[want(&tokens)]).unwrap().remove(&1).unwrap();
+        assert_eq!(first, Proposal { tokens: expected(&tokens, 3), q: Vec::new() });
+        // Rejected whole: the target's correction, then two tokens of plain steps.
+        tokens.extend([(first.tokens[0] + 1) % VOCAB, 11, 12]);
+        let second = draft.propose(&[want(&tokens)]).unwrap().remove(&1).unwrap();
+        assert_eq!(second.tokens, expected(&tokens, 3), "after a draft rejected whole");
+        // The first token kept, the second corrected.
+        tokens.extend([second.tokens[0], (second.tokens[1] + 1) % VOCAB]);
+        let third = draft.propose(&[want(&tokens)]).unwrap().remove(&1).unwrap();
+        assert_eq!(third.tokens, expected(&tokens, 3), "after a draft kept in part");
+        draft.forget(1);
+        assert_eq!(draft.blocks.free_blocks(), 32, "forget frees the draft's blocks");
+    }
 
     #[test]
     fn the_common_prefix_is_what_both_hold() {

@@ -10,6 +10,7 @@
 //! request ends only that request; a failure of the ranks fails the engine
 //! ([`Engine::failure`]).
 
+mod acceptance;
 mod draft;
 pub mod metrics;
 mod output;

@@ -13,6 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
+use super::acceptance::{verify_with_q, Rows};
 use super::draft::DraftModel;
 use super::output::{RequestOutput, Submission};
 use super::Shared;
@@ -21,7 +22,7 @@ use crate::grammar::TokenMatcher;
 use crate::ranks::Ranks;
 use crate::runtime::sampler::{Sampled, Sampler, StepOutput, NON_FINITE};
 use crate::runtime::scheduler::{Scheduler, SeqId, Step};
-use crate::runtime::speculative::verify_sampled;
+use crate::runtime::speculative::{verify_sampled, Verdict};
 use crate::runtime::token_mask::{LateMasks, MaskFill, TokenMasks};
 
 pub(super) enum Command {
@@ -37,6 +38,8 @@ pub(super) struct Worker {
     ranks: Box<dyn Ranks>,
     /// The draft model, when one proposes (`--draft-model`).
     draft: Option<DraftModel>,
+    /// This step's draft distributions `q` of sampled sequences, by sequence.
+    draft_q: HashMap<SeqId, Vec<Vec<f32>>>,
     scheduler: Scheduler,
 }
 
@@ -49,7 +52,7 @@ impl Worker {
         scheduler: Scheduler,
     ) -> Result<(mpsc::Sender<Command>, std::thread::JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel();
-        let worker = Worker { shared: shared.clone(), ranks, draft, scheduler };
+        let worker = Worker { shared: shared.clone(), ranks, draft, draft_q: HashMap::new(), scheduler };
         let handle = std::thread::Builder::new()
             .name("tulu-engine".into())
             .spawn(move || worker.run(rx, &shared))
@@ -123,8 +126,15 @@ impl Worker {
     fn step(&mut self, requests: &mut Requests) -> Result<()> {
         if let Some(draft) = &mut self.draft {
             let wants = self.scheduler.draft_wants();
+            self.draft_q.clear();
             if !wants.is_empty() {
-                let proposals = draft.propose(&wants)?;
+                let mut proposals = HashMap::new();
+                for (id, p) in draft.propose(&wants)? {
+                    if !p.q.is_empty() {
+                        self.draft_q.insert(id, p.q);
+                    }
+                    proposals.insert(id, p.tokens);
+                }
                 self.scheduler.set_proposals(proposals);
             }
         }
@@ -194,7 +204,8 @@ impl Worker {
 
     /// Hands each sampled token to its request's output state; a request whose token cannot be
     /// taken fails alone. A speculating sequence's rows are verified first: it emits the draft
-    /// tokens its samples confirm and the sample that ends the draft.
+    /// tokens its samples confirm and the sample that ends the draft, or, for a draft drawn
+    /// from a draft model's `q`, the tokens `min(1, p/q)` keeps and the correction or bonus.
     fn postprocess(
         &mut self,
         step: &Step,
@@ -218,28 +229,41 @@ impl Worker {
             .filter(|(_, d)| !d.is_empty())
             .map(|(e, d)| (e.0, d.as_slice()))
             .collect();
+        // The grammar masks of a step whose p rows are computed here (filled by now).
+        let masks = match self.draft_q.is_empty() {
+            true => None,
+            false => step.sampling.masks.wait().ok().flatten(),
+        };
         let mut i = 0;
         while i < step.sampled.len() {
             let id = step.sampled[i];
             let draft = drafts.get(&id).copied().unwrap_or(&[]);
             let rows = i..i + draft.len() + 1;
-            let emitted = match draft {
-                [] => 1,
+            let chosen: Vec<Sampled> = match draft {
+                [] => vec![out.tokens[i]],
                 _ => {
-                    let picks: Vec<u32> = out.tokens[rows.clone()]
-                        .iter()
-                        .map(|t| match t {
-                            Sampled::Token(t) => *t,
-                            Sampled::NonFinite { .. } => NON_FINITE,
-                        })
-                        .collect();
-                    let verdict = verify_sampled(&picks, draft);
-                    self.note_speculation(id, draft.len(), verdict.accepted, requests);
-                    verdict.tokens.len()
+                    let (accepted, chosen) = match self.verify_with_q(rows.clone(), draft, step, &out, masks.as_ref()) {
+                        Some(v) => (v.accepted, v.tokens.into_iter().map(Sampled::Token).collect()),
+                        None => {
+                            let picks: Vec<u32> = out.tokens[rows.clone()]
+                                .iter()
+                                .map(|t| match t {
+                                    Sampled::Token(t) => *t,
+                                    Sampled::NonFinite { .. } => NON_FINITE,
+                                })
+                                .collect();
+                            let v = verify_sampled(&picks, draft);
+                            // The picks themselves, a non-finite row's flag included.
+                            (v.accepted, out.tokens[rows.start..rows.start + v.tokens.len()].to_vec())
+                        }
+                    };
+                    self.note_speculation(id, draft.len(), accepted, requests);
+                    chosen
                 }
             };
-            for row in rows.start..rows.start + emitted {
-                if !self.take_token(step, &out, row, dead_ends, requests) {
+            let emitted = chosen.len();
+            for (row, token) in (rows.start..).zip(chosen) {
+                if !self.take_token(step, &out, row, token, dead_ends, requests) {
                     break;
                 }
             }
@@ -251,12 +275,33 @@ impl Worker {
         Ok(())
     }
 
-    /// Hands sampled row `i` of the step to its request; returns whether the request goes on.
+    /// The `min(1, p/q)` verdict for the sequence of sampled `rows` whose `draft` a draft model
+    /// drew from `q`; `None` for any other draft, or when the step's logits cannot give one.
+    fn verify_with_q(
+        &mut self,
+        rows: std::ops::Range<usize>,
+        draft: &[u32],
+        step: &Step,
+        out: &StepOutput,
+        masks: Option<&TokenMasks>,
+    ) -> Option<Verdict> {
+        let id = step.sampled[rows.start];
+        let q = self.draft_q.remove(&id)?;
+        let logits = out.logits.as_deref()?;
+        let seq = self.scheduler.get(id)?;
+        let rows = Rows { rows, draft, q: &q, position: seq.tokens.len() };
+        let width = self.shared.config.vocab_size;
+        verify_with_q(&rows, &step.sampling, logits, width, masks, &seq.sampler)
+    }
+
+    /// Hands `token`, sampled row `i` of the step, to its request; returns whether the request
+    /// goes on.
     fn take_token(
         &mut self,
         step: &Step,
         out: &StepOutput,
         i: usize,
+        token: Sampled,
         dead_ends: &[Option<String>],
         requests: &mut Requests,
     ) -> bool {
@@ -265,7 +310,7 @@ impl Worker {
         let vocab = self.shared.config.vocab_size;
         let logits = out.logits.as_deref().and_then(|l| l.get(i * vocab..(i + 1) * vocab));
         let dead_end = dead_ends.get(i).cloned().flatten();
-        let accepted = match out.tokens[i] {
+        let accepted = match token {
             _ if dead_end.is_some() => Err(grammar_error(dead_end.unwrap_or_default(), request.generated())),
             Sampled::Token(token) => match self.scheduler.push_token(id, token) {
                 Ok(()) => request.accept(token, logits, &self.shared),

@@ -165,10 +165,58 @@ pub fn mass(p: f32) -> u64 {
 /// follows. Columns the mask disallows are not candidates: they are never picked and their
 /// values are not checked; they count as `-inf` logits (probability 0).
 pub fn sample_row(logits: &[f32], valid: usize, s: &RowSampling, mask: Option<&[u32]>) -> u32 {
+    match row_masses(logits, valid, s, mask) {
+        Kept::NonFinite => NON_FINITE,
+        Kept::Argmax(best) => best,
+        Kept::Masses(masses) => {
+            let total: u64 = masses.iter().sum();
+            let target = draw_target(total, s.uniform);
+            let mut acc = 0u64;
+            for (i, &m) in masses.iter().enumerate() {
+                acc += m;
+                if target < acc {
+                    return i as u32;
+                }
+            }
+            masses.iter().rposition(|&m| m > 0).map_or(0, |i| i as u32)
+        }
+    }
+}
+
+/// The distribution [`sample_row`] draws from, over the row's first `valid` columns: the
+/// probability of each column given a uniform draw (its fixed-point mass over the kept total;
+/// a one-hot vector at the argmax for a greedy row). `None` when a candidate logit is not
+/// finite. Speculative decoding's acceptance rule reads the target's and the draft's rows
+/// through it, so that both are exactly the distributions their tokens are sampled from.
+pub fn row_probs(logits: &[f32], valid: usize, s: &RowSampling, mask: Option<&[u32]>) -> Option<Vec<f32>> {
+    let n = valid.min(logits.len());
+    match row_masses(logits, valid, s, mask) {
+        Kept::NonFinite => None,
+        Kept::Argmax(best) => Some((0..n).map(|c| if c == best as usize { 1.0 } else { 0.0 }).collect()),
+        Kept::Masses(masses) => {
+            let total = masses.iter().sum::<u64>() as f64;
+            Some(masses.iter().map(|&m| (m as f64 / total) as f32).collect())
+        }
+    }
+}
+
+/// What a row's transforms leave to draw from.
+enum Kept {
+    /// A candidate logit is NaN or infinite.
+    NonFinite,
+    /// Greedy (or no finite candidate): this column, without a draw.
+    Argmax(u32),
+    /// Each column's fixed-point mass, 0 for the columns the filters drop.
+    Masses(Vec<u64>),
+}
+
+/// The row's candidates after the penalty, temperature, top-k, top-p and min-p (the module
+/// docs' rule), shared by [`sample_row`] and [`row_probs`].
+fn row_masses(logits: &[f32], valid: usize, s: &RowSampling, mask: Option<&[u32]>) -> Kept {
     let n = valid.min(logits.len());
     let candidate = |c: usize| mask.is_none_or(|m| allows(m, c));
     if !logits[..n].iter().enumerate().all(|(c, x)| x.is_finite() || !candidate(c)) {
-        return NON_FINITE;
+        return Kept::NonFinite;
     }
     let mut l = logits[..n].to_vec();
     if mask.is_some() {
@@ -188,7 +236,7 @@ pub fn sample_row(logits: &[f32], valid: usize, s: &RowSampling, mask: Option<&[
     let best = argmax(&l);
     let max = l.get(best as usize).copied().unwrap_or(f32::NAN);
     if s.temperature == 0.0 || !max.is_finite() {
-        return best;
+        return Kept::Argmax(best);
     }
     let p: Vec<f32> = l
         .iter()
@@ -215,20 +263,7 @@ pub fn sample_row(logits: &[f32], valid: usize, s: &RowSampling, mask: Option<&[
     if s.min_p > 0.0 {
         threshold = threshold.max(s.min_p);
     }
-    let total: u64 = p.iter().filter(|&&x| x >= threshold).map(|&x| mass(x)).sum();
-    let target = draw_target(total, s.uniform);
-    let mut acc = 0u64;
-    let mut last = best;
-    for (i, &x) in p.iter().enumerate() {
-        if x >= threshold {
-            acc += mass(x);
-            last = i as u32;
-            if target < acc {
-                return i as u32;
-            }
-        }
-    }
-    last
+    Kept::Masses(p.iter().map(|&x| if x >= threshold { mass(x) } else { 0 }).collect())
 }
 
 /// The largest value `t` of `kept` such that the values `≥ t` weigh at least `goal`: the
@@ -282,16 +317,18 @@ pub struct Sampler {
     /// of sorting the whole history again (the repetition penalty's ids).
     seen: Vec<u32>,
     absorbed: usize,
+    /// The key of speculative decoding's own draws (see [`keyed_uniform`]).
+    spec_key: u64,
 }
 
 impl Sampler {
     /// A sampler over the first `sample_rows` logits rows.
     pub fn new(params: SamplingParams, sample_rows: usize) -> Self {
-        let rng = match params.seed {
-            Some(seed) => StdRng::seed_from_u64(seed),
-            None => StdRng::from_os_rng(),
+        let (rng, spec_key) = match params.seed {
+            Some(seed) => (StdRng::seed_from_u64(seed), seed ^ SPECULATION_SALT),
+            None => (StdRng::from_os_rng(), rand::random()),
         };
-        Sampler { params, rng, sample_rows, grammar: None, seen: Vec::new(), absorbed: 0 }
+        Sampler { params, rng, sample_rows, grammar: None, seen: Vec::new(), absorbed: 0, spec_key }
     }
 
     /// The same sampler, its tokens constrained by `grammar`.
@@ -344,6 +381,25 @@ impl Sampler {
             rows.push(self.row(uniform, penalized.clone()));
         }
         rows
+    }
+
+    /// Whether it picks the argmax (temperature 0): speculation then verifies by the point-mass
+    /// rule, without the draft's distribution.
+    pub fn is_greedy(&self) -> bool {
+        self.params.temperature == 0.0
+    }
+
+    /// How a draft model samples this sequence's proposals (`None` for a greedy sequence, whose
+    /// draft proposes its argmax): the same transforms, with draws of its own.
+    pub fn draft_sampling(&self) -> Option<DraftSampling> {
+        let params = SamplingParams { seed: None, ..self.params.clone() };
+        (!self.is_greedy()).then_some(DraftSampling { params, key: self.spec_key })
+    }
+
+    /// The draw in `[0, 1)` that decides whether the draft token at `position` (its index in
+    /// the sequence's tokens) is kept: `min(1, p/q)` passes it.
+    pub fn accept_uniform(&self, position: usize) -> f32 {
+        keyed_uniform(self.spec_key, position, Purpose::Accept)
     }
 
     /// Moves the generator past `emitted` draws (the tokens a speculative step emitted).
@@ -403,6 +459,62 @@ impl Sampler {
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let row = self.next_row(history);
         sample_row(logits, self.sample_rows, &row, None)
+    }
+}
+
+/// XORed into a request's seed to key speculative decoding's draws, so that they are not the
+/// sampler's own stream (the digits of π).
+const SPECULATION_SALT: u64 = 0x3243_F6A8_885A_308D;
+
+/// What a keyed draw is for: each position of a sequence has one of each.
+#[derive(Clone, Copy)]
+enum Purpose {
+    /// Whether the target keeps the draft token.
+    Accept = 0,
+    /// Which token the draft model proposes.
+    Propose = 1,
+}
+
+/// A draw in `[0, 1)` that depends only on `key`, the position and the purpose: a generator
+/// seeded with `key ^ (2·position + purpose)·φ` (an odd multiplier, so that distinct positions
+/// and purposes give distinct seeds). Keyed by position rather than drawn from a stream, the
+/// draws of speculative decoding do not depend on how many tokens each step proposed or
+/// emitted, or on which other sequences shared the step.
+fn keyed_uniform(key: u64, position: usize, purpose: Purpose) -> f32 {
+    let index = (position as u64).wrapping_mul(2).wrapping_add(purpose as u64);
+    StdRng::seed_from_u64(key ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15)).random::<f32>()
+}
+
+/// How a draft model samples a sequence's proposals (speculative decoding): the sequence's own
+/// transforms (temperature, top-k/p, min-p, repetition penalty), with a draw per position keyed
+/// by the sequence's speculation key (its seed XOR [`SPECULATION_SALT`]; a random key for an
+/// unseeded request).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DraftSampling {
+    params: SamplingParams,
+    key: u64,
+}
+
+impl DraftSampling {
+    /// The [`RowSampling`] of the draft row that proposes the token after `history` and the
+    /// tokens `proposed` so far this round: the penalty covers both.
+    pub fn row(&self, history: &[u32], proposed: &[u32]) -> RowSampling {
+        let p = &self.params;
+        let mut penalized = Vec::new();
+        if p.repetition_penalty != 1.0 {
+            penalized = history.iter().chain(proposed).copied().collect();
+            penalized.sort_unstable();
+            penalized.dedup();
+        }
+        RowSampling {
+            temperature: p.temperature,
+            top_k: p.top_k,
+            top_p: p.top_p,
+            min_p: p.min_p,
+            repetition_penalty: p.repetition_penalty,
+            uniform: keyed_uniform(self.key, history.len() + proposed.len(), Purpose::Propose),
+            penalized,
+        }
     }
 }
 

@@ -14,7 +14,9 @@
 //!
 //! With speculative decoding on, a decoding sequence feeds its last token and a draft of up to
 //! `k` proposed tokens, and all `k + 1` rows are sampled; the worker keeps the draft while it
-//! matches the samples ([`super::speculative::verify_sampled`]) and tells the scheduler how
+//! matches the samples ([`super::speculative::verify_sampled`]; for a sampled sequence with a
+//! draft model, by `min(1, p/q)` on the rows' logits, which the step then returns: see
+//! [`super::speculative::verify`]) and tells the scheduler how
 //! many fed tokens to keep ([`Scheduler::settle_draft`]): the K/V written for the rest lies past
 //! the sequence's context, unread, and is overwritten by the tokens that follow.
 
@@ -22,7 +24,7 @@ use std::collections::{HashMap, VecDeque};
 
 use super::batch::Batch;
 use super::block_manager::BlockManager;
-use super::sampler::{Sampler, StepSampling};
+use super::sampler::{DraftSampling, Sampler, StepSampling};
 use super::speculative::{Proposer, Speculation};
 use crate::error::{Error, Result};
 use crate::grammar::TokenMatcher;
@@ -110,7 +112,7 @@ pub struct Scheduler {
 }
 
 /// A decoding sequence a draft model may propose for in the next step.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct DraftWant<'a> {
     /// The sequence.
     pub id: SeqId,
@@ -118,6 +120,8 @@ pub struct DraftWant<'a> {
     pub tokens: &'a [u32],
     /// Most tokens the step can take from a proposal (`k`, cut by the context).
     pub k: usize,
+    /// How its proposals are sampled (`None`: greedy, the draft's argmax).
+    pub sampling: Option<DraftSampling>,
 }
 
 impl Scheduler {
@@ -251,7 +255,8 @@ impl Scheduler {
             .filter(|s| s.tokens.len() == s.computed + 1 && s.speculate && s.spec_pause == 0)
             .map(|s| {
                 let room = self.cfg.max_num_batched_tokens.min(self.cfg.max_positions.saturating_sub(s.computed));
-                DraftWant { id: s.id, tokens: &s.tokens, k: k.min(room.saturating_sub(1)) }
+                let k = k.min(room.saturating_sub(1));
+                DraftWant { id: s.id, tokens: &s.tokens, k, sampling: s.sampler.draft_sampling() }
             })
             .filter(|w| w.k > 0)
             .collect()
@@ -385,6 +390,9 @@ impl Scheduler {
     fn assemble(&mut self, step: &mut Step) -> Result<()> {
         step.batch = Batch::new(self.blocks.block_size());
         step.sampling = StepSampling { valid: self.cfg.sampled_columns, ..StepSampling::default() };
+        // A draft model's proposals for a sampled sequence are verified against the target's
+        // distributions, computed on the host from the rows' logits.
+        let drafted = self.cfg.speculation.as_ref().is_some_and(|s| s.draft_model().is_some());
         for (&(id, n), draft) in step.entries.iter().zip(&step.drafts) {
             let s = self.seqs.get_mut(&id).ok_or_else(|| Error::Backend(format!("unknown sequence {id}")))?;
             if !draft.is_empty() {
@@ -393,7 +401,7 @@ impl Scheduler {
                 let first = step.batch.num_tokens() - n;
                 step.sampling.rows.extend(first..first + n);
                 step.sampling.per_row.extend(s.sampler.draft_rows(&s.tokens, draft));
-                step.sampling.want_logits |= s.want_logits;
+                step.sampling.want_logits |= s.want_logits || (drafted && !s.sampler.is_greedy());
                 step.sampled.extend(std::iter::repeat_n(id, n));
                 continue;
             }

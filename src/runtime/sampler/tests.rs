@@ -221,3 +221,58 @@ fn penalized_ids_follow_a_growing_history() {
     // Another, shorter history starts over.
     assert_eq!(sampler.next_row(&[5, 2, 5]).penalized, vec![2, 5]);
 }
+
+/// `row_probs` is the distribution `sample_row` draws from: over 200,000 evenly spaced draws,
+/// each column is picked for its probability's share of them (within the grid's resolution),
+/// with every transform on, a mask, and a padded column; a greedy row is one-hot at the argmax;
+/// a non-finite candidate gives none.
+#[test]
+fn row_probs_is_what_sample_row_draws_from() {
+    let logits = [1.0f32, 2.5, 0.3, 2.4, -1.0, 1.9, 2.2, 9.0];
+    let mask = [0b0111_1111u32 & !0b100];
+    let s = RowSampling {
+        temperature: 0.7,
+        top_k: 5,
+        top_p: 0.95,
+        min_p: 0.02,
+        repetition_penalty: 1.3,
+        uniform: 0.0,
+        penalized: vec![1, 5],
+    };
+    let probs = row_probs(&logits, 7, &s, Some(&mask)).unwrap();
+    assert_eq!(probs.len(), 7);
+    assert!((probs.iter().sum::<f32>() - 1.0).abs() < 1e-5, "{probs:?}");
+    assert_eq!(probs[2], 0.0, "a masked column");
+    let n = 200_000;
+    let mut counts = [0usize; 8];
+    for i in 0..n {
+        let row = RowSampling { uniform: (i as f32 + 0.5) / n as f32, ..s.clone() };
+        counts[sample_row(&logits, 7, &row, Some(&mask)) as usize] += 1;
+    }
+    for c in 0..7 {
+        let share = counts[c] as f32 / n as f32;
+        assert!((share - probs[c]).abs() < 1e-4, "column {c}: picked {share}, probability {}", probs[c]);
+    }
+    assert_eq!(counts[7], 0, "a padded column");
+    assert_eq!(row_probs(&logits, 7, &RowSampling::greedy(), None).unwrap(), vec![0., 1., 0., 0., 0., 0., 0.]);
+    assert_eq!(row_probs(&[1.0, f32::NAN], 2, &s, None), None);
+}
+
+/// A draft's draws depend only on the seed and the position: the same for the same seed
+/// whatever was drawn before, different across positions and from the acceptance draws, and a
+/// greedy sequence has no draft sampling.
+#[test]
+fn speculative_draws_are_keyed_by_seed_and_position() {
+    let params = SamplingParams { temperature: 0.8, repetition_penalty: 1.1, seed: Some(9), ..Default::default() };
+    let a = Sampler::new(params.clone(), 100);
+    let mut b = Sampler::new(params, 100);
+    b.sample(&[0.0; 100], &[]);
+    let (da, db) = (a.draft_sampling().unwrap(), b.draft_sampling().unwrap());
+    assert_eq!(da.row(&[1, 2, 3], &[4]), db.row(&[1, 2, 3], &[4]));
+    assert_eq!(da.row(&[1, 2, 3], &[4]).penalized, vec![1, 2, 3, 4]);
+    assert_ne!(da.row(&[1, 2, 3], &[4]).uniform, da.row(&[1, 2, 3], &[4, 5]).uniform);
+    assert_eq!(a.accept_uniform(7), b.accept_uniform(7));
+    assert_ne!(a.accept_uniform(7), a.accept_uniform(8));
+    assert_ne!(a.accept_uniform(4), da.row(&[1, 2, 3], &[]).uniform);
+    assert!(Sampler::new(SamplingParams::greedy(), 100).draft_sampling().is_none());
+}

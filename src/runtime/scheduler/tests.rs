@@ -196,3 +196,114 @@ fn a_sequence_too_large_for_the_pool_is_refused_alone() {
     assert_eq!(p.entries, vec![(2, 3)]);
     assert!(s.get(1).is_none());
 }
+
+/// A scheduler whose drafts come from a draft model proposing up to `k` tokens.
+fn draft_sched(k: usize, max_batch: usize, budget: usize, max_positions: usize) -> Scheduler {
+    let cfg = SchedulerConfig {
+        max_num_seqs: 16,
+        max_num_batched_tokens: budget,
+        sampled_columns: 1000,
+        max_positions,
+        speculation: Some(Speculation { max_batch, ..Speculation::draft("draft", k) }),
+    };
+    Scheduler::new(cfg, BlockManager::new(64, 4, true))
+}
+
+/// Adds the sequences and runs their prompt step, each then given token 42, so that all
+/// decode next.
+fn start(s: &mut Scheduler, seqs: Vec<(SeqId, Vec<u32>, SamplingParams)>) {
+    let ids: Vec<SeqId> = seqs.iter().map(|q| q.0).collect();
+    for (id, tokens, params) in seqs {
+        s.add(id, tokens, Sampler::new(params, 1000), false);
+    }
+    let p = s.schedule().unwrap();
+    assert_eq!(run(s, &p), ids);
+    for id in ids {
+        s.push_token(id, 42).expect("no grammar");
+    }
+}
+
+/// The draft model is asked for exactly the sequences that will decode and may speculate: not
+/// one still prefilling, not one opted out, not one paused after a draft rejected whole, none
+/// in a step above `max_batch`; `k` is cut so that the draft never passes the context, and a
+/// sampled sequence carries its sampling (a greedy one none).
+#[test]
+fn the_draft_model_is_asked_for_decoding_sequences_that_may_speculate() {
+    let mut s = draft_sched(4, 3, 100, 9);
+    let seeded = SamplingParams { temperature: 0.8, seed: Some(3), ..Default::default() };
+    let greedy = SamplingParams::greedy();
+    start(
+        &mut s,
+        vec![(1, vec![1, 2, 3], greedy.clone()), (2, vec![1, 2, 3, 4, 5, 6], seeded), (3, vec![7, 8], greedy)],
+    );
+    s.disable_speculation(3);
+    let wants = s.draft_wants();
+    let got: Vec<(SeqId, usize, bool)> = wants.iter().map(|w| (w.id, w.k, w.sampling.is_some())).collect();
+    // Sequence 2 has 6 of 9 positions computed: its last token and at most 2 drafts fit.
+    assert_eq!(got, vec![(1, 4, false), (2, 2, true)]);
+    assert_eq!(wants[0].tokens, &[1, 2, 3, 42]);
+    // A sequence still prefilling is not asked for; a fourth running sequence passes max_batch.
+    s.add(4, (0..30).collect(), Sampler::new(SamplingParams::greedy(), 1000), false);
+    let mut tight = draft_sched(4, 3, 8, 100);
+    start(&mut tight, vec![(1, vec![1, 2, 3], SamplingParams::greedy())]);
+    tight.add(2, (0..30).collect(), Sampler::new(SamplingParams::greedy(), 1000), false);
+    let p = tight.schedule().unwrap();
+    run(&mut tight, &p);
+    tight.push_token(1, 9).expect("no grammar");
+    assert_eq!(tight.draft_wants().iter().map(|w| w.id).collect::<Vec<_>>(), vec![1], "a prefilling sequence");
+    let p = s.schedule().unwrap();
+    run(&mut s, &p);
+    assert!(s.draft_wants().is_empty(), "four running sequences, max_batch 3");
+}
+
+/// Proposals handed over by `set_proposals` become the next step's drafts, cut to the token
+/// budget; a proposal for a sequence not in the step is dropped, not kept for a later one; and
+/// a sequence whose draft was rejected whole is not asked again until its pause ends.
+#[test]
+fn proposals_become_the_next_steps_drafts_cut_to_the_budget() {
+    let mut s = draft_sched(4, 8, 5, 100);
+    start(&mut s, vec![(1, vec![1, 2, 3], SamplingParams::greedy())]);
+    s.set_proposals(HashMap::from([(1, vec![10, 11, 12, 13]), (7, vec![5])]));
+    let p = s.schedule().unwrap();
+    // A budget of 5 rows: the last token and four drafts.
+    assert_eq!((p.entries.clone(), p.drafts.clone()), (vec![(1, 5)], vec![vec![10, 11, 12, 13]]));
+    assert_eq!(p.batch.token_ids, vec![42, 10, 11, 12, 13]);
+    s.complete(&p);
+    s.push_token(1, 99).expect("no grammar");
+    s.settle_draft(1, 1);
+    // Rejected whole: paused, so not asked; a stale proposal is not used.
+    assert!(s.draft_wants().is_empty());
+    let p = s.schedule().unwrap();
+    assert_eq!(p.drafts, vec![Vec::<u32>::new()], "a paused sequence took a draft");
+    run(&mut s, &p);
+    s.push_token(1, 98).expect("no grammar");
+    // A budget of 3 cuts a proposal of 4 to 2.
+    let mut small = draft_sched(4, 8, 3, 100);
+    start(&mut small, vec![(1, vec![1, 2, 3], SamplingParams::greedy())]);
+    small.set_proposals(HashMap::from([(1, vec![10, 11, 12, 13])]));
+    let p = small.schedule().unwrap();
+    assert_eq!(p.drafts, vec![vec![10, 11]]);
+    // Proposals are for one step: the next one, without new proposals, has no draft.
+    small.complete(&p);
+    small.push_token(1, 10).expect("no grammar");
+    small.push_token(1, 11).expect("no grammar");
+    small.settle_draft(1, 2);
+    let p = small.schedule().unwrap();
+    assert_eq!(p.drafts, vec![Vec::<u32>::new()]);
+}
+
+/// A sampled sequence's draft-model verify step returns its rows' logits (its `p` is computed
+/// on the host); a greedy one's does not.
+#[test]
+fn a_sampled_draft_asks_for_the_rows_logits() {
+    for (params, want) in
+        [(SamplingParams::greedy(), false), (SamplingParams { temperature: 0.8, ..Default::default() }, true)]
+    {
+        let mut s = draft_sched(2, 8, 100, 100);
+        start(&mut s, vec![(1, vec![1, 2, 3], params)]);
+        s.set_proposals(HashMap::from([(1, vec![10, 11])]));
+        let p = s.schedule().unwrap();
+        assert_eq!(p.drafts, vec![vec![10, 11]]);
+        assert_eq!(p.sampling.want_logits, want);
+    }
+}
