@@ -2,7 +2,8 @@
 //!
 //! A bf16 or f16 matrix stays bf16/f16 in host memory and is widened inside the dot product
 //! ([`super::matmul`]): a 16 GB bf16 checkpoint takes 16 GB, not 32, and decode reads half the
-//! bytes. Vectors (norm weights) and host-built tables (RoPE) are f32: they are small, and the
+//! bytes. FP8 rows stay e4m3 (one byte an element and an f32 scale a row) and are widened and
+//! scaled the same way. Vectors (norm weights) and host-built tables (RoPE) are f32: they are small, and the
 //! element-wise operations read them as f32 slices.
 
 use candle_core::quantized::GgmlDType;
@@ -10,9 +11,10 @@ use candle_core::{Device as CDevice, Storage, Tensor, WithDType};
 use half::{bf16, f16};
 
 use super::blocks::{BlockPart, BlockWeight};
-use super::matmul::{self, WeightElem};
+use super::matmul::{self, E4m3, WeightElem};
 use crate::backend::contract;
 use crate::error::{Error, Result};
+use crate::weights::fp8::Fp8Rows;
 use crate::weights::gguf_store::GgufType;
 use crate::weights::{DType, TensorSlice};
 
@@ -27,7 +29,7 @@ pub enum Values<'a> {
 }
 
 /// A weight (`rows × cols`; vectors have one row): a contiguous candle tensor in f32, bf16 or
-/// f16, or GGML blocks ([`BlockWeight`]).
+/// f16, GGML blocks ([`BlockWeight`]), or e4m3 rows with a scale each.
 pub struct CpuWeight {
     store: Store,
     pub(super) rows: usize,
@@ -37,6 +39,11 @@ pub struct CpuWeight {
 enum Store {
     Dense(Tensor),
     Blocks(BlockWeight),
+    /// e4m3 rows (`rows × cols`) and one f32 scale a row.
+    Fp8 {
+        values: Vec<E4m3>,
+        scales: Vec<f32>,
+    },
 }
 
 impl CpuWeight {
@@ -54,11 +61,22 @@ impl CpuWeight {
         CpuWeight { store: Store::Blocks(blocks), rows, cols }
     }
 
+    /// FP8 rows kept as they are (one byte an element and a scale a row), or, for the rare
+    /// weight the kernel cannot reproduce exactly ([`matmul::exact_fp8`]: an e4m3 NaN, a
+    /// subnormal or huge scale), dequantized to f32 — the same values either way.
+    pub(super) fn from_fp8(w: Fp8Rows) -> Result<Self> {
+        if !matmul::exact_fp8(&w.bytes, &w.scales) {
+            return Self::from_vec(w.dequantize(), w.rows, w.cols);
+        }
+        let Fp8Rows { bytes, scales, rows, cols, .. } = w;
+        Ok(CpuWeight { store: Store::Fp8 { values: matmul::e4m3_elements(bytes), scales }, rows, cols })
+    }
+
     /// The block weight, when the weight is stored in blocks.
     pub(super) fn blocks(&self) -> Option<&BlockWeight> {
         match &self.store {
             Store::Blocks(b) => Some(b),
-            Store::Dense(_) => None,
+            Store::Dense(_) | Store::Fp8 { .. } => None,
         }
     }
 
@@ -94,6 +112,7 @@ impl CpuWeight {
         match &self.store {
             Store::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
             Store::Blocks(b) => b.bytes(),
+            Store::Fp8 { values, scales } => values.len() + std::mem::size_of_val(scales.as_slice()),
         }
     }
 
@@ -102,6 +121,7 @@ impl CpuWeight {
         match &self.store {
             Store::Dense(t) => format!("{:?}", t.dtype()).to_uppercase(),
             Store::Blocks(b) => b.describe(),
+            Store::Fp8 { .. } => "F8_E4M3".into(),
         }
     }
 
@@ -109,12 +129,12 @@ impl CpuWeight {
     pub(super) fn with_values<R>(&self, f: impl FnOnce(Values<'_>) -> R) -> Result<R> {
         let tensor = match &self.store {
             Store::Dense(t) => t,
-            Store::Blocks(b) => {
+            Store::Blocks(_) | Store::Fp8 { .. } => {
                 return Err(Error::Backend(format!(
-                    "a {}×{} weight in {} blocks has no element values",
+                    "a {}×{} weight in {} has no f32, bf16 or f16 values",
                     self.rows,
                     self.cols,
-                    b.describe()
+                    self.describe()
                 )))
             }
         };
@@ -147,8 +167,12 @@ impl CpuWeight {
 
     /// `x · selfᵀ` for `x: n × cols`.
     pub(super) fn matmul(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
-        if let Store::Blocks(b) = &self.store {
-            return b.matmul(x, n);
+        match &self.store {
+            Store::Blocks(b) => return b.matmul(x, n),
+            Store::Fp8 { values, scales } => {
+                return Ok(matmul::matmul_scaled(x, n, values, scales, self.rows, self.cols))
+            }
+            Store::Dense(_) => {}
         }
         self.with_values(|v| match v {
             Values::F32(w) => matmul::matmul(x, n, w, self.rows, self.cols),
@@ -163,6 +187,10 @@ impl CpuWeight {
             out.extend(w.iter().map(|v| v.to_f32()));
         }
         let row = r * self.cols..(r + 1) * self.cols;
+        if let Store::Fp8 { values, scales } = &self.store {
+            out.extend(values[row].iter().map(|v| v.to_f32() * scales[r]));
+            return Ok(());
+        }
         self.with_values(|v| match v {
             Values::F32(w) => out.extend_from_slice(&w[row]),
             Values::Bf16(w) => widen(&w[row], out),
