@@ -18,7 +18,7 @@ mod workers;
 use self::blocks::{BlockPart, BlockWeight};
 pub use self::kv_cache::CpuKvCache;
 use self::matmul::dot;
-pub use self::weight::CpuWeight;
+pub use self::weight::{CpuWeight, HostType};
 use super::{contract, AttnDims, Backend, KvCacheSpec, Profiling, Runtime, StepInputs};
 use crate::error::{Error, Result};
 use crate::quant::BlockType;

@@ -52,7 +52,7 @@ impl CpuWeight {
     }
 
     /// A weight of `rows × cols` values of any stored type.
-    pub(super) fn from_vec<E: WithDType>(data: Vec<E>, rows: usize, cols: usize) -> Result<Self> {
+    pub fn from_vec<E: WithDType>(data: Vec<E>, rows: usize, cols: usize) -> Result<Self> {
         Ok(CpuWeight { store: Store::Dense(Tensor::from_vec(data, (rows, cols), &CDevice::Cpu)?), rows, cols })
     }
 
@@ -64,7 +64,7 @@ impl CpuWeight {
     /// FP8 rows kept as they are (one byte an element and a scale a row), or, for the rare
     /// weight the kernel cannot reproduce exactly ([`matmul::exact_fp8`]: an e4m3 NaN, a
     /// subnormal or huge scale), dequantized to f32 — the same values either way.
-    pub(super) fn from_fp8(w: Fp8Rows) -> Result<Self> {
+    pub fn from_fp8(w: Fp8Rows) -> Result<Self> {
         if !matmul::exact_fp8(&w.bytes, &w.scales) {
             return Self::from_vec(w.dequantize(), w.rows, w.cols);
         }
@@ -107,12 +107,17 @@ impl CpuWeight {
         Self::from_vec(data, rows, cols)
     }
 
-    /// Bytes the weight's values take in host memory.
+    /// Bytes the weight's values take in host memory ([`HostType::bytes`]).
     pub fn bytes(&self) -> usize {
+        let dense = |t: HostType| t.bytes(self.rows, self.cols) as usize;
         match &self.store {
-            Store::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Store::Dense(t) => match t.dtype() {
+                candle_core::DType::BF16 => dense(HostType::Bf16),
+                candle_core::DType::F16 => dense(HostType::F16),
+                _ => dense(HostType::F32),
+            },
             Store::Blocks(b) => b.bytes(),
-            Store::Fp8 { values, scales } => values.len() + std::mem::size_of_val(scales.as_slice()),
+            Store::Fp8 { .. } => dense(HostType::Fp8),
         }
     }
 
@@ -165,8 +170,8 @@ impl CpuWeight {
         })?
     }
 
-    /// `x · selfᵀ` for `x: n × cols`.
-    pub(super) fn matmul(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
+    /// `x · selfᵀ` for `x: n × cols`; returns `n × rows` row-major.
+    pub fn matmul(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
         match &self.store {
             Store::Blocks(b) => return b.matmul(x, n),
             Store::Fp8 { values, scales } => {
@@ -196,6 +201,58 @@ impl CpuWeight {
             Values::Bf16(w) => widen(&w[row], out),
             Values::F16(w) => widen(&w[row], out),
         })
+    }
+}
+
+/// How the CPU backend holds a weight, and the one rule for the bytes it takes: what
+/// [`CpuWeight::bytes`] reports once loaded and `tulu inspect --device cpu` sizes beforehand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostType {
+    /// f32 values (vectors, f32 checkpoints, mixed parts).
+    F32,
+    /// bf16 values.
+    Bf16,
+    /// f16 values.
+    F16,
+    /// e4m3 values and an f32 scale a row.
+    Fp8,
+    /// GGML blocks as stored.
+    Blocks(GgmlDType),
+}
+
+impl HostType {
+    /// How a weight of `rows` rows loaded as stored (not quantized while loading) from a tensor
+    /// stored as `dtype` is held: [`CpuWeight::load`]'s choice.
+    pub fn loaded_from(dtype: DType, rows: usize) -> Self {
+        match Kind::of(dtype) {
+            _ if rows <= 1 => HostType::F32,
+            Kind::Bf16 => HostType::Bf16,
+            Kind::F16 => HostType::F16,
+            Kind::Blocks(g) => HostType::Blocks(g),
+            Kind::F32 => HostType::F32,
+        }
+    }
+
+    /// Bytes a `rows × cols` weight held this way takes.
+    pub fn bytes(self, rows: usize, cols: usize) -> u64 {
+        let (rows, n) = (rows as u64, (rows * cols) as u64);
+        match self {
+            HostType::F32 => 4 * n,
+            HostType::Bf16 | HostType::F16 => 2 * n,
+            HostType::Fp8 => n + 4 * rows,
+            HostType::Blocks(g) => n / g.block_size() as u64 * g.type_size() as u64,
+        }
+    }
+
+    /// The type's name (`F32`, `BF16`, `F8_E4M3`, `Q8_0`, …).
+    pub fn name(self) -> String {
+        match self {
+            HostType::F32 => "F32".into(),
+            HostType::Bf16 => "BF16".into(),
+            HostType::F16 => "F16".into(),
+            HostType::Fp8 => "F8_E4M3".into(),
+            HostType::Blocks(g) => format!("{g:?}").to_uppercase(),
+        }
     }
 }
 
