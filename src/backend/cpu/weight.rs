@@ -3,8 +3,8 @@
 //! A bf16 or f16 matrix stays bf16/f16 in host memory and is widened inside the dot product
 //! ([`super::matmul`]): a 16 GB bf16 checkpoint takes 16 GB, not 32, and decode reads half the
 //! bytes. FP8 rows stay e4m3 (one byte an element and an f32 scale a row) and are widened and
-//! scaled the same way. Vectors (norm weights) and host-built tables (RoPE) are f32: they are small, and the
-//! element-wise operations read them as f32 slices.
+//! scaled the same way. Vectors (norm weights) and host-built tables (RoPE) are f32: they are
+//! small, and the element-wise operations read them as f32 slices.
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device as CDevice, Storage, Tensor, WithDType};
