@@ -2,12 +2,18 @@
 //! blocks, in one run, alternating: `cargo bench --bench block_matmul [-- --rows M --cols K
 //! --batch 1,8 --repeat R]`. Prints one line per type and batch: the best time of each and the
 //! ratio, and the weight bytes read per second by ours (docs/performance.md, "CPU weights").
+//! Then the dense kernels of the same weight at f32, bf16 and FP8 (e4m3 rows and a scale each;
+//! no peer on the CPU), each against the machine's read bandwidth measured in the same run.
 
 use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use tulu::unstable::backend::cpu::blocks::{BlockPart, BlockWeight};
+use tulu::unstable::backend::cpu::{CpuBackend, CpuWeight};
+use tulu::unstable::backend::Profiling;
+use tulu::unstable::quant::e4m3;
+use tulu::unstable::weights::fp8::Fp8Rows;
 
 struct Args {
     rows: usize,
@@ -56,6 +62,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let values: Vec<f32> = (0..m * k).map(|_| rand()).collect();
     println!("# {m}×{k}, threads {}, load {}", rayon::current_num_threads(), load());
+    let bandwidth = CpuBackend::new().measure_read_bandwidth(256 << 20)?;
+    println!("# read bandwidth {:.1} GB/s (256 MiB, best of 5)", bandwidth / 1e9);
     for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_1, GgmlDType::Q4K, GgmlDType::Q6K] {
         let ours = BlockWeight::new(vec![BlockPart::quantize("w", dtype, values.clone(), m, k)?], k);
         let t = Tensor::from_slice(&values, (m, k), &Device::Cpu)?;
@@ -77,6 +85,44 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 t_candle * 1e3,
                 bytes / t_candle / 1e9,
                 t_candle / t_ours
+            );
+        }
+    }
+    dense(&a, &values, &mut rand, bandwidth)?;
+    println!("# load {} at the end", load());
+    Ok(())
+}
+
+/// The dense kernels on the same weight at f32, bf16 and FP8, against `bandwidth`.
+fn dense(a: &Args, values: &[f32], rand: &mut impl FnMut() -> f32, bandwidth: f64) -> tulu::Result<()> {
+    let (m, k) = (a.rows, a.cols);
+    let mut fp8 =
+        Fp8Rows { bytes: Vec::with_capacity(m * k), scales: Vec::new(), rows: m, cols: k, activation_bound: None };
+    for row in values.chunks(k) {
+        let scale = e4m3::quantize_row(row, &mut fp8.bytes);
+        fp8.scales.push(scale);
+    }
+    let weights = [
+        ("F32", CpuWeight::from_vec(values.to_vec(), m, k)?),
+        ("BF16", CpuWeight::from_vec(values.iter().map(|&v| half::bf16::from_f32(v)).collect(), m, k)?),
+        ("F8_E4M3", CpuWeight::from_fp8(fp8)?),
+    ];
+    for &n in &a.batches {
+        let x: Vec<f32> = (0..n * k).map(|_| rand()).collect();
+        let mut times = [f64::INFINITY; 3];
+        // Alternating rounds, so that every type sees the same machine.
+        for _ in 0..3 {
+            for (t, (_, w)) in times.iter_mut().zip(&weights) {
+                *t = t.min(best(a.repeat, || drop(w.matmul(&x, n))));
+            }
+        }
+        for (t, (name, w)) in times.iter().zip(&weights) {
+            let gbs = w.bytes() as f64 / t / 1e9;
+            println!(
+                "{name} ({}) batch {n}: {:.3} ms, {gbs:.1} GB/s, {:.2}× the read bandwidth",
+                w.describe(),
+                t * 1e3,
+                gbs * 1e9 / bandwidth
             );
         }
     }

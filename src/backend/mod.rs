@@ -184,7 +184,7 @@ pub trait Backend: Send + Sync + 'static {
     /// Loads a linear weight made of `parts` (as [`Backend::load_weight`]) as e4m3 rows with one
     /// f32 scale per row ([`crate::weights::fp8::Fp8Rows`]): F8_E4M3 parts keep their bits and
     /// scales, others are quantized row by row as they stream in. `activation_bound` is
-    /// [`Fp8Rows::activation_bound`]. A backend without FP8 storage (the CPU, the reference)
+    /// [`Fp8Rows::activation_bound`]. A backend without FP8 storage (the reference)
     /// keeps the dequantized values and unquantized activations, which is this default.
     fn load_fp8_weight(&self, parts: &[TensorSlice<'_>], activation_bound: Option<f32>) -> Result<Self::Weight> {
         let _ = activation_bound;

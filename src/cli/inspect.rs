@@ -30,6 +30,13 @@ pub struct SizingArgs {
     /// Size the KV cache as loaded with --kv-cache-dtype (auto, bf16, fp8); the plan shows both.
     #[arg(long, default_value = "auto")]
     pub kv_cache_dtype: KvCacheDtype,
+    /// `cpu`: size host memory as the CPU backend holds the checkpoint (its stored type, or
+    /// --quantize's), by weight type, and its KV cache.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Host memory for the KV cache (with --device cpu), e.g. 4GiB: how many tokens fit.
+    #[arg(long)]
+    pub kv_cache_memory: Option<String>,
 }
 
 fn gib(bytes: u64) -> String {
@@ -80,6 +87,16 @@ pub fn inspect(model: &str, sizing: &SizingArgs) -> Result<()> {
     if config_file.file_name().is_some_and(|f| f != "config.json") {
         return Ok(());
     }
+    let cpu = match sizing.device.as_deref() {
+        None => false,
+        Some("cpu") => true,
+        Some(other) => {
+            return Err(Error::request("device", format!("`{other}`: inspect sizes host memory for `cpu` only")))
+        }
+    };
+    if sizing.kv_cache_memory.is_some() && !cpu {
+        return Err(Error::request("kv-cache-memory", "sizes the CPU backend's cache: add --device cpu"));
+    }
     match WeightStore::open(&dir) {
         Ok(store) => {
             let mut total = 0;
@@ -88,7 +105,11 @@ pub fn inspect(model: &str, sizing: &SizingArgs) -> Result<()> {
                 total += bytes;
             }
             println!("weights total: {}", gib(total));
+            if cpu {
+                super::inspect_cpu::host_memory(&store, &cfg, sizing.kv_cache_memory.as_deref())?;
+            }
         }
+        Err(e) if cpu => return Err(e),
         Err(e) => println!("weights: not readable ({e})"),
     }
     Ok(())

@@ -8,6 +8,7 @@ pub mod bench_spec;
 pub mod convert;
 pub mod generate;
 pub mod inspect;
+pub mod inspect_cpu;
 pub mod logging;
 pub mod serve;
 

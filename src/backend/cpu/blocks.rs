@@ -14,6 +14,7 @@ use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device as CDevice, Tensor};
 
 use super::qdot::{self, QKind};
+use super::weight::HostType;
 use crate::error::{Error, Result};
 use crate::weights::gguf_store::with_aligned;
 
@@ -109,9 +110,9 @@ impl BlockWeight {
         BlockWeight { parts, cols }
     }
 
-    /// Bytes the blocks take in host memory.
+    /// Bytes the blocks take in host memory ([`HostType::bytes`] of each part).
     pub fn bytes(&self) -> usize {
-        self.parts.iter().map(|p| p.q.storage_size_in_bytes()).sum()
+        self.parts.iter().map(|p| HostType::Blocks(p.dtype()).bytes(p.rows, self.cols) as usize).sum()
     }
 
     /// The block type of every part, for logs (`Q4K+Q6K` when mixed).

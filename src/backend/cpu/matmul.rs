@@ -13,11 +13,19 @@
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+pub use self::e4m3::{elements as e4m3_elements, exact_fp8, E4m3};
+
+mod e4m3;
+
 /// A stored weight element that widens to f32 exactly.
 pub trait WeightElem: Copy + Send + Sync + 'static {
+    /// What [`WeightElem::load8`] gives per element, as a multiple of its value (a power of two):
+    /// 1 for the float types; e4m3 loads through f16 and gives its value times 2⁻⁸, which the
+    /// kernels make up for with the row's scale.
+    const LOAD8_FACTOR: f32 = 1.0;
     /// The element as f32 (exact).
     fn to_f32(self) -> f32;
-    /// Eight elements from `p` as f32 lanes.
+    /// Eight elements from `p` as f32 lanes, times [`WeightElem::LOAD8_FACTOR`].
     ///
     /// # Safety
     /// `p` must be valid for eight reads, and the CPU must have AVX2, FMA and F16C.
@@ -81,14 +89,39 @@ const ROWS_PER_TASK: usize = 32;
 
 /// `out[t][r] = dot(x[t], w[r])` for `x: n × k`, `w: m × k`; returns `n × m` row-major.
 pub fn matmul<E: WeightElem>(x: &[f32], n: usize, w: &[E], m: usize, k: usize) -> Vec<f32> {
+    rows_matmul::<E, false>(x, n, w, &[], m, k)
+}
+
+/// [`matmul`] of a weight whose row `r` is `w[r] · scales[r]` (FP8 rows): each weight is widened
+/// and multiplied by its row's scale before the dot product, so the result is bit for bit the
+/// f32 kernel's on those products.
+pub fn matmul_scaled<E: WeightElem>(x: &[f32], n: usize, w: &[E], scales: &[f32], m: usize, k: usize) -> Vec<f32> {
+    debug_assert_eq!(scales.len(), m);
+    rows_matmul::<E, true>(x, n, w, scales, m, k)
+}
+
+/// [`matmul`] (`SCALED` false: `scales` unread) and [`matmul_scaled`].
+fn rows_matmul<E: WeightElem, const SCALED: bool>(
+    x: &[f32],
+    n: usize,
+    w: &[E],
+    scales: &[f32],
+    m: usize,
+    k: usize,
+) -> Vec<f32> {
     debug_assert_eq!(x.len(), n * k);
     debug_assert_eq!(w.len(), m * k);
-    let mut out = vec![0f32; n * m];
+    let rows_of = |start: usize, len: usize| Rows::<E, SCALED> {
+        w: &w[start * k..(start + len) * k],
+        scales: if SCALED { &scales[start..start + len] } else { &[] },
+    };
+    // Poisoned, so that an output no task wrote shows as NaN (the tests compare every one).
+    let mut out = vec![f32::NAN; n * m];
     if n == 1 && super::workers::enabled() {
         // Decode on the persistent workers: one even, contiguous range of rows each, written
         // in place.
         super::workers::for_each_even_chunk(&mut out, &|start, rows| {
-            tile_kernel(x, 1, &w[start * k..(start + rows.len()) * k], rows.len(), k, rows);
+            tile_kernel(x, 1, rows_of(start, rows.len()), rows.len(), k, rows);
         });
         return out;
     }
@@ -96,7 +129,7 @@ pub fn matmul<E: WeightElem>(x: &[f32], n: usize, w: &[E], m: usize, k: usize) -
         // Decode: each task's tile is a contiguous run of the output row; write it in place.
         out.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(task, tile)| {
             let start = task * ROWS_PER_TASK;
-            tile_kernel(x, 1, &w[start * k..(start + tile.len()) * k], tile.len(), k, tile);
+            tile_kernel(x, 1, rows_of(start, tile.len()), tile.len(), k, tile);
         });
         return out;
     }
@@ -106,8 +139,8 @@ pub fn matmul<E: WeightElem>(x: &[f32], n: usize, w: &[E], m: usize, k: usize) -
         .into_par_iter()
         .map(|task| {
             let rows = task * ROWS_PER_TASK..((task + 1) * ROWS_PER_TASK).min(m);
-            let mut tile = vec![0f32; n * rows.len()];
-            tile_kernel(x, n, &w[rows.start * k..rows.end * k], rows.len(), k, &mut tile);
+            let mut tile = vec![f32::NAN; n * rows.len()];
+            tile_kernel(x, n, rows_of(rows.start, rows.len()), rows.len(), k, &mut tile);
             tile
         })
         .collect();
@@ -121,7 +154,43 @@ pub fn matmul<E: WeightElem>(x: &[f32], n: usize, w: &[E], m: usize, k: usize) -
     out
 }
 
-fn tile_kernel<E: WeightElem>(x: &[f32], n: usize, w: &[E], rows: usize, k: usize, tile: &mut [f32]) {
+/// Consecutive weight rows, and their scales when `SCALED`.
+#[derive(Clone, Copy)]
+struct Rows<'a, E, const SCALED: bool> {
+    w: &'a [E],
+    scales: &'a [f32],
+}
+
+impl<E: WeightElem, const SCALED: bool> Rows<'_, E, SCALED> {
+    /// Row `r`'s scale (1 when unscaled).
+    #[inline(always)]
+    fn scale(&self, r: usize) -> f32 {
+        if SCALED {
+            self.scales[r]
+        } else {
+            1.0
+        }
+    }
+}
+
+/// Weight element `b` of a row scaled by `s`, as the kernels use it.
+#[inline(always)]
+fn weight<E: WeightElem, const SCALED: bool>(b: E, s: f32) -> f32 {
+    if SCALED {
+        b.to_f32() * s
+    } else {
+        b.to_f32()
+    }
+}
+
+fn tile_kernel<E: WeightElem, const S: bool>(
+    x: &[f32],
+    n: usize,
+    w: Rows<'_, E, S>,
+    rows: usize,
+    k: usize,
+    tile: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: the CPU supports AVX2, FMA and F16C, checked just above.
@@ -130,7 +199,7 @@ fn tile_kernel<E: WeightElem>(x: &[f32], n: usize, w: &[E], rows: usize, k: usiz
     }
     for t in 0..n {
         for r in 0..rows {
-            tile[t * rows + r] = dot(&x[t * k..(t + 1) * k], &w[r * k..(r + 1) * k]);
+            tile[t * rows + r] = scalar_dot::<E, S>(&x[t * k..(t + 1) * k], &w.w[r * k..(r + 1) * k], w.scale(r));
         }
     }
 }
@@ -140,20 +209,25 @@ pub fn dot<E: WeightElem>(a: &[f32], b: &[E]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: the CPU supports AVX2, FMA and F16C, checked just above.
-        return unsafe { avx2::dot(a, b) };
+        return unsafe { avx2::dot::<E, false>(a, b, 1.0) };
     }
+    scalar_dot::<E, false>(a, b, 1.0)
+}
+
+/// [`dot`] without SIMD, of `b` scaled by `s` when `SCALED`.
+fn scalar_dot<E: WeightElem, const SCALED: bool>(a: &[f32], b: &[E], s: f32) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = a.len() / 8;
     for c in 0..chunks {
         for l in 0..8 {
-            acc[l] = a[c * 8 + l].mul_add(b[c * 8 + l].to_f32(), acc[l]);
+            acc[l] = a[c * 8 + l].mul_add(weight::<E, SCALED>(b[c * 8 + l], s), acc[l]);
         }
     }
-    let mut s = lane_sum(&acc);
+    let mut sum = lane_sum(&acc);
     for i in chunks * 8..a.len() {
-        s += a[i] * b[i].to_f32();
+        sum += a[i] * weight::<E, SCALED>(b[i], s);
     }
-    s
+    sum
 }
 
 fn lane_sum(l: &[f32; 8]) -> f32 {
@@ -164,41 +238,77 @@ fn lane_sum(l: &[f32; 8]) -> f32 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{lane_sum, WeightElem};
+    use super::{lane_sum, weight, Rows, WeightElem};
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn finish<E: WeightElem>(acc: __m256, a: &[f32], b: &[E], from: usize) -> f32 {
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-        let mut s = lane_sum(&lanes);
-        for i in from..a.len() {
-            s += a[i] * b[i].to_f32();
-        }
-        s
+    /// The lanes that turn [`WeightElem::load8`]'s values into the row's weights: the row's
+    /// scale over the load's factor (a power of two, so exact). Unscaled f32/bf16/f16 rows need
+    /// no multiplication at all.
+    #[inline(always)]
+    fn needs_scale<E: WeightElem, const S: bool>() -> bool {
+        S || E::LOAD8_FACTOR != 1.0
     }
 
-    /// The canonical dot product with 8-lane FMAs.
+    /// Eight weights of a row from `p`, `lanes` being the row's [`needs_scale`] factor.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot<E: WeightElem>(a: &[f32], b: &[E]) -> f32 {
+    unsafe fn load<E: WeightElem, const S: bool>(p: *const E, lanes: __m256) -> __m256 {
+        let v = E::load8(p);
+        if needs_scale::<E, S>() {
+            _mm256_mul_ps(v, lanes)
+        } else {
+            v
+        }
+    }
+
+    /// The factor lanes of a row scaled by `s`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn lanes<E: WeightElem>(s: f32) -> __m256 {
+        _mm256_set1_ps(s / E::LOAD8_FACTOR)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn finish<E: WeightElem, const S: bool>(acc: __m256, a: &[f32], b: &[E], from: usize, s: f32) -> f32 {
+        let mut l = [0f32; 8];
+        _mm256_storeu_ps(l.as_mut_ptr(), acc);
+        let mut sum = lane_sum(&l);
+        for i in from..a.len() {
+            sum += a[i] * weight::<E, S>(b[i], s);
+        }
+        sum
+    }
+
+    /// The canonical dot product with 8-lane FMAs, of `b` scaled by `s` when `S`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot<E: WeightElem, const S: bool>(a: &[f32], b: &[E], s: f32) -> f32 {
         let k8 = a.len() / 8 * 8;
         let mut acc = _mm256_setzero_ps();
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let (pa, pb, sv) = (a.as_ptr(), b.as_ptr(), lanes::<E>(s));
         let mut i = 0;
         while i < k8 {
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), E::load8(pb.add(i)), acc);
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), load::<E, S>(pb.add(i), sv), acc);
             i += 8;
         }
-        finish(acc, a, b, k8)
+        finish::<E, S>(acc, a, b, k8, s)
     }
 
     /// Two x rows against four w rows at a time: eight independent accumulators keep both FMA
     /// ports busy, and each output's arithmetic is exactly [`dot`]'s.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn tile<E: WeightElem>(x: &[f32], n: usize, w: &[E], rows: usize, k: usize, tile: &mut [f32]) {
-        let k8 = k / 8 * 8;
+    pub unsafe fn tile<E: WeightElem, const S: bool>(
+        x: &[f32],
+        n: usize,
+        rows_in: Rows<'_, E, S>,
+        rows: usize,
+        k: usize,
+        tile: &mut [f32],
+    ) {
+        let (w, k8) = (rows_in.w, k / 8 * 8);
         let mut r = 0;
         while r + 4 <= rows {
             let wr = [&w[r * k..][..k], &w[(r + 1) * k..][..k], &w[(r + 2) * k..][..k], &w[(r + 3) * k..][..k]];
+            let s = [rows_in.scale(r), rows_in.scale(r + 1), rows_in.scale(r + 2), rows_in.scale(r + 3)];
+            let sv = [lanes::<E>(s[0]), lanes::<E>(s[1]), lanes::<E>(s[2]), lanes::<E>(s[3])];
             let mut t = 0;
             while t + 2 <= n {
                 let xa = &x[t * k..][..k];
@@ -209,15 +319,15 @@ mod avx2 {
                     let va = _mm256_loadu_ps(xa.as_ptr().add(i));
                     let vb = _mm256_loadu_ps(xb.as_ptr().add(i));
                     for j in 0..4 {
-                        let vw = E::load8(wr[j].as_ptr().add(i));
+                        let vw = load::<E, S>(wr[j].as_ptr().add(i), sv[j]);
                         acc[j] = _mm256_fmadd_ps(va, vw, acc[j]);
                         acc[4 + j] = _mm256_fmadd_ps(vb, vw, acc[4 + j]);
                     }
                     i += 8;
                 }
                 for j in 0..4 {
-                    tile[t * rows + r + j] = finish(acc[j], xa, wr[j], k8);
-                    tile[(t + 1) * rows + r + j] = finish(acc[4 + j], xb, wr[j], k8);
+                    tile[t * rows + r + j] = finish::<E, S>(acc[j], xa, wr[j], k8, s[j]);
+                    tile[(t + 1) * rows + r + j] = finish::<E, S>(acc[4 + j], xb, wr[j], k8, s[j]);
                 }
                 t += 2;
             }
@@ -228,19 +338,19 @@ mod avx2 {
                 while i < k8 {
                     let va = _mm256_loadu_ps(xa.as_ptr().add(i));
                     for j in 0..4 {
-                        acc[j] = _mm256_fmadd_ps(va, E::load8(wr[j].as_ptr().add(i)), acc[j]);
+                        acc[j] = _mm256_fmadd_ps(va, load::<E, S>(wr[j].as_ptr().add(i), sv[j]), acc[j]);
                     }
                     i += 8;
                 }
                 for j in 0..4 {
-                    tile[t * rows + r + j] = finish(acc[j], xa, wr[j], k8);
+                    tile[t * rows + r + j] = finish::<E, S>(acc[j], xa, wr[j], k8, s[j]);
                 }
             }
             r += 4;
         }
         for r in r..rows {
             for t in 0..n {
-                tile[t * rows + r] = dot(&x[t * k..][..k], &w[r * k..][..k]);
+                tile[t * rows + r] = dot::<E, S>(&x[t * k..][..k], &w[r * k..][..k], rows_in.scale(r));
             }
         }
     }

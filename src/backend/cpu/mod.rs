@@ -2,8 +2,8 @@
 //! their f32 slices (rayon where it pays), so that no step allocates per op more than its
 //! outputs and every row's result is independent of the batch it is in.
 //!
-//! Everything computes in f32; weight matrices stay in their stored type (f32, bf16, f16;
-//! `weight.rs`) and are widened inside the dot product. Matmuls (`matmul.rs`) split work by weight rows, so decode streams each weight once at memory
+//! Everything computes in f32; weight matrices stay in their stored type (f32, bf16, f16,
+//! FP8 rows, GGML blocks; `weight.rs`) and are widened inside the dot product. Matmuls (`matmul.rs`) split work by weight rows, so decode streams each weight once at memory
 //! bandwidth — what bounds batch-1 decode on a CPU.
 
 use rayon::prelude::*;
@@ -18,13 +18,14 @@ mod workers;
 use self::blocks::{BlockPart, BlockWeight};
 pub use self::kv_cache::CpuKvCache;
 use self::matmul::dot;
-pub use self::weight::CpuWeight;
+pub use self::weight::{CpuWeight, HostType};
 use super::{contract, AttnDims, Backend, KvCacheSpec, Profiling, Runtime, StepInputs};
 use crate::error::{Error, Result};
 use crate::quant::BlockType;
 use crate::runtime::batch::Batch;
 use crate::runtime::sampler::{sample_row, RowSampling};
 use crate::runtime::token_mask::TokenMasks;
+use crate::weights::fp8::Fp8Rows;
 use crate::weights::random::{self, RandomSlice};
 use crate::weights::{fused_shape, TensorSlice};
 
@@ -190,6 +191,21 @@ impl Backend for CpuBackend {
         let data = random_values(parts, rows, cols);
         let part = BlockPart::quantize("random weight", block.ggml(), data, rows, cols)?;
         Ok(CpuWeight::from_blocks(BlockWeight::new(vec![part], cols), rows, cols))
+    }
+
+    fn load_fp8_weight(&self, parts: &[TensorSlice<'_>], activation_bound: Option<f32>) -> Result<CpuWeight> {
+        // Activations stay f32 here (the reference's): the bound is the GPU GEMM's.
+        let _ = activation_bound;
+        CpuWeight::from_fp8(Fp8Rows::from_slices(parts)?)
+    }
+
+    fn random_fp8_weight(&self, parts: &[RandomSlice], activation_bound: Option<f32>) -> Result<CpuWeight> {
+        let _ = activation_bound;
+        CpuWeight::from_fp8(Fp8Rows::from_random(parts)?)
+    }
+
+    fn stores_fp8(&self) -> bool {
+        true
     }
 
     fn random_weight(&self, parts: &[RandomSlice]) -> Result<CpuWeight> {

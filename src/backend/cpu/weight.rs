@@ -2,17 +2,19 @@
 //!
 //! A bf16 or f16 matrix stays bf16/f16 in host memory and is widened inside the dot product
 //! ([`super::matmul`]): a 16 GB bf16 checkpoint takes 16 GB, not 32, and decode reads half the
-//! bytes. Vectors (norm weights) and host-built tables (RoPE) are f32: they are small, and the
-//! element-wise operations read them as f32 slices.
+//! bytes. FP8 rows stay e4m3 (one byte an element and an f32 scale a row) and are widened and
+//! scaled the same way. Vectors (norm weights) and host-built tables (RoPE) are f32: they are
+//! small, and the element-wise operations read them as f32 slices.
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device as CDevice, Storage, Tensor, WithDType};
 use half::{bf16, f16};
 
 use super::blocks::{BlockPart, BlockWeight};
-use super::matmul::{self, WeightElem};
+use super::matmul::{self, E4m3, WeightElem};
 use crate::backend::contract;
 use crate::error::{Error, Result};
+use crate::weights::fp8::Fp8Rows;
 use crate::weights::gguf_store::GgufType;
 use crate::weights::{DType, TensorSlice};
 
@@ -27,7 +29,7 @@ pub enum Values<'a> {
 }
 
 /// A weight (`rows × cols`; vectors have one row): a contiguous candle tensor in f32, bf16 or
-/// f16, or GGML blocks ([`BlockWeight`]).
+/// f16, GGML blocks ([`BlockWeight`]), or e4m3 rows with a scale each.
 pub struct CpuWeight {
     store: Store,
     pub(super) rows: usize,
@@ -37,6 +39,11 @@ pub struct CpuWeight {
 enum Store {
     Dense(Tensor),
     Blocks(BlockWeight),
+    /// e4m3 rows (`rows × cols`) and one f32 scale a row.
+    Fp8 {
+        values: Vec<E4m3>,
+        scales: Vec<f32>,
+    },
 }
 
 impl CpuWeight {
@@ -45,7 +52,7 @@ impl CpuWeight {
     }
 
     /// A weight of `rows × cols` values of any stored type.
-    pub(super) fn from_vec<E: WithDType>(data: Vec<E>, rows: usize, cols: usize) -> Result<Self> {
+    pub fn from_vec<E: WithDType>(data: Vec<E>, rows: usize, cols: usize) -> Result<Self> {
         Ok(CpuWeight { store: Store::Dense(Tensor::from_vec(data, (rows, cols), &CDevice::Cpu)?), rows, cols })
     }
 
@@ -54,11 +61,22 @@ impl CpuWeight {
         CpuWeight { store: Store::Blocks(blocks), rows, cols }
     }
 
+    /// FP8 rows kept as they are (one byte an element and a scale a row), or, for the rare
+    /// weight the kernel cannot reproduce exactly ([`matmul::exact_fp8`]: an e4m3 NaN, a
+    /// subnormal or huge scale), dequantized to f32 — the same values either way.
+    pub fn from_fp8(w: Fp8Rows) -> Result<Self> {
+        if !matmul::exact_fp8(&w.bytes, &w.scales) {
+            return Self::from_vec(w.dequantize(), w.rows, w.cols);
+        }
+        let Fp8Rows { bytes, scales, rows, cols, .. } = w;
+        Ok(CpuWeight { store: Store::Fp8 { values: matmul::e4m3_elements(bytes), scales }, rows, cols })
+    }
+
     /// The block weight, when the weight is stored in blocks.
     pub(super) fn blocks(&self) -> Option<&BlockWeight> {
         match &self.store {
             Store::Blocks(b) => Some(b),
-            Store::Dense(_) => None,
+            Store::Dense(_) | Store::Fp8 { .. } => None,
         }
     }
 
@@ -89,11 +107,17 @@ impl CpuWeight {
         Self::from_vec(data, rows, cols)
     }
 
-    /// Bytes the weight's values take in host memory.
+    /// Bytes the weight's values take in host memory ([`HostType::bytes`]).
     pub fn bytes(&self) -> usize {
+        let dense = |t: HostType| t.bytes(self.rows, self.cols) as usize;
         match &self.store {
-            Store::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Store::Dense(t) => match t.dtype() {
+                candle_core::DType::BF16 => dense(HostType::Bf16),
+                candle_core::DType::F16 => dense(HostType::F16),
+                _ => dense(HostType::F32),
+            },
             Store::Blocks(b) => b.bytes(),
+            Store::Fp8 { .. } => dense(HostType::Fp8),
         }
     }
 
@@ -102,6 +126,7 @@ impl CpuWeight {
         match &self.store {
             Store::Dense(t) => format!("{:?}", t.dtype()).to_uppercase(),
             Store::Blocks(b) => b.describe(),
+            Store::Fp8 { .. } => "F8_E4M3".into(),
         }
     }
 
@@ -109,12 +134,12 @@ impl CpuWeight {
     pub(super) fn with_values<R>(&self, f: impl FnOnce(Values<'_>) -> R) -> Result<R> {
         let tensor = match &self.store {
             Store::Dense(t) => t,
-            Store::Blocks(b) => {
+            Store::Blocks(_) | Store::Fp8 { .. } => {
                 return Err(Error::Backend(format!(
-                    "a {}×{} weight in {} blocks has no element values",
+                    "a {}×{} weight in {} has no f32, bf16 or f16 values",
                     self.rows,
                     self.cols,
-                    b.describe()
+                    self.describe()
                 )))
             }
         };
@@ -145,10 +170,14 @@ impl CpuWeight {
         })?
     }
 
-    /// `x · selfᵀ` for `x: n × cols`.
-    pub(super) fn matmul(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
-        if let Store::Blocks(b) = &self.store {
-            return b.matmul(x, n);
+    /// `x · selfᵀ` for `x: n × cols`; returns `n × rows` row-major.
+    pub fn matmul(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
+        match &self.store {
+            Store::Blocks(b) => return b.matmul(x, n),
+            Store::Fp8 { values, scales } => {
+                return Ok(matmul::matmul_scaled(x, n, values, scales, self.rows, self.cols))
+            }
+            Store::Dense(_) => {}
         }
         self.with_values(|v| match v {
             Values::F32(w) => matmul::matmul(x, n, w, self.rows, self.cols),
@@ -163,11 +192,67 @@ impl CpuWeight {
             out.extend(w.iter().map(|v| v.to_f32()));
         }
         let row = r * self.cols..(r + 1) * self.cols;
+        if let Store::Fp8 { values, scales } = &self.store {
+            out.extend(values[row].iter().map(|v| v.to_f32() * scales[r]));
+            return Ok(());
+        }
         self.with_values(|v| match v {
             Values::F32(w) => out.extend_from_slice(&w[row]),
             Values::Bf16(w) => widen(&w[row], out),
             Values::F16(w) => widen(&w[row], out),
         })
+    }
+}
+
+/// How the CPU backend holds a weight, and the one rule for the bytes it takes: what
+/// [`CpuWeight::bytes`] reports once loaded and `tulu inspect --device cpu` sizes beforehand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostType {
+    /// f32 values (vectors, f32 checkpoints, mixed parts).
+    F32,
+    /// bf16 values.
+    Bf16,
+    /// f16 values.
+    F16,
+    /// e4m3 values and an f32 scale a row.
+    Fp8,
+    /// GGML blocks as stored.
+    Blocks(GgmlDType),
+}
+
+impl HostType {
+    /// How a weight of `rows` rows loaded as stored (not quantized while loading) from a tensor
+    /// stored as `dtype` is held: [`CpuWeight::load`]'s choice.
+    pub fn loaded_from(dtype: DType, rows: usize) -> Self {
+        match Kind::of(dtype) {
+            _ if rows <= 1 => HostType::F32,
+            Kind::Bf16 => HostType::Bf16,
+            Kind::F16 => HostType::F16,
+            Kind::Blocks(g) => HostType::Blocks(g),
+            Kind::F32 => HostType::F32,
+        }
+    }
+
+    /// Bytes a `rows × cols` weight held this way takes.
+    pub fn bytes(self, rows: usize, cols: usize) -> u64 {
+        let (rows, n) = (rows as u64, (rows * cols) as u64);
+        match self {
+            HostType::F32 => 4 * n,
+            HostType::Bf16 | HostType::F16 => 2 * n,
+            HostType::Fp8 => n + 4 * rows,
+            HostType::Blocks(g) => n / g.block_size() as u64 * g.type_size() as u64,
+        }
+    }
+
+    /// The type's name (`F32`, `BF16`, `F8_E4M3`, `Q8_0`, …).
+    pub fn name(self) -> String {
+        match self {
+            HostType::F32 => "F32".into(),
+            HostType::Bf16 => "BF16".into(),
+            HostType::F16 => "F16".into(),
+            HostType::Fp8 => "F8_E4M3".into(),
+            HostType::Blocks(g) => format!("{g:?}").to_uppercase(),
+        }
     }
 }
 
