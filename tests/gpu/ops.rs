@@ -400,7 +400,7 @@ pub(super) fn run_attention_case_kv(
         let cq = cpu.rope_write_kv(&cq, &ccos, &csin, 1, &mut ccache, &cpu.step_of(&batch, dims), dims).unwrap();
         let gq = gpu.rope_write_kv(&gq, &gcos, &gsin, 1, &mut gcache, &gpu.step_of(&batch, dims), dims).unwrap();
         assert_close(&format!("rope q: {what}"), &gpu.to_host(&gq).unwrap(), &cpu.to_host(&cq).unwrap(), OP_TOL);
-        super::kv_fp8::assert_same_e4m3(&what, &ccache, &gpu, &gcache, 1, &written, dims.kv_dim());
+        super::kv_fp8::assert_same_e4m3(&what, &ccache, gpu, &gcache, 1, &written, dims.kv_dim());
         let c = cpu.to_host(&cpu.attention(&cq, 1, &ccache, &cpu.step_of(&batch, dims), dims).unwrap()).unwrap();
         let g = gpu.to_host(&gpu.attention(&gq, 1, &gcache, &gpu.step_of(&batch, dims), dims).unwrap()).unwrap();
         // The GPU rounds q and k after rope and (tensor-core prefill, as FlashAttention-2) the
