@@ -8,7 +8,7 @@
 // How: a block takes the G query heads of kv head g for the n_rows rows of its work item,
 //   nq = n_rows * G <= 64 query vectors (qi = row_in_tile * G + head_in_group, as attention.cu).
 //   Warp w holds query vectors 16w..16w+15 as mma A fragments in registers for the whole key
-//   loop, scores S = Q·Kᵀ and output O as f32 accumulator fragments. K and V tiles of MMA_BK keys
+//   loop (staged once through shared memory, taken by ldmatrix), scores S = Q·Kᵀ and output O as f32 accumulator fragments. K and V tiles of MMA_BK keys
 //   stream through shared memory in two stages: the cp.async copies of tile i+1 are in flight
 //   while tile i is computed. ldmatrix turns a K tile into B fragments of Kᵀ and (transposed) a
 //   V tile into B fragments of V; the probabilities P go from S's accumulator fragments to A
@@ -171,14 +171,31 @@ __device__ __forceinline__ void attention_mma(const bf16* __restrict__ q, const 
         pos[h] = valid[h] ? (int)positions[row] : -1;  // -1: attends to nothing
         qoff[h] = (size_t)row * q_dim + (size_t)head * HD;
     }
+    // Q through shared memory: the block's 64 query vectors (zeros past nq) land in rows of KS
+    // with 16-byte loads that read whole rows (a query vector is HD contiguous bf16), then each
+    // warp takes its 16 rows' A fragments by ldmatrix (padded rows: conflict-free). Loaded
+    // straight into fragments, a warp request would read 8 rows × 16 bytes, half of each sector.
+    // The space is the first 64 tile rows (both K stages, or K and V of an e4m3 cache's single
+    // stage), free until tile 0's copies, which start after the second barrier.
     unsigned qa[HD / 16][4];
-#pragma unroll
-    for (int c = 0; c < HD / 16; c++)
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const int h = i & 1, col = 16 * c + 2 * t + 8 * (i >> 1);
-            qa[c][i] = valid[h] ? *reinterpret_cast<const unsigned*>(q + qoff[h] + col) : 0u;
+    {
+        bf16* q_s = k_s;
+        constexpr int CH = HD / 8;
+        for (int idx = tid; idx < 16 * MMA_WARPS * CH; idx += MMA_THREADS) {
+            const int qi = idx / CH, c = idx - qi * CH;
+            uint4 v = make_uint4(0, 0, 0, 0);
+            if (qi < nq) {
+                const int row = row_start + qi / G, head = g * G + qi % G;
+                v = *reinterpret_cast<const uint4*>(q + (size_t)row * q_dim + (size_t)head * HD + c * 8);
+            }
+            *reinterpret_cast<uint4*>(q_s + qi * KS + c * 8) = v;
         }
+        if (tid == 0) bad_s[0] = 0;
+        __syncthreads();  // Q staged, and bad_s[0] clear before any thread marks tile 0
+#pragma unroll
+        for (int c = 0; c < HD / 16; c++) ldmatrix_x4(qa[c], q_s + (warp * 16 + (lane & 15)) * KS + 16 * c + (lane >> 4) * 8);
+        __syncthreads();  // every warp has its fragments before tile 0's copies overwrite them
+    }
     float o[HD / 8][4];
 #pragma unroll
     for (int d = 0; d < HD / 8; d++)
@@ -187,8 +204,6 @@ __device__ __forceinline__ void attention_mma(const bf16* __restrict__ q, const 
     float m[2] = {-CUDART_INF_F, -CUDART_INF_F}, l[2] = {0.f, 0.f};
     bool poison[2] = {false, false};
 
-    if (tid == 0) bad_s[0] = 0;
-    __syncthreads();  // bad_s[0] is clear before any thread marks tile 0
     const int ntiles = k_end > k_begin ? (k_end - k_begin + MMA_BK - 1) / MMA_BK : 0;
     if (ntiles > 0) {
         if constexpr (F8)
