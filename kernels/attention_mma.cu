@@ -8,11 +8,12 @@
 // How: a block takes the G query heads of kv head g for the n_rows rows of its work item,
 //   nq = n_rows * G <= 64 query vectors (qi = row_in_tile * G + head_in_group, as attention.cu).
 //   Warp w holds query vectors 16w..16w+15 as mma A fragments in registers for the whole key
-//   loop (staged once through shared memory, taken by ldmatrix), scores S = Q·Kᵀ and output O as f32 accumulator fragments. K and V tiles of MMA_BK keys
-//   stream through shared memory in two stages: the cp.async copies of tile i+1 are in flight
-//   while tile i is computed. ldmatrix turns a K tile into B fragments of Kᵀ and (transposed) a
-//   V tile into B fragments of V; the probabilities P go from S's accumulator fragments to A
-//   fragments (bf16) without leaving registers. Online softmax in base 2 on the fragments: a
+//   loop (staged once through shared memory, taken by ldmatrix), scores S = Q·Kᵀ and output O
+//   as f32 accumulator fragments. K and V tiles of MMA_BK keys stream through shared memory in
+//   two stages: the cp.async copies of tile i+1 are in flight while tile i is computed.
+//   ldmatrix turns a K tile into B fragments of Kᵀ and (transposed) a V tile into B fragments of
+//   V; the probabilities P go from S's accumulator fragments to A fragments (bf16) without
+//   leaving registers. Online softmax in base 2 on the fragments: a
 //   lane holds two rows (g and g+8 of its warp's 16), and a row's max and sum are reduced over
 //   the four lanes that share it. Shared-memory rows are padded by 16 bytes so that the eight
 //   rows one ldmatrix reads fall in different banks.
@@ -30,9 +31,10 @@
 //   stage suffices: the byte tile of tile i+1 is in flight during tile i's mma work (the
 //   overlap the second bf16 stage buys), and the decode pass into the single bf16 stage waits
 //   for that work's closing barrier. Shared memory: 17.4 + 8 KiB at hd 128 (bf16: 34 KiB).
-//   A register-path load (global → registers → decode → shared) was the alternative; it holds
-//   the next tile in 16 registers per thread through the mma work, which this kernel's
-//   accumulators (o alone is 64 floats at hd 128) cannot spare.
+//   A register-path load (global → registers → decode → shared) was the alternative: it keeps
+//   the next tile live in 16 more registers per thread across the mma work, in a kernel already
+//   at 165 (ptxas, sm_90a, hd 128) with o alone 64 floats; the byte tiles cost 8 KiB of shared
+//   memory instead and keep the bf16 path's cp.async structure (same registers: 165).
 // Versions: 1 (this). sm_80 and up (bf16 mma.sync, cp.async); under the CUDA emulator the mma
 //   building blocks are warp-collective twins with the ISA's fragment layouts (kernels/mma.cuh).
 #include "common.cuh"
@@ -193,7 +195,8 @@ __device__ __forceinline__ void attention_mma(const bf16* __restrict__ q, const 
         if (tid == 0) bad_s[0] = 0;
         __syncthreads();  // Q staged, and bad_s[0] clear before any thread marks tile 0
 #pragma unroll
-        for (int c = 0; c < HD / 16; c++) ldmatrix_x4(qa[c], q_s + (warp * 16 + (lane & 15)) * KS + 16 * c + (lane >> 4) * 8);
+        for (int c = 0; c < HD / 16; c++)
+            ldmatrix_x4(qa[c], q_s + (warp * 16 + (lane & 15)) * KS + 16 * c + (lane >> 4) * 8);
         __syncthreads();  // every warp has its fragments before tile 0's copies overwrite them
     }
     float o[HD / 8][4];

@@ -89,7 +89,8 @@ __device__ __forceinline__ void gemv_rope_body(const Rows& rows, const float* __
             // k rotated, v as computed (x = its bf16 rounding, as the unfused pair's qkv holds
             // it), each stored with one rounding (kv_store: bf16, or e4m3 of x / scale).
             const bool is_k = head < heads + kv_heads;
-            KV* dst = (is_k ? k_cache : v_cache) + slots[m] * kv_dim + (size_t)(head - heads - (is_k ? 0 : kv_heads)) * hd;
+            const int kv_head = head - heads - (is_k ? 0 : kv_heads);
+            KV* dst = (is_k ? k_cache : v_cache) + slots[m] * kv_dim + (size_t)kv_head * hd;
             const float scale = is_k ? k_scale : v_scale;
             kv_store(dst + i, o1, scale);
             kv_store(dst + i + half, o2, scale);
