@@ -18,7 +18,13 @@
 //   partial output o_part[(r*heads + h)*num_splits + s][hd] f32 and (max, sum) to
 //   ml_part[(r*heads + h)*num_splits + s] (max in log2 units, -inf and 0 when the split had no
 //   key for that row), and attention_combine_bf16 merges the splits into `out`.
-//   Requirements (host-checked): hd % 8 == 0 (16-byte loads); n_rows * G * hd <= 16 * blockDim;
+//   The `_kv8` kernels read an e4m3 cache (FP8 KV cache, 1 byte an element): a stored key q means
+//   q · k_scale, a value q · v_scale. The tile load turns eight e4m3 into eight bf16 (exact, no
+//   scale: every e4m3 value is a bf16), so the tiles in shared memory and everything after are
+//   the bf16 kernel's; k_scale joins the query's pre-scaling (q · (scale·log2e·k_scale), once per
+//   query element) and v_scale the final normalisation (acc / l · v_scale), so each scale is
+//   applied once, in f32, and never per key. The bf16 kernels get 1.0 for both (exact no-ops).
+//   Requirements (host-checked): hd % 8 == 0 (16-byte loads; 8-byte for e4m3); n_rows * G * hd <= 16 * blockDim;
 //   the dynamic shared memory holds the layout of `Smem` below.
 //
 // How: a block takes the G query heads that share kv head g, for the n_rows rows of its tile
@@ -50,15 +56,16 @@
 //   pos_s int [nq_max]              position of each query vector's row
 __host__ __device__ __forceinline__ size_t align16(size_t x) { return (x + 15) & ~(size_t)15; }
 
-template <int NT>
-__device__ __forceinline__ void attention_tile(const bf16* __restrict__ q, const bf16* __restrict__ k_cache,
-                                               const bf16* __restrict__ v_cache,
+template <int NT, class KV>
+__device__ __forceinline__ void attention_tile(const bf16* __restrict__ q, const KV* __restrict__ k_cache,
+                                               const KV* __restrict__ v_cache,
                                                const unsigned* __restrict__ positions,
                                                const unsigned* __restrict__ block_tables,
                                                const unsigned* __restrict__ work, bf16* __restrict__ out,
                                                float* __restrict__ o_part, float2* __restrict__ ml_part, int heads,
                                                int kv_heads, int hd, int block_size, int nq_max, int tk,
-                                               int split_len, float scale_log2) {
+                                               int split_len, float scale_log2, float k_scale,
+                                               float v_scale) {
     extern __shared__ __align__(16) unsigned char smem[];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     constexpr int NW = NT / 32;
@@ -94,7 +101,7 @@ __device__ __forceinline__ void attention_tile(const bf16* __restrict__ q, const
     for (int idx = tid; idx < nq * hd; idx += NT) {
         const int qi = idx / hd, d = idx - qi * hd;
         const int row = row_start + qi / G, head = g * G + qi % G;
-        q_s[idx] = bf2f(q[(size_t)row * q_dim + head * hd + d]) * scale_log2;
+        q_s[idx] = bf2f(q[(size_t)row * q_dim + head * hd + d]) * (scale_log2 * k_scale);
     }
     for (int qi = tid; qi < nq; qi += NT) {
         m_s[qi] = -CUDART_INF_F;
@@ -115,14 +122,14 @@ __device__ __forceinline__ void attention_tile(const bf16* __restrict__ q, const
             const int p = key0 + j;
             const size_t slot = (size_t)table[p / block_size] * block_size + p % block_size;
             const size_t src = slot * kv_dim + (size_t)g * hd + c * 8;
-            const uint4 kv = *reinterpret_cast<const uint4*>(k_cache + src);
+            const uint4 kv = load8_kv(k_cache + src);
             // k_s rows are hd + 2 elements long, so only 4-byte aligned: store as four words.
             unsigned* kd = reinterpret_cast<unsigned*>(k_s + j * ks + c * 8);
             kd[0] = kv.x;
             kd[1] = kv.y;
             kd[2] = kv.z;
             kd[3] = kv.w;
-            *reinterpret_cast<uint4*>(v_s + j * hd + c * 8) = *reinterpret_cast<const uint4*>(v_cache + src);
+            *reinterpret_cast<uint4*>(v_s + j * hd + c * 8) = load8_kv(v_cache + src);
         }
         __syncthreads();
         // Scores (already in log2 units), -inf where causality masks the key.
@@ -200,7 +207,7 @@ __device__ __forceinline__ void attention_tile(const bf16* __restrict__ q, const
             const float l = l_s[qi];
             // l is 0 when no key of this split reaches the row; NaN (a non-finite key it attends
             // to) must propagate, not become 0.
-            const float v = l != 0.f ? acc[i] / l : 0.f;
+            const float v = l != 0.f ? acc[i] / l * v_scale : 0.f;
             if (num_splits == 1)
                 out[(size_t)row * q_dim + head * hd + d] = f2bf(v);
             else
@@ -215,26 +222,32 @@ __device__ __forceinline__ void attention_tile(const bf16* __restrict__ q, const
     }
 }
 
-#define ATTENTION_ARGS                                                                                              \
-    const bf16 *__restrict__ q, const bf16 *__restrict__ k_cache, const bf16 *__restrict__ v_cache,                 \
+#define ATTENTION_ARGS(KV)                                                                                          \
+    const bf16 *__restrict__ q, const KV *__restrict__ k_cache, const KV *__restrict__ v_cache,                     \
         const unsigned *__restrict__ positions, const unsigned *__restrict__ block_tables,                           \
         const unsigned *__restrict__ work, bf16 *__restrict__ out, float *__restrict__ o_part,                       \
         float2 *__restrict__ ml_part, int heads, int kv_heads, int hd, int block_size, int nq_max, int tk,          \
-        int split_len, float scale_log2
+        int split_len, float scale_log2, float k_scale, float v_scale
 #define ATTENTION_PASS                                                                                              \
     q, k_cache, v_cache, positions, block_tables, work, out, o_part, ml_part, heads, kv_heads, hd, block_size,     \
-        nq_max, tk, split_len, scale_log2
+        nq_max, tk, split_len, scale_log2, k_scale, v_scale
 
 // Decode: one row per work item, the G heads of a kv head; build.rs fails on any spill here.
 // The minimum of 4 blocks per SM matters: with the bare bound ptxas for sm_90a picked 72
 // registers and spilled; asking for 4 blocks (98 registers, 4 x 39 KiB of shared memory at
 // hd = 128, G = 8) compiles without spills on sm_80/89/90a.
-extern "C" __global__ void __launch_bounds__(128, 4) attention_decode_bf16(ATTENTION_ARGS) {
+extern "C" __global__ void __launch_bounds__(128, 4) attention_decode_bf16(ATTENTION_ARGS(bf16)) {
+    attention_tile<128>(ATTENTION_PASS);
+}
+extern "C" __global__ void __launch_bounds__(128, 4) attention_decode_bf16_kv8(ATTENTION_ARGS(uint8_t)) {
     attention_tile<128>(ATTENTION_PASS);
 }
 
 // Prefill: tiles of rows of one sequence.
-extern "C" __global__ void __launch_bounds__(256) attention_prefill_bf16(ATTENTION_ARGS) {
+extern "C" __global__ void __launch_bounds__(256) attention_prefill_bf16(ATTENTION_ARGS(bf16)) {
+    attention_tile<256>(ATTENTION_PASS);
+}
+extern "C" __global__ void __launch_bounds__(256) attention_prefill_bf16_kv8(ATTENTION_ARGS(uint8_t)) {
     attention_tile<256>(ATTENTION_PASS);
 }
 

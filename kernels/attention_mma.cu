@@ -8,11 +8,12 @@
 // How: a block takes the G query heads of kv head g for the n_rows rows of its work item,
 //   nq = n_rows * G <= 64 query vectors (qi = row_in_tile * G + head_in_group, as attention.cu).
 //   Warp w holds query vectors 16w..16w+15 as mma A fragments in registers for the whole key
-//   loop, scores S = Q·Kᵀ and output O as f32 accumulator fragments. K and V tiles of MMA_BK keys
-//   stream through shared memory in two stages: the cp.async copies of tile i+1 are in flight
-//   while tile i is computed. ldmatrix turns a K tile into B fragments of Kᵀ and (transposed) a
-//   V tile into B fragments of V; the probabilities P go from S's accumulator fragments to A
-//   fragments (bf16) without leaving registers. Online softmax in base 2 on the fragments: a
+//   loop (staged once through shared memory, taken by ldmatrix), scores S = Q·Kᵀ and output O
+//   as f32 accumulator fragments. K and V tiles of MMA_BK keys stream through shared memory in
+//   two stages: the cp.async copies of tile i+1 are in flight while tile i is computed.
+//   ldmatrix turns a K tile into B fragments of Kᵀ and (transposed) a V tile into B fragments of
+//   V; the probabilities P go from S's accumulator fragments to A fragments (bf16) without
+//   leaving registers. Online softmax in base 2 on the fragments: a
 //   lane holds two rows (g and g+8 of its warp's 16), and a row's max and sum are reduced over
 //   the four lanes that share it. Shared-memory rows are padded by 16 bytes so that the eight
 //   rows one ldmatrix reads fall in different banks.
@@ -21,6 +22,19 @@
 //   of the tile, and 0 · NaN is NaN, so each thread checks the V chunks it copied, zeroes a
 //   non-finite one and marks the key in the tile's `bad` mask; a row that attends to a marked
 //   key is made NaN at the end (the CPU's result for it), the others never see it.
+// FP8 KV cache (`_kv8`, e4m3 with a per-layer k and v scale): cp.async copies bytes and cannot
+//   convert, and mma.sync wants bf16 operands, so the e4m3 bytes land in byte tiles (cp.async,
+//   as the bf16 tiles do) and each thread decodes the chunks it copied into a bf16 tile before
+//   the barrier that publishes the tile — where the bf16 path screens V. e4m3 → bf16 is exact, so
+//   the tensor cores see the stored values themselves; the scales are applied once, in f32:
+//   k_scale to the scores (with scale·log2e) and v_scale to the normalised output. One bf16
+//   stage suffices: the byte tile of tile i+1 is in flight during tile i's mma work (the
+//   overlap the second bf16 stage buys), and the decode pass into the single bf16 stage waits
+//   for that work's closing barrier. Shared memory: 17.4 + 8 KiB at hd 128 (bf16: 34 KiB).
+//   A register-path load (global → registers → decode → shared) was the alternative: it keeps
+//   the next tile live in 16 more registers per thread across the mma work, in a kernel already
+//   at 165 (ptxas, sm_90a, hd 128) with o alone 64 floats; the byte tiles cost 8 KiB of shared
+//   memory instead and keep the bf16 path's cp.async structure (same registers: 165).
 // Versions: 1 (this). sm_80 and up (bf16 mma.sync, cp.async); under the CUDA emulator the mma
 //   building blocks are warp-collective twins with the ISA's fragment layouts (kernels/mma.cuh).
 #include "common.cuh"
@@ -32,8 +46,9 @@
 #define MMA_WARPS 4     // warps per block, 16 query vectors each
 #define MMA_THREADS (32 * MMA_WARPS)
 
-// Shared memory: k_s, v_s bf16 [2 stages][MMA_BK][HD + 8], then bad u32 [2 stages]
-// (src/backend/cuda/attention.rs computes the same size).
+// Shared memory: k_s, v_s bf16 [2 stages][MMA_BK][HD + 8], then bad u32 [2 stages] padded to 16
+// bytes; an e4m3 cache has one bf16 stage and then the byte tiles k8, v8 [MMA_BK][HD]
+// (src/backend/cuda/attention.rs `mma_smem_bytes` computes the same sizes).
 
 // One tile's K and V rows (keys key0.., those at or past k_end zero-filled) into `stage`.
 template <int HD>
@@ -70,18 +85,71 @@ __device__ __forceinline__ void mma_screen_values(bf16* v_s, unsigned* bad) {
     }
 }
 
+// e4m3 cache (the `_kv8` kernels): one tile's raw K and V bytes (16 keys' elements per cp.async,
+// keys at or past k_end zero-filled) into the byte tiles k8, v8 [MMA_BK][HD].
 template <int HD>
-__device__ __forceinline__ void attention_mma(const bf16* __restrict__ q, const bf16* __restrict__ k_cache,
-                                              const bf16* __restrict__ v_cache, const unsigned* __restrict__ positions,
+__device__ __forceinline__ void mma_load_raw(uint8_t* k8, uint8_t* v8, const uint8_t* __restrict__ k_cache,
+                                             const uint8_t* __restrict__ v_cache, const unsigned* __restrict__ table,
+                                             int block_size, int kv_dim, int g, int key0, int k_end) {
+    constexpr int CH = HD / 16;
+    for (int idx = threadIdx.x; idx < MMA_BK * CH; idx += MMA_THREADS) {
+        const int j = idx / CH, c = idx - j * CH, p = key0 + j;
+        const bool ok = p < k_end;
+        const size_t slot = ok ? (size_t)table[p / block_size] * block_size + p % block_size : 0;
+        const size_t src = slot * kv_dim + (size_t)g * HD + c * 16;
+        cp_async_16(k8 + j * HD + c * 16, k_cache + src, ok);
+        cp_async_16(v8 + j * HD + c * 16, v_cache + src, ok);
+    }
+}
+
+// After this thread's raw copies landed: its chunks of k8, v8 decoded to bf16 (exact, unscaled)
+// into the bf16 tiles the mma loop reads, V screened as mma_screen_values does (an e4m3 NaN is
+// 0x7F / 0xFF; e4m3 has no infinities). Each thread converts exactly the chunks it copied, so no
+// barrier is needed between its copy landing and its conversion, nor before its next copy.
+template <int HD>
+__device__ __forceinline__ void mma_convert_tile(const uint8_t* k8, const uint8_t* v8, bf16* k_s, bf16* v_s,
+                                                 unsigned* bad) {
+    constexpr int KS = HD + 8, CH = HD / 16;
+    for (int idx = threadIdx.x; idx < MMA_BK * CH; idx += MMA_THREADS) {
+        const int j = idx / CH, c = idx - j * CH;
+        const uint4 kb = *reinterpret_cast<const uint4*>(k8 + j * HD + c * 16);
+        const uint4 vb = *reinterpret_cast<const uint4*>(v8 + j * HD + c * 16);
+        uint4* kd = reinterpret_cast<uint4*>(k_s + j * KS + c * 16);
+        uint4* vd = reinterpret_cast<uint4*>(v_s + j * KS + c * 16);
+        kd[0] = e4m3x8_to_bf16x8(make_uint2(kb.x, kb.y));
+        kd[1] = e4m3x8_to_bf16x8(make_uint2(kb.z, kb.w));
+        const unsigned words[4] = {vb.x, vb.y, vb.z, vb.w};
+        bool finite = true;
+        for (int i = 0; i < 4; i++)
+            for (int b = 0; b < 4; b++) finite = finite && ((words[i] >> (8 * b)) & 0x7Fu) != 0x7Fu;
+        if (finite) {
+            vd[0] = e4m3x8_to_bf16x8(make_uint2(vb.x, vb.y));
+            vd[1] = e4m3x8_to_bf16x8(make_uint2(vb.z, vb.w));
+        } else {
+            vd[0] = vd[1] = make_uint4(0, 0, 0, 0);
+            atomicOr(bad, 1u << j);
+        }
+    }
+}
+
+template <int HD, class KV>
+__device__ __forceinline__ void attention_mma(const bf16* __restrict__ q, const KV* __restrict__ k_cache,
+                                              const KV* __restrict__ v_cache, const unsigned* __restrict__ positions,
                                               const unsigned* __restrict__ block_tables,
                                               const unsigned* __restrict__ work, bf16* __restrict__ out,
                                               float* __restrict__ o_part, float2* __restrict__ ml_part, int heads,
-                                              int kv_heads, int block_size, int split_len, float scale_log2) {
-    constexpr int KS = HD + 8, TILE = MMA_BK * KS;
+                                              int kv_heads, int block_size, int split_len, float scale_log2,
+                                              float k_scale, float v_scale) {
+    // An e4m3 cache: one bf16 stage, fed by a conversion pass from one byte stage (see above).
+    constexpr bool F8 = sizeof(KV) == 1;
+    constexpr int KS = HD + 8, TILE = MMA_BK * KS, STAGES = F8 ? 1 : 2;
     extern __shared__ __align__(16) unsigned char smem[];
     bf16* k_s = reinterpret_cast<bf16*>(smem);
-    bf16* v_s = k_s + 2 * TILE;
-    unsigned* bad_s = reinterpret_cast<unsigned*>(v_s + 2 * TILE);
+    bf16* v_s = k_s + STAGES * TILE;
+    unsigned* bad_s = reinterpret_cast<unsigned*>(v_s + STAGES * TILE);
+    uint8_t* k8 = reinterpret_cast<uint8_t*>(bad_s + 4);  // 16 bytes past bad_s: stays 16-byte aligned
+    uint8_t* v8 = k8 + MMA_BK * HD;
+    const float score_scale = scale_log2 * k_scale;
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, t = lane & 3;
     const int G = heads / kv_heads, g = blockIdx.y, split = blockIdx.z, num_splits = gridDim.z;
@@ -105,14 +173,32 @@ __device__ __forceinline__ void attention_mma(const bf16* __restrict__ q, const 
         pos[h] = valid[h] ? (int)positions[row] : -1;  // -1: attends to nothing
         qoff[h] = (size_t)row * q_dim + (size_t)head * HD;
     }
+    // Q through shared memory: the block's 64 query vectors (zeros past nq) land in rows of KS
+    // with 16-byte loads that read whole rows (a query vector is HD contiguous bf16), then each
+    // warp takes its 16 rows' A fragments by ldmatrix (padded rows: conflict-free). Loaded
+    // straight into fragments, a warp request would read 8 rows × 16 bytes, half of each sector.
+    // The space is the first 64 tile rows (both K stages, or K and V of an e4m3 cache's single
+    // stage), free until tile 0's copies, which start after the second barrier.
     unsigned qa[HD / 16][4];
-#pragma unroll
-    for (int c = 0; c < HD / 16; c++)
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const int h = i & 1, col = 16 * c + 2 * t + 8 * (i >> 1);
-            qa[c][i] = valid[h] ? *reinterpret_cast<const unsigned*>(q + qoff[h] + col) : 0u;
+    {
+        bf16* q_s = k_s;
+        constexpr int CH = HD / 8;
+        for (int idx = tid; idx < 16 * MMA_WARPS * CH; idx += MMA_THREADS) {
+            const int qi = idx / CH, c = idx - qi * CH;
+            uint4 v = make_uint4(0, 0, 0, 0);
+            if (qi < nq) {
+                const int row = row_start + qi / G, head = g * G + qi % G;
+                v = *reinterpret_cast<const uint4*>(q + (size_t)row * q_dim + (size_t)head * HD + c * 8);
+            }
+            *reinterpret_cast<uint4*>(q_s + qi * KS + c * 8) = v;
         }
+        if (tid == 0) bad_s[0] = 0;
+        __syncthreads();  // Q staged, and bad_s[0] clear before any thread marks tile 0
+#pragma unroll
+        for (int c = 0; c < HD / 16; c++)
+            ldmatrix_x4(qa[c], q_s + (warp * 16 + (lane & 15)) * KS + 16 * c + (lane >> 4) * 8);
+        __syncthreads();  // every warp has its fragments before tile 0's copies overwrite them
+    }
     float o[HD / 8][4];
 #pragma unroll
     for (int d = 0; d < HD / 8; d++)
@@ -121,25 +207,38 @@ __device__ __forceinline__ void attention_mma(const bf16* __restrict__ q, const 
     float m[2] = {-CUDART_INF_F, -CUDART_INF_F}, l[2] = {0.f, 0.f};
     bool poison[2] = {false, false};
 
-    if (tid == 0) bad_s[0] = 0;
-    __syncthreads();  // bad_s[0] is clear before any thread marks tile 0
     const int ntiles = k_end > k_begin ? (k_end - k_begin + MMA_BK - 1) / MMA_BK : 0;
-    if (ntiles > 0) mma_load_tile<HD>(k_s, v_s, k_cache, v_cache, table, block_size, kv_dim, g, k_begin, k_end);
+    if (ntiles > 0) {
+        if constexpr (F8)
+            mma_load_raw<HD>(k8, v8, k_cache, v_cache, table, block_size, kv_dim, g, k_begin, k_end);
+        else
+            mma_load_tile<HD>(k_s, v_s, k_cache, v_cache, table, block_size, kv_dim, g, k_begin, k_end);
+    }
     cp_async_commit();
     for (int it = 0; it < ntiles; it++) {
         const int stage = it & 1, key0 = k_begin + it * MMA_BK;
-        if (it + 1 < ntiles) {
-            // The other stage was last read in iteration it - 1, which ended with a barrier.
-            if (tid == 0) bad_s[stage ^ 1] = 0;
-            mma_load_tile<HD>(k_s + (stage ^ 1) * TILE, v_s + (stage ^ 1) * TILE, k_cache, v_cache, table, block_size,
-                              kv_dim, g, key0 + MMA_BK, k_end);
+        // The other stage's mask was last read in iteration it - 1, which ended with a barrier.
+        if (it + 1 < ntiles && tid == 0) bad_s[stage ^ 1] = 0;
+        if constexpr (F8) {
+            // Tile `it`'s bytes landed: decode them into the one bf16 stage (its last readers
+            // passed the barrier ending iteration it - 1), then start tile it + 1's bytes, which
+            // overlap this tile's mma work as the bf16 cache's second stage does.
+            cp_async_wait<0>();
+            mma_convert_tile<HD>(k8, v8, k_s, v_s, bad_s + stage);
+            if (it + 1 < ntiles)
+                mma_load_raw<HD>(k8, v8, k_cache, v_cache, table, block_size, kv_dim, g, key0 + MMA_BK, k_end);
+            cp_async_commit();
+        } else {
+            if (it + 1 < ntiles)
+                mma_load_tile<HD>(k_s + (stage ^ 1) * TILE, v_s + (stage ^ 1) * TILE, k_cache, v_cache, table,
+                                  block_size, kv_dim, g, key0 + MMA_BK, k_end);
+            cp_async_commit();
+            cp_async_wait<1>();  // this thread's copies of tile `it` have landed
+            mma_screen_values<HD>(v_s + stage * TILE, bad_s + stage);
         }
-        cp_async_commit();
-        cp_async_wait<1>();  // this thread's copies of tile `it` have landed
-        mma_screen_values<HD>(v_s + stage * TILE, bad_s + stage);
-        __syncthreads();  // everyone's copies of tile `it`, screened
-        const bf16* ks = k_s + stage * TILE;
-        const bf16* vs = v_s + stage * TILE;
+        __syncthreads();  // everyone's copies of tile `it`, screened (and decoded)
+        const bf16* ks = k_s + (F8 ? 0 : stage) * TILE;
+        const bf16* vs = v_s + (F8 ? 0 : stage) * TILE;
         const unsigned bad = bad_s[stage];
 
         // S = Q·Kᵀ: MMA_BK / 8 n-tiles of keys; one ldmatrix gives two n-tiles' B fragments.
@@ -166,7 +265,7 @@ __device__ __forceinline__ void attention_mma(const bf16* __restrict__ q, const 
             for (int i = 0; i < 4; i++) {
                 const int h = i >> 1, kj = 8 * j + 2 * t + (i & 1), key = key0 + kj;
                 const bool attends = key < k_end && key <= pos[h];
-                const float x = attends ? s[j][i] * scale_log2 : -CUDART_INF_F;
+                const float x = attends ? s[j][i] * score_scale : -CUDART_INF_F;
                 s[j][i] = x;
                 mx[h] = fmaxf(mx[h], x);
                 if (attends && (bad >> kj & 1u)) poison[h] = true;
@@ -225,7 +324,8 @@ __device__ __forceinline__ void attention_mma(const bf16* __restrict__ q, const 
 #pragma unroll
         for (int d = 0; d < HD / 8; d++) {
             const int col = 8 * d + 2 * t;
-            const float v0 = l[h] != 0.f ? o[d][2 * h] * inv : 0.f, v1 = l[h] != 0.f ? o[d][2 * h + 1] * inv : 0.f;
+            const float v0 = l[h] != 0.f ? o[d][2 * h] * inv * v_scale : 0.f;
+            const float v1 = l[h] != 0.f ? o[d][2 * h + 1] * inv * v_scale : 0.f;
             if (num_splits == 1) {
                 out[qoff[h] + col] = f2bf(v0);
                 out[qoff[h] + col + 1] = f2bf(v1);
@@ -240,27 +340,28 @@ __device__ __forceinline__ void attention_mma(const bf16* __restrict__ q, const 
     }
 }
 
-#define ATTENTION_MMA_ARGS                                                                                          \
-    const bf16 *__restrict__ q, const bf16 *__restrict__ k_cache, const bf16 *__restrict__ v_cache,                 \
+#define ATTENTION_MMA_ARGS(KV)                                                                                      \
+    const bf16 *__restrict__ q, const KV *__restrict__ k_cache, const KV *__restrict__ v_cache,                     \
         const unsigned *__restrict__ positions, const unsigned *__restrict__ block_tables,                           \
         const unsigned *__restrict__ work, bf16 *__restrict__ out, float *__restrict__ o_part,                       \
         float2 *__restrict__ ml_part, int heads, int kv_heads, int hd, int block_size, int nq_max, int tk,          \
-        int split_len, float scale_log2
+        int split_len, float scale_log2, float k_scale, float v_scale
 #define ATTENTION_MMA_PASS                                                                                          \
     q, k_cache, v_cache, positions, block_tables, work, out, o_part, ml_part, heads, kv_heads, block_size,         \
-        split_len, scale_log2
+        split_len, scale_log2, k_scale, v_scale
 
 // The launcher's promises (hd matches the instantiation, the tile sizes are this file's); a
 // broken promise writes nothing, and the test against the CPU fails on the poisoned output.
 #define ATTENTION_MMA_GUARD(HD) \
     if (hd != HD || tk != MMA_BK || nq_max > 16 * MMA_WARPS || blockDim.x != MMA_THREADS) return;
 
-extern "C" __global__ void __launch_bounds__(MMA_THREADS) attention_prefill_mma_bf16_64(ATTENTION_MMA_ARGS) {
-    ATTENTION_MMA_GUARD(64)
-    attention_mma<64>(ATTENTION_MMA_PASS);
-}
-
-extern "C" __global__ void __launch_bounds__(MMA_THREADS) attention_prefill_mma_bf16_128(ATTENTION_MMA_ARGS) {
-    ATTENTION_MMA_GUARD(128)
-    attention_mma<128>(ATTENTION_MMA_PASS);
-}
+// A bf16 cache (scales 1) and an e4m3 one (`_kv8`), at head dims 64 and 128.
+#define ATTENTION_MMA_KERNEL(NAME, HD, KV)                                                      \
+    extern "C" __global__ void __launch_bounds__(MMA_THREADS) NAME(ATTENTION_MMA_ARGS(KV)) { \
+        ATTENTION_MMA_GUARD(HD)                                                                 \
+        attention_mma<HD>(ATTENTION_MMA_PASS);                                                  \
+    }
+ATTENTION_MMA_KERNEL(attention_prefill_mma_bf16_64, 64, bf16)
+ATTENTION_MMA_KERNEL(attention_prefill_mma_bf16_128, 128, bf16)
+ATTENTION_MMA_KERNEL(attention_prefill_mma_bf16_kv8_64, 64, uint8_t)
+ATTENTION_MMA_KERNEL(attention_prefill_mma_bf16_kv8_128, 128, uint8_t)

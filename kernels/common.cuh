@@ -63,6 +63,69 @@ __device__ __forceinline__ void rope_rotate(float x1, float x2, float c, float s
     o2 = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
 }
 
+// e4m3 (float8_e4m3fn) in integer operations rather than cuda_fp8.h, so that any sm_80+ GPU and
+// the CPU emulator run the same code, bit for bit the CPU's conversions (src/quant/e4m3.rs, the
+// `float8` crate, itself a port of cuda_fp8.hpp).
+//
+// Decode: the 4-bit exponent and 3-bit mantissa are placed in an f32 whose exponent bias differs
+// by 120; subnormals (exponent 0) are fixed up as 2·f − 2⁻⁶ and 0x7F is NaN. No f32 subnormal is
+// involved, so flush-to-zero cannot change a value. Every e4m3 value is exactly a bf16 too.
+__device__ __forceinline__ float e4m3_to_f32(unsigned b) {
+    const unsigned mag = b & 0x7Fu;
+    float f = __int_as_float((int)((mag << 20) + (120u << 23)));
+    f = (mag < 0x08u) ? 2.f * f - 0.015625f : f;  // exponent 0: 2^-6 · 0.mmm
+    f = (mag == 0x7Fu) ? __int_as_float(0x7FC00000) : f;
+    return (b & 0x80u) ? -f : f;
+}
+
+// Encode: round to nearest even, saturating at ±448 (CUDA's __NV_SATFINITE), NaN to 0x7F with
+// its sign: bit for bit what the CPU's `quant::e4m3::from_f32` (the float8 crate) gives. Used by
+// the FP8 GEMM's activation quantization (gemm_fp8.cu) and the FP8 KV cache write.
+__device__ __forceinline__ unsigned f32_to_e4m3(float x) {
+    const unsigned bits = __float_as_uint(x);
+    const unsigned sign = (bits >> 24) & 0x80u;
+    if (isnan(x)) return sign | 0x7Fu;
+    const float a = fabsf(x);
+    if (a < 0.015625f) return sign | (unsigned)rintf(a * 512.f);  // subnormal: multiples of 2^-9
+    // Normal: round the f32 mantissa to 3 bits (ties to even, a carry moves into the exponent),
+    // then rebias the exponent (127 → 7); past 448 saturates.
+    unsigned u = bits & 0x7FFFFFFFu;
+    u = (u + 0x7FFFFu + ((u >> 20) & 1u)) >> 20;
+    const unsigned code = u - (120u << 3);
+    return sign | (code > 0x7Eu ? 0x7Eu : code);
+}
+
+// Storing and loading one KV cache element of either cache type (KV = bf16 or uint8_t e4m3):
+// the e4m3 cache stores x / scale (a stored q means q · scale, src/quant/kv.rs); bf16 ignores
+// the scale. Kernels templated on KV run the same code for both caches.
+__device__ __forceinline__ void kv_store(bf16* p, float x, float) { *p = f2bf(x); }
+__device__ __forceinline__ void kv_store(uint8_t* p, float x, float scale) { *p = (uint8_t)f32_to_e4m3(x / scale); }
+// A bf16 value as it stands (bf16: copied, NaN payloads included).
+__device__ __forceinline__ void kv_copy(bf16* p, bf16 x, float) { *p = x; }
+__device__ __forceinline__ void kv_copy(uint8_t* p, bf16 x, float scale) { kv_store(p, bf2f(x), scale); }
+
+// Eight e4m3 values (8 bytes) as the eight bf16 they are exactly, as the four words of a uint4
+// (the layout of eight bf16 in memory): e4m3_to_f32's result has at most 4 significant bits, so
+// its upper 16 bits are the bf16 (NaN included: 0x7FC0).
+__device__ __forceinline__ uint4 e4m3x8_to_bf16x8(uint2 b) {
+    unsigned w[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const unsigned word = i < 2 ? b.x : b.y, sh = 16 * (i & 1);
+        const unsigned lo = (unsigned)__float_as_int(e4m3_to_f32((word >> sh) & 0xFFu)) >> 16;
+        const unsigned hi = (unsigned)__float_as_int(e4m3_to_f32((word >> (sh + 8)) & 0xFFu)) >> 16;
+        w[i] = lo | (hi << 16);
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// Eight KV cache elements at p (16-byte aligned for bf16, 8-byte for e4m3) as eight bf16, unscaled:
+// attention kernels apply an e4m3 cache's scales to the scores and outputs in f32 instead, once.
+__device__ __forceinline__ uint4 load8_kv(const bf16* p) { return *reinterpret_cast<const uint4*>(p); }
+__device__ __forceinline__ uint4 load8_kv(const uint8_t* p) {
+    return e4m3x8_to_bf16x8(*reinterpret_cast<const uint2*>(p));
+}
+
 // Eight bf16 values moved as one 16-byte access; callers guarantee 16-byte alignment.
 struct __align__(16) Pack8 {
     bf16 v[8];

@@ -11,26 +11,10 @@
 //   3. scale_fp8_gemm_bf16: y[m, n] = bf16(d[m, n] · xscale[m] · wscale[n]).
 // Per-token and per-row scales cannot be cuBLASLt's scalar scales, so they are applied in step 3.
 //
-// f32 → e4m3 is round to nearest even, saturating at ±448 (CUDA's __NV_SATFINITE), NaN to 0x7F:
-// bit for bit what the CPU's `quant::e4m3::from_f32` (the float8 crate) gives, with integer
-// operations so that any GPU and the CPU emulator run the same code.
+// f32 → e4m3 is common.cuh's f32_to_e4m3 (shared with the FP8 KV cache write).
 #include "common.cuh"
 
 #define QUANT_THREADS 256
-
-__device__ __forceinline__ unsigned f32_to_e4m3(float x) {
-    const unsigned bits = __float_as_uint(x);
-    const unsigned sign = (bits >> 24) & 0x80u;
-    if (isnan(x)) return sign | 0x7Fu;
-    const float a = fabsf(x);
-    if (a < 0.015625f) return sign | (unsigned)rintf(a * 512.f);  // subnormal: multiples of 2^-9
-    // Normal: round the f32 mantissa to 3 bits (ties to even, a carry moves into the exponent),
-    // then rebias the exponent (127 → 7); past 448 saturates.
-    unsigned u = bits & 0x7FFFFFFFu;
-    u = (u + 0x7FFFFu + ((u >> 20) & 1u)) >> 20;
-    const unsigned code = u - (120u << 3);
-    return sign | (code > 0x7Eu ? 0x7Eu : code);
-}
 
 // One block per token row.
 extern "C" __global__ void __launch_bounds__(QUANT_THREADS)

@@ -10,7 +10,8 @@
 // by every warp). A warp-shuffle sum finishes each output. f32 accumulation, bf16 output.
 // gemv_silu_decode_bf16_{M}: the same over the fused gate/up weight, SiLU·mul in the epilogue.
 // gemv_rope_decode_bf16_{M}: the same over the fused qkv weight, with rope_write_kv_bf16's work
-// (RoPE on q and k, k and v written to their cache slots) in the epilogue.
+// (RoPE on q and k, k and v written to their cache slots) in the epilogue;
+// gemv_rope_decode_bf16_kv8_{M} writes an e4m3 cache (rope_write_kv_bf16_kv8's work).
 #include "common.cuh"
 #include "gemv_epilogue.cuh"
 
@@ -114,15 +115,19 @@ GEMV_SILU(6)
 GEMV_SILU(7)
 GEMV_SILU(8)
 
-#define GEMV_ROPE(M)                                                                                     \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 1) gemv_rope_decode_bf16_##M(          \
+#define GEMV_ROPE_KV(M, NAME, KV)                                                                        \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 1) NAME(                                \
         const bf16* __restrict__ x, const bf16* __restrict__ w, const float* __restrict__ cos_t,         \
         const float* __restrict__ sin_t, const unsigned* __restrict__ positions,                         \
-        const unsigned* __restrict__ slots, bf16* __restrict__ q_out, bf16* __restrict__ k_cache,        \
-        bf16* __restrict__ v_cache, int heads, int kv_heads, int hd, int k) {                            \
+        const unsigned* __restrict__ slots, bf16* __restrict__ q_out, KV* __restrict__ k_cache,          \
+        KV* __restrict__ v_cache, int heads, int kv_heads, int hd, int k, float k_scale, float v_scale) { \
         gemv_rope_body<M>(Bf16Rows{x, w, k}, cos_t, sin_t, positions, slots, q_out, k_cache, v_cache, heads,  \
-                          kv_heads, hd);                                                                 \
+                          kv_heads, hd, k_scale, v_scale);                                               \
     }
+// A bf16 cache (scales ignored) and an e4m3 one.
+#define GEMV_ROPE(M)                                             \
+    GEMV_ROPE_KV(M, gemv_rope_decode_bf16_##M, bf16)             \
+    GEMV_ROPE_KV(M, gemv_rope_decode_bf16_kv8_##M, uint8_t)
 GEMV_ROPE(1)
 GEMV_ROPE(2)
 GEMV_ROPE(3)

@@ -47,14 +47,16 @@ __device__ __forceinline__ void gemv_silu_body(const Rows& rows, bf16* __restric
 // first half of warps computes rows i of four (head, i) pairs, the second half their partners
 // i + hd/2, and they meet in shared memory. Each output is rounded to bf16, then rotated with
 // rope_rotate as rope_write_kv_bf16 does, so q, k and v are bit for bit those of the unfused pair;
-// rows of padding (slot 0xFFFFFFFF) write no k or v.
-template <int M, class Rows>
+// rows of padding (slot 0xFFFFFFFF) write no k or v. KV is the cache's element: bf16, or uint8_t
+// for an e4m3 cache, whose k and v are stored as e4m3(x / k_scale) and e4m3(x / v_scale), again
+// the unfused rope_write_kv_bf16_kv8's bits.
+template <int M, class Rows, class KV>
 __device__ __forceinline__ void gemv_rope_body(const Rows& rows, const float* __restrict__ cos_t,
                                                const float* __restrict__ sin_t,
                                                const unsigned* __restrict__ positions,
                                                const unsigned* __restrict__ slots, bf16* __restrict__ q_out,
-                                               bf16* __restrict__ k_cache, bf16* __restrict__ v_cache, int heads,
-                                               int kv_heads, int hd) {
+                                               KV* __restrict__ k_cache, KV* __restrict__ v_cache, int heads,
+                                               int kv_heads, int hd, float k_scale, float v_scale) {
     constexpr int HALF = GEMV_WARPS / 2;
     __shared__ float partner[HALF][M];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -74,23 +76,24 @@ __device__ __forceinline__ void gemv_rope_body(const Rows& rows, const float* __
     const size_t q_dim = (size_t)heads * hd, kv_dim = (size_t)kv_heads * hd;
     for (int m = 0; m < M; ++m) {
         const float x1 = bf2f(f2bf(acc[m])), x2 = partner[warp][m];
-        bf16* dst;
         float o1 = x1, o2 = x2;
-        if (head < heads) {
-            dst = q_out + m * q_dim + (size_t)head * hd;
-        } else if (slots[m] == 0xFFFFFFFFu) {
-            continue;
-        } else if (head < heads + kv_heads) {
-            dst = k_cache + slots[m] * kv_dim + (size_t)(head - heads) * hd;
-        } else {
-            dst = v_cache + slots[m] * kv_dim + (size_t)(head - heads - kv_heads) * hd;
-        }
         if (head < heads + kv_heads) {
             const size_t at = (size_t)positions[m] * half + i;
             rope_rotate(x1, x2, cos_t[at], sin_t[at], o1, o2);
         }
-        dst[i] = f2bf(o1);
-        dst[i + half] = f2bf(o2);
+        if (head < heads) {
+            bf16* dst = q_out + m * q_dim + (size_t)head * hd;
+            dst[i] = f2bf(o1);
+            dst[i + half] = f2bf(o2);
+        } else if (slots[m] != 0xFFFFFFFFu) {
+            // k rotated, v as computed (x = its bf16 rounding, as the unfused pair's qkv holds
+            // it), each stored with one rounding (kv_store: bf16, or e4m3 of x / scale).
+            const bool is_k = head < heads + kv_heads;
+            const int kv_head = head - heads - (is_k ? 0 : kv_heads);
+            KV* dst = (is_k ? k_cache : v_cache) + slots[m] * kv_dim + (size_t)kv_head * hd;
+            const float scale = is_k ? k_scale : v_scale;
+            kv_store(dst + i, o1, scale);
+            kv_store(dst + i + half, o2, scale);
+        }
     }
 }
-

@@ -10,26 +10,16 @@
 // the row's scale once. f32 accumulation, bf16 output. Half the weight bytes of the bf16 GEMV.
 //
 // gemv_fp8_silu_decode_bf16_{M}, gemv_fp8_rope_decode_bf16_{M}: the same with SiLU·mul, or RoPE
-// and the KV cache write, in the epilogue (gemv_epilogue.cuh).
+// and the KV cache write, in the epilogue (gemv_epilogue.cuh); gemv_fp8_rope_decode_bf16_kv8_{M}
+// writes an e4m3 KV cache.
 //
 // dequant_fp8_bf16: out[n, k] = bf16(e4m3(W[n, k]) · scale[n]), eight elements per thread.
 //
-// e4m3 is decoded with integer operations (no cuda_fp8.h, so any sm_80+ GPU and the CPU
-// emulator run the same code): its 4-bit exponent and 3-bit mantissa are placed in an f32 whose
-// exponent bias differs by 120; subnormals (exponent 0) are fixed up as 2·f − 2⁻⁶ and 0x7F is
-// NaN. No f32 subnormal is involved, so flush-to-zero cannot change a value.
+// e4m3 is decoded by common.cuh's e4m3_to_f32 (integer operations, no cuda_fp8.h).
 #include "common.cuh"
 #include "gemv_epilogue.cuh"
 
 #define GEMV_FP8_WARPS 8
-
-__device__ __forceinline__ float e4m3_to_f32(unsigned b) {
-    const unsigned mag = b & 0x7Fu;
-    float f = __int_as_float((int)((mag << 20) + (120u << 23)));
-    f = (mag < 0x08u) ? 2.f * f - 0.015625f : f;  // exponent 0: 2^-6 · 0.mmm
-    f = (mag == 0x7Fu) ? __int_as_float(0x7FC00000) : f;
-    return (b & 0x80u) ? -f : f;
-}
 
 // Sixteen e4m3 weights as one 16-byte streaming load.
 __device__ __forceinline__ uint4 load16_stream(const uint8_t* p) { return __ldcs(reinterpret_cast<const uint4*>(p)); }
@@ -126,20 +116,24 @@ GEMV_FP8(8)
 
 // The fused kernels (gemv_epilogue.cuh) over e4m3 weights; one block per SM at least, as the bf16
 // ones, so that ptxas may use the registers the 8-row versions need.
+// The qkv GEMV with RoPE and the KV write into a bf16 cache (scales ignored) or an e4m3 one.
+#define GEMV_FP8_ROPE(M, NAME, KV)                                                                             \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 1) NAME(                                      \
+        const bf16* __restrict__ x, const uint8_t* __restrict__ w, const float* __restrict__ scale,            \
+        const float* __restrict__ cos_t, const float* __restrict__ sin_t, const unsigned* __restrict__ positions, \
+        const unsigned* __restrict__ slots, bf16* __restrict__ q_out, KV* __restrict__ k_cache,                \
+        KV* __restrict__ v_cache, int heads, int kv_heads, int hd, int k, float k_scale, float v_scale) {       \
+        gemv_rope_body<M>(Fp8Rows{x, w, scale, k}, cos_t, sin_t, positions, slots, q_out, k_cache, v_cache,    \
+                          heads, kv_heads, hd, k_scale, v_scale);                                              \
+    }
 #define GEMV_FP8_FUSED(M)                                                                                \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 1) gemv_fp8_silu_decode_bf16_##M(      \
         const bf16* __restrict__ x, const uint8_t* __restrict__ w, const float* __restrict__ scale,      \
         bf16* __restrict__ y, int inter, int k) {                                                        \
         gemv_silu_body<M>(Fp8Rows{x, w, scale, k}, y, inter);                                            \
     }                                                                                                    \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 1) gemv_fp8_rope_decode_bf16_##M(      \
-        const bf16* __restrict__ x, const uint8_t* __restrict__ w, const float* __restrict__ scale,      \
-        const float* __restrict__ cos_t, const float* __restrict__ sin_t, const unsigned* __restrict__ positions, \
-        const unsigned* __restrict__ slots, bf16* __restrict__ q_out, bf16* __restrict__ k_cache,        \
-        bf16* __restrict__ v_cache, int heads, int kv_heads, int hd, int k) {                            \
-        gemv_rope_body<M>(Fp8Rows{x, w, scale, k}, cos_t, sin_t, positions, slots, q_out, k_cache, v_cache, \
-                          heads, kv_heads, hd);                                                          \
-    }
+    GEMV_FP8_ROPE(M, gemv_fp8_rope_decode_bf16_##M, bf16)                                                  \
+    GEMV_FP8_ROPE(M, gemv_fp8_rope_decode_bf16_kv8_##M, uint8_t)
 GEMV_FP8_FUSED(1)
 GEMV_FP8_FUSED(2)
 GEMV_FP8_FUSED(3)

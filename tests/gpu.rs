@@ -188,5 +188,7 @@ mod fp8;
 mod fused;
 #[path = "gpu/graphs.rs"]
 mod graphs;
+#[path = "gpu/kv_fp8.rs"]
+mod kv_fp8;
 #[path = "gpu/speculative.rs"]
 mod speculative;

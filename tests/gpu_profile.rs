@@ -131,18 +131,6 @@ fn key_tile_read_lines() -> Vec<String> {
     vec![format!("attention.cu:{line}"), format!("attention.cu:{}", line + 1)]
 }
 
-/// Global loads the sector budget leaves out, as "file:line"s, with why. The tensor-core prefill
-/// kernel reads each query row once per block straight into mma A fragments
-/// (`qa[c][i] = …` in attention_mma.cu): a warp request covers 8 rows × 16 bytes, half of each
-/// 32-byte sector, whose other half the next fragment register reads (from L1 on a GPU). It is
-/// neither a weight nor a KV load, which the budget is about; staging Q through shared memory
-/// (cp.async + ldmatrix, as K and V are) would make it efficient too, and is owed.
-fn exempt_load_lines() -> Vec<String> {
-    let src = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/attention_mma.cu")).unwrap();
-    let line = src.lines().position(|l| l.contains("qa[c][i] = valid[h]")).expect("the Q fragment load") + 1;
-    vec![format!("attention_mma.cu:{line}")]
-}
-
 /// Runs `test` again as a child under the profiler (with `env`) and returns the profile's text.
 fn profile(test: &str, env: &[(&str, &str)]) -> String {
     // The instrumented images of this checkout's kernels (scripts/cuda-emu builds them only when
@@ -192,21 +180,10 @@ fn kernels_meet_their_memory_budgets() {
     let text = profile("kernels_meet_their_memory_budgets", &[]);
     let (steps, instrs) = parse(&text);
     let mut failures = Vec::new();
-    // The exempt loads' counts (summed over the whole profile: their kernel runs in prefill only).
-    let exempt_lines = exempt_load_lines();
-    let mut exempt: HashMap<String, (u64, u64)> = HashMap::new();
-    for i in instrs.iter().filter(|i| i["kind"] == "global_load" && exempt_lines.contains(&i["source"])) {
-        let e = exempt.entry(i["kernel"].clone()).or_default();
-        (e.0, e.1) = (e.0 + num(i, "ideal"), e.1 + num(i, "units"));
-    }
     for step in ["prefill", "decode"] {
         let (_, launches) = &steps[step];
         assert!(!launches.is_empty(), "no launches in the {step} step:\n{text}");
-        for (kernel, (mut ideal, mut sectors)) in load_efficiency(launches) {
-            if let Some(&(i, s)) = exempt.get(&kernel).filter(|_| step == "prefill") {
-                eprintln!("{step}: {kernel}: leaving out its Q fragment loads ({i} ideal / {s} sectors)");
-                (ideal, sectors) = (ideal.saturating_sub(i), sectors.saturating_sub(s));
-            }
+        for (kernel, (ideal, sectors)) in load_efficiency(launches) {
             let eff = ideal as f64 / sectors.max(1) as f64;
             eprintln!("{step}: {kernel}: global load sector efficiency {eff:.3} ({ideal} ideal / {sectors} sectors)");
             if eff < 0.9 {

@@ -44,7 +44,11 @@ fn gate_up_gemv_with_silu_mul_matches_the_pair_and_the_cpu() {
 /// through cuBLASLt + rope_write_kv): q bit for bit that of the unfused pair, and attention over
 /// the cache each wrote bit for bit too (k and v landed in the same slots with the same bits);
 /// both within OP_TOL of the CPU's pair. GQA 4:1 and 1:1, head sizes 8 and 64, bf16 and FP8
-/// weights (k = 136 is not an FP8 GEMV width: the pair runs there).
+/// weights (k = 136 is not an FP8 GEMV width: the pair runs there), bf16 and FP8 KV caches (an
+/// FP8 cache's e4m3 bytes equal the pair's too; its attention is not compared with the CPU's
+/// here: the GPU quantizes k and v from the bf16 GEMV output, the CPU from f32, so a value near
+/// an e4m3 rounding boundary can land one step apart — kv_fp8.rs checks the pair against the
+/// CPU's bytes on shared inputs).
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn qkv_gemv_with_rope_and_kv_write_matches_the_pair_and_the_cpu() {
@@ -55,7 +59,9 @@ fn qkv_gemv_with_rope_and_kv_write_matches_the_pair_and_the_cpu() {
     gpu.set_gemv_mode(GemvMode::Always);
     gpu.set_fp8_gemm(false);
     let cases = [(8, 2, 8, 64), (3, 3, 64, 136), (3, 3, 64, 144)];
-    for ((heads, kv_heads, hd, k), fp8) in cases.into_iter().flat_map(|c| [(c, false), (c, true)]) {
+    let variants = cases.into_iter().flat_map(|c| [(c, false), (c, true)]);
+    for (((heads, kv_heads, hd, k), fp8), fp8_kv) in variants.flat_map(|v| [(v, false), (v, true)]) {
+        let kv = if fp8_kv { super::kv_fp8::two_layer_scales() } else { Default::default() };
         let dims = AttnDims { heads, kv_heads, head_dim: hd };
         let n = dims.q_dim() + 2 * dims.kv_dim();
         let w = random(&mut rng, n * k, 1.0 / (k as f32).sqrt());
@@ -66,8 +72,7 @@ fn qkv_gemv_with_rope_and_kv_write_matches_the_pair_and_the_cpu() {
         let sin: Vec<f32> = (0..max_pos * hd / 2).map(|j| angle(j / (hd / 2), j % (hd / 2)).sin()).collect();
         let (gc, gs) = (gpu.upload(&cos, max_pos, hd / 2).unwrap(), gpu.upload(&sin, max_pos, hd / 2).unwrap());
         let (cc, cs) = (cpu.upload(&cos, max_pos, hd / 2).unwrap(), cpu.upload(&sin, max_pos, hd / 2).unwrap());
-        let spec =
-            KvCacheSpec { layers: 2, num_blocks: 40, block_size: 16, kv_heads, head_dim: hd, kv: Default::default() };
+        let spec = KvCacheSpec { layers: 2, num_blocks: 40, block_size: 16, kv_heads, head_dim: hd, kv };
         let (mut fused_cache, mut pair_cache) = (gpu.new_kv_cache(&spec).unwrap(), gpu.new_kv_cache(&spec).unwrap());
         let mut cpu_cache = cpu.new_kv_cache(&spec).unwrap();
         for m in [1, 3, 8, 9] {
@@ -89,7 +94,7 @@ fn qkv_gemv_with_rope_and_kv_write_matches_the_pair_and_the_cpu() {
             cpu.rope_write_kv(&y, &cc, &cs, 1, &mut cpu_cache, &cpu.step_of(&pre, dims), dims).unwrap();
 
             let x = random(&mut rng, m * k, 1.0);
-            let what = format!("heads {heads}/{kv_heads} hd {hd} k {k}, {m} rows, fp8 {fp8}");
+            let what = format!("heads {heads}/{kv_heads} hd {hd} k {k}, {m} rows, fp8 {fp8}, fp8 KV {fp8_kv}");
             let gx = tensor(&gpu, &x, m, k);
             let fq = gpu
                 .matmul_rope_write_kv(&gx, &gw, &gc, &gs, 1, &mut fused_cache, &gpu.step_of(&batch, dims), dims)
@@ -116,6 +121,11 @@ fn qkv_gemv_with_rope_and_kv_write_matches_the_pair_and_the_cpu() {
             let pa =
                 gpu.to_host(&gpu.attention(&pq, 1, &pair_cache, &gpu.step_of(&batch, dims), dims).unwrap()).unwrap();
             assert_eq!(bits(&fa), bits(&pa), "attention over the cache: {what}");
+            let e4m3 = |c| gpu.kv_cache_e4m3_bits(c, 1).unwrap();
+            assert_eq!(e4m3(&fused_cache), e4m3(&pair_cache), "e4m3 cache bytes: {what}");
+            if fp8_kv {
+                continue;
+            }
             let ca =
                 cpu.to_host(&cpu.attention(&cq, 1, &cpu_cache, &cpu.step_of(&batch, dims), dims).unwrap()).unwrap();
             assert_close(&format!("attention: {what}"), &fa, &ca, OP_TOL);

@@ -105,22 +105,22 @@ fn run_schedule<C: Communicator<CudaBackend>>(rank: &mut Rank<'_, C>, vocab: usi
 /// A backend with graphs reserved, the tiny model's rank `rank` of `world` and a cache with
 /// room for the schedule.
 fn open(device: usize, rank: usize, world: usize, dir: &Path) -> (CudaBackend, Llama<CudaBackend>, CudaKvCache) {
-    open_with(device, rank, world, dir, LIMITS, None, POISON)
+    open_with(device, rank, world, dir, LIMITS, |_| {}, POISON)
 }
 
-/// [`open`] with other step limits, the model quantized while loading when `quantize`, and the
-/// test checks of `debug`.
+/// [`open`] with other step limits, the model's config changed by `edit` (quantized while
+/// loading, an FP8 KV cache), and the test checks of `debug`.
 fn open_with(
     device: usize,
     rank: usize,
     world: usize,
     dir: &Path,
     limits: StepLimits,
-    quantize: Option<tulu::unstable::quant::Quantize>,
+    edit: fn(&mut ModelConfig),
     debug: CudaDebug,
 ) -> (CudaBackend, Llama<CudaBackend>, CudaKvCache) {
     let backend = CudaBackend::with_debug(device, debug).unwrap();
-    let model = load(&backend, dir, quantize, Shard { rank, world });
+    let model = load(&backend, dir, edit, Shard { rank, world });
     let shape = StepShape {
         limits,
         max_positions: CONTEXT,
@@ -132,17 +132,10 @@ fn open_with(
     (backend, model, cache)
 }
 
-/// The checkpoint in `dir` (quantized while loading when `quantize`) as rank `shard` on `backend`.
-fn load(
-    backend: &CudaBackend,
-    dir: &Path,
-    quantize: Option<tulu::unstable::quant::Quantize>,
-    shard: Shard,
-) -> Llama<CudaBackend> {
+/// The checkpoint in `dir`, its config changed by `edit`, as rank `shard` on `backend`.
+fn load(backend: &CudaBackend, dir: &Path, edit: fn(&mut ModelConfig), shard: Shard) -> Llama<CudaBackend> {
     let mut cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
-    if let Some(q) = quantize {
-        q.apply(&mut cfg);
-    }
+    edit(&mut cfg);
     let store = WeightStore::open(dir).unwrap();
     Llama::load(backend, &cfg, &store, CONTEXT, shard, |_| {}).unwrap()
 }
@@ -187,6 +180,25 @@ fn decode_graphs_with_the_fused_gemvs_replay_their_eager_steps_bit_for_bit() {
     assert_eq!(backend.graph_stats().0, vec![1, 4, 8], "every bucket the schedule used is captured");
 }
 
+/// An FP8 KV cache: the fused qkv GEMV writing e4m3 and the decode attention reading it inside
+/// graphs (each launch carries its layer's scales), replays equal to their eager steps.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn decode_graphs_with_an_fp8_kv_cache_replay_their_eager_steps_bit_for_bit() {
+    gpu();
+    let dir = tiny_vocab301();
+    let fp8_kv = |c: &mut ModelConfig| c.kv_cache = tulu::unstable::quant::kv::KvDtype::Fp8;
+    let (backend, model, cache) = open_with(0, 0, 1, &dir, LIMITS, fp8_kv, POISON);
+    let kv = model.kv_cache_spec(1, BLOCK).kv;
+    assert!(matches!(kv, tulu::unstable::quant::kv::KvFormat::Fp8(_)), "{kv:?}");
+    backend.set_gemv_mode(tulu::unstable::backend::cuda::GemvMode::Always);
+    let mut rank = Rank { backend: &backend, model: &model, cache, comm: &SingleRank };
+    if let Some(why) = run_schedule(&mut rank, 301) {
+        panic!("a graph replay differs from its eager step: {why}");
+    }
+    assert_eq!(backend.graph_stats().0, vec![1, 4, 8], "every bucket the schedule used is captured");
+}
+
 /// FP8 weights in a bucket past the GEMV's 8 rows: the decode step's matmuls take the FP8 GEMM
 /// (activations quantized per token, cuBLASLt, scaling) inside the graph, with its scratch from
 /// the step workspace; replays equal their eager steps bit for bit.
@@ -196,7 +208,8 @@ fn fp8_gemm_decode_steps_are_captured_and_replay_bit_for_bit() {
     gpu();
     let dir = tiny_vocab301();
     let limits = StepLimits { max_num_seqs: 16, ..LIMITS };
-    let (backend, model, cache) = open_with(0, 0, 1, &dir, limits, Some(tulu::unstable::quant::Quantize::Fp8), POISON);
+    let (backend, model, cache) =
+        open_with(0, 0, 1, &dir, limits, |c| tulu::unstable::quant::Quantize::Fp8.apply(c), POISON);
     let mut rank = Rank { backend: &backend, model: &model, cache, comm: &SingleRank };
     let mut seqs: Vec<Seq> = (0..10)
         .map(|k| Seq {
@@ -230,7 +243,7 @@ fn two_models_on_one_backend_replay_their_own_graphs() {
     gpu();
     let dir = tiny_vocab301();
     let (backend, first, first_cache) = open(0, 0, 1, &dir);
-    let second = load(&backend, &dir, Some(tulu::unstable::quant::Quantize::Fp8), Shard::single());
+    let second = load(&backend, &dir, |c| tulu::unstable::quant::Quantize::Fp8.apply(c), Shard::single());
     let second_cache = backend.new_kv_cache(&second.kv_cache_spec(6 * CONTEXT / BLOCK, BLOCK)).unwrap();
     let mut first = Rank { backend: &backend, model: &first, cache: first_cache, comm: &SingleRank };
     let mut second = Rank { backend: &backend, model: &second, cache: second_cache, comm: &SingleRank };
@@ -279,7 +292,7 @@ fn a_pointer_captured_stale_is_caught() {
     gpu();
     let dir = tiny_vocab301();
     let stale = CudaDebug { fresh_step_buffers: true, ..POISON };
-    let (backend, model, cache) = open_with(0, 0, 1, &dir, LIMITS, None, stale);
+    let (backend, model, cache) = open_with(0, 0, 1, &dir, LIMITS, |_| {}, stale);
     let mut rank = Rank { backend: &backend, model: &model, cache, comm: &SingleRank };
     let why = run_schedule(&mut rank, 301).expect("a replay reading stale step metadata went unnoticed");
     eprintln!("caught, as it must be: {why}");

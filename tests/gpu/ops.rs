@@ -1,6 +1,7 @@
 //! Every CUDA op against the CPU backend, one table-driven test per op family.
 
 use super::*;
+use tulu::unstable::quant::kv::KvFormat;
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
@@ -312,18 +313,31 @@ fn gemv_and_cublaslt_decode_matmuls_match_cpu() {
 }
 
 /// One attention configuration: head geometry, cache paging and the steps to run.
-struct AttnCase {
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    block_size: usize,
+pub(super) struct AttnCase {
+    pub(super) heads: usize,
+    pub(super) kv_heads: usize,
+    pub(super) head_dim: usize,
+    pub(super) block_size: usize,
     /// Steps; each lists, per sequence, how many new tokens it feeds (0: not in this step).
-    steps: Vec<Vec<usize>>,
+    pub(super) steps: Vec<Vec<usize>>,
 }
 
 /// Runs `case` on both backends through rope_write_kv and attention (on layer 1 of a 2-layer
 /// cache, with shuffled block tables) and compares q and the attention output at every step.
 fn run_attention_case(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut StdRng, case: &AttnCase) {
+    run_attention_case_kv(cpu, gpu, rng, case, KvFormat::Model);
+}
+
+/// [`run_attention_case`] with caches of format `kv` (an FP8 one: two layers of scales). An FP8
+/// cache's e4m3 bytes are checked bit for bit against the CPU's after every KV write, before
+/// attention reads them.
+pub(super) fn run_attention_case_kv(
+    cpu: &CpuBackend,
+    gpu: &CudaBackend,
+    rng: &mut StdRng,
+    case: &AttnCase,
+    kv: KvFormat,
+) {
     let dims = AttnDims { heads: case.heads, kv_heads: case.kv_heads, head_dim: case.head_dim };
     let seqs = case.steps[0].len();
     let totals: Vec<usize> = (0..seqs).map(|s| case.steps.iter().map(|st| st[s]).sum()).collect();
@@ -359,11 +373,13 @@ fn run_attention_case(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut StdRng, cas
         block_size: case.block_size,
         kv_heads: case.kv_heads,
         head_dim: case.head_dim,
-        kv: Default::default(),
+        kv,
     };
     let (mut ccache, mut gcache) = (cpu.new_kv_cache(&spec).unwrap(), gpu.new_kv_cache(&spec).unwrap());
     let width = dims.q_dim() + 2 * dims.kv_dim();
     let mut cached = vec![0usize; seqs];
+    let mut written = Vec::new();
+    let fp8 = matches!(spec.kv, KvFormat::Fp8(_));
     for (k, step) in case.steps.iter().enumerate() {
         let mut batch = Batch::new(case.block_size);
         for (s, &n) in step.iter().enumerate() {
@@ -374,15 +390,17 @@ fn run_attention_case(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut StdRng, cas
             }
         }
         let rows = batch.num_tokens();
+        written.extend_from_slice(&batch.slots);
         let what = format!(
-            "heads {}/{} hd {} block {} step {k} {:?}",
-            case.heads, case.kv_heads, case.head_dim, case.block_size, step
+            "heads {}/{} hd {} block {} step {k} {:?} kv {:?}",
+            case.heads, case.kv_heads, case.head_dim, case.block_size, step, spec.kv
         );
         let qkv = random(rng, rows * width, 2.0);
         let (cq, gq) = (tensor(cpu, &qkv, rows, width), tensor(gpu, &qkv, rows, width));
         let cq = cpu.rope_write_kv(&cq, &ccos, &csin, 1, &mut ccache, &cpu.step_of(&batch, dims), dims).unwrap();
         let gq = gpu.rope_write_kv(&gq, &gcos, &gsin, 1, &mut gcache, &gpu.step_of(&batch, dims), dims).unwrap();
         assert_close(&format!("rope q: {what}"), &gpu.to_host(&gq).unwrap(), &cpu.to_host(&cq).unwrap(), OP_TOL);
+        super::kv_fp8::assert_same_e4m3(&what, &ccache, gpu, &gcache, 1, &written, dims.kv_dim());
         let c = cpu.to_host(&cpu.attention(&cq, 1, &ccache, &cpu.step_of(&batch, dims), dims).unwrap()).unwrap();
         let g = gpu.to_host(&gpu.attention(&gq, 1, &gcache, &gpu.step_of(&batch, dims), dims).unwrap()).unwrap();
         // The GPU rounds q and k after rope and (tensor-core prefill, as FlashAttention-2) the
@@ -390,7 +408,9 @@ fn run_attention_case(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut StdRng, cas
         // 2^-9 · max|v| wherever the output's own magnitude is (a row of 23 keys measured 9e-3
         // at |ref| 0.016, v in ±2), so the floor is 2^-7 · max|v|. A wrong mask, tile or
         // rescale errs by tenths.
-        let vmax = qkv.iter().map(|x| x.abs()).fold(0f32, f32::max);
+        // An FP8 cache: both sides read the same e4m3 values (checked above), so its rounding
+        // cancels and the same floor holds, on the dequantized values (≤ (1 + 2⁻⁴)·max|v|).
+        let vmax = qkv.iter().map(|x| x.abs()).fold(0f32, f32::max) * if fp8 { 17.0 / 16.0 } else { 1.0 };
         assert_close_floor(&format!("attention: {what}"), &g, &c, OP_TOL, vmax / 128.0);
     }
 }

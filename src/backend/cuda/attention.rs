@@ -8,7 +8,8 @@
 //! `kernels/attention_mma.cu` (128 threads, tiles of up to 64 query vectors) at head dims 64 and
 //! 128, else the 256-thread prefill kernel with tiles of rows. Splits are added when the tiles
 //! alone would leave SMs idle (decode, long contexts), and then `attention_combine_bf16` merges
-//! them (the partial outputs of both prefill kernels have one format).
+//! them (the partial outputs of both prefill kernels have one format). An FP8 (e4m3) cache runs
+//! the same plans on each kernel's `_kv8` instantiation, which dequantizes in the kernel.
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
@@ -89,9 +90,14 @@ fn not_implemented(what: String) -> Error {
 }
 
 /// Bytes of the tensor-core kernel's dynamic shared memory: K and V tiles of `MMA_BK` rows of
-/// hd + 8 bf16 in two stages, then two u32 masks (attention_mma.cu).
-fn mma_smem_bytes(hd: usize) -> usize {
-    2 * 2 * MMA_BK * (hd + 8) * 2 + 2 * 4
+/// hd + 8 bf16 in two stages, then two u32 masks (attention_mma.cu); for an FP8 cache one bf16
+/// stage, the masks padded to 16 bytes, and K and V byte tiles of `MMA_BK` × hd e4m3.
+fn mma_smem_bytes(hd: usize, fp8: bool) -> usize {
+    if fp8 {
+        2 * MMA_BK * (hd + 8) * 2 + 16 + 2 * MMA_BK * hd
+    } else {
+        2 * 2 * MMA_BK * (hd + 8) * 2 + 2 * 4
+    }
 }
 
 fn plan(decode_step: bool, dims: AttnDims) -> Result<Plan> {
@@ -139,10 +145,11 @@ fn plan(decode_step: bool, dims: AttnDims) -> Result<Plan> {
 }
 
 impl Plan {
-    /// Dynamic shared memory of the plan's kernel at head dim `hd`.
-    fn smem_bytes(&self, hd: usize) -> usize {
+    /// Dynamic shared memory of the plan's kernel at head dim `hd` (for an FP8 cache when
+    /// `fp8`: only the tensor-core kernel's layout differs, attention.cu's tiles are bf16).
+    fn smem_bytes(&self, hd: usize, fp8: bool) -> usize {
         match self.kind {
-            Kind::PrefillMma => mma_smem_bytes(hd),
+            Kind::PrefillMma => mma_smem_bytes(hd, fp8),
             Kind::Decode | Kind::Prefill => smem_bytes(self.nq_max, hd, self.tk),
         }
     }
@@ -222,7 +229,7 @@ impl CudaBackend {
         let cfg = LaunchConfig {
             grid_dim: (grid(work.count, "attention tiles")?, grid(kv_heads, "kv heads")?, grid(splits, "splits")?),
             block_dim: (plan.threads as u32, 1, 1),
-            shared_mem_bytes: plan.smem_bytes(dims.head_dim) as u32,
+            shared_mem_bytes: plan.smem_bytes(dims.head_dim, cache.is_fp8()) as u32,
         };
         let scale_log2 = ((dims.head_dim as f64).sqrt().recip() * std::f64::consts::LOG2_E) as f32;
         let args = [
@@ -234,17 +241,24 @@ impl CudaBackend {
             int(plan.tk, "tk")?,
             int(split_len, "split_len")?,
         ];
-        let kernel = match (plan.kind, dims.head_dim) {
-            (Kind::Decode, _) => &self.kernels.attention_decode,
-            (Kind::Prefill, _) => &self.kernels.attention_prefill,
-            (Kind::PrefillMma, 64) => &self.kernels.attention_prefill_mma_64,
-            (Kind::PrefillMma, _) => &self.kernels.attention_prefill_mma_128,
+        let (k_scale, v_scale) = cache.scales(layer);
+        let k = &self.kernels;
+        // The cache's element type picks the instantiation: `_kv8` reads e4m3 and applies the
+        // layer's scales (attention.cu's header); the bf16 kernels get scales of 1.
+        let kernel = match (plan.kind, dims.head_dim, cache.is_fp8()) {
+            (Kind::Decode, _, false) => &k.attention_decode,
+            (Kind::Decode, _, true) => &k.attention_decode_kv8,
+            (Kind::Prefill, _, false) => &k.attention_prefill,
+            (Kind::Prefill, _, true) => &k.attention_prefill_kv8,
+            (Kind::PrefillMma, 64, false) => &k.attention_prefill_mma_64,
+            (Kind::PrefillMma, _, false) => &k.attention_prefill_mma_128,
+            (Kind::PrefillMma, 64, true) => &k.attention_prefill_mma_kv8_64,
+            (Kind::PrefillMma, _, true) => &k.attention_prefill_mma_kv8_128,
         };
         let mut launch = self.stream.launch_builder(kernel);
+        launch.arg(&*q.data);
+        cache.push_layer(&mut launch, layer);
         launch
-            .arg(&*q.data)
-            .arg(&cache.k[layer])
-            .arg(&cache.v[layer])
             .arg(&*batch.positions)
             .arg(&*batch.block_tables)
             .arg(&*work.items)
@@ -254,8 +268,9 @@ impl CudaBackend {
         for a in &args {
             launch.arg(a);
         }
-        launch.arg(&scale_log2);
-        // SAFETY: argument types and order match attention_tile's; the plan keeps the
+        launch.arg(&scale_log2).arg(&k_scale).arg(&v_scale);
+        // SAFETY: argument types and order match attention_tile's (and attention_mma's), with
+        // the cache's element type; the plan keeps the
         // accumulators and shared memory within the kernel's limits, and contract::attention keeps
         // every block id and slot inside the cache.
         unsafe { launch.launch(cfg) }.cuda("launching the attention kernel")?;
@@ -300,7 +315,8 @@ mod tests {
                 } else {
                     assert!(p.nq_max * hd <= p.threads * ACC, "{p:?}");
                 }
-                assert!(p.smem_bytes(hd) <= SMEM_LIMIT, "{p:?}");
+                assert!(p.smem_bytes(hd, false) <= SMEM_LIMIT, "{p:?}");
+                assert!(p.smem_bytes(hd, true) <= SMEM_LIMIT, "{p:?}");
                 assert!(p.tk >= 8 && p.rows_per_tile >= 1);
             }
         }

@@ -1,7 +1,7 @@
 //! Decode GEMVs with the next op in their epilogue (launcher of `kernels/gemv_epilogue.cuh`'s
 //! kernels, instantiated for bf16 weights in `kernels/gemv.cu` and for e4m3 weights in
 //! `kernels/gemv_fp8.cu`): the gate/up GEMV with SiLU·mul, and the qkv GEMV with RoPE and the
-//! KV cache write. Each equals its GEMV followed by the unfused op bit for bit; they run where the
+//! KV cache write (into a bf16 cache, or an FP8 one by the `_kv8` kernels). Each equals its GEMV followed by the unfused op bit for bit; they run where the
 //! plain GEMV would (bf16: where it was measured faster than cuBLASLt for the shape; FP8: every
 //! decode shape), and the pair runs everywhere else.
 
@@ -155,13 +155,19 @@ impl CudaBackend {
         };
         let (heads, kv_heads) = (int(dims.heads, "heads")?, int(dims.kv_heads, "kv_heads")?);
         let (hdi, ki) = (int(hd, "head_dim")?, int(k, "k")?);
-        let mut launch = self.stream.launch_builder(w.kernel(&self.kernels.gemv_rope, &self.kernels.gemv_fp8_rope, m));
+        let (k_scale, v_scale) = cache.scales(layer);
+        let kernels = match cache.is_fp8() {
+            false => (&self.kernels.gemv_rope, &self.kernels.gemv_fp8_rope),
+            true => (&self.kernels.gemv_rope_kv8, &self.kernels.gemv_fp8_rope_kv8),
+        };
+        let mut launch = self.stream.launch_builder(w.kernel(kernels.0, kernels.1, m));
         launch.arg(&*x.data);
         w.push(&mut launch);
-        launch.arg(cos).arg(sin).arg(&*batch.positions).arg(&*batch.slots);
-        launch.arg(&mut *q.data).arg(&mut cache.k[layer]).arg(&mut cache.v[layer]);
-        launch.arg(&heads).arg(&kv_heads).arg(&hdi).arg(&ki);
-        // SAFETY: argument types and order match gemv[_fp8]_rope_decode_bf16_{m}; x is m×k, w
+        launch.arg(cos).arg(sin).arg(&*batch.positions).arg(&*batch.slots).arg(&mut *q.data);
+        cache.push_layer_mut(&mut launch, layer);
+        launch.arg(&heads).arg(&kv_heads).arg(&hdi).arg(&ki).arg(&k_scale).arg(&v_scale);
+        // SAFETY: argument types and order match gemv[_fp8]_rope_decode_bf16[_kv8]_{m} (the
+        // cache's element type picks `_kv8`); x is m×k, w
         // (heads + 2·kv_heads)·hd × k (and as many scales), q m × heads·hd; positions are below
         // the tables' rows and slots inside the cache or 0xFFFFFFFF (`contract::rope_write_kv`);
         // rows are 16-byte aligned (`aligned`).

@@ -7,12 +7,16 @@
 
 use std::sync::atomic::Ordering;
 
-use cudarc::driver::{CudaEvent, CudaSlice, DevicePtrMut, DeviceRepr, PinnedHostSlice};
+use std::sync::Arc;
+
+use cudarc::driver::{CudaEvent, CudaSlice, DevicePtrMut, DeviceRepr, LaunchArgs, PinnedHostSlice, PushKernelArg};
 use half::bf16;
 
 use super::workspace::{self, Buf};
 use super::{CudaBackend, CudaResultExt};
+use crate::backend::KvCacheSpec;
 use crate::error::{Error, Result};
+use crate::quant::kv::{KvFormat, KvScale};
 use crate::weights::{fused_shape, DType, TensorSlice};
 
 /// Activations on the device: `rows × cols` bf16, row-major, contiguous.
@@ -98,20 +102,87 @@ impl CudaWeight {
     }
 }
 
-/// The paged KV cache: per layer, K and V of `num_blocks · block_size` slots of `kv_dim` bf16.
+/// The paged KV cache: per layer, K and V of `num_blocks · block_size` slots of `kv_dim`
+/// elements, bf16 or (an FP8 cache) e4m3 bytes with the layer's scales.
 pub struct CudaKvCache {
-    pub(crate) k: Vec<CudaSlice<bf16>>,
-    pub(crate) v: Vec<CudaSlice<bf16>>,
+    pub(crate) planes: KvPlanes,
     pub(crate) num_blocks: usize,
     pub(crate) block_size: usize,
     pub(crate) kv_heads: usize,
     pub(crate) head_dim: usize,
 }
 
+/// A KV cache's storage, per layer.
+pub(crate) enum KvPlanes {
+    Bf16 {
+        k: Vec<CudaSlice<bf16>>,
+        v: Vec<CudaSlice<bf16>>,
+    },
+    /// e4m3 bytes: a stored `q` means `q · scales[layer].k` (keys) or `.v` (values).
+    E4m3 {
+        k: Vec<CudaSlice<u8>>,
+        v: Vec<CudaSlice<u8>>,
+        scales: Arc<[KvScale]>,
+    },
+}
+
 impl CudaKvCache {
     /// Token slots per layer.
     pub fn slots(&self) -> usize {
         self.num_blocks * self.block_size
+    }
+
+    /// Layers cached.
+    pub(crate) fn layers(&self) -> usize {
+        match &self.planes {
+            KvPlanes::Bf16 { k, .. } => k.len(),
+            KvPlanes::E4m3 { k, .. } => k.len(),
+        }
+    }
+
+    /// The cache's shape and format, as the backend contract checks batches against it.
+    pub(crate) fn spec(&self) -> KvCacheSpec {
+        KvCacheSpec {
+            layers: self.layers(),
+            num_blocks: self.num_blocks,
+            block_size: self.block_size,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            kv: match &self.planes {
+                KvPlanes::Bf16 { .. } => KvFormat::Model,
+                KvPlanes::E4m3 { scales, .. } => KvFormat::Fp8(scales.clone()),
+            },
+        }
+    }
+
+    /// Whether the cache stores e4m3 (the kernels' `_kv8` instantiations read and write it).
+    pub(crate) fn is_fp8(&self) -> bool {
+        matches!(self.planes, KvPlanes::E4m3 { .. })
+    }
+
+    /// `layer`'s (k, v) scales as the kernels take them: 1.0 for a bf16 cache, whose kernels
+    /// ignore them (the write) or multiply by them exactly (attention).
+    pub(crate) fn scales(&self, layer: usize) -> (f32, f32) {
+        match &self.planes {
+            KvPlanes::E4m3 { scales, .. } => scales.get(layer).map_or((1.0, 1.0), |s| (s.k, s.v)),
+            KvPlanes::Bf16 { .. } => (1.0, 1.0),
+        }
+    }
+
+    /// Pushes `layer`'s K and V buffers, read-only (attention), as the next two kernel arguments.
+    pub(crate) fn push_layer<'a>(&'a self, launch: &mut LaunchArgs<'a>, layer: usize) {
+        match &self.planes {
+            KvPlanes::Bf16 { k, v } => launch.arg(&k[layer]).arg(&v[layer]),
+            KvPlanes::E4m3 { k, v, .. } => launch.arg(&k[layer]).arg(&v[layer]),
+        };
+    }
+
+    /// Pushes `layer`'s K and V buffers, written (the KV write), as the next two kernel arguments.
+    pub(crate) fn push_layer_mut<'a>(&'a mut self, launch: &mut LaunchArgs<'a>, layer: usize) {
+        match &mut self.planes {
+            KvPlanes::Bf16 { k, v } => launch.arg(&mut k[layer]).arg(&mut v[layer]),
+            KvPlanes::E4m3 { k, v, .. } => launch.arg(&mut k[layer]).arg(&mut v[layer]),
+        };
     }
 }
 
@@ -169,6 +240,100 @@ impl CudaBackend {
         let mut b = Buf::pool(unsafe { self.stream.alloc::<T>(n.max(1)) }.cuda(what)?);
         self.poison_buf(&mut b, n)?;
         Ok(b)
+    }
+
+    /// A KV cache of `spec`'s shape and format: bf16, or e4m3 bytes with the per-layer scales
+    /// (one pair a layer, finite and positive). Poisoned when poisoning is on (attention must
+    /// never read a slot nobody wrote: all-ones bytes are NaN in bf16 and in e4m3 alike), zeroed
+    /// otherwise.
+    pub(crate) fn new_kv_cache_impl(&self, spec: &KvCacheSpec) -> Result<CudaKvCache> {
+        let len = spec.num_blocks * spec.block_size * spec.kv_heads * spec.head_dim;
+        if len == 0 {
+            return Err(Error::Backend(format!("new_kv_cache: empty cache {spec:?}")));
+        }
+        if spec.num_blocks * spec.block_size > u32::MAX as usize {
+            return Err(Error::Backend("new_kv_cache: more slots than u32 slot ids address".into()));
+        }
+        let planes = match &spec.kv {
+            KvFormat::Model => {
+                let (k, v) = self.alloc_kv_planes(spec.layers, len)?;
+                KvPlanes::Bf16 { k, v }
+            }
+            KvFormat::Fp8(scales) => {
+                if scales.len() != spec.layers {
+                    return Err(Error::Backend(format!(
+                        "new_kv_cache: {} layers but {} KV scale pairs",
+                        spec.layers,
+                        scales.len()
+                    )));
+                }
+                if let Some((i, s)) = scales
+                    .iter()
+                    .enumerate()
+                    .find(|(_, s)| !(s.k.is_finite() && s.v.is_finite() && s.k > 0.0 && s.v > 0.0))
+                {
+                    return Err(Error::Backend(format!(
+                        "new_kv_cache: layer {i}'s KV scales k {} v {} (finite and positive expected)",
+                        s.k, s.v
+                    )));
+                }
+                let (k, v) = self.alloc_kv_planes(spec.layers, len)?;
+                KvPlanes::E4m3 { k, v, scales: scales.clone() }
+            }
+        };
+        Ok(CudaKvCache {
+            planes,
+            num_blocks: spec.num_blocks,
+            block_size: spec.block_size,
+            kv_heads: spec.kv_heads,
+            head_dim: spec.head_dim,
+        })
+    }
+
+    /// The K and V planes of `layers` layers, `len` elements of `T` each.
+    #[allow(clippy::type_complexity)]
+    fn alloc_kv_planes<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        layers: usize,
+        len: usize,
+    ) -> Result<(Vec<CudaSlice<T>>, Vec<CudaSlice<T>>)> {
+        let mut k = Vec::with_capacity(layers);
+        let mut v = Vec::with_capacity(layers);
+        for _ in 0..layers {
+            k.push(self.alloc_kv_plane(len)?);
+            v.push(self.alloc_kv_plane(len)?);
+        }
+        Ok((k, v))
+    }
+
+    /// One K or V plane of `len` elements of `T` for the KV cache.
+    fn alloc_kv_plane<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
+        if self.poison {
+            // SAFETY: poisoned right below; attention reads only slots the KV write has written.
+            let mut buf = unsafe { self.stream.alloc::<T>(len) }.cuda("allocating the KV cache")?;
+            self.poison_buf(&mut buf, len)?;
+            Ok(buf)
+        } else {
+            self.stream.alloc_zeros(len).cuda("allocating the KV cache")
+        }
+    }
+
+    /// The e4m3 bytes of `layer`'s keys and values (`None` for a bf16 cache): what tests check
+    /// against the CPU backend's FP8 cache bit for bit.
+    pub fn kv_cache_e4m3_bits(&self, cache: &CudaKvCache, layer: usize) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+        self.bind()?;
+        match &cache.planes {
+            KvPlanes::Bf16 { .. } => Ok(None),
+            KvPlanes::E4m3 { k, v, .. } => {
+                let (k, v) = match (k.get(layer), v.get(layer)) {
+                    (Some(k), Some(v)) => (k, v),
+                    _ => return Err(Error::Backend(format!("kv_cache_e4m3_bits: no layer {layer}"))),
+                };
+                let k = self.stream.clone_dtoh(k).cuda("copying the KV cache to the host")?;
+                let v = self.stream.clone_dtoh(v).cuda("copying the KV cache to the host")?;
+                Ok(Some((k, v)))
+            }
+        }
     }
 
     /// A tensor of `rows × cols` from `alloc_buf`.

@@ -297,18 +297,6 @@ impl CudaBackend {
     }
 }
 
-/// The shape of `cache`, as the contract checks batches against it.
-fn cache_spec(cache: &CudaKvCache) -> KvCacheSpec {
-    KvCacheSpec {
-        layers: cache.k.len(),
-        num_blocks: cache.num_blocks,
-        block_size: cache.block_size,
-        kv_heads: cache.kv_heads,
-        head_dim: cache.head_dim,
-        kv: crate::quant::kv::KvFormat::Model,
-    }
-}
-
 impl Runtime for CudaBackend {
     fn device_memory(&self) -> Option<(u64, u64)> {
         self.bind().ok()?;
@@ -440,44 +428,10 @@ impl Backend for CudaBackend {
 
     fn new_kv_cache(&self, spec: &KvCacheSpec) -> Result<CudaKvCache> {
         self.bind()?;
-        let len = spec.num_blocks * spec.block_size * spec.kv_heads * spec.head_dim;
-        if len == 0 {
-            return Err(Error::Backend(format!("new_kv_cache: empty cache {spec:?}")));
-        }
-        if spec.num_blocks * spec.block_size > u32::MAX as usize {
-            return Err(Error::Backend("new_kv_cache: more slots than u32 slot ids address".into()));
-        }
-        if spec.kv != crate::quant::kv::KvFormat::Model {
-            return Err(Error::Backend(
-                "--kv-cache-dtype fp8 runs on the CPU backend only so far (the CUDA kernels read a bf16 cache); \
-                 use --kv-cache-dtype bf16"
-                    .into(),
-            ));
-        }
-        let mut k = Vec::with_capacity(spec.layers);
-        let mut v = Vec::with_capacity(spec.layers);
-        for _ in 0..spec.layers {
-            // Poisoned in tests (attention must never read a slot nobody wrote), zeroed otherwise.
-            let alloc = || -> Result<CudaSlice<half::bf16>> {
-                if self.poison {
-                    self.alloc_bf16(len)
-                } else {
-                    self.stream.alloc_zeros(len).cuda("allocating the KV cache")
-                }
-            };
-            k.push(alloc()?);
-            v.push(alloc()?);
-        }
+        let cache = self.new_kv_cache_impl(spec)?;
         // A graph captured against another cache would replay into that one's memory.
         self.drop_graphs("a KV cache was made");
-        Ok(CudaKvCache {
-            k,
-            v,
-            num_blocks: spec.num_blocks,
-            block_size: spec.block_size,
-            kv_heads: spec.kv_heads,
-            head_dim: spec.head_dim,
-        })
+        Ok(cache)
     }
 
     fn embed(&self, table: &CudaWeight, step: &CudaStep) -> Result<CudaTensor> {
@@ -521,7 +475,7 @@ impl Backend for CudaBackend {
     ) -> Result<CudaTensor> {
         self.bind()?;
         let b = step.device();
-        contract::rope_write_kv(qkv.shape(), cos.shape(), sin.shape(), &b.extent, dims, &cache_spec(cache), layer)?;
+        contract::rope_write_kv(qkv.shape(), cos.shape(), sin.shape(), &b.extent, dims, &cache.spec(), layer)?;
         self.rope_write_kv_impl(qkv, cos, sin, layer, cache, b, dims)
     }
 
@@ -540,7 +494,7 @@ impl Backend for CudaBackend {
         self.bind()?;
         let b = step.device();
         let y = (x.rows, qkv.rows);
-        contract::rope_write_kv(y, cos.shape(), sin.shape(), &b.extent, dims, &cache_spec(cache), layer)?;
+        contract::rope_write_kv(y, cos.shape(), sin.shape(), &b.extent, dims, &cache.spec(), layer)?;
         self.matmul_rope_write_kv_impl(x, qkv, cos, sin, layer, cache, b, dims)
     }
 
@@ -554,7 +508,7 @@ impl Backend for CudaBackend {
     ) -> Result<CudaTensor> {
         self.bind()?;
         let b = step.device();
-        contract::attention(q.shape(), &b.extent, dims, &cache_spec(cache), layer)?;
+        contract::attention(q.shape(), &b.extent, dims, &cache.spec(), layer)?;
         self.attention_impl(q, layer, cache, b, dims)
     }
 

@@ -29,6 +29,8 @@ pub(crate) struct Kernels {
     pub rmsnorm: CudaFunction,
     pub add_rmsnorm: CudaFunction,
     pub rope_write_kv: CudaFunction,
+    /// `rope_write_kv_bf16_kv8`: the same into an e4m3 (FP8) KV cache.
+    pub rope_write_kv_kv8: CudaFunction,
     pub silu_mul: CudaFunction,
     pub gather_rows: CudaFunction,
     pub embedding: CudaFunction,
@@ -40,11 +42,15 @@ pub(crate) struct Kernels {
     pub gemv_silu: Vec<CudaFunction>,
     /// `gemv_rope_decode_bf16_{M}` for M = 1..=8, at index M - 1.
     pub gemv_rope: Vec<CudaFunction>,
+    /// `gemv_rope_decode_bf16_kv8_{M}` (an e4m3 KV cache), at index M - 1.
+    pub gemv_rope_kv8: Vec<CudaFunction>,
     /// `gemv_fp8_decode_bf16_{M}` for M = 1..=8, at index M - 1.
     pub gemv_fp8: Vec<CudaFunction>,
     /// `gemv_fp8_silu_decode_bf16_{M}` and `gemv_fp8_rope_decode_bf16_{M}`, at index M - 1.
     pub gemv_fp8_silu: Vec<CudaFunction>,
     pub gemv_fp8_rope: Vec<CudaFunction>,
+    /// `gemv_fp8_rope_decode_bf16_kv8_{M}` (an e4m3 KV cache), at index M - 1.
+    pub gemv_fp8_rope_kv8: Vec<CudaFunction>,
     pub dequant_fp8: CudaFunction,
     pub quantize_fp8_rows: CudaFunction,
     pub scale_fp8_gemm: CudaFunction,
@@ -56,6 +62,11 @@ pub(crate) struct Kernels {
     /// `attention_prefill_mma_bf16_64` and `_128` (kernels/attention_mma.cu).
     pub attention_prefill_mma_64: CudaFunction,
     pub attention_prefill_mma_128: CudaFunction,
+    /// The attention kernels reading an e4m3 (FP8) KV cache: the `_kv8` instantiations.
+    pub attention_decode_kv8: CudaFunction,
+    pub attention_prefill_kv8: CudaFunction,
+    pub attention_prefill_mma_kv8_64: CudaFunction,
+    pub attention_prefill_mma_kv8_128: CudaFunction,
     /// Where each family came from, for `describe()` and logs.
     pub sources: Vec<(String, String)>,
 }
@@ -94,6 +105,7 @@ impl Kernels {
             rmsnorm: f("rmsnorm", "rmsnorm_bf16")?,
             add_rmsnorm: f("rmsnorm", "add_rmsnorm_bf16")?,
             rope_write_kv: f("rope", "rope_write_kv_bf16")?,
+            rope_write_kv_kv8: f("rope", "rope_write_kv_bf16_kv8")?,
             silu_mul: f("elementwise", "silu_mul_bf16")?,
             gather_rows: f("elementwise", "gather_rows_bf16")?,
             embedding: f("embedding", "embedding_bf16")?,
@@ -102,12 +114,18 @@ impl Kernels {
             gemv: (1..=8).map(|m| f("gemv", &format!("gemv_decode_bf16_{m}"))).collect::<Result<_>>()?,
             gemv_silu: (1..=8).map(|m| f("gemv", &format!("gemv_silu_decode_bf16_{m}"))).collect::<Result<_>>()?,
             gemv_rope: (1..=8).map(|m| f("gemv", &format!("gemv_rope_decode_bf16_{m}"))).collect::<Result<_>>()?,
+            gemv_rope_kv8: (1..=8)
+                .map(|m| f("gemv", &format!("gemv_rope_decode_bf16_kv8_{m}")))
+                .collect::<Result<_>>()?,
             gemv_fp8: (1..=8).map(|m| f("gemv_fp8", &format!("gemv_fp8_decode_bf16_{m}"))).collect::<Result<_>>()?,
             gemv_fp8_silu: (1..=8)
                 .map(|m| f("gemv_fp8", &format!("gemv_fp8_silu_decode_bf16_{m}")))
                 .collect::<Result<_>>()?,
             gemv_fp8_rope: (1..=8)
                 .map(|m| f("gemv_fp8", &format!("gemv_fp8_rope_decode_bf16_{m}")))
+                .collect::<Result<_>>()?,
+            gemv_fp8_rope_kv8: (1..=8)
+                .map(|m| f("gemv_fp8", &format!("gemv_fp8_rope_decode_bf16_kv8_{m}")))
                 .collect::<Result<_>>()?,
             dequant_fp8: f("gemv_fp8", "dequant_fp8_bf16")?,
             quantize_fp8_rows: f("gemm_fp8", "quantize_fp8_rows_bf16")?,
@@ -119,6 +137,10 @@ impl Kernels {
             attention_combine: f("attention", "attention_combine_bf16")?,
             attention_prefill_mma_64: f("attention_mma", "attention_prefill_mma_bf16_64")?,
             attention_prefill_mma_128: f("attention_mma", "attention_prefill_mma_bf16_128")?,
+            attention_decode_kv8: f("attention", "attention_decode_bf16_kv8")?,
+            attention_prefill_kv8: f("attention", "attention_prefill_bf16_kv8")?,
+            attention_prefill_mma_kv8_64: f("attention_mma", "attention_prefill_mma_bf16_kv8_64")?,
+            attention_prefill_mma_kv8_128: f("attention_mma", "attention_prefill_mma_bf16_kv8_128")?,
             sources: Vec::new(),
         };
         let mut sources: Vec<(String, String)> =
