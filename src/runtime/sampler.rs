@@ -487,7 +487,7 @@ fn keyed_uniform(key: u64, position: usize, purpose: Purpose) -> f32 {
 
 /// How a draft model samples a sequence's proposals (speculative decoding): the sequence's own
 /// transforms (temperature, top-k/p, min-p, repetition penalty), with a draw per position keyed
-/// by the sequence's speculation key (its seed XOR [`SPECULATION_SALT`]; a random key for an
+/// by the sequence's speculation key (its seed XOR `SPECULATION_SALT`; a random key for an
 /// unseeded request).
 #[derive(Debug, Clone, PartialEq)]
 pub struct DraftSampling {
