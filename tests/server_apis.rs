@@ -407,6 +407,106 @@ fn messages_tools_give_tool_use_blocks() {
     assert!(e.body.contains("tools[0].input_schema"), "{}", e.body);
 }
 
+#[test]
+fn responses_logprobs_come_whole_and_with_each_streamed_delta() {
+    let _serial = serial();
+    let server = Server::start(&[]);
+    let body = json!({"model": server.model, "input": "Name a colour.", "temperature": 0, "max_output_tokens": 6,
+        "include": ["message.output_text.logprobs"], "top_logprobs": 2});
+    let r = server.post("/v1/responses", &body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let part = &r.json()["output"][0]["content"][0];
+    let logprobs = part["logprobs"].as_array().expect("logprobs").clone();
+    let tokens: String = logprobs.iter().map(|l| l["token"].as_str().expect("token")).collect();
+    assert_eq!((logprobs.len(), tokens.as_str()), (6, part["text"].as_str().expect("text")), "{part}");
+    for l in &logprobs {
+        let top = l["top_logprobs"].as_array().expect("top_logprobs");
+        assert!(top.len() == 2 && l["logprob"].as_f64().is_some_and(|p| p <= 0.0), "{l}");
+        assert_eq!(l["bytes"], json!(l["token"].as_str().expect("token").as_bytes()), "{l}");
+        // Greedy: the chosen token is the likeliest.
+        assert_eq!(top[0]["token"], l["token"], "{l}");
+    }
+    // Streamed: each delta carries the logprobs of its own tokens, and they add up.
+    let mut stream = body.clone();
+    stream["stream"] = json!(true);
+    let r = http(&server.addr, "POST", "/v1/responses", &[], stream.to_string().as_bytes());
+    let events = typed_events(&r.body);
+    let deltas: Vec<&Value> = events.iter().filter(|e| e["type"] == "response.output_text.delta").collect();
+    for d in &deltas {
+        let text: String =
+            d["logprobs"].as_array().expect("logprobs").iter().filter_map(|l| l["token"].as_str()).collect();
+        assert_eq!(text.as_str(), d["delta"].as_str().expect("delta"), "{d}");
+    }
+    let streamed: Vec<Value> =
+        deltas.iter().flat_map(|d| d["logprobs"].as_array().cloned().unwrap_or_default()).collect();
+    assert_eq!(streamed, logprobs);
+    // Without `include`, none; an unknown `include` value is named.
+    let plain = server.post("/v1/responses", &json!({"model": server.model, "input": "Hi", "max_output_tokens": 2}));
+    assert_eq!(plain.json()["output"][0]["content"][0]["logprobs"], json!([]), "{}", plain.body);
+    let bad = json!({"model": server.model, "input": "Hi", "include": ["message.output_text.nope"]});
+    let e = server.post("/v1/responses", &bad);
+    assert_eq!((e.status, e.json()["error"]["param"].as_str()), (400, Some("include[0]")), "{}", e.body);
+}
+
+/// A chat template that shows the tools' names and then the messages' text as they are, so a
+/// test can write the model's prompt (a few-shot list of calls) itself.
+const RAW_TEMPLATE: &str =
+    "Tools:{% for t in tools %} {{ t.function.name }}{% endfor %}\n{% for m in messages %}{{ m.content }}{% endfor %}";
+
+#[test]
+fn strict_tools_in_auto_constrain_a_call_once_it_opens_and_leave_free_text_free() {
+    let _serial = serial();
+    let server = Server::start(&[]);
+    // The few-shot calls name four cities; the strict schema allows none of them. A line ends
+    // the answer (`stop`), so that a call is a finished answer.
+    let params = json!({"type": "object", "properties": {"city": {"enum": ["Oslo", "Rome"]}}, "required": ["city"],
+        "additionalProperties": false});
+    let tool = |strict: bool| {
+        json!({"type": "function", "function": {"name": "get_weather", "parameters": params,
+        "strict": strict}})
+    };
+    let call = |city: &str| format!("{{\"name\": \"get_weather\", \"parameters\": {{\"city\": \"{city}\"}}}}\n");
+    let calls = format!(
+        "Calls, one JSON object per line:\n{}{}{}{}",
+        call("Paris"),
+        call("Lyon"),
+        call("Nice"),
+        call("Nantes")
+    );
+    let ask = |content: &str, strict: bool| {
+        let body = json!({"model": server.model, "messages": [{"role": "user", "content": content}],
+            "tools": [tool(strict)], "tool_choice": "auto", "parallel_tool_calls": false, "temperature": 0,
+            "max_tokens": 24, "stop": ["\n"], "chat_template": RAW_TEMPLATE});
+        let r = server.post("/v1/chat/completions", &body);
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()["choices"][0].clone()
+    };
+    // Steered to a call: strict, its arguments are valid; the model alone writes an invalid one.
+    let free = ask(&calls, false);
+    let strict = ask(&calls, true);
+    assert_eq!(strict["finish_reason"], "tool_calls", "{strict}");
+    let call = &strict["message"]["tool_calls"][0]["function"];
+    assert_eq!(call["name"], "get_weather", "{strict}");
+    let args: Value = serde_json::from_str(call["arguments"].as_str().expect("arguments")).expect("JSON");
+    assert!(args == json!({"city": "Oslo"}) || args == json!({"city": "Rome"}), "{args}");
+    let loose = free["message"]["tool_calls"][0]["function"]["arguments"].as_str().map(str::to_owned);
+    assert_ne!(loose.as_deref(), call["arguments"].as_str(), "the constraint changed nothing: {free}");
+    // Free text before any call is untouched: the same answer, strict or not.
+    let prose = "The weather in Paris today is";
+    let (free, strict) = (ask(prose, false), ask(prose, true));
+    assert!(free["message"]["tool_calls"].is_null() && free["message"]["content"].is_string(), "{free}");
+    assert_eq!(strict["message"], free["message"]);
+    // `strict` with another output constraint: a 400 naming it; a malformed one is named too.
+    let mut body = json!({"model": server.model, "messages": [{"role": "user", "content": "x"}],
+        "tools": [tool(true)], "guided_choice": ["a"], "chat_template": RAW_TEMPLATE});
+    let r = server.post("/v1/chat/completions", &body);
+    assert_eq!((r.status, r.json()["error"]["param"].as_str()), (400, Some("tools[0].function.strict")), "{}", r.body);
+    body["guided_choice"] = Value::Null;
+    body["tools"][0]["function"]["strict"] = json!("yes");
+    let r = server.post("/v1/chat/completions", &body);
+    assert_eq!((r.status, r.json()["error"]["param"].as_str()), (400, Some("tools[0].function.strict")), "{}", r.body);
+}
+
 /// The Llama 3.1 chat template (it has a tool section), as a request's `chat_template`.
 fn llama31_template() -> String {
     std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/chat/llama31_chat_template.jinja"))

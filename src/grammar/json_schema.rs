@@ -136,19 +136,7 @@ impl PostCheck {
         if relaxed.is_empty() {
             return Ok(None);
         }
-        // Formats are asserted: a `regex`-format string must be a regex, a `date` a date. A
-        // format neither llguidance nor the validator knows is an annotation (the spec's rule).
-        let built =
-            jsonschema::options().should_validate_formats(true).should_ignore_unknown_formats(true).build(schema);
-        match built {
-            Ok(validator) => Ok(Some(PostCheck { validator })),
-            Err(e) => Err(format!(
-                "cannot be honoured: the grammar cannot enforce {} and the schema cannot be checked after generation \
-                 ({})",
-                relaxed.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", "),
-                first_line(&e.to_string())
-            )),
-        }
+        Ok(Some(PostCheck { validator: validator(schema, relaxed)? }))
     }
 
     /// Checks a finished answer (its UTF-8 bytes); an error names the keyword it breaks, where
@@ -156,20 +144,41 @@ impl PostCheck {
     pub fn check(&self, answer: &[u8]) -> Result<(), String> {
         let value: Value = serde_json::from_slice(answer)
             .map_err(|e| format!("the answer is not JSON ({e}), which its grammar should have prevented"))?;
-        let Some(error) = self.validator.iter_errors(&value).next() else { return Ok(()) };
-        let schema_path = error.schema_path.as_str().to_string();
-        let at = match error.instance_path.as_str() {
-            "" => "the answer".to_string(),
-            p => format!("`{p}`"),
-        };
-        Err(format!(
-            "the answer breaks the schema's `{}` (at `{}`): {at}: {}; the model produced a value the grammar \
-             could not rule out",
-            keyword(&schema_path),
-            if schema_path.is_empty() { "/" } else { &schema_path },
-            first_line(&error.to_string())
-        ))
+        let broken = self.validator.iter_errors(&value).next().map(|error| violation(&error, "the answer"));
+        broken.map_or(Ok(()), Err)
     }
+}
+
+/// The validator of the whole `schema`, for a grammar that left out what `relaxed` names; an
+/// error (naming what was left out) when the validator cannot take the schema either.
+pub fn validator(schema: &Value, relaxed: &[String]) -> Result<jsonschema::Validator, String> {
+    // Formats are asserted: a `regex`-format string must be a regex, a `date` a date. A
+    // format neither llguidance nor the validator knows is an annotation (the spec's rule).
+    jsonschema::options().should_validate_formats(true).should_ignore_unknown_formats(true).build(schema).map_err(|e| {
+        format!(
+            "cannot be honoured: the grammar cannot enforce {} and the schema cannot be checked after generation ({})",
+            relaxed.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", "),
+            first_line(&e.to_string())
+        )
+    })
+}
+
+/// The error of an answer (`what`: "the answer", "the arguments of call 0", ...) that breaks
+/// its schema: the keyword, where in the schema, and where in the answer. Starts with
+/// [`super::SCHEMA_VIOLATION`], so that callers can tell it from a grammar's dead end.
+pub fn violation(error: &jsonschema::ValidationError<'_>, what: &str) -> String {
+    let schema_path = error.schema_path.as_str().to_string();
+    let at = match error.instance_path.as_str() {
+        "" => what.to_string(),
+        p => format!("{what} at `{p}`"),
+    };
+    format!(
+        "{} `{}` (at `{}`): {at}: {}; the model produced a value the grammar could not rule out",
+        super::SCHEMA_VIOLATION,
+        keyword(&schema_path),
+        if schema_path.is_empty() { "/" } else { &schema_path },
+        first_line(&error.to_string())
+    )
 }
 
 /// The keyword a schema path like `/properties/tags/uniqueItems` names: the outermost keyword

@@ -9,7 +9,10 @@
 //! naming its parameter, and the step loop only computes masks and commits tokens.
 
 mod json_schema;
+mod tool_calls;
 mod vocabulary;
+
+pub use tool_calls::ToolCalls;
 
 use std::sync::{Arc, OnceLock};
 
@@ -18,6 +21,7 @@ use llguidance::toktrie::TokEnv;
 
 use json_schema::PostCheck;
 use llguidance::{Matcher, ParserFactory};
+use tool_calls::CallsCheck;
 
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
@@ -36,7 +40,14 @@ pub enum Constraint {
     Choice(Vec<String>),
     /// Text of this Lark grammar (llguidance's Lark dialect; `start` is the start rule).
     Lark(String),
+    /// Free text, or Llama 3.1 JSON tool calls whose arguments follow their function's schema
+    /// once a call opens (`tool_choice: "auto"` with strict tools; see [`ToolCalls`]).
+    ToolCalls(ToolCalls),
 }
+
+/// How the error of a finished answer that breaks its JSON schema starts (a keyword the
+/// grammar could not enforce, checked after generation); a grammar's dead end starts otherwise.
+pub const SCHEMA_VIOLATION: &str = "the answer breaks the schema's";
 
 impl Constraint {
     /// The request parameter an error in this constraint is reported under, unless the caller
@@ -48,11 +59,12 @@ impl Constraint {
             Constraint::Regex(_) => "regex",
             Constraint::Choice(_) => "choice",
             Constraint::Lark(_) => "grammar",
+            Constraint::ToolCalls(_) => "tools",
         }
     }
 
     /// The llguidance grammar of this constraint.
-    fn grammar(&self) -> std::result::Result<TopLevelGrammar, String> {
+    fn grammar(&self, env: &TokEnv) -> std::result::Result<TopLevelGrammar, String> {
         Ok(match self {
             Constraint::JsonSchema(schema) => {
                 if !schema.is_object() && !schema.is_boolean() {
@@ -72,6 +84,7 @@ impl Constraint {
                 TopLevelGrammar::from_lark(format!("start: {}", alternatives.join(" | ")))
             }
             Constraint::Lark(text) => TopLevelGrammar::from_lark(text.clone()),
+            Constraint::ToolCalls(calls) => calls.grammar(env.tok_trie())?,
         })
     }
 }
@@ -120,7 +133,7 @@ fn factory(env: &TokEnv) -> std::result::Result<ParserFactory, String> {
 }
 
 fn compile(factory: &ParserFactory, constraint: &Constraint, param: &str, eos: &[u32]) -> Result<TokenMatcher> {
-    let grammar = constraint.grammar().map_err(|m| Error::request(param, m))?;
+    let grammar = constraint.grammar(factory.tok_env()).map_err(|m| Error::request(param, m))?;
     // The grammar is the client's: whatever it holds must end as an error naming it.
     let parser = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| factory.create_parser(grammar)))
         .map_err(|_| Error::request(param, "cannot be compiled (the grammar compiler failed on it)"))?
@@ -129,14 +142,20 @@ fn compile(factory: &ParserFactory, constraint: &Constraint, param: &str, eos: &
     if let Some(e) = matcher.get_error() {
         return Err(Error::request(param, format!("cannot be compiled: {}", first_line(&e))));
     }
-    let (relaxed, check) = match constraint {
-        Constraint::JsonSchema(schema) => {
-            let relaxed = json_schema::relaxations(&matcher.grammar_warnings());
-            let check = PostCheck::for_schema(schema, &relaxed).map_err(|m| Error::request(param, m))?;
-            (relaxed, check.map(|c| PostChecked { check: Arc::new(c), env: factory.tok_env().clone(), tokens: vec![] }))
-        }
-        _ => (vec![], None),
+    let relaxed = match constraint {
+        Constraint::JsonSchema(_) | Constraint::ToolCalls(_) => json_schema::relaxations(&matcher.grammar_warnings()),
+        _ => vec![],
     };
+    let check = match constraint {
+        Constraint::JsonSchema(schema) => {
+            PostCheck::for_schema(schema, &relaxed).map_err(|m| Error::request(param, m))?.map(Check::Whole)
+        }
+        Constraint::ToolCalls(calls) if !relaxed.is_empty() => {
+            Some(Check::Calls(CallsCheck::new(calls, &relaxed).map_err(|m| Error::request(param, m))?))
+        }
+        _ => None,
+    };
+    let check = check.map(|c| PostChecked { check: Arc::new(c), env: factory.tok_env().clone(), tokens: vec![] });
     let width = factory.tok_env().tok_trie().vocab_size();
     Ok(TokenMatcher { matcher, eos: eos.to_vec(), width, relaxed, check })
 }
@@ -155,10 +174,18 @@ pub struct TokenMatcher {
     check: Option<PostChecked>,
 }
 
+/// What a relaxed JSON schema's answer is checked against at the end.
+enum Check {
+    /// The whole answer, against the response format's schema.
+    Whole(PostCheck),
+    /// Each tool call's arguments, against its function's schema.
+    Calls(CallsCheck),
+}
+
 /// A relaxed JSON schema's check, and the tokens of the answer it checks at the end.
 #[derive(Clone)]
 struct PostChecked {
-    check: Arc<PostCheck>,
+    check: Arc<Check>,
     env: TokEnv,
     tokens: Vec<u32>,
 }
@@ -205,7 +232,14 @@ impl TokenMatcher {
     pub fn commit(&mut self, token: u32) -> std::result::Result<(), String> {
         if self.eos.contains(&token) {
             return match &self.check {
-                Some(c) => c.check.check(&c.env.tok_trie().decode(&c.tokens)),
+                Some(c) => {
+                    // Special tokens (`<|python_tag|>`) are no part of the JSON.
+                    let text = c.env.tok_trie().decode_ext(&c.tokens, false);
+                    match &*c.check {
+                        Check::Whole(check) => check.check(&text),
+                        Check::Calls(check) => check.check(&text),
+                    }
+                }
                 None => Ok(()),
             };
         }
@@ -266,3 +300,5 @@ impl TokenMatcher {
 mod json_schema_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tool_calls_tests;

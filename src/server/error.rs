@@ -147,10 +147,30 @@ impl ApiError {
             Error::ShuttingDown { message } => Self::unavailable(message),
             e @ Error::EngineFailed { .. } => Self::unavailable(e.to_string()).code("engine_failed"),
             e @ Error::NonFiniteLogits { .. } => Self::internal(e.to_string()).code("non_finite_logits"),
+            Error::Grammar { message } if message.starts_with(crate::grammar::SCHEMA_VIOLATION) => {
+                Self::schema_violation(message)
+            }
             e @ Error::Grammar { .. } => Self::internal(e.to_string()).code("grammar_dead_end"),
             Error::Busy { message } if shutting_down => Self::unavailable(message),
             Error::Busy { message } => Self::busy(message),
             other => Self::internal(other.to_string()),
+        }
+    }
+
+    /// A 422 (`schema_violation`): the model's finished structured answer breaks a keyword of
+    /// its schema that the grammar could not enforce and the check after generation caught.
+    /// Not a 500: nothing failed, and the `openai` client retries 5xx on its own, which with
+    /// greedy sampling only repeats the same answer. Not a 400: the request is valid. 422 says
+    /// "understood, but this answer could not be produced", and the message names the keyword,
+    /// so the client can act: sample again (another seed or temperature) or drop or reword
+    /// the keyword.
+    pub fn schema_violation(message: String) -> Self {
+        ApiError {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            message: format!("structured output: {message}"),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("schema_violation"),
         }
     }
 
@@ -173,5 +193,24 @@ impl IntoResponse for ApiError {
             tracing::error!(status = %self.status, message = %self.message, "request failed");
         }
         (self.status, Json(self.body())).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_schema_violation_is_a_422_and_a_dead_end_a_500() {
+        let broken = format!(
+            "{} `uniqueItems` (at `/uniqueItems`): ... (after 7 generated tokens)",
+            crate::grammar::SCHEMA_VIOLATION
+        );
+        let e = ApiError::from_engine(Error::Grammar { message: broken }, false);
+        assert_eq!((e.status, e.code), (StatusCode::UNPROCESSABLE_ENTITY, Some("schema_violation")));
+        assert!(e.message.contains("`uniqueItems`"), "{}", e.message);
+        let dead = Error::Grammar { message: "the grammar allows no next token, a dead end".into() };
+        let e = ApiError::from_engine(dead, false);
+        assert_eq!((e.status, e.code), (StatusCode::INTERNAL_SERVER_ERROR, Some("grammar_dead_end")));
     }
 }

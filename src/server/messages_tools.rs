@@ -67,7 +67,9 @@ fn chat_tool(tool: &Value, i: usize) -> Result<Value, ApiError> {
         }
     }
     let mut function = Map::new();
-    for (from, to) in [("name", "name"), ("description", "description"), ("input_schema", "parameters")] {
+    for (from, to) in
+        [("name", "name"), ("description", "description"), ("input_schema", "parameters"), ("strict", "strict")]
+    {
         if let Some(v) = t.get(from) {
             function.insert(to.into(), v.clone());
         }

@@ -180,8 +180,9 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, ApiError> {
     })
 }
 
-/// The output constraint and the tools: tools only on chat, and `tool_choice` `required` or
-/// a named function (which constrain the answer) not with another constraint.
+/// The output constraint and the tools: tools only on chat, and `tool_choice` `required`, a
+/// named function or strict tools in `auto` (which constrain the answer) not with another
+/// constraint.
 fn constraints(
     obj: &Map<String, Value>,
     endpoint: Endpoint,
@@ -191,12 +192,9 @@ fn constraints(
     if endpoint == Endpoint::Completions && tools.is_some() {
         return Err(ApiError::param("tools", "are only offered on /v1/chat/completions"));
     }
-    match (constraint, tools.as_ref().and_then(Tools::constraint)) {
-        (Some(c), Some(_)) => Err(ApiError::param(
-            "tool_choice",
-            format!("`required` or a named function cannot be combined with `{}`", c.param),
-        )),
-        (c, t) => Ok((c.or(t), tools)),
+    match (constraint, tools.as_ref().and_then(|t| Some((t, t.constraint()?)))) {
+        (Some(c), Some((t, _))) => Err(t.conflict(&c.param)),
+        (c, t) => Ok((c.or(t.map(|(_, t)| t)), tools)),
     }
 }
 

@@ -5,6 +5,10 @@
 //! `response.completed`; with tools, `function_call` items whose arguments stream as
 //! `response.function_call_arguments.delta` / `.done`). Errors before the stream are OpenAI-shaped JSON; an engine error
 //! after it began is an `error` event. Stateless: see [`super::responses_request`].
+//!
+//! With `include: ["message.output_text.logprobs"]`, the `output_text` part carries each
+//! token's `logprobs` (`token`, `bytes`, `logprob`, `top_logprobs`), and so does each
+//! `response.output_text.delta` for the tokens of its delta; otherwise they are `[]`.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -27,7 +31,7 @@ use super::responses_request::{self, ResponsesRequest};
 use super::responses_tools;
 use super::tool_stream::Piece;
 use super::AppState;
-use crate::engine::{Event, FinishReason, Summary};
+use crate::engine::{Event, FinishReason, Summary, TokenLogprob};
 
 /// `POST /v1/responses`.
 pub async fn responses(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
@@ -42,11 +46,12 @@ async fn handle(state: Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Re
     if answer.reply.request.stream {
         Ok(stream(answer, events))
     } else {
-        let Collected { texts, summaries, .. } = completions::collect(&answer.reply, events).await?;
+        let Collected { texts, summaries, logprobs } = completions::collect(&answer.reply, events).await?;
         let summary = summaries.into_iter().next().flatten();
         let summary = summary.ok_or_else(|| ApiError::internal("the response ended without finishing"))?;
         let text = texts.into_iter().next().unwrap_or_default();
-        let output = answer.output(&text, &summary);
+        let logprobs = logprobs.into_iter().next().unwrap_or_default();
+        let output = answer.output(&text, &summary, &logprobs);
         Ok(Json(answer.response(Some((output, &summary)))).into_response())
     }
 }
@@ -59,30 +64,38 @@ struct Answer {
 }
 
 impl Answer {
-    /// The output message item; `done` holds the final text once finished.
-    fn message(&self, done: Option<&str>) -> Value {
+    /// The output message item; `done` holds the final text once finished, with its tokens'
+    /// log-probabilities (`[]` unless asked for).
+    fn message(&self, done: Option<(&str, &[Value])>) -> Value {
         json!({
             "type": "message",
             "id": self.message_id,
             "status": if done.is_some() { "completed" } else { "in_progress" },
             "role": "assistant",
-            "content": done.map(|t| vec![output_text(t)]).unwrap_or_default(),
+            "content": done.map(|(t, l)| vec![output_text(t, l)]).unwrap_or_default(),
         })
     }
 
+    /// `tokens`' log-probabilities in the Responses API's shape (chat's `content` entries).
+    fn logprobs(&self, tokens: &[TokenLogprob]) -> Vec<Value> {
+        let chat = self.reply.logprobs(tokens, &mut 0);
+        chat["content"].as_array().cloned().unwrap_or_default()
+    }
+
     /// The output items of a finished answer `text`: its calls as `function_call` items, then
-    /// its text (all of it, or what the model wrote after its calls) as a message.
-    fn output(&self, text: &str, summary: &Summary) -> Vec<Value> {
+    /// its text (all of it, or what the model wrote after its calls) as a message, with the
+    /// log-probabilities of its tokens (of those that end the answer, after calls).
+    fn output(&self, text: &str, summary: &Summary, logprobs: &[TokenLogprob]) -> Vec<Value> {
         match self.reply.tool_calls(text, summary) {
             Some((calls, after)) => {
                 let mut items: Vec<Value> =
                     calls.iter().map(|(n, a)| responses_tools::function_call_item(n, a, "completed")).collect();
                 if !after.is_empty() {
-                    items.push(self.message(Some(&after)));
+                    items.push(self.message(Some((&after, &self.logprobs(covering_tail(logprobs, &after))))));
                 }
                 items
             }
-            None => vec![self.message(Some(text))],
+            None => vec![self.message(Some((text, &self.logprobs(logprobs))))],
         }
     }
 
@@ -138,8 +151,22 @@ impl Answer {
     }
 }
 
-fn output_text(text: &str) -> Value {
-    json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []})
+fn output_text(text: &str, logprobs: &[Value]) -> Value {
+    json!({"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs})
+}
+
+/// The last of `tokens` that together write at least as many bytes as `text` (the text after
+/// an answer's calls, which the answer ends with, trimmed: a blank token may be counted).
+fn covering_tail<'a>(tokens: &'a [TokenLogprob], text: &str) -> &'a [TokenLogprob] {
+    let want = text.len();
+    let mut written = 0;
+    for (i, t) in tokens.iter().enumerate().rev() {
+        written += t.text.len();
+        if written >= want {
+            return &tokens[i..];
+        }
+    }
+    tokens
 }
 
 /// The streamed response: typed events, each `event: <type>` + `data: {...}` with a
@@ -157,6 +184,8 @@ fn stream(answer: Answer, events: mpsc::UnboundedReceiver<ChoiceEvent>) -> Respo
         items: Vec::new(),
         open: None,
         finished: false,
+        pending_logprobs: Vec::new(),
+        message_logprobs: Vec::new(),
     };
     let body = futures_util::stream::unfold(start, |mut s| async move {
         s.next().await.map(|bytes| (Ok::<Bytes, Infallible>(bytes), s))
@@ -184,6 +213,10 @@ struct Events {
     items: Vec<Value>,
     open: Option<Open>,
     finished: bool,
+    /// Log-probabilities of tokens whose text is not sent yet.
+    pending_logprobs: Vec<TokenLogprob>,
+    /// Those of the open message's text so far (Responses' shape).
+    message_logprobs: Vec<Value>,
 }
 
 impl Events {
@@ -203,7 +236,7 @@ impl Events {
                     let pieces = self.pieces.push(&self.answer.reply, delta);
                     self.apply(pieces);
                 }
-                Some((_, Ok(Event::Logprobs(_)))) => {}
+                Some((_, Ok(Event::Logprobs(l)))) => self.pending_logprobs.extend(l),
                 Some((_, Ok(Event::Done(summary)))) => self.done(&summary),
                 Some((_, Err(e))) => {
                     let shutting_down = self.answer.reply.state.shutting_down.load(Ordering::SeqCst);
@@ -244,15 +277,20 @@ impl Events {
                     if let Some(Open::Message(text)) = self.open.as_mut() {
                         text.push_str(&delta);
                     }
-                    self.part_event("response.output_text.delta", json!({"delta": delta, "logprobs": []}));
+                    // The tokens received so far wrote this text (their logprobs come first).
+                    let logprobs = self.answer.logprobs(&std::mem::take(&mut self.pending_logprobs));
+                    self.message_logprobs.extend(logprobs.iter().cloned());
+                    self.part_event("response.output_text.delta", json!({"delta": delta, "logprobs": logprobs}));
                 }
                 Piece::Call(name) => {
+                    self.pending_logprobs.clear();
                     self.close();
                     let item = responses_tools::function_call_item(&name, "", "in_progress");
                     self.event("response.output_item.added", json!({"output_index": self.items.len(), "item": item}));
                     self.open = Some(Open::Call(item));
                 }
                 Piece::Arguments(delta) => {
+                    self.pending_logprobs.clear();
                     let Some(Open::Call(item)) = self.open.as_mut() else { continue };
                     let arguments = format!("{}{delta}", item["arguments"].as_str().unwrap_or_default());
                     item["arguments"] = json!(arguments);
@@ -284,8 +322,9 @@ impl Events {
     fn open_message(&mut self) {
         let item = self.answer.message(None);
         self.event("response.output_item.added", json!({"output_index": self.items.len(), "item": item}));
-        self.part_event("response.content_part.added", json!({"part": output_text("")}));
+        self.part_event("response.content_part.added", json!({"part": output_text("", &[])}));
         self.open = Some(Open::Message(String::new()));
+        self.message_logprobs.clear();
     }
 
     /// Closes the open item: its `done` events, and it joins the finished items.
@@ -294,9 +333,10 @@ impl Events {
         let item = match self.open.take() {
             None => return,
             Some(Open::Message(text)) => {
-                self.part_event("response.output_text.done", json!({"text": text, "logprobs": []}));
-                self.part_event("response.content_part.done", json!({"part": output_text(&text)}));
-                self.answer.message(Some(&text))
+                let logprobs = std::mem::take(&mut self.message_logprobs);
+                self.part_event("response.output_text.done", json!({"text": text, "logprobs": logprobs}));
+                self.part_event("response.content_part.done", json!({"part": output_text(&text, &logprobs)}));
+                self.answer.message(Some((&text, &logprobs)))
             }
             Some(Open::Call(mut item)) => {
                 item["status"] = json!("completed");

@@ -2,18 +2,19 @@
 //! the engine runs. Stateless: nothing is stored, so `store` is accepted but each response says
 //! `"store": false`, and `previous_response_id` is a 400 naming it (the client must send the
 //! conversation in `input`). Unknown fields are ignored, as OpenAI's other endpoints on this
-//! server do; known options tulu cannot honour (tools other than functions, `top_logprobs`,
-//! background mode) are refused naming the field. vLLM's
+//! server do; known options tulu cannot honour (tools other than functions, background mode)
+//! are refused naming the field. Log-probabilities come with `include:
+//! ["message.output_text.logprobs"]` (`top_logprobs` alternatives per token, 0 to 20); the other
+//! `include` values OpenAI knows are about tools tulu does not have, so they add nothing. vLLM's
 //! `chat_template` is accepted, as on chat.
 
 use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
 use super::fields::{kind, Fields};
-use super::openai::{self, ApiRequest, Endpoint, PromptInput};
+use super::openai::{self, ApiRequest, Endpoint, PromptInput, MAX_LOGPROBS};
 use super::responses_tools;
 use super::structured;
-use super::tools::Tools;
 use crate::tokenizer::{ChatMessage, ToolCall};
 
 /// A parsed `/v1/responses` request: the chat request plus what the response echoes back.
@@ -56,11 +57,7 @@ pub fn parse(body: &[u8]) -> Result<ResponsesRequest, ApiError> {
     f.bool("store")?;
     let tools = responses_tools::parse(obj)?;
     let stream = f.bool("stream")?.unwrap_or(false);
-    if let Some(k) = f.int("top_logprobs")? {
-        if k != 0 {
-            return Err(ApiError::param("top_logprobs", "is not supported on /v1/responses yet (only 0)"));
-        }
-    }
+    let logprobs = logprobs(&f)?;
     let instructions = f.string("instructions")?.map(str::to_owned);
     let mut messages: Vec<ChatMessage> = instructions.iter().map(ChatMessage::system).collect();
     messages.extend(input(f.require("input")?)?);
@@ -69,14 +66,13 @@ pub fn parse(body: &[u8]) -> Result<ResponsesRequest, ApiError> {
         m => m.map(|m| m as u64),
     };
     let (constraint, text) = text_format(&f)?;
-    let constraint = match (constraint, tools.as_ref().and_then(Tools::constraint)) {
-        (Some(_), Some(_)) => {
-            return Err(ApiError::param(
-                "tool_choice",
-                "`required` or a named function cannot be combined with `text.format`",
-            ))
+    let constraint = match (constraint, tools.as_ref().and_then(|t| Some((t, t.constraint()?)))) {
+        (Some(_), Some((t, _))) => {
+            let mut e = t.conflict("text.format");
+            e.param = e.param.map(|p| p.replace(".function.", "."));
+            return Err(e);
         }
-        (c, t) => c.or(t),
+        (c, t) => c.or(t.map(|(_, t)| t)),
     };
     let metadata = match f.get("metadata") {
         None => json!({}),
@@ -94,7 +90,7 @@ pub fn parse(body: &[u8]) -> Result<ResponsesRequest, ApiError> {
         max_tokens_param: "max_output_tokens",
         stop: Vec::new(),
         sampling: openai::sampling(&f)?,
-        logprobs: None,
+        logprobs,
         echo: false,
         ignore_eos: false,
         constraint,
@@ -105,6 +101,45 @@ pub fn parse(body: &[u8]) -> Result<ResponsesRequest, ApiError> {
     let echo = |key: &str, default: Value| f.get(key).filter(|v| !v.is_null()).cloned().unwrap_or(default);
     let (tools, tool_choice) = (echo("tools", json!([])), echo("tool_choice", json!("auto")));
     Ok(ResponsesRequest { chat, instructions, metadata, text, tools, tool_choice })
+}
+
+/// `include` values OpenAI knows; only the logprobs one adds anything here.
+const INCLUDABLE: [&str; 8] = [
+    "message.output_text.logprobs",
+    "file_search_call.results",
+    "web_search_call.results",
+    "web_search_call.action.sources",
+    "message.input_image.image_url",
+    "computer_call_output.output.image_url",
+    "code_interpreter_call.outputs",
+    "reasoning.encrypted_content",
+];
+
+/// Alternatives per token when `include` asks for `message.output_text.logprobs`
+/// (`top_logprobs`, default 0); `None` otherwise.
+fn logprobs(f: &Fields) -> Result<Option<usize>, ApiError> {
+    let top = match f.int("top_logprobs")? {
+        Some(k) if !(0..=MAX_LOGPROBS as i64).contains(&k) => {
+            return Err(ApiError::param("top_logprobs", format!("must be in [0, {MAX_LOGPROBS}], got {k}")))
+        }
+        k => k.unwrap_or(0) as usize,
+    };
+    let items = match f.get("include") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Array(items)) => items,
+        Some(v) => return Err(ApiError::param("include", format!("must be a list of strings, got {}", kind(v)))),
+    };
+    let mut wanted = false;
+    for (i, item) in items.iter().enumerate() {
+        match item.as_str() {
+            Some(s) if INCLUDABLE.contains(&s) => wanted |= s == INCLUDABLE[0],
+            Some(s) => return Err(ApiError::param(&format!("include[{i}]"), format!("`{s}` is not a known value"))),
+            None => {
+                return Err(ApiError::param(&format!("include[{i}]"), format!("must be a string, got {}", kind(item))))
+            }
+        }
+    }
+    Ok(wanted.then_some(top))
 }
 
 /// `input`: a string (one user message) or a list of items — messages (`role` + `content`,

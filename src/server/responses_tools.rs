@@ -60,7 +60,7 @@ fn chat_tool(tool: &Value, i: usize) -> Result<Value, ApiError> {
         None => return Err(ApiError::param(&at("type"), "is required (\"function\")")),
     }
     let mut function = Map::new();
-    for key in ["name", "description", "parameters"] {
+    for key in ["name", "description", "parameters", "strict"] {
         if let Some(v) = t.get(key) {
             function.insert(key.into(), v.clone());
         }

@@ -2,13 +2,15 @@
 //! or a named function). The tools reach the model through its chat template (Llama 3.1's asks
 //! for `{"name": ..., "parameters": {...}}`); with `required` or a named function the answer is
 //! constrained to that shape and to each function's parameter schema, and an answer of that
-//! shape becomes `tool_calls` with `finish_reason: "tool_calls"`.
+//! shape becomes `tool_calls` with `finish_reason: "tool_calls"`. With `auto` and a function
+//! marked `strict: true`, the answer stays free unless it opens a call (`{` or
+//! `<|python_tag|>`); from there the calls are constrained ([`crate::grammar::ToolCalls`]).
 
 use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
 use super::structured::RequestConstraint;
-use crate::grammar::Constraint;
+use crate::grammar::{Constraint, ToolCalls};
 
 /// What `tool_choice` asks for.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,6 +36,8 @@ pub struct Tools {
     pub choice: ToolChoice,
     /// `parallel_tool_calls` (default true): whether one answer may hold several calls.
     pub parallel: bool,
+    /// Whether each function (in the order of `functions`) is `strict`.
+    pub strict: Vec<bool>,
 }
 
 impl Tools {
@@ -43,10 +47,23 @@ impl Tools {
     }
 
     /// The constraint `required` or a named function puts on the answer: a call object of one
-    /// of the allowed functions, its parameters valid under the function's schema.
+    /// of the allowed functions, its parameters valid under the function's schema. With `auto`
+    /// and a strict function: free text, or calls whose strict functions' parameters are
+    /// valid (a function that is not strict takes any object).
     pub fn constraint(&self) -> Option<RequestConstraint> {
         let allowed: Vec<&(String, Value)> = match &self.choice {
-            ToolChoice::None | ToolChoice::Auto => return None,
+            ToolChoice::None => return None,
+            ToolChoice::Auto if !self.strict.contains(&true) => return None,
+            ToolChoice::Auto => {
+                let functions = self
+                    .functions
+                    .iter()
+                    .zip(&self.strict)
+                    .map(|((name, params), &strict)| (name.clone(), strict.then(|| params.clone())))
+                    .collect();
+                let calls = ToolCalls { functions, parallel: self.parallel };
+                return Some(RequestConstraint { constraint: Constraint::ToolCalls(calls), param: "tools".into() });
+            }
             ToolChoice::Required => self.functions.iter().collect(),
             ToolChoice::Named(name) => self.functions.iter().filter(|(n, _)| n == name).collect(),
         };
@@ -63,6 +80,21 @@ impl Tools {
             .collect();
         let schema = if calls.len() == 1 { calls[0].clone() } else { json!({"anyOf": calls}) };
         Some(RequestConstraint { constraint: Constraint::JsonSchema(schema), param: "tools".into() })
+    }
+
+    /// The error of a request whose tools constrain the answer (see [`Tools::constraint`]) and
+    /// that also sets the output constraint `other` (a parameter name): the tool field named.
+    pub fn conflict(&self, other: &str) -> ApiError {
+        match self.strict.iter().position(|&s| s).filter(|_| self.choice == ToolChoice::Auto) {
+            Some(i) => ApiError::param(
+                &format!("tools[{i}].function.strict"),
+                format!("cannot be combined with `{other}` under `tool_choice: \"auto\"`: a request takes one output constraint"),
+            ),
+            None => ApiError::param(
+                "tool_choice",
+                format!("`required` or a named function cannot be combined with `{other}`"),
+            ),
+        }
     }
 
     /// The tool call `text` is, if it is one: a JSON object naming one of the functions, with
@@ -125,6 +157,7 @@ pub fn parse(obj: &Map<String, Value>) -> Result<Option<Tools>, ApiError> {
         }
     };
     let mut functions = Vec::with_capacity(list.len());
+    let mut strict = Vec::with_capacity(list.len());
     for (i, tool) in list.iter().enumerate() {
         let at = |f: &str| format!("tools[{i}]{f}");
         if tool.get("type").and_then(Value::as_str) != Some("function") {
@@ -145,6 +178,11 @@ pub fn parse(obj: &Map<String, Value>) -> Result<Option<Tools>, ApiError> {
             Some(p @ Value::Object(_)) => p.clone(),
             Some(_) => return Err(ApiError::param(&at(".function.parameters"), "must be a JSON schema object")),
         };
+        strict.push(match f.get("strict") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(ApiError::param(&at(".function.strict"), "must be a boolean")),
+        });
         functions.push((name, params));
     }
     let choice = tool_choice(obj.get("tool_choice"), &functions)?;
@@ -153,7 +191,7 @@ pub fn parse(obj: &Map<String, Value>) -> Result<Option<Tools>, ApiError> {
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(ApiError::param("parallel_tool_calls", "must be a boolean")),
     };
-    Ok(Some(Tools { list: Value::Array(list.clone()), functions, choice, parallel }))
+    Ok(Some(Tools { list: Value::Array(list.clone()), functions, choice, parallel, strict }))
 }
 
 fn no_tools(obj: &Map<String, Value>) -> Result<Option<Tools>, ApiError> {
@@ -234,6 +272,24 @@ mod tests {
         assert_eq!(single.parse_calls(two), Some((vec![paris], String::new())));
         assert!(!parsed(json!({"tools": weather(), "tool_choice": "none"})).expect("ok").expect("tools").active());
         assert_eq!(parsed(json!({"tools": []})).expect("ok"), None);
+        // `auto` with a strict function: free text or calls, the strict one's parameters held
+        // to its schema, the other's to any object.
+        let mut two = weather();
+        two[0]["function"]["strict"] = json!(true);
+        two.as_array_mut().expect("list").push(json!({"type": "function", "function": {"name": "other"}}));
+        let t = parsed(json!({"tools": two, "parallel_tool_calls": false})).expect("ok").expect("tools");
+        let want = ToolCalls {
+            functions: vec![
+                ("get_weather".into(), Some(weather()[0]["function"]["parameters"].clone())),
+                ("other".into(), None),
+            ],
+            parallel: false,
+        };
+        assert_eq!(
+            t.constraint().map(|c| (c.constraint, c.param)),
+            Some((Constraint::ToolCalls(want), "tools".into()))
+        );
+        assert_eq!(t.conflict("guided_regex").param.as_deref(), Some("tools[0].function.strict"));
     }
 
     #[test]
@@ -250,6 +306,10 @@ mod tests {
             ),
             (json!({"tool_choice": "required"}), "tool_choice"),
             (json!({"tools": weather(), "parallel_tool_calls": "yes"}), "parallel_tool_calls"),
+            (
+                json!({"tools": [{"type": "function", "function": {"name": "f", "strict": 1}}]}),
+                "tools[0].function.strict",
+            ),
         ];
         for (body, param) in cases {
             match parsed(body.clone()) {
