@@ -94,6 +94,19 @@ pub struct RowSampling {
 }
 
 impl RowSampling {
+    /// The row `params` sample with the draw `uniform`, penalising `penalized` (sorted ids).
+    fn of(params: &SamplingParams, uniform: f32, penalized: Vec<u32>) -> Self {
+        RowSampling {
+            temperature: params.temperature,
+            top_k: params.top_k,
+            top_p: params.top_p,
+            min_p: params.min_p,
+            repetition_penalty: params.repetition_penalty,
+            uniform,
+            penalized,
+        }
+    }
+
     /// Greedy, no penalty.
     pub fn greedy() -> Self {
         RowSampling {
@@ -438,16 +451,7 @@ impl Sampler {
     }
 
     fn row(&self, uniform: f32, penalized: Vec<u32>) -> RowSampling {
-        let p = &self.params;
-        RowSampling {
-            temperature: p.temperature,
-            top_k: p.top_k,
-            top_p: p.top_p,
-            min_p: p.min_p,
-            repetition_penalty: p.repetition_penalty,
-            uniform,
-            penalized,
-        }
+        RowSampling::of(&self.params, uniform, penalized)
     }
 
     /// Columns that may be picked (the tokenizer's vocabulary).
@@ -506,15 +510,8 @@ impl DraftSampling {
             penalized.sort_unstable();
             penalized.dedup();
         }
-        RowSampling {
-            temperature: p.temperature,
-            top_k: p.top_k,
-            top_p: p.top_p,
-            min_p: p.min_p,
-            repetition_penalty: p.repetition_penalty,
-            uniform: keyed_uniform(self.key, history.len() + proposed.len(), Purpose::Propose),
-            penalized,
-        }
+        let uniform = keyed_uniform(self.key, history.len() + proposed.len(), Purpose::Propose);
+        RowSampling::of(p, uniform, penalized)
     }
 }
 
