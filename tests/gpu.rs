@@ -190,5 +190,7 @@ mod fused;
 mod graphs;
 #[path = "gpu/kv_fp8.rs"]
 mod kv_fp8;
+#[path = "gpu/sizing.rs"]
+mod sizing;
 #[path = "gpu/speculative.rs"]
 mod speculative;
