@@ -472,7 +472,7 @@ fn bench_random_weights_reports_every_case_against_measured_ceilings() {
     ]);
     let decode = cases(&lines, "decode");
     assert!(decode[0]["weights"].as_str().is_some_and(|w| w.contains("fp8")), "{}", decode[0]);
-    assert_eq!(decode[0]["weights_stored_fp8"], false, "the CPU keeps FP8 weights dequantized");
+    assert_eq!(decode[0]["weights_stored_fp8"], true, "the CPU keeps FP8 weights as e4m3 bytes");
     assert!(decode[0]["step_mb"].as_f64().is_some_and(|x| x > 0.0));
 
     // One rank's shard of a tp 2 model, timed per layer and projected to the full depth.
